@@ -1,0 +1,59 @@
+"""Group tokenised pairs into batches: chosen rows first, then rejected rows, right-padded."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from infopo_cli.logps import IGNORE
+from infopo_cli.tokenization import TokenizedPair
+
+
+@dataclass
+class PreferenceBatch:
+    input_ids: Tensor       # (2B, T): rows 0..B-1 chosen, B..2B-1 rejected
+    attention_mask: Tensor  # (2B, T)
+    labels: Tensor          # (2B, T): response tokens, IGNORE on prompt and padding
+    n_pairs: int
+
+    def to(self, device: str) -> PreferenceBatch:
+        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.n_pairs)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(prompt) + len(response) for prompt, response in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        n = len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt):n] = torch.tensor(response)
+        attention_mask[i, :n] = 1
+    return PreferenceBatch(input_ids, attention_mask, labels, len(pairs))
+
+
+def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int) -> Iterator[list[TokenizedPair]]:
+    """Endless stream of batches; each epoch a new permutation (seed + epoch), the tail kept."""
+    epoch = 0
+    while True:
+        order = list(range(len(pairs)))
+        random.Random(seed + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield [pairs[i] for i in order[start:start + batch_size]]
+        epoch += 1
+
+
+def eval_batches(pairs: list[TokenizedPair], batch_size: int) -> list[list[TokenizedPair]]:
+    """Sorted by length so evaluation batches carry little padding (order does not matter there)."""
+    ordered = sorted(pairs, key=lambda p: p.length)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]

@@ -1,0 +1,1 @@
+"""Preference data shipped with infopo."""

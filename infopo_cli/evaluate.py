@@ -1,0 +1,38 @@
+"""Held-out evaluation: the training metrics on pairs the model never trains on."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from infopo_cli.batching import PreferenceBatch
+from infopo_cli.logps import pair_logps
+from infopo_cli.losses import LossSpec
+from infopo_cli.metrics import PairMetrics
+
+
+class Evaluator:
+    """Evaluates the policy on fixed batches; the reference log-probs are computed once and cached."""
+
+    def __init__(self, batches: list[PreferenceBatch], spec: LossSpec, params: dict, device: str) -> None:
+        self.batches, self.spec, self.params, self.device = batches, spec, params, device
+        self.reference: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, policy_is_reference: bool = False) -> dict[str, float]:
+        """`policy_is_reference`: a fresh LoRA adds exactly zero, so one pass serves as both."""
+        was_training = model.training
+        model.eval()
+        metrics, reference = PairMetrics(), []
+        for i, batch in enumerate(self.batches):
+            batch = batch.to(self.device)
+            cached = self.reference[i] if self.reference is not None else None
+            logps = pair_logps(model, batch, with_reference=self.spec.needs_reference, reference=cached,
+                               policy_is_reference=policy_is_reference)
+            if logps.ref_chosen is not None:
+                reference.append(torch.cat([logps.ref_chosen, logps.ref_rejected]))
+            metrics.add(self.spec.fn(logps.policy_chosen, logps.policy_rejected, logps.ref_chosen,
+                                     logps.ref_rejected, **self.params), logps)
+        self.reference = reference or None
+        model.train(was_training)
+        return metrics.means(prefix="eval/")

@@ -1,0 +1,42 @@
+"""plot.png of a run: loss, log-probs, margins and accuracies per step, evaluations as points."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+PANELS = [("loss", ["loss"]), ("log-prob of responses (policy)", ["logps/chosen", "logps/rejected"]),
+          ("reward margin", ["rewards/margins"]), ("accuracy", ["rewards/accuracies", "logps/accuracies"])]
+
+
+def plot_run(records: list[dict], path: Path, title: str) -> bool:
+    """Draw the curves; returns False (and draws nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (name, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            line = ax.plot([r["step"] for r in train], [r[key] for r in train], label=key, lw=1.2)
+            points = [r for r in evals if f"eval/{key}" in r]
+            if points:
+                ax.plot([r["step"] for r in points], [r[f"eval/{key}"] for r in points], "o--",
+                        color=line[0].get_color(), label=f"eval/{key}")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True

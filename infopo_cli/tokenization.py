@@ -1,0 +1,72 @@
+"""Turn a preference pair into token ids: prompt, chosen response, rejected response.
+
+With a chat template the response tokens are exactly the assistant turn's tokens as the template
+writes them (end-of-turn included); without one, the response is followed by EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infopo_cli.data import PreferencePair
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _split_response(tokenizer, prompt_text: str, full_text: str) -> list[int]:
+    """Response tokens = tokens of the full conversation after the prompt's tokens.
+
+    Tokenising the whole conversation and cutting at the prompt keeps the boundary exactly as the
+    model sees it at inference; if the prompt's tokens are not a prefix (a merge across the boundary),
+    fall back to tokenising the response text on its own.
+    """
+    prompt_ids, full_ids = _ids(tokenizer, prompt_text), _ids(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return full_ids[len(prompt_ids):]
+    return _ids(tokenizer, full_text[len(prompt_text):])
+
+
+def encode_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int,
+                system_prompt: str | None = None) -> TokenizedPair:
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": pair.prompt}]
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        responses = []
+        for response in (pair.chosen, pair.rejected):
+            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+            if not full.startswith(prompt_text):  # templates that rewrite earlier turns: cut at the prompt anyway
+                full = prompt_text + full[len(prompt_text):]
+            responses.append(_split_response(tokenizer, prompt_text, full))
+        prompt_ids = _ids(tokenizer, prompt_text)
+        chosen_ids, rejected_ids = responses
+    else:
+        prompt_ids = list(tokenizer(pair.prompt)["input_ids"])  # adds BOS where the tokenizer does
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        chosen_ids, rejected_ids = _ids(tokenizer, pair.chosen) + eos, _ids(tokenizer, pair.rejected) + eos
+    return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+
+
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
+             max_prompt_length: int) -> TokenizedPair:
+    """Keep the end of the prompt (the question) and the start of each response."""
+    if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
+        return TokenizedPair(prompt, chosen, rejected)
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    return TokenizedPair(prompt, chosen[:room], rejected[:room], truncated=True)

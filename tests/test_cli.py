@@ -1,0 +1,102 @@
+"""The command line as a user meets it: instant help, presets, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from infopo_cli import __version__
+from infopo_cli.config import TrainConfig, merge
+from infopo_cli.errors import ConfigError
+from infopo_cli.presets import available, load
+
+
+def infopo(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "COLUMNS": "200"})
+
+
+def test_help_does_not_import_torch():
+    """`infopo --help` must answer at once: torch/transformers are imported only by commands that train."""
+    code = "import sys, infopo_cli.cli; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_and_version():
+    out = infopo("--help")
+    assert out.returncode == 0 and "train" in out.stdout and "presets" in out.stdout
+    out = infopo("train", "--help")
+    for flag in ("--preset", "--data", "--output", "--loss", "--beta", "--lr", "--epochs", "--max-steps",
+                 "--batch-size", "--grad-accum", "--max-length", "--lora-r", "--seed", "--model", "--dtype"):
+        assert flag in out.stdout, flag
+    assert infopo("--version").stdout.strip() == f"infopo {__version__}"
+
+
+def test_presets_listed_and_shown():
+    out = infopo("presets")
+    assert "smollm2-135m" in out.stdout and "llama3-8b-qlora" in out.stdout
+    out = infopo("presets", "show", "llama3-8b-qlora")
+    assert out.returncode == 0 and "meta-llama/Meta-Llama-3-8B-Instruct" in out.stdout
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_every_preset_loads_and_validates(name):
+    cfg = load(name)
+    cfg.validate()
+    assert cfg.preset == name and cfg.model and cfg.target_modules
+
+
+def test_default_preset_trains_the_embedded_model_on_bundled_data():
+    cfg = load("smollm2-135m")
+    assert cfg.model == "embedded:smollm2-135m-instruct" and cfg.data == "bundled:arith_train"
+    assert cfg.load_in_4bit and cfg.gradient_checkpointing
+
+
+def test_llama3_preset_targets_a_24gb_gpu():
+    cfg = load("llama3-8b-qlora")
+    assert cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.load_in_4bit and cfg.gradient_checkpointing
+    assert cfg.max_length >= 1024 and cfg.optimizer == "auto"
+
+
+def test_unknown_setting_suggests_the_right_one(tmp_path):
+    bad = tmp_path / "p.toml"
+    bad.write_text("lora_rank = 8\n")
+    with pytest.raises(ConfigError, match="unknown setting 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
+        load(str(bad))
+
+
+def test_merge_coerces_and_validation_gathers_every_problem():
+    cfg = merge(TrainConfig(), {"lr": 1, "target_modules": "q_proj, v_proj"}, "test")
+    assert cfg.lr == 1.0 and cfg.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="batch_size must be > 0.*lr must be > 0"):
+        TrainConfig(batch_size=0, lr=-1).validate()
+    with pytest.raises(ConfigError, match="'lora_r' must be int"):
+        merge(TrainConfig(), {"lora_r": "big"}, "test")
+
+
+def test_bad_row_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "c"}\n')
+    out = infopo("train", "--data", str(bad), "--model", str(tmp_path / "never-loaded"), "--output", str(tmp_path / "o"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: {bad}:2: field 'rejected': missing"
+    assert "Traceback" not in out.stderr + out.stdout and not (tmp_path / "o").exists()
+
+
+def test_bad_flag_values_are_one_line(tmp_path):
+    out = infopo("train", "--batch-size", "0", "--dtype", "fp8")
+    assert out.returncode == 2 and "batch_size must be > 0" in out.stderr and "dtype must be one of" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = infopo("train", "--loss", "nope", "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and "unknown loss 'nope'" in out.stderr
+
+
+def test_missing_model_is_one_line_and_debug_shows_traceback(tmp_path, pairs_file):
+    args = ["train", "--data", str(pairs_file), "--eval-data", "", "--model", str(tmp_path / "missing-model"),
+            "--output", str(tmp_path / "o")]
+    out = infopo(*args)
+    assert out.returncode == 1 and out.stderr.startswith("error: cannot load model") and "Traceback" not in out.stderr
+    assert "Traceback" in infopo(*args[:-1], str(tmp_path / "o2"), "--debug").stderr

@@ -1,0 +1,140 @@
+"""The recipe end to end on a tiny random Llama: outputs, invariants, reload, interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from infopo_cli import model as stack, train as recipe
+from infopo_cli.batching import collate, eval_batches
+from infopo_cli.config import TrainConfig
+from infopo_cli.data import read_pairs
+from infopo_cli.errors import OutputError
+from infopo_cli.evaluate import Evaluator
+from infopo_cli.losses import LOSSES
+from infopo_cli.precision import Precision
+from infopo_cli.presets import load
+from infopo_cli.tokenization import encode_pair
+
+
+def tiny_cfg(tiny_model, pairs_file, output, **kw) -> TrainConfig:
+    values = dict(model=str(tiny_model), data=str(pairs_file), eval_data=str(pairs_file), output=str(output),
+                  dtype="fp32", lora_r=4, lora_alpha=8, max_steps=3, batch_size=4, lr=1e-2, eval_batch_size=8,
+                  max_length=128, max_prompt_length=64)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    from conftest import write_pairs
+
+    folder = tmp_path_factory.mktemp("run")
+    pairs = write_pairs(folder / "pairs.jsonl", 24)
+    cfg = tiny_cfg(tiny_model, pairs, folder / "out")
+    return cfg, recipe.train(cfg)
+
+
+def test_run_folder_contents(run):
+    cfg, summary = run
+    out = summary.output
+    names = {p.name for p in __import__("pathlib").Path(out).iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.toml",
+            "metrics.jsonl", "summary.json", "plot.png"} <= names
+    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 3]
+    for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert all(key in r for r in records if r["kind"] == "train")
+    assert summary.status == "completed" and summary.steps == 3 and summary.tokens_per_s > 0
+    assert summary.eval_before["eval/loss"] == pytest.approx(1.0)  # InfoPO is exactly 1 at init
+
+
+def test_saved_config_reloads_as_a_preset(run):
+    cfg, summary = run
+    again = load(f"{summary.output}/config.toml")
+    assert again.model == cfg.model and again.lora_r == 4 and again.beta == 1.0 and again.max_steps == 3
+
+
+def test_only_lora_changed_and_reload_reproduces_training_logps(run, tiny_model):
+    """PeftModel.from_pretrained on the run folder gives back the log-probs the run logged at its end."""
+    cfg, summary = run
+    saved = load_file(f"{summary.output}/adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero
+
+    base = stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test"))
+    reloaded = PeftModel.from_pretrained(base, summary.output)
+    tokenizer = stack.load_tokenizer(summary.output)
+    pairs = [encode_pair(tokenizer, p, cfg.max_length, cfg.max_prompt_length) for p in read_pairs(cfg.eval_data)]
+    batches = [collate(b, tokenizer.pad_token_id) for b in eval_batches(pairs, cfg.eval_batch_size)]
+    metrics = Evaluator(batches, LOSSES["infopo"], {"beta": 1.0}, "cpu")(reloaded)
+    for key in ("eval/logps/chosen", "eval/logps/rejected", "eval/loss", "eval/rewards/margins"):
+        assert metrics[key] == pytest.approx(summary.eval_after[key], abs=1e-4), key
+    assert metrics["eval/logps/chosen"] != pytest.approx(summary.eval_before["eval/logps/chosen"], abs=1e-3)
+
+
+def test_refuses_to_overwrite_an_existing_folder(run, tiny_model, pairs_file):
+    _, summary = run
+    before = sorted(p.name for p in __import__("pathlib").Path(summary.output).iterdir())
+    with pytest.raises(OutputError, match="already exists"):
+        recipe.train(tiny_cfg(tiny_model, pairs_file, summary.output))
+    assert sorted(p.name for p in __import__("pathlib").Path(summary.output).iterdir()) == before
+
+
+def test_bad_data_stops_before_the_model_loads(tmp_path, pairs_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "c"}\n')
+    cfg = tiny_cfg(tmp_path / "no-such-model", bad, tmp_path / "out")
+    with pytest.raises(Exception, match=r"bad.jsonl:1: field 'rejected': missing"):
+        recipe.train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, pairs_file):
+    """8 pairs as 1 x 8 or as 4 x 2 micro-batches: same loss, same gradient."""
+    cfg = tiny_cfg(tiny_model, pairs_file, "unused")
+    precision = Precision("cpu", torch.float32, "test")
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, precision), cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    tokenizer = stack.load_tokenizer(str(tiny_model))
+    pairs = [encode_pair(tokenizer, p, 128, 64) for p in read_pairs(str(pairs_file))[:8]]
+    results = []
+    for split in ([pairs], [pairs[i:i + 2] for i in range(0, 8, 2)]):
+        model.zero_grad()
+        metrics, _ = recipe.accumulate_gradients(model, split, LOSSES["infopo"], {"beta": 1.0}, tokenizer.pad_token_id, "cpu")
+        results.append((metrics.means()["loss"], [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_ctrl_c_saves_a_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
+    real, calls = recipe.accumulate_gradients, []
+
+    def interrupt_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "accumulate_gradients", interrupt_on_third)
+    summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", max_steps=5))
+    assert summary.status == "interrupted" and summary.steps == 2
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "training_state.pt").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_run_and_eval_every(tiny_model, pairs_file, tmp_path):
+    summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", loss="dpo", max_steps=4, eval_every=2))
+    records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    assert summary.eval_before["eval/loss"] == pytest.approx(0.693147, abs=1e-5)  # ln 2 at init
