@@ -6,7 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-PANELS = [("loss", ["loss"]), ("log-prob of responses (policy)", ["logps/chosen", "logps/rejected"]),
+# Rewards (beta * log-ratio to the reference) rather than raw log-probs: batches differ in length, so raw
+# log-probs jump from step to step while the change against the reference is comparable.
+PANELS = [("loss", ["loss"]), ("rewards: beta * log(pi / pi_ref)", ["rewards/chosen", "rewards/rejected"]),
           ("reward margin", ["rewards/margins"]), ("accuracy", ["rewards/accuracies", "logps/accuracies"])]
 
 

