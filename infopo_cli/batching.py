@@ -42,6 +42,21 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
     return PreferenceBatch(input_ids, attention_mask, labels, len(pairs))
 
 
+def response_only(batch: PreferenceBatch) -> PreferenceBatch:
+    """The responses of a batch without their prompts, right-padded (for RMiPO's marginal log-probs)."""
+    responses = [row[labels != IGNORE] for row, labels in zip(batch.input_ids, batch.labels)]
+    width = max(1, max(len(r) for r in responses))
+    input_ids = torch.zeros((len(responses), width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE)
+    for i, response in enumerate(responses):
+        input_ids[i, :len(response)] = response
+        labels[i, :len(response)] = response
+        attention_mask[i, :len(response)] = 1
+    return PreferenceBatch(input_ids.to(batch.input_ids.device), attention_mask.to(batch.input_ids.device),
+                           labels.to(batch.input_ids.device), batch.n_pairs)
+
+
 def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int) -> Iterator[list[TokenizedPair]]:
     """Endless stream of batches; each epoch a new permutation (seed + epoch), the tail kept."""
     epoch = 0

@@ -61,6 +61,15 @@ def train(
     lora_alpha: Annotated[Optional[int], _opt("lora_alpha", "Model")] = None,
     loss: Annotated[Optional[str], _opt("loss", "Loss")] = None,
     beta: Annotated[Optional[float], _opt("beta", "Loss")] = None,
+    gamma: Annotated[Optional[float], _opt("gamma", "Loss")] = None,
+    label_smoothing: Annotated[Optional[float], _opt("label_smoothing", "Loss")] = None,
+    length_normalize: Annotated[Optional[bool], typer.Option("--length-normalize/--no-length-normalize", help=help_for("length_normalize"), rich_help_panel="Loss", show_default=False)] = None,
+    prior: Annotated[Optional[str], _opt("prior", "Loss")] = None,
+    rdpo_alpha: Annotated[Optional[float], _opt("rdpo_alpha", "Loss")] = None,
+    tdpo_alpha: Annotated[Optional[float], _opt("tdpo_alpha", "Loss")] = None,
+    gamma_min: Annotated[Optional[float], _opt("gamma_min", "Loss")] = None,
+    gamma_max: Annotated[Optional[float], _opt("gamma_max", "Loss")] = None,
+    sft_weight: Annotated[Optional[float], _opt("sft_weight", "Loss")] = None,
     lr: Annotated[Optional[float], _opt("lr", "Optimisation")] = None,
     epochs: Annotated[Optional[float], _opt("epochs", "Optimisation")] = None,
     max_steps: Annotated[Optional[int], _opt("max_steps", "Optimisation")] = None,
@@ -77,15 +86,20 @@ def train(
 
     [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
     """
+    flags = {k: v for k, v in locals().items() if k not in ("preset", "debug") and v is not None}
     from infopo_cli import presets
-    from infopo_cli.config import merge
+    from infopo_cli.config import LOSS_PARAMS, merge
 
-    flags = {k: v for k, v in locals().items() if k not in ("preset", "debug", "presets", "merge") and v is not None}
     cfg = presets.load(preset)
-    if "loss" in flags and flags["loss"] != cfg.loss and "beta" not in flags:
-        cfg.beta = None  # the preset's beta was tuned for its own loss; use the new loss's default
+    if "loss" in flags and flags["loss"] != cfg.loss:
+        for key in LOSS_PARAMS:  # the preset's loss settings were tuned for its own loss: use the new one's defaults
+            if key not in flags:
+                setattr(cfg, key, None)
     cfg = merge(cfg, flags, source="command line")
     cfg.validate()
+    from infopo_cli.objectives import resolve  # light: imports torch only for tensors' types
+
+    resolve(cfg.loss, cfg.loss_overrides())  # an unknown loss or a flag it does not take: one line, before loading
 
     from infopo_cli.train import train as run_training  # imports torch: only now
 
@@ -113,6 +127,23 @@ def _print_summary(summary) -> None:
     console.print(f"{summary.tokens_per_s:.0f} tokens/s, peak memory {summary.peak_memory_gib:.2f} GiB "
                   f"({summary.device}, {summary.dtype})", highlight=False)
     console.print(f"adapter, tokenizer, config.toml, metrics.jsonl, summary.json, plot.png -> [bold]{summary.output}[/]")
+
+
+@app.command()
+def losses() -> None:
+    """List every loss with what it does, its paper and its defaults."""
+    from rich.table import Table
+
+    from infopo_cli.objectives import LOSSES, PRIORS
+
+    table = Table("loss", "what it does", "paper", "defaults", "reference pass")
+    for spec in LOSSES.values():
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        table.add_row(spec.name, spec.summary, spec.paper, defaults, "no" if spec.reference_free() else "yes")
+    console.print(table)
+    console.print("priors of [bold]mi[/] (--prior): " + "; ".join(f"{k} -> {p.recovers}" for k, p in PRIORS.items()),
+                  highlight=False)
+    console.print("any loss: --sft-weight W adds W x the NLL of the chosen response.", highlight=False)
 
 
 @presets_app.callback()

@@ -52,7 +52,16 @@ class TrainConfig:
     system_prompt: str | None = _f(None, "System message for the chat template (None: the template's own default).")
     # --- loss ------------------------------------------------------------------------------------
     loss: str = _f("infopo", "Preference loss (see `infopo losses`).")
-    beta: float | None = _f(None, "Loss temperature beta (None: the loss's default).")
+    beta: float | None = _f(None, "Loss temperature beta (None: the loss's default; see `infopo losses`).")
+    gamma: float | None = _f(None, "Target margin (simpo; mi with prior simpo).")
+    label_smoothing: float | None = _f(None, "Assumed label-flip rate in [0, 0.5) (cdpo, robust, rmipo).")
+    length_normalize: bool | None = _f(None, "Use per-token average log-probs instead of sums (infopo, ipo).")
+    prior: str | None = _f(None, "Prior of the mi loss: reference (DPO), simpo, rdpo, tdpo1, tdpo2, uniform.")
+    rdpo_alpha: float | None = _f(None, "Length coefficient of the rdpo prior (R-DPO's alpha).")
+    tdpo_alpha: float | None = _f(None, "Weight of the rejected KL in the tdpo2 prior (TDPO's alpha).")
+    gamma_min: float | None = _f(None, "Smallest margin of rmipo (0.3 in the released code).")
+    gamma_max: float | None = _f(None, "Largest margin of rmipo (1.6 in the released code).")
+    sft_weight: float | None = _f(None, "Add this weight x the NLL of the chosen response to any loss (0: off).")
     # --- optimisation ----------------------------------------------------------------------------
     lr: float = _f(2e-4, "Peak learning rate (AdamW).")
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
@@ -100,10 +109,16 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def loss_overrides(self) -> dict[str, Any]:
+        """The loss parameters set by preset or flags (None: the loss's default)."""
+        return {k: getattr(self, k) for k in LOSS_PARAMS if getattr(self, k) is not None}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+LOSS_PARAMS = ("beta", "gamma", "label_smoothing", "length_normalize", "prior", "rdpo_alpha", "tdpo_alpha",
+               "gamma_min", "gamma_max", "sft_weight")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -143,7 +158,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if key in ("beta",) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if key in LOSS_PARAMS and key not in ("prior", "length_normalize") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if expected is not None and not isinstance(value, expected):
         raise ConfigError(f"{source}: '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}")

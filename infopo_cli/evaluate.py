@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from infopo_cli.batching import PreferenceBatch
 from infopo_cli.logps import pair_logps
-from infopo_cli.losses import LossSpec
+from infopo_cli.objectives import LossSpec, compute
 from infopo_cli.metrics import PairMetrics
 
 
@@ -27,12 +27,11 @@ class Evaluator:
         for i, batch in enumerate(self.batches):
             batch = batch.to(self.device)
             cached = self.reference[i] if self.reference is not None else None
-            logps = pair_logps(model, batch, with_reference=self.spec.needs_reference, reference=cached,
+            logps = pair_logps(model, batch, self.spec.needs(self.params), reference=cached,
                                policy_is_reference=policy_is_reference)
             if logps.ref_chosen is not None:
                 reference.append(torch.cat([logps.ref_chosen, logps.ref_rejected]))
-            metrics.add(self.spec.fn(logps.policy_chosen, logps.policy_rejected, logps.ref_chosen,
-                                     logps.ref_rejected, **self.params), logps)
+            metrics.add(compute(self.spec, logps, self.params), logps)
         self.reference = reference or None
         model.train(was_training)
         return metrics.means(prefix="eval/")

@@ -8,7 +8,10 @@ log-softmax is never held in memory: with Llama-3's 128k vocabulary that is the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,16 +25,44 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _token_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None) -> Tensor:
+    return _log_softmax(hidden, lm_head, softcap).gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+def _log_softmax(hidden: Tensor, lm_head: nn.Module, softcap: float | None) -> Tensor:
     logits = lm_head(hidden).float()
     if softcap:  # Gemma-2 squashes its logits; the model's own forward would too
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
+    return logits.log_softmax(dim=-1)
 
 
-def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (sum of log p(token | prefix) over positions where labels != -100, count of such tokens).
+def _token_logps_and_kl(hidden: Tensor, ref_hidden: Tensor, targets: Tensor, lm_head: nn.Module,
+                        softcap: float | None) -> tuple[Tensor, Tensor]:
+    """Token log-probs and KL(pi_ref(.|prefix) || pi(.|prefix)) over the whole vocabulary (TDPO).
 
-    Shapes: input_ids, attention_mask, labels (N, T) -> two tensors of shape (N,).
+    The reference's logits come from its final hidden states through the same output layer: the
+    adapter never touches the output layer when a loss needs the KL (checked in `pair_logps`).
+    """
+    policy = _log_softmax(hidden, lm_head, softcap)
+    with torch.no_grad():
+        reference = _log_softmax(ref_hidden, lm_head, softcap)
+    kl = (reference.exp() * (reference - policy)).sum(dim=-1)
+    return policy.gather(1, targets.unsqueeze(1)).squeeze(1), kl
+
+
+@dataclass
+class SequenceLogps:
+    sums: Tensor                    # (N,) summed log-probs of the labelled tokens
+    counts: Tensor                  # (N,) number of labelled tokens
+    hidden: Tensor                  # (tokens, H) final hidden states at labelled positions
+    kl: Tensor | None = None        # (N,) summed per-token KL to the reference, when asked for
+
+
+def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                   ref_hidden: Tensor | None = None) -> SequenceLogps:
+    """Sum of log p(token | prefix) over positions where labels != -100, per row, and the token counts.
+
+    With `ref_hidden` (the reference pass's `hidden`), also the summed per-token KL from the
+    reference's next-token distribution to the policy's. Shapes: (N, T) inputs -> (N,) outputs.
     """
     lm = _causal_lm(model)
     hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -41,44 +72,93 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     wanted = targets[mask]
     lm_head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    pieces = []
+    grad = torch.is_grad_enabled() and selected.requires_grad
+    logps, kls = [], []
     for start in range(0, selected.shape[0], CHUNK_TOKENS):
         h, t = selected[start:start + CHUNK_TOKENS], wanted[start:start + CHUNK_TOKENS]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logps, h, t, lm_head, softcap, use_reentrant=False))
+        if ref_hidden is not None:
+            args = (h, ref_hidden[start:start + CHUNK_TOKENS], t, lm_head, softcap)
+            lp, kl = checkpoint(_token_logps_and_kl, *args, use_reentrant=False) if grad else _token_logps_and_kl(*args)
+            kls.append(kl)
         else:
-            pieces.append(_token_logps(h, t, lm_head, softcap))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+            lp = checkpoint(_token_logps, h, t, lm_head, softcap, use_reentrant=False) if grad else _token_logps(h, t, lm_head, softcap)
+        logps.append(lp)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(mask)[mask]
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
-    return sums, mask.sum(dim=1)
+
+    def per_row(values: list[Tensor]) -> Tensor:
+        flat = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
+        return torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, flat)
+
+    return SequenceLogps(per_row(logps), mask.sum(dim=1), selected, per_row(kls) if ref_hidden is not None else None)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a loss needs besides the policy's log-probs; everything not needed is never computed."""
+
+    reference: bool = False  # log-probs with the adapter disabled (one no-grad forward)
+    kl: bool = False         # per-token KL to the reference over the whole vocabulary (TDPO)
+    marginal: bool = False   # the policy's log-probs of each response without its prompt (RMiPO)
+
+
+@dataclass
 class PairLogps:
-    """Summed response log-probs of a batch of pairs under the policy and (optionally) the reference."""
+    """Per-pair quantities of a batch, chosen and rejected split apart. All tensors are (B,)."""
 
-    def __init__(self, policy: Tensor, reference: Tensor | None, counts: Tensor, n_pairs: int) -> None:
-        self.policy_chosen, self.policy_rejected = policy[:n_pairs], policy[n_pairs:]
-        self.ref_chosen = self.ref_rejected = None
-        if reference is not None:
-            self.ref_chosen, self.ref_rejected = reference[:n_pairs], reference[n_pairs:]
-        self.chosen_counts, self.rejected_counts = counts[:n_pairs], counts[n_pairs:]
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    chosen_counts: Tensor
+    rejected_counts: Tensor
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+    kl_chosen: Tensor | None = None
+    kl_rejected: Tensor | None = None
+    marginal_chosen_avg: Tensor | None = None
+    marginal_rejected_avg: Tensor | None = None
 
 
-def pair_logps(model: nn.Module, batch, with_reference: bool, reference: Tensor | None = None,
+def _halves(values: Tensor | None, n: int) -> tuple[Tensor | None, Tensor | None]:
+    return (None, None) if values is None else (values[:n], values[n:])
+
+
+def response_only_logps(model: nn.Module, batch) -> Tensor:
+    """The policy's average log-prob of each response on its own, no prompt and no BOS (RMiPO's marginal).
+
+    The first response token has no prefix and is not scored, so the average runs over n - 1 tokens;
+    a one-token response gives 0 rather than 0/0.
+    """
+    from infopo_cli.batching import response_only
+
+    rows = response_only(batch)
+    with torch.no_grad():
+        out = sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels)
+    return out.sums / out.counts.clamp(min=1)
+
+
+def pair_logps(model: nn.Module, batch, needs: Needs, reference: Tensor | None = None,
                policy_is_reference: bool = False) -> PairLogps:
-    """One forward over chosen+rejected rows for the policy, one for the reference (adapter off).
+    """One forward over chosen+rejected rows for the policy, plus what `needs` asks for.
 
     The reference pass runs first and under no-grad, so its activations are gone before the policy's
-    graph is built. A precomputed `reference` (e.g. cached for evaluation) skips that pass, and so does
+    graph is built. A precomputed `reference` (cached for evaluation) skips that pass, and so does
     `policy_is_reference` (an adapter that still adds exactly zero).
     """
     from infopo_cli.model import reference_mode
 
-    if with_reference and reference is None and not policy_is_reference:
+    if needs.kl and hasattr(_causal_lm(model).get_output_embeddings(), "lora_A"):
+        from infopo_cli.errors import ConfigError
+
+        raise ConfigError("the tdpo priors need the output layer shared with the reference: remove lm_head from target_modules")
+    ref_out = None
+    if (needs.reference and reference is None and not policy_is_reference) or needs.kl:
         with reference_mode(model):
-            reference, _ = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
-    policy, counts = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
-    if with_reference and policy_is_reference and reference is None:
-        reference = policy.detach()
-    return PairLogps(policy, reference if with_reference else None, counts, batch.n_pairs)
+            ref_out = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
+        reference = ref_out.sums
+    policy = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels,
+                            ref_hidden=ref_out.hidden if needs.kl else None)
+    if needs.reference and reference is None:  # policy_is_reference
+        reference = policy.sums.detach()
+    n = batch.n_pairs
+    marginal = response_only_logps(model, batch) if needs.marginal else None
+    return PairLogps(policy.sums[:n], policy.sums[n:], policy.counts[:n], policy.counts[n:],
+                     *_halves(reference if needs.reference else None, n), *_halves(policy.kl, n), *_halves(marginal, n))

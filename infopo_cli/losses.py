@@ -1,15 +1,17 @@
 """Preference losses as pure functions of per-sequence log-probabilities.
 
-Every loss takes tensors of shape (B,): the policy's and the reference's summed log-probs of the
-chosen and rejected responses (`log pi(y|x)`, prompt tokens excluded), and returns per-pair losses
-plus the detached implicit rewards TRL users know (`rewards/chosen`, `rewards/rejected`).
-No model or tokenizer in here: each function can be checked by hand.
+Inputs are tensors of shape (B,): summed response log-probs `log pi(y|x)` of the chosen (w) and
+rejected (l) responses under the policy and, where used, the reference; response lengths n; and for
+RMiPO the policy's average log-prob of each response without its prompt. Each function returns
+per-pair losses plus the detached implicit rewards TRL users know (`rewards/chosen`,
+`rewards/rejected`). No model or tokenizer in here: each function can be checked by hand.
+
+Notation (docstrings): delta = log pi(y|x) - log pi_ref(y|x), u = delta_w - delta_l, lbar = log pi / n.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,10 @@ class LossOutput:
     rejected_rewards: Tensor  # (B,) detached
 
 
+def _out(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor) -> LossOutput:
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
 def _exp_linear_above(z: Tensor, cap: float) -> Tensor:
     """exp(z) for z <= cap, continued by its tangent line above cap.
 
@@ -33,56 +39,165 @@ def _exp_linear_above(z: Tensor, cap: float) -> Tensor:
     return torch.exp(capped) * (1.0 + (z - capped))
 
 
+def _log1mexp(a: Tensor) -> Tensor:
+    """log(1 - exp(a)) for a < 0, stable at both ends (Maechler 2012)."""
+    a = a.clamp(max=-1e-6)
+    return torch.where(a > -0.693, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+# --- the mutual-information family --------------------------------------------------------------
+
 def infopo(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-           *, beta: float = 1.0, max_exponent: float = 50.0) -> LossOutput:
+           chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None, *,
+           beta: float = 1.0, length_normalize: bool = False, max_exponent: float = 50.0) -> LossOutput:
     """InfoPO: mutual-information maximisation with the NWJ bound (Xiao et al., arXiv 2505.08507, NAACL 2025).
 
     Per pair the paper's loss is  -log pi(y_w|x) + pi(y_l|x) / pi_ref(y_l|x)  (its NWJ objective with the
     critic f = 1 + log(pi/pi_ref)). We use the tempered critic f = 1 + beta*log(pi/pi_ref):
 
-        L = -beta * (log pi(y_w|x) - log pi_ref(y_w|x)) + exp(beta * (log pi(y_l|x) - log pi_ref(y_l|x)))
+        L = -beta * delta_w + exp(beta * delta_l)
 
     With beta = 1 this is the paper's loss up to the constant log pi_ref(y_w|x), so gradients are the
     same; the log-ratio form makes L = 1 at initialisation. dL/dlog pi(y_w) = -beta whatever the margin
     (the chosen likelihood is always pushed up), and dL/dlog pi(y_l) = beta*exp(beta*delta_l), which
     decays to 0 as the rejected response falls below the reference (bounded rejected-side gradient).
     Above `max_exponent` the exponential continues linearly so float32 cannot overflow.
+    `length_normalize` uses delta / n (SimPO-style average log-probs) instead of sums.
 
     beta: 1.0 is the paper's form; 0.1-1 are sensible. Shapes: all inputs (B,), outputs (B,).
     """
-    chosen_logratio = policy_chosen - ref_chosen
-    rejected_logratio = policy_rejected - ref_rejected
-    losses = -beta * chosen_logratio + _exp_linear_above(beta * rejected_logratio, max_exponent)
-    return LossOutput(losses, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach())
+    delta_w, delta_l = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if length_normalize:
+        delta_w, delta_l = delta_w / chosen_lengths, delta_l / rejected_lengths
+    losses = -beta * delta_w + _exp_linear_above(beta * delta_l, max_exponent)
+    return _out(losses, beta * delta_w, beta * delta_l)
 
 
-def dpo(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-        *, beta: float = 0.1) -> LossOutput:
+def rmipo(policy_chosen_avg: Tensor, policy_rejected_avg: Tensor, marginal_chosen_avg: Tensor,
+          marginal_rejected_avg: Tensor, *, beta: float = 2.0, gamma_min: float = 0.3, gamma_max: float = 1.6,
+          label_smoothing: float = 0.0) -> LossOutput:
+    """RMiPO: intrinsic mutual information modulates the preference margin (Liao et al., arXiv 2604.24804).
+
+    As in the released code (liavonpenn/rmipo @ d21db9b), reference-free:
+        PMI = lbar(y|x) - lbar(y)            the policy's average log-prob with and without the prompt
+        dPMI = stopgrad(PMI_w - PMI_l)
+        gamma = gamma_min + (gamma_max - gamma_min) * exp(-max(0, dPMI))                      (R1)
+        L = -(1-eps) logsig(beta (lbar_w - lbar_l - gamma)) - eps logsig(-beta (lbar_w - lbar_l - gamma))  (R2)
+    i.e. SimPO whose target margin shrinks for pairs whose chosen answer is already much more
+    prompt-specific, and is largest where the PMI ordering contradicts the label. No gradient flows
+    through PMI. (An older variant shipped as bytecode in the same repository uses 0.5*tanh(dPMI) in the
+    opposite direction; we follow the published source.)
+
+    beta: 2.0 (the released configs); gamma_min/gamma_max: 0.3/1.6 (hard-coded there).
+    """
+    dpmi = ((policy_chosen_avg - marginal_chosen_avg) - (policy_rejected_avg - marginal_rejected_avg)).detach()
+    gamma = gamma_min + (gamma_max - gamma_min) * torch.exp(-dpmi.clamp(min=0))
+    logits = beta * (policy_chosen_avg - policy_rejected_avg - gamma)
+    losses = (1 - label_smoothing) * F.softplus(-logits) + label_smoothing * F.softplus(logits)
+    return _out(losses, beta * policy_chosen_avg, beta * policy_rejected_avg)
+
+
+def mi(policy_chosen: Tensor, policy_rejected: Tensor, prior_chosen: Tensor, prior_rejected: Tensor, *,
+       alpha: float) -> LossOutput:
+    """The unified MI objective of "Many of your DPOs are secretly one" (Tutunov et al., arXiv 2501.01544, Eq. M1).
+
+        L = -log sigmoid( alpha * [log pi(y_w|x) - log zeta(y_w)] - alpha * [log pi(y_l|x) - log zeta(y_l)] )
+
+    zeta is a prior over responses standing where DPO has pi_ref; `priors.py` builds log zeta for the
+    named priors (reference -> DPO, simpo -> SimPO, rdpo -> R-DPO, tdpo1/tdpo2 -> TDPO, uniform -> CPO's
+    preference term). Gradients flow through the prior where it depends on the policy (SimPO, TDPO1).
+    alpha plays DPO's beta.
+    """
+    chosen, rejected = alpha * (policy_chosen - prior_chosen), alpha * (policy_rejected - prior_rejected)
+    return _out(F.softplus(-(chosen - rejected)), chosen, rejected)
+
+
+# --- the DPO family -------------------------------------------------------------------------------
+
+def _sigmoid_family(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                    beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    delta_w, delta_l = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    return beta * (delta_w - delta_l), beta * delta_w, beta * delta_l
+
+
+def dpo(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+        beta: float = 0.1) -> LossOutput:
     """DPO with the Bradley-Terry (sigmoid) likelihood (Rafailov et al., arXiv 2305.18290, Eq. 7).
 
-        L = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))])
+        L = -log sigmoid(beta * u),  computed as softplus(-beta*u) for stability.
 
-    computed as softplus(-beta*u) for stability. beta: 0.1 is standard; 0.01-0.5 seen in practice.
+    beta: 0.1 is standard; 0.01-0.5 seen in practice.
     """
-    chosen_logratio = policy_chosen - ref_chosen
-    rejected_logratio = policy_rejected - ref_rejected
-    losses = F.softplus(-beta * (chosen_logratio - rejected_logratio))
-    return LossOutput(losses, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach())
+    z, rw, rl = _sigmoid_family(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return _out(F.softplus(-z), rw, rl)
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    fn: Callable[..., LossOutput]
-    needs_reference: bool
-    defaults: dict[str, float] = field(default_factory=dict)
-    summary: str = ""
-    paper: str = ""
+def cdpo(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+         beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
+    """Conservative DPO (Mitchell, "A note on DPO with noisy preferences", ericmitchell.ai/cdpo.pdf).
+
+        L = -(1-eps) log sigmoid(beta u) - eps log sigmoid(-beta u)
+
+    eps in (0, 0.5): the assumed rate of flipped labels; 0.1 is the suggested start.
+    """
+    z, rw, rl = _sigmoid_family(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return _out((1 - label_smoothing) * F.softplus(-z) + label_smoothing * F.softplus(z), rw, rl)
 
 
-LOSSES: dict[str, LossSpec] = {
-    "infopo": LossSpec(infopo, True, {"beta": 1.0},
-                       "mutual-information (NWJ) objective; chosen likelihood never pushed down",
-                       "arXiv 2505.08507"),
-    "dpo": LossSpec(dpo, True, {"beta": 0.1}, "Bradley-Terry sigmoid loss on the log-ratio margin",
-                    "arXiv 2305.18290"),
-}
+def robust(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+           beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
+    """Robust DPO (Chowdhury et al., arXiv 2403.00409, Eq. 9): unbiased under label-flip rate eps.
+
+        L = [-(1-eps) log sigmoid(beta u) + eps log sigmoid(-beta u)] / (1 - 2 eps),  eps in [0, 0.5)
+    """
+    z, rw, rl = _sigmoid_family(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    losses = ((1 - label_smoothing) * F.softplus(-z) - label_smoothing * F.softplus(z)) / (1 - 2 * label_smoothing)
+    return _out(losses, rw, rl)
+
+
+def ipo(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+        chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None, *,
+        beta: float = 0.1, length_normalize: bool = False) -> LossOutput:
+    """IPO (Azar et al., arXiv 2310.12036, Eq. 17): a squared loss that does not saturate.
+
+        L = (u - 1 / (2 tau))^2,  tau = beta
+
+    Summed log-ratios as in the paper; `length_normalize` uses delta/n as TRL does.
+    """
+    delta_w, delta_l = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if length_normalize:
+        delta_w, delta_l = delta_w / chosen_lengths, delta_l / rejected_lengths
+    return _out((delta_w - delta_l - 1 / (2 * beta)) ** 2, beta * delta_w, beta * delta_l)
+
+
+def hinge(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+          beta: float = 0.1) -> LossOutput:
+    """Hinge loss of SLiC/RSO (Liu et al., arXiv 2309.06657, Eq. 11): L = max(0, 1 - beta u); 1/beta is the margin."""
+    z, rw, rl = _sigmoid_family(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return _out(torch.relu(1 - z), rw, rl)
+
+
+def simpo(policy_chosen: Tensor, policy_rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, *,
+          beta: float = 2.0, gamma: float = 1.0) -> LossOutput:
+    """SimPO (Meng et al., arXiv 2405.14734, Eq. 6): reference-free, length-normalised, with a target margin.
+
+        L = -log sigmoid(beta * (lbar_w - lbar_l) - gamma)
+
+    beta: 2-10; gamma: beta * (gamma/beta ratio), the paper grid-searches the ratio over [0, 1]
+    (defaults beta 2, gamma 1 = ratio 0.5, its recommended start).
+    """
+    avg_w, avg_l = policy_chosen / chosen_lengths, policy_rejected / rejected_lengths
+    return _out(F.softplus(-(beta * (avg_w - avg_l) - gamma)), beta * avg_w, beta * avg_l)
+
+
+def orpo(policy_chosen: Tensor, policy_rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, *,
+         beta: float = 0.1) -> LossOutput:
+    """ORPO (Hong et al., arXiv 2403.07691, Eqs. 6-7): SFT on the chosen answer plus an odds-ratio term.
+
+        L = -lbar_w - lambda * log sigmoid(logodds(lbar_w) - logodds(lbar_l)),  logodds(a) = a - log(1 - e^a)
+
+    reference-free; lambda = beta (0.1 in the paper's and TRL's defaults).
+    """
+    avg_w, avg_l = policy_chosen / chosen_lengths, policy_rejected / rejected_lengths
+    log_odds = (avg_w - _log1mexp(avg_w)) - (avg_l - _log1mexp(avg_l))
+    return _out(-avg_w + beta * F.softplus(-log_odds), beta * avg_w, beta * avg_l)

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from infopo_cli import checkpoint, model as model_stack
+from infopo_cli import checkpoint, model as model_stack, objectives
 from infopo_cli.batching import collate, eval_batches, shuffled_batches
 from infopo_cli.config import TrainConfig
 from infopo_cli.data import read_pairs
 from infopo_cli.errors import ConfigError
+from infopo_cli.objectives import LossSpec
 from infopo_cli.evaluate import Evaluator
 from infopo_cli.logps import pair_logps
-from infopo_cli.losses import LOSSES, LossSpec
 from infopo_cli.metrics import MetricsLog, PairMetrics
 from infopo_cli.plot import plot_run
 from infopo_cli.precision import choose
@@ -49,16 +49,6 @@ class RunSummary:
     eval_after: dict = field(default_factory=dict)
 
 
-def loss_settings(cfg: TrainConfig) -> tuple[LossSpec, dict[str, float]]:
-    if cfg.loss not in LOSSES:
-        raise ConfigError(f"unknown loss '{cfg.loss}'; available: {', '.join(LOSSES)}")
-    spec = LOSSES[cfg.loss]
-    params = dict(spec.defaults)
-    if cfg.beta is not None:
-        params["beta"] = cfg.beta
-    return spec, params
-
-
 def default_output(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.preset or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
 
@@ -74,7 +64,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     console = console or Console()
     say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
     cfg.validate()
-    spec, loss_params = loss_settings(cfg)
+    spec, loss_params = objectives.resolve(cfg.loss, cfg.loss_overrides())
 
     # --- data: every row checked before any model is loaded -----------------------------------
     train_pairs = read_pairs(cfg.data)
@@ -114,14 +104,15 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     optimizer = make_optimizer(cfg, trainable_params, precision.device)
     scheduler = warmup_cosine(optimizer, warmup=int(cfg.warmup_ratio * total_steps), total=total_steps)
 
-    resolved = {**cfg.to_dict(), "output": str(output), "beta": loss_params.get("beta", cfg.beta),
-                "dtype": precision.dtype_name}
+    resolved = {**cfg.to_dict(), **loss_params, "output": str(output), "dtype": precision.dtype_name}
     checkpoint.write_text(output / "config.toml", f"# infopo {__import__('infopo_cli').__version__}; "
                           f"rerun with: infopo train --preset {output / 'config.toml'} --output NEW_DIR\n"
                           + checkpoint.to_toml(resolved))
     log = MetricsLog(output / "metrics.jsonl")
     evaluator = Evaluator([collate(b, tokenizer.pad_token_id) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
                           spec, loss_params, precision.device) if eval_tok else None
+    if not spec.needs(loss_params).reference:
+        say(f"{cfg.loss} is reference-free: no reference forward pass")
     summary = RunSummary(str(output), "completed", 0, 0.0, 0.0, 0.0, precision.device, precision.dtype_name)
 
     def evaluate(step: int, fresh: bool = False) -> dict:
@@ -190,8 +181,8 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Tokeni
     metrics, tokens = PairMetrics(), 0
     for pairs in micro_batches:
         batch = collate(pairs, pad_id).to(device)
-        logps = pair_logps(model, batch, with_reference=spec.needs_reference)
-        out = spec.fn(logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected, **loss_params)
+        logps = pair_logps(model, batch, spec.needs(loss_params))
+        out = objectives.compute(spec, logps, loss_params)
         # Sum over pairs / pairs in the global batch: the same loss and gradient however the global
         # batch is split into micro-batches (a mean per micro-batch would weight small ones more).
         (out.losses.sum() / n_pairs).backward()

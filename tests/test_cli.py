@@ -100,3 +100,29 @@ def test_missing_model_is_one_line_and_debug_shows_traceback(tmp_path, pairs_fil
     out = infopo(*args)
     assert out.returncode == 1 and out.stderr.startswith("error: cannot load model") and "Traceback" not in out.stderr
     assert "Traceback" in infopo(*args[:-1], str(tmp_path / "o2"), "--debug").stderr
+
+
+def test_losses_lists_every_loss_with_paper_and_defaults():
+    out = infopo("losses")
+    assert out.returncode == 0
+    for name in ("infopo", "rmipo", "mi", "dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo"):
+        assert f"│ {name} " in out.stdout, name
+    for paper in ("2505.08507", "2604.24804", "2501.01544", "2405.14734"):
+        assert paper in out.stdout
+    assert "tdpo1" in out.stdout and "--sft-weight" in out.stdout
+
+
+def test_a_flag_the_loss_does_not_take_is_one_line(tmp_path):
+    out = infopo("train", "--loss", "dpo", "--gamma", "0.5", "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: --gamma does not apply to loss 'dpo'")
+    out = infopo("train", "--loss", "mi", "--prior", "nope", "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and "unknown prior 'nope'" in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_switching_loss_drops_the_presets_loss_settings(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('loss = "simpo"\nbeta = 2.5\ngamma = 1.4\n')
+    # the preset's gamma belongs to simpo: with --loss dpo it is dropped, not an error
+    out = infopo("train", "--preset", str(preset), "--loss", "dpo", "--batch-size", "0")
+    assert "gamma" not in out.stderr and "batch_size must be > 0" in out.stderr

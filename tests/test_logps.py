@@ -28,7 +28,8 @@ def test_matches_full_logits_and_counts(tiny_model, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     b = batch()
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)  # several chunks, as with long sequences
-    got, counts = sequence_logps(model, b.input_ids, b.attention_mask, b.labels)
+    out = sequence_logps(model, b.input_ids, b.attention_mask, b.labels)
+    got, counts = out.sums, out.counts
     want, want_counts = naive(model, b.input_ids, b.attention_mask, b.labels)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert counts.tolist() == want_counts.tolist() == [2, 3, 4, 1]
@@ -38,7 +39,7 @@ def test_gradient_matches_full_logits(tiny_model, monkeypatch):
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 2)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     b = batch()
-    sequence_logps(model, b.input_ids, b.attention_mask, b.labels)[0].sum().backward()
+    sequence_logps(model, b.input_ids, b.attention_mask, b.labels).sums.sum().backward()
     ours = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     naive(model, b.input_ids, b.attention_mask, b.labels)[0].sum().backward()
@@ -60,6 +61,33 @@ def test_padding_does_not_change_logps(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     alone = collate([TokenizedPair([1, 2, 3], [4, 5], [6])], pad_id=0)
     padded = collate([TokenizedPair([1, 2, 3], [4, 5], [6]), TokenizedPair([7] * 9, [8] * 9, [9] * 9)], pad_id=0)
-    a = sequence_logps(model, alone.input_ids, alone.attention_mask, alone.labels)[0]
-    p = sequence_logps(model, padded.input_ids, padded.attention_mask, padded.labels)[0]
+    a = sequence_logps(model, alone.input_ids, alone.attention_mask, alone.labels).sums
+    p = sequence_logps(model, padded.input_ids, padded.attention_mask, padded.labels).sums
     torch.testing.assert_close(a, p[[0, 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_kl_to_reference_matches_full_distributions(tiny_model, monkeypatch):
+    """TDPO's sequence KL: sum over response positions of KL(p_ref(.|prefix) || p(.|prefix))."""
+    monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for p in policy.model.parameters():  # the body only: policy and reference share the output layer
+            p.add_(torch.randn_like(p) * 0.05)
+    b = batch()
+    with torch.no_grad():
+        ref = sequence_logps(reference, b.input_ids, b.attention_mask, b.labels)
+    got = sequence_logps(policy, b.input_ids, b.attention_mask, b.labels, ref_hidden=ref.hidden).kl
+    lp = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].log_softmax(-1)
+    lr = reference(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].log_softmax(-1)
+    per_token = (lr.exp() * (lr - lp)).sum(-1) * (b.labels[:, 1:] != -100)
+    torch.testing.assert_close(got, per_token.sum(1), atol=1e-5, rtol=1e-4)
+    assert (got > 0).all()
+
+
+def test_response_only_rows_drop_the_prompt():
+    from infopo_cli.batching import response_only
+
+    rows = response_only(batch())
+    assert rows.input_ids.tolist()[0][:2] == [4, 5] and rows.input_ids.tolist()[2] == [6, 7, 8, 9]
+    assert rows.attention_mask.sum(1).tolist() == [2, 3, 4, 1]

@@ -12,7 +12,7 @@ from infopo_cli import model as stack
 from infopo_cli.batching import collate
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
-from infopo_cli.logps import pair_logps
+from infopo_cli.logps import Needs, pair_logps
 from infopo_cli.precision import Precision
 from infopo_cli.tokenization import TokenizedPair
 
@@ -46,8 +46,8 @@ def test_reference_logps_equal_the_bare_base(tiny_model):
     model = policy(tiny_model)
     bare = stack.load_base(str(tiny_model), CFG, FP32)
     b = batch()
-    logps = pair_logps(model, b, with_reference=True)
-    bare_logps = pair_logps(bare, b, with_reference=False)
+    logps = pair_logps(model, b, Needs(reference=True))
+    bare_logps = pair_logps(bare, b, Needs())
     torch.testing.assert_close(logps.ref_chosen, bare_logps.policy_chosen, rtol=0, atol=1e-6)
     torch.testing.assert_close(logps.ref_rejected, bare_logps.policy_rejected, rtol=0, atol=1e-6)
     assert not torch.allclose(logps.policy_chosen, logps.ref_chosen)  # the adapter is on for the policy
@@ -56,7 +56,7 @@ def test_reference_logps_equal_the_bare_base(tiny_model):
 def test_one_set_of_base_weights_in_the_process(tiny_model):
     del_all = gc.collect()  # noqa: F841 - earlier tests' models must not be counted
     model = policy(tiny_model)
-    pair_logps(model, batch(), with_reference=True).policy_chosen.sum().backward()
+    pair_logps(model, batch(), Needs(reference=True)).policy_chosen.sum().backward()
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, bnb.nn.Params4bit)]
     own = {id(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -72,7 +72,7 @@ def test_evaluation_mode_does_not_corrupt_training_gradients(tiny_model):
 
     def grad() -> torch.Tensor:
         model.zero_grad()
-        pair_logps(model, batch(), with_reference=False).policy_chosen.sum().backward()
+        pair_logps(model, batch(), Needs()).policy_chosen.sum().backward()
         return first_a.grad.clone()
 
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_evaluation_mode_does_not_corrupt_training_gradients(tiny_model):
     before = grad()
     model.eval()
     with torch.no_grad():
-        pair_logps(model, batch(), with_reference=False)
+        pair_logps(model, batch(), Needs())
     model.train()
     torch.testing.assert_close(grad(), before)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from infopo_cli.config import TrainConfig
 from infopo_cli.data import read_pairs
 from infopo_cli.errors import OutputError
 from infopo_cli.evaluate import Evaluator
-from infopo_cli.losses import LOSSES
+from infopo_cli.objectives import resolve
 from infopo_cli.precision import Precision
 from infopo_cli.presets import load
 from infopo_cli.tokenization import encode_pair
@@ -72,7 +73,7 @@ def test_only_lora_changed_and_reload_reproduces_training_logps(run, tiny_model)
     tokenizer = stack.load_tokenizer(summary.output)
     pairs = [encode_pair(tokenizer, p, cfg.max_length, cfg.max_prompt_length) for p in read_pairs(cfg.eval_data)]
     batches = [collate(b, tokenizer.pad_token_id) for b in eval_batches(pairs, cfg.eval_batch_size)]
-    metrics = Evaluator(batches, LOSSES["infopo"], {"beta": 1.0}, "cpu")(reloaded)
+    metrics = Evaluator(batches, *resolve("infopo", {}), "cpu")(reloaded)
     for key in ("eval/logps/chosen", "eval/logps/rejected", "eval/loss", "eval/rewards/margins"):
         assert metrics[key] == pytest.approx(summary.eval_after[key], abs=1e-4), key
     assert metrics["eval/logps/chosen"] != pytest.approx(summary.eval_before["eval/logps/chosen"], abs=1e-3)
@@ -95,7 +96,8 @@ def test_bad_data_stops_before_the_model_loads(tmp_path, pairs_file):
     assert not (tmp_path / "out").exists()
 
 
-def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, pairs_file):
+@pytest.mark.parametrize("loss", ["infopo", "dpo", "rmipo", "orpo", "mi"])
+def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, pairs_file, loss):
     """8 pairs as 1 x 8 or as 4 x 2 micro-batches: same loss, same gradient."""
     cfg = tiny_cfg(tiny_model, pairs_file, "unused")
     precision = Precision("cpu", torch.float32, "test")
@@ -109,7 +111,7 @@ def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, 
     results = []
     for split in ([pairs], [pairs[i:i + 2] for i in range(0, 8, 2)]):
         model.zero_grad()
-        metrics, _ = recipe.accumulate_gradients(model, split, LOSSES["infopo"], {"beta": 1.0}, tokenizer.pad_token_id, "cpu")
+        metrics, _ = recipe.accumulate_gradients(model, split, *resolve(loss, {}), tokenizer.pad_token_id, "cpu")
         results.append((metrics.means()["loss"], [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
@@ -138,3 +140,29 @@ def test_dpo_run_and_eval_every(tiny_model, pairs_file, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
     assert summary.eval_before["eval/loss"] == pytest.approx(0.693147, abs=1e-5)  # ln 2 at init
+
+
+LOSS_RUNS = [(name, {}) for name in ("infopo", "rmipo", "mi", "dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo")]
+LOSS_RUNS += [("mi", {"prior": prior}) for prior in ("simpo", "rdpo", "tdpo1", "tdpo2", "uniform")]
+
+
+@pytest.mark.parametrize("loss, extra", LOSS_RUNS, ids=[f"{n}-{e.get('prior', '')}" for n, e in LOSS_RUNS])
+def test_every_loss_trains_and_reference_free_ones_skip_the_reference(tiny_model, pairs_file, tmp_path, monkeypatch,
+                                                                      loss, extra):
+    from infopo_cli import model as model_module
+    from infopo_cli.objectives import LOSSES
+
+    real, calls = model_module.reference_mode, []
+
+    def counting(model):
+        calls.append(1)
+        return real(model)
+
+    monkeypatch.setattr(model_module, "reference_mode", counting)
+    summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", loss=loss, max_steps=2, **extra))
+    assert summary.steps == 2 and all(math.isfinite(v) for v in summary.last_step.values() if isinstance(v, float))
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    if LOSSES[loss].reference_free(extra):
+        assert calls == []
+    else:
+        assert len(calls) >= 2  # one reference pass per training step

@@ -1,0 +1,167 @@
+"""The loss registry: every loss by name, its paper, defaults and inputs, and the MI priors.
+
+`losses.py` holds the pure formulas; this module maps the per-pair quantities of a batch onto them,
+adds the optional NLL term on the chosen response (`sft_weight`), and knows which extra forward
+passes each loss needs, so that reference-free losses never run the reference pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from infopo_cli import losses as L
+from infopo_cli.errors import ConfigError
+from infopo_cli.logps import Needs, PairLogps
+
+REF = Needs(reference=True)
+
+
+def _ref_args(p: PairLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected
+
+
+def _lengths(p: PairLogps) -> tuple[Tensor, Tensor]:
+    return p.chosen_counts.clamp(min=1), p.rejected_counts.clamp(min=1)
+
+
+# --- priors of the MI objective (arXiv 2501.01544): log zeta(y) for chosen and rejected ---------------
+
+def _prior_reference(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
+    return p.ref_chosen, p.ref_rejected                                          # -> DPO
+
+
+def _prior_simpo(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
+    # (1 - 1/n) log pi(y) + c, with c_w - c_l = gamma / alpha; depends on the policy and is NOT detached,
+    # so that the gradients are SimPO's and not n times larger.
+    n_w, n_l = _lengths(p)
+    # written as l - l/n so the division happens in the log-probs' dtype
+    return (p.policy_chosen - p.policy_chosen / n_w + q["gamma"] / q["beta"],
+            p.policy_rejected - p.policy_rejected / n_l)                        # -> SimPO
+
+
+def _prior_rdpo(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
+    shift = q["rdpo_alpha"] / q["beta"]
+    return p.ref_chosen - shift * p.chosen_counts, p.ref_rejected - shift * p.rejected_counts  # -> R-DPO
+
+
+def _prior_tdpo1(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
+    return p.ref_chosen - p.kl_chosen, p.ref_rejected - p.kl_rejected           # -> TDPO1
+
+
+def _prior_tdpo2(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
+    a = q["tdpo_alpha"]  # stop-gradient on the chosen KL only, as in TDPO2
+    return p.ref_chosen - a * p.kl_chosen.detach(), p.ref_rejected - a * p.kl_rejected  # -> TDPO2
+
+
+def _prior_uniform(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
+    zero = p.policy_chosen.new_zeros(p.policy_chosen.shape)
+    return zero, zero                                                            # -> CPO's preference term
+
+
+@dataclass(frozen=True)
+class Prior:
+    log_zeta: Callable[[PairLogps, dict], tuple[Tensor, Tensor]]
+    needs: Needs
+    recovers: str
+    params: tuple[str, ...] = ()
+
+
+PRIORS: dict[str, Prior] = {
+    "reference": Prior(_prior_reference, REF, "DPO (arXiv 2305.18290)"),
+    "simpo": Prior(_prior_simpo, Needs(), "SimPO (arXiv 2405.14734)", ("gamma",)),
+    "rdpo": Prior(_prior_rdpo, REF, "R-DPO (arXiv 2403.19159)", ("rdpo_alpha",)),
+    "tdpo1": Prior(_prior_tdpo1, Needs(reference=True, kl=True), "TDPO1 (arXiv 2404.11999)"),
+    "tdpo2": Prior(_prior_tdpo2, Needs(reference=True, kl=True), "TDPO2 (arXiv 2404.11999)", ("tdpo_alpha",)),
+    "uniform": Prior(_prior_uniform, Needs(), "CPO's preference term without its NLL (arXiv 2401.08417)"),
+}
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    summary: str
+    paper: str
+    defaults: dict
+    call: Callable[[PairLogps, dict], L.LossOutput]
+    needs_fixed: Needs | None = None   # None: depends on the parameters (mi's prior)
+
+    def needs(self, params: dict) -> Needs:
+        return self.needs_fixed if self.needs_fixed is not None else PRIORS[params["prior"]].needs
+
+    def reference_free(self, params: dict | None = None) -> bool:
+        return not self.needs({**self.defaults, **(params or {})}).reference
+
+
+def _mi(p: PairLogps, q: dict) -> L.LossOutput:
+    zeta_w, zeta_l = PRIORS[q["prior"]].log_zeta(p, q)
+    return L.mi(p.policy_chosen, p.policy_rejected, zeta_w, zeta_l, alpha=q["beta"])
+
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
+    LossSpec("infopo", "NWJ mutual-information bound; chosen likelihood always pushed up", "arXiv 2505.08507",
+             {"beta": 1.0, "length_normalize": False},
+             lambda p, q: L.infopo(*_ref_args(p), *_lengths(p), beta=q["beta"], length_normalize=q["length_normalize"]), REF),
+    LossSpec("rmipo", "SimPO margin modulated per pair by prompt-response mutual information; reference-free",
+             "arXiv 2604.24804", {"beta": 2.0, "gamma_min": 0.3, "gamma_max": 1.6, "label_smoothing": 0.0},
+             lambda p, q: L.rmipo(p.policy_chosen / _lengths(p)[0], p.policy_rejected / _lengths(p)[1],
+                                  p.marginal_chosen_avg, p.marginal_rejected_avg, beta=q["beta"],
+                                  gamma_min=q["gamma_min"], gamma_max=q["gamma_max"],
+                                  label_smoothing=q["label_smoothing"]), Needs(marginal=True)),
+    LossSpec("mi", "one MI objective with a prior (--prior): reference=DPO, simpo, rdpo, tdpo1, tdpo2, uniform",
+             "arXiv 2501.01544", {"beta": 0.1, "prior": "reference", "gamma": 1.0, "rdpo_alpha": 0.1, "tdpo_alpha": 0.5},
+             _mi),
+    LossSpec("dpo", "Bradley-Terry sigmoid loss on the log-ratio margin", "arXiv 2305.18290", {"beta": 0.1},
+             lambda p, q: L.dpo(*_ref_args(p), beta=q["beta"]), REF),
+    LossSpec("cdpo", "conservative DPO: label smoothing for noisy preferences", "ericmitchell.ai/cdpo.pdf",
+             {"beta": 0.1, "label_smoothing": 0.1},
+             lambda p, q: L.cdpo(*_ref_args(p), beta=q["beta"], label_smoothing=q["label_smoothing"]), REF),
+    LossSpec("robust", "robust DPO: unbiased under a known label-flip rate", "arXiv 2403.00409",
+             {"beta": 0.1, "label_smoothing": 0.1},
+             lambda p, q: L.robust(*_ref_args(p), beta=q["beta"], label_smoothing=q["label_smoothing"]), REF),
+    LossSpec("ipo", "squared loss towards a fixed margin 1/(2 beta); does not saturate", "arXiv 2310.12036",
+             {"beta": 0.1, "length_normalize": False},
+             lambda p, q: L.ipo(*_ref_args(p), *_lengths(p), beta=q["beta"], length_normalize=q["length_normalize"]), REF),
+    LossSpec("hinge", "SLiC/RSO hinge on the log-ratio margin", "arXiv 2309.06657", {"beta": 0.1},
+             lambda p, q: L.hinge(*_ref_args(p), beta=q["beta"]), REF),
+    LossSpec("simpo", "reference-free, length-normalised, with a target margin gamma", "arXiv 2405.14734",
+             {"beta": 2.0, "gamma": 1.0},
+             lambda p, q: L.simpo(p.policy_chosen, p.policy_rejected, *_lengths(p), beta=q["beta"], gamma=q["gamma"]),
+             Needs()),
+    LossSpec("orpo", "odds-ratio preference term plus NLL on the chosen answer; reference-free", "arXiv 2403.07691",
+             {"beta": 0.1}, lambda p, q: L.orpo(p.policy_chosen, p.policy_rejected, *_lengths(p), beta=q["beta"]),
+             Needs()),
+]}
+
+
+def resolve(name: str, overrides: dict) -> tuple[LossSpec, dict]:
+    """The loss and its parameters: defaults < given values. A parameter the loss does not take is an error."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss '{name}'; available: {', '.join(LOSSES)} (see `infopo losses`)")
+    spec = LOSSES[name]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    takes = set(spec.defaults) | {"sft_weight"}
+    wrong = sorted(set(given) - takes)
+    if wrong:
+        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
+        raise ConfigError(f"{flags} does not apply to loss '{name}' (it takes: "
+                          f"{', '.join('--' + t.replace('_', '-') for t in sorted(takes))})")
+    params = {**spec.defaults, "sft_weight": 0.0, **given}
+    if name == "mi" and params["prior"] not in PRIORS:
+        raise ConfigError(f"unknown prior '{params['prior']}' for loss 'mi'; available: {', '.join(PRIORS)}")
+    if "label_smoothing" in params and not 0 <= params["label_smoothing"] < 0.5:
+        raise ConfigError(f"--label-smoothing must be in [0, 0.5) (got {params['label_smoothing']})")
+    return spec, params
+
+
+def compute(spec: LossSpec, logps: PairLogps, params: dict) -> L.LossOutput:
+    """The loss per pair, plus `sft_weight` x the token-mean NLL of the chosen response when asked for."""
+    out = spec.call(logps, params)
+    if params.get("sft_weight"):
+        nll = -logps.policy_chosen / logps.chosen_counts.clamp(min=1)
+        out = L.LossOutput(out.losses + params["sft_weight"] * nll, out.chosen_rewards, out.rejected_rewards)
+    return out
