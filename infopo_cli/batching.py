@@ -57,15 +57,40 @@ def response_only(batch: PreferenceBatch) -> PreferenceBatch:
                            labels.to(batch.input_ids.device), batch.n_pairs)
 
 
-def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int) -> Iterator[list[TokenizedPair]]:
-    """Endless stream of batches; each epoch a new permutation (seed + epoch), the tail kept."""
+def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, group: int = 32) -> Iterator[list[TokenizedPair]]:
+    """Endless stream of batches of similar length; each epoch a new order (seed + epoch).
+
+    Each epoch is shuffled, cut into windows of `group` batches, and each window sorted by length before
+    it is cut into batches, whose order is then shuffled: batches carry little padding while the data
+    order stays random at the scale of a window (as `group_by_length` in other trainers).
+    """
     epoch = 0
     while True:
-        order = list(range(len(pairs)))
-        random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield [pairs[i] for i in order[start:start + batch_size]]
+        rng = random.Random(seed + epoch)
+        yield from epoch_batches(pairs, batch_size, rng, group)
         epoch += 1
+
+
+def epoch_batches(pairs: list[TokenizedPair], batch_size: int, rng: random.Random, group: int = 32) -> list[list[TokenizedPair]]:
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    window = batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: pairs[i].length, reverse=True)
+        batches += [[pairs[i] for i in chunk[j:j + batch_size]] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def padding_fraction(batches: list[list[TokenizedPair]]) -> float:
+    """Share of the token slots in collated batches that are padding."""
+    real = padded = 0
+    for batch in batches:
+        lengths = [len(p.prompt_ids) + len(r) for p in batch for r in (p.chosen_ids, p.rejected_ids)]
+        real += sum(lengths)
+        padded += max(lengths) * len(lengths)
+    return 1 - real / padded if padded else 0.0
 
 
 def eval_batches(pairs: list[TokenizedPair], batch_size: int) -> list[list[TokenizedPair]]:

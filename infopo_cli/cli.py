@@ -20,8 +20,10 @@ app = typer.Typer(
     help="Align a language model with preference data (InfoPO and relatives), QLoRA on one GPU or a CPU.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich",
 )
+data_app = typer.Typer(help="Inspect preference data.", no_args_is_help=True, add_completion=False)
 presets_app = typer.Typer(help="List the presets, or show one.", invoke_without_command=True, add_completion=False)
 app.add_typer(presets_app, name="presets")
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -50,6 +52,13 @@ def train(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file.")] = "smollm2-135m",
     data: Annotated[Optional[str], _opt("data", "Data")] = None,
     eval_data: Annotated[Optional[str], _opt("eval_data", "Data")] = None,
+    data_format: Annotated[Optional[str], _opt("data_format", "Data", "--format")] = None,
+    prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
+    chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
+    rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
+    split: Annotated[Optional[str], _opt("split", "Data")] = None,
+    eval_split: Annotated[Optional[str], _opt("eval_split", "Data")] = None,
+    skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help=help_for("skip_invalid"), rich_help_panel="Data", show_default=False)] = None,
     max_length: Annotated[Optional[int], _opt("max_length", "Data")] = None,
     max_prompt_length: Annotated[Optional[int], _opt("max_prompt_length", "Data")] = None,
     system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data", "--system")] = None,
@@ -171,10 +180,67 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml 
         console.print(f"[bold]{key}[/] = {value!r}  [dim]# {help_for(key)}[/]", highlight=False)
 
 
+@data_app.command("check")
+def data_check(
+    path: Annotated[str, typer.Argument(help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset.")],
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
+    model: Annotated[Optional[str], _opt("model", "Model")] = None,
+    data_format: Annotated[Optional[str], _opt("data_format", "Data", "--format")] = None,
+    prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
+    chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
+    rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
+    split: Annotated[Optional[str], _opt("split", "Data")] = None,
+    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data", "--system")] = None,
+    skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help="Report every invalid row instead of stopping at the first.", show_default=False)] = None,
+    max_length: Annotated[Optional[int], _opt("max_length", "Data")] = None,
+    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Only validate; skip token statistics (no model files needed).")] = False,
+) -> None:
+    """Validate a preference dataset, name its format and show token lengths, truncation, duplicates and padding."""
+    flags = {k: v for k, v in locals().items() if k not in ("path", "preset", "no_tokenizer") and v is not None}
+    from infopo_cli import presets
+    from infopo_cli.config import merge
+    from infopo_cli.data_check import check
+
+    cfg = merge(presets.load(preset), flags, source="command line")
+    tokenizer = None
+    if not no_tokenizer:
+        from infopo_cli.model import load_tokenizer, resolve_source
+
+        tokenizer = load_tokenizer(resolve_source(cfg.model, log=lambda m: err_console.print(m, highlight=False)))
+    report = check(path, cfg.data_options(), tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.batch_size)
+    _print_report(report, cfg.model)
+    if report.skipped:
+        raise typer.Exit(1)
+
+
+def _print_report(report, model: str) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{report.source}[/]: {report.format} format, {report.pairs} valid pairs of {report.rows} rows, "
+                  f"{report.duplicates} duplicate pairs", highlight=False)
+    if report.lengths:
+        table = Table(title=f"tokens ({model})")
+        for column in ("", "min", "p50", "p90", "p99", "max", "mean"):
+            table.add_column(column, justify="right")
+        for name in ("prompt", "chosen", "rejected"):
+            stats = report.percentiles(name)
+            table.add_row(name, *(f"{stats[k]:.0f}" for k in ("min", "p50", "p90", "p99", "max", "mean")))
+        console.print(table)
+        console.print(f"{report.truncated} pairs longer than max_length {report.max_length} (would be truncated); "
+                      f"padding {report.padding_grouped:.1%} with length-grouped batches "
+                      f"({report.padding_random:.1%} if batched at random)", highlight=False)
+    if report.skipped:
+        err_console.print(f"[red]{len(report.skipped)} invalid rows[/]; first ones:", highlight=False)
+        for line in report.skipped[:5]:
+            err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except InfopoError as err:
         err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         if debug:

@@ -47,6 +47,13 @@ class TrainConfig:
     # --- data ------------------------------------------------------------------------------------
     data: str = _f(BUNDLED_TRAIN, "Training pairs: a JSONL file with prompt/chosen/rejected, or 'bundled:arith_train'.")
     eval_data: str | None = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip).")
+    data_format: str = _f("auto", "Row format: auto (detected), explicit, conversational, implicit.")
+    prompt_field: str = _f("prompt", "Name of the prompt column.")
+    chosen_field: str = _f("chosen", "Name of the chosen-response column.")
+    rejected_field: str = _f("rejected", "Name of the rejected-response column.")
+    split: str = _f("train", "Split of a hub dataset or a save_to_disk folder.")
+    eval_split: str | None = _f(None, "Split for --eval-data (default: the same as --split).")
+    skip_invalid: bool = _f(False, "Drop invalid rows (and report how many) instead of stopping at the first.")
     max_length: int = _f(512, "Longest prompt+response in tokens; longer pairs are truncated.")
     max_prompt_length: int = _f(256, "Longest prompt kept when a pair must be truncated (cut from the left).")
     system_prompt: str | None = _f(None, "System message for the chat template (None: the template's own default).")
@@ -108,6 +115,13 @@ class TrainConfig:
             problems.append("target_modules must name at least one module")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def data_options(self, split: str | None = None):
+        from infopo_cli.data import DataOptions
+        from infopo_cli.formats import Fields
+
+        return DataOptions(self.data_format, Fields(self.prompt_field, self.chosen_field, self.rejected_field),
+                           split or self.split, self.system_prompt, self.skip_invalid)
 
     def loss_overrides(self) -> dict[str, Any]:
         """The loss parameters set by preset or flags (None: the loss's default)."""

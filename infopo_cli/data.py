@@ -1,80 +1,60 @@
-"""Read preference pairs from JSONL and check every row before any model is loaded.
+"""Load preference pairs from any source and format, checking every row before any model is loaded.
 
-A row is a JSON object with string fields `prompt`, `chosen` and `rejected`. The first bad row stops
-the run with one line `FILE:LINE: field 'X': what is wrong`.
+By default the first bad row stops the run with one line `FILE:LINE: field 'X': what is wrong`;
+with `skip_invalid` bad rows are dropped and counted instead.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from collections import Counter
+from dataclasses import dataclass, field
 
-from infopo_cli.errors import DataError, InfopoError
+from infopo_cli.errors import ConfigError, DataError, InfopoError
+from infopo_cli.formats import FORMATS, Fields, PreferencePair, detect, normalise
+from infopo_cli.sources import read_rows, resolve
 
-FIELDS = ("prompt", "chosen", "rejected")
-BUNDLED_DIR = Path(__file__).parent / "bundled"
+__all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "read_pairs", "resolve"]
 
 
 @dataclass(frozen=True)
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
+class DataOptions:
+    format: str = "auto"
+    fields: Fields = field(default_factory=Fields)
+    split: str = "train"
+    system: str | None = None
+    skip_invalid: bool = False
 
 
-def resolve(spec: str) -> Path:
-    """'bundled:NAME' is a file shipped in the package; anything else is a path."""
-    if spec.startswith("bundled:"):
-        name = spec.split(":", 1)[1]
-        path = BUNDLED_DIR / f"{name}.jsonl"
-        if not path.is_file():
-            known = ", ".join(f"bundled:{p.stem}" for p in sorted(BUNDLED_DIR.glob("*.jsonl")))
-            raise InfopoError(f"unknown bundled data '{spec}'; available: {known}")
-        return path
-    return Path(spec).expanduser()
+@dataclass
+class Loaded:
+    pairs: list[PreferencePair]
+    format: str                                        # the detected format ("mixed (...)" if rows differ)
+    rows: int                                          # rows read, valid or not
+    skipped: list[str] = field(default_factory=list)   # one line per dropped row
 
 
-def read_pairs(spec: str) -> list[PreferencePair]:
-    path = resolve(spec)
-    if not path.is_file():
-        raise InfopoError(f"{path}: no such file")
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
-        raw = raw[3:]
-    pairs = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
+    if options.format not in FORMATS:
+        raise ConfigError(f"unknown data format '{options.format}'; use one of {', '.join(FORMATS)}")
+    pairs, skipped, rows, seen = [], [], 0, Counter()
+    for where, row in read_rows(spec, options.split):
+        rows += 1
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(str(path), number, None, f"not valid UTF-8 (byte {err.start + 1})") from None
-        if text.strip():
-            pairs.append(_parse_row(text, str(path), number))
+            if isinstance(row, DataError):
+                raise row
+            fmt = detect(row, options.fields) if options.format == "auto" else options.format
+            pairs.append(normalise(row, where, fmt, options.fields, options.system))
+            seen[fmt] += 1
+        except DataError as err:
+            if not options.skip_invalid:
+                raise
+            skipped.append(str(err))
     if not pairs:
-        raise InfopoError(f"{path}: no preference pairs (the file is empty)")
-    return pairs
+        detail = f" ({len(skipped)} invalid rows, first: {skipped[0]})" if skipped else " (the source is empty)"
+        raise InfopoError(f"{resolve(spec)}: no preference pairs{detail}")
+    fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
+    return Loaded(pairs, fmt, rows, skipped)
 
 
-def _parse_row(text: str, path: str, line: int) -> PreferencePair:
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(path, line, None, f"not valid JSON: {err.msg} (column {err.colno})") from None
-    if not isinstance(row, dict):
-        raise DataError(path, line, None, f"expected a JSON object with {', '.join(FIELDS)}, got {type(row).__name__}")
-    for name in FIELDS:
-        if name not in row:
-            raise DataError(path, line, name, "missing")
-        value = row[name]
-        if not isinstance(value, str):
-            raise DataError(path, line, name, f"expected a string, got {_json_type(value)}")
-        if not value.strip():
-            raise DataError(path, line, name, "empty")
-    if row["chosen"] == row["rejected"]:
-        raise DataError(path, line, "rejected", "identical to 'chosen' (the pair expresses no preference)")
-    return PreferencePair(row["prompt"], row["chosen"], row["rejected"])
-
-
-def _json_type(value: object) -> str:
-    return {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
-            type(None): "null"}.get(type(value), type(value).__name__)
+def read_pairs(spec: str, options: DataOptions = DataOptions()) -> list[PreferencePair]:
+    return load_pairs(spec, options).pairs

@@ -16,13 +16,12 @@ class ConfigError(InfopoError):
 
 
 class DataError(InfopoError):
-    """A bad row in a preference file: names the file, the line and the field."""
+    """A bad row in a preference file: names the place (`FILE:LINE` or `FILE:row N`) and the field."""
 
     exit_code = 2
 
-    def __init__(self, path: str, line: int, field: str | None, problem: str) -> None:
-        self.path, self.line, self.field, self.problem = path, line, field, problem
-        where = f"{path}:{line}"
+    def __init__(self, where: str, field: str | None, problem: str) -> None:
+        self.where, self.field, self.problem = where, field, problem
         super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
 
 

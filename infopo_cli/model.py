@@ -38,6 +38,9 @@ def _load_error(source: str, err: Exception) -> ModelError:
 
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is the one users watch
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infopo_cli.data import PreferencePair
+from infopo_cli.formats import PreferencePair, Text
 
 
 @dataclass(frozen=True)
@@ -40,25 +40,42 @@ def _split_response(tokenizer, prompt_text: str, full_text: str) -> list[int]:
     return _ids(tokenizer, full_text[len(prompt_text):])
 
 
-def encode_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int,
-                system_prompt: str | None = None) -> TokenizedPair:
+def _as_messages(text: Text, role: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": text}] if isinstance(text, str) else [{"role": r, "content": c} for r, c in text]
+
+
+def _plain(text: Text, generation_prompt: bool) -> str:
+    """Text for a tokenizer without a chat template; messages are written in Anthropic HH style."""
+    if isinstance(text, str):
+        return text
+    names = {"user": "Human", "assistant": "Assistant", "tool": "Tool"}
+    out = "".join(f"{c}\n\n" if r == "system" else f"\n\n{names[r]}: {c}" for r, c in text)
+    return out + "\n\nAssistant:" if generation_prompt else out
+
+
+def encode_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int) -> TokenizedPair:
     if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": pair.prompt}]
+        messages = _as_messages(pair.prompt, "user")
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         responses = []
         for response in (pair.chosen, pair.rejected):
-            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+            full = tokenizer.apply_chat_template(messages + _as_messages(response, "assistant"), tokenize=False)
             if not full.startswith(prompt_text):  # templates that rewrite earlier turns: cut at the prompt anyway
                 full = prompt_text + full[len(prompt_text):]
             responses.append(_split_response(tokenizer, prompt_text, full))
         prompt_ids = _ids(tokenizer, prompt_text)
         chosen_ids, rejected_ids = responses
     else:
-        prompt_ids = list(tokenizer(pair.prompt)["input_ids"])  # adds BOS where the tokenizer does
+        prompt_ids = list(tokenizer(_plain(pair.prompt, True))["input_ids"])  # adds BOS where the tokenizer does
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        chosen_ids, rejected_ids = _ids(tokenizer, pair.chosen) + eos, _ids(tokenizer, pair.rejected) + eos
+        chosen_ids, rejected_ids = ([*_ids(tokenizer, _response_text(r)), *eos] for r in (pair.chosen, pair.rejected))
     return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+
+
+def _response_text(response: Text) -> str:
+    if isinstance(response, str):
+        return response
+    return " " + _plain(response, False).removeprefix("\n\nAssistant: ")
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,

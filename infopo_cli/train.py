@@ -21,7 +21,7 @@ from rich.console import Console
 from infopo_cli import checkpoint, model as model_stack, objectives
 from infopo_cli.batching import collate, eval_batches, shuffled_batches
 from infopo_cli.config import TrainConfig
-from infopo_cli.data import read_pairs
+from infopo_cli.data import load_pairs
 from infopo_cli.errors import ConfigError
 from infopo_cli.objectives import LossSpec
 from infopo_cli.evaluate import Evaluator
@@ -30,6 +30,7 @@ from infopo_cli.metrics import MetricsLog, PairMetrics
 from infopo_cli.plot import plot_run
 from infopo_cli.precision import choose
 from infopo_cli.progress import TrainProgress
+from infopo_cli.token_cache import tokenize_cached
 from infopo_cli.tokenization import TokenizedPair, encode_pair
 
 
@@ -67,10 +68,14 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     spec, loss_params = objectives.resolve(cfg.loss, cfg.loss_overrides())
 
     # --- data: every row checked before any model is loaded -----------------------------------
-    train_pairs = read_pairs(cfg.data)
-    eval_pairs = read_pairs(cfg.eval_data) if cfg.eval_data else []
+    options = cfg.data_options()
+    loaded = load_pairs(cfg.data, options)
+    if loaded.skipped:
+        say(f"[yellow]skipped {len(loaded.skipped)} invalid rows of {loaded.rows}[/]; first: {loaded.skipped[0]}")
+    train_pairs = loaded.pairs
+    eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
     output = checkpoint.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
-    say(f"[bold]infopo[/] {cfg.loss} {loss_params} on {len(train_pairs)} pairs ({cfg.data}), "
+    say(f"[bold]infopo[/] {cfg.loss} {loss_params} on {len(train_pairs)} {loaded.format} pairs ({cfg.data}), "
         f"{len(eval_pairs)} held out -> {output}")
 
     # --- hardware and seed ---------------------------------------------------------------------
@@ -91,11 +96,12 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
         f"{n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.0f}M parameters")
 
     # --- tokens -----------------------------------------------------------------------------------
-    encode = lambda pair: encode_pair(tokenizer, pair, cfg.max_length, cfg.max_prompt_length, cfg.system_prompt)  # noqa: E731
-    train_tok, eval_tok = [encode(p) for p in train_pairs], [encode(p) for p in eval_pairs]
+    encode = lambda pair: encode_pair(tokenizer, pair, cfg.max_length, cfg.max_prompt_length)  # noqa: E731
+    (train_tok, cached), (eval_tok, _) = (tokenize_cached(p, tokenizer, cfg.max_length, cfg.max_prompt_length, encode)
+                                          for p in (train_pairs, eval_pairs))
     truncated = sum(p.truncated for p in train_tok + eval_tok)
-    if truncated:
-        say(f"[yellow]{truncated} pairs truncated to max_length {cfg.max_length}[/]")
+    say(f"tokenised{' (from cache)' if cached else ''}: {len(train_tok)} train / {len(eval_tok)} held-out pairs"
+        + (f", [yellow]{truncated} truncated to max_length {cfg.max_length}[/]" if truncated else ""))
 
     # --- optimizer and schedule -------------------------------------------------------------------
     global_batch = cfg.batch_size * cfg.grad_accum

@@ -40,7 +40,7 @@ def test_extra_fields_are_ignored(tmp_path):
 @pytest.mark.parametrize("row, field, problem", [
     ({"prompt": "p", "chosen": "c"}, "rejected", "missing"),
     ({**GOOD, "chosen": 3}, "chosen", "expected a string, got a number"),
-    ({**GOOD, "prompt": None}, "prompt", "expected a string, got null"),
+    ({**GOOD, "prompt": None}, "prompt", "missing"),  # null = absent: then the pair needs a shared prefix
     ({**GOOD, "rejected": ["x"]}, "rejected", "expected a string, got an array"),
     ({**GOOD, "chosen": "   "}, "chosen", "empty"),
     ({**GOOD, "rejected": "c"}, "rejected", "identical to 'chosen'"),
@@ -56,7 +56,7 @@ def test_bad_field_names_file_line_and_field(tmp_path, row, field, problem):
 
 @pytest.mark.parametrize("content, problem", [
     (rows(GOOD) + '{"prompt": "p", "chosen": \n', "not valid JSON"),
-    (rows(GOOD) + "[1, 2]\n", "expected a JSON object"),
+    (rows(GOOD) + "[1, 2]\n", "expected an object"),
 ])
 def test_malformed_lines(tmp_path, content, problem):
     path = write(tmp_path, content)

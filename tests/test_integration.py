@@ -57,3 +57,19 @@ def test_default_trains_end_to_end_from_the_command_line(home, tmp_path):
     assert summary["eval_after"]["eval/logps/chosen"] != summary["eval_before"]["eval/logps/chosen"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "plot.png").is_file()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "What is 2 + 3?", "chosen": [{"role": "user", "content": "What is 2 + 3?"},
+                                             {"role": "assistant", "content": "2 + 3 = 5."}],
+     "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 6."}]},
+    {"chosen": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 5.", "rejected": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 6."},
+], ids=["ultrafeedback", "hh"])
+def test_default_trains_on_other_formats(home, tmp_path, row):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text((json.dumps(row) + "\n") * 4)
+    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--data", str(data), "--eval-data", "",
+                           "--max-steps", "1", "--batch-size", "2", "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1

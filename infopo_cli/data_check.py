@@ -1,0 +1,53 @@
+"""`infopo data check`: what a preference dataset looks like to the model, before any training."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass, field
+
+from infopo_cli.batching import epoch_batches, padding_fraction
+from infopo_cli.data import DataOptions, load_pairs
+from infopo_cli.tokenization import encode_pair
+
+
+@dataclass
+class DataReport:
+    source: str
+    format: str
+    rows: int
+    pairs: int
+    skipped: list[str]
+    duplicates: int
+    lengths: dict[str, list[int]] = field(default_factory=dict)  # prompt / chosen / rejected token counts
+    truncated: int = 0
+    max_length: int = 0
+    padding_grouped: float = 0.0
+    padding_random: float = 0.0
+
+    def percentiles(self, name: str) -> dict[str, float]:
+        values = sorted(self.lengths[name])
+        pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+        return {"min": values[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": values[-1],
+                "mean": statistics.fmean(values)}
+
+
+def check(spec: str, options: DataOptions, tokenizer, max_length: int, max_prompt_length: int,
+          batch_size: int) -> DataReport:
+    loaded = load_pairs(spec, options)
+    seen, duplicates = set(), 0
+    for pair in loaded.pairs:
+        duplicates += pair in seen
+        seen.add(pair)
+    report = DataReport(spec, loaded.format, loaded.rows, len(loaded.pairs), loaded.skipped, duplicates,
+                        max_length=max_length)
+    if tokenizer is None:
+        return report
+    full = [encode_pair(tokenizer, p, 10**9, 10**9) for p in loaded.pairs]  # untruncated lengths
+    report.lengths = {"prompt": [len(t.prompt_ids) for t in full], "chosen": [len(t.chosen_ids) for t in full],
+                      "rejected": [len(t.rejected_ids) for t in full]}
+    report.truncated = sum(t.length > max_length for t in full)
+    kept = [encode_pair(tokenizer, p, max_length, max_prompt_length) for p in loaded.pairs]
+    report.padding_grouped = padding_fraction(epoch_batches(kept, batch_size, random.Random(0)))
+    report.padding_random = padding_fraction(epoch_batches(kept, batch_size, random.Random(0), group=1))
+    return report

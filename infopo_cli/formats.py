@@ -1,0 +1,185 @@
+"""Preference row formats, detected from the data and normalised into one `PreferencePair`.
+
+- explicit:       prompt, chosen, rejected are strings.
+- conversational: chosen/rejected are lists of {role, content} messages (UltraFeedback-binarized);
+                  prompt is a string, a message list, or absent (then the turns shared by chosen and
+                  rejected are the prompt). Prompt turns repeated at the start of chosen/rejected are cut.
+- implicit:       only chosen/rejected full transcripts (Anthropic HH): the prompt is their shared prefix
+                  cut at the last turn boundary.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from infopo_cli.errors import DataError
+
+FORMATS = ("auto", "explicit", "conversational", "implicit")
+ROLES = ("system", "user", "assistant", "tool")
+Message = tuple[str, str]          # (role, content): hashable, so duplicate pairs can be counted
+Text = str | tuple[Message, ...]   # a plain string, or messages
+
+HH_TURN = re.compile(r"\n\nHuman:|\n\nAssistant:")
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class Fields:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+
+
+def detect(row: Any, fields: Fields) -> str:
+    """The format of a row, from its shape."""
+    if not isinstance(row, dict):
+        return "explicit"
+    chosen = row.get(fields.chosen)
+    if isinstance(chosen, list):
+        return "conversational"
+    if fields.prompt not in row or row.get(fields.prompt) is None:
+        return "implicit"
+    return "explicit"
+
+
+def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None = None) -> PreferencePair:
+    """One row in the given format -> PreferencePair, or a DataError naming the field."""
+    if not isinstance(row, dict):
+        raise DataError(where, None, f"expected an object with fields {fields.prompt!r}, {fields.chosen!r}, "
+                                     f"{fields.rejected!r}, got {_kind(row)}")
+    for name in (fields.chosen, fields.rejected) + ((fields.prompt,) if fmt == "explicit" else ()):
+        if name not in row or row[name] is None:
+            others = [k for k in row if k not in (fields.prompt, fields.chosen, fields.rejected)]
+            columns = ", ".join(repr(str(k))[1:-1] for k in list(row)[:12])  # escaped: the message stays one line
+            hint = f" (columns: {columns}; map yours with --{_flag(name, fields)}-field)" if name not in row and others else ""
+            raise DataError(where, name, "missing" + hint)
+    if fmt == "conversational":
+        pair = _conversational(row, where, fields)
+    elif fmt == "implicit":
+        pair = _implicit(row, where, fields)
+    else:
+        pair = PreferencePair(*(_string(row, name, where) for name in (fields.prompt, fields.chosen, fields.rejected)))
+    if pair.chosen == pair.rejected:
+        raise DataError(where, fields.rejected, "identical to 'chosen' (the pair expresses no preference)")
+    if system:
+        pair = _with_system(pair, system)
+    return pair
+
+
+def _flag(name: str, fields: Fields) -> str:
+    return {fields.prompt: "prompt", fields.chosen: "chosen", fields.rejected: "rejected"}[name]
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
+            type(None): "null", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _string(row: dict, name: str, where: str) -> str:
+    value = row[name]
+    if not isinstance(value, str):
+        raise DataError(where, name, f"expected a string, got {_kind(value)}")
+    if not value.strip():
+        raise DataError(where, name, "empty")
+    return value
+
+
+def _messages(value: Any, where: str, name: str) -> tuple[Message, ...]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(where, name, "empty")
+        return (("user", value),)
+    if not isinstance(value, list):
+        raise DataError(where, name, f"expected a list of messages or a string, got {_kind(value)}")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(where, name, f"message {i + 1}: expected an object with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise DataError(where, name, f"message {i + 1}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise DataError(where, name, f"message {i + 1}: content must be a string, got {_kind(content)}")
+        out.append((role, content))
+    return tuple(out)
+
+
+def _conversational(row: dict, where: str, fields: Fields) -> PreferencePair:
+    chosen = _messages(row[fields.chosen], where, fields.chosen)
+    rejected = _messages(row[fields.rejected], where, fields.rejected)
+    if isinstance(row[fields.chosen], str):
+        chosen = (("assistant", row[fields.chosen]),)
+    if isinstance(row[fields.rejected], str):
+        rejected = (("assistant", row[fields.rejected]),)
+    if row.get(fields.prompt) is not None:
+        prompt = _messages(row[fields.prompt], where, fields.prompt)
+        chosen = chosen[len(prompt):] if chosen[:len(prompt)] == prompt else chosen    # prompt repeated inside
+        rejected = rejected[len(prompt):] if rejected[:len(prompt)] == prompt else rejected
+    else:
+        shared = 0  # the turns both share, up to (not including) each one's final reply
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not prompt:
+            raise DataError(where, fields.prompt, "missing, and chosen/rejected share no prompt turns")
+    for name, response in ((fields.chosen, chosen), (fields.rejected, rejected)):
+        if not response:
+            raise DataError(where, name, "has no reply after the prompt")
+        if response[0][0] != "assistant":
+            raise DataError(where, name, f"the reply after the prompt must be an assistant message, got role {response[0][0]!r}")
+        if not any(content.strip() for _, content in response):
+            raise DataError(where, name, "empty reply")
+    if prompt[-1][0] == "assistant":
+        raise DataError(where, fields.prompt, "the prompt must end with a user (or tool) turn, not the assistant's")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def _implicit(row: dict, where: str, fields: Fields) -> PreferencePair:
+    chosen, rejected = _string(row, fields.chosen, where), _string(row, fields.rejected, where)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    prefix = chosen[:shared]
+    cut = prefix.rfind(HH_ASSISTANT)
+    if cut >= 0:  # Anthropic HH: turns marked "\n\nHuman:" / "\n\nAssistant:"
+        cut += len(HH_ASSISTANT)
+        prompt = _hh_messages(chosen[:cut], where, fields.chosen)
+        replies = [text[cut:].strip() for text in (chosen, rejected)]
+        for name, reply in zip((fields.chosen, fields.rejected), replies):
+            if not reply:
+                raise DataError(where, name, "empty reply after the shared prompt")
+        return PreferencePair(prompt, (("assistant", replies[0]),), (("assistant", replies[1]),))
+    cut = max(prefix.rfind("\n"), prefix.rfind(" "))  # no turn markers: the last line or word boundary
+    if cut <= 0:
+        raise DataError(where, fields.prompt, "missing, and chosen/rejected share no prompt prefix")
+    return PreferencePair(chosen[:cut + 1], chosen[cut + 1:], rejected[cut + 1:])
+
+
+def _hh_messages(text: str, where: str, name: str) -> tuple[Message, ...]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user a, assistant b, user c."""
+    marks = list(HH_TURN.finditer(text))
+    turns = []
+    for mark, following in zip(marks, marks[1:] + [None]):
+        content = text[mark.end():following.start() if following else len(text)].strip()
+        role = "user" if "Human" in mark.group() else "assistant"
+        if following is not None or content:
+            turns.append((role, content))
+    if not turns or turns[0][0] != "user":
+        raise DataError(where, name, "transcript does not start with a '\\n\\nHuman:' turn")
+    return tuple(turns)
+
+
+def _with_system(pair: PreferencePair, system: str) -> PreferencePair:
+    if isinstance(pair.prompt, str) or pair.prompt[0][0] == "system":
+        return pair if not isinstance(pair.prompt, str) else PreferencePair(
+            (("system", system), ("user", pair.prompt)), (("assistant", pair.chosen),), (("assistant", pair.rejected),))
+    return PreferencePair((("system", system),) + pair.prompt, pair.chosen, pair.rejected)

@@ -1,0 +1,203 @@
+"""Every source and format a user brings, normalised into the same pairs; every bad input one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from infopo_cli.data import DataOptions, load_pairs
+from infopo_cli.errors import DataError, InfopoError
+from infopo_cli.formats import Fields, PreferencePair
+
+EXPLICIT = {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}
+UF = {"prompt": "What is 2 + 3?",
+      "chosen": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],
+      "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 6."}],
+      "score_chosen": 8.0, "score_rejected": 3.0}
+HH = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2 + 3?\n\nAssistant: It is 5.",
+      "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2 + 3?\n\nAssistant: It is 6."}
+MULTI_TURN = ((("user", "Hi there"), ("assistant", "Hello!"), ("user", "What is 2 + 3?")),
+              (("assistant", "It is 5."),), (("assistant", "It is 6."),))
+
+
+def jsonl(tmp_path, *rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_explicit_strings(tmp_path):
+    loaded = load_pairs(jsonl(tmp_path, EXPLICIT))
+    assert loaded.format == "explicit" and loaded.pairs == [PreferencePair("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 6.")]
+
+
+def test_ultrafeedback_messages_with_prompt_repeated_inside(tmp_path):
+    loaded = load_pairs(jsonl(tmp_path, UF))
+    assert loaded.format == "conversational"
+    assert loaded.pairs[0] == PreferencePair((("user", "What is 2 + 3?"),), (("assistant", "2 + 3 = 5."),),
+                                             (("assistant", "2 + 3 = 6."),))
+
+
+def test_conversational_without_prompt_splits_off_the_shared_turns(tmp_path):
+    row = {"chosen": [{"role": r, "content": c} for r, c in MULTI_TURN[0] + MULTI_TURN[1]],
+           "rejected": [{"role": r, "content": c} for r, c in MULTI_TURN[0] + MULTI_TURN[2]]}
+    assert load_pairs(jsonl(tmp_path, row)).pairs[0] == PreferencePair(*MULTI_TURN)
+
+
+def test_conversational_prompt_as_messages(tmp_path):
+    row = {"prompt": [{"role": r, "content": c} for r, c in MULTI_TURN[0]],
+           "chosen": [{"role": "assistant", "content": "It is 5."}], "rejected": [{"role": "assistant", "content": "It is 6."}]}
+    assert load_pairs(jsonl(tmp_path, row)).pairs[0] == PreferencePair(*MULTI_TURN)
+
+
+def test_anthropic_hh_implicit_prompt(tmp_path):
+    loaded = load_pairs(jsonl(tmp_path, HH))
+    assert loaded.format == "implicit" and loaded.pairs[0] == PreferencePair(*MULTI_TURN)
+
+
+def test_implicit_plain_text_cuts_at_a_line_boundary(tmp_path):
+    row = {"chosen": "Question: 2 + 3?\nAnswer: 5", "rejected": "Question: 2 + 3?\nAnswer: 6"}
+    pair = load_pairs(jsonl(tmp_path, row)).pairs[0]
+    assert pair == PreferencePair("Question: 2 + 3?\nAnswer: ", "5", "6")
+
+
+def test_field_mapping_and_system_prompt(tmp_path):
+    row = {"question": "Q?", "good": "A", "bad": "B"}
+    options = DataOptions(fields=Fields("question", "good", "bad"), system="Be brief.")
+    pair = load_pairs(jsonl(tmp_path, row), options).pairs[0]
+    assert pair == PreferencePair((("system", "Be brief."), ("user", "Q?")), (("assistant", "A"),), (("assistant", "B"),))
+
+
+def test_forced_format_mismatch_names_the_field(tmp_path):
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'chosen': expected a string, got an array"):
+        load_pairs(jsonl(tmp_path, UF), DataOptions(format="explicit"))
+
+
+def test_missing_field_suggests_the_mapping_flag(tmp_path):
+    with pytest.raises(DataError, match=r"field 'chosen': missing \(columns: question, good, bad; map yours with --chosen-field\)"):
+        load_pairs(jsonl(tmp_path, {"question": "Q", "good": "A", "bad": "B"}))
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    ({**UF, "chosen": [{"role": "user", "content": "What is 2 + 3?"}]}, "chosen", "no reply after the prompt"),
+    ({**UF, "chosen": [{"role": "robot", "content": "x"}]}, "chosen", "unknown role 'robot'"),
+    ({**UF, "rejected": [{"role": "assistant"}]}, "rejected", "expected an object with 'role' and 'content'"),
+    ({**UF, "rejected": [{"role": "assistant", "content": 5}]}, "rejected", "content must be a string"),
+    ({**UF, "rejected": UF["chosen"]}, "rejected", "identical to 'chosen'"),
+    ({**UF, "chosen": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": " "}]},
+     "chosen", "empty reply"),
+])
+def test_bad_conversational_rows(tmp_path, row, field, problem):
+    with pytest.raises(DataError) as err:
+        load_pairs(jsonl(tmp_path, UF, row))
+    assert str(err.value).startswith(f"{tmp_path}/d.jsonl:2: field '{field}': ") and problem in str(err.value)
+
+
+def test_skip_invalid_drops_and_counts(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join([json.dumps(EXPLICIT).encode() + b"\n", b"{not json\n", b'{"prompt": "\xff"}\n',
+                               json.dumps({**EXPLICIT, "rejected": ""}).encode() + b"\n",
+                               json.dumps({**EXPLICIT, "prompt": "Other?"}).encode() + b"\n"]))
+    loaded = load_pairs(str(path), DataOptions(skip_invalid=True))
+    assert len(loaded.pairs) == 2 and loaded.rows == 5 and len(loaded.skipped) == 3
+    assert loaded.skipped[0].startswith(f"{path}:2: not valid JSON")
+    assert ":3: not valid UTF-8" in loaded.skipped[1] and ":4: field 'rejected': empty" in loaded.skipped[2]
+    with pytest.raises(DataError, match=":2: not valid JSON"):
+        load_pairs(str(path))
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+def test_json_array(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([EXPLICIT, {**EXPLICIT, "prompt": "Q2"}], indent=2))
+    assert len(load_pairs(str(path)).pairs) == 2
+    path.write_text(json.dumps([EXPLICIT, {"prompt": "Q2"}]))
+    with pytest.raises(DataError, match=r"d.json:row 2: field 'chosen': missing"):
+        load_pairs(str(path))
+
+
+def test_csv_with_quoted_newlines_and_message_cells(tmp_path):
+    import csv
+
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerow({**EXPLICIT, "chosen": "line one\nline two"})
+        writer.writerow({"prompt": UF["prompt"], "chosen": json.dumps(UF["chosen"]), "rejected": json.dumps(UF["rejected"])})
+        writer.writerow({"prompt": "Q", "chosen": "", "rejected": "x"})
+    with pytest.raises(DataError, match=r"d.csv:5: field 'chosen': empty"):
+        load_pairs(str(path))
+    loaded = load_pairs(str(path), DataOptions(skip_invalid=True))
+    assert loaded.pairs[0].chosen == "line one\nline two" and len(loaded.pairs) == 2
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([UF, UF | {"score_chosen": 7.0}]), path)
+    loaded = load_pairs(str(path))
+    assert loaded.format == "conversational" and len(loaded.pairs) == 2
+
+
+def test_save_to_disk_folder_and_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([EXPLICIT]), "test": Dataset.from_list([HH])}).save_to_disk(tmp_path / "ds")
+    assert load_pairs(str(tmp_path / "ds")).format == "explicit"
+    assert load_pairs(str(tmp_path / "ds"), DataOptions(split="test")).format == "implicit"
+    with pytest.raises(InfopoError, match="no split 'dev'; available: train, test"):
+        load_pairs(str(tmp_path / "ds"), DataOptions(split="dev"))
+
+
+def test_dataset_folder_goes_through_load_dataset(tmp_path):
+    """The hub code path (datasets.load_dataset) on a local folder of data files."""
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    jsonl(folder, EXPLICIT, {**EXPLICIT, "prompt": "Q2"}, name="train.jsonl")
+    assert len(load_pairs(str(folder)).pairs) == 2
+
+
+def test_unreachable_hub_dataset_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(InfopoError) as err:
+        load_pairs("someone/no-such-dataset")
+    assert str(err.value).startswith("cannot load dataset 'someone/no-such-dataset' split 'train'") and "\n" not in str(err.value)
+
+
+def test_unknown_extension(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(InfopoError, match="unknown file type '.txt'"):
+        load_pairs(str(tmp_path / "d.txt"))
+
+
+# --- fuzz -------------------------------------------------------------------------------------------
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+rows = st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "role", "content", "x"]),
+                       json_values | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "bot"]),
+                                                                     "content": json_values}), max_size=3), max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=300) | st.lists(rows | json_values, max_size=4).map(
+    lambda items: "\n".join(json.dumps(i) for i in items).encode()))
+def test_fuzz_every_outcome_is_pairs_or_one_line(tmp_path, content):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(content)
+    try:
+        pairs = load_pairs(str(path)).pairs
+    except InfopoError as err:
+        message = str(err)
+        assert message and "\n" not in message
+        assert message.startswith(str(path))
+    else:
+        assert pairs and all(isinstance(p, PreferencePair) for p in pairs)
