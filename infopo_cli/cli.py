@@ -68,6 +68,7 @@ def train(
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=help_for("gradient_checkpointing"), rich_help_panel="Model", show_default=False)] = None,
     lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
     lora_alpha: Annotated[Optional[int], _opt("lora_alpha", "Model")] = None,
+    target_modules: Annotated[Optional[str], _opt("target_modules", "Model")] = None,
     loss: Annotated[Optional[str], _opt("loss", "Loss")] = None,
     beta: Annotated[Optional[float], _opt("beta", "Loss")] = None,
     gamma: Annotated[Optional[float], _opt("gamma", "Loss")] = None,
@@ -178,6 +179,59 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml 
     cfg = presets.load(name)
     for key, value in cfg.to_dict().items():
         console.print(f"[bold]{key}[/] = {value!r}  [dim]# {help_for(key)}[/]", highlight=False)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Optional[str], typer.Argument(help="A run folder written by `infopo train`.")] = None,
+    merged: Annotated[Optional[str], typer.Option("--merged", help="Write merged safetensors weights to this folder.")] = None,
+    gguf: Annotated[Optional[str], typer.Option("--gguf", help="Write a GGUF file (and NAME.Modelfile for Ollama).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f16, bf16, f32, q8_0 (gguf's writers).")] = "f16",
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id) instead of a run folder.")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="peft adapter folder, with --base.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Reload the GGUF and compare greedy answers with the merged model.")] = True,
+) -> None:
+    """Merge the adapter into the full-precision base (--merged) or write a GGUF for llama.cpp / Ollama (--gguf).
+
+    [dim]infopo export runs/my-run --gguf my-model.gguf --quant q8_0 && ollama create my-model -f my-model.Modelfile[/]
+    """
+    from pathlib import Path
+
+    from infopo_cli.errors import ConfigError, ExportError
+    from infopo_cli.merge import AdapterSource, export_merged, from_run
+
+    if (merged is None) == (gguf is None):
+        raise ConfigError("pass exactly one of --merged OUT_DIR or --gguf OUT.gguf")
+    if run_dir and (base or adapter):
+        raise ConfigError("pass a run folder or --base with --adapter, not both")
+    if run_dir:
+        source = from_run(run_dir)
+    elif base and adapter:
+        source = AdapterSource(base, Path(adapter))
+        if not (source.adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"{adapter} has no adapter_config.json")
+    else:
+        raise ConfigError("pass a run folder, or --base and --adapter")
+    if merged:
+        out = export_merged(source, Path(merged), dtype, overwrite)
+        console.print(f"merged model -> [bold]{out}[/] (AutoModelForCausalLM.from_pretrained)")
+        return
+    from infopo_cli.export import export_gguf
+
+    path, modelfile, result = export_gguf(source, Path(gguf), quant, overwrite, check)
+    console.print(f"GGUF ({quant}) -> [bold]{path}[/]; Ollama: ollama create NAME -f {modelfile}")
+    if result is not None:
+        from infopo_cli.export_check import PROMPTS
+
+        for prompt, sample, agree, stops in zip(PROMPTS, result.samples, result.agree, result.stops):
+            console.print(f"  {prompt!r} -> {sample!r}  [{'same as merged' if agree else 'DIFFERS'}, {'stops' if stops else 'DOES NOT STOP'}]",
+                          highlight=False)
+        console.print(f"  max next-token logit difference vs merged: {result.max_logit_diff:.4f}", highlight=False)
+        if not result.ok:
+            raise ExportError(f"check failed: the GGUF {'answers differently from' if not all(result.agree) else 'agrees with'} "
+                              f"the merged model{'' if all(result.stops) else ' and generation does not stop'}; {path} is kept for inspection")
 
 
 @data_app.command("check")

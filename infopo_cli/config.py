@@ -35,14 +35,13 @@ class TrainConfig:
     load_in_4bit: bool = _f(True, "Load the base 4-bit NF4 (bitsandbytes, double quant). False: unquantised.")
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware computes it fast, else fp32), bf16, fp16, fp32.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant): less memory, ~30% more time.")
-    attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
+    attn_implementation: str = _f("auto", "Attention kernel: auto (transformers' choice for the model), sdpa, eager, flash_attention_2.")
     # --- LoRA ------------------------------------------------------------------------------------
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
-    target_modules: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Module names that get a LoRA adapter.",
+    target_modules: list[str] | str = _f(
+        "all-linear", "Modules that get a LoRA adapter: 'all-linear' (every linear layer but the output) or a list of names.",
     )
     # --- data ------------------------------------------------------------------------------------
     data: str = _f(BUNDLED_TRAIN, "Training pairs: a JSONL file with prompt/chosen/rejected, or 'bundled:arith_train'.")
@@ -165,6 +164,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         return None
     expected = type(default) if default not in (None, dataclasses.MISSING) else None
     if key == "target_modules":
+        if value == "all-linear":
+            return value
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -33,3 +33,7 @@ class OutputError(InfopoError):
     """The output location is unusable (exists already, not writable, ...)."""
 
     exit_code = 2
+
+
+class ExportError(InfopoError):
+    """An export that cannot be written, or whose check failed."""

@@ -67,7 +67,8 @@ def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, quantization_config=quantization, dtype=precision.dtype,
-                device_map={"": precision.device}, attn_implementation=cfg.attn_implementation,
+                device_map={"": precision.device},
+                **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
             )
         except (OSError, ValueError, ImportError) as err:
             raise _load_error(source, err) from None
@@ -100,7 +101,7 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
         # base is used as is (no fp32 up-cast of every non-quantised weight).
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     try:
         return get_peft_model(base, lora)
     except ValueError as err:

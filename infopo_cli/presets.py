@@ -51,9 +51,13 @@ def description(path: Path) -> str:
     return str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))
 
 
-def load(name_or_path: str) -> TrainConfig:
-    """Defaults < preset. Unknown keys are errors, so a typo in a preset cannot go unnoticed."""
+def load(name_or_path: str, _seen: tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults < preset (< the preset it `extends`). Unknown keys are errors, so a typo cannot go unnoticed."""
     name, raw = read(name_or_path)
-    cfg = merge(TrainConfig(), raw, source=f"preset {name}")
+    if name in _seen:
+        raise ConfigError(f"preset {name}: 'extends' loops back to itself ({' -> '.join(_seen + (name,))})")
+    parent = raw.pop("extends", None)
+    base = load(parent, _seen + (name,)) if parent else TrainConfig()
+    cfg = merge(base, raw, source=f"preset {name}")
     cfg.preset = name
     return cfg

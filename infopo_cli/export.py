@@ -1,0 +1,41 @@
+"""`infopo export`: merged weights or a GGUF (+ Ollama Modelfile) from a run folder, checked by reloading."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from infopo_cli.export_check import CheckResult, compare
+from infopo_cli.gguf_export import write_gguf
+from infopo_cli.merge import AdapterSource, check_free_space, claim_target, merged_model
+from infopo_cli.modelfile import write_modelfile
+
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
+
+def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite: bool = False,
+                check: bool = True) -> tuple[Path, Path, CheckResult | None]:
+    """Write OUT.gguf and OUT.Modelfile; with `check`, compare the GGUF with the merged model."""
+    claim_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = merged_model(source, "fp32")
+    check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * BYTES_PER_WEIGHT.get(quant, 4)))
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".gguf", dir=out.parent)
+    os.close(fd)
+    try:
+        write_gguf(model, tokenizer, Path(tmp), quant, model_name=_model_name(source))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    modelfile = write_modelfile(out, tokenizer)
+    return out, modelfile, compare(model, tokenizer, out) if check else None
+
+
+def _model_name(source: AdapterSource) -> str:
+    """The base's name (used for llama.cpp's pre-tokenizer choice) plus the adapter's folder."""
+    from infopo_cli.config import EMBEDDED_MODEL
+
+    base = "SmolLM2-135M-Instruct" if source.base == EMBEDDED_MODEL else source.base.rstrip("/").split("/")[-1]
+    return f"{base}-{source.adapter.name}"

@@ -1,0 +1,73 @@
+"""After an export: does the GGUF answer like the merged model, and does it stop?
+
+The most common complaint about other tools' exports is a model that never stops or answers
+differently in llama.cpp/Ollama. We load the GGUF back (transformers reads GGUF; llama.cpp itself when
+`llama-cpp-python` is installed), compare next-token logits and greedy generations with the merged
+model on a few chat prompts, and check that generation ends with EOS or the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PROMPTS = ("What is 2 + 3?", "Name the capital of France.", "Write one short sentence about the sea.")
+
+
+@dataclass
+class CheckResult:
+    max_logit_diff: float = 0.0
+    agree: list[bool] = field(default_factory=list)     # same greedy tokens, per prompt
+    stops: list[bool] = field(default_factory=list)     # the merged model's generation ended, per prompt
+    samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(self.agree) and all(self.stops)
+
+
+def stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids - {None}
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    return torch.tensor([tokenizer(prompt)["input_ids"]])
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, stops: set[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(stops), pad_token_id=next(iter(stops)))
+    return out[0, ids.shape[1]:].tolist()
+
+
+def load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens: int = 48) -> CheckResult:
+    exported, stops, result = load_gguf(gguf_path), stop_ids(tokenizer), CheckResult()
+    merged = merged.float().eval()
+    for prompt in prompts:
+        ids = prompt_ids(tokenizer, prompt)
+        diff = (merged(ids).logits[0, -1] - exported(ids).logits[0, -1]).abs().max()
+        result.max_logit_diff = max(result.max_logit_diff, float(diff))
+        a, b = greedy(merged, ids, stops, max_new_tokens), greedy(exported, ids, stops, max_new_tokens)
+        result.agree.append(a == b)
+        result.stops.append(bool(a) and a[-1] in stops)
+        result.samples.append(tokenizer.decode(a, skip_special_tokens=True))
+    return result

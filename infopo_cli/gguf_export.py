@@ -1,0 +1,154 @@
+"""`infopo export --gguf`: a merged transformers model written as a GGUF file with the `gguf` library.
+
+Architecture metadata, the tokenizer (tokens, types, merges, special ids, chat template) and the
+tensors under llama.cpp's names and layouts: Llama-family q/k projections are permuted from the
+half-split rotary layout of transformers to the interleaved one GGML uses (without it llama.cpp
+produces garbage; measured). Supported: the `llama` architecture (Llama 2/3, Mistral, SmolLM2) and
+`qwen2`; other architectures are a clear error that points to the merged export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from infopo_cli.errors import ConfigError, ExportError
+
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+# llama.cpp picks its pre-tokenizer regex by this name; by model family (name fragments, lower case).
+PRE_TOKENIZERS = (("smollm", "smollm"), ("llama-3", "llama-bpe"), ("llama3", "llama-bpe"), ("qwen2", "qwen2"),
+                  ("qwen", "qwen2"))
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf_name: str
+    permute_qk: bool   # transformers' rotary halves -> GGML's interleaved pairs (Llama family)
+
+
+ARCHS = {"LlamaForCausalLM": Arch("llama", True), "MistralForCausalLM": Arch("llama", True),
+         "Qwen2ForCausalLM": Arch("qwen2", False)}
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def arch_of(model) -> Arch:
+    name = type(model).__name__
+    if name not in ARCHS:
+        raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))}; {name} is not yet supported — "
+                          "use --merged and llama.cpp's convert_hf_to_gguf.py")
+    scaling = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", "default") not in ("default", None):
+        raise ExportError(f"GGUF export of rope scaling '{scaling.get('rope_type')}' is not yet supported — use --merged")
+    return ARCHS[name]
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k permutation: rows grouped (head, half, dim/2) -> (head, dim/2, half)."""
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def pre_tokenizer(model_name: str) -> str:
+    lowered = model_name.lower()
+    return next((pre for fragment, pre in PRE_TOKENIZERS if fragment in lowered), "default")
+
+
+def add_tokenizer(writer, tokenizer, model_name: str) -> None:
+    """Byte-level BPE tokenizers (gpt2 style), from the tokenizer's own files."""
+    gguf = _gguf()
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if backend["model"]["type"] != "BPE" or backend["model"].get("byte_fallback"):
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2); "
+                          "this one is SentencePiece-style — use --merged")
+    vocab = tokenizer.get_vocab()
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for text, index in vocab.items():
+        tokens[index], types[index] = text, gguf.TokenType.NORMAL
+    for index, added in tokenizer.added_tokens_decoder.items():
+        types[index] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer(model_name))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{'unk' if kind == 'unk' else kind}_token_id")(token_id)
+    writer.add_add_bos_token(bool(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _tensor(gguf, data: np.ndarray, quant: str):
+    """(array, raw dtype) as GGUF stores it; vectors and rows not divisible into blocks stay float."""
+    if data.ndim == 1:
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if quant == "q8_0" and data.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    if quant == "bf16":
+        return gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    if quant == "f32":
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE values
+
+
+def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> None:
+    """Write `model` (a merged transformers causal LM) and its tokenizer to `path`."""
+    gguf = _gguf()
+    if quant not in QUANTS:
+        raise ConfigError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r})")
+    arch, config = arch_of(model), model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(str(path), arch.gguf_name)
+    writer.add_name(model_name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(FILE_TYPES[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, tokenizer, model_name)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], config.num_hidden_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # llama.cpp reuses the token embeddings
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ExportError(f"no GGUF name for tensor {name}")
+        data = tensor.detach().float().cpu().numpy()
+        if arch.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = permute(data, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        array, raw = _tensor(gguf, data, quant)
+        writer.add_tensor(target, array, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

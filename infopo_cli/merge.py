@@ -1,0 +1,86 @@
+"""`infopo export --merged`: the LoRA folded into the un-quantised base, saved as a plain transformers model.
+
+The base is loaded from its source in full precision (never from the 4-bit copy the run trained on:
+merging into NF4 weights would bake the quantisation error into the export), the adapter is merged
+with peft, and the folder is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from infopo_cli.errors import ConfigError, OutputError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    base: str      # what the run trained on: a folder, a hub id or the embedded default
+    adapter: Path  # a folder with adapter_config.json
+
+
+def from_run(run_dir: str | Path) -> AdapterSource:
+    """The base model and adapter of a run folder, from its config.toml."""
+    from infopo_cli.presets import load
+
+    run = Path(run_dir)
+    if not (run / "adapter_config.json").is_file():
+        raise ConfigError(f"{run} has no adapter (adapter_config.json); pass a run folder written by `infopo train`, "
+                          "or --base and --adapter")
+    if not (run / "config.toml").is_file():
+        raise ConfigError(f"{run} has no config.toml naming its base model; pass --base")
+    return AdapterSource(load(str(run / "config.toml")).model, run)
+
+
+def claim_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; choose another name or pass --overwrite (nothing was written)")
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes * 1.05:
+        raise OutputError(f"not enough disk space in {folder}: need about {needed_bytes / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB free")
+
+
+def merged_model(source: AdapterSource, dtype: str = "fp32"):
+    """(merged transformers model, tokenizer), in memory."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from infopo_cli.model import load_tokenizer, resolve_source
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    base_path = resolve_source(source.base)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, DTYPES[dtype]), device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, str(source.adapter)).merge_and_unload()
+    tokenizer_dir = source.adapter if (source.adapter / "tokenizer_config.json").is_file() else base_path
+    return model, load_tokenizer(str(tokenizer_dir))
+
+
+def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    claim_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = merged_model(source, dtype)
+    check_free_space(out.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.config.use_cache = True  # the run turned the KV cache off for training; inference wants it
+        model.save_pretrained(tmp, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)  # with its chat template
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        if out.exists():  # --overwrite: the old folder goes only once the new one is complete
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,84 @@
+"""Every architecture among the presets: log-probs match the model's own logits, and it trains two steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tokenizer, write_pairs
+
+from infopo_cli import train as recipe
+from infopo_cli.batching import collate
+from infopo_cli.config import TrainConfig
+from infopo_cli.logps import sequence_logps
+from infopo_cli.presets import available, load
+from infopo_cli.tokenization import TokenizedPair
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512)
+
+
+def arch_of(model_id: str) -> str:
+    for prefix, arch in (("meta-llama/", "llama"), ("embedded:smollm2", "llama"), ("HuggingFaceTB/SmolLM2", "llama"),
+                         ("mistralai/", "mistral"), ("Qwen/Qwen2", "qwen2"), ("google/gemma-2", "gemma2"),
+                         ("microsoft/Phi-3", "phi3")):
+        if model_id.startswith(prefix):
+            return arch
+    raise AssertionError(f"no tiny test architecture for {model_id}: add one below")
+
+
+def build(arch: str, folder) -> str:
+    import transformers as T
+
+    tokenizer = build_tokenizer()
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, **SMALL)
+    config = {
+        "llama": lambda: T.LlamaConfig(**common, tie_word_embeddings=False),
+        "mistral": lambda: T.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: T.Qwen2Config(**common, tie_word_embeddings=True),
+        "gemma2": lambda: T.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=5.0,
+                                         attn_logit_softcapping=50.0, sliding_window=64),
+        "phi3": lambda: T.Phi3Config(**common),
+    }[arch]()
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+ARCHS = sorted({arch_of(load(name).model) for name in available()})
+
+
+def test_every_preset_has_a_tiny_architecture():
+    assert {"llama", "mistral", "qwen2", "gemma2", "phi3"} <= set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logps_match_the_models_own_logits(arch, tmp_path):
+    """Our response-only output layer (with Gemma-2's soft-capping) equals the model's full forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build(arch, tmp_path / arch), dtype=torch.float32, attn_implementation="eager")
+    b = collate([TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8, 9]), TokenizedPair([10, 11], [12, 13, 14], [15])], pad_id=0)
+    got = sequence_logps(model, b.input_ids, b.attention_mask, b.labels).sums
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+    keep = b.labels[:, 1:] != -100
+    want = (logits.log_softmax(-1).gather(2, b.labels[:, 1:].clamp(min=0).unsqueeze(2)).squeeze(2) * keep).sum(1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_preset_trains_two_steps_on_its_architecture(name, tmp_path):
+    preset = load(name)
+    folder = build(arch_of(preset.model), tmp_path / "model")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    cfg = TrainConfig(**{**preset.to_dict(), "model": folder, "data": str(pairs), "eval_data": "", "output": str(tmp_path / "out"),
+                         "max_steps": 2, "batch_size": 2, "grad_accum": 2, "max_length": 128, "max_prompt_length": 64,
+                         "dtype": "fp32", "optimizer": "adamw", "save_every": 0})
+    summary = recipe.train(cfg)
+    assert summary.steps == 2
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    if isinstance(preset.target_modules, list):
+        assert set(adapter["target_modules"]) == set(preset.target_modules)

@@ -1,0 +1,90 @@
+"""Export: merged weights equal adapter-on-base; the GGUF reloads to the merged model's logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from test_architectures import build
+from transformers import AutoModelForCausalLM
+
+from infopo_cli import model as stack
+from infopo_cli.config import TrainConfig
+from infopo_cli.errors import ExportError, OutputError
+from infopo_cli.export_check import load_gguf
+from infopo_cli.gguf_export import permute, write_gguf
+from infopo_cli.merge import AdapterSource, export_merged, merged_model
+from infopo_cli.modelfile import modelfile
+from infopo_cli.precision import Precision
+
+IDS = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
+
+
+def adapter_for(arch: str, tmp_path):
+    """A tiny model of `arch` and a LoRA adapter with non-zero weights on all its linear layers."""
+    base_dir = build(arch, tmp_path / f"{arch}-base")
+    cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8)
+    model = stack.attach_lora(stack.load_base(base_dir, cfg, Precision("cpu", torch.float32, "test")), cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / f"{arch}-adapter")
+    stack.load_tokenizer(base_dir).save_pretrained(tmp_path / f"{arch}-adapter")
+    return AdapterSource(base_dir, tmp_path / f"{arch}-adapter")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma2", "phi3"])
+def test_merged_folder_equals_adapter_on_base(arch, tmp_path):
+    source = adapter_for(arch, tmp_path)
+    out = export_merged(source, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32), source.adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, on_base(IDS).logits, atol=1e-5, rtol=1e-5)
+    assert (out / "tokenizer_config.json").is_file() and not list(tmp_path.glob(".merged-*"))
+    with pytest.raises(OutputError, match="already exists"):
+        export_merged(source, out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("quant, atol", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)])
+def test_gguf_reloads_to_the_merged_logits(arch, quant, atol, tmp_path):
+    """Tolerances: f32 exact up to float error; f16/bf16/q8_0 by their rounding (logits here are O(1))."""
+    merged, tokenizer = merged_model(adapter_for(arch, tmp_path))
+    path = tmp_path / f"model-{quant}.gguf"
+    write_gguf(merged, tokenizer, path, quant, model_name="tiny")
+    with torch.no_grad():
+        want, got = merged(IDS).logits, load_gguf(path)(IDS).logits
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def test_qk_permutation_is_llama_cpps():
+    w = torch.arange(4 * 4 * 2).reshape(8, 4).numpy()  # 2 heads of dim 4: rows (h0: 0 1 2 3, h1: 4 5 6 7)
+    rows = permute(w, 2)[:, 0] // 4
+    assert rows.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]  # halves interleaved within each head
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    merged, tokenizer = merged_model(adapter_for("gemma2", tmp_path))
+    with pytest.raises(ExportError, match="GGUF export supports .*Gemma2ForCausalLM is not yet supported — use --merged"):
+        write_gguf(merged, tokenizer, tmp_path / "g.gguf", "f16", "tiny")
+
+
+def test_modelfile_for_chatml():
+    text = modelfile("m.gguf", "{{ '<|im_start|>' + message['role'] }}", "<|im_end|>")
+    assert text.startswith("FROM ./m.gguf\nTEMPLATE") and 'PARAMETER stop "<|im_end|>"' in text
+    assert not any(line.startswith("TEMPLATE") for line in modelfile("m.gguf", "{{ custom }}", "</s>").splitlines())
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", str(run), "--merged", str(tmp_path / "m")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {run} has no adapter") and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", str(run)], capture_output=True, text=True)
+    assert out.returncode == 2 and "exactly one of --merged" in out.stderr
