@@ -227,7 +227,7 @@ def export(
 
         for prompt, sample, agree, stops in zip(PROMPTS, result.samples, result.agree, result.stops):
             console.print(f"  {prompt!r} -> {sample!r}  [{'same as merged' if agree else 'DIFFERS'}, {'stops' if stops else 'DOES NOT STOP'}]",
-                          highlight=False)
+                          highlight=False, markup=False)
         console.print(f"  max next-token logit difference vs merged: {result.max_logit_diff:.4f}", highlight=False)
         if not result.ok:
             raise ExportError(f"check failed: the GGUF {'answers differently from' if not all(result.agree) else 'agrees with'} "

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = ("What is 2 + 3?", "Name the capital of France.", "Write one short sentence about the sea.")
+# Short-answer prompts: the check is about the export (layout, tokenizer, stopping), and long free-form
+# generations diverge at the first near-tie whatever the format once weights are quantised.
+PROMPTS = ("What is 2 + 3?", "Name the capital of France.", "How many legs does a cat have?")
 
 
 @dataclass
@@ -59,6 +61,7 @@ def load_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
+@torch.no_grad()
 def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens: int = 48) -> CheckResult:
     exported, stops, result = load_gguf(gguf_path), stop_ids(tokenizer), CheckResult()
     merged = merged.float().eval()

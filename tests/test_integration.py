@@ -73,3 +73,59 @@ def test_default_trains_on_other_formats(home, tmp_path, row):
                           capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
+
+
+@pytest.fixture(scope="module")
+def trained_run(home, tmp_path_factory) -> Path:
+    """The real default, trained for two steps: the run folder every export test starts from."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--max-steps", "2", "--batch-size", "4",
+                           "--eval-data", "", "--output", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_merged_export_of_the_default_matches_the_adapter(home, trained_run, tmp_path, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("INFOPO_HOME", str(home))
+    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "export", str(trained_run), "--merged", str(tmp_path / "m")],
+                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 1232, 216, 35, 47, 2, 198]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(embedded.ensure_converted(log=lambda _: None), dtype=torch.float32)
+    with torch.no_grad():
+        # tolerance: merging folds B@A into W in float32, reordering the sums (measured ~1e-5 at logit scale ~20)
+        torch.testing.assert_close(merged(ids).logits, PeftModel.from_pretrained(base, trained_run)(ids).logits,
+                                   atol=5e-4, rtol=0)
+
+
+def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(home, trained_run, tmp_path):
+    import gguf
+
+    out = tmp_path / "smol.gguf"
+    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "export", str(trained_run), "--gguf", str(out),
+                           "--quant", "q8_0"], capture_output=True, text=True,
+                          env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("same as merged, stops") == 3
+    assert "TEMPLATE" in (tmp_path / "smol.Modelfile").read_text()
+    # the tokenizer we write is the one SmolLM2's own GGUF carries
+    ours, source = gguf.GGUFReader(out), gguf.GGUFReader(embedded.find_gguf())
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert ours.fields[key].contents() == source.fields[key].contents(), key
+
+
+def test_f16_gguf_of_the_default_gives_the_merged_logits(home, trained_run, tmp_path, monkeypatch):
+    """Tolerance 0.1 on logits of scale ~20-30 (f16 rounding of 135M weights; measured 0.03)."""
+    from infopo_cli.export import export_gguf
+    from infopo_cli.merge import from_run
+
+    monkeypatch.setenv("INFOPO_HOME", str(home))
+    _, _, result = export_gguf(from_run(trained_run), tmp_path / "smol-f16.gguf", "f16")
+    assert result.max_logit_diff < 0.1 and result.ok, result
