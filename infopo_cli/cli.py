@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from infopo_cli import __version__
 from infopo_cli.config import help_for
@@ -136,7 +137,7 @@ def _print_summary(summary) -> None:
     console.print(table)
     console.print(f"{summary.tokens_per_s:.0f} tokens/s, peak memory {summary.peak_memory_gib:.2f} GiB "
                   f"({summary.device}, {summary.dtype})", highlight=False)
-    console.print(f"adapter, tokenizer, config.toml, metrics.jsonl, summary.json, plot.png -> [bold]{summary.output}[/]")
+    console.print(f"adapter, tokenizer, config.toml, metrics.jsonl, summary.json, plot.png -> [bold]{escape(summary.output)}[/]")
 
 
 @app.command()
@@ -178,7 +179,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml 
 
     cfg = presets.load(name)
     for key, value in cfg.to_dict().items():
-        console.print(f"[bold]{key}[/] = {value!r}  [dim]# {help_for(key)}[/]", highlight=False)
+        console.print(f"[bold]{key}[/] = {escape(repr(value))}  [dim]# {escape(help_for(key))}[/]", highlight=False)
 
 
 @app.command()
@@ -216,12 +217,12 @@ def export(
         raise ConfigError("pass a run folder, or --base and --adapter")
     if merged:
         out = export_merged(source, Path(merged), dtype, overwrite)
-        console.print(f"merged model -> [bold]{out}[/] (AutoModelForCausalLM.from_pretrained)")
+        console.print(f"merged model -> [bold]{escape(str(out))}[/] (AutoModelForCausalLM.from_pretrained)")
         return
     from infopo_cli.export import export_gguf
 
     path, modelfile, result = export_gguf(source, Path(gguf), quant, overwrite, check)
-    console.print(f"GGUF ({quant}) -> [bold]{path}[/]; Ollama: ollama create NAME -f {modelfile}")
+    console.print(f"GGUF ({escape(quant)}) -> [bold]{escape(str(path))}[/]; Ollama: ollama create NAME -f {escape(str(modelfile))}")
     if result is not None:
         from infopo_cli.export_check import PROMPTS
 
@@ -270,7 +271,7 @@ def data_check(
 def _print_report(report, model: str) -> None:
     from rich.table import Table
 
-    console.print(f"[bold]{report.source}[/]: {report.format} format, {report.pairs} valid pairs of {report.rows} rows, "
+    console.print(f"[bold]{escape(report.source)}[/]: {report.format} format, {report.pairs} valid pairs of {report.rows} rows, "
                   f"{report.duplicates} duplicate pairs", highlight=False)
     if report.lengths:
         table = Table(title=f"tokens ({model})")
@@ -286,7 +287,7 @@ def _print_report(report, model: str) -> None:
     if report.skipped:
         err_console.print(f"[red]{len(report.skipped)} invalid rows[/]; first ones:", highlight=False)
         for line in report.skipped[:5]:
-            err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+            err_console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
 
 
 def main() -> None:
@@ -296,14 +297,14 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except InfopoError as err:
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         if debug:
             raise
         sys.exit(err.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("[yellow]aborted[/]")
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside the training loop (which saves a checkpoint itself)
+        err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except Exception as err:  # click usage errors are handled below; anything else is a bug to report
         import click
@@ -313,7 +314,7 @@ def main() -> None:
             sys.exit(err.exit_code)
         if debug:
             raise
-        err_console.print(f"[red]error:[/] {type(err).__name__}: {err} (run again with --debug for the traceback)",
+        err_console.print(f"[red]error:[/] {type(err).__name__}: {escape(str(err))} (run again with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         sys.exit(1)
 

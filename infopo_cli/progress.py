@@ -37,7 +37,7 @@ class TrainProgress:
         text = format_metrics(metrics)
         self.bar.update(self.task, completed=step, metrics=text)
         if not self.live:
-            self.console.print(f"step {step}/{self.total}  {text}", highlight=False)
+            self.console.print(f"step {step}/{self.total}  {text}", highlight=False, markup=False)
 
     def note(self, message: str) -> None:
         self.console.print(message, highlight=False)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
-from infopo_cli import checkpoint, model as model_stack, objectives
+from infopo_cli import __version__, checkpoint, model as model_stack, objectives
 from infopo_cli.batching import collate, eval_batches, shuffled_batches
 from infopo_cli.config import TrainConfig
 from infopo_cli.data import load_pairs
@@ -71,12 +72,12 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     options = cfg.data_options()
     loaded = load_pairs(cfg.data, options)
     if loaded.skipped:
-        say(f"[yellow]skipped {len(loaded.skipped)} invalid rows of {loaded.rows}[/]; first: {loaded.skipped[0]}")
+        say(f"[yellow]skipped {len(loaded.skipped)} invalid rows of {loaded.rows}[/]; first: {escape(loaded.skipped[0])}")
     train_pairs = loaded.pairs
     eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
     output = checkpoint.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
-    say(f"[bold]infopo[/] {cfg.loss} {loss_params} on {len(train_pairs)} {loaded.format} pairs ({cfg.data}), "
-        f"{len(eval_pairs)} held out -> {output}")
+    say(f"[bold]infopo[/] {cfg.loss} {escape(str(loss_params))} on {len(train_pairs)} {loaded.format} pairs "
+        f"({escape(cfg.data)}), {len(eval_pairs)} held out -> {escape(str(output))}")
 
     # --- hardware and seed ---------------------------------------------------------------------
     precision = choose(cfg.dtype)
@@ -86,12 +87,12 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
 
     # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off ---
     t_load = time.perf_counter()
-    source = model_stack.resolve_source(cfg.model, log=say)
+    source = model_stack.resolve_source(cfg.model, log=lambda message: say(escape(message)))
     tokenizer = model_stack.load_tokenizer(source)
     model = model_stack.attach_lora(model_stack.load_base(source, cfg, precision), cfg)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = model_stack.count_parameters(model)
-    say(f"model {source} loaded in {time.perf_counter() - t_load:.1f}s "
+    say(f"model {escape(source)} loaded in {time.perf_counter() - t_load:.1f}s "
         f"({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); LoRA r={cfg.lora_r}: "
         f"{n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.0f}M parameters")
 
@@ -111,7 +112,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     scheduler = warmup_cosine(optimizer, warmup=int(cfg.warmup_ratio * total_steps), total=total_steps)
 
     resolved = {**cfg.to_dict(), **loss_params, "output": str(output), "dtype": precision.dtype_name}
-    checkpoint.write_text(output / "config.toml", f"# infopo {__import__('infopo_cli').__version__}; "
+    checkpoint.write_text(output / "config.toml", f"# infopo {__version__}; "
                           f"rerun with: infopo train --preset {output / 'config.toml'} --output NEW_DIR\n"
                           + checkpoint.to_toml(resolved))
     log = MetricsLog(output / "metrics.jsonl")
@@ -165,7 +166,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     except KeyboardInterrupt:
         summary.status = "interrupted"
         saved = checkpoint.save_checkpoint(output, model, tokenizer, optimizer, scheduler, summary.steps, {})
-        say(f"[yellow]interrupted at step {summary.steps}/{total_steps}: checkpoint saved to {saved}[/]")
+        say(f"[yellow]interrupted at step {summary.steps}/{total_steps}: checkpoint saved to {escape(str(saved))}[/]")
 
     # --- finish: evaluate, save, report ----------------------------------------------------------
     summary.seconds = time.perf_counter() - started

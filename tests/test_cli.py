@@ -126,3 +126,12 @@ def test_switching_loss_drops_the_presets_loss_settings(tmp_path):
     # the preset's gamma belongs to simpo: with --loss dpo it is dropped, not an error
     out = infopo("train", "--preset", str(preset), "--loss", "dpo", "--batch-size", "0")
     assert "gamma" not in out.stderr and "batch_size must be > 0" in out.stderr
+
+
+def test_errors_with_brackets_in_user_content_stay_one_line(tmp_path):
+    """Rich markup must not eat (or choke on) user text such as '[INST]' or '[/]' in paths and messages."""
+    bad = tmp_path / "[data].jsonl"
+    bad.write_text('{"prompt": "p", "chosen": [{"role": "[/]", "content": "x"}], "rejected": "y"}\n')
+    out = infopo("train", "--data", str(bad), "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"error: {bad}:1: field 'chosen': message 1: unknown role '[/]' (expected one of system, user, assistant, tool)"
