@@ -72,7 +72,9 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     options = cfg.data_options()
     loaded = load_pairs(cfg.data, options)
     if loaded.skipped:
-        say(f"[yellow]skipped {len(loaded.skipped)} invalid rows of {loaded.rows}[/]; first: {escape(loaded.skipped[0])}")
+        say(f"[yellow]skipped {len(loaded.skipped)} invalid rows of {loaded.rows}[/]; the first ones:")
+        for reason in loaded.skipped[:3]:
+            say(f"  {escape(reason)}")
     train_pairs = loaded.pairs
     eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
     output = checkpoint.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))

@@ -135,3 +135,13 @@ def test_errors_with_brackets_in_user_content_stay_one_line(tmp_path):
     out = infopo("train", "--data", str(bad), "--output", str(tmp_path / "o"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == f"error: {bad}:1: field 'chosen': message 1: unknown role '[/]' (expected one of system, user, assistant, tool)"
+
+
+def test_skip_invalid_trains_on_the_good_rows_and_reports_the_bad(tmp_path, tiny_model, pairs_file):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(pairs_file.read_text() + '{"prompt": "p", "chosen": "c"}\nnot json\n')
+    out = infopo("train", "--data", str(data), "--eval-data", "", "--model", str(tiny_model), "--skip-invalid",
+                 "--max-steps", "1", "--batch-size", "2", "--dtype", "fp32", "--output", str(tmp_path / "o"))
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert "skipped 2 invalid rows of 26" in out.stdout
+    assert "mixed.jsonl:25: field 'rejected': missing" in out.stdout and "mixed.jsonl:26: not valid JSON" in out.stdout
