@@ -83,3 +83,24 @@ def to_toml(values: dict[str, Any]) -> str:
         elif isinstance(value, (int, float, str, list)):
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    found = sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit() and (p / "training_state.pt").is_file())
+    if not found:
+        raise OutputError(f"{run_dir} has no checkpoint-N folder to resume from (runs save one on Ctrl-C and with --save-every)")
+    return found[-1][1]
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> int:
+    """Restore adapter weights, optimizer, schedule and RNG; returns the step the checkpoint was taken at."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    state = torch.load(folder / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])

@@ -91,15 +91,21 @@ def train(
     eval_every: Annotated[Optional[int], _opt("eval_every", "Output")] = None,
     save_every: Annotated[Optional[int], _opt("save_every", "Output")] = None,
     output: Annotated[Optional[str], _opt("output", "Output", "--output")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run folder from its latest checkpoint-N (its own settings; --max-steps may extend it).", rich_help_panel="Output")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
 ) -> None:
     """Train a LoRA adapter on preference pairs. With no arguments: SmolLM2-135M on the bundled data.
 
     [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
     """
-    flags = {k: v for k, v in locals().items() if k not in ("preset", "debug") and v is not None}
+    flags = {k: v for k, v in locals().items() if k not in ("preset", "debug", "resume") and v is not None}
+    from pathlib import Path
+
     from infopo_cli import presets
     from infopo_cli.config import LOSS_PARAMS, merge
+
+    if resume:
+        return _resume(Path(resume), flags)
 
     cfg = presets.load(preset)
     if "loss" in flags and flags["loss"] != cfg.loss:
@@ -115,6 +121,26 @@ def train(
     from infopo_cli.train import train as run_training  # imports torch: only now
 
     summary = run_training(cfg, console)
+    _print_summary(summary)
+    if summary.status == "interrupted":
+        raise typer.Exit(130)
+
+
+def _resume(run_dir, flags: dict) -> None:
+    from infopo_cli import presets
+    from infopo_cli.checkpoint import latest_checkpoint
+    from infopo_cli.config import merge
+    from infopo_cli.errors import ConfigError
+
+    if set(flags) - {"max_steps"}:
+        raise ConfigError(f"--resume continues a run with its own settings; only --max-steps may change (got "
+                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(set(flags) - {'max_steps'}))})")
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
+    cfg = merge(presets.load(str(run_dir / "config.toml")), {**flags, "output": str(run_dir)}, source="command line")
+    from infopo_cli.train import train as run_training
+
+    summary = run_training(cfg, console, resume=latest_checkpoint(run_dir))
     _print_summary(summary)
     if summary.status == "interrupted":
         raise typer.Exit(130)

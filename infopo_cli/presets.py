@@ -59,5 +59,5 @@ def load(name_or_path: str, _seen: tuple[str, ...] = ()) -> TrainConfig:
     parent = raw.pop("extends", None)
     base = load(parent, _seen + (name,)) if parent else TrainConfig()
     cfg = merge(base, raw, source=f"preset {name}")
-    cfg.preset = name
+    cfg.preset = raw.get("preset") or name  # a run's config.toml keeps the preset it came from
     return cfg

@@ -33,6 +33,10 @@ class TrainProgress:
         if self.live:
             self.bar.stop()
 
+    def skip_to(self, step: int) -> None:
+        """A resumed run starts its bar where the checkpoint left off."""
+        self.bar.update(self.task, completed=step)
+
     def step(self, step: int, metrics: dict[str, float]) -> None:
         text = format_metrics(metrics)
         self.bar.update(self.task, completed=step, metrics=text)

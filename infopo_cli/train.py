@@ -62,7 +62,8 @@ def peak_memory_gib(device: str) -> float:
     return kib / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
+def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None = None) -> RunSummary:
+    """Run the recipe; with `resume` (a checkpoint folder of this run), continue after its step."""
     console = console or Console()
     say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
     cfg.validate()
@@ -77,7 +78,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
             say(f"  {escape(reason)}")
     train_pairs = loaded.pairs
     eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
-    output = checkpoint.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
+    output = resume.parent if resume else checkpoint.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
     say(f"[bold]infopo[/] {cfg.loss} {escape(str(loss_params))} on {len(train_pairs)} {loaded.format} pairs "
         f"({escape(cfg.data)}), {len(eval_pairs)} held out -> {escape(str(output))}")
 
@@ -113,6 +114,9 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
     optimizer = make_optimizer(cfg, trainable_params, precision.device)
     scheduler = warmup_cosine(optimizer, warmup=int(cfg.warmup_ratio * total_steps), total=total_steps)
 
+    start = checkpoint.load_checkpoint(resume, model, optimizer, scheduler) if resume else 0
+    if resume:
+        say(f"resuming after step {start} from {escape(str(resume))}")
     resolved = {**cfg.to_dict(), **loss_params, "output": str(output), "dtype": precision.dtype_name}
     checkpoint.write_text(output / "config.toml", f"# infopo {__version__}; "
                           f"rerun with: infopo train --preset {output / 'config.toml'} --output NEW_DIR\n"
@@ -122,7 +126,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
                           spec, loss_params, precision.device) if eval_tok else None
     if not spec.needs(loss_params).reference:
         say(f"{cfg.loss} is reference-free: no reference forward pass")
-    summary = RunSummary(str(output), "completed", 0, 0.0, 0.0, 0.0, precision.device, precision.dtype_name)
+    summary = RunSummary(str(output), "completed", start, 0.0, 0.0, 0.0, precision.device, precision.dtype_name)
 
     def evaluate(step: int, fresh: bool = False) -> dict:
         t = time.perf_counter()
@@ -133,16 +137,19 @@ def train(cfg: TrainConfig, console: Console | None = None) -> RunSummary:
             f"rewards/accuracies {metrics['eval/rewards/accuracies']:.3f}  logps/accuracies {metrics['eval/logps/accuracies']:.3f}")
         return metrics
 
-    if evaluator:  # a fresh LoRA adds exactly zero: one pass gives policy and reference
+    if evaluator and not resume:  # a fresh LoRA adds exactly zero: one pass gives policy and reference
         summary.eval_before = evaluate(0, fresh=True)
 
     # --- the loop -------------------------------------------------------------------------------
     batches = shuffled_batches(train_tok, cfg.batch_size, cfg.seed)
+    for _ in range(start * cfg.grad_accum):  # the same data order as an uninterrupted run
+        next(batches)
     model.train()
     started, tokens_seen, step = time.perf_counter(), 0, 0
     try:
         with TrainProgress(console, total_steps) as bar:
-            for step in range(1, total_steps + 1):
+            bar.skip_to(start)
+            for step in range(start + 1, total_steps + 1):
                 t_step = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
                 metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,

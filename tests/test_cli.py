@@ -145,3 +145,13 @@ def test_skip_invalid_trains_on_the_good_rows_and_reports_the_bad(tmp_path, tiny
     assert out.returncode == 0, out.stderr[-1500:]
     assert "skipped 2 invalid rows of 26" in out.stdout
     assert "mixed.jsonl:25: field 'rejected': missing" in out.stdout and "mixed.jsonl:26: not valid JSON" in out.stdout
+
+
+def test_resume_takes_only_max_steps_and_needs_a_run_folder(tmp_path):
+    out = infopo("train", "--resume", str(tmp_path), "--lr", "0.1")
+    assert out.returncode == 2 and "only --max-steps may change (got --lr)" in out.stderr
+    out = infopo("train", "--resume", str(tmp_path))
+    assert out.returncode == 2 and "is not a run folder" in out.stderr
+    (tmp_path / "config.toml").write_text('model = "x"\n')
+    out = infopo("train", "--resume", str(tmp_path))
+    assert out.returncode == 2 and "no checkpoint-N folder to resume from" in out.stderr

@@ -188,3 +188,30 @@ def test_trains_on_each_source_and_format(tiny_model, tmp_path, kind):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = recipe.train(tiny_cfg(tiny_model, path, tmp_path / "out", eval_data="", max_steps=1, batch_size=2))
     assert summary.steps == 1 and math.isfinite(summary.last_step["loss"])
+
+
+def test_resume_after_ctrl_c_gives_the_uninterrupted_adapter(tiny_model, pairs_file, tmp_path, monkeypatch):
+    """Interrupt at step 2 of 5, resume from checkpoint-2: the final adapter equals an uninterrupted run's."""
+    from infopo_cli.checkpoint import latest_checkpoint
+
+    straight = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "straight", max_steps=5, eval_data=""))
+    real, calls = recipe.accumulate_gradients, []
+
+    def interrupt_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "accumulate_gradients", interrupt_on_third)
+    cfg = tiny_cfg(tiny_model, pairs_file, tmp_path / "resumed", max_steps=5, eval_data="")
+    assert recipe.train(cfg).status == "interrupted"
+    monkeypatch.setattr(recipe, "accumulate_gradients", real)
+    resumed = recipe.train(load(str(tmp_path / "resumed" / "config.toml")), resume=latest_checkpoint(tmp_path / "resumed"))
+    assert resumed.status == "completed" and resumed.steps == 5
+    a = load_file(f"{straight.output}/adapter_model.safetensors")
+    b = load_file(f"{resumed.output}/adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
