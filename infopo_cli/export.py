@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from infopo_cli.atomic import usual_permissions
 from infopo_cli.export_check import CheckResult, compare
 from infopo_cli.gguf_export import write_gguf
 from infopo_cli.merge import AdapterSource, check_free_space, claim_target, merged_model
@@ -25,6 +26,7 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     os.close(fd)
     try:
         write_gguf(model, tokenizer, Path(tmp), quant, model_name=_model_name(source))
+        usual_permissions(tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ model on a few chat prompts, and check that generation ends with EOS or the end-
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,11 @@ class CheckResult:
     agree: list[bool] = field(default_factory=list)     # same greedy tokens, per prompt
     stops: list[bool] = field(default_factory=list)     # the merged model's generation ended, per prompt
     samples: list[str] = field(default_factory=list)
+    llama_cpp: list[bool] | None = None                 # llama.cpp: same tokens, top-1 and greedy answer, per prompt
 
     @property
     def ok(self) -> bool:
-        return all(self.agree) and all(self.stops)
+        return all(self.agree) and all(self.stops) and all(self.llama_cpp or [])
 
 
 def stop_ids(tokenizer) -> set[int]:
@@ -73,4 +75,54 @@ def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens:
         result.agree.append(a == b)
         result.stops.append(bool(a) and a[-1] in stops)
         result.samples.append(tokenizer.decode(a, skip_special_tokens=True))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        result.llama_cpp = check_llama_cpp(merged, tokenizer, gguf_path, prompts, max_new_tokens)
     return result
+
+
+def _llama_without_repacking(gguf_path: Path):
+    """llama.cpp with its weight repacking ("extra buffer types") off.
+
+    On this project's AMX CPUs, llama.cpp 0.3.36's repacked Q8_0 kernels crash in decode (SIGSEGV) on any
+    Q8_0 tensor; without repacking the same file runs. We check the file, not that kernel; users on such
+    CPUs can pass llama.cpp's `--no-repack`. llama-cpp-python does not expose the switch, so the default
+    model parameters are wrapped for the duration of the load.
+    """
+    import llama_cpp
+    import llama_cpp.llama as high_level
+
+    default = llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    high_level.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, verbose=False, seed=0)
+    finally:
+        high_level.llama_cpp.llama_model_default_params = default
+
+
+@torch.no_grad()
+def check_llama_cpp(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens: int = 48) -> list[bool]:
+    """llama.cpp itself loads the GGUF: same prompt tokens, same next-token choice, same greedy answer."""
+    llm = _llama_without_repacking(gguf_path)
+    stops, results = stop_ids(tokenizer), []
+    try:
+        for prompt in prompts:
+            ids = prompt_ids(tokenizer, prompt)
+            text = tokenizer.decode(ids[0])
+            same_tokens = llm.tokenize(text.encode(), add_bos=False, special=True) == ids[0].tolist()
+            want = greedy(merged, ids, stops, max_new_tokens)
+            got = []
+            llm.reset()
+            for token in llm.generate(ids[0].tolist(), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+                got.append(token)
+                if token in stops or len(got) >= max_new_tokens:
+                    break
+            results.append(same_tokens and got[:1] == want[:1] and got == want)
+    finally:
+        llm.close()
+    return results

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from infopo_cli.atomic import usual_permissions
 from infopo_cli.errors import ConfigError, OutputError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -80,6 +81,7 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
             model.generation_config.save_pretrained(tmp)
         if out.exists():  # --overwrite: the old folder goes only once the new one is complete
             shutil.rmtree(out)
+        usual_permissions(tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from infopo_cli.atomic import usual_permissions
+
 # Rewards (beta * log-ratio to the reference) rather than raw log-probs: batches differ in length, so raw
 # log-probs jump from step to step while the change against the reference is comparable.
 PANELS = [("loss", ["loss"]), ("rewards: beta * log(pi / pi_ref)", ["rewards/chosen", "rewards/rejected"]),
@@ -40,5 +42,6 @@ def plot_run(records: list[dict], path: Path, title: str) -> bool:
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    usual_permissions(tmp)
     os.replace(tmp, path)
     return True

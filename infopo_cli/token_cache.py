@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from infopo_cli.checkpoint import write_text
+from infopo_cli.atomic import write_text
 from infopo_cli.embedded import infopo_home
 from infopo_cli.formats import PreferencePair
 from infopo_cli.tokenization import TokenizedPair

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from infopo_cli import __version__, checkpoint, model as model_stack, objectives
+from infopo_cli import __version__, atomic, checkpoint, model as model_stack, objectives
 from infopo_cli.batching import collate, eval_batches, shuffled_batches
 from infopo_cli.config import TrainConfig
 from infopo_cli.data import load_pairs
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
     if resume:
         say(f"resuming after step {start} from {escape(str(resume))}")
     resolved = {**cfg.to_dict(), **loss_params, "output": str(output), "dtype": precision.dtype_name}
-    checkpoint.write_text(output / "config.toml", f"# infopo {__version__}; "
+    atomic.write_text(output / "config.toml", f"# infopo {__version__}; "
                           f"rerun with: infopo train --preset {output / 'config.toml'} --output NEW_DIR\n"
                           + checkpoint.to_toml(resolved))
     log = MetricsLog(output / "metrics.jsonl")
@@ -184,7 +184,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
         summary.eval_after = evaluate(summary.steps)
     checkpoint.save_adapter(model, tokenizer, output)
     summary.peak_memory_gib = peak_memory_gib(precision.device)
-    checkpoint.write_json(output / "summary.json", asdict(summary))
+    atomic.write_json(output / "summary.json", asdict(summary))
     if not plot_run(log.records, output / "plot.png", f"{cfg.loss} on {Path(str(cfg.data)).name} ({source})"):
         say("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
     return summary

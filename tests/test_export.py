@@ -46,6 +46,7 @@ def test_merged_folder_equals_adapter_on_base(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, on_base(IDS).logits, atol=1e-5, rtol=1e-5)
     assert (out / "tokenizer_config.json").is_file() and not list(tmp_path.glob(".merged-*"))
+    assert out.stat().st_mode & 0o755 == 0o755  # not the owner-only mode of a temporary folder
     with pytest.raises(OutputError, match="already exists"):
         export_merged(source, out)
 
@@ -88,3 +89,13 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.startswith(f"error: {run} has no adapter") and "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", str(run)], capture_output=True, text=True)
     assert out.returncode == 2 and "exactly one of --merged" in out.stderr
+
+
+def test_exported_gguf_and_modelfile_are_readable_by_others(tmp_path):
+    """Ollama often runs as its own user: an owner-only (0600) GGUF would not load."""
+    from infopo_cli.export import export_gguf
+
+    path, modelfile_path, _ = export_gguf(adapter_for("llama", tmp_path), tmp_path / "m.gguf", "f16", check=False)
+    assert path.stat().st_mode & 0o644 == 0o644 and modelfile_path.stat().st_mode & 0o644 == 0o644
+    with pytest.raises(OutputError, match="already exists"):
+        export_gguf(adapter_for("llama", tmp_path / "again"), path, "f16", check=False)

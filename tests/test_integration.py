@@ -113,6 +113,7 @@ def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(home
                           env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("same as merged, stops") == 3
+    assert "llama.cpp: 3/3 prompts with the same tokens, top-1 and greedy answer" in proc.stdout
     assert "TEMPLATE" in (tmp_path / "smol.Modelfile").read_text()
     # the tokenizer we write is the one SmolLM2's own GGUF carries
     ours, source = gguf.GGUFReader(out), gguf.GGUFReader(embedded.find_gguf())
@@ -129,3 +130,18 @@ def test_f16_gguf_of_the_default_gives_the_merged_logits(home, trained_run, tmp_
     monkeypatch.setenv("INFOPO_HOME", str(home))
     _, _, result = export_gguf(from_run(trained_run), tmp_path / "smol-f16.gguf", "f16")
     assert result.max_logit_diff < 0.1 and result.ok, result
+
+
+def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(home, trained_run, tmp_path, monkeypatch):
+    """llama.cpp (llama-cpp-python, the gguf-check extra) on our f16 GGUF: same top-1 next token, same answers."""
+    import llama_cpp  # noqa: F401 - the extra CI installs; without it this test must fail, not skip
+
+    from infopo_cli.export import export_gguf
+    from infopo_cli.export_check import check_llama_cpp
+    from infopo_cli.merge import from_run, merged_model
+
+    monkeypatch.setenv("INFOPO_HOME", str(home))
+    path, _, _ = export_gguf(from_run(trained_run), tmp_path / "smol.gguf", "f16", check=False)
+    model, tokenizer = merged_model(from_run(trained_run))
+    prompts = ("What is 7 + 8?", "Name the largest planet.", "What color is grass?")
+    assert check_llama_cpp(model.float().eval(), tokenizer, path, prompts) == [True, True, True]

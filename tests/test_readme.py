@@ -35,4 +35,5 @@ def test_the_two_setup_commands_are_there_and_ci_runs_the_test_one():
     test = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", README, re.S).group(1)
     assert run.startswith("python3 -m venv .venv") and run.endswith("infopo train")
     assert "pip install torch==2.13.0 &&" in test and test.endswith("python -m pytest -q")
+    assert "gguf-check" in test  # CI loads exported GGUF files in llama.cpp itself
     assert "<!-- test-command -->" in CI  # .ci/run extracts and runs exactly that block

@@ -1,0 +1,32 @@
+"""Files written so that a reader sees the old version or the new one, never a torn one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def usual_permissions(path: Path | str) -> None:
+    """mkstemp/mkdtemp create owner-only files (0600/0700); give what the user's umask gives a new file.
+
+    Otherwise an exported GGUF could not be read by an Ollama service running as another user.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic: a reader sees the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    usual_permissions(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
