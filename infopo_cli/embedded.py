@@ -6,6 +6,7 @@ a plain transformers folder under `$INFOPO_HOME/models/` and reuse that folder a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -40,16 +41,37 @@ def find_gguf() -> Path:
 
 
 def ensure_converted(log=print) -> Path:
-    """Return the converted model folder, converting the GGUF on first use (atomically)."""
+    """Return the converted embedded default, converting its GGUF on first use."""
     target = infopo_home() / "models" / FOLDER_NAME
     if (target / "config.json").is_file():
         return target
-    gguf = find_gguf()
-    log(f"converting the embedded {FOLDER_NAME} ({gguf.name}) into {target} (once, ~20 s)")
+    return convert_once(find_gguf(), target, log)
+
+
+def gguf_folder(gguf: Path, log=print) -> Path:
+    """Any GGUF a user points --model at (e.g. one from llama.cpp or Ollama), converted once and cached.
+
+    The cache key is the file's absolute path, size and modification time, so an edited file is converted again.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = infopo_home() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    return convert_once(gguf, target, log)
+
+
+def convert_once(gguf: Path, target: Path, log=print) -> Path:
+    """Dequantise `gguf` into a transformers folder at `target`, written under a temporary name first."""
+    log(f"converting {gguf.name} into a transformers folder {target} (once)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _convert(gguf, tmp)
+        try:
+            _convert(gguf, tmp)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # an architecture or type transformers cannot read
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"cannot convert {gguf} into a transformers model: {first}") from None
         usual_permissions(tmp)  # mkdtemp made it owner-only
         try:
             os.replace(tmp, target)

@@ -86,7 +86,10 @@ def add_tokenizer(writer, tokenizer, model_name: str) -> None:
     writer.add_tokenizer_pre(pre_tokenizer(model_name))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if merges:
+        writer.add_token_merges(merges)
+    else:  # a bytes-only vocabulary: readers (transformers) then derive merges from scores, of which there are none
+        writer.add_token_scores([0.0] * size)
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if token_id is not None:

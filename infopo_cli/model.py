@@ -26,6 +26,8 @@ def resolve_source(model: str, log=print) -> str:
         return str(embedded.ensure_converted(log))
     if model.startswith("embedded:"):
         raise ConfigError(f"unknown embedded model '{model}'; the embedded default is '{EMBEDDED_MODEL}'")
+    if model.lower().endswith(".gguf") and Path(model).expanduser().is_file():
+        return str(embedded.gguf_folder(Path(model).expanduser(), log))
     return model
 
 
@@ -47,7 +49,7 @@ def load_tokenizer(source: str):
     except (OSError, ValueError) as err:
         raise _load_error(source, err) from None
     if tokenizer.pad_token_id is None:  # padding is masked out of every loss, any id will do
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -99,3 +99,24 @@ def test_exported_gguf_and_modelfile_are_readable_by_others(tmp_path):
     assert path.stat().st_mode & 0o644 == 0o644 and modelfile_path.stat().st_mode & 0o644 == 0o644
     with pytest.raises(OutputError, match="already exists"):
         export_gguf(adapter_for("llama", tmp_path / "again"), path, "f16", check=False)
+
+
+def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
+    """Users of llama.cpp/Ollama bring GGUF files: --model file.gguf is converted once and trained on."""
+    from conftest import write_pairs
+
+    from infopo_cli import train as recipe
+    from infopo_cli.model import resolve_source
+
+    monkeypatch.setenv("INFOPO_HOME", str(tmp_path / "home"))
+    merged, tokenizer = merged_model(adapter_for("llama", tmp_path))
+    path = tmp_path / "mine.gguf"
+    write_gguf(merged, tokenizer, path, "f32", model_name="tiny")
+    folder = resolve_source(str(path), log=lambda _: None)
+    assert resolve_source(str(path), log=lambda _: pytest.fail("converted twice")) == folder
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(IDS).logits, merged(IDS).logits,
+                                   atol=1e-4, rtol=0)
+    cfg = TrainConfig(model=str(path), data=str(write_pairs(tmp_path / "p.jsonl", 4)), eval_data="", dtype="fp32",
+                      max_steps=1, batch_size=2, output=str(tmp_path / "run"), max_length=128, max_prompt_length=64)
+    assert recipe.train(cfg).steps == 1
