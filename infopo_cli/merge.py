@@ -7,13 +7,11 @@ with peft, and the folder is written under a temporary name and renamed into pla
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from infopo_cli.atomic import usual_permissions
+from infopo_cli import atomic
 from infopo_cli.errors import ConfigError, OutputError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -72,17 +70,10 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = merged_model(source, dtype)
     check_free_space(out.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic.folder(out) as tmp:  # with --overwrite, the old folder goes only once the new one is complete
         model.config.use_cache = True  # the run turned the KV cache off for training; inference wants it
         model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)  # with its chat template
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        if out.exists():  # --overwrite: the old folder goes only once the new one is complete
-            shutil.rmtree(out)
-        usual_permissions(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -101,12 +101,17 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so the frozen 4-bit
         # base is used as is (no fp32 up-cast of every non-quantised weight).
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
+                      bias="none", task_type="CAUSAL_LM")
     try:
         return get_peft_model(base, lora)
-    except ValueError as err:
+    except ValueError:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear) or "Linear" in type(m).__name__})
         raise ConfigError(f"target_modules {cfg.target_modules} do not match this model's layers "
                           f"(it has: {', '.join(names)})") from None

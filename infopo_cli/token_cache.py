@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 from infopo_cli.atomic import write_text
 from infopo_cli.embedded import infopo_home

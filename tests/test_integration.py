@@ -134,7 +134,9 @@ def test_f16_gguf_of_the_default_gives_the_merged_logits(home, trained_run, tmp_
 
 def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(home, trained_run, tmp_path, monkeypatch):
     """llama.cpp (llama-cpp-python, the gguf-check extra) on our f16 GGUF: same top-1 next token, same answers."""
-    import llama_cpp  # noqa: F401 - the extra CI installs; without it this test must fail, not skip
+    import llama_cpp  # the extra CI installs; without it this test must fail, not skip
+
+    assert llama_cpp.__version__
 
     from infopo_cli.export import export_gguf
     from infopo_cli.export_check import check_llama_cpp

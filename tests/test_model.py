@@ -54,7 +54,7 @@ def test_reference_logps_equal_the_bare_base(tiny_model):
 
 
 def test_one_set_of_base_weights_in_the_process(tiny_model):
-    del_all = gc.collect()  # noqa: F841 - earlier tests' models must not be counted
+    gc.collect()  # earlier tests' models must not be counted
     model = policy(tiny_model)
     pair_logps(model, batch(), Needs(reference=True)).policy_chosen.sum().backward()
     gc.collect()

@@ -118,16 +118,22 @@ def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, 
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_ctrl_c_saves_a_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
+def interrupt_at_step(monkeypatch, step: int):
+    """Make the recipe see Ctrl-C during optimizer step `step`; returns the real step function."""
     real, calls = recipe.accumulate_gradients, []
 
-    def interrupt_on_third(*args, **kwargs):
+    def interrupting(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == step:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "accumulate_gradients", interrupt_on_third)
+    monkeypatch.setattr(recipe, "accumulate_gradients", interrupting)
+    return real
+
+
+def test_ctrl_c_saves_a_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
+    interrupt_at_step(monkeypatch, 3)
     summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", max_steps=5))
     assert summary.status == "interrupted" and summary.steps == 2
     assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
@@ -195,15 +201,7 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_adapter(tiny_model, pairs_f
     from infopo_cli.checkpoint import latest_checkpoint
 
     straight = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "straight", max_steps=5, eval_data=""))
-    real, calls = recipe.accumulate_gradients, []
-
-    def interrupt_on_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "accumulate_gradients", interrupt_on_third)
+    real = interrupt_at_step(monkeypatch, 3)
     cfg = tiny_cfg(tiny_model, pairs_file, tmp_path / "resumed", max_steps=5, eval_data="")
     assert recipe.train(cfg).status == "interrupted"
     monkeypatch.setattr(recipe, "accumulate_gradients", real)
