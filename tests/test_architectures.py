@@ -57,16 +57,24 @@ def test_every_preset_has_a_tiny_architecture():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logps_match_the_models_own_logits(arch, tmp_path):
-    """Our response-only output layer (with Gemma-2's soft-capping) equals the model's full forward."""
+    """Our response-only output layer (with Gemma-2's soft-capping) equals the model's full forward, values and gradients."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(build(arch, tmp_path / arch), dtype=torch.float32, attn_implementation="eager")
     b = collate([TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8, 9]), TokenizedPair([10, 11], [12, 13, 14], [15])], pad_id=0)
+    for param in model.parameters():  # a frozen base, as in training
+        param.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)  # something upstream to differentiate
     got = sequence_logps(model, b.input_ids, b.attention_mask, b.labels).sums
+    got.sum().backward()
+    ours = model.get_input_embeddings().weight.grad.clone()
+    model.zero_grad()
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
     keep = b.labels[:, 1:] != -100
     want = (logits.log_softmax(-1).gather(2, b.labels[:, 1:].clamp(min=0).unsqueeze(2)).squeeze(2) * keep).sum(1)
+    want.sum().backward()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, model.get_input_embeddings().weight.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(available()))
