@@ -51,7 +51,9 @@ def save_checkpoint(folder: Path, model: nn.Module, tokenizer, optimizer, schedu
     with atomic.folder(target) as tmp:
         save_adapter(model, tokenizer, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "rng": torch.get_rng_state(), **state}, tmp / "training_state.pt")
+                    "step": step, "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **state},
+                   tmp / "training_state.pt")
     return target
 
 
@@ -86,4 +88,6 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> int
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():  # LoRA dropout on the GPU draws from these
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-SHOWN = [("loss", "loss"), ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected"),
-         ("rewards/margins", "margins"), ("rewards/accuracies", "acc")]
+SHOWN = [("loss", "loss"), ("rewards/chosen", "rewards/chosen"), ("rewards/margins", "margins"),
+         ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected"), ("rewards/accuracies", "acc")]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -213,3 +213,20 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_adapter(tiny_model, pairs_f
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_progress_shows_the_metrics_trl_users_know(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from infopo_cli.progress import TrainProgress
+
+    out = StringIO()
+    with TrainProgress(Console(file=out, width=200), total=3) as bar:  # not a terminal: one line per step
+        bar.step(1, {"loss": 0.69, "rewards/chosen": 0.1, "rewards/margins": 0.2, "logps/chosen": -50.0,
+                     "logps/rejected": -55.0, "rewards/accuracies": 0.75, "grad_norm": 3.0})
+    line = out.getvalue().strip()
+    assert line.startswith("step 1/3") and "grad_norm" not in line
+    for text in ("loss 0.69", "rewards/chosen 0.1", "margins 0.2", "logps/chosen -50", "logps/rejected -55", "acc 0.75"):
+        assert text in line, text
