@@ -41,11 +41,17 @@ def stop_ids(tokenizer) -> set[int]:
     return ids - {None}
 
 
+def prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
+    """(text to tokenise, whether the tokenizer adds its special tokens such as BOS itself)."""
+    if tokenizer.chat_template:  # the template writes BOS and the turn markers
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True), False
+    return prompt, True
+
+
 def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    return torch.tensor([tokenizer(prompt)["input_ids"]])
+    text, add_special = prompt_text(tokenizer, prompt)
+    return torch.tensor([tokenizer(text, add_special_tokens=add_special)["input_ids"]])
 
 
 @torch.no_grad()
@@ -112,9 +118,9 @@ def check_llama_cpp(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new
     stops, results = stop_ids(tokenizer), []
     try:
         for prompt in prompts:
+            text, add_special = prompt_text(tokenizer, prompt)
             ids = prompt_ids(tokenizer, prompt)
-            text = tokenizer.decode(ids[0])
-            same_tokens = llm.tokenize(text.encode(), add_bos=False, special=True) == ids[0].tolist()
+            same_tokens = llm.tokenize(text.encode(), add_bos=add_special, special=True) == ids[0].tolist()
             want = greedy(merged, ids, stops, max_new_tokens)
             got = []
             llm.reset()

@@ -4,12 +4,14 @@ Architecture metadata, the tokenizer (tokens, types, merges, special ids, chat t
 tensors under llama.cpp's names and layouts: Llama-family q/k projections are permuted from the
 half-split rotary layout of transformers to the interleaved one GGML uses (without it llama.cpp
 produces garbage; measured). Supported: the `llama` architecture (Llama 2/3, Mistral, SmolLM2) and
-`qwen2`; other architectures are a clear error that points to the merged export.
+`qwen2`, with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
+Mistral); other architectures are a clear error that points to the merged export.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 from infopo_cli.errors import ConfigError, ExportError
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp picks its pre-tokenizer regex by this name; by model family (name fragments, lower case).
 PRE_TOKENIZERS = (("smollm", "smollm"), ("llama-3", "llama-bpe"), ("llama3", "llama-bpe"), ("qwen2", "qwen2"),
                   ("qwen", "qwen2"))
@@ -67,36 +70,55 @@ def pre_tokenizer(model_name: str) -> str:
 
 
 def add_tokenizer(writer, tokenizer, model_name: str) -> None:
-    """Byte-level BPE tokenizers (gpt2 style), from the tokenizer's own files."""
+    """Tokens, types, merges or scores, special ids and chat template, from the tokenizer's own files."""
     gguf = _gguf()
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE" or backend["model"].get("byte_fallback"):
-        raise ExportError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2); "
-                          "this one is SentencePiece-style — use --merged")
+    model = backend["model"]
     vocab = tokenizer.get_vocab()
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for text, index in vocab.items():
         tokens[index], types[index] = text, gguf.TokenType.NORMAL
+    if model["type"] == "BPE" and not model.get("byte_fallback"):  # byte-level BPE: Llama 3, Qwen2, SmolLM2
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer(model_name))
+        if merges:
+            writer.add_token_merges(merges)
+        else:  # a bytes-only vocabulary: readers (transformers) then derive merges from scores, of which there are none
+            writer.add_token_scores([0.0] * size)
+    elif model["type"] == "BPE":  # SentencePiece-style BPE with byte fallback: Llama 2, Mistral, Phi-3
+        for text, index in vocab.items():
+            if BYTE_TOKEN.fullmatch(text):
+                types[index] = gguf.TokenType.BYTE
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        # SentencePiece BPE lists pieces in merge order and scores them by it: -index reproduces the ranks.
+        writer.add_token_scores([-float(i) for i in range(size)])
+        writer.add_add_space_prefix(_adds_space_prefix(backend))
+    else:
+        raise ExportError(f"GGUF export supports BPE tokenizers; this one is {model['type']} — use --merged")
     for index, added in tokenizer.added_tokens_decoder.items():
-        types[index] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(model_name))
+        if types[index] != gguf.TokenType.UNKNOWN:
+            types[index] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    if merges:
-        writer.add_token_merges(merges)
-    else:  # a bytes-only vocabulary: readers (transformers) then derive merges from scores, of which there are none
-        writer.add_token_scores([0.0] * size)
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if token_id is not None:
-            getattr(writer, f"add_{'unk' if kind == 'unk' else kind}_token_id")(token_id)
+            getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(bool(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _adds_space_prefix(backend: dict) -> bool:
+    """SentencePiece's 'dummy prefix': a '▁' prepended by the normaliser or the Metaspace pre-tokenizer."""
+    text = json.dumps([backend.get("normalizer"), backend.get("pre_tokenizer")])
+    return '"Prepend"' in text or ('"Metaspace"' in text and '"never"' not in text)
 
 
 def _tensor(gguf, data: np.ndarray, quant: str):

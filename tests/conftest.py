@@ -66,3 +66,26 @@ def pairs_file(tmp_path) -> Path:
 def _seed() -> None:
     random.seed(0)
     torch.manual_seed(0)
+
+
+def build_spm_tokenizer():
+    """SentencePiece-style BPE as Llama 2 / Mistral ship it in tokenizer.json: '▁' for spaces, a dummy prefix,
+    byte fallback to <0xXX> tokens, pieces listed in merge order."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for char in "▁abcdefghijklmnopqrstuvwxyz0123456789+=?.,!":
+        vocab.setdefault(char, len(vocab))
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "a"), ("i", "s"), ("▁", "is"), ("a", "t"), ("h", "at"),
+              ("▁", "w"), ("▁w", "hat"), ("i", "n"), ("▁", "in"), ("e", "r"), ("o", "n")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -28,10 +28,10 @@ def arch_of(model_id: str) -> str:
     raise AssertionError(f"no tiny test architecture for {model_id}: add one below")
 
 
-def build(arch: str, folder) -> str:
+def build(arch: str, folder, tokenizer=None) -> str:
     import transformers as T
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, **SMALL)
     config = {

@@ -23,9 +23,9 @@ from infopo_cli.precision import Precision
 IDS = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
 
 
-def adapter_for(arch: str, tmp_path):
+def adapter_for(arch: str, tmp_path, tokenizer=None):
     """A tiny model of `arch` and a LoRA adapter with non-zero weights on all its linear layers."""
-    base_dir = build(arch, tmp_path / f"{arch}-base")
+    base_dir = build(arch, tmp_path / f"{arch}-base", tokenizer)
     cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8)
     model = stack.attach_lora(stack.load_base(base_dir, cfg, Precision("cpu", torch.float32, "test")), cfg)
     with torch.no_grad():
@@ -120,3 +120,24 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     cfg = TrainConfig(model=str(path), data=str(write_pairs(tmp_path / "p.jsonl", 4)), eval_data="", dtype="fp32",
                       max_steps=1, batch_size=2, output=str(tmp_path / "run"), max_length=128, max_prompt_length=64)
     assert recipe.train(cfg).steps == 1
+
+
+def test_sentencepiece_tokenizer_gguf_tokenises_like_transformers_in_llama_cpp(tmp_path):
+    """Llama 2 / Mistral layout: llama.cpp's SentencePiece tokenizer on our tokens, scores and types."""
+    import llama_cpp
+
+    from conftest import build_spm_tokenizer
+    from infopo_cli.export_check import check_llama_cpp
+
+    merged, tokenizer = merged_model(adapter_for("mistral", tmp_path, build_spm_tokenizer()))
+    path = tmp_path / "spm.gguf"
+    write_gguf(merged, tokenizer, path, "f32", model_name="tiny-mistral")
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf(path)(IDS).logits, merged(IDS).logits, atol=1e-4, rtol=0)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    try:
+        for text in ("what is the 2+3?", "the  cat is in the hat!", "é ünïcode", "is it"):
+            assert llm.tokenize(text.encode(), add_bos=True) == tokenizer(text)["input_ids"], text
+    finally:
+        llm.close()
+    assert check_llama_cpp(merged.float().eval(), tokenizer, path, ("what is the", "the hat is"), 6) == [True, True]
