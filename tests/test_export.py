@@ -51,7 +51,7 @@ def test_merged_folder_equals_adapter_on_base(arch, tmp_path):
         export_merged(source, out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3"])
 @pytest.mark.parametrize("quant, atol", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)])
 def test_gguf_reloads_to_the_merged_logits(arch, quant, atol, tmp_path):
     """Tolerances: f32 exact up to float error; f16/bf16/q8_0 by their rounding (logits here are O(1))."""
@@ -122,16 +122,21 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     assert recipe.train(cfg).steps == 1
 
 
-def test_sentencepiece_tokenizer_gguf_tokenises_like_transformers_in_llama_cpp(tmp_path):
-    """Llama 2 / Mistral layout: llama.cpp's SentencePiece tokenizer on our tokens, scores and types."""
+@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
+    """Llama 2 / Mistral / Phi-3 layout: llama.cpp's SentencePiece tokenizer on our tokens, scores and types,
+    and its forward pass on our tensors (Phi-3's fused qkv and gate/up included)."""
     import llama_cpp
 
     from conftest import build_spm_tokenizer
     from infopo_cli.export_check import check_llama_cpp
 
-    merged, tokenizer = merged_model(adapter_for("mistral", tmp_path, build_spm_tokenizer()))
+    spm = build_spm_tokenizer()
+    if arch == "phi3":  # llama.cpp looks these up by name for Phi-3 (its end-of-turn tokens)
+        spm.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>"]})
+    merged, tokenizer = merged_model(adapter_for(arch, tmp_path, spm))
     path = tmp_path / "spm.gguf"
-    write_gguf(merged, tokenizer, path, "f32", model_name="tiny-mistral")
+    write_gguf(merged, tokenizer, path, "f32", model_name=f"tiny-{arch}")
     with torch.no_grad():
         torch.testing.assert_close(load_gguf(path)(IDS).logits, merged(IDS).logits, atol=1e-4, rtol=0)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
