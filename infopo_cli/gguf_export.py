@@ -3,8 +3,8 @@
 Architecture metadata, the tokenizer (tokens, types, merges, special ids, chat template) and the
 tensors under llama.cpp's names and layouts: Llama-family q/k projections are permuted from the
 half-split rotary layout of transformers to the interleaved one GGML uses (without it llama.cpp
-produces garbage; measured). Supported: the `llama` architecture (Llama 2/3, Mistral, SmolLM2), `qwen2`
-and `phi3`, with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
+produces garbage; measured). Supported: the `llama` architecture (Llama 2/3, Mistral, SmolLM2), `qwen2`,
+`phi3` and `gemma2`, with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
 Mistral); other architectures are a clear error that points to the merged export.
 """
 
@@ -33,7 +33,8 @@ class Arch:
 
 
 ARCHS = {"LlamaForCausalLM": Arch("llama", True), "MistralForCausalLM": Arch("llama", True),
-         "Qwen2ForCausalLM": Arch("qwen2", False), "Phi3ForCausalLM": Arch("phi3", False)}
+         "Qwen2ForCausalLM": Arch("qwen2", False), "Phi3ForCausalLM": Arch("phi3", False),
+         "Gemma2ForCausalLM": Arch("gemma2", False)}
 
 
 def _gguf():
@@ -155,8 +156,13 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> Non
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if arch.gguf_name == "phi3" and getattr(config, "sliding_window", None):
+    if arch.gguf_name in ("phi3", "gemma2") and getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
+    if arch.gguf_name == "gemma2":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(FILE_TYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -171,6 +177,8 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> Non
         if target is None:
             raise ExportError(f"no GGUF name for tensor {name}")
         data = tensor.detach().float().cpu().numpy()
+        if arch.gguf_name == "gemma2" and name.endswith("norm.weight"):
+            data = data + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp multiplies by the stored weight
         if arch.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = permute(data, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
         array, raw = _tensor(gguf, data, quant)

@@ -38,8 +38,8 @@ def build(arch: str, folder, tokenizer=None) -> str:
         "llama": lambda: T.LlamaConfig(**common, tie_word_embeddings=False),
         "mistral": lambda: T.MistralConfig(**common, sliding_window=None),
         "qwen2": lambda: T.Qwen2Config(**common, tie_word_embeddings=True),
-        "gemma2": lambda: T.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=5.0,
-                                         attn_logit_softcapping=50.0, sliding_window=64),
+        "gemma2": lambda: T.Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256, final_logit_softcapping=30.0,
+                                         attn_logit_softcapping=50.0, sliding_window=64),  # Gemma-2's own caps
         "phi3": lambda: T.Phi3Config(**common),
     }[arch]()
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ def test_merged_folder_equals_adapter_on_base(arch, tmp_path):
         export_merged(source, out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma2"])
 @pytest.mark.parametrize("quant, atol", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)])
 def test_gguf_reloads_to_the_merged_logits(arch, quant, atol, tmp_path):
     """Tolerances: f32 exact up to float error; f16/bf16/q8_0 by their rounding (logits here are O(1))."""
@@ -69,9 +69,17 @@ def test_qk_permutation_is_llama_cpps():
     assert rows.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]  # halves interleaved within each head
 
 
-def test_unsupported_architecture_is_one_line(tmp_path):
-    merged, tokenizer = merged_model(adapter_for("gemma2", tmp_path))
-    with pytest.raises(ExportError, match="GGUF export supports .*Gemma2ForCausalLM is not yet supported — use --merged"):
+def test_unsupported_architecture_and_rope_scaling_are_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from infopo_cli.gguf_export import arch_of
+
+    unknown = type("GPT2LMHeadModel", (), {"config": SimpleNamespace()})()
+    with pytest.raises(ExportError, match="GGUF export supports .*GPT2LMHeadModel is not yet supported — use --merged"):
+        arch_of(unknown)
+    merged, tokenizer = merged_model(adapter_for("llama", tmp_path))
+    merged.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    with pytest.raises(ExportError, match="rope scaling 'llama3' is not yet supported"):
         write_gguf(merged, tokenizer, tmp_path / "g.gguf", "f16", "tiny")
 
 
@@ -122,7 +130,7 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     assert recipe.train(cfg).steps == 1
 
 
-@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+@pytest.mark.parametrize("arch", ["mistral", "phi3", "gemma2"])
 def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     """Llama 2 / Mistral / Phi-3 layout: llama.cpp's SentencePiece tokenizer on our tokens, scores and types,
     and its forward pass on our tensors (Phi-3's fused qkv and gate/up included)."""
