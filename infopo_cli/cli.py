@@ -252,17 +252,24 @@ def export(
     if result is not None:
         from infopo_cli.export_check import PROMPTS
 
-        for prompt, sample, agree, stops in zip(PROMPTS, result.samples, result.agree, result.stops):
-            console.print(f"  {prompt!r} -> {sample!r}  [{'same as merged' if agree else 'DIFFERS'}, {'stops' if stops else 'DOES NOT STOP'}]",
+        agreement = result.agree if result.transformers_checked else [None] * len(result.samples)
+        for prompt, sample, agree, stops in zip(PROMPTS, result.samples, agreement, result.stops):
+            same = {True: "same as merged", False: "DIFFERS", None: "merged model"}[agree]
+            console.print(f"  {prompt!r} -> {sample!r}  [{same}, {'stops' if stops else 'DOES NOT STOP'}]",
                           highlight=False, markup=False)
-        console.print(f"  max next-token logit difference vs merged: {result.max_logit_diff:.4f}", highlight=False)
+        if result.transformers_checked:
+            console.print(f"  max next-token logit difference vs merged: {result.max_logit_diff:.4f}", highlight=False)
+        else:
+            console.print("  rope-scaled model: transformers cannot read its scaling back; checked in llama.cpp only")
         if result.llama_cpp is None:
             console.print("  llama.cpp check skipped: pip install 'infopo[gguf-check]' (compiles llama.cpp, ~7 min)")
         else:
             console.print(f"  llama.cpp: {sum(result.llama_cpp)}/{len(result.llama_cpp)} prompts with the same tokens, "
                           "top-1 and greedy answer as the merged model", highlight=False)
         if not result.ok:
-            problems = [text for bad, text in ((not all(result.agree), "answers differently from the merged model"),
+            problems = [text for bad, text in ((not result.transformers_checked and result.llama_cpp is None,
+                                                "a rope-scaled export needs llama.cpp to be checked (pip install 'infopo[gguf-check]')"),
+                                               (not all(result.agree), "answers differently from the merged model"),
                                                (not all(result.stops), "generation does not stop"),
                                                (not all(result.llama_cpp or []), "llama.cpp answers differently"))
                         if bad]

@@ -48,10 +48,31 @@ def arch_of(model) -> Arch:
     if name not in ARCHS:
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))}; {name} is not yet supported — "
                           "use --merged and llama.cpp's convert_hf_to_gguf.py")
-    scaling = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
-    if scaling.get("rope_type", "default") not in ("default", None):
-        raise ExportError(f"GGUF export of rope scaling '{scaling.get('rope_type')}' is not yet supported — use --merged")
+    rope_type = rope_scaling(model.config).get("rope_type", "default")
+    if rope_type not in ("default", None) and not (rope_type == "llama3" and ARCHS[name].gguf_name == "llama"):
+        raise ExportError(f"GGUF export of rope scaling '{rope_type}' is not yet supported — use --merged")
     return ARCHS[name]
+
+
+def rope_scaling(config) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def llama3_rope_factors(config, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's rope scaling, as llama.cpp reads them from `rope_freqs.weight`.
+
+    Llama 3.1 keeps high frequencies (wavelength below original_context / high_freq_factor), divides low
+    ones (wavelength above original_context / low_freq_factor) by `factor`, and interpolates in between.
+    """
+    params = rope_scaling(config)
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    original = params["original_max_position_embeddings"]
+    freqs = 1.0 / (_rope_theta(config) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelengths = 2 * np.pi / freqs
+    smooth = (original / wavelengths - low) / (high - low)
+    factors = np.where(wavelengths < original / high, 1.0,
+                       np.where(wavelengths > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
 def _rope_theta(config) -> float:
@@ -170,6 +191,9 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> Non
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
+    if rope_scaling(config).get("rope_type") == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config, head_dim),
+                          raw_dtype=gguf.GGMLQuantizationType.F32)
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reuses the token embeddings

@@ -78,8 +78,8 @@ def test_unsupported_architecture_and_rope_scaling_are_one_line(tmp_path):
     with pytest.raises(ExportError, match="GGUF export supports .*GPT2LMHeadModel is not yet supported — use --merged"):
         arch_of(unknown)
     merged, tokenizer = merged_model(adapter_for("llama", tmp_path))
-    merged.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
-    with pytest.raises(ExportError, match="rope scaling 'llama3' is not yet supported"):
+    merged.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}
+    with pytest.raises(ExportError, match="rope scaling 'yarn' is not yet supported"):
         write_gguf(merged, tokenizer, tmp_path / "g.gguf", "f16", "tiny")
 
 
@@ -154,3 +154,45 @@ def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     finally:
         llm.close()
     assert check_llama_cpp(merged.float().eval(), tokenizer, path, ("what is the", "the hat is"), 6) == [True, True]
+
+
+def test_llama3_rope_scaling_matches_in_llama_cpp(tmp_path):
+    """Llama 3.1's rope scaling goes into rope_freqs.weight: llama.cpp's logits then equal the merged model's,
+    and without that tensor they do not (so the comparison can tell)."""
+    import llama_cpp
+    import numpy as np
+
+    import transformers as T
+    from conftest import build_spm_tokenizer
+
+    from infopo_cli.gguf_export import llama3_rope_factors
+
+    tokenizer = build_spm_tokenizer()
+    config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 32},
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config).eval()
+    factors = llama3_rope_factors(config, 16)
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and np.all(np.diff(factors) >= 0)
+    ids = list(range(20, 80))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+
+    def llama_cpp_logits(path):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+        try:
+            llm.eval(ids)
+            return np.array(llm.scores[:len(ids)])
+        finally:
+            llm.close()
+
+    write_gguf(model, tokenizer, tmp_path / "scaled.gguf", "f32", "tiny")
+    scaled = np.abs(llama_cpp_logits(tmp_path / "scaled.gguf") - want).max()
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}  # same weights, no rope_freqs
+    write_gguf(model, tokenizer, tmp_path / "unscaled.gguf", "f32", "tiny")
+    unscaled = np.abs(llama_cpp_logits(tmp_path / "unscaled.gguf") - want).max()
+    assert scaled < 2e-4 and unscaled > 10 * scaled, (scaled, unscaled)  # logits here are O(0.1)
