@@ -4,7 +4,7 @@ Architecture metadata, the tokenizer (tokens, types, merges, special ids, chat t
 tensors under llama.cpp's names and layouts: Llama-family q/k projections are permuted from the
 half-split rotary layout of transformers to the interleaved one GGML uses (without it llama.cpp
 produces garbage; measured). Supported: the `llama` architecture (Llama 2/3, Mistral, SmolLM2), `qwen2`,
-`phi3` and `gemma2`, with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
+`phi3` and `gemma2` (rope scaling: Llama 3.1's `llama3`, Phi-3.5's `longrope`), with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
 Mistral); other architectures are a clear error that points to the merged export.
 """
 
@@ -49,7 +49,8 @@ def arch_of(model) -> Arch:
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))}; {name} is not yet supported — "
                           "use --merged and llama.cpp's convert_hf_to_gguf.py")
     rope_type = rope_scaling(model.config).get("rope_type", "default")
-    if rope_type not in ("default", None) and not (rope_type == "llama3" and ARCHS[name].gguf_name == "llama"):
+    supported = {"llama": "llama3", "phi3": "longrope"}.get(ARCHS[name].gguf_name)
+    if rope_type not in ("default", None, supported):
         raise ExportError(f"GGUF export of rope scaling '{rope_type}' is not yet supported — use --merged")
     return ARCHS[name]
 
@@ -191,9 +192,18 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> Non
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
-    if rope_scaling(config).get("rope_type") == "llama3":
+    scaling = rope_scaling(config)
+    if scaling.get("rope_type") == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config, head_dim),
                           raw_dtype=gguf.GGMLQuantizationType.F32)
+    if scaling.get("rope_type") == "longrope":  # Phi-3.5: per-frequency factors for short and long contexts
+        original = scaling.get("original_max_position_embeddings") or config.original_max_position_embeddings
+        scale = config.max_position_embeddings / original
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(scale) / np.log(original))) if scale > 1 else 1.0)
+        for kind, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            writer.add_tensor(gguf.TENSOR_NAMES[tensor] + ".weight", np.asarray(scaling[kind], dtype=np.float32),
+                              raw_dtype=gguf.GGMLQuantizationType.F32)
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reuses the token embeddings

@@ -196,3 +196,57 @@ def test_llama3_rope_scaling_matches_in_llama_cpp(tmp_path):
     write_gguf(model, tokenizer, tmp_path / "unscaled.gguf", "f32", "tiny")
     unscaled = np.abs(llama_cpp_logits(tmp_path / "unscaled.gguf") - want).max()
     assert scaled < 2e-4 and unscaled > 10 * scaled, (scaled, unscaled)  # logits here are O(0.1)
+
+
+def test_phi3_longrope_matches_in_llama_cpp(tmp_path):
+    """Phi-3.5's longrope: short/long factor tensors and the attention factor; llama.cpp's logits equal the model's."""
+    import llama_cpp
+    import numpy as np
+    import transformers as T
+    from conftest import build_spm_tokenizer
+
+    tokenizer = build_spm_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>"]})
+    rng = np.random.default_rng(0)
+    config = T.Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          original_max_position_embeddings=256,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "short_factor": (1 + rng.random(8)).tolist(), "long_factor": (2 + rng.random(8)).tolist(),
+                                           "original_max_position_embeddings": 256},
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    torch.manual_seed(0)
+    model = T.Phi3ForCausalLM(config).eval()
+    ids = list(range(20, 80))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    write_gguf(model, tokenizer, tmp_path / "phi.gguf", "f32", "tiny-phi3")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "phi.gguf"), n_ctx=128, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    assert np.abs(got - want).max() < 2e-4
+
+
+def test_export_from_base_and_adapter_on_the_command_line(tmp_path):
+    source = adapter_for("llama", tmp_path)
+    out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter", str(source.adapter),
+                          "--merged", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert (tmp_path / "merged" / "config.json").is_file()
+    out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter", str(source.adapter),
+                          "--merged", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert out.returncode == 2 and "already exists" in out.stderr  # and --overwrite replaces it:
+    out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter", str(source.adapter),
+                          "--merged", str(tmp_path / "merged"), "--overwrite"], capture_output=True, text=True)
+    assert out.returncode == 0
+
+
+def test_free_space_is_checked_before_writing(tmp_path):
+    from infopo_cli.merge import check_free_space
+
+    check_free_space(tmp_path, 1024)
+    with pytest.raises(OutputError, match="not enough disk space"):
+        check_free_space(tmp_path, 10**18)
