@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from infopo_cli.batching import epoch_batches, padding_fraction
 from infopo_cli.data import DataOptions, load_pairs
-from infopo_cli.tokenization import encode_pair
+from infopo_cli.tokenization import encode_pair, truncate
 
 
 @dataclass
@@ -47,7 +47,7 @@ def check(spec: str, options: DataOptions, tokenizer, max_length: int, max_promp
     report.lengths = {"prompt": [len(t.prompt_ids) for t in full], "chosen": [len(t.chosen_ids) for t in full],
                       "rejected": [len(t.rejected_ids) for t in full]}
     report.truncated = sum(t.length > max_length for t in full)
-    kept = [encode_pair(tokenizer, p, max_length, max_prompt_length) for p in loaded.pairs]
+    kept = [truncate(t.prompt_ids, t.chosen_ids, t.rejected_ids, max_length, max_prompt_length) for t in full]
     report.padding_grouped = padding_fraction(epoch_batches(kept, batch_size, random.Random(0)))
     report.padding_random = padding_fraction(epoch_batches(kept, batch_size, random.Random(0), group=1))
     return report
