@@ -24,13 +24,13 @@ HERE = Path(__file__).resolve().parent
 def run(loss: str, steps: int, eval_every: int, held_out: Path, workdir: Path) -> dict:
     from rich.console import Console
 
-    from infopo_cli.config import merge
+    from infopo_cli.config import override
     from infopo_cli.presets import load
     from infopo_cli.train import train
 
     out = workdir / loss
-    cfg = merge(load("smollm2-135m"), {"loss": loss, "beta": None, "max_steps": steps, "eval_every": eval_every,
-                                        "eval_data": str(held_out), "output": str(out)}, "benchmark")
+    cfg = override(load("smollm2-135m"), {"loss": loss, "max_steps": steps, "eval_every": eval_every,
+                                           "eval_data": str(held_out), "output": str(out)}, "benchmark")
     train(cfg, Console(file=open(os.devnull, "w")))
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     evals = [r for r in records if r["kind"] == "eval"]

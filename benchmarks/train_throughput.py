@@ -31,14 +31,14 @@ from pathlib import Path
 
 def settings(args: argparse.Namespace):
     """The resolved TrainConfig both sides use: the preset, then the flags of this script."""
-    from infopo_cli.config import merge
+    from infopo_cli.config import override
     from infopo_cli.presets import load
 
     cfg = load(args.preset)
     overrides = {"max_steps": args.steps, "loss": args.loss, "dtype": args.dtype, "eval_data": "", "save_every": 0,
                  **{k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
                                       ("grad_accum", args.grad_accum), ("data", args.data)) if v is not None}}
-    return merge(cfg, overrides, "benchmark")
+    return override(cfg, overrides, "benchmark")
 
 
 def synthetic_pairs(tokenizer_source: str, n: int, prompt_tokens: int, response_tokens: int, path: Path) -> None:

@@ -102,17 +102,12 @@ def train(
     from pathlib import Path
 
     from infopo_cli import presets
-    from infopo_cli.config import LOSS_PARAMS, merge
+    from infopo_cli.config import override
 
     if resume:
         return _resume(Path(resume), flags)
 
-    cfg = presets.load(preset)
-    if "loss" in flags and flags["loss"] != cfg.loss:
-        for key in LOSS_PARAMS:  # the preset's loss settings were tuned for its own loss: use the new one's defaults
-            if key not in flags:
-                setattr(cfg, key, None)
-    cfg = merge(cfg, flags, source="command line")
+    cfg = override(presets.load(preset), flags, source="command line")
     cfg.validate()
     from infopo_cli.objectives import resolve  # light: imports torch only for tensors' types
 

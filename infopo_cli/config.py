@@ -157,6 +157,14 @@ def merge(base: TrainConfig, overrides: dict[str, Any], source: str) -> TrainCon
     return TrainConfig(**values)
 
 
+def override(preset: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
+    """`merge` for settings given on top of a preset. Switching to another loss drops the preset's loss
+    settings (beta, gamma, ...) not also given: they were tuned for the preset's own loss."""
+    if overrides.get("loss", preset.loss) != preset.loss:
+        overrides = {**{k: None for k in LOSS_PARAMS}, **overrides}
+    return merge(preset, overrides, source)
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     """TOML and flags give the right Python types already; catch the common mistakes with a clear line."""
     default = FIELDS[key].default

@@ -128,6 +128,16 @@ def test_switching_loss_drops_the_presets_loss_settings(tmp_path):
     assert "gamma" not in out.stderr and "batch_size must be > 0" in out.stderr
 
 
+def test_override_keeps_loss_settings_only_for_the_presets_own_loss():
+    from infopo_cli.config import TrainConfig, override
+
+    preset = TrainConfig(loss="infopo", beta=0.25, gamma=None)
+    assert override(preset, {"lr": 1e-4}, "t").beta == 0.25            # same loss: the tuned beta stays
+    assert override(preset, {"loss": "infopo"}, "t").beta == 0.25
+    assert override(preset, {"loss": "dpo"}, "t").beta is None         # another loss: its own default
+    assert override(preset, {"loss": "dpo", "beta": 0.3}, "t").beta == 0.3
+
+
 def test_errors_with_brackets_in_user_content_stay_one_line(tmp_path):
     """Rich markup must not eat (or choke on) user text such as '[INST]' or '[/]' in paths and messages."""
     bad = tmp_path / "[data].jsonl"
