@@ -110,7 +110,9 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
                       target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(base, lora)
+        with warnings.catch_warnings():  # peft reads transformers 5's deprecated alias: not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return get_peft_model(base, lora)
     except ValueError:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear) or "Linear" in type(m).__name__})
         raise ConfigError(f"target_modules {cfg.target_modules} do not match this model's layers "
