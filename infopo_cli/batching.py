@@ -1,4 +1,10 @@
-"""Group tokenised pairs into batches: chosen rows first, then rejected rows, right-padded."""
+"""Group tokenised pairs into batches: the rows the model reads and which positions predict which tokens.
+
+Two layouts. Plain: chosen rows first, then rejected rows, each `prompt + response`, right-padded.
+Shared prompt: one row per pair, `prompt + chosen + rejected`, where the rejected tokens take the
+positions right after the prompt and see only the prompt and themselves (a 4-D attention mask), so
+the prompt is read once instead of twice; the log-probs are those of the plain layout.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,61 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from infopo_cli.logps import IGNORE
 from infopo_cli.tokenization import TokenizedPair
+
+IGNORE = -100
+
+
+@dataclass
+class Targets:
+    """The scored tokens of a batch: where each is predicted from and which sequence it belongs to.
+
+    Sequences are numbered chosen 0..B-1, then rejected B..2B-1, in both layouts. Tokens of one
+    sequence are listed in order.
+    """
+
+    rows: Tensor    # (K,) row of the position whose output predicts the token
+    cols: Tensor    # (K,) column of that position
+    tokens: Tensor  # (K,) the token
+    seq: Tensor     # (K,) its sequence
+    n_seqs: int
+
+    def to(self, device: str) -> Targets:
+        return Targets(self.rows.to(device), self.cols.to(device), self.tokens.to(device), self.seq.to(device), self.n_seqs)
+
+    def counts(self) -> Tensor:
+        return torch.bincount(self.seq, minlength=self.n_seqs)
+
+
+def targets_from_labels(labels: Tensor) -> Targets:
+    """Plain rows: position t predicts token t+1 where labels[t+1] != IGNORE; row i is sequence i."""
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return Targets(rows, cols, labels[rows, cols + 1], rows, labels.shape[0])
 
 
 @dataclass
 class PreferenceBatch:
-    input_ids: Tensor       # (2B, T): rows 0..B-1 chosen, B..2B-1 rejected
-    attention_mask: Tensor  # (2B, T)
-    labels: Tensor          # (2B, T): response tokens, IGNORE on prompt and padding
+    input_ids: Tensor              # (R, T)
+    attention_mask: Tensor         # (R, T): 1 on real tokens
+    targets: Targets
     n_pairs: int
+    labels: Tensor | None = None   # plain layout: (2B, T) response tokens, IGNORE on prompt and padding
+    position_ids: Tensor | None = None  # shared prompt: (R, T)
+    allowed: Tensor | None = None       # shared prompt: (R, T, T) bool, query i may attend to key j
 
     def to(self, device: str) -> PreferenceBatch:
-        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.n_pairs)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
+                               self.n_pairs, move(self.labels), move(self.position_ids), move(self.allowed))
 
     @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
 
-def collate(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
+def collate(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = False) -> PreferenceBatch:
+    if share_prompt:
+        return collate_shared(pairs, pad_id)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     width = max(len(prompt) + len(response) for prompt, response in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -39,12 +80,46 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
         input_ids[i, :n] = torch.tensor(prompt + response)
         labels[i, len(prompt):n] = torch.tensor(response)
         attention_mask[i, :n] = 1
-    return PreferenceBatch(input_ids, attention_mask, labels, len(pairs))
+    return PreferenceBatch(input_ids, attention_mask, targets_from_labels(labels), len(pairs), labels=labels)
+
+
+def collate_shared(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
+    """One row per pair: prompt, chosen, rejected; the rejected part restarts right after the prompt."""
+    b = len(pairs)
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    # every position sees itself: padding rows are never empty (an all-masked softmax row is NaN)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(b, 1, 1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    rows, cols, tokens, seq = [], [], [], []
+    for i, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        end = n_p + n_c + n_r
+        input_ids[i, :end] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        attention_mask[i, :end] = 1
+        position_ids[i, :end] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)])
+        allowed[i, :end, :end] = causal[:end, :end]
+        allowed[i, n_p + n_c:end, n_p:n_p + n_c] = False  # the rejected answer never sees the chosen one
+        # chosen token k is predicted at position n_p + k - 1; rejected token k at the position of
+        # rejected token k - 1, and its first token at the prompt's last position, as in the plain layout
+        chosen_from = list(range(n_p - 1, n_p + n_c - 1))
+        rejected_from = [n_p - 1] + list(range(n_p + n_c, end - 1))
+        for predictors, response, s in ((chosen_from, p.chosen_ids, i), (rejected_from, p.rejected_ids, b + i)):
+            rows += [i] * len(response)
+            cols += predictors
+            tokens += response
+            seq += [s] * len(response)
+    targets = Targets(torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
+                      torch.tensor(tokens, dtype=torch.long), torch.tensor(seq, dtype=torch.long), 2 * b)
+    return PreferenceBatch(input_ids, attention_mask, targets, b, position_ids=position_ids, allowed=allowed)
 
 
 def response_only(batch: PreferenceBatch) -> PreferenceBatch:
     """The responses of a batch without their prompts, right-padded (for RMiPO's marginal log-probs)."""
-    responses = [row[labels != IGNORE] for row, labels in zip(batch.input_ids, batch.labels)]
+    t = batch.targets.to("cpu")
+    responses = [t.tokens[t.seq == s] for s in range(t.n_seqs)]
     width = max(1, max(len(r) for r in responses))
     input_ids = torch.zeros((len(responses), width), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -53,8 +128,8 @@ def response_only(batch: PreferenceBatch) -> PreferenceBatch:
         input_ids[i, :len(response)] = response
         labels[i, :len(response)] = response
         attention_mask[i, :len(response)] = 1
-    return PreferenceBatch(input_ids.to(batch.input_ids.device), attention_mask.to(batch.input_ids.device),
-                           labels.to(batch.input_ids.device), batch.n_pairs)
+    device = batch.input_ids.device
+    return PreferenceBatch(input_ids, attention_mask, targets_from_labels(labels), batch.n_pairs, labels=labels).to(device)
 
 
 def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, group: int = 32) -> Iterator[list[TokenizedPair]]:

@@ -67,6 +67,7 @@ def train(
     dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
     load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=help_for("gradient_checkpointing"), rich_help_panel="Model", show_default=False)] = None,
+    share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
     lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
     lora_alpha: Annotated[Optional[int], _opt("lora_alpha", "Model")] = None,
     target_modules: Annotated[Optional[str], _opt("target_modules", "Model")] = None,

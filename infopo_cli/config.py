@@ -36,6 +36,7 @@ class TrainConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware computes it fast, else fp32), bf16, fp16, fp32.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant): less memory, ~30% more time.")
     attn_implementation: str = _f("auto", "Attention kernel: auto (transformers' choice for the model), sdpa, eager, flash_attention_2.")
+    share_prompt: bool = _f(True, "Read each pair's prompt once (one row prompt+chosen+rejected, 4-D mask; sdpa/eager attention): same log-probs, fewer tokens.")
     # --- LoRA ------------------------------------------------------------------------------------
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")

@@ -1,7 +1,8 @@
 """Per-sequence log-probabilities of response tokens: the one number every preference loss needs.
 
-We run the transformer body once over chosen and rejected rows together, then apply the output
-layer only at response positions, in chunks that are recomputed in the backward pass. Prompt and
+We run the transformer body once over chosen and rejected responses together (with the prompt read
+once per pair in the shared-prompt layout, see `batching`), then apply the output layer only at the
+positions that predict response tokens, in chunks that are recomputed in the backward pass. Prompt and
 padding positions never reach the (vocab-sized) output layer, and the full (tokens x vocab) float32
 log-softmax is never held in memory: with Llama-3's 128k vocabulary that is the largest activation.
 """
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from infopo_cli.batching import PreferenceBatch, Targets, targets_from_labels
+
 CHUNK_TOKENS = 1024
 
 
@@ -64,12 +66,31 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     With `ref_hidden` (the reference pass's `hidden`), also the summed per-token KL from the
     reference's next-token distribution to the policy's. Shapes: (N, T) inputs -> (N,) outputs.
     """
+    return target_logps(model, input_ids, attention_mask, targets_from_labels(labels), ref_hidden=ref_hidden)
+
+
+def batch_logps(model: nn.Module, batch: PreferenceBatch, ref_hidden: Tensor | None = None) -> SequenceLogps:
+    """`target_logps` over a collated batch, in either layout: (2B,) sums, chosen first."""
+    mask = attention_mask_4d(batch.allowed, model) if batch.allowed is not None else batch.attention_mask
+    return target_logps(model, batch.input_ids, mask, batch.targets, batch.position_ids, ref_hidden)
+
+
+def attention_mask_4d(allowed: Tensor, model: nn.Module) -> Tensor:
+    """(R, T, T) bool -> (R, 1, T, T) additive mask in the compute dtype, which transformers passes to
+    every attention kernel as is (a boolean 4-D mask is misread by eager attention)."""
+    dtype = _causal_lm(model).get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def target_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Targets,
+                 position_ids: Tensor | None = None, ref_hidden: Tensor | None = None) -> SequenceLogps:
+    """Per sequence of `targets`: the summed log-probs of its tokens and their count (and the KL, as above)."""
     lm = _causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]                    # position t predicts token t+1
-    mask = targets != IGNORE
-    selected = hidden[:, :-1][mask]            # (tokens, H): response positions only
-    wanted = targets[mask]
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    selected = hidden[targets.rows, targets.cols]  # (tokens, H): positions that predict response tokens
+    wanted = targets.tokens
     lm_head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     grad = torch.is_grad_enabled() and selected.requires_grad
@@ -83,13 +104,12 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         else:
             lp = checkpoint(_token_logps, h, t, lm_head, softcap, use_reentrant=False) if grad else _token_logps(h, t, lm_head, softcap)
         logps.append(lp)
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(mask)[mask]
 
-    def per_row(values: list[Tensor]) -> Tensor:
+    def per_seq(values: list[Tensor]) -> Tensor:
         flat = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
-        return torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, flat)
+        return torch.zeros(targets.n_seqs, dtype=torch.float32, device=hidden.device).index_add(0, targets.seq, flat)
 
-    return SequenceLogps(per_row(logps), mask.sum(dim=1), selected, per_row(kls) if ref_hidden is not None else None)
+    return SequenceLogps(per_seq(logps), targets.counts(), selected, per_seq(kls) if ref_hidden is not None else None)
 
 
 @dataclass(frozen=True)
@@ -129,9 +149,8 @@ def response_only_logps(model: nn.Module, batch) -> Tensor:
     """
     from infopo_cli.batching import response_only
 
-    rows = response_only(batch)
     with torch.no_grad():
-        out = sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels)
+        out = batch_logps(model, response_only(batch))
     return out.sums / out.counts.clamp(min=1)
 
 
@@ -152,10 +171,9 @@ def pair_logps(model: nn.Module, batch, needs: Needs, reference: Tensor | None =
     ref_out = None
     if (needs.reference and reference is None and not policy_is_reference) or needs.kl:
         with reference_mode(model):
-            ref_out = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
+            ref_out = batch_logps(model, batch)
         reference = ref_out.sums
-    policy = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels,
-                            ref_hidden=ref_out.hidden if needs.kl else None)
+    policy = batch_logps(model, batch, ref_hidden=ref_out.hidden if needs.kl else None)
     if needs.reference and reference is None:  # policy_is_reference
         reference = policy.sums.detach()
     n = batch.n_pairs

@@ -98,6 +98,9 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
     say(f"model {escape(source)} loaded in {time.perf_counter() - t_load:.1f}s "
         f"({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); LoRA r={cfg.lora_r}: "
         f"{n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.0f}M parameters")
+    share_prompt = cfg.share_prompt and model_stack.takes_custom_masks(model)
+    if cfg.share_prompt and not share_prompt:
+        say("prompts are read twice per pair: this attention kernel takes no 4-D mask (use sdpa or eager to share them)")
 
     # --- tokens -----------------------------------------------------------------------------------
     encode = lambda pair: encode_pair(tokenizer, pair, cfg.max_length, cfg.max_prompt_length)  # noqa: E731
@@ -122,7 +125,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
                           f"rerun with: infopo train --preset {output / 'config.toml'} --output NEW_DIR\n"
                           + checkpoint.to_toml(resolved))
     log = MetricsLog(output / "metrics.jsonl")
-    evaluator = Evaluator([collate(b, tokenizer.pad_token_id) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
+    evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
                           spec, loss_params, precision.device) if eval_tok else None
     if not spec.needs(loss_params).reference:
         say(f"{cfg.loss} is reference-free: no reference forward pass")
@@ -153,7 +156,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
                 t_step = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
                 metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,
-                                                            tokenizer.pad_token_id, precision.device)
+                                                            tokenizer.pad_token_id, precision.device, share_prompt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm or float("inf"))
                 optimizer.step()
                 scheduler.step()
@@ -191,12 +194,13 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[TokenizedPair]], spec: LossSpec,
-                         loss_params: dict[str, float], pad_id: int, device: str) -> tuple[PairMetrics, int]:
-    """Forward and backward over the micro-batches of one optimizer step; returns metrics and tokens."""
+                         loss_params: dict[str, float], pad_id: int, device: str,
+                         share_prompt: bool = False) -> tuple[PairMetrics, int]:
+    """Forward and backward over the micro-batches of one optimizer step; returns metrics and tokens read."""
     n_pairs = sum(len(pairs) for pairs in micro_batches)
     metrics, tokens = PairMetrics(), 0
     for pairs in micro_batches:
-        batch = collate(pairs, pad_id).to(device)
+        batch = collate(pairs, pad_id, share_prompt).to(device)
         logps = pair_logps(model, batch, spec.needs(loss_params))
         out = objectives.compute(spec, logps, loss_params)
         # Sum over pairs / pairs in the global batch: the same loss and gradient however the global

@@ -11,7 +11,7 @@ from conftest import build_tokenizer, write_pairs
 from infopo_cli import train as recipe
 from infopo_cli.batching import collate
 from infopo_cli.config import TrainConfig
-from infopo_cli.logps import sequence_logps
+from infopo_cli.logps import batch_logps, sequence_logps
 from infopo_cli.presets import available, load
 from infopo_cli.tokenization import TokenizedPair
 
@@ -75,6 +75,19 @@ def test_logps_match_the_models_own_logits(arch, tmp_path):
     want.sum().backward()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours, model.get_input_embeddings().weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_matches_plain_rows(arch, tmp_path):
+    """Reading the prompt once (4-D mask, restarted positions) changes nothing on any architecture."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build(arch, tmp_path / arch), dtype=torch.float32)
+    pairs = [TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8, 9]), TokenizedPair([10, 11], [12, 13, 14], [15])]
+    with torch.no_grad():
+        got = batch_logps(model, collate(pairs, pad_id=0, share_prompt=True)).sums
+        want = batch_logps(model, collate(pairs, pad_id=0)).sums
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(available()))

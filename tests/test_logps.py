@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from infopo_cli import logps as logps_module
 from infopo_cli.batching import collate
-from infopo_cli.logps import sequence_logps
+from infopo_cli.logps import Needs, batch_logps, pair_logps, sequence_logps
 from infopo_cli.tokenization import TokenizedPair
 
 
@@ -91,3 +92,59 @@ def test_response_only_rows_drop_the_prompt():
     rows = response_only(batch())
     assert rows.input_ids.tolist()[0][:2] == [4, 5] and rows.input_ids.tolist()[2] == [6, 7, 8, 9]
     assert rows.attention_mask.sum(1).tolist() == [2, 3, 4, 1]
+
+
+def shared_and_plain(pairs):
+    return collate(pairs, pad_id=0, share_prompt=True), collate(pairs, pad_id=0)
+
+
+def test_shared_prompt_layout():
+    shared, _ = shared_and_plain(batch_pairs())
+    assert shared.input_ids.shape == (3, 9) and shared.n_pairs == 3
+    assert shared.input_ids[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # prompt, chosen, rejected
+    assert shared.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]  # rejected restarts after the prompt
+    assert shared.position_ids[1, :6].tolist() == [0, 1, 2, 3, 4, 2]
+    allowed = shared.allowed[0]
+    assert allowed[5].tolist() == [True, True, True, False, False, True, False, False, False]  # not the chosen
+    assert allowed[4].tolist() == [True] * 5 + [False] * 4
+    assert shared.allowed[1, 7].tolist() == [False] * 7 + [True, False]   # padding sees itself only
+    assert shared.targets.counts().tolist() == [2, 3, 1, 4, 1, 2]         # chosen 0-2, then rejected 0-2
+    assert shared.n_tokens == 9 + 6 + 4                                   # each prompt counted once
+
+
+def batch_pairs():
+    return [TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8, 9]), TokenizedPair([10, 11], [12, 13, 14], [15]),
+            TokenizedPair([16], [17], [18, 19])]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_gives_the_plain_logps_and_gradients(tiny_model, attn, monkeypatch):
+    monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
+    shared, plain = shared_and_plain(batch_pairs())
+    got = batch_logps(model, shared)
+    got.sums.sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = batch_logps(model, plain)
+    want.sums.sum().backward()
+    torch.testing.assert_close(got.sums, want.sums, atol=1e-5, rtol=1e-5)
+    assert got.counts.tolist() == want.counts.tolist()
+    for g, p in zip(ours, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_kl_and_marginals_match_plain(tiny_model):
+    """TDPO's KL and RMiPO's response-only pass read the same tokens in either layout."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    torch.manual_seed(0)  # a random (non-zero) adapter, so that policy and reference differ
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    shared, plain = shared_and_plain(batch_pairs())
+    with torch.no_grad():
+        got = pair_logps(model, shared, Needs(reference=True, kl=True, marginal=True))
+        want = pair_logps(model, plain, Needs(reference=True, kl=True, marginal=True))
+    for field in ("policy_chosen", "policy_rejected", "ref_rejected", "kl_chosen", "marginal_rejected_avg"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=1e-5, rtol=1e-5)
+    assert (got.kl_chosen > 0).all()

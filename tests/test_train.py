@@ -98,7 +98,7 @@ def test_bad_data_stops_before_the_model_loads(tmp_path, pairs_file):
 
 @pytest.mark.parametrize("loss", ["infopo", "dpo", "rmipo", "orpo", "mi"])
 def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, pairs_file, loss):
-    """8 pairs as 1 x 8 or as 4 x 2 micro-batches: same loss, same gradient."""
+    """8 pairs as 1 x 8 or as 4 x 2 micro-batches, prompts read once or twice: same loss, same gradient."""
     cfg = tiny_cfg(tiny_model, pairs_file, "unused")
     precision = Precision("cpu", torch.float32, "test")
     model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, precision), cfg)
@@ -109,13 +109,17 @@ def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, 
     tokenizer = stack.load_tokenizer(str(tiny_model))
     pairs = [encode_pair(tokenizer, p, 128, 64) for p in read_pairs(str(pairs_file))[:8]]
     results = []
-    for split in ([pairs], [pairs[i:i + 2] for i in range(0, 8, 2)]):
+    tokens = []
+    for split, share in (([pairs], False), ([pairs[i:i + 2] for i in range(0, 8, 2)], False), ([pairs], True)):
         model.zero_grad()
-        metrics, _ = recipe.accumulate_gradients(model, split, *resolve(loss, {}), tokenizer.pad_token_id, "cpu")
+        metrics, n = recipe.accumulate_gradients(model, split, *resolve(loss, {}), tokenizer.pad_token_id, "cpu", share)
         results.append((metrics.means()["loss"], [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        tokens.append(n)
+    for other in results[1:]:
+        assert results[0][0] == pytest.approx(other[0], rel=1e-5)
+        for a, b in zip(results[0][1], other[1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert tokens[2] == tokens[0] - sum(len(p.prompt_ids) for p in pairs)  # each prompt read once
 
 
 def interrupt_at_step(monkeypatch, step: int):
