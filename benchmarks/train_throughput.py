@@ -11,7 +11,8 @@ the embedded SmolLM2-135M-Instruct on the bundled pairs; `--synthetic P:R` repla
 prompts of P tokens and responses of R tokens of random words (the shape `shared/bench/anchor_trl.py`
 times), and `--cap-gib` caps the GPU memory each side may take (a 24 GB card). Prints seconds per
 optimizer step (median after the warm-up steps), pairs/s, tokens/s and peak memory. The anchor runs only
-when `trl` is installed; tokens/s counts the tokens of infopo's tokenisation of the same pairs on both sides.
+when `trl` is installed. tokens/s is pairs/s times the pair's tokens in the usual two-row layout (prompt twice),
+the same yardstick on both sides (infopo reads each prompt once, so it processes fewer tokens than that).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def settings(args: argparse.Namespace):
 
     cfg = load(args.preset)
     overrides = {"max_steps": args.steps, "loss": args.loss, "dtype": args.dtype, "eval_data": "", "save_every": 0,
+                 "share_prompt": not args.no_share_prompt,
                  **{k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
                                       ("grad_accum", args.grad_accum), ("data", args.data)) if v is not None}}
     return override(cfg, overrides, "benchmark")
@@ -59,6 +61,16 @@ def synthetic_pairs(tokenizer_source: str, n: int, prompt_tokens: int, response_
                                 "rejected": text(response_tokens)}) + "\n")
 
 
+def tokens_per_pair(cfg, tokenizer) -> float:
+    """Mean tokens of a pair in the usual two-row layout (prompt twice, both answers, no padding): the
+    same yardstick for both tools, whatever layout each one runs."""
+    from infopo_cli.data import read_pairs
+    from infopo_cli.tokenization import encode_pair
+
+    encoded = [encode_pair(tokenizer, p, cfg.max_length, cfg.max_prompt_length) for p in read_pairs(cfg.data)[:64]]
+    return statistics.mean(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)
+
+
 def peak_gib(device: str) -> float:
     if device == "cuda":
         import torch
@@ -78,6 +90,7 @@ def cap_gpu_memory(cap_gib: float | None) -> None:
 def run_infopo(args: argparse.Namespace) -> dict:
     from rich.console import Console
 
+    from infopo_cli.model import load_tokenizer, resolve_source
     from infopo_cli.train import train
 
     cap_gpu_memory(args.cap_gib)
@@ -88,9 +101,10 @@ def run_infopo(args: argparse.Namespace) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"train"' in line]
     steady = records[args.warmup:]
     step_s = statistics.median(r["step_seconds"] for r in steady)
-    tokens = statistics.median(r["tokens_per_s"] * r["step_seconds"] for r in steady)  # per step
-    return {"tool": f"infopo ({cfg.loss})", "step_s": step_s, "pairs_per_s": cfg.batch_size * cfg.grad_accum / step_s,
-            "tokens_per_s": tokens / step_s, "peak_gib": summary.peak_memory_gib, "dtype": summary.dtype,
+    pairs_per_s = cfg.batch_size * cfg.grad_accum / step_s
+    per_pair = tokens_per_pair(cfg, load_tokenizer(resolve_source(cfg.model, log=lambda _: None)))
+    return {"tool": f"infopo ({cfg.loss}{'' if cfg.share_prompt else ', 2 rows'})", "step_s": step_s, "pairs_per_s": pairs_per_s,
+            "tokens_per_s": pairs_per_s * per_pair, "peak_gib": summary.peak_memory_gib, "dtype": summary.dtype,
             "device": summary.device, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"]}
 
 
@@ -104,7 +118,6 @@ def run_trl(args: argparse.Namespace) -> dict:
     from infopo_cli.data import read_pairs
     from infopo_cli.model import _keep_4bit_layout_trainable, load_tokenizer, resolve_source
     from infopo_cli.precision import choose
-    from infopo_cli.tokenization import encode_pair
 
     cap_gpu_memory(args.cap_gib)
     cfg = settings(args)
@@ -112,9 +125,6 @@ def run_trl(args: argparse.Namespace) -> dict:
     source = resolve_source(cfg.model, log=lambda _: None)
     tok = load_tokenizer(source)
     pairs = read_pairs(cfg.data)
-    encoded = [encode_pair(tok, p, cfg.max_length, cfg.max_prompt_length) for p in pairs[:64]]
-    # as infopo counts them: both sequences of a pair, prompt included, no padding
-    tokens_per_pair = statistics.mean(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)
     rows = [{"prompt": [{"role": "user", "content": p.prompt}], "chosen": [{"role": "assistant", "content": p.chosen}],
              "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -148,7 +158,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     step_s = statistics.median(times[args.warmup:])
     pairs_per_s = cfg.batch_size * cfg.grad_accum / step_s
     return {"tool": "TRL DPOTrainer (sigmoid)", "step_s": step_s, "pairs_per_s": pairs_per_s,
-            "tokens_per_s": pairs_per_s * tokens_per_pair, "peak_gib": peak_gib(precision.device),
+            "tokens_per_s": pairs_per_s * tokens_per_pair(cfg, tok), "peak_gib": peak_gib(precision.device),
             "dtype": precision.dtype_name, "device": precision.device}
 
 
@@ -165,6 +175,7 @@ def main() -> None:
     parser.add_argument("--synthetic", metavar="P:R", help="random-word pairs: P prompt and R response tokens")
     parser.add_argument("--cap-gib", type=float, help="GPU memory cap per side (e.g. 24 for a 24 GB card)")
     parser.add_argument("--no-anchor", action="store_true", help="time infopo only")
+    parser.add_argument("--no-share-prompt", action="store_true", help="infopo reads each prompt twice, as TRL does")
     parser.add_argument("--data", help=argparse.SUPPRESS)  # set for the child processes
     parser.add_argument("--only", choices=["infopo", "trl"], help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
