@@ -52,7 +52,8 @@ def test_every_preset_loads_and_validates(name):
 def test_default_preset_trains_the_embedded_model_on_bundled_data():
     cfg = load("smollm2-135m")
     assert cfg.model == "embedded:smollm2-135m-instruct" and cfg.data == "bundled:arith_train"
-    assert cfg.load_in_4bit and cfg.gradient_checkpointing
+    assert cfg.load_in_4bit and cfg.share_prompt
+    assert not cfg.gradient_checkpointing  # a CPU demo: recomputing costs time and RAM is plentiful
 
 
 def test_llama3_preset_targets_a_24gb_gpu():
