@@ -4,8 +4,8 @@
     python benchmarks/train_throughput.py --preset llama3-8b-qlora --model CKPT --synthetic 256:768 \
         --cap-gib 24 --steps 5 [--grad-accum 1]
 
-Both sides get the same model (4-bit NF4 + LoRA on all seven projections, gradient checkpointing), the
-same pairs, batch size, accumulation, max length and compute dtype, and run in separate processes so each
+Both sides get the same model (4-bit NF4 + LoRA on all seven projections, gradient checkpointing as the
+preset sets it), the same pairs, batch size, accumulation, max length and compute dtype, and run in separate processes so each
 peak memory is its own: peak RSS on a CPU, peak allocated GPU memory (torch) on CUDA. By default that is
 the embedded SmolLM2-135M-Instruct on the bundled pairs; `--synthetic P:R` replaces the pairs with
 prompts of P tokens and responses of R tokens of random words (the shape `shared/bench/anchor_trl.py`
@@ -148,7 +148,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     dpo = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg.batch_size,
                     gradient_accumulation_steps=cfg.grad_accum, max_steps=args.steps, learning_rate=cfg.lr, beta=0.1,
-                    loss_type=["sigmoid"], gradient_checkpointing=True,
+                    loss_type=["sigmoid"], gradient_checkpointing=cfg.gradient_checkpointing,
                     gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=precision.dtype == torch.bfloat16,
                     use_cpu=not cuda, max_length=cfg.max_length, logging_steps=1, report_to=[], save_strategy="no",
                     dataloader_num_workers=0, **({"optim": "paged_adamw_8bit"} if cuda else {}))
