@@ -39,7 +39,8 @@ def settings(args: argparse.Namespace):
     overrides = {"max_steps": args.steps, "loss": args.loss, "dtype": args.dtype, "eval_data": "", "save_every": 0,
                  "share_prompt": not args.no_share_prompt,
                  **{k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
-                                      ("grad_accum", args.grad_accum), ("data", args.data)) if v is not None}}
+                                      ("grad_accum", args.grad_accum), ("data", args.data),
+                                      ("gradient_checkpointing", args.gradient_checkpointing)) if v is not None}}
     return override(cfg, overrides, "benchmark")
 
 
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--synthetic", metavar="P:R", help="random-word pairs: P prompt and R response tokens")
     parser.add_argument("--cap-gib", type=float, help="GPU memory cap per side (e.g. 24 for a 24 GB card)")
     parser.add_argument("--no-anchor", action="store_true", help="time infopo only")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        help="on both sides (default: as the preset sets it)")
     parser.add_argument("--no-share-prompt", action="store_true", help="infopo reads each prompt twice, as TRL does")
     parser.add_argument("--data", help=argparse.SUPPRESS)  # set for the child processes
     parser.add_argument("--only", choices=["infopo", "trl"], help=argparse.SUPPRESS)  # child process mode
@@ -219,6 +222,7 @@ def main() -> None:
     where = (f"{os.cpu_count()} CPU threads" if device == "cpu" else
              f"CUDA{f', capped at {args.cap_gib:g} GiB' if args.cap_gib else ''}")
     print(f"\n{cfg.model}, NF4 + LoRA r{cfg.lora_r}, batch {cfg.batch_size} x accum {cfg.grad_accum} pairs, "
+          f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
           f"max_length {cfg.max_length}, {args.steps} steps ({args.warmup} warm-up), {where}"
           + (f", synthetic {args.synthetic}" if args.synthetic else ""))
     memory = "peak RSS GiB" if device == "cpu" else "peak GPU GiB"
