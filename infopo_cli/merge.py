@@ -54,13 +54,14 @@ def merged_model(source: AdapterSource, dtype: str = "fp32"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from infopo_cli.model import load_tokenizer, resolve_source
+    from infopo_cli.model import load_tokenizer, quiet_peft, resolve_source
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     base_path = resolve_source(source.base)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, DTYPES[dtype]), device_map={"": "cpu"})
-    model = PeftModel.from_pretrained(base, str(source.adapter)).merge_and_unload()
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(source.adapter)).merge_and_unload()
     tokenizer_dir = source.adapter if (source.adapter / "tokenizer_config.json").is_file() else base_path
     return model, load_tokenizer(str(tokenizer_dir))
 

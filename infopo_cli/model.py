@@ -94,6 +94,14 @@ def _keep_4bit_layout_trainable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads transformers 5's deprecated `is_gradient_checkpointing`: a warning the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap the base with a fresh LoRA adapter (the policy) and turn on gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
@@ -110,8 +118,7 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
                       target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():  # peft reads transformers 5's deprecated alias: not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with quiet_peft():
             return get_peft_model(base, lora)
     except ValueError:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear) or "Linear" in type(m).__name__})
@@ -128,7 +135,8 @@ def takes_custom_masks(model: nn.Module) -> bool:
 def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
 @contextlib.contextmanager
