@@ -75,6 +75,11 @@ def batch_logps(model: nn.Module, batch: PreferenceBatch, ref_hidden: Tensor | N
     return target_logps(model, batch.input_ids, mask, batch.targets, batch.position_ids, ref_hidden)
 
 
+def takes_custom_masks(model: nn.Module) -> bool:
+    """Whether the attention kernel honours a 4-D mask (the shared-prompt layout); flash-attention does not."""
+    return getattr(_causal_lm(model).config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
 def attention_mask_4d(allowed: Tensor, model: nn.Module) -> Tensor:
     """(R, T, T) bool -> (R, 1, T, T) additive mask in the compute dtype, which transformers passes to
     every attention kernel as is (a boolean 4-D mask is misread by eager attention)."""

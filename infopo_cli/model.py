@@ -126,12 +126,6 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
                           f"(it has: {', '.join(names)})") from None
 
 
-def takes_custom_masks(model: nn.Module) -> bool:
-    """Whether the attention kernel honours a 4-D mask (the shared-prompt layout); flash-attention does not."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(lm.config, "_attn_implementation", None) in ("sdpa", "eager")
-
-
 def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
     from peft import PeftModel
 

@@ -26,7 +26,7 @@ from infopo_cli.data import load_pairs
 from infopo_cli.errors import ConfigError
 from infopo_cli.objectives import LossSpec
 from infopo_cli.evaluate import Evaluator
-from infopo_cli.logps import pair_logps
+from infopo_cli.logps import pair_logps, takes_custom_masks
 from infopo_cli.metrics import MetricsLog, PairMetrics
 from infopo_cli.plot import plot_run
 from infopo_cli.precision import choose
@@ -98,7 +98,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
     say(f"model {escape(source)} loaded in {time.perf_counter() - t_load:.1f}s "
         f"({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); LoRA r={cfg.lora_r}: "
         f"{n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.0f}M parameters")
-    share_prompt = cfg.share_prompt and model_stack.takes_custom_masks(model)
+    share_prompt = cfg.share_prompt and takes_custom_masks(model)
     if cfg.share_prompt and not share_prompt:
         say("prompts are read twice per pair: this attention kernel takes no 4-D mask (use sdpa or eager to share them)")
 
