@@ -26,7 +26,7 @@ def run(loss: str, steps: int, eval_every: int, held_out: Path, workdir: Path) -
 
     from infopo_cli.config import override
     from infopo_cli.presets import load
-    from infopo_cli.train import train
+    from infopo_cli.train.recipe import train
 
     out = workdir / loss
     cfg = override(load("smollm2-135m"), {"loss": loss, "max_steps": steps, "eval_every": eval_every,
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "likelihood_dynamics.png")
     args = parser.parse_args()
 
-    from infopo_cli.data import resolve
+    from infopo_cli.data.loading import resolve
 
     workdir = Path(tempfile.mkdtemp(prefix="infopo-dynamics-"))
     held_out = workdir / "held_out.jsonl"

@@ -65,8 +65,8 @@ def synthetic_pairs(tokenizer_source: str, n: int, prompt_tokens: int, response_
 def tokens_per_pair(cfg, tokenizer) -> float:
     """Mean tokens of a pair in the usual two-row layout (prompt twice, both answers, no padding): the
     same yardstick for both tools, whatever layout each one runs."""
-    from infopo_cli.data import read_pairs
-    from infopo_cli.tokenization import encode_pair
+    from infopo_cli.data.loading import read_pairs
+    from infopo_cli.data.tokenization import encode_pair
 
     encoded = [encode_pair(tokenizer, p, cfg.max_length, cfg.max_prompt_length) for p in read_pairs(cfg.data)[:64]]
     return statistics.mean(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)
@@ -91,8 +91,8 @@ def cap_gpu_memory(cap_gib: float | None) -> None:
 def run_infopo(args: argparse.Namespace) -> dict:
     from rich.console import Console
 
-    from infopo_cli.model import load_tokenizer, resolve_source
-    from infopo_cli.train import train
+    from infopo_cli.model.loading import load_tokenizer, resolve_source
+    from infopo_cli.train.recipe import train
 
     cap_gpu_memory(args.cap_gib)
     out = Path(tempfile.mkdtemp()) / "run"
@@ -116,9 +116,9 @@ def run_trl(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from infopo_cli.data import read_pairs
-    from infopo_cli.model import _keep_4bit_layout_trainable, load_tokenizer, resolve_source
-    from infopo_cli.precision import choose
+    from infopo_cli.data.loading import read_pairs
+    from infopo_cli.model.loading import _keep_4bit_layout_trainable, load_tokenizer, resolve_source
+    from infopo_cli.model.precision import choose
 
     cap_gpu_memory(args.cap_gib)
     cfg = settings(args)
@@ -192,7 +192,7 @@ def main() -> None:
     cfg = settings(args)
     child_args = sys.argv[1:]
     if args.synthetic:
-        from infopo_cli.model import resolve_source
+        from infopo_cli.model.loading import resolve_source
 
         prompt_tokens, response_tokens = (int(x) for x in args.synthetic.split(":"))
         data = Path(tempfile.mkdtemp()) / "synthetic.jsonl"

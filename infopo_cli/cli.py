@@ -91,6 +91,8 @@ def train(
     seed: Annotated[Optional[int], _opt("seed", "Optimisation")] = None,
     eval_every: Annotated[Optional[int], _opt("eval_every", "Output")] = None,
     save_every: Annotated[Optional[int], _opt("save_every", "Output")] = None,
+    keep_checkpoints: Annotated[Optional[int], _opt("keep_checkpoints", "Output")] = None,
+    max_bad_steps: Annotated[Optional[int], _opt("max_bad_steps", "Optimisation")] = None,
     output: Annotated[Optional[str], _opt("output", "Output", "--output")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run folder from its latest checkpoint-N (its own settings; --max-steps may extend it).", rich_help_panel="Output")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
@@ -110,11 +112,11 @@ def train(
 
     cfg = override(presets.load(preset), flags, source="command line")
     cfg.validate()
-    from infopo_cli.objectives import resolve  # light: imports torch only for tensors' types
+    from infopo_cli.losses.registry import resolve  # light: imports torch only for tensors' types
 
     resolve(cfg.loss, cfg.loss_overrides())  # an unknown loss or a flag it does not take: one line, before loading
 
-    from infopo_cli.train import train as run_training  # imports torch: only now
+    from infopo_cli.train.recipe import train as run_training  # imports torch: only now
 
     summary = run_training(cfg, console)
     _print_summary(summary)
@@ -124,7 +126,7 @@ def train(
 
 def _resume(run_dir, flags: dict) -> None:
     from infopo_cli import presets
-    from infopo_cli.checkpoint import latest_checkpoint
+    from infopo_cli.train.checkpoint import latest_checkpoint
     from infopo_cli.config import merge
     from infopo_cli.errors import ConfigError
 
@@ -134,7 +136,7 @@ def _resume(run_dir, flags: dict) -> None:
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
     cfg = merge(presets.load(str(run_dir / "config.toml")), {**flags, "output": str(run_dir)}, source="command line")
-    from infopo_cli.train import train as run_training
+    from infopo_cli.train.recipe import train as run_training
 
     summary = run_training(cfg, console, resume=latest_checkpoint(run_dir))
     _print_summary(summary)
@@ -167,7 +169,7 @@ def losses() -> None:
     """List every loss with what it does, its paper and its defaults."""
     from rich.table import Table
 
-    from infopo_cli.objectives import LOSSES, PRIORS
+    from infopo_cli.losses.registry import LOSSES, PRIORS
 
     table = Table("loss", "what it does", "paper", "defaults", "reference pass")
     for spec in LOSSES.values():
@@ -223,7 +225,7 @@ def export(
     from pathlib import Path
 
     from infopo_cli.errors import ConfigError, ExportError
-    from infopo_cli.merge import AdapterSource, export_merged, from_run
+    from infopo_cli.export.merged import AdapterSource, export_merged, from_run
 
     if (merged is None) == (gguf is None):
         raise ConfigError("pass exactly one of --merged OUT_DIR or --gguf OUT.gguf")
@@ -241,12 +243,12 @@ def export(
         out = export_merged(source, Path(merged), dtype, overwrite)
         console.print(f"merged model -> [bold]{escape(str(out))}[/] (AutoModelForCausalLM.from_pretrained)")
         return
-    from infopo_cli.export import export_gguf
+    from infopo_cli.export.export_gguf import export_gguf
 
     path, modelfile, result = export_gguf(source, Path(gguf), quant, overwrite, check)
     console.print(f"GGUF ({escape(quant)}) -> [bold]{escape(str(path))}[/]; Ollama: ollama create NAME -f {escape(str(modelfile))}")
     if result is not None:
-        from infopo_cli.export_check import PROMPTS
+        from infopo_cli.export.check import PROMPTS
 
         agreement = result.agree if result.transformers_checked else [None] * len(result.samples)
         for prompt, sample, agree, stops in zip(PROMPTS, result.samples, agreement, result.stops):
@@ -291,12 +293,12 @@ def data_check(
     flags = {k: v for k, v in locals().items() if k not in ("path", "preset", "no_tokenizer") and v is not None}
     from infopo_cli import presets
     from infopo_cli.config import merge
-    from infopo_cli.data_check import check
+    from infopo_cli.data.check import check
 
     cfg = merge(presets.load(preset), flags, source="command line")
     tokenizer = None
     if not no_tokenizer:
-        from infopo_cli.model import load_tokenizer, resolve_source
+        from infopo_cli.model.loading import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(resolve_source(cfg.model, log=lambda m: err_console.print(m, highlight=False)))
     report = check(path, cfg.data_options(), tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.batch_size)

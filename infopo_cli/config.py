@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,8 @@ from infopo_cli.errors import ConfigError
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 BUNDLED_TRAIN = "bundled:arith_train"
 BUNDLED_EVAL = "bundled:arith_eval"
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+# Compute / export dtype names -> torch attribute names: the one table of dtypes (torch-free, for --help).
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 
 
@@ -83,7 +85,9 @@ class TrainConfig:
     # --- evaluation, logging, saving -------------------------------------------------------------
     eval_every: int = _f(0, "Evaluate on the held-out pairs every N steps (0: only before and after training).")
     eval_batch_size: int = _f(16, "Pairs per evaluation batch.")
-    save_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C).")
+    save_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end and when stopped).")
+    keep_checkpoints: int = _f(2, "Keep the newest K checkpoint-N folders, delete older ones (the final adapter is always kept).")
+    max_bad_steps: int = _f(10, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
     output: str | None = _f(None, "Run folder (default: runs/<preset>-<time>). Never overwritten.")
     preset: str | None = _f(None, "The preset these settings came from (informational).")
 
@@ -105,8 +109,8 @@ class TrainConfig:
             problems.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.max_prompt_length >= self.max_length:
             problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of auto, {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         if self.beta is not None and self.beta <= 0:
@@ -117,8 +121,8 @@ class TrainConfig:
             raise ConfigError("; ".join(problems))
 
     def data_options(self, split: str | None = None):
-        from infopo_cli.data import DataOptions
-        from infopo_cli.formats import Fields
+        from infopo_cli.data.loading import DataOptions
+        from infopo_cli.data.formats import Fields
 
         return DataOptions(self.data_format, Fields(self.prompt_field, self.chosen_field, self.rejected_field),
                            split or self.split, self.system_prompt, self.skip_invalid)
@@ -187,3 +191,16 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if expected is not None and not isinstance(value, expected):
         raise ConfigError(f"{source}: '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A flat dict as TOML (strings, numbers, booleans, lists of strings); None becomes a comment."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            lines.append(f"# {key} = (unset)")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, (int, float, str, list)):
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import build_tokenizer, write_pairs
 
-from infopo_cli import train as recipe
-from infopo_cli.batching import collate
+from infopo_cli.train import recipe
+from infopo_cli.data.batching import collate
 from infopo_cli.config import TrainConfig
-from infopo_cli.logps import batch_logps, sequence_logps
+from infopo_cli.train.logps import batch_logps, sequence_logps
 from infopo_cli.presets import available, load
-from infopo_cli.tokenization import TokenizedPair
+from infopo_cli.data.tokenization import TokenizedPair
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from infopo_cli.data import read_pairs, resolve
+from infopo_cli.data.loading import read_pairs, resolve
 from infopo_cli.errors import DataError, InfopoError
 
 GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}

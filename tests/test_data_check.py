@@ -9,8 +9,8 @@ import sys
 
 from test_formats import HH, UF
 
-from infopo_cli.batching import epoch_batches, padding_fraction
-from infopo_cli.tokenization import TokenizedPair
+from infopo_cli.data.batching import epoch_batches, padding_fraction
+from infopo_cli.data.tokenization import TokenizedPair
 
 
 def check(*args, env=None):
@@ -55,10 +55,10 @@ def test_length_grouping_keeps_every_pair_once_and_pads_less():
 
 
 def test_token_cache_is_reused_and_keyed_on_settings(tmp_path, tiny_model, monkeypatch):
-    from infopo_cli import token_cache
-    from infopo_cli.data import read_pairs
-    from infopo_cli.model import load_tokenizer
-    from infopo_cli.tokenization import encode_pair
+    from infopo_cli.data import token_cache
+    from infopo_cli.data.loading import read_pairs
+    from infopo_cli.model.loading import load_tokenizer
+    from infopo_cli.data.tokenization import encode_pair
 
     monkeypatch.setenv("INFOPO_HOME", str(tmp_path))
     tok = load_tokenizer(str(tiny_model))

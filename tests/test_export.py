@@ -11,14 +11,14 @@ from peft import PeftModel
 from test_architectures import build
 from transformers import AutoModelForCausalLM
 
-from infopo_cli import model as stack
+from infopo_cli.model import loading as stack
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ExportError, OutputError
-from infopo_cli.export_check import load_gguf
-from infopo_cli.gguf_export import permute, write_gguf
-from infopo_cli.merge import AdapterSource, export_merged, merged_model
-from infopo_cli.modelfile import modelfile
-from infopo_cli.precision import Precision
+from infopo_cli.export.check import load_gguf
+from infopo_cli.export.gguf import permute, write_gguf
+from infopo_cli.export.merged import AdapterSource, export_merged, merged_model
+from infopo_cli.export.modelfile import modelfile
+from infopo_cli.model.precision import Precision
 
 IDS = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
 
@@ -72,7 +72,7 @@ def test_qk_permutation_is_llama_cpps():
 def test_unsupported_architecture_and_rope_scaling_are_one_line(tmp_path):
     from types import SimpleNamespace
 
-    from infopo_cli.gguf_export import arch_of
+    from infopo_cli.export.gguf import arch_of
 
     unknown = type("GPT2LMHeadModel", (), {"config": SimpleNamespace()})()
     with pytest.raises(ExportError, match="GGUF export supports .*GPT2LMHeadModel is not yet supported — use --merged"):
@@ -101,7 +101,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_exported_gguf_and_modelfile_are_readable_by_others(tmp_path):
     """Ollama often runs as its own user: an owner-only (0600) GGUF would not load."""
-    from infopo_cli.export import export_gguf
+    from infopo_cli.export.export_gguf import export_gguf
 
     path, modelfile_path, _ = export_gguf(adapter_for("llama", tmp_path), tmp_path / "m.gguf", "f16", check=False)
     assert path.stat().st_mode & 0o644 == 0o644 and modelfile_path.stat().st_mode & 0o644 == 0o644
@@ -113,8 +113,8 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     """Users of llama.cpp/Ollama bring GGUF files: --model file.gguf is converted once and trained on."""
     from conftest import write_pairs
 
-    from infopo_cli import train as recipe
-    from infopo_cli.model import resolve_source
+    from infopo_cli.train import recipe
+    from infopo_cli.model.loading import resolve_source
 
     monkeypatch.setenv("INFOPO_HOME", str(tmp_path / "home"))
     merged, tokenizer = merged_model(adapter_for("llama", tmp_path))
@@ -137,7 +137,7 @@ def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     import llama_cpp
 
     from conftest import build_spm_tokenizer
-    from infopo_cli.export_check import check_llama_cpp
+    from infopo_cli.export.check import check_llama_cpp
 
     spm = build_spm_tokenizer()
     if arch == "phi3":  # llama.cpp looks these up by name for Phi-3 (its end-of-turn tokens)
@@ -165,7 +165,7 @@ def test_llama3_rope_scaling_matches_in_llama_cpp(tmp_path):
     import transformers as T
     from conftest import build_spm_tokenizer
 
-    from infopo_cli.gguf_export import llama3_rope_factors
+    from infopo_cli.export.gguf import llama3_rope_factors
 
     tokenizer = build_spm_tokenizer()
     config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -245,7 +245,7 @@ def test_export_from_base_and_adapter_on_the_command_line(tmp_path):
 
 
 def test_free_space_is_checked_before_writing(tmp_path):
-    from infopo_cli.merge import check_free_space
+    from infopo_cli.files import check_free_space
 
     check_free_space(tmp_path, 1024)
     with pytest.raises(OutputError, match="not enough disk space"):

@@ -7,9 +7,9 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from infopo_cli.data import DataOptions, load_pairs
+from infopo_cli.data.loading import DataOptions, load_pairs
 from infopo_cli.errors import DataError, InfopoError
-from infopo_cli.formats import Fields, PreferencePair
+from infopo_cli.data.formats import Fields, PreferencePair
 
 EXPLICIT = {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}
 UF = {"prompt": "What is 2 + 3?",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infopo_cli import embedded
+from infopo_cli.model import embedded
 from infopo_cli.errors import ModelError
 
 pytestmark = pytest.mark.integration
@@ -124,8 +124,8 @@ def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(home
 
 def test_f16_gguf_of_the_default_gives_the_merged_logits(home, trained_run, tmp_path, monkeypatch):
     """Tolerance 0.1 on logits of scale ~20-30 (f16 rounding of 135M weights; measured 0.03)."""
-    from infopo_cli.export import export_gguf
-    from infopo_cli.merge import from_run
+    from infopo_cli.export.export_gguf import export_gguf
+    from infopo_cli.export.merged import from_run
 
     monkeypatch.setenv("INFOPO_HOME", str(home))
     _, _, result = export_gguf(from_run(trained_run), tmp_path / "smol-f16.gguf", "f16")
@@ -138,9 +138,9 @@ def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(home, trained_run
 
     assert llama_cpp.__version__
 
-    from infopo_cli.export import export_gguf
-    from infopo_cli.export_check import check_llama_cpp
-    from infopo_cli.merge import from_run, merged_model
+    from infopo_cli.export.export_gguf import export_gguf
+    from infopo_cli.export.check import check_llama_cpp
+    from infopo_cli.export.merged import from_run, merged_model
 
     monkeypatch.setenv("INFOPO_HOME", str(home))
     path, _, _ = export_gguf(from_run(trained_run), tmp_path / "smol.gguf", "f16", check=False)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from infopo_cli import logps as logps_module
-from infopo_cli.batching import collate
-from infopo_cli.logps import Needs, batch_logps, pair_logps, sequence_logps
-from infopo_cli.tokenization import TokenizedPair
+from infopo_cli.train import logps as logps_module
+from infopo_cli.data.batching import collate
+from infopo_cli.losses.types import Needs
+from infopo_cli.train.logps import batch_logps, pair_logps, sequence_logps
+from infopo_cli.data.tokenization import TokenizedPair
 
 
 def naive(model, ids, mask, labels):
@@ -87,7 +88,7 @@ def test_kl_to_reference_matches_full_distributions(tiny_model, monkeypatch):
 
 
 def test_response_only_rows_drop_the_prompt():
-    from infopo_cli.batching import response_only
+    from infopo_cli.data.batching import response_only
 
     rows = response_only(batch())
     assert rows.input_ids.tolist()[0][:2] == [4, 5] and rows.input_ids.tolist()[2] == [6, 7, 8, 9]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from infopo_cli import losses as L
+from infopo_cli.losses import formulas as L
 from infopo_cli.errors import ConfigError
-from infopo_cli.logps import PairLogps
-from infopo_cli.objectives import LOSSES, PRIORS, compute, resolve
+from infopo_cli.losses.types import PairLogps
+from infopo_cli.losses.registry import LOSSES, PRIORS, compute, resolve
 
 t = lambda v: torch.tensor([v], dtype=torch.float64, requires_grad=True)  # noqa: E731
 

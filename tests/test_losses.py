@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from infopo_cli.losses import dpo, infopo
+from infopo_cli.losses.formulas import dpo, infopo
 
 
 def point(**overrides):

@@ -9,13 +9,14 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from infopo_cli import model as stack
-from infopo_cli.batching import collate
+from infopo_cli.model import loading as stack
+from infopo_cli.data.batching import collate
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
-from infopo_cli.logps import Needs, pair_logps
-from infopo_cli.precision import Precision
-from infopo_cli.tokenization import TokenizedPair
+from infopo_cli.losses.types import Needs
+from infopo_cli.train.logps import pair_logps
+from infopo_cli.model.precision import Precision
+from infopo_cli.data.tokenization import TokenizedPair
 
 FP32 = Precision("cpu", torch.float32, "test")
 CFG = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)

@@ -2,7 +2,7 @@
 
 import torch
 
-from infopo_cli.precision import choose
+from infopo_cli.model.precision import choose
 
 
 def test_cpu_with_native_bf16_gets_bf16():

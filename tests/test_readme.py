@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from infopo_cli.cli import app
-from infopo_cli.objectives import LOSSES
+from infopo_cli.losses.registry import LOSSES
 from infopo_cli.presets import available
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

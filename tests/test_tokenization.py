@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from conftest import CHATML, build_tokenizer
 
-from infopo_cli.formats import PreferencePair
-from infopo_cli.tokenization import encode_pair, truncate
+from infopo_cli.data.formats import PreferencePair
+from infopo_cli.data.tokenization import encode_pair, truncate
 
 PAIR = PreferencePair("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 6.")
 

@@ -10,16 +10,17 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from infopo_cli import model as stack, train as recipe
-from infopo_cli.batching import collate, eval_batches
+from infopo_cli.model import loading as stack
+from infopo_cli.train import recipe
+from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.config import TrainConfig
-from infopo_cli.data import read_pairs
+from infopo_cli.data.loading import read_pairs
 from infopo_cli.errors import OutputError
-from infopo_cli.evaluate import Evaluator
-from infopo_cli.objectives import resolve
-from infopo_cli.precision import Precision
+from infopo_cli.train.evaluate import Evaluator
+from infopo_cli.losses.registry import resolve
+from infopo_cli.model.precision import Precision
 from infopo_cli.presets import load
-from infopo_cli.tokenization import encode_pair
+from infopo_cli.data.tokenization import encode_pair
 
 
 def tiny_cfg(tiny_model, pairs_file, output, **kw) -> TrainConfig:
@@ -159,8 +160,8 @@ LOSS_RUNS += [("mi", {"prior": prior}) for prior in ("simpo", "rdpo", "tdpo1", "
 @pytest.mark.parametrize("loss, extra", LOSS_RUNS, ids=[f"{n}-{e.get('prior', '')}" for n, e in LOSS_RUNS])
 def test_every_loss_trains_and_reference_free_ones_skip_the_reference(tiny_model, pairs_file, tmp_path, monkeypatch,
                                                                       loss, extra):
-    from infopo_cli import model as model_module
-    from infopo_cli.objectives import LOSSES
+    from infopo_cli.model import loading as model_module
+    from infopo_cli.losses.registry import LOSSES
 
     real, calls = model_module.reference_mode, []
 
@@ -202,7 +203,7 @@ def test_trains_on_each_source_and_format(tiny_model, tmp_path, kind):
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_adapter(tiny_model, pairs_file, tmp_path, monkeypatch):
     """Interrupt at step 2 of 5, resume from checkpoint-2: the final adapter equals an uninterrupted run's."""
-    from infopo_cli.checkpoint import latest_checkpoint
+    from infopo_cli.train.checkpoint import latest_checkpoint
 
     straight = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "straight", max_steps=5, eval_data=""))
     real = interrupt_at_step(monkeypatch, 3)
@@ -224,7 +225,7 @@ def test_progress_shows_the_metrics_trl_users_know(tmp_path):
 
     from rich.console import Console
 
-    from infopo_cli.progress import TrainProgress
+    from infopo_cli.train.progress import TrainProgress
 
     out = StringIO()
     with TrainProgress(Console(file=out, width=200), total=3) as bar:  # not a terminal: one line per step

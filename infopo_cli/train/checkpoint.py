@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -12,19 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopo_cli import atomic
+from infopo_cli import files
 from infopo_cli.errors import OutputError
-
-
-def claim_output_dir(path: Path) -> Path:
-    """Create the run folder; refuse one that already holds anything."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise OutputError(f"{path} already exists and is not empty; choose another --output (nothing was overwritten)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder {path}: {err.strerror}") from None
-    return path
 
 
 def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
@@ -48,26 +36,13 @@ def save_checkpoint(folder: Path, model: nn.Module, tokenizer, optimizer, schedu
                     state: dict[str, Any]) -> Path:
     """A resumable checkpoint: adapter, optimizer, schedule, step and RNG, renamed into place whole."""
     target = folder / f"checkpoint-{step}"
-    with atomic.folder(target) as tmp:
+    with files.folder(target) as tmp:
         save_adapter(model, tokenizer, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "step": step, "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **state},
                    tmp / "training_state.pt")
     return target
-
-
-def to_toml(values: dict[str, Any]) -> str:
-    """A flat dict as TOML (strings, numbers, booleans, lists of strings); None becomes a comment."""
-    lines = []
-    for key, value in values.items():
-        if value is None:
-            lines.append(f"# {key} = (unset)")
-        elif isinstance(value, bool):
-            lines.append(f"{key} = {str(value).lower()}")
-        elif isinstance(value, (int, float, str, list)):
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

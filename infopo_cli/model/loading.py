@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from infopo_cli import embedded
+from infopo_cli.model import embedded
 from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
-from infopo_cli.precision import Precision
+from infopo_cli.model.precision import Precision
 
 
 def resolve_source(model: str, log=print) -> str:

@@ -11,18 +11,11 @@ Notation (docstrings): delta = log pi(y|x) - log pi_ref(y|x), u = delta_w - delt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-@dataclass
-class LossOutput:
-    losses: Tensor            # (B,) per-pair loss; the training loss is their mean over the global batch
-    chosen_rewards: Tensor    # (B,) detached
-    rejected_rewards: Tensor  # (B,) detached
+from infopo_cli.losses.types import LossOutput
 
 
 def _out(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor) -> LossOutput:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infopo_cli.formats import PreferencePair, Text
+from infopo_cli.data.formats import PreferencePair, Text
 
 
 @dataclass(frozen=True)

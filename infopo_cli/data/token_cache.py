@@ -10,10 +10,10 @@ import hashlib
 import json
 from collections.abc import Callable
 
-from infopo_cli.atomic import write_text
-from infopo_cli.embedded import infopo_home
-from infopo_cli.formats import PreferencePair
-from infopo_cli.tokenization import TokenizedPair
+from infopo_cli.files import write_text
+from infopo_cli.files import infopo_home
+from infopo_cli.data.formats import PreferencePair
+from infopo_cli.data.tokenization import TokenizedPair
 
 VERSION = 1  # bump when tokenisation changes, so old entries are not reused
 

@@ -6,22 +6,22 @@ import os
 import tempfile
 from pathlib import Path
 
-from infopo_cli.atomic import usual_permissions
-from infopo_cli.export_check import CheckResult, compare
-from infopo_cli.gguf_export import write_gguf
-from infopo_cli.merge import AdapterSource, check_free_space, claim_target, merged_model
-from infopo_cli.modelfile import write_modelfile
+from infopo_cli.files import check_free_space, claim_target, usual_permissions
+from infopo_cli.export.check import CheckResult, compare
+from infopo_cli.export.gguf import QUANTS, check_quant, write_gguf
+from infopo_cli.export.merged import AdapterSource, merged_model
+from infopo_cli.export.modelfile import write_modelfile
 
-BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 
 
 def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite: bool = False,
                 check: bool = True) -> tuple[Path, Path, CheckResult | None]:
     """Write OUT.gguf and OUT.Modelfile; with `check`, compare the GGUF with the merged model."""
+    check_quant(quant)
     claim_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = merged_model(source, "fp32")
-    check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * BYTES_PER_WEIGHT.get(quant, 4)))
+    check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * QUANTS[quant].bytes_per_weight))
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".gguf", dir=out.parent)
     os.close(fd)
     try:

@@ -1,4 +1,5 @@
-"""Files written so that a reader sees the old version or the new one, never a torn one."""
+"""File safety in one place: where infopo keeps its files, claiming outputs without overwriting anything,
+free-space checks, and writes that a reader sees whole or not at all."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from infopo_cli.errors import OutputError
 
 
 def usual_permissions(path: Path | str) -> None:
@@ -51,3 +54,30 @@ def folder(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def infopo_home() -> Path:
+    return Path(os.environ.get("INFOPO_HOME") or Path.home() / ".cache" / "infopo")
+
+
+def claim_output_dir(path: Path) -> Path:
+    """Create the run folder; refuse one that already holds anything."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OutputError(f"{path} already exists and is not empty; choose another --output (nothing was overwritten)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create output folder {path}: {err.strerror}") from None
+    return path
+
+
+def claim_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; choose another name or pass --overwrite (nothing was written)")
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes * 1.05:
+        raise OutputError(f"not enough disk space in {folder}: need about {needed_bytes / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB free")

@@ -19,7 +19,15 @@ import numpy as np
 
 from infopo_cli.errors import ConfigError, ExportError
 
-QUANTS = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class Quant:
+    file_type: int            # llama.cpp's LLAMA_FTYPE value, written into the file's metadata
+    bytes_per_weight: float   # for the free-space check before writing
+
+
+QUANTS = {"f32": Quant(0, 4.0), "f16": Quant(1, 2.0), "bf16": Quant(32, 2.0), "q8_0": Quant(7, 34 / 32)}
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp picks its pre-tokenizer regex by this name; by model family (name fragments, lower case).
 PRE_TOKENIZERS = (("smollm", "smollm"), ("llama-3", "llama-bpe"), ("llama3", "llama-bpe"), ("qwen2", "qwen2"),
@@ -157,14 +165,15 @@ def _tensor(gguf, data: np.ndarray, quant: str):
     return data.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE values
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise ConfigError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r})")
 
 
 def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> None:
     """Write `model` (a merged transformers causal LM) and its tokenizer to `path`."""
     gguf = _gguf()
-    if quant not in QUANTS:
-        raise ConfigError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r})")
+    check_quant(quant)
     arch, config = arch_of(model), model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(path), arch.gguf_name)
@@ -186,7 +195,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> Non
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(FILE_TYPES[quant])
+    writer.add_file_type(QUANTS[quant].file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, model_name)
 

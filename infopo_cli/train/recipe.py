@@ -19,20 +19,24 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from infopo_cli import __version__, atomic, checkpoint, model as model_stack, objectives
-from infopo_cli.batching import collate, eval_batches, shuffled_batches
-from infopo_cli.config import TrainConfig
-from infopo_cli.data import load_pairs
+from infopo_cli import __version__
+from infopo_cli import files
+from infopo_cli.train import checkpoint
+from infopo_cli.model import loading as model_stack
+from infopo_cli.losses import registry as objectives
+from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
+from infopo_cli.config import TrainConfig, to_toml
+from infopo_cli.data.loading import load_pairs
 from infopo_cli.errors import ConfigError
-from infopo_cli.objectives import LossSpec
-from infopo_cli.evaluate import Evaluator
-from infopo_cli.logps import pair_logps, takes_custom_masks
-from infopo_cli.metrics import MetricsLog, PairMetrics
-from infopo_cli.plot import plot_run
-from infopo_cli.precision import choose
-from infopo_cli.progress import TrainProgress
-from infopo_cli.token_cache import tokenize_cached
-from infopo_cli.tokenization import TokenizedPair, encode_pair
+from infopo_cli.losses.registry import LossSpec
+from infopo_cli.train.evaluate import Evaluator
+from infopo_cli.train.logps import pair_logps, takes_custom_masks
+from infopo_cli.train.metrics import MetricsLog, PairMetrics
+from infopo_cli.train.plot import plot_run
+from infopo_cli.model.precision import choose
+from infopo_cli.train.progress import TrainProgress
+from infopo_cli.data.token_cache import tokenize_cached
+from infopo_cli.data.tokenization import TokenizedPair, encode_pair
 
 
 @dataclass
@@ -78,7 +82,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
             say(f"  {escape(reason)}")
     train_pairs = loaded.pairs
     eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
-    output = resume.parent if resume else checkpoint.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
+    output = resume.parent if resume else files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
     say(f"[bold]infopo[/] {cfg.loss} {escape(str(loss_params))} on {len(train_pairs)} {loaded.format} pairs "
         f"({escape(cfg.data)}), {len(eval_pairs)} held out -> {escape(str(output))}")
 
@@ -121,9 +125,9 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
     if resume:
         say(f"resuming after step {start} from {escape(str(resume))}")
     resolved = {**cfg.to_dict(), **loss_params, "output": str(output), "dtype": precision.dtype_name}
-    atomic.write_text(output / "config.toml", f"# infopo {__version__}; "
+    files.write_text(output / "config.toml", f"# infopo {__version__}; "
                           f"rerun with: infopo train --preset {output / 'config.toml'} --output NEW_DIR\n"
-                          + checkpoint.to_toml(resolved))
+                          + to_toml(resolved))
     log = MetricsLog(output / "metrics.jsonl")
     evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
                           spec, loss_params, precision.device) if eval_tok else None
@@ -187,7 +191,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None 
         summary.eval_after = evaluate(summary.steps)
     checkpoint.save_adapter(model, tokenizer, output)
     summary.peak_memory_gib = peak_memory_gib(precision.device)
-    atomic.write_json(output / "summary.json", asdict(summary))
+    files.write_json(output / "summary.json", asdict(summary))
     if not plot_run(log.records, output / "plot.png", f"{cfg.loss} on {Path(str(cfg.data)).name} ({source})"):
         say("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
     return summary

@@ -1,6 +1,6 @@
-"""The loss registry: every loss by name, its paper, defaults and inputs, and the MI priors.
+"""The loss registry: every loss by name, its paper, defaults and the forward passes it needs.
 
-`losses.py` holds the pure formulas; this module maps the per-pair quantities of a batch onto them,
+`formulas.py` holds the pure formulas and `priors.py` the MI priors; this module maps the per-pair quantities of a batch onto them,
 adds the optional NLL term on the chosen response (`sft_weight`), and knows which extra forward
 passes each loss needs, so that reference-free losses never run the reference pass.
 """
@@ -12,71 +12,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from infopo_cli import losses as L
 from infopo_cli.errors import ConfigError
-from infopo_cli.logps import Needs, PairLogps
-
-REF = Needs(reference=True)
+from infopo_cli.losses import formulas as L
+from infopo_cli.losses.priors import PRIORS, REF, lengths as _lengths
+from infopo_cli.losses.types import LossOutput, Needs, PairLogps
 
 
 def _ref_args(p: PairLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected
-
-
-def _lengths(p: PairLogps) -> tuple[Tensor, Tensor]:
-    return p.chosen_counts.clamp(min=1), p.rejected_counts.clamp(min=1)
-
-
-# --- priors of the MI objective (arXiv 2501.01544): log zeta(y) for chosen and rejected ---------------
-
-def _prior_reference(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
-    return p.ref_chosen, p.ref_rejected                                          # -> DPO
-
-
-def _prior_simpo(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
-    # (1 - 1/n) log pi(y) + c, with c_w - c_l = gamma / alpha; depends on the policy and is NOT detached,
-    # so that the gradients are SimPO's and not n times larger.
-    n_w, n_l = _lengths(p)
-    # written as l - l/n so the division happens in the log-probs' dtype
-    return (p.policy_chosen - p.policy_chosen / n_w + q["gamma"] / q["beta"],
-            p.policy_rejected - p.policy_rejected / n_l)                        # -> SimPO
-
-
-def _prior_rdpo(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
-    shift = q["rdpo_alpha"] / q["beta"]
-    return p.ref_chosen - shift * p.chosen_counts, p.ref_rejected - shift * p.rejected_counts  # -> R-DPO
-
-
-def _prior_tdpo1(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
-    return p.ref_chosen - p.kl_chosen, p.ref_rejected - p.kl_rejected           # -> TDPO1
-
-
-def _prior_tdpo2(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
-    a = q["tdpo_alpha"]  # stop-gradient on the chosen KL only, as in TDPO2
-    return p.ref_chosen - a * p.kl_chosen.detach(), p.ref_rejected - a * p.kl_rejected  # -> TDPO2
-
-
-def _prior_uniform(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
-    zero = p.policy_chosen.new_zeros(p.policy_chosen.shape)
-    return zero, zero                                                            # -> CPO's preference term
-
-
-@dataclass(frozen=True)
-class Prior:
-    log_zeta: Callable[[PairLogps, dict], tuple[Tensor, Tensor]]
-    needs: Needs
-    recovers: str
-    params: tuple[str, ...] = ()
-
-
-PRIORS: dict[str, Prior] = {
-    "reference": Prior(_prior_reference, REF, "DPO (arXiv 2305.18290)"),
-    "simpo": Prior(_prior_simpo, Needs(), "SimPO (arXiv 2405.14734)", ("gamma",)),
-    "rdpo": Prior(_prior_rdpo, REF, "R-DPO (arXiv 2403.19159)", ("rdpo_alpha",)),
-    "tdpo1": Prior(_prior_tdpo1, Needs(reference=True, kl=True), "TDPO1 (arXiv 2404.11999)"),
-    "tdpo2": Prior(_prior_tdpo2, Needs(reference=True, kl=True), "TDPO2 (arXiv 2404.11999)", ("tdpo_alpha",)),
-    "uniform": Prior(_prior_uniform, Needs(), "CPO's preference term without its NLL (arXiv 2401.08417)"),
-}
 
 
 # --- the registry -----------------------------------------------------------------------------------
@@ -87,7 +30,7 @@ class LossSpec:
     summary: str
     paper: str
     defaults: dict
-    call: Callable[[PairLogps, dict], L.LossOutput]
+    call: Callable[[PairLogps, dict], LossOutput]
     needs_fixed: Needs | None = None   # None: depends on the parameters (mi's prior)
 
     def needs(self, params: dict) -> Needs:
@@ -97,7 +40,7 @@ class LossSpec:
         return not self.needs({**self.defaults, **(params or {})}).reference
 
 
-def _mi(p: PairLogps, q: dict) -> L.LossOutput:
+def _mi(p: PairLogps, q: dict) -> LossOutput:
     zeta_w, zeta_l = PRIORS[q["prior"]].log_zeta(p, q)
     return L.mi(p.policy_chosen, p.policy_rejected, zeta_w, zeta_l, alpha=q["beta"])
 
@@ -158,10 +101,10 @@ def resolve(name: str, overrides: dict) -> tuple[LossSpec, dict]:
     return spec, params
 
 
-def compute(spec: LossSpec, logps: PairLogps, params: dict) -> L.LossOutput:
+def compute(spec: LossSpec, logps: PairLogps, params: dict) -> LossOutput:
     """The loss per pair, plus `sft_weight` x the token-mean NLL of the chosen response when asked for."""
     out = spec.call(logps, params)
     if params.get("sft_weight"):
         nll = -logps.policy_chosen / logps.chosen_counts.clamp(min=1)
-        out = L.LossOutput(out.losses + params["sft_weight"] * nll, out.chosen_rewards, out.rejected_rewards)
+        out = LossOutput(out.losses + params["sft_weight"] * nll, out.chosen_rewards, out.rejected_rewards)
     return out

@@ -6,8 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from infopo_cli.logps import PairLogps
-from infopo_cli.losses import LossOutput
+from infopo_cli.losses.types import LossOutput, PairLogps
 
 
 class PairMetrics:

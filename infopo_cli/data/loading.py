@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from infopo_cli.errors import ConfigError, DataError, InfopoError
-from infopo_cli.formats import FORMATS, Fields, PreferencePair, detect, normalise
-from infopo_cli.sources import read_rows, resolve
+from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, normalise
+from infopo_cli.data.sources import read_rows, resolve
 
 __all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "read_pairs", "resolve"]
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from infopo_cli.batching import PreferenceBatch, Targets, targets_from_labels
+from infopo_cli.data.batching import PreferenceBatch, Targets, targets_from_labels
+from infopo_cli.losses.types import Needs, PairLogps
 
 CHUNK_TOKENS = 1024
 
@@ -117,31 +118,6 @@ def target_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, ta
     return SequenceLogps(per_seq(logps), targets.counts(), selected, per_seq(kls) if ref_hidden is not None else None)
 
 
-@dataclass(frozen=True)
-class Needs:
-    """What a loss needs besides the policy's log-probs; everything not needed is never computed."""
-
-    reference: bool = False  # log-probs with the adapter disabled (one no-grad forward)
-    kl: bool = False         # per-token KL to the reference over the whole vocabulary (TDPO)
-    marginal: bool = False   # the policy's log-probs of each response without its prompt (RMiPO)
-
-
-@dataclass
-class PairLogps:
-    """Per-pair quantities of a batch, chosen and rejected split apart. All tensors are (B,)."""
-
-    policy_chosen: Tensor
-    policy_rejected: Tensor
-    chosen_counts: Tensor
-    rejected_counts: Tensor
-    ref_chosen: Tensor | None = None
-    ref_rejected: Tensor | None = None
-    kl_chosen: Tensor | None = None
-    kl_rejected: Tensor | None = None
-    marginal_chosen_avg: Tensor | None = None
-    marginal_rejected_avg: Tensor | None = None
-
-
 def _halves(values: Tensor | None, n: int) -> tuple[Tensor | None, Tensor | None]:
     return (None, None) if values is None else (values[:n], values[n:])
 
@@ -152,7 +128,7 @@ def response_only_logps(model: nn.Module, batch) -> Tensor:
     The first response token has no prefix and is not scored, so the average runs over n - 1 tokens;
     a one-token response gives 0 rather than 0/0.
     """
-    from infopo_cli.batching import response_only
+    from infopo_cli.data.batching import response_only
 
     with torch.no_grad():
         out = batch_logps(model, response_only(batch))
@@ -167,7 +143,7 @@ def pair_logps(model: nn.Module, batch, needs: Needs, reference: Tensor | None =
     graph is built. A precomputed `reference` (cached for evaluation) skips that pass, and so does
     `policy_is_reference` (an adapter that still adds exactly zero).
     """
-    from infopo_cli.model import reference_mode
+    from infopo_cli.model.loading import reference_mode
 
     if needs.kl and hasattr(_causal_lm(model).get_output_embeddings(), "lora_A"):
         from infopo_cli.errors import ConfigError

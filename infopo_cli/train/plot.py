@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from infopo_cli.atomic import usual_permissions
+from infopo_cli.files import usual_permissions
 
 # Rewards (beta * log-ratio to the reference) rather than raw log-probs: batches differ in length, so raw
 # log-probs jump from step to step while the change against the reference is comparable.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from infopo_cli.tokenization import TokenizedPair
+from infopo_cli.data.tokenization import TokenizedPair
 
 IGNORE = -100
 

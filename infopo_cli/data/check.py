@@ -6,9 +6,9 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from infopo_cli.batching import epoch_batches, padding_fraction
-from infopo_cli.data import DataOptions, load_pairs
-from infopo_cli.tokenization import encode_pair, truncate
+from infopo_cli.data.batching import epoch_batches, padding_fraction
+from infopo_cli.data.loading import DataOptions, load_pairs
+from infopo_cli.data.tokenization import encode_pair, truncate
 
 
 @dataclass

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from infopo_cli.config import DTYPES
+
+NAMES = {name: getattr(torch, attr) for name, attr in DTYPES.items()}
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from infopo_cli.batching import PreferenceBatch
-from infopo_cli.logps import pair_logps
-from infopo_cli.objectives import LossSpec, compute
-from infopo_cli.metrics import PairMetrics
+from infopo_cli.data.batching import PreferenceBatch
+from infopo_cli.train.logps import pair_logps
+from infopo_cli.losses.registry import LossSpec, compute
+from infopo_cli.train.metrics import PairMetrics
 
 
 class Evaluator:

@@ -38,7 +38,7 @@ def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) 
 
 
 def write_modelfile(gguf_path: Path, tokenizer) -> Path:
-    from infopo_cli.atomic import write_text
+    from infopo_cli.files import write_text
 
     path = gguf_path.with_suffix(".Modelfile")  # one per GGUF: `ollama create NAME -f model.Modelfile`
     write_text(path, modelfile(gguf_path.name, tokenizer.chat_template, tokenizer.eos_token))

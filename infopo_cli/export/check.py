@@ -73,7 +73,7 @@ def load_gguf(path: Path):
 
 @torch.no_grad()
 def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens: int = 48) -> CheckResult:
-    from infopo_cli.gguf_export import rope_scaling
+    from infopo_cli.export.gguf import rope_scaling
 
     stops, merged = stop_ids(tokenizer), merged.float().eval()
     # transformers reads GGUF rope scaling for gpt-oss only, so a rope-scaled export can only be checked in llama.cpp

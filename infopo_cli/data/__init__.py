@@ -1,0 +1,1 @@
+"""Preference data: sources, row formats, loading and checks, tokenisation, token cache, batching."""

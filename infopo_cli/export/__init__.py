@@ -1,0 +1,1 @@
+"""Export: merged weights, GGUF (+ Ollama Modelfile), and the reload check."""

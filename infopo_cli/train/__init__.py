@@ -1,0 +1,1 @@
+"""Training: the recipe, log-probs, evaluation, metrics, checkpoints, progress and plots."""
