@@ -17,7 +17,7 @@ from typing import Any
 
 from infopo_cli.errors import DataError, InfopoError
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED_DIR = Path(__file__).parent.parent / "bundled"
 Row = tuple[str, Any]
 
 
