@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +52,8 @@ class TrainConfig:
     )
     # --- data ------------------------------------------------------------------------------------
     data: str = _f(BUNDLED_TRAIN, "Training pairs: a JSONL file with prompt/chosen/rejected, or 'bundled:arith_train'.")
-    eval_data: str | None = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip).")
+    # str, not str | None: TOML has no null, so a None here could not survive the run's config.toml.
+    eval_data: str = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip).")
     data_format: str = _f("auto", "Row format: auto (detected), explicit, conversational, implicit.")
     prompt_field: str = _f("prompt", "Name of the prompt column.")
     chosen_field: str = _f("chosen", "Name of the chosen-response column.")
@@ -93,30 +98,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Collect every problem and raise once, so a user fixes them in one go."""
-        problems = []
-        positive = ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "max_prompt_length",
-                    "eval_batch_size")
-        problems += [f"{n} must be > 0 (got {getattr(self, n)})" for n in positive if getattr(self, n) <= 0]
-        if self.max_steps is not None and self.max_steps <= 0:
-            problems.append(f"max_steps must be > 0 (got {self.max_steps})")
-        if self.epochs <= 0:
-            problems.append(f"epochs must be > 0 (got {self.epochs})")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
-        if self.max_prompt_length >= self.max_length:
-            problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of auto, {', '.join(DTYPES)} (got {self.dtype!r})")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
-        if self.beta is not None and self.beta <= 0:
-            problems.append(f"beta must be > 0 (got {self.beta})")
-        if not self.target_modules:
-            problems.append("target_modules must name at least one module")
+        values = {name: _convert(HINTS[name], getattr(self, name)) for name in dict.fromkeys([*LIMITS, *FIELDS])}
+        problems = [_type_problem(name, getattr(self, name)) if value is _REJECT else _limit_problem(name, value)
+                    for name, value in values.items()]
+        problems = [p for p in problems if p]
+        if not any(value is _REJECT for value in values.values()):  # the combinations compare right-typed values
+            if self.max_prompt_length >= self.max_length:
+                problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+            if self.gamma_min is not None and self.gamma_max is not None and self.gamma_min > self.gamma_max:
+                problems.append(f"gamma_min ({self.gamma_min}) must be <= gamma_max ({self.gamma_max})")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -154,11 +144,21 @@ def check_keys(keys: list[str], source: str) -> None:
 
 
 def merge(base: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
-    """Return a copy of `base` with `overrides` applied (keys checked, types coerced)."""
+    """Return a copy of `base` with `overrides` applied: keys checked, types checked, each value's own limits
+    checked, so a bad value is reported with `source` (the file or the command line) that gave it."""
     check_keys(list(overrides), source)
     values = base.to_dict()
+    problems = []
     for key, value in overrides.items():
-        values[key] = _coerce(key, value, source)
+        try:
+            values[key] = _coerce(key, value)
+        except ConfigError as err:
+            problems.append(str(err))
+            continue
+        if problem := _limit_problem(key, values[key]):
+            problems.append(problem)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     return TrainConfig(**values)
 
 
@@ -170,37 +170,131 @@ def override(preset: TrainConfig, overrides: dict[str, Any], source: str) -> Tra
     return merge(preset, overrides, source)
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """TOML and flags give the right Python types already; catch the common mistakes with a clear line."""
-    default = FIELDS[key].default
+# --- types: each setting's expected type comes from its annotation -----------------------------------
+
+HINTS: dict[str, Any] = typing.get_type_hints(TrainConfig)
+_REJECT = object()  # `_convert`'s answer for a value its type does not take
+# (one thing, several things) in plain words, for messages a user reads
+_WORDS: dict[type, tuple[str, str]] = {bool: ("true or false", "true/false values"),
+                                       int: ("a whole number", "whole numbers"),
+                                       float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    """`value` as type `tp` (an int for a float becomes a float), or `_REJECT`. bool is not taken as a number:
+    `lora_r = true` is a mistake, not 1."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(tp):
+            if (converted := _convert(option, value)) is not _REJECT:
+                return converted
+        return _REJECT
+    if tp is type(None):
+        return None if value is None else _REJECT
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return _REJECT
+        items = [_convert(item, v) for v in value]
+        return _REJECT if any(v is _REJECT for v in items) else items
+    if tp is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _REJECT
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _REJECT
+    return value if isinstance(value, tp) else _REJECT
+
+
+def describe(tp: Any) -> str:
+    """A type in plain words: 'a number', 'true or false', 'a list of strings or a string'. None is left out:
+    TOML cannot write it and a flag left out means it."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(describe(option) for option in typing.get_args(tp) if option is not type(None))
+    if origin is list:
+        return f"a list of {_WORDS[typing.get_args(tp)[0]][1]}"
+    return _WORDS[tp][0]
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it in TOML, with what it is: 'the string "0.1"', 'the number 8.0', 'true'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"the string {json.dumps(value, ensure_ascii=False)}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, (list, tuple)):
+        return f"the list {json.dumps(value, ensure_ascii=False, default=str)}"
+    if isinstance(value, dict):
+        return f"the table {json.dumps(value, ensure_ascii=False, default=str)}"
+    return str(value)  # a TOML date or time
+
+
+def _type_problem(name: str, value: Any) -> str:
+    return f"'{name}' must be {describe(HINTS[name])}, got {show(value)}"
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """`value` in the field's type; a wrong type is one line with what was expected and what was given
+    (a non-empty string is truthy: `length_normalize = "false"` must not switch normalisation on)."""
+    converted = _convert(HINTS[key], value)
+    if converted is _REJECT:
+        raise ConfigError(_type_problem(key, value))
+    if key == "target_modules" and isinstance(converted, str) and converted != "all-linear":
+        converted = [v.strip() for v in converted.split(",") if v.strip()]  # "q_proj, v_proj" as on the command line
+    return converted
+
+
+# --- limits: what each number (or name) can be on its own; combinations are checked by validate() ----
+
+_POSITIVE = (lambda v: v > 0, "be > 0")
+_NOT_NEGATIVE = (lambda v: v >= 0, "be >= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "be in [0, 1)")
+LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # counts and sizes; keep_checkpoints 0 would delete the checkpoint a resume needs, max_bad_steps 0 stops at once
+    **dict.fromkeys(("lora_r", "lora_alpha", "max_length", "max_prompt_length", "batch_size", "grad_accum",
+                     "eval_batch_size", "max_steps", "keep_checkpoints", "max_bad_steps", "epochs", "lr", "beta"),
+                    _POSITIVE),
+    # 0 means off (save_every, eval_every, max_grad_norm, sft_weight); a negative value has no meaning
+    **dict.fromkeys(("save_every", "eval_every", "seed", "weight_decay", "max_grad_norm", "sft_weight", "gamma",
+                     "gamma_min", "gamma_max", "rdpo_alpha", "tdpo_alpha"), _NOT_NEGATIVE),
+    **dict.fromkeys(("warmup_ratio", "lora_dropout"), _FRACTION),
+    # label_smoothing's [0, 0.5) is checked by the loss registry, which also sees the losses' defaults
+    "dtype": (lambda v: v == "auto" or v in DTYPES, f"be one of auto, {', '.join(DTYPES)}"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"be one of {', '.join(OPTIMIZERS)}"),
+    "target_modules": (bool, "name at least one module"),
+}
+
+
+def _limit_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a value of the right type on its own, or None. nan fails every limit; inf is refused
+    because no setting means anything at infinity (0, not inf, switches clipping off)."""
     if value is None:
         return None
-    expected = type(default) if default not in (None, dataclasses.MISSING) else None
-    if key == "target_modules":
-        if value == "all-linear":
-            return value
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: '{key}' must be a list of module names")
-        return value
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if key in LOSS_PARAMS and key not in ("prior", "length_normalize") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if expected is not None and not isinstance(value, expected):
-        raise ConfigError(f"{source}: '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number (got {value})"
+    if name in LIMITS and not LIMITS[name][0](value):
+        return f"{name} must {LIMITS[name][1]} (got {value!r})"
+    return None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)  # shortest exact form; 'inf' and 'nan' are TOML too (json would write Infinity)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        # JSON escapes ", \ and control characters the way TOML basic strings do, except DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {value!r} as TOML")
 
 
 def to_toml(values: dict[str, Any]) -> str:
-    """A flat dict as TOML (strings, numbers, booleans, lists of strings); None becomes a comment."""
-    lines = []
-    for key, value in values.items():
-        if value is None:
-            lines.append(f"# {key} = (unset)")
-        elif isinstance(value, bool):
-            lines.append(f"{key} = {str(value).lower()}")
-        elif isinstance(value, (int, float, str, list)):
-            lines.append(f"{key} = {json.dumps(value)}")
+    """A flat dict as TOML that `presets.load` reads back to the same values. TOML has no null, so None is
+    written as a comment and reads back as the field's default: every field that may be None defaults to None."""
+    lines = [f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"

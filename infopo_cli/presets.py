@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infopo_cli.config import TrainConfig, merge
+from infopo_cli.config import TrainConfig, merge, show
 from infopo_cli.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -27,37 +27,48 @@ def available() -> dict[str, Path]:
     return {p.stem: p for p in sorted(presets_dir().glob("*.toml"))}
 
 
-def read(name_or_path: str) -> tuple[str, dict[str, Any]]:
-    """Return (name, raw settings) for a preset name or a path to a .toml file."""
+def find(name_or_path: str) -> Path:
+    """The file of a preset name (see `available`) or of a path to a .toml file."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist")
-        name = path.stem
-    else:
-        presets = available()
-        if name_or_path not in presets:
-            raise ConfigError(f"unknown preset '{name_or_path}'; available: {', '.join(presets)}")
-        name, path = name_or_path, presets[name_or_path]
+        return path
+    presets = available()
+    if name_or_path not in presets:
+        raise ConfigError(f"unknown preset '{name_or_path}'; available: {', '.join(presets)}")
+    return presets[name_or_path]
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The raw settings of a preset file, without its description."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8)") from None
     raw.pop("description", None)
-    return name, raw
+    return raw
 
 
 def description(path: Path) -> str:
     return str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))
 
 
-def load(name_or_path: str, _seen: tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults < preset (< the preset it `extends`). Unknown keys are errors, so a typo cannot go unnoticed."""
-    name, raw = read(name_or_path)
-    if name in _seen:
-        raise ConfigError(f"preset {name}: 'extends' loops back to itself ({' -> '.join(_seen + (name,))})")
+def load(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
+    """Defaults < preset (< the preset it `extends`). Unknown keys and wrong types are errors that name the
+    file they are in, so a typo cannot go unnoticed and the user knows which file to fix."""
+    path = find(name_or_path)
+    # by file, not name: a local llama3-8b-qlora.toml may extend the shipped llama3-8b-qlora
+    if any(path.resolve() == seen.resolve() for seen in _seen):
+        raise ConfigError(f"{_seen[-1]}: 'extends' loops back to {path} "
+                          f"({' -> '.join(p.stem for p in (*_seen, path))})")
+    raw = read(path)
     parent = raw.pop("extends", None)
-    base = load(parent, _seen + (name,)) if parent else TrainConfig()
-    cfg = merge(base, raw, source=f"preset {name}")
-    cfg.preset = raw.get("preset") or name  # a run's config.toml keeps the preset it came from
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a preset name or a .toml file, got {show(parent)}")
+    base = load(parent, (*_seen, path)) if parent else TrainConfig()
+    cfg = merge(base, raw, source=str(path))
+    cfg.preset = raw.get("preset") or path.stem  # a run's config.toml keeps the preset it came from
     return cfg
