@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 
+import pytest
+from conftest import build_tokenizer
 from test_formats import HH, UF
+from test_tokenization import APOLOGISES, APOLOGY_NOTE, FITS, rows_file
 
 from infopo_cli.data.batching import epoch_batches, padding_fraction
 from infopo_cli.data.tokenization import TokenizedPair
+from infopo_cli.errors import DataError, InfopoError
 
 
 def check(*args, env=None):
@@ -54,19 +59,65 @@ def test_length_grouping_keeps_every_pair_once_and_pads_less():
     assert epoch_batches(pairs, 8, random.Random(2)) != grouped  # a new order each epoch
 
 
-def test_token_cache_is_reused_and_keyed_on_settings(tmp_path, tiny_model, monkeypatch):
+def test_token_cache_is_reused_and_keyed_on_settings(tmp_path, tiny_model, pairs_file, monkeypatch):
     from infopo_cli.data import token_cache
     from infopo_cli.data.loading import read_pairs
     from infopo_cli.model.loading import load_tokenizer
-    from infopo_cli.data.tokenization import encode_pair
 
     monkeypatch.setenv("INFOPO_HOME", str(tmp_path))
     tok = load_tokenizer(str(tiny_model))
-    pairs = read_pairs("bundled:arith_eval")[:20]
-    encode = lambda p: encode_pair(tok, p, 128, 64)  # noqa: E731
-    first, cached = token_cache.tokenize_cached(pairs, tok, 128, 64, encode)
-    assert not cached
-    second, cached = token_cache.tokenize_cached(pairs, tok, 128, 64, lambda p: 1 / 0)
-    assert cached and second == first
-    _, cached = token_cache.tokenize_cached(pairs, tok, 96, 64, encode)  # another max_length: another entry
-    assert not cached
+    pairs = read_pairs(str(pairs_file))[:20]
+    first = token_cache.tokenize_cached(pairs, tok, 128, 64)
+    assert not first.cached and len(first.pairs) == 20 and first.skipped == []
+    with monkeypatch.context() as m:
+        m.setattr(token_cache, "encode_pairs", lambda *args: 1 / 0)  # a cache hit encodes nothing
+        second = token_cache.tokenize_cached(pairs, tok, 128, 64)
+    assert second.cached and second.pairs == first.pairs
+    assert not token_cache.tokenize_cached(pairs, tok, 96, 64).cached  # another max_length: another entry
+
+
+def test_where_a_pair_was_read_is_not_part_of_the_cache_key():
+    from infopo_cli.data.formats import PreferencePair
+    from infopo_cli.data.token_cache import cache_key
+
+    tok = build_tokenizer()
+    here, there = PreferencePair("Q?", "A", "B", where="a.jsonl:1"), PreferencePair("Q?", "A", "B", where="b.jsonl:9")
+    assert cache_key([here], tok, 128, 64) == cache_key([there], tok, 128, 64)
+    assert cache_key([here], tok, 128, 64) != cache_key([PreferencePair("Q?", "A", "C")], tok, 128, 64)
+
+
+def test_pairs_that_cannot_be_tokenised_are_skipped_with_their_rows(tmp_path, monkeypatch):
+    from infopo_cli.data.loading import read_pairs
+    from infopo_cli.data.token_cache import tokenize_cached
+
+    monkeypatch.setenv("INFOPO_HOME", str(tmp_path / "home"))
+    tok = build_tokenizer(APOLOGY_NOTE)
+    path = rows_file(tmp_path, FITS, APOLOGISES, FITS | {"rejected": "7."})
+    pairs = read_pairs(path)
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}:2: the chat template renders"):
+        tokenize_cached(pairs, tok, 128, 64)
+    for cached in (False, True):
+        out = tokenize_cached(pairs, tok, 128, 64, skip_invalid=True)
+        assert out.cached is cached and len(out.pairs) == 2
+        assert len(out.skipped) == 1 and out.skipped[0].startswith(f"{path}:2: the chat template renders")
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}:2: "):  # a cached entry with failures still stops the run
+        tokenize_cached(pairs, tok, 128, 64)
+    moved = rows_file(tmp_path / "home", FITS, APOLOGISES, FITS | {"rejected": "7."})  # same pairs, another file
+    assert tokenize_cached(read_pairs(moved), tok, 128, 64, skip_invalid=True).skipped[0].startswith(f"{moved}:2: ")
+
+
+def test_data_check_reports_pairs_that_cannot_be_tokenised_as_invalid_rows(tmp_path):
+    from infopo_cli.data.check import check as data_check
+    from infopo_cli.data.loading import DataOptions
+
+    tok = build_tokenizer(APOLOGY_NOTE)
+    path = rows_file(tmp_path, FITS, APOLOGISES, FITS)
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}:2: the chat template renders"):
+        data_check(path, DataOptions(), tok, 128, 64, 2)
+    path = rows_file(tmp_path, FITS, APOLOGISES, {"prompt": "p", "chosen": "c"}, FITS)  # rows are read before tokenised
+    report = data_check(path, DataOptions(skip_invalid=True), tok, 128, 64, 2)
+    assert (report.rows, report.pairs, report.duplicates) == (4, 2, 1)
+    assert [line.split(": ", 1)[0] for line in report.skipped] == [f"{path}:3", f"{path}:2"]
+    assert len(report.lengths["prompt"]) == 2
+    with pytest.raises(InfopoError, match=r"no preference pairs \(1 invalid rows"):
+        data_check(rows_file(tmp_path, APOLOGISES), DataOptions(skip_invalid=True), tok, 128, 64, 2)

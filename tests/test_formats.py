@@ -70,6 +70,14 @@ def test_field_mapping_and_system_prompt(tmp_path):
     assert pair == PreferencePair((("system", "Be brief."), ("user", "Q?")), (("assistant", "A"),), (("assistant", "B"),))
 
 
+def test_pairs_know_their_row_but_compare_and_hash_without_it(tmp_path):
+    path = jsonl(tmp_path, EXPLICIT, UF, EXPLICIT)
+    pairs = load_pairs(path).pairs
+    assert [p.where for p in pairs] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert pairs[0] == pairs[2] and hash(pairs[0]) == hash(pairs[2]) and len(set(pairs)) == 2
+    assert load_pairs(path, DataOptions(system="Be brief.")).pairs[1].where == f"{path}:2"
+
+
 def test_forced_format_mismatch_names_the_field(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'chosen': expected a string, got an array"):
         load_pairs(jsonl(tmp_path, UF), DataOptions(format="explicit"))

@@ -7,8 +7,8 @@ import statistics
 from dataclasses import dataclass, field
 
 from infopo_cli.data.batching import epoch_batches, padding_fraction
-from infopo_cli.data.loading import DataOptions, load_pairs
-from infopo_cli.data.tokenization import encode_pair, truncate
+from infopo_cli.data.loading import DataOptions, load_pairs, no_pairs
+from infopo_cli.data.tokenization import encode_pairs, truncate
 
 
 @dataclass
@@ -35,15 +35,20 @@ class DataReport:
 def check(spec: str, options: DataOptions, tokenizer, max_length: int, max_prompt_length: int,
           batch_size: int) -> DataReport:
     loaded = load_pairs(spec, options)
+    pairs, skipped, full = loaded.pairs, list(loaded.skipped), []
+    if tokenizer is not None:  # a pair that cannot be tokenised is an invalid row like any other
+        full, failed = encode_pairs(tokenizer, pairs, 10**9, 10**9, options.skip_invalid)  # untruncated lengths
+        pairs = [p for i, p in enumerate(pairs) if i not in failed]
+        skipped += [str(err) for err in failed.values()]
+        if not pairs:
+            raise no_pairs(spec, skipped)
     seen, duplicates = set(), 0
-    for pair in loaded.pairs:
+    for pair in pairs:
         duplicates += pair in seen
         seen.add(pair)
-    report = DataReport(spec, loaded.format, loaded.rows, len(loaded.pairs), loaded.skipped, duplicates,
-                        max_length=max_length)
+    report = DataReport(spec, loaded.format, loaded.rows, len(pairs), skipped, duplicates, max_length=max_length)
     if tokenizer is None:
         return report
-    full = [encode_pair(tokenizer, p, 10**9, 10**9) for p in loaded.pairs]  # untruncated lengths
     report.lengths = {"prompt": [len(t.prompt_ids) for t in full], "chosen": [len(t.chosen_ids) for t in full],
                       "rejected": [len(t.rejected_ids) for t in full]}
     report.truncated = sum(t.length > max_length for t in full)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from infopo_cli.errors import DataError
@@ -37,6 +37,7 @@ class PreferencePair:
     prompt: Text
     chosen: Text
     rejected: Text
+    where: str = field(default="", compare=False)  # FILE:LINE, for errors; not part of the pair's identity
 
 
 def detect(row: Any, fields: Fields) -> str:
@@ -72,7 +73,7 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
         raise DataError(where, fields.rejected, "identical to 'chosen' (the pair expresses no preference)")
     if system:
         pair = _with_system(pair, system)
-    return pair
+    return replace(pair, where=where)
 
 
 def _flag(name: str, fields: Fields) -> str:

@@ -13,7 +13,7 @@ from infopo_cli.errors import ConfigError, DataError, InfopoError
 from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, normalise
 from infopo_cli.data.sources import read_rows, resolve
 
-__all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "read_pairs", "resolve"]
+__all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "no_pairs", "read_pairs", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,15 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
                 raise
             skipped.append(str(err))
     if not pairs:
-        detail = f" ({len(skipped)} invalid rows, first: {skipped[0]})" if skipped else " (the source is empty)"
-        raise InfopoError(f"{resolve(spec)}: no preference pairs{detail}")
+        raise no_pairs(spec, skipped)
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
     return Loaded(pairs, fmt, rows, skipped)
+
+
+def no_pairs(spec: str, skipped: list[str]) -> InfopoError:
+    """The error for a source left with no valid pair."""
+    detail = f" ({len(skipped)} invalid rows, first: {skipped[0]})" if skipped else " (the source is empty)"
+    return InfopoError(f"{resolve(spec)}: no preference pairs{detail}")
 
 
 def read_pairs(spec: str, options: DataOptions = DataOptions()) -> list[PreferencePair]:

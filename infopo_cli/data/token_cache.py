@@ -1,21 +1,29 @@
 """Tokenised pairs cached on disk, so a second run on the same data and tokenizer starts at once.
 
-The key covers the normalised pairs themselves (so any source or format), the tokenizer's identity
-(name, vocabulary size, special tokens, chat template) and the truncation lengths.
+The key covers the normalised pairs themselves (so any source or format, but not where they were read
+from), the tokenizer's identity (name, vocabulary size, special tokens, chat template) and the
+truncation lengths.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from infopo_cli.files import write_text
-from infopo_cli.files import infopo_home
 from infopo_cli.data.formats import PreferencePair
-from infopo_cli.data.tokenization import TokenizedPair
+from infopo_cli.data.tokenization import TokenizedPair, encode_pairs, place_of
+from infopo_cli.errors import DataError
+from infopo_cli.files import infopo_home, write_text
 
-VERSION = 1  # bump when tokenisation changes, so old entries are not reused
+VERSION = 2  # bump when tokenisation changes, so old entries are not reused
+
+
+@dataclass
+class TokenizedSet:
+    pairs: list[TokenizedPair]                          # the pairs that could be tokenised, in order
+    skipped: list[str] = field(default_factory=list)    # one line per pair dropped (only with skip_invalid)
+    cached: bool = False                                # whether they came from the cache
 
 
 def cache_key(pairs: list[PreferencePair], tokenizer, max_length: int, max_prompt_length: int) -> str:
@@ -30,16 +38,27 @@ def cache_key(pairs: list[PreferencePair], tokenizer, max_length: int, max_promp
 
 
 def tokenize_cached(pairs: list[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
-                    encode: Callable[[PreferencePair], TokenizedPair]) -> tuple[list[TokenizedPair], bool]:
-    """(tokenised pairs, whether they came from the cache)."""
+                    skip_invalid: bool = False) -> TokenizedSet:
+    """Every pair encoded with `encode_pair`. A pair that cannot be tokenised raises its DataError, or with
+    skip_invalid is dropped and reported in `skipped`."""
     path = infopo_home() / "cache" / "tokens" / f"{cache_key(pairs, tokenizer, max_length, max_prompt_length)}.json"
     if path.is_file():
         try:
-            rows = json.loads(path.read_text())
-            return [TokenizedPair(*row) for row in rows], True
-        except (ValueError, TypeError):
+            entry = json.loads(path.read_text())
+            tokenized = [TokenizedPair(*row) for row in entry["pairs"]]
+            failed = {i: DataError(place_of(pairs[i]), name, problem) for i, name, problem in entry["failed"]}
+        except (ValueError, TypeError, KeyError, IndexError):
             pass  # a damaged entry is rebuilt below
-    tokenized = [encode(p) for p in pairs]
+        else:
+            if skip_invalid or not failed:  # otherwise encode again below, to raise the first failure as it is
+                return TokenizedSet(tokenized, _reasons(failed), cached=True)
+    tokenized, failed = encode_pairs(tokenizer, pairs, max_length, max_prompt_length, skip_invalid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps([[t.prompt_ids, t.chosen_ids, t.rejected_ids, t.truncated] for t in tokenized]))
-    return tokenized, False
+    # Failures are stored by index and rebuilt with the pairs' current `where`: the key does not cover it.
+    write_text(path, json.dumps({"pairs": [[t.prompt_ids, t.chosen_ids, t.rejected_ids, t.truncated] for t in tokenized],
+                                 "failed": [[i, err.field, err.problem] for i, err in failed.items()]}))
+    return TokenizedSet(tokenized, _reasons(failed), cached=False)
+
+
+def _reasons(failed: dict[int, DataError]) -> list[str]:
+    return [str(err) for _, err in sorted(failed.items())]

@@ -1,14 +1,21 @@
 """Turn a preference pair into token ids: prompt, chosen response, rejected response.
 
 With a chat template the response tokens are exactly the assistant turn's tokens as the template
-writes them (end-of-turn included); without one, the response is followed by EOS.
+writes them (end-of-turn included); without one, the response is followed by EOS. A conversation whose
+reply tokens cannot be told apart from the prompt's is a `DataError` naming its row, never a guess.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from infopo_cli.data.formats import PreferencePair, Text
+from infopo_cli.errors import DataError
+
+# Stands in for the reply to find where the template puts it; plain letters, so no template escapes,
+# trims or splits it, and a rendering that holds it more than once (the data contains it) is refused.
+SENTINEL = "INFOPOREPLYSENTINELd41f7c0e"
 
 
 @dataclass(frozen=True)
@@ -54,22 +61,69 @@ def _plain(text: Text, generation_prompt: bool) -> str:
 
 
 def encode_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int) -> TokenizedPair:
+    """Token ids of one pair, truncated; raises DataError (naming the row) if the reply cannot be located."""
     if getattr(tokenizer, "chat_template", None):
-        messages = _as_messages(pair.prompt, "user")
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        responses = []
-        for response in (pair.chosen, pair.rejected):
-            full = tokenizer.apply_chat_template(messages + _as_messages(response, "assistant"), tokenize=False)
-            if not full.startswith(prompt_text):  # templates that rewrite earlier turns: cut at the prompt anyway
-                full = prompt_text + full[len(prompt_text):]
-            responses.append(_split_response(tokenizer, prompt_text, full))
-        prompt_ids = _ids(tokenizer, prompt_text)
-        chosen_ids, rejected_ids = responses
+        prompt_ids, chosen_ids, rejected_ids = _chat_ids(tokenizer, pair)
     else:
         prompt_ids = list(tokenizer(_plain(pair.prompt, True))["input_ids"])  # adds BOS where the tokenizer does
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         chosen_ids, rejected_ids = ([*_ids(tokenizer, _response_text(r)), *eos] for r in (pair.chosen, pair.rejected))
     return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int, max_prompt_length: int,
+                 skip_invalid: bool = False) -> tuple[list[TokenizedPair], dict[int, DataError]]:
+    """(encoded pairs, {index: error} of those that failed); without skip_invalid the first failure is raised."""
+    encoded, failed = [], {}
+    for i, pair in enumerate(pairs):
+        try:
+            encoded.append(encode_pair(tokenizer, pair, max_length, max_prompt_length))
+        except DataError as err:
+            if not skip_invalid:
+                raise
+            failed[i] = err
+    return encoded, failed
+
+
+def _chat_ids(tokenizer, pair: PreferencePair) -> tuple[list[int], list[int], list[int]]:
+    messages = _as_messages(pair.prompt, "user")
+    prompt_text = _render(tokenizer, pair, messages, add_generation_prompt=True)
+    fulls = [_render(tokenizer, pair, messages + _as_messages(r, "assistant")) for r in (pair.chosen, pair.rejected)]
+    if not all(full.startswith(prompt_text) for full in fulls):
+        # The template writes the earlier turns differently once a reply follows them: the prompt is then
+        # what it renders before a reply inside the whole conversation, shared by chosen and rejected.
+        prompt_text = _prompt_in_conversation(tokenizer, pair, messages)
+        if not all(full.startswith(prompt_text) for full in fulls):
+            raise DataError(place_of(pair), None, "the chat template renders the earlier turns differently depending "
+                                                "on the reply that follows them; cannot tell which tokens are the reply")
+    chosen_ids, rejected_ids = (_split_response(tokenizer, prompt_text, full) for full in fulls)
+    return _ids(tokenizer, prompt_text), chosen_ids, rejected_ids
+
+
+def _prompt_in_conversation(tokenizer, pair: PreferencePair, messages: list[dict[str, str]]) -> str:
+    """Everything the template writes before an assistant reply's content, in a conversation ending with one."""
+    rendered = _render(tokenizer, pair, [*messages, {"role": "assistant", "content": SENTINEL}])
+    if rendered.count(SENTINEL) != 1:
+        raise DataError(place_of(pair), None, "cannot find where the chat template puts the reply, so cannot tell "
+                                            "which tokens are the reply")
+    return rendered[:rendered.index(SENTINEL)]
+
+
+def _render(tokenizer, pair: PreferencePair, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError  # rendering a chat template needs jinja2 anyway
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateSyntaxError:
+        raise  # a broken template, not a bad row
+    except TemplateError as err:  # the template refuses this conversation (roles out of order, no system role, ...)
+        problem = " ".join(str(err).split()) or "no reason given"
+        raise DataError(place_of(pair), None, f"the chat template rejects this conversation: {problem}") from None
+
+
+def place_of(pair: PreferencePair) -> str:
+    """Where the pair was read from, for an error message."""
+    return pair.where or "a preference pair"
 
 
 def _response_text(response: Text) -> str:
