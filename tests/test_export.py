@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import subprocess
 import sys
 
@@ -45,7 +48,7 @@ def test_merged_folder_equals_adapter_on_base(arch, tmp_path):
     on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32), source.adapter)
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, on_base(IDS).logits, atol=1e-5, rtol=1e-5)
-    assert (out / "tokenizer_config.json").is_file() and not list(tmp_path.glob(".merged-*"))
+    assert (out / "tokenizer_config.json").is_file() and not list(tmp_path.glob(".merged.infopo-*"))
     assert out.stat().st_mode & 0o755 == 0o755  # not the owner-only mode of a temporary folder
     with pytest.raises(OutputError, match="already exists"):
         export_merged(source, out)
@@ -107,6 +110,17 @@ def test_exported_gguf_and_modelfile_are_readable_by_others(tmp_path):
     assert path.stat().st_mode & 0o644 == 0o644 and modelfile_path.stat().st_mode & 0o644 == 0o644
     with pytest.raises(OutputError, match="already exists"):
         export_gguf(adapter_for("llama", tmp_path / "again"), path, "f16", check=False)
+
+
+@pytest.mark.parametrize("existing", ["m.gguf", "m.Modelfile"])
+def test_an_existing_gguf_or_modelfile_is_refused_before_the_model_loads(existing, tmp_path, monkeypatch):
+    """Without --overwrite neither output may be replaced; the Modelfile used to be, silently."""
+    module = importlib.import_module("infopo_cli.export.export_gguf")
+    monkeypatch.setattr(module, "merged_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    (tmp_path / existing).write_text("the user's")
+    with pytest.raises(OutputError, match=re.escape(f"{tmp_path / existing} already exists")):
+        module.export_gguf(AdapterSource("unused", tmp_path / "adapter"), tmp_path / "m.gguf", check=False)
+    assert os.listdir(tmp_path) == [existing] and (tmp_path / existing).read_text() == "the user's"
 
 
 def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):

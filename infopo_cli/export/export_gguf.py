@@ -2,36 +2,36 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from infopo_cli.files import check_free_space, claim_target, usual_permissions
+from infopo_cli import files
+from infopo_cli.errors import ConfigError
 from infopo_cli.export.check import CheckResult, compare
 from infopo_cli.export.gguf import QUANTS, check_quant, write_gguf
 from infopo_cli.export.merged import AdapterSource, merged_model
-from infopo_cli.export.modelfile import write_modelfile
-
+from infopo_cli.export.modelfile import modelfile_path, write_modelfile
 
 
 def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite: bool = False,
-                check: bool = True) -> tuple[Path, Path, CheckResult | None]:
-    """Write OUT.gguf and OUT.Modelfile; with `check`, compare the GGUF with the merged model."""
+                check: bool = True, log: Callable[[str], None] = print) -> tuple[Path, Path, CheckResult | None]:
+    """Write OUT.gguf and OUT.Modelfile; with `check`, compare the GGUF with the merged model.
+
+    Both outputs are claimed before the model is loaded, so an existing one is refused at no cost.
+    """
     check_quant(quant)
-    claim_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    modelfile = modelfile_path(out)
+    if modelfile == out:
+        raise ConfigError(f"--gguf {out}: the GGUF would be overwritten by its Modelfile; name it NAME.gguf")
+    for line in files.clean_temporaries(out.parent):
+        log(line)
+    for path in (out, modelfile):
+        files.claim_target(path, overwrite)
     model, tokenizer = merged_model(source, "fp32")
-    check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * QUANTS[quant].bytes_per_weight))
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".gguf", dir=out.parent)
-    os.close(fd)
-    try:
-        write_gguf(model, tokenizer, Path(tmp), quant, model_name=_model_name(source))
-        usual_permissions(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    modelfile = write_modelfile(out, tokenizer)
+    files.check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * QUANTS[quant].bytes_per_weight))
+    with files.replacing(out) as tmp:
+        write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source))
+    write_modelfile(out, tokenizer)
     return out, modelfile, compare(model, tokenizer, out) if check else None
 
 

@@ -7,6 +7,7 @@ with peft, and the folder is written under a temporary name and renamed into pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +54,11 @@ def merged_model(source: AdapterSource, dtype: str = "fp32"):
     return model, load_tokenizer(str(tokenizer_dir))
 
 
-def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
+def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwrite: bool = False,
+                  log: Callable[[str], None] = print) -> Path:
+    for line in files.clean_temporaries(out.parent):  # first: it may put back a folder a crash left aside
+        log(line)
     files.claim_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = merged_model(source, dtype)
     files.check_free_space(out.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
     with files.folder(out) as tmp:  # with --overwrite, the old folder goes only once the new one is complete

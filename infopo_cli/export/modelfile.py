@@ -37,9 +37,13 @@ def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) 
     return "\n".join(lines) + "\n"
 
 
+def modelfile_path(gguf_path: Path) -> Path:
+    return gguf_path.with_suffix(".Modelfile")  # one per GGUF: `ollama create NAME -f model.Modelfile`
+
+
 def write_modelfile(gguf_path: Path, tokenizer) -> Path:
     from infopo_cli.files import write_text
 
-    path = gguf_path.with_suffix(".Modelfile")  # one per GGUF: `ollama create NAME -f model.Modelfile`
+    path = modelfile_path(gguf_path)
     write_text(path, modelfile(gguf_path.name, tokenizer.chat_template, tokenizer.eos_token))
     return path

