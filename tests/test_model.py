@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
 
+from infopo_cli import files
 from infopo_cli.model import loading as stack
 from infopo_cli.data.batching import collate
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.losses.types import Needs
 from infopo_cli.train.logps import pair_logps
-from infopo_cli.model.precision import Precision
+from infopo_cli.model.precision import Precision, cpu_flags
 from infopo_cli.data.tokenization import TokenizedPair
 
 FP32 = Precision("cpu", torch.float32, "test")
 CFG = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)
 
 
-def policy(tiny_model, cfg: TrainConfig = CFG):
-    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, FP32), cfg)
+def policy(tiny_model, cfg: TrainConfig = CFG, precision: Precision = FP32):
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, precision), cfg)
     with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at init
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -65,28 +69,41 @@ def test_one_set_of_base_weights_in_the_process(tiny_model):
     assert len(own) == 14 and {id(p) for p in alive} == own
 
 
-def test_evaluation_mode_does_not_corrupt_training_gradients(tiny_model):
-    """bitsandbytes repacks 4-bit weights on an eval-mode forward; its kernel has no autograd."""
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags(),
+                    reason="this CPU lacks avx512_bf16: bitsandbytes never repacks 4-bit weights here, nothing to test")
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded-control"])
+def test_evaluation_mode_does_not_corrupt_training_gradients(tiny_model, monkeypatch, guarded):
+    """bitsandbytes repacks 4-bit weights on an eval-mode forward; its kernel has no autograd.
+
+    The unguarded control (without `_keep_4bit_layout_trainable`) shows the check is live on this CPU: the
+    weights are repacked and the training gradients change.
+    """
+    if not guarded:
+        monkeypatch.setattr(stack, "_keep_4bit_layout_trainable", lambda model: None)
     cfg = TrainConfig(dtype="bf16", lora_r=4, lora_alpha=8)
-    bf16 = Precision("cpu", torch.bfloat16, "test")
-    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, bf16), cfg)
+    model = policy(tiny_model, cfg, Precision("cpu", torch.bfloat16, "test"))
     first_a = next(p for n, p in model.named_parameters() if "layers.0" in n and "lora_A" in n)
 
     def grad() -> torch.Tensor:
         model.zero_grad()
-        pair_logps(model, batch(), Needs()).policy_chosen.sum().backward()
+        with warnings.catch_warnings():  # torch warns when backward meets the repacked kernel (the control)
+            warnings.simplefilter("ignore", UserWarning)
+            pair_logps(model, batch(), Needs()).policy_chosen.sum().backward()
         return first_a.grad.clone()
 
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
     before = grad()
     model.eval()
     with torch.no_grad():
         pair_logps(model, batch(), Needs())
     model.train()
-    torch.testing.assert_close(grad(), before)
+    after = grad()
+    repacked = sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    if guarded:
+        assert repacked == 0
+        torch.testing.assert_close(after, before)
+    else:
+        assert repacked == 14 and not torch.allclose(after, before)
 
 
 def test_unquantised_base_and_gradient_checkpointing_flags(tiny_model):
@@ -109,3 +126,16 @@ def test_wrong_target_modules_name_the_real_ones(tiny_model):
 def test_missing_model_is_one_line(tmp_path):
     with pytest.raises(ModelError, match="cannot load model"):
         stack.load_tokenizer(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.parametrize("run", ["first", "second"])
+def test_each_test_has_its_own_infopo_home_and_shares_the_converted_models(run, home, shared_home, tmp_path_factory):
+    """conftest: no test writes into ~/.cache/infopo; token caches are per test, converted models per session."""
+    assert files.infopo_home() == home and home.is_relative_to(tmp_path_factory.getbasetemp())
+    assert not home.resolve().is_relative_to((Path.home() / ".cache" / "infopo").resolve())
+    assert (home / "models").resolve() == (shared_home / "models").resolve()
+    assert [p.name for p in home.iterdir()] == ["models"]  # the other run's cache folder is not here
+    (home / "cache").mkdir()
+    child = subprocess.run([sys.executable, "-c", "from infopo_cli.files import infopo_home; print(infopo_home())"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == str(home)  # the CLI in a subprocess uses it too
