@@ -26,12 +26,13 @@ def run(loss: str, steps: int, eval_every: int, held_out: Path, workdir: Path) -
 
     from infopo_cli.config import override
     from infopo_cli.presets import load
+    from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train
 
     out = workdir / loss
     cfg = override(load("smollm2-135m"), {"loss": loss, "max_steps": steps, "eval_every": eval_every,
                                            "eval_data": str(held_out), "output": str(out)}, "benchmark")
-    train(cfg, Console(file=open(os.devnull, "w")))
+    train(cfg, Reporter(Console(file=open(os.devnull, "w"))))
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     evals = [r for r in records if r["kind"] == "eval"]
     step_s = statistics.median(r["step_seconds"] for r in records if r["kind"] == "train" and r["step"] > 2)

@@ -92,13 +92,14 @@ def run_infopo(args: argparse.Namespace) -> dict:
     from rich.console import Console
 
     from infopo_cli.model.loading import load_tokenizer, resolve_source
+    from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train
 
     cap_gpu_memory(args.cap_gib)
     out = Path(tempfile.mkdtemp()) / "run"
     cfg = settings(args)
     cfg.output = str(out)
-    summary = train(cfg, Console(file=open(os.devnull, "w")))
+    summary = train(cfg, Reporter(Console(file=open(os.devnull, "w"))))
     records = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"train"' in line]
     steady = records[args.warmup:]
     step_s = statistics.median(r["step_seconds"] for r in steady)

@@ -16,6 +16,7 @@ from rich.markup import escape
 from infopo_cli import __version__
 from infopo_cli.config import help_for
 from infopo_cli.errors import InfopoError
+from infopo_cli.train.stops import StopNow  # standard library only: --help stays instant
 
 app = typer.Typer(
     help="Align a language model with preference data (InfoPO and relatives), QLoRA on one GPU or a CPU.",
@@ -50,7 +51,7 @@ def _opt(name: str, panel: str, flag: str | None = None, **kw):
 
 @app.command()
 def train(
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file.")] = "smollm2-135m",
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file (default smollm2-135m).", show_default=False)] = None,
     data: Annotated[Optional[str], _opt("data", "Data")] = None,
     eval_data: Annotated[Optional[str], _opt("eval_data", "Data")] = None,
     data_format: Annotated[Optional[str], _opt("data_format", "Data", "--format")] = None,
@@ -94,14 +95,14 @@ def train(
     keep_checkpoints: Annotated[Optional[int], _opt("keep_checkpoints", "Output")] = None,
     max_bad_steps: Annotated[Optional[int], _opt("max_bad_steps", "Optimisation")] = None,
     output: Annotated[Optional[str], _opt("output", "Output", "--output")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run folder from its latest checkpoint-N (its own settings; --max-steps may extend it).", rich_help_panel="Output")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a stopped run folder from its newest checkpoint, exactly (its own settings; --max-steps/--epochs may change its length).", rich_help_panel="Output")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
 ) -> None:
     """Train a LoRA adapter on preference pairs. With no arguments: SmolLM2-135M on the bundled data.
 
     [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
     """
-    flags = {k: v for k, v in locals().items() if k not in ("preset", "debug", "resume") and v is not None}
+    flags = {k: v for k, v in locals().items() if k not in ("debug", "resume") and v is not None}
     from pathlib import Path
 
     from infopo_cli import presets
@@ -110,38 +111,40 @@ def train(
     if resume:
         return _resume(Path(resume), flags)
 
-    cfg = override(presets.load(preset), flags, source="command line")
+    cfg = override(presets.load(flags.pop("preset", presets.DEFAULT_PRESET)), flags, source="command line")
     cfg.validate()
     from infopo_cli.losses.registry import resolve  # light: imports torch only for tensors' types
 
     resolve(cfg.loss, cfg.loss_overrides())  # an unknown loss or a flag it does not take: one line, before loading
 
+    from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training  # imports torch: only now
 
-    summary = run_training(cfg, console)
-    _print_summary(summary)
-    if summary.status == "interrupted":
-        raise typer.Exit(130)
+    _finish(run_training(cfg, Reporter(console)))
 
 
 def _resume(run_dir, flags: dict) -> None:
     from infopo_cli import presets
-    from infopo_cli.train.checkpoint import latest_checkpoint
-    from infopo_cli.config import merge
     from infopo_cli.errors import ConfigError
+    from infopo_cli.train.resume import resumed_config
 
-    if set(flags) - {"max_steps"}:
-        raise ConfigError(f"--resume continues a run with its own settings; only --max-steps may change (got "
-                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(set(flags) - {'max_steps'}))})")
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    cfg = merge(presets.load(str(run_dir / "config.toml")), {**flags, "output": str(run_dir)}, source="command line")
+    cfg = resumed_config(presets.load(str(run_dir / "config.toml")), flags, run_dir)
+    from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training
 
-    summary = run_training(cfg, console, resume=latest_checkpoint(run_dir))
+    _finish(run_training(cfg, Reporter(console), resume=run_dir))
+
+
+def _finish(summary) -> None:
+    """The summary table, then why the run stopped (if it did) and the exit code that says so."""
     _print_summary(summary)
-    if summary.status == "interrupted":
-        raise typer.Exit(130)
+    if summary.exit_code:
+        style = "red" if summary.exit_code < 128 else "yellow"
+        err_console.print(f"[{style}]{'error: ' if summary.exit_code < 128 else ''}{escape(summary.message)}[/]",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(summary.exit_code)
 
 
 def _print_summary(summary) -> None:
@@ -342,6 +345,9 @@ def main() -> None:
         sys.exit(err.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except StopNow as stop:  # a second Ctrl-C/SIGTERM during training: no new checkpoint, the last one is intact
+        err_console.print(f"[yellow]{escape(str(stop))}[/]", highlight=False, soft_wrap=True)
+        sys.exit(stop.exit_code)
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside the training loop (which saves a checkpoint itself)
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)

@@ -37,3 +37,9 @@ class OutputError(InfopoError):
 
 class ExportError(InfopoError):
     """An export that cannot be written, or whose check failed."""
+
+
+class CheckpointError(InfopoError):
+    """A checkpoint that cannot be read, or does not fit the run resuming from it."""
+
+    exit_code = 2

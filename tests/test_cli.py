@@ -74,7 +74,7 @@ def test_merge_coerces_and_validation_gathers_every_problem():
     assert cfg.lr == 1.0 and cfg.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="batch_size must be > 0.*lr must be > 0"):
         TrainConfig(batch_size=0, lr=-1).validate()
-    with pytest.raises(ConfigError, match="'lora_r' must be int"):
+    with pytest.raises(ConfigError, match="'lora_r' must be a whole number"):
         merge(TrainConfig(), {"lora_r": "big"}, "test")
 
 
@@ -122,11 +122,21 @@ def test_a_flag_the_loss_does_not_take_is_one_line(tmp_path):
 
 
 def test_switching_loss_drops_the_presets_loss_settings(tmp_path):
+    from infopo_cli.config import override
+    from infopo_cli.losses.registry import resolve
+
     preset = tmp_path / "p.toml"
     preset.write_text('loss = "simpo"\nbeta = 2.5\ngamma = 1.4\n')
-    # the preset's gamma belongs to simpo: with --loss dpo it is dropped, not an error
-    out = infopo("train", "--preset", str(preset), "--loss", "dpo", "--batch-size", "0")
-    assert "gamma" not in out.stderr and "batch_size must be > 0" in out.stderr
+    with pytest.raises(ConfigError, match="--gamma does not apply to loss 'dpo'"):
+        resolve("dpo", load(str(preset)).loss_overrides())  # kept, the preset's gamma would be an error for dpo
+    # the preset's gamma and beta belong to simpo: with --loss dpo they are dropped, and dpo takes its own beta
+    cfg = override(load(str(preset)), {"loss": "dpo"}, "command line")
+    spec, params = resolve(cfg.loss, cfg.loss_overrides())
+    assert spec.name == "dpo" and params == {"beta": 0.1, "sft_weight": 0.0}
+    # the CLI too, up to a check made after the loss is resolved: the data file is read only then
+    missing = tmp_path / "missing.jsonl"
+    out = infopo("train", "--preset", str(preset), "--loss", "dpo", "--data", str(missing), "--output", str(tmp_path / "o"))
+    assert out.returncode != 0 and out.stderr.strip() == f"error: {missing}: no such file"
 
 
 def test_override_keeps_loss_settings_only_for_the_presets_own_loss():
@@ -158,11 +168,9 @@ def test_skip_invalid_trains_on_the_good_rows_and_reports_the_bad(tmp_path, tiny
     assert "mixed.jsonl:25: field 'rejected': missing" in out.stdout and "mixed.jsonl:26: not valid JSON" in out.stdout
 
 
-def test_resume_takes_only_max_steps_and_needs_a_run_folder(tmp_path):
-    out = infopo("train", "--resume", str(tmp_path), "--lr", "0.1")
-    assert out.returncode == 2 and "only --max-steps may change (got --lr)" in out.stderr
+def test_resume_needs_a_run_folder_and_refuses_settings_that_differ(tmp_path):
     out = infopo("train", "--resume", str(tmp_path))
     assert out.returncode == 2 and "is not a run folder" in out.stderr
-    (tmp_path / "config.toml").write_text('model = "x"\n')
-    out = infopo("train", "--resume", str(tmp_path))
-    assert out.returncode == 2 and "no checkpoint-N folder to resume from" in out.stderr
+    (tmp_path / "config.toml").write_text('model = "x"\nlr = 0.0002\n')
+    out = infopo("train", "--resume", str(tmp_path), "--lr", "0.1")
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: --lr 0.1 differs from this run's 0.0002")

@@ -123,26 +123,25 @@ def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, 
     assert tokens[2] == tokens[0] - sum(len(p.prompt_ids) for p in pairs)  # each prompt read once
 
 
-def interrupt_at_step(monkeypatch, step: int):
-    """Make the recipe see Ctrl-C during optimizer step `step`; returns the real step function."""
-    real, calls = recipe.accumulate_gradients, []
+def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_and_the_adapter(tiny_model, pairs_file, tmp_path, monkeypatch):
+    """SIGINT during step 3 (of 5) lets that step finish, then saves checkpoint-3 and the adapter."""
+    import os
+    import signal
+
+    real, calls = recipe.pair_logps, []
 
     def interrupting(*args, **kwargs):
         calls.append(1)
-        if len(calls) == step:
-            raise KeyboardInterrupt
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "accumulate_gradients", interrupting)
-    return real
-
-
-def test_ctrl_c_saves_a_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
-    interrupt_at_step(monkeypatch, 3)
-    summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", max_steps=5))
-    assert summary.status == "interrupted" and summary.steps == 2
-    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "out" / "checkpoint-2" / "training_state.pt").is_file()
+    monkeypatch.setattr(recipe, "pair_logps", interrupting)
+    summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", max_steps=5, eval_data=""))
+    assert summary.status == "stopped" and summary.steps == 3 and summary.exit_code == 130
+    assert f"infopo train --resume {tmp_path / 'out'}" in summary.message
+    assert (tmp_path / "out" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoint-3" / "training_state.pt").is_file()
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
@@ -199,25 +198,6 @@ def test_trains_on_each_source_and_format(tiny_model, tmp_path, kind):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = recipe.train(tiny_cfg(tiny_model, path, tmp_path / "out", eval_data="", max_steps=1, batch_size=2))
     assert summary.steps == 1 and math.isfinite(summary.last_step["loss"])
-
-
-def test_resume_after_ctrl_c_gives_the_uninterrupted_adapter(tiny_model, pairs_file, tmp_path, monkeypatch):
-    """Interrupt at step 2 of 5, resume from checkpoint-2: the final adapter equals an uninterrupted run's."""
-    from infopo_cli.train.checkpoint import latest_checkpoint
-
-    straight = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "straight", max_steps=5, eval_data=""))
-    real = interrupt_at_step(monkeypatch, 3)
-    cfg = tiny_cfg(tiny_model, pairs_file, tmp_path / "resumed", max_steps=5, eval_data="")
-    assert recipe.train(cfg).status == "interrupted"
-    monkeypatch.setattr(recipe, "accumulate_gradients", real)
-    resumed = recipe.train(load(str(tmp_path / "resumed" / "config.toml")), resume=latest_checkpoint(tmp_path / "resumed"))
-    assert resumed.status == "completed" and resumed.steps == 5
-    a = load_file(f"{straight.output}/adapter_model.safetensors")
-    b = load_file(f"{resumed.output}/adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_progress_shows_the_metrics_trl_users_know(tmp_path):

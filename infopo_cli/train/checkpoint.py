@@ -1,10 +1,17 @@
-"""Write run artefacts so that nothing is half-written and nothing the user had is overwritten."""
+"""Resumable checkpoints: everything a run needs to carry on exactly where it stopped.
+
+A checkpoint is taken only at a step boundary (after an optimizer step, never inside one) and holds:
+the adapter (safetensors), the optimizer, the learning-rate schedule, the gradient scaler (fp16), the
+data position, the RNG states of Python, torch and CUDA captured at that same boundary, and the
+counters of skipped steps. It is written into a temporary folder and renamed into place whole, so a
+crash or a second Ctrl-C during the save leaves the previous checkpoint as it was. It loads with
+`torch.load(weights_only=True)`: tensors and plain containers only, never pickled code.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import pickle
+import random
 from pathlib import Path
 from typing import Any
 
@@ -12,57 +19,102 @@ import torch
 from torch import nn
 
 from infopo_cli import files
-from infopo_cli.errors import OutputError
+from infopo_cli.errors import CheckpointError, OutputError
+
+STATE_FILE = "training_state.pt"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "checkpoint-"
+
+
+def capture_rng() -> dict[str, Any]:
+    """The RNG states a step draws from (LoRA dropout on CPU or GPU; Python's for anything else)."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # weights_only loads tuples back as lists in places
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
     """peft adapter + tokenizer into `folder` (loads with PeftModel.from_pretrained(base, folder)).
 
-    Saved into a hidden sibling folder first and moved file by file, so an interrupted save never
-    leaves a truncated adapter under the final name.
+    The run folder itself cannot be renamed into place (it holds the log and the lock), so each file
+    is replaced atomically, the weights last: the adapter's config is the same for every save of a run,
+    so a reader sees the old weights or the new ones, never a torn file.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
-    try:
+    with files.staging(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for item in tmp.iterdir():
-            os.replace(item, folder / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == WEIGHTS_FILE):
+            files.move_into_place(item, folder / item.name)
 
 
-def save_checkpoint(folder: Path, model: nn.Module, tokenizer, optimizer, scheduler, step: int,
-                    state: dict[str, Any]) -> Path:
-    """A resumable checkpoint: adapter, optimizer, schedule, step and RNG, renamed into place whole."""
-    target = folder / f"checkpoint-{step}"
-    with files.folder(target) as tmp:
-        save_adapter(model, tokenizer, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **state},
-                   tmp / "training_state.pt")
+def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer, state: dict[str, Any], keep: int) -> Path:
+    """checkpoint-STEP/ with the adapter and `state`; then only the newest `keep` checkpoints are kept."""
+    target = run_dir / f"{PREFIX}{state['step']}"
+    try:
+        with files.folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            torch.save(state, tmp / STATE_FILE)
+    except OutputError as err:  # a full disk, a permission: say that the last checkpoint is still good
+        previous = complete_checkpoints(run_dir)
+        raise OutputError(f"{err}; {previous[-1].name} is intact" if previous else str(err)) from None
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        files.remove_tree(old)
     return target
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    found = sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
-                   if p.name.split("-")[1].isdigit() and (p / "training_state.pt").is_file())
-    if not found:
-        raise OutputError(f"{run_dir} has no checkpoint-N folder to resume from (runs save one on Ctrl-C and with --save-every)")
-    return found[-1][1]
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders that were renamed into place whole, oldest first."""
+    found = []
+    for path in run_dir.glob(f"{PREFIX}*"):
+        step = path.name[len(PREFIX):]
+        if step.isdigit() and (path / STATE_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> int:
-    """Restore adapter weights, optimizer, schedule and RNG; returns the step the checkpoint was taken at."""
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; None for a run stopped before its first step (it starts over)."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position)."""
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-    state = torch.load(folder / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():  # LoRA dropout on the GPU draws from these
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{folder}: cannot read the checkpoint: {STATE_FILE} holds more than tensors and plain "
+                              "values, and infopo never runs code from a checkpoint") from None
+    except (OSError, SafetensorError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise CheckpointError(f"{folder}: cannot read the checkpoint ({first})") from None
+    expected = {name for name, param in model.named_parameters() if param.requires_grad}
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as err:  # a shape mismatch: another rank, model or target_modules
+        raise CheckpointError(f"{folder}: the adapter does not fit this run's model "
+                              f"({str(err).strip().splitlines()[-1].strip()})") from None
+    unexpected = list(result.unexpected_keys)
+    missing = [key for key in result.missing_keys if key in expected]
+    if unexpected or missing or not weights:
+        example = (unexpected or missing or ["(no tensors)"])[0]
+        raise CheckpointError(f"{folder}: the adapter's tensors do not match this run's adapter "
+                              f"({len(unexpected)} unexpected, {len(missing)} missing, e.g. {example})")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{folder}: the optimizer state does not match this run ({err})") from None
+    return state

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from infopo_cli.data.batching import PreferenceBatch
 from infopo_cli.train.logps import pair_logps
 from infopo_cli.losses.registry import LossSpec, compute
+from infopo_cli.train.checkpoint import capture_rng, restore_rng
 from infopo_cli.train.metrics import PairMetrics
 
 
@@ -19,12 +22,27 @@ class Evaluator:
         self.reference: list[Tensor] | None = None
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, policy_is_reference: bool = False) -> dict[str, float]:
-        """`policy_is_reference`: a fresh LoRA adds exactly zero, so one pass serves as both."""
-        was_training = model.training
+    def __call__(self, model: nn.Module, policy_is_reference: bool = False,
+                 should_stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+        """`policy_is_reference`: a fresh LoRA adds exactly zero, so one pass serves as both.
+
+        Returns None when `should_stop()` turns true between batches (a stop was requested: the run
+        saves its checkpoint now rather than after a long evaluation). The RNG states are left as they
+        were, so an evaluation never changes what the training steps after it draw.
+        """
+        was_training, rng = model.training, capture_rng()
         model.eval()
+        try:
+            return self._evaluate(model, policy_is_reference, should_stop)
+        finally:
+            restore_rng(rng)
+            model.train(was_training)
+
+    def _evaluate(self, model: nn.Module, policy_is_reference: bool, should_stop: Callable[[], bool]) -> dict[str, float] | None:
         metrics, reference = PairMetrics(), []
         for i, batch in enumerate(self.batches):
+            if should_stop():
+                return None
             batch = batch.to(self.device)
             cached = self.reference[i] if self.reference is not None else None
             logps = pair_logps(model, batch, self.spec.needs(self.params), reference=cached,
@@ -33,5 +51,4 @@ class Evaluator:
                 reference.append(torch.cat([logps.ref_chosen, logps.ref_rejected]))
             metrics.add(compute(self.spec, logps, self.params), logps)
         self.reference = reference or None
-        model.train(was_training)
         return metrics.means(prefix="eval/")

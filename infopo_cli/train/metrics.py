@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
+from infopo_cli import files
+from infopo_cli.errors import OutputError
 from infopo_cli.losses.types import LossOutput, PairLogps
 
 
@@ -34,13 +37,33 @@ class PairMetrics:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per step or evaluation, flushed as it happens."""
+    """`metrics.jsonl`: one JSON object per step or evaluation, appended as it happens.
 
-    def __init__(self, path: Path) -> None:
+    A resumed run first cuts the file back to the checkpoint's step (dropping a line torn by a kill),
+    so the log covers the whole run once. Non-finite values are written as null (valid JSON).
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
         self.records: list[dict] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by SIGKILL or a full disk
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    self.records.append(record)
+            files.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
+        record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         self.records.append(record)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r.get("kind") == kind]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 SHOWN = [("loss", "loss"), ("rewards/chosen", "rewards/chosen"), ("rewards/margins", "margins"),
@@ -10,7 +13,10 @@ SHOWN = [("loss", "loss"), ("rewards/chosen", "rewards/chosen"), ("rewards/margi
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{label} {metrics[key]:.4g}" for key, label in SHOWN if key in metrics)
+    text = "  ".join(f"{label} {metrics[key]:.4g}" for key, label in SHOWN if key in metrics)
+    if metrics.get("skipped_steps"):  # steps whose loss or gradient was NaN/inf (or overflowed in fp16)
+        text += f"  skipped {metrics['skipped_steps']}"
+    return text
 
 
 class TrainProgress:
@@ -45,3 +51,71 @@ class TrainProgress:
 
     def note(self, message: str) -> None:
         self.console.print(message, highlight=False)
+
+
+class Reporter:
+    """Everything `infopo train` tells the user, so the recipe itself holds no console formatting."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+
+    def _say(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+    def note(self, message: str) -> None:
+        self._say(escape(message))
+
+    def skipped_rows(self, reasons: list[str], rows: int) -> None:
+        if reasons:
+            self._say(f"[yellow]skipped {len(reasons)} invalid rows of {rows}[/]; the first ones:")
+            for reason in reasons[:3]:
+                self._say(f"  {escape(reason)}")
+
+    def start(self, loss: str, params: dict, n_train: int, fmt: str, data: str, n_eval: int, run_dir: Path) -> None:
+        self._say(f"[bold]infopo[/] {loss} {escape(str(params))} on {n_train} {fmt} pairs ({escape(data)}), "
+                  f"{n_eval} held out -> {escape(str(run_dir))}")
+
+    def lock(self, took_over: str | None) -> None:
+        if took_over:
+            self._say(f"[yellow]{escape(took_over)}[/]")
+
+    def precision(self, precision) -> None:
+        self._say(f"device {precision.device}, compute dtype {precision.dtype_name}: {escape(precision.reason)}")
+
+    def model(self, source: str, seconds: float, cfg, trainable: int, total: int) -> None:
+        self._say(f"model {escape(source)} loaded in {seconds:.1f}s ({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); "
+                  f"LoRA r={cfg.lora_r}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.0f}M parameters")
+
+    def tokenised(self, n_train: int, n_eval: int, cached: bool, truncated: int, max_length: int) -> None:
+        self._say(f"tokenised{' (from cache)' if cached else ''}: {n_train} train / {n_eval} held-out pairs"
+                  + (f", [yellow]{truncated} truncated to max_length {max_length}[/]" if truncated else ""))
+
+    def fresh_resume(self, run_dir: Path) -> None:
+        self._say(f"{escape(str(run_dir))} has no checkpoint yet (it stopped before its first step): starting from the beginning")
+
+    def resumed(self, step: int, total: int, checkpoint: Path, schedule) -> None:
+        self._say(f"resuming after step {step} of {total} from {escape(str(checkpoint))}")
+        if schedule.restart_factor is not None and schedule.restart == step:
+            self._say(f"the run's length changed: the learning rate decays from {schedule.lr(step):.3g} "
+                      f"(its value at step {step}) to zero at step {total}")
+
+    def evaluation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        self._say(f"eval @ step {step} ({seconds:.0f}s): loss {metrics['eval/loss']:.4f}  "
+                  f"logps/chosen {metrics['eval/logps/chosen']:.2f}  logps/rejected {metrics['eval/logps/rejected']:.2f}  "
+                  f"rewards/accuracies {metrics['eval/rewards/accuracies']:.3f}  "
+                  f"logps/accuracies {metrics['eval/logps/accuracies']:.3f}")
+
+    def progress(self, total: int, start: int) -> TrainProgress:
+        bar = TrainProgress(self.console, total)
+        bar.skip_to(start)
+        return bar
+
+    def saved(self, checkpoint: Path) -> None:
+        self._say(f"[dim]saved {escape(str(checkpoint))}[/]")
+
+    def stop_requested(self, signum: int) -> None:
+        """Called from the signal handler: say what happens next, and how to stop at once."""
+        from infopo_cli.train.stops import NAMES
+
+        self._say(f"[yellow]{NAMES.get(signum, signum)}: stopping after the current step with a checkpoint "
+                  "(send it again to stop at once; the last complete checkpoint stays)[/]")

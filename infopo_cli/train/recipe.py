@@ -1,11 +1,17 @@
 """`infopo train`: the training recipe, top to bottom.
 
-data -> output folder -> hardware -> model (4-bit base + LoRA) -> tokens -> optimizer -> evaluate
--> loop (policy and reference log-probs, loss, backward, clip, step) -> evaluate -> save -> summary.
+data -> run folder (locked) -> hardware -> model (4-bit base + LoRA) -> tokens -> optimizer, schedule
+-> resume? -> evaluate -> loop (policy and reference log-probs, loss, backward, clip, step; stop,
+evaluate and checkpoint only between steps) -> evaluate -> save -> summary.
+
+Every ordinary stop ends at a step boundary with a checkpoint from which `infopo train --resume RUN`
+continues exactly: Ctrl-C or SIGTERM (after the current step), CUDA out-of-memory (the state before the
+failed step), too many non-finite steps in a row. What the user sees is printed by a `Reporter`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -16,39 +22,45 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.markup import escape
 
-from infopo_cli import __version__
-from infopo_cli import files
-from infopo_cli.train import checkpoint
-from infopo_cli.model import loading as model_stack
-from infopo_cli.losses import registry as objectives
-from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
+from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
+from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
 from infopo_cli.data.loading import load_pairs
+from infopo_cli.data.token_cache import tokenize_cached
+from infopo_cli.data.tokenization import TokenizedPair
 from infopo_cli.errors import ConfigError
+from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
+from infopo_cli.model import loading as model_stack
+from infopo_cli.model.precision import choose
+from infopo_cli.train import checkpoint
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.plot import plot_run
-from infopo_cli.model.precision import choose
-from infopo_cli.train.progress import TrainProgress
-from infopo_cli.data.token_cache import tokenize_cached
-from infopo_cli.data.tokenization import TokenizedPair, encode_pair
+from infopo_cli.train.progress import Reporter
+from infopo_cli.train.schedule import WarmupCosine
+from infopo_cli.train.stops import NAMES, StopRequests
+
+TIMING_KEYS = ("tokens_per_s", "step_seconds")  # the only metrics that differ between identical runs
+# CUDA's allocator raises torch.OutOfMemoryError; torch < 2.5 only has the cuda alias.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
 class RunSummary:
     output: str
-    status: str                       # "completed" or "interrupted"
+    status: str                       # completed, stopped, out of memory, diverged
     steps: int
-    seconds: float
+    seconds: float                    # training time of the whole run (every resumed part)
     tokens_per_s: float
     peak_memory_gib: float
     device: str
     dtype: str
+    exit_code: int = 0                # 130 SIGINT, 143 SIGTERM, 3 out of memory, 4 non-finite steps
+    message: str = ""                 # why it stopped and how to carry on
+    skipped_steps: int = 0            # optimizer steps skipped for a non-finite loss or gradient
     first_step: dict = field(default_factory=dict)
     last_step: dict = field(default_factory=dict)
     eval_before: dict = field(default_factory=dict)
@@ -66,150 +78,264 @@ def peak_memory_gib(device: str) -> float:
     return kib / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def train(cfg: TrainConfig, console: Console | None = None, resume: Path | None = None) -> RunSummary:
-    """Run the recipe; with `resume` (a checkpoint folder of this run), continue after its step."""
-    console = console or Console()
-    say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None = None) -> RunSummary:
+    """Run the recipe; with `resume` (a run folder), continue from its newest complete checkpoint."""
+    report = report or Reporter()
     cfg.validate()
-    spec, loss_params = objectives.resolve(cfg.loss, cfg.loss_overrides())
+    spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
 
     # --- data: every row checked before any model is loaded -----------------------------------
-    options = cfg.data_options()
-    loaded = load_pairs(cfg.data, options)
-    if loaded.skipped:
-        say(f"[yellow]skipped {len(loaded.skipped)} invalid rows of {loaded.rows}[/]; the first ones:")
-        for reason in loaded.skipped[:3]:
-            say(f"  {escape(reason)}")
-    train_pairs = loaded.pairs
+    loaded = load_pairs(cfg.data, cfg.data_options())
+    report.skipped_rows(loaded.skipped, loaded.rows)
     eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
-    output = resume.parent if resume else files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
-    say(f"[bold]infopo[/] {cfg.loss} {escape(str(loss_params))} on {len(train_pairs)} {loaded.format} pairs "
-        f"({escape(cfg.data)}), {len(eval_pairs)} held out -> {escape(str(output))}")
+    run_dir = resume or files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
+    report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, cfg.data, len(eval_pairs), run_dir)
 
-    # --- hardware and seed ---------------------------------------------------------------------
-    precision = choose(cfg.dtype)
-    say(f"device {precision.device}, compute dtype {precision.dtype_name}: {precision.reason}")
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    with contextlib.ExitStack() as held:
+        # --- the run folder is ours alone; stops are requests the loop reads between steps ----------
+        report.lock(held.enter_context(files.RunLock(run_dir)).took_over)
+        for repair in files.clean_temporaries(run_dir):  # what a crashed run left behind
+            report.note(repair)
+        stops = held.enter_context(StopRequests(str(run_dir), report.stop_requested))
+        resume_from = checkpoint.latest_checkpoint(run_dir) if resume else None
+        if resume and not resume_from:
+            report.fresh_resume(run_dir)
 
-    # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off ---
-    t_load = time.perf_counter()
-    source = model_stack.resolve_source(cfg.model, log=lambda message: say(escape(message)))
-    tokenizer = model_stack.load_tokenizer(source)
-    model = model_stack.attach_lora(model_stack.load_base(source, cfg, precision), cfg)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = model_stack.count_parameters(model)
-    say(f"model {escape(source)} loaded in {time.perf_counter() - t_load:.1f}s "
-        f"({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); LoRA r={cfg.lora_r}: "
-        f"{n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.0f}M parameters")
-    share_prompt = cfg.share_prompt and takes_custom_masks(model)
-    if cfg.share_prompt and not share_prompt:
-        say("prompts are read twice per pair: this attention kernel takes no 4-D mask (use sdpa or eager to share them)")
+        # --- hardware and seed -------------------------------------------------------------------
+        precision = choose(cfg.dtype)
+        report.precision(precision)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
 
-    # --- tokens -----------------------------------------------------------------------------------
-    encode = lambda pair: encode_pair(tokenizer, pair, cfg.max_length, cfg.max_prompt_length)  # noqa: E731
-    (train_tok, cached), (eval_tok, _) = (tokenize_cached(p, tokenizer, cfg.max_length, cfg.max_prompt_length, encode)
-                                          for p in (train_pairs, eval_pairs))
-    truncated = sum(p.truncated for p in train_tok + eval_tok)
-    say(f"tokenised{' (from cache)' if cached else ''}: {len(train_tok)} train / {len(eval_tok)} held-out pairs"
-        + (f", [yellow]{truncated} truncated to max_length {cfg.max_length}[/]" if truncated else ""))
+        # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
+        t_load = time.perf_counter()
+        source = model_stack.resolve_source(cfg.model, log=report.note)
+        tokenizer = model_stack.load_tokenizer(source)
+        model = model_stack.attach_lora(model_stack.load_base(source, cfg, precision), cfg)
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+        report.model(source, time.perf_counter() - t_load, cfg, *model_stack.count_parameters(model))
+        share_prompt = cfg.share_prompt and takes_custom_masks(model)
+        if cfg.share_prompt and not share_prompt:
+            report.note("prompts are read twice per pair: this attention kernel takes no 4-D mask "
+                        "(use sdpa or eager to share them)")
 
-    # --- optimizer and schedule -------------------------------------------------------------------
-    global_batch = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = math.ceil(math.ceil(len(train_tok) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = make_optimizer(cfg, trainable_params, precision.device)
-    scheduler = warmup_cosine(optimizer, warmup=int(cfg.warmup_ratio * total_steps), total=total_steps)
+        # --- tokens --------------------------------------------------------------------------------
+        train_set, eval_set = (tokenize_cached(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.skip_invalid)
+                               for pairs in (loaded.pairs, eval_pairs))
+        report.skipped_rows(train_set.skipped + eval_set.skipped, len(loaded.pairs) + len(eval_pairs))
+        train_tok, eval_tok = train_set.pairs, eval_set.pairs
+        report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
+                         sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
 
-    start = checkpoint.load_checkpoint(resume, model, optimizer, scheduler) if resume else 0
-    if resume:
-        say(f"resuming after step {start} from {escape(str(resume))}")
-    resolved = {**cfg.to_dict(), **loss_params, "output": str(output), "dtype": precision.dtype_name}
-    files.write_text(output / "config.toml", f"# infopo {__version__}; "
-                          f"rerun with: infopo train --preset {output / 'config.toml'} --output NEW_DIR\n"
-                          + to_toml(resolved))
-    log = MetricsLog(output / "metrics.jsonl")
-    evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
-                          spec, loss_params, precision.device) if eval_tok else None
-    if not spec.needs(loss_params).reference:
-        say(f"{cfg.loss} is reference-free: no reference forward pass")
-    summary = RunSummary(str(output), "completed", start, 0.0, 0.0, 0.0, precision.device, precision.dtype_name)
+        # --- optimizer, schedule, gradient scaler ------------------------------------------------
+        # A step is one global batch, split into micro-batches: the data order depends only on the
+        # global batch, so a resume may split it differently (after running out of memory).
+        global_batch = cfg.batch_size * cfg.grad_accum
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
+        optimizer = make_optimizer(cfg, trainable_params, precision.device)
+        schedule = WarmupCosine(cfg.lr, int(cfg.warmup_ratio * total_steps), total_steps)
+        # fp16 overflows where bf16 does not: scale the loss, skip steps whose gradients overflow
+        scaler = torch.amp.GradScaler(precision.device, enabled=precision.dtype == torch.float16)
+        start, pairs_seen, skipped_steps, bad_streak, pending_eval, saved_rng = 0, 0, 0, 0, False, None
+        if resume_from:
+            saved = checkpoint.load_checkpoint(resume_from, model, optimizer)
+            start, pairs_seen = saved["step"], saved["pairs_seen"]
+            skipped_steps, bad_streak = saved["skipped_steps"], saved["bad_streak"]
+            pending_eval, saved_rng = saved["pending_eval"], saved["rng"]
+            if total_steps < start:
+                raise ConfigError(f"{run_dir} is at step {start}; --max-steps/--epochs must give at least that many "
+                                  f"steps (got {total_steps})")
+            schedule = WarmupCosine.from_state_dict(saved["schedule"]).resized(start, total_steps)
+            if saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            report.resumed(start, total_steps, resume_from, schedule)
+        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
+        files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
+                                                  f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
+        evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
+                              spec, loss_params, precision.device) if eval_tok else None
+        if not spec.needs(loss_params).reference:
+            report.note(f"{cfg.loss} is reference-free: no reference forward pass")
 
-    def evaluate(step: int, fresh: bool = False) -> dict:
-        t = time.perf_counter()
-        metrics = evaluator(model, policy_is_reference=fresh)
-        log.write({"kind": "eval", "step": step, **metrics})
-        say(f"eval @ step {step} ({time.perf_counter() - t:.0f}s): loss {metrics['eval/loss']:.4f}  "
-            f"logps/chosen {metrics['eval/logps/chosen']:.2f}  logps/rejected {metrics['eval/logps/rejected']:.2f}  "
-            f"rewards/accuracies {metrics['eval/rewards/accuracies']:.3f}  logps/accuracies {metrics['eval/logps/accuracies']:.3f}")
-        return metrics
+        def evaluate(step: int) -> bool:
+            """Held-out metrics at `step`, logged; False if a stop request cut the evaluation short."""
+            t = time.perf_counter()
+            # a LoRA that has not trained adds exactly zero: one pass gives the policy and the reference
+            metrics = evaluator(model, policy_is_reference=step == 0, should_stop=lambda: stops.requested)
+            if metrics is None:
+                return False
+            log.write({"kind": "eval", "step": step, **metrics})
+            report.evaluation(step, metrics, time.perf_counter() - t)
+            return True
 
-    if evaluator and not resume:  # a fresh LoRA adds exactly zero: one pass gives policy and reference
-        summary.eval_before = evaluate(0, fresh=True)
+        def save(step: int, rng: dict, eval_due: bool = False) -> Path:
+            state = {"step": step, "pairs_seen": pairs_seen, "rng": rng,
+                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "skipped_steps": skipped_steps, "bad_streak": bad_streak, "pending_eval": eval_due}
+            return checkpoint.save_checkpoint(run_dir, model, tokenizer, state, cfg.keep_checkpoints)
 
-    # --- the loop -------------------------------------------------------------------------------
-    batches = shuffled_batches(train_tok, cfg.batch_size, cfg.seed)
-    for _ in range(start * cfg.grad_accum):  # the same data order as an uninterrupted run
-        next(batches)
-    model.train()
-    started, tokens_seen, step = time.perf_counter(), 0, 0
-    try:
-        with TrainProgress(console, total_steps) as bar:
-            bar.skip_to(start)
-            for step in range(start + 1, total_steps + 1):
+        if evaluator and (start == 0 or pending_eval) and not logged_eval(log, start) and not stops.requested:
+            pending_eval = not evaluate(start)
+
+        # --- the loop ----------------------------------------------------------------------------
+        batches = shuffled_batches(train_tok, global_batch, cfg.seed)
+        for _ in range(start):  # the same data order as an uninterrupted run
+            next(batches)
+        if saved_rng:
+            checkpoint.restore_rng(saved_rng)  # last, so nothing in the set-up above draws from it
+        model.train()
+        step, stop = start, None
+        with report.progress(total_steps, start) as bar:
+            while step < total_steps and not stops.requested:
+                boundary_rng = checkpoint.capture_rng()
+                pairs = next(batches)
+                micro_batches = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
                 t_step = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-                metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,
-                                                            tokenizer.pad_token_id, precision.device, share_prompt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm or float("inf"))
-                optimizer.step()
-                scheduler.step()
+                try:
+                    metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,
+                                                                tokenizer.pad_token_id, precision.device,
+                                                                share_prompt, scaler)
+                except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+                    if not is_out_of_memory(err):
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    _free_accelerator_memory()
+                    # the weights, optimizer and schedule are still those after `step`: an exact boundary
+                    if not (run_dir / f"{checkpoint.PREFIX}{step}").is_dir():
+                        report.saved(save(step, boundary_rng, pending_eval))
+                    stop = out_of_memory(cfg, step + 1, micro_batches, precision.device, run_dir)
+                    break
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm or float("inf")))
+                finite = math.isfinite(metrics.sums["loss"]) and math.isfinite(grad_norm)
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule.lr(step)
+                if finite:
+                    scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                step += 1
+                pairs_seen += len(pairs)
+                skipped_steps += not finite
+                bad_streak = 0 if finite else bad_streak + 1
 
                 seconds = time.perf_counter() - t_step
-                tokens_seen += step_tokens
-                record = {"kind": "train", "step": step, **metrics.means(), "grad_norm": float(grad_norm),
-                          "lr": scheduler.get_last_lr()[0], "epoch": step * global_batch / len(train_tok),
+                record = {"kind": "train", "step": step, **metrics.means(), "grad_norm": grad_norm,
+                          "lr": schedule.lr(step - 1), "epoch": step * global_batch / len(train_tok),
+                          "tokens": step_tokens, "skipped": not finite, "skipped_steps": skipped_steps,
                           "tokens_per_s": step_tokens / seconds, "step_seconds": seconds}
+                if scaler.is_enabled():
+                    record["grad_scale"] = float(scaler.get_scale())
                 log.write(record)
                 bar.step(step, record)
-                summary.first_step = summary.first_step or record
-                summary.last_step, summary.steps = record, step
-                if evaluator and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    evaluate(step)
-                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                    checkpoint.save_checkpoint(output, model, tokenizer, optimizer, scheduler, step, {})
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-        saved = checkpoint.save_checkpoint(output, model, tokenizer, optimizer, scheduler, summary.steps, {})
-        say(f"[yellow]interrupted at step {summary.steps}/{total_steps}: checkpoint saved to {escape(str(saved))}[/]")
 
-    # --- finish: evaluate, save, report ----------------------------------------------------------
-    summary.seconds = time.perf_counter() - started
-    summary.tokens_per_s = tokens_seen / summary.seconds if summary.seconds else 0.0
-    if evaluator and summary.status == "completed":
-        summary.eval_after = evaluate(summary.steps)
-    checkpoint.save_adapter(model, tokenizer, output)
-    summary.peak_memory_gib = peak_memory_gib(precision.device)
-    files.write_json(output / "summary.json", asdict(summary))
-    if not plot_run(log.records, output / "plot.png", f"{cfg.loss} on {Path(str(cfg.data)).name} ({source})"):
-        say("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
-    return summary
+                # --- between steps: evaluate, stop, checkpoint ------------------------------------
+                eval_due = bool(evaluator and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps)
+                pending_eval = eval_due and (stops.requested or not evaluate(step))
+                if bad_streak >= cfg.max_bad_steps:
+                    stop = diverged(step, bad_streak, run_dir)
+                if stop or stops.requested or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+                    report.saved(save(step, checkpoint.capture_rng(), pending_eval))
+                if stop:
+                    break
+        if stops.requested and not stop:
+            stop = stopped(stops.signum, step, total_steps, run_dir)
+
+        # --- finish: evaluate, save, report ------------------------------------------------------
+        if evaluator and not stop and not logged_eval(log, step):
+            if not evaluate(step):
+                stop = stopped(stops.signum, step, total_steps, run_dir)
+        checkpoint.save_adapter(model, tokenizer, run_dir)
+        summary = summarise(log, run_dir, precision, stop, skipped_steps, step)
+        files.write_json(run_dir / "summary.json", asdict(summary))
+        if not plot_run(log.records, run_dir / "plot.png", f"{cfg.loss} on {Path(str(cfg.data)).name} ({source})"):
+            report.note("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
+        return summary
+
+
+@dataclass(frozen=True)
+class Stop:
+    status: str
+    exit_code: int
+    message: str
+
+
+def resume_hint(run_dir: Path) -> str:
+    return f"infopo train --resume {run_dir}"
+
+
+def logged_eval(log: MetricsLog, step: int) -> bool:
+    return any(r["step"] == step for r in log.of_kind("eval"))
+
+
+def stopped(signum: int | None, step: int, total: int, run_dir: Path) -> Stop:
+    return Stop("stopped", 128 + (signum or 2), f"stopped by {NAMES.get(signum, 'a signal')} after step {step}/{total}; "
+                                                 f"continue with: {resume_hint(run_dir)}")
+
+
+def out_of_memory(cfg: TrainConfig, step: int, micro_batches: list[list[TokenizedPair]], device: str, run_dir: Path) -> Stop:
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for b in micro_batches for p in b)
+    where = f"out of {'GPU ' if device == 'cuda' else ''}memory at step {step} (micro-batches of {cfg.batch_size} pairs, longest pair {longest} tokens)"
+    if cfg.batch_size == 1:
+        return Stop("out of memory", 3, f"{where}: lower --max-length ({cfg.max_length}) or turn on "
+                                        f"--gradient-checkpointing in a new run; the state before step {step} is saved in {run_dir}")
+    smaller = next(b for b in range(cfg.batch_size // 2, 0, -1) if cfg.batch_size % b == 0)
+    return Stop("out of memory", 3,
+                f"{where}: lower --batch-size and raise --grad-accum by the same factor (the global batch stays "
+                f"{cfg.batch_size * cfg.grad_accum}), or lower --max-length ({cfg.max_length}) in a new run; the state "
+                f"before step {step} is saved; continue with: {resume_hint(run_dir)} --batch-size {smaller} "
+                f"--grad-accum {cfg.batch_size * cfg.grad_accum // smaller}")
+
+
+def diverged(step: int, streak: int, run_dir: Path) -> Stop:
+    return Stop("diverged", 4, f"{streak} steps in a row (up to step {step}) had a non-finite loss or gradient and were "
+                               f"skipped; stopped with the weights of step {step - streak} (saved): lower --lr, or check the "
+                               f"data; continue anyway with: {resume_hint(run_dir)} --max-bad-steps N")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's own error, or the CPU allocator's (a RuntimeError that says so)."""
+    return (isinstance(err, (OUT_OF_MEMORY, MemoryError)) or "can't allocate memory" in str(err)
+            or "out of memory" in str(err).lower())
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summarise(log: MetricsLog, run_dir: Path, precision, stop: Stop | None, skipped_steps: int, step: int) -> RunSummary:
+    """The whole run's summary from its log, so a resumed run reports every part of it once."""
+    steps, evals = log.of_kind("train"), log.of_kind("eval")
+    seconds = sum(r.get("step_seconds") or 0.0 for r in steps)
+    tokens = sum(r.get("tokens") or 0 for r in steps)
+    return RunSummary(str(run_dir), stop.status if stop else "completed", step, seconds, tokens / seconds if seconds else 0.0,
+                      peak_memory_gib(precision.device), precision.device, precision.dtype_name,
+                      stop.exit_code if stop else 0, stop.message if stop else "", skipped_steps,
+                      steps[0] if steps else {}, steps[-1] if steps else {},
+                      evals[0] if evals and evals[0]["step"] == 0 else {},
+                      evals[-1] if evals and not stop and evals[-1]["step"] == step else {})
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[TokenizedPair]], spec: LossSpec,
-                         loss_params: dict[str, float], pad_id: int, device: str,
-                         share_prompt: bool = False) -> tuple[PairMetrics, int]:
+                         loss_params: dict[str, float], pad_id: int, device: str, share_prompt: bool = False,
+                         scaler: torch.amp.GradScaler | None = None) -> tuple[PairMetrics, int]:
     """Forward and backward over the micro-batches of one optimizer step; returns metrics and tokens read."""
     n_pairs = sum(len(pairs) for pairs in micro_batches)
     metrics, tokens = PairMetrics(), 0
     for pairs in micro_batches:
         batch = collate(pairs, pad_id, share_prompt).to(device)
         logps = pair_logps(model, batch, spec.needs(loss_params))
-        out = objectives.compute(spec, logps, loss_params)
+        out = registry.compute(spec, logps, loss_params)
         # Sum over pairs / pairs in the global batch: the same loss and gradient however the global
         # batch is split into micro-batches (a mean per micro-batch would weight small ones more).
-        (out.losses.sum() / n_pairs).backward()
+        loss = out.losses.sum() / n_pairs
+        (scaler.scale(loss) if scaler else loss).backward()
         metrics.add(out, logps)
         tokens += batch.n_tokens
     return metrics, tokens
@@ -225,13 +351,3 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: s
 
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak rate, then cosine decay to zero at the last step."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,354 @@
+"""A run survives every ordinary stop and carries on exactly: signals, SIGKILL, OOM, NaN, full disk, bad files.
+
+The subprocess tests run the real `infopo train` command. To stop it at a known point they start it
+through a small wrapper that pauses one training forward pass (after writing a marker file) so the test
+can send its signal from outside while the step is in progress; the wrapper changes nothing else.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from infopo_cli.config import TrainConfig
+from infopo_cli.errors import CheckpointError, ConfigError, OutputError
+from infopo_cli.presets import load
+from infopo_cli.train import checkpoint, recipe
+from infopo_cli.train.recipe import TIMING_KEYS
+from infopo_cli.train.resume import resumed_config
+
+# One forward pass of the policy per micro-batch: with grad_accum 2, calls 2k-1 and 2k make step k.
+PAUSING = """
+import os, sys, time, pathlib
+from infopo_cli.train import recipe
+real, calls = recipe.pair_logps, [0]
+def pausing(*args, **kwargs):
+    calls[0] += 1
+    out = real(*args, **kwargs)
+    if calls[0] == int(os.environ["PAUSE_AT_CALL"]):
+        pathlib.Path(os.environ["PAUSE_MARKER"]).write_text("paused")
+        time.sleep(float(os.environ.get("PAUSE_SECONDS", "4")))
+    return out
+recipe.pair_logps = pausing
+sys.argv = ["infopo", *sys.argv[1:]]
+from infopo_cli.cli import main
+main()
+"""
+
+
+def preset_file(folder: Path, tiny_model: Path, data: Path, **extra) -> Path:
+    """Dropout > 0 and accumulation 2, so RNG state and mid-step stops matter; eval and save every 2 steps."""
+    values = {"model": str(tiny_model), "data": str(data), "eval_data": str(data), "dtype": "fp32", "lora_r": 4,
+              "lora_alpha": 8, "lora_dropout": 0.1, "max_steps": 6, "batch_size": 2, "grad_accum": 2, "lr": 1e-2,
+              "eval_every": 2, "save_every": 2, "eval_batch_size": 8, "max_length": 128, "max_prompt_length": 64, **extra}
+    path = folder / "preset.toml"
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def infopo_cmd(*args: str, pause_at_call: int | None = None) -> list[str]:
+    if pause_at_call is None:
+        return [sys.executable, "-m", "infopo_cli", *args]
+    return [sys.executable, "-c", PAUSING, *args]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", **extra}
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def metrics(folder: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock timings, the only values that differ between identical runs."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    """An uninterrupted run: the yardstick every stopped-and-resumed run must equal bit for bit."""
+    from conftest import write_pairs
+
+    folder = tmp_path_factory.mktemp("straight")
+    preset = preset_file(folder, tiny_model, write_pairs(folder / "pairs.jsonl", 24))
+    out = subprocess.run(infopo_cmd("train", "--preset", str(preset), "--output", str(folder / "run")),
+                         capture_output=True, text=True, env=run_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return preset, folder / "run"
+
+
+@pytest.mark.parametrize("sig, pause_at_call, code", [
+    (signal.SIGKILL, 5, -signal.SIGKILL),   # killed during step 3, after checkpoint-2
+    (signal.SIGINT, 5, 130),                # Ctrl-C between the two micro-batches of step 3
+    (signal.SIGTERM, 7, 143),               # `kill` between the two micro-batches of step 4
+], ids=["SIGKILL", "SIGINT", "SIGTERM"])
+def test_stopped_and_resumed_equals_an_uninterrupted_run_bit_for_bit(straight, tmp_path, sig, pause_at_call, code):
+    preset, reference = straight
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    proc = subprocess.Popen(infopo_cmd("train", "--preset", str(preset), "--output", str(run_dir), pause_at_call=pause_at_call),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=run_env(PAUSE_AT_CALL=str(pause_at_call), PAUSE_MARKER=str(marker)))
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == code, stderr[-2000:]
+    if sig != signal.SIGKILL:  # stopped at the step boundary: a checkpoint of that step and the way back
+        step = (pause_at_call + 1) // 2
+        assert (run_dir / f"checkpoint-{step}" / "training_state.pt").is_file()
+        assert f"infopo train --resume {run_dir}" in stderr
+    resumed = subprocess.run(infopo_cmd("train", "--resume", str(run_dir)), capture_output=True, text=True,
+                             env=run_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = adapter(reference), adapter(run_dir)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert metrics(run_dir) == metrics(reference)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 6 and summary["eval_before"] and summary["eval_after"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # --keep-checkpoints 2
+    assert not list(run_dir.glob(".*infopo-tmp*")) and not (run_dir / ".infopo.lock").exists()
+
+
+def test_a_second_signal_stops_at_once_and_the_last_checkpoint_still_resumes_exactly(straight, tmp_path):
+    preset, reference = straight
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    proc = subprocess.Popen(infopo_cmd("train", "--preset", str(preset), "--output", str(run_dir), pause_at_call=5),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=run_env(PAUSE_AT_CALL="5", PAUSE_MARKER=str(marker), PAUSE_SECONDS="30"))
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # long before the paused step could finish
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "stopped at once" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
+    resumed = subprocess.run(infopo_cmd("train", "--resume", str(run_dir)), capture_output=True, text=True,
+                             env=run_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = adapter(reference), adapter(run_dir)
+    assert all(torch.equal(want[k], got[k]) for k in want) and metrics(run_dir) == metrics(reference)
+
+
+# --- in-process: the same recipe, with the failure injected at a known step ------------------------------
+
+def cfg_for(tiny_model, pairs_file, output, **kw) -> TrainConfig:
+    values = dict(model=str(tiny_model), data=str(pairs_file), eval_data="", output=str(output), dtype="fp32",
+                  lora_r=4, lora_alpha=8, max_steps=6, batch_size=2, grad_accum=2, lr=1e-2, max_length=128,
+                  max_prompt_length=64)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def at_forward(monkeypatch, call: int, action) -> None:
+    """Run `action()` at the given training forward pass (1-based), counted as in PAUSING above."""
+    real, calls = recipe.pair_logps, [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "pair_logps", patched)
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in metrics(run_dir) if r["kind"] == "train"]
+
+
+def test_a_resume_that_extends_the_run_keeps_the_learning_rate_continuous(tiny_model, pairs_file, tmp_path, monkeypatch):
+    """Stopped at step 3 of 6 and resumed with --max-steps 12: the rate goes on from where it was, then decays to 0."""
+    straight = recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "straight"))
+    at_forward(monkeypatch, 6, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 3
+    cfg = cfg_for(tiny_model, pairs_file, tmp_path / "run")
+    stopped = recipe.train(cfg)
+    assert stopped.status == "stopped" and stopped.exit_code == 130 and stopped.steps == 3
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    resumed = recipe.train(resumed_config(load(str(run_dir / "config.toml")), {"max_steps": 12}, run_dir), resume=run_dir)
+    assert resumed.status == "completed" and resumed.steps == 12
+    planned = [r["lr"] for r in train_records(Path(straight.output))]
+    lrs = [r["lr"] for r in train_records(run_dir)]
+    assert lrs[:4] == planned[:4]  # steps 1-3 as planned, and step 4 at the rate the 6-step schedule had there
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # then one smooth decay...
+    biggest_planned_change = max(abs(a - b) for a, b in zip(planned, planned[1:]))
+    assert max(abs(a - b) for a, b in zip(lrs, lrs[1:])) <= biggest_planned_change  # ...never a jump
+    assert lrs[-1] < 0.1 * lrs[3]  # ...to (almost) zero at the new last step
+
+
+def test_keep_checkpoints_prunes_older_ones_and_keeps_the_adapter(tiny_model, pairs_file, tmp_path):
+    summary = recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "run", save_every=1, keep_checkpoints=2, max_steps=5))
+    assert summary.status == "completed"
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_a_locked_run_folder_is_refused_and_a_stale_lock_is_taken_over(tiny_model, pairs_file, tmp_path):
+    from infopo_cli.files import RunLock
+
+    run_dir = tmp_path / "run"
+    recipe.train(cfg_for(tiny_model, pairs_file, run_dir, max_steps=2, save_every=1))
+    cfg = resumed_config(load(str(run_dir / "config.toml")), {"max_steps": 3}, run_dir)
+    with RunLock(run_dir), pytest.raises(OutputError, match="in use by another infopo run"):
+        recipe.train(cfg, resume=run_dir)
+    # a run killed with SIGKILL leaves its lock behind
+    dead = subprocess.run([sys.executable, "-c", "import os, signal, sys; from infopo_cli.files import RunLock; "
+                           "RunLock(sys.argv[1]).acquire(); print(os.getpid(), flush=True); os.kill(os.getpid(), signal.SIGKILL)",
+                           str(run_dir)], capture_output=True, text=True)
+    assert dead.returncode == -signal.SIGKILL and (run_dir / ".infopo.lock").is_file()
+    lines = []
+
+    class Recording(recipe.Reporter):
+        def lock(self, took_over):
+            lines.append(took_over)
+
+    assert recipe.train(cfg, Recording(), resume=run_dir).steps == 3
+    assert lines and lines[0] and dead.stdout.strip() in lines[0]
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_max_bad_steps(tiny_model, pairs_file, tmp_path, monkeypatch):
+    real = recipe.registry.compute
+    bad_from = [3]  # steps >= this one get a NaN loss
+    calls = [0]
+
+    def poisoned(spec, logps, params):
+        calls[0] += 1
+        out = real(spec, logps, params)
+        if (calls[0] + 1) // 2 >= bad_from[0]:
+            out.losses = out.losses * float("nan")
+        return out
+
+    monkeypatch.setattr(recipe.registry, "compute", poisoned)
+    summary = recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "run", max_bad_steps=3, save_every=2, keep_checkpoints=3))
+    assert summary.status == "diverged" and summary.exit_code == 4 and summary.steps == 5
+    assert "3 steps in a row" in summary.message and "weights of step 2" in summary.message
+    records = train_records(tmp_path / "run")
+    assert [r["skipped"] for r in records] == [False, False, True, True, True]
+    assert records[-1]["skipped_steps"] == 3 and records[-1]["loss"] is None  # NaN is written as null
+    # skipped steps never touch the weights: the stop's checkpoint holds the weights of step 2
+    two, five = (load_file(str(tmp_path / "run" / f"checkpoint-{n}" / "adapter_model.safetensors")) for n in (2, 5))
+    assert all(torch.equal(two[k], five[k]) for k in two)
+
+
+def test_out_of_memory_saves_the_state_before_the_step_and_a_smaller_split_resumes(tiny_model, pairs_file, tmp_path, monkeypatch):
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    at_forward(monkeypatch, 5, oom)  # step 3
+    run_dir = tmp_path / "run"
+    summary = recipe.train(cfg_for(tiny_model, pairs_file, run_dir))
+    assert summary.status == "out of memory" and summary.exit_code == 3
+    assert "memory at step 3" in summary.message and "longest pair" in summary.message
+    assert "--batch-size 1 --grad-accum 4" in summary.message
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
+    monkeypatch.undo()
+    cfg = resumed_config(load(str(run_dir / "config.toml")), {"batch_size": 1, "grad_accum": 4}, run_dir)
+    assert recipe.train(cfg, resume=run_dir).status == "completed"
+    straight = recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "straight"))
+    want, got = adapter(Path(straight.output)), adapter(run_dir)
+    for key in want:  # the same global batches, split in four instead of two: equal up to float rounding
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
+    real, saves = torch.save, []
+
+    def failing(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OutputError) as err:
+        recipe.train(cfg_for(tiny_model, pairs_file, run_dir, save_every=2))
+    message = str(err.value)
+    assert "checkpoint-4" in message and "No space left on device" in message and "checkpoint-2 is intact" in message
+    assert "\n" not in message
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
+    assert not [p for p in run_dir.iterdir() if "infopo-tmp" in p.name] and not (run_dir / ".infopo.lock").exists()
+    monkeypatch.undo()
+    assert recipe.train(resumed_config(load(str(run_dir / "config.toml")), {}, run_dir), resume=run_dir).steps == 6
+
+
+def test_fp16_uses_a_gradient_scaler_and_counts_overflowed_steps(tiny_model, pairs_file, tmp_path, monkeypatch):
+    real, calls = recipe.registry.compute, [0]
+
+    def overflowing(spec, logps, params):  # step 2's first micro-batch gives an infinite loss
+        calls[0] += 1
+        out = real(spec, logps, params)
+        if calls[0] == 3:
+            out.losses = out.losses * float("inf")
+        return out
+
+    monkeypatch.setattr(recipe.registry, "compute", overflowing)
+    summary = recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "fp16", dtype="fp16", load_in_4bit=False, max_steps=3))
+    records = train_records(tmp_path / "fp16")
+    assert [r["skipped"] for r in records] == [False, True, False] and summary.skipped_steps == 1
+    assert records[1]["grad_scale"] == records[0]["grad_scale"] / 2  # the scaler backed off after the overflow
+    monkeypatch.undo()
+    recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "fp32", max_steps=1))
+    assert "grad_scale" not in train_records(tmp_path / "fp32")[0]  # bf16/fp32 need no scaling
+
+
+@pytest.fixture
+def checkpointed(tiny_model, pairs_file, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    recipe.train(cfg_for(tiny_model, pairs_file, run_dir, max_steps=2, save_every=1))
+    return run_dir
+
+
+def test_checkpoints_load_without_running_pickled_code(checkpointed, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    state = checkpointed / "checkpoint-2" / "training_state.pt"
+    torch.save({"step": 2, "payload": Payload()}, state)
+    cfg = resumed_config(load(str(checkpointed / "config.toml")), {"max_steps": 3}, checkpointed)
+    with pytest.raises(CheckpointError, match="checkpoint-2: cannot read the checkpoint"):
+        recipe.train(cfg, resume=checkpointed)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_an_adapter_that_does_not_match_is_one_line_naming_the_checkpoint(checkpointed):
+    weights = checkpointed / "checkpoint-2" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first.replace("lora_A", "lora_Z")] = tensors.pop(first)
+    save_file(tensors, str(weights))
+    cfg = resumed_config(load(str(checkpointed / "config.toml")), {"max_steps": 3}, checkpointed)
+    with pytest.raises(CheckpointError) as err:
+        recipe.train(cfg, resume=checkpointed)
+    assert "checkpoint-2" in str(err.value) and "do not match" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resume_refuses_settings_that_change_the_maths(tmp_path):
+    saved = TrainConfig(batch_size=2, grad_accum=2, lr=2e-4, preset="smollm2-135m")
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"--lr 0.001 differs from this run's 0.0002"):
+        resumed_config(saved, {"lr": 1e-3}, run_dir)
+    with pytest.raises(ConfigError, match=r"global batch .* must stay 2 x 2 = 4 .*got 1 x 2"):
+        resumed_config(saved, {"batch_size": 1}, run_dir)
+    with pytest.raises(ConfigError, match="own preset"):
+        resumed_config(saved, {"preset": "llama3-8b-qlora"}, run_dir)
+    assert resumed_config(saved, {"lr": 2e-4, "max_steps": 9, "batch_size": 1, "grad_accum": 4}, run_dir).max_steps == 9
+    assert resumed_config(TrainConfig(max_steps=5), {"epochs": 3.0}, run_dir).max_steps is None  # --epochs now sets the length
