@@ -70,14 +70,15 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer, state: dict[str,
     return target
 
 
+def step_of(folder: Path) -> int:
+    return int(folder.name[len(PREFIX):])
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """checkpoint-N folders that were renamed into place whole, oldest first."""
-    found = []
-    for path in run_dir.glob(f"{PREFIX}*"):
-        step = path.name[len(PREFIX):]
-        if step.isdigit() and (path / STATE_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-            found.append((int(step), path))
-    return [path for _, path in sorted(found)]
+    found = [path for path in run_dir.glob(f"{PREFIX}*") if path.name[len(PREFIX):].isdigit()
+             and (path / STATE_FILE).is_file() and (path / WEIGHTS_FILE).is_file()]
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -100,6 +100,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         resume_from = checkpoint.latest_checkpoint(run_dir) if resume else None
         if resume and not resume_from:
             report.fresh_resume(run_dir)
+        if resume_from and cfg.max_steps and cfg.max_steps < checkpoint.step_of(resume_from):  # before a long model load
+            raise ConfigError(f"{run_dir} is at step {checkpoint.step_of(resume_from)}; --max-steps must be at least that")
 
         # --- hardware and seed -------------------------------------------------------------------
         precision = choose(cfg.dtype)

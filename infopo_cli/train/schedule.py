@@ -36,7 +36,7 @@ class WarmupCosine:
         """The same schedule for a run that now ends after `total` steps, continued after `done` steps."""
         if total == self.total:
             return self
-        if done < self.warmup and self.restart_factor is None:  # still warming up: only the decay stretches
+        if done < self.warmup < total and self.restart_factor is None:  # still warming up: only the decay moves
             return dataclasses.replace(self, total=total)
         return dataclasses.replace(self, total=total, restart=done, restart_factor=self.factor(done))
 
