@@ -267,6 +267,28 @@ def test_out_of_memory_saves_the_state_before_the_step_and_a_smaller_split_resum
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
 
 
+def test_out_of_memory_while_evaluating_saves_the_step_and_the_evaluation_runs_on_resume(tiny_model, pairs_file, tmp_path, monkeypatch):
+    calls = []
+
+    class Failing(recipe.Evaluator):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the evaluation at step 2 (the first one is at step 0)
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "Evaluator", Failing)
+    run_dir = tmp_path / "run"
+    summary = recipe.train(cfg_for(tiny_model, pairs_file, run_dir, eval_data=str(pairs_file), eval_every=2))
+    assert summary.status == "out of memory" and summary.exit_code == 3 and summary.steps == 2
+    assert "evaluating at step 2" in summary.message and "--eval-batch-size 8" in summary.message
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
+    monkeypatch.undo()
+    cfg = resumed_config(load(str(run_dir / "config.toml")), {"eval_batch_size": 8}, run_dir)
+    assert recipe.train(cfg, resume=run_dir).status == "completed"
+    assert [r["step"] for r in metrics(run_dir) if r["kind"] == "eval"] == [0, 2, 4, 6]
+
+
 def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
     real, saves = torch.save, []
 

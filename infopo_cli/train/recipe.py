@@ -160,11 +160,19 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         if not spec.needs(loss_params).reference:
             report.note(f"{cfg.loss} is reference-free: no reference forward pass")
 
+        eval_failed: list[Stop] = []  # an evaluation that ran out of memory ends the run at this boundary
+
         def evaluate(step: int) -> bool:
-            """Held-out metrics at `step`, logged; False if a stop request cut the evaluation short."""
+            """Held-out metrics at `step`, logged; False if a stop request or a lack of memory cut it short."""
             t = time.perf_counter()
-            # a LoRA that has not trained adds exactly zero: one pass gives the policy and the reference
-            metrics = evaluator(model, policy_is_reference=step == 0, should_stop=lambda: stops.requested)
+            try:  # a LoRA that has not trained adds exactly zero: one pass gives the policy and the reference
+                metrics = evaluator(model, policy_is_reference=step == 0, should_stop=lambda: stops.requested)
+            except (RuntimeError, MemoryError) as err:
+                if not is_out_of_memory(err):
+                    raise
+                _free_accelerator_memory()
+                eval_failed.append(eval_out_of_memory(cfg, step, precision.device, run_dir))
+                return False
             if metrics is None:
                 return False
             log.write({"kind": "eval", "step": step, **metrics})
@@ -190,7 +198,7 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         model.train()
         step, stop = start, None
         with report.progress(total_steps, start) as bar:
-            while step < total_steps and not stops.requested:
+            while step < total_steps and not stops.requested and not eval_failed:
                 boundary_rng = checkpoint.capture_rng()
                 pairs = next(batches)
                 micro_batches = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
@@ -236,19 +244,20 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 # --- between steps: evaluate, stop, checkpoint ------------------------------------
                 eval_due = bool(evaluator and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps)
                 pending_eval = eval_due and (stops.requested or not evaluate(step))
+                stop = eval_failed[0] if eval_failed else None
                 if bad_streak >= cfg.max_bad_steps:
                     stop = diverged(step, bad_streak, run_dir)
                 if stop or stops.requested or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
                     report.saved(save(step, checkpoint.capture_rng(), pending_eval))
                 if stop:
                     break
-        if stops.requested and not stop:
-            stop = stopped(stops.signum, step, total_steps, run_dir)
+        if not stop and (eval_failed or stops.requested):
+            stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
 
         # --- finish: evaluate, save, report ------------------------------------------------------
         if evaluator and not stop and not logged_eval(log, step):
             if not evaluate(step):
-                stop = stopped(stops.signum, step, total_steps, run_dir)
+                stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
         checkpoint.save_adapter(model, tokenizer, run_dir)
         summary = summarise(log, run_dir, precision, stop, skipped_steps, step)
         files.write_json(run_dir / "summary.json", asdict(summary))
@@ -289,6 +298,14 @@ def out_of_memory(cfg: TrainConfig, step: int, micro_batches: list[list[Tokenize
                 f"{cfg.batch_size * cfg.grad_accum}), or lower --max-length ({cfg.max_length}) in a new run; the state "
                 f"before step {step} is saved; continue with: {resume_hint(run_dir)} --batch-size {smaller} "
                 f"--grad-accum {cfg.batch_size * cfg.grad_accum // smaller}")
+
+
+def eval_out_of_memory(cfg: TrainConfig, step: int, device: str, run_dir: Path) -> Stop:
+    smaller = max(1, cfg.eval_batch_size // 2)
+    return Stop("out of memory", 3, f"out of {'GPU ' if device == 'cuda' else ''}memory evaluating at step {step} "
+                                    f"(batches of {cfg.eval_batch_size} held-out pairs): lower --eval-batch-size; the "
+                                    f"state at step {step} is saved; continue with: {resume_hint(run_dir)} "
+                                    f"--eval-batch-size {smaller}")
 
 
 def diverged(step: int, streak: int, run_dir: Path) -> Stop:

@@ -15,7 +15,7 @@ from infopo_cli.config import TrainConfig, merge
 from infopo_cli.errors import ConfigError
 
 # the length of the run, and where and how often it saves or evaluates: the adapter stays the same
-MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps")
+MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "max_bad_steps")
 
 
 def _flag(key: str) -> str:
