@@ -217,15 +217,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                         report.saved(save(step, boundary_rng, pending_eval))
                     stop = out_of_memory(cfg, step + 1, micro_batches, precision.device, run_dir)
                     break
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm or float("inf")))
-                finite = math.isfinite(metrics.sums["loss"]) and math.isfinite(grad_norm)
-                for group in optimizer.param_groups:
-                    group["lr"] = schedule.lr(step)
-                if finite:
-                    scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm, finite = apply_update(optimizer, scaler, trainable_params, cfg.max_grad_norm,
+                                                 schedule.lr(step), metrics.sums["loss"])
                 step += 1
                 pairs_seen += len(pairs)
                 skipped_steps += not finite
@@ -358,6 +351,22 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Tokeni
         metrics.add(out, logps)
         tokens += batch.n_tokens
     return metrics, tokens
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter],
+                 max_grad_norm: float, lr: float, loss_sum: float) -> tuple[float, bool]:
+    """Clip and take the optimizer step at rate `lr`, unless the loss or the gradient is not finite (then the
+    weights stay as they are). Returns (gradient norm before clipping, whether the step was taken)."""
+    scaler.unscale_(optimizer)  # no-op unless fp16: the norm and the clipping see the true gradient
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()  # fp16: a skipped (overflowed) step lowers the scale
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: str) -> torch.optim.Optimizer:
