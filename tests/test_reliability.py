@@ -311,6 +311,27 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_model
     assert recipe.train(resumed_config(load(str(run_dir / "config.toml")), {}, run_dir), resume=run_dir).steps == 6
 
 
+def test_torch_s_own_full_disk_error_is_one_line_too(tiny_model, pairs_file, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a cryptic RuntimeError ('enforce fail ... unexpected pos'), seen with a
+    200 KB tmpfs; with the disk nearly full that becomes the same one line as an OSError would."""
+    from collections import namedtuple
+
+    real, saves = torch.save, []
+
+    def failing(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10, 10, 0))
+    with pytest.raises(OutputError) as err:
+        recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "run", save_every=2))
+    assert str(err.value).startswith(f"cannot write {tmp_path / 'run' / 'checkpoint-4'}: No space left on device")
+    assert str(err.value).endswith("checkpoint-2 is intact")
+
+
 def test_fp16_uses_a_gradient_scaler_and_counts_overflowed_steps(tiny_model, pairs_file, tmp_path, monkeypatch):
     real, calls = recipe.registry.compute, [0]
 

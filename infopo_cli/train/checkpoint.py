@@ -10,12 +10,18 @@ crash or a second Ctrl-C during the save leaves the previous checkpoint as it wa
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from infopo_cli import files
@@ -24,6 +30,7 @@ from infopo_cli.errors import CheckpointError, OutputError
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "checkpoint-"
+LOW_DISK = 64 * 2**20  # a failed write with less free space than this was the disk filling up
 
 
 def capture_rng() -> dict[str, Any]:
@@ -40,6 +47,24 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def _writing_weights(target: Path, run_dir: Path) -> Iterator[None]:
+    """torch.save and safetensors report a full disk as their own errors (torch: a cryptic 'enforce fail');
+    make any failed write one line that names `target`, the reason, and the newest checkpoint still intact."""
+    try:
+        yield
+    except (OutputError, RuntimeError, SafetensorError) as err:
+        if isinstance(err, OutputError):
+            message = str(err)
+        else:
+            free = shutil.disk_usage(run_dir).free
+            reason = (os.strerror(errno.ENOSPC) if free < LOW_DISK or "No space left" in str(err)
+                      else " ".join(str(err).split())[:200])
+            message = f"cannot write {target}: {reason} ({free / 2**20:.0f} MiB free)"
+        previous = complete_checkpoints(run_dir)
+        raise OutputError(f"{message}; {previous[-1].name} is intact" if previous else message) from None
+
+
 def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
     """peft adapter + tokenizer into `folder` (loads with PeftModel.from_pretrained(base, folder)).
 
@@ -47,7 +72,7 @@ def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
     is replaced atomically, the weights last: the adapter's config is the same for every save of a run,
     so a reader sees the old weights or the new ones, never a torn file.
     """
-    with files.staging(folder) as tmp:
+    with _writing_weights(folder / WEIGHTS_FILE, folder), files.staging(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == WEIGHTS_FILE):
@@ -57,14 +82,10 @@ def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
 def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer, state: dict[str, Any], keep: int) -> Path:
     """checkpoint-STEP/ with the adapter and `state`; then only the newest `keep` checkpoints are kept."""
     target = run_dir / f"{PREFIX}{state['step']}"
-    try:
-        with files.folder(target) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            torch.save(state, tmp / STATE_FILE)
-    except OutputError as err:  # a full disk, a permission: say that the last checkpoint is still good
-        previous = complete_checkpoints(run_dir)
-        raise OutputError(f"{err}; {previous[-1].name} is intact" if previous else str(err)) from None
+    with _writing_weights(target, run_dir), files.folder(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
     for old in complete_checkpoints(run_dir)[:-keep]:
         files.remove_tree(old)
     return target
@@ -90,7 +111,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position)."""
     from peft import set_peft_model_state_dict
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
