@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from infopo_cli import __version__
-from infopo_cli.config import help_for
+from infopo_cli.config import flag, help_for
 from infopo_cli.errors import InfopoError
 from infopo_cli.train.stops import StopNow  # standard library only: --help stays instant
 
@@ -44,9 +44,8 @@ def root(
     """infopo: InfoPO preference alignment that fits one consumer GPU."""
 
 
-def _opt(name: str, panel: str, flag: str | None = None, **kw):
-    return typer.Option(flag or f"--{name.replace('_', '-')}", help=help_for(name), rich_help_panel=panel,
-                        show_default=False, **kw)
+def _opt(name: str, panel: str, **kw):
+    return typer.Option(flag(name), help=help_for(name), rich_help_panel=panel, show_default=False, **kw)
 
 
 @app.command()
@@ -54,7 +53,7 @@ def train(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file (default smollm2-135m).", show_default=False)] = None,
     data: Annotated[Optional[str], _opt("data", "Data")] = None,
     eval_data: Annotated[Optional[str], _opt("eval_data", "Data")] = None,
-    data_format: Annotated[Optional[str], _opt("data_format", "Data", "--format")] = None,
+    data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
     prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
     chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
     rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
@@ -63,7 +62,7 @@ def train(
     skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help=help_for("skip_invalid"), rich_help_panel="Data", show_default=False)] = None,
     max_length: Annotated[Optional[int], _opt("max_length", "Data")] = None,
     max_prompt_length: Annotated[Optional[int], _opt("max_prompt_length", "Data")] = None,
-    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data", "--system")] = None,
+    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data")] = None,
     model: Annotated[Optional[str], _opt("model", "Model")] = None,
     dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
     load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
@@ -95,7 +94,7 @@ def train(
     save_every: Annotated[Optional[int], _opt("save_every", "Output")] = None,
     keep_checkpoints: Annotated[Optional[int], _opt("keep_checkpoints", "Output")] = None,
     max_bad_steps: Annotated[Optional[int], _opt("max_bad_steps", "Optimisation")] = None,
-    output: Annotated[Optional[str], _opt("output", "Output", "--output")] = None,
+    output: Annotated[Optional[str], _opt("output", "Output")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a stopped run folder from its newest checkpoint, exactly (its own settings; --max-steps/--epochs may change its length).", rich_help_panel="Output")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
 ) -> None:
@@ -155,13 +154,14 @@ def _print_summary(summary) -> None:
     table.add_column("metric")
     table.add_column("start", justify="right")
     table.add_column("end", justify="right")
+    number = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731  (None: a non-finite value)
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"):
         if key in summary.first_step:
-            table.add_row(f"train {key}", f"{summary.first_step[key]:.4f}", f"{summary.last_step[key]:.4f}")
+            table.add_row(f"train {key}", number(summary.first_step[key]), number(summary.last_step[key]))
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/accuracies", "logps/accuracies"):
         k = f"eval/{key}"
         if k in summary.eval_before and k in summary.eval_after:
-            table.add_row(k, f"{summary.eval_before[k]:.4f}", f"{summary.eval_after[k]:.4f}")
+            table.add_row(k, number(summary.eval_before[k]), number(summary.eval_after[k]))
     console.print(table)
     console.print(f"{summary.tokens_per_s:.0f} tokens/s, peak memory {summary.peak_memory_gib:.2f} GiB "
                   f"({summary.device}, {summary.dtype})", highlight=False)
@@ -283,12 +283,12 @@ def data_check(
     path: Annotated[str, typer.Argument(help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset.")],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
     model: Annotated[Optional[str], _opt("model", "Model")] = None,
-    data_format: Annotated[Optional[str], _opt("data_format", "Data", "--format")] = None,
+    data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
     prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
     chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
     rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
     split: Annotated[Optional[str], _opt("split", "Data")] = None,
-    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data", "--system")] = None,
+    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data")] = None,
     skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help="Report every invalid row instead of stopping at the first.", show_default=False)] = None,
     max_length: Annotated[Optional[int], _opt("max_length", "Data")] = None,
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Only validate; skip token statistics (no model files needed).")] = False,

@@ -134,6 +134,14 @@ def help_for(name: str) -> str:
     return FIELDS[name].metadata["help"]
 
 
+# The command-line flag of each setting, where it is not the setting's name with dashes.
+FLAG_NAMES = {"data_format": "--format", "system_prompt": "--system", "load_in_4bit": "--4bit"}
+
+
+def flag(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
 def check_keys(keys: list[str], source: str) -> None:
     """An unknown key is an error with a 'did you mean' (a typo must not be silently ignored)."""
     for key in keys:

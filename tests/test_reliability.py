@@ -205,7 +205,7 @@ def test_a_locked_run_folder_is_refused_and_a_stale_lock_is_taken_over(tiny_mode
 
     run_dir = tmp_path / "run"
     recipe.train(cfg_for(tiny_model, pairs_file, run_dir, max_steps=2, save_every=1))
-    cfg = resumed_config(load(str(run_dir / "config.toml")), {"max_steps": 3}, run_dir)
+    cfg = resumed_config(load(str(run_dir / "config.toml")), {}, run_dir)  # a finished run: resuming only finishes it
     with RunLock(run_dir), pytest.raises(OutputError, match="in use by another infopo run"):
         recipe.train(cfg, resume=run_dir)
     # a run killed with SIGKILL leaves its lock behind
@@ -219,7 +219,7 @@ def test_a_locked_run_folder_is_refused_and_a_stale_lock_is_taken_over(tiny_mode
         def lock(self, took_over):
             lines.append(took_over)
 
-    assert recipe.train(cfg, Recording(), resume=run_dir).steps == 3
+    assert recipe.train(cfg, Recording(), resume=run_dir).steps == 2
     assert lines and lines[0] and dead.stdout.strip() in lines[0]
 
 
@@ -384,6 +384,15 @@ def test_an_adapter_that_does_not_match_is_one_line_naming_the_checkpoint(checkp
     assert "checkpoint-2" in str(err.value) and "do not match" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_resume_refuses_to_extend_a_finished_run_or_to_train_on_changed_data(checkpointed, pairs_file):
+    cfg = resumed_config(load(str(checkpointed / "config.toml")), {"max_steps": 5}, checkpointed)
+    with pytest.raises(ConfigError, match="finished its 2 steps and its learning rate has decayed to zero"):
+        recipe.train(cfg, resume=checkpointed)
+    pairs_file.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:-2]))  # two rows fewer
+    with pytest.raises(CheckpointError, match=r"training data changed since this checkpoint \(24 pairs then, 22 now\)"):
+        recipe.train(resumed_config(load(str(checkpointed / "config.toml")), {}, checkpointed), resume=checkpointed)
+
+
 def test_resume_refuses_settings_that_change_the_maths(tmp_path):
     saved = TrainConfig(batch_size=2, grad_accum=2, lr=2e-4, preset="smollm2-135m")
     run_dir = tmp_path / "run"
@@ -395,3 +404,13 @@ def test_resume_refuses_settings_that_change_the_maths(tmp_path):
         resumed_config(saved, {"preset": "llama3-8b-qlora"}, run_dir)
     assert resumed_config(saved, {"lr": 2e-4, "max_steps": 9, "batch_size": 1, "grad_accum": 4}, run_dir).max_steps == 9
     assert resumed_config(TrainConfig(max_steps=5), {"epochs": 3.0}, run_dir).max_steps is None  # --epochs now sets the length
+
+
+def test_a_run_whose_every_row_fails_to_tokenise_stops_with_one_line_not_a_hang(tmp_path, pairs_file):
+    from conftest import build_tiny_model
+
+    from infopo_cli.errors import InfopoError
+
+    model = build_tiny_model(tmp_path / "refusing", chat_template="{{ raise_exception('System role not supported') }}")
+    with pytest.raises(InfopoError, match="no preference pairs .*24 invalid rows.*the chat template rejects"):
+        recipe.train(cfg_for(model, pairs_file, tmp_path / "run", skip_invalid=True))

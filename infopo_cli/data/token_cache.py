@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.tokenization import TokenizedPair, encode_pairs, place_of
-from infopo_cli.errors import DataError
+from infopo_cli.errors import DataError, OutputError
 from infopo_cli.files import infopo_home, write_text
 
 VERSION = 2  # bump when tokenisation changes, so old entries are not reused
@@ -53,10 +53,12 @@ def tokenize_cached(pairs: list[PreferencePair], tokenizer, max_length: int, max
             if skip_invalid or not failed:  # otherwise encode again below, to raise the first failure as it is
                 return TokenizedSet(tokenized, _reasons(failed), cached=True)
     tokenized, failed = encode_pairs(tokenizer, pairs, max_length, max_prompt_length, skip_invalid)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Failures are stored by index and rebuilt with the pairs' current `where`: the key does not cover it.
-    write_text(path, json.dumps({"pairs": [[t.prompt_ids, t.chosen_ids, t.rejected_ids, t.truncated] for t in tokenized],
-                                 "failed": [[i, err.field, err.problem] for i, err in failed.items()]}))
+    try:  # a cache that cannot be written (read-only or full $INFOPO_HOME) only costs the next run time
+        write_text(path, json.dumps({"pairs": [[t.prompt_ids, t.chosen_ids, t.rejected_ids, t.truncated] for t in tokenized],
+                                     "failed": [[i, err.field, err.problem] for i, err in failed.items()]}))
+    except OutputError:
+        pass
     return TokenizedSet(tokenized, _reasons(failed), cached=False)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from infopo_cli.data.formats import PreferencePair, Text
-from infopo_cli.errors import DataError
+from infopo_cli.errors import DataError, ModelError
 
 # Stands in for the reply to find where the template puts it; plain letters, so no template escapes,
 # trims or splits it, and a rendering that holds it more than once (the data contains it) is refused.
@@ -114,8 +114,9 @@ def _render(tokenizer, pair: PreferencePair, messages: list[dict[str, str]], add
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateSyntaxError:
-        raise  # a broken template, not a bad row
+    except TemplateSyntaxError as err:  # a broken template, not a bad row
+        raise ModelError(f"the tokenizer's chat template does not parse: {' '.join(str(err).split())} "
+                         f"(line {err.lineno}); fix tokenizer_config.json / chat_template.jinja") from None
     except TemplateError as err:  # the template refuses this conversation (roles out of order, no system role, ...)
         problem = " ".join(str(err).split()) or "no reason given"
         raise DataError(place_of(pair), None, f"the chat template rejects this conversation: {problem}") from None

@@ -1,4 +1,4 @@
-"""`infopo export`: merged weights or a GGUF (+ Ollama Modelfile) from a run folder, checked by reloading."""
+"""`infopo export --gguf`: a run's adapter merged and written as a GGUF with an Ollama Modelfile, checked by reloading."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ import numpy as np
 from infopo_cli.errors import ConfigError, ExportError
 
 
-
 @dataclass(frozen=True)
 class Quant:
     file_type: int            # llama.cpp's LLAMA_FTYPE value, written into the file's metadata

@@ -16,7 +16,6 @@ from infopo_cli.config import DTYPES
 from infopo_cli.errors import ConfigError
 
 
-
 @dataclass(frozen=True)
 class AdapterSource:
     base: str      # what the run trained on: a folder, a hub id or the embedded default

@@ -56,14 +56,13 @@ class Prior:
     log_zeta: Callable[[PairLogps, dict], tuple[Tensor, Tensor]]
     needs: Needs
     recovers: str
-    params: tuple[str, ...] = ()
 
 
 PRIORS: dict[str, Prior] = {
     "reference": Prior(_prior_reference, REF, "DPO (arXiv 2305.18290)"),
-    "simpo": Prior(_prior_simpo, Needs(), "SimPO (arXiv 2405.14734)", ("gamma",)),
-    "rdpo": Prior(_prior_rdpo, REF, "R-DPO (arXiv 2403.19159)", ("rdpo_alpha",)),
+    "simpo": Prior(_prior_simpo, Needs(), "SimPO (arXiv 2405.14734)"),
+    "rdpo": Prior(_prior_rdpo, REF, "R-DPO (arXiv 2403.19159)"),
     "tdpo1": Prior(_prior_tdpo1, Needs(reference=True, kl=True), "TDPO1 (arXiv 2404.11999)"),
-    "tdpo2": Prior(_prior_tdpo2, Needs(reference=True, kl=True), "TDPO2 (arXiv 2404.11999)", ("tdpo_alpha",)),
+    "tdpo2": Prior(_prior_tdpo2, Needs(reference=True, kl=True), "TDPO2 (arXiv 2404.11999)"),
     "uniform": Prior(_prior_uniform, Needs(), "CPO's preference term without its NLL (arXiv 2401.08417)"),
 }

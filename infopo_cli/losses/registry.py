@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from infopo_cli.config import flag
 from infopo_cli.errors import ConfigError
 from infopo_cli.losses import formulas as L
 from infopo_cli.losses.priors import PRIORS, REF, lengths as _lengths
@@ -90,9 +91,8 @@ def resolve(name: str, overrides: dict) -> tuple[LossSpec, dict]:
     takes = set(spec.defaults) | {"sft_weight"}
     wrong = sorted(set(given) - takes)
     if wrong:
-        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
-        raise ConfigError(f"{flags} does not apply to loss '{name}' (it takes: "
-                          f"{', '.join('--' + t.replace('_', '-') for t in sorted(takes))})")
+        raise ConfigError(f"{', '.join(map(flag, wrong))} does not apply to loss '{name}' (it takes: "
+                          f"{', '.join(map(flag, sorted(takes)))})")
     params = {**spec.defaults, "sft_weight": 0.0, **given}
     if name == "mi" and params["prior"] not in PRIORS:
         raise ConfigError(f"unknown prior '{params['prior']}' for loss 'mi'; available: {', '.join(PRIORS)}")

@@ -126,13 +126,6 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
                           f"(it has: {', '.join(names)})") from None
 
 
-def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
-    from peft import PeftModel
-
-    with quiet_peft():
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
-
-
 @contextlib.contextmanager
 def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The reference policy: the same base with the LoRA adapter disabled, under no-grad."""

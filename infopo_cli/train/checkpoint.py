@@ -30,6 +30,8 @@ from infopo_cli.errors import CheckpointError, OutputError
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "checkpoint-"
+STATE_KEYS = frozenset({"step", "pairs_seen", "train_pairs", "rng", "optimizer", "schedule", "scaler",
+                        "skipped_steps", "bad_streak", "pending_eval"})
 LOW_DISK = 64 * 2**20  # a failed write with less free space than this was the disk filling up
 
 
@@ -57,9 +59,13 @@ def _writing_weights(target: Path, run_dir: Path) -> Iterator[None]:
         if isinstance(err, OutputError):
             message = str(err)
         else:
-            free = shutil.disk_usage(run_dir).free
-            reason = (os.strerror(errno.ENOSPC) if free < LOW_DISK or "No space left" in str(err)
-                      else " ".join(str(err).split())[:200])
+            free, text = shutil.disk_usage(run_dir).free, " ".join(str(err).split())
+            if free < LOW_DISK or "No space left" in text:
+                reason = os.strerror(errno.ENOSPC)
+            elif any(sign in text for sign in ("os error", "I/O error", "write", "unexpected pos")):
+                reason = text[:200]
+            else:
+                raise  # not a failed write (a bug, or out of memory): not ours to rename
             message = f"cannot write {target}: {reason} ({free / 2**20:.0f} MiB free)"
         previous = complete_checkpoints(run_dir)
         raise OutputError(f"{message}; {previous[-1].name} is intact" if previous else message) from None
@@ -122,6 +128,10 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     except (OSError, SafetensorError, RuntimeError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
         raise CheckpointError(f"{folder}: cannot read the checkpoint ({first})") from None
+    missing_state = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
+    if missing_state:
+        raise CheckpointError(f"{folder}: not a checkpoint this version of infopo can resume (it lacks "
+                              f"{', '.join(missing_state)}); start a new run")
     expected = {name for name, param in model.named_parameters() if param.requires_grad}
     try:
         result = set_peft_model_state_dict(model, weights)

@@ -1,7 +1,9 @@
-"""What the user watches during a run: a rich progress bar with TRL's live metrics."""
+"""What the user sees of a run: the `Reporter` (every message of `infopo train`) and the progress bar with TRL's
+live metrics."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -48,10 +50,6 @@ class TrainProgress:
         self.bar.update(self.task, completed=step, metrics=text)
         if not self.live:
             self.console.print(f"step {step}/{self.total}  {text}", highlight=False, markup=False)
-
-    def note(self, message: str) -> None:
-        self.console.print(message, highlight=False)
-
 
 class Reporter:
     """Everything `infopo train` tells the user, so the recipe itself holds no console formatting."""
@@ -114,8 +112,13 @@ class Reporter:
         self._say(f"[dim]saved {escape(str(checkpoint))}[/]")
 
     def stop_requested(self, signum: int) -> None:
-        """Called from the signal handler: say what happens next, and how to stop at once."""
+        """Called from the signal handler, so written with os.write: the main thread may be inside a print,
+        and buffered I/O entered again from a handler raises ("reentrant call")."""
         from infopo_cli.train.stops import NAMES
 
-        self._say(f"[yellow]{NAMES.get(signum, signum)}: stopping after the current step with a checkpoint "
-                  "(send it again to stop at once; the last complete checkpoint stays)[/]")
+        text = (f"{NAMES.get(signum, signum)}: stopping after the current step with a checkpoint "
+                "(send it again to stop at once; the last complete checkpoint stays)\n")
+        try:
+            os.write(2, text.encode())
+        except OSError:
+            pass  # no stderr to tell: stopping is what matters

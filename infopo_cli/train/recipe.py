@@ -26,10 +26,10 @@ import torch
 from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
-from infopo_cli.data.loading import load_pairs
+from infopo_cli.data.loading import load_pairs, no_pairs
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import TokenizedPair
-from infopo_cli.errors import ConfigError
+from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
 from infopo_cli.model import loading as model_stack
@@ -41,7 +41,7 @@ from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.plot import plot_run
 from infopo_cli.train.progress import Reporter
 from infopo_cli.train.schedule import WarmupCosine
-from infopo_cli.train.stops import NAMES, StopRequests
+from infopo_cli.train.stops import NAMES, StopRequests, resume_hint
 
 TIMING_KEYS = ("tokens_per_s", "step_seconds")  # the only metrics that differ between identical runs
 # CUDA's allocator raises torch.OutOfMemoryError; torch < 2.5 only has the cuda alias.
@@ -103,16 +103,29 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         if resume_from and cfg.max_steps and cfg.max_steps < checkpoint.step_of(resume_from):  # before a long model load
             raise ConfigError(f"{run_dir} is at step {checkpoint.step_of(resume_from)}; --max-steps must be at least that")
 
-        # --- hardware and seed -------------------------------------------------------------------
+        # --- hardware and seed; the resolved settings are on disk before anything long starts -------
         precision = choose(cfg.dtype)
         report.precision(precision)
+        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
+        files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
+                                                  f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
-        t_load = time.perf_counter()
+        # --- tokens: the tokenizer is quick to load, so rows it cannot encode fail before the model loads
         source = model_stack.resolve_source(cfg.model, log=report.note)
         tokenizer = model_stack.load_tokenizer(source)
+        train_set, eval_set = (tokenize_cached(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.skip_invalid)
+                               for pairs in (loaded.pairs, eval_pairs))
+        report.skipped_rows(train_set.skipped + eval_set.skipped, len(loaded.pairs) + len(eval_pairs))
+        train_tok, eval_tok = train_set.pairs, eval_set.pairs
+        if not train_tok:
+            raise no_pairs(cfg.data, train_set.skipped)
+        report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
+                         sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
+
+        # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
+        t_load = time.perf_counter()
         model = model_stack.attach_lora(model_stack.load_base(source, cfg, precision), cfg)
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         report.model(source, time.perf_counter() - t_load, cfg, *model_stack.count_parameters(model))
@@ -120,14 +133,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         if cfg.share_prompt and not share_prompt:
             report.note("prompts are read twice per pair: this attention kernel takes no 4-D mask "
                         "(use sdpa or eager to share them)")
-
-        # --- tokens --------------------------------------------------------------------------------
-        train_set, eval_set = (tokenize_cached(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.skip_invalid)
-                               for pairs in (loaded.pairs, eval_pairs))
-        report.skipped_rows(train_set.skipped + eval_set.skipped, len(loaded.pairs) + len(eval_pairs))
-        train_tok, eval_tok = train_set.pairs, eval_set.pairs
-        report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
-                         sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
+        if stops.requested:  # stopped while loading: nothing trained yet, nothing to save
+            return not_started(run_dir, precision, stops.signum)
 
         # --- optimizer, schedule, gradient scaler ------------------------------------------------
         # A step is one global batch, split into micro-batches: the data order depends only on the
@@ -144,16 +151,20 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             start, pairs_seen = saved["step"], saved["pairs_seen"]
             skipped_steps, bad_streak = saved["skipped_steps"], saved["bad_streak"]
             pending_eval, saved_rng = saved["pending_eval"], saved["rng"]
+            if saved["train_pairs"] != len(train_tok):
+                raise CheckpointError(f"{resume_from}: the training data changed since this checkpoint "
+                                      f"({saved['train_pairs']} pairs then, {len(train_tok)} now); start a new run")
             if total_steps < start:
                 raise ConfigError(f"{run_dir} is at step {start}; --max-steps/--epochs must give at least that many "
                                   f"steps (got {total_steps})")
-            schedule = WarmupCosine.from_state_dict(saved["schedule"]).resized(start, total_steps)
+            planned = WarmupCosine.from_state_dict(saved["schedule"])
+            if start >= planned.total and total_steps > start:
+                raise ConfigError(f"{run_dir} finished its {start} steps and its learning rate has decayed to zero, so "
+                                  "more steps would not train; start a new run (extend a run before it ends)")
+            schedule = planned.resized(start, total_steps)
             if saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             report.resumed(start, total_steps, resume_from, schedule)
-        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
-        files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
-                                                  f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
         evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
                               spec, loss_params, precision.device) if eval_tok else None
@@ -180,7 +191,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             return True
 
         def save(step: int, rng: dict, eval_due: bool = False) -> Path:
-            state = {"step": step, "pairs_seen": pairs_seen, "rng": rng,
+            # pairs_seen: the data position in pairs, which a different split of the global batch keeps
+            state = {"step": step, "pairs_seen": pairs_seen, "train_pairs": len(train_tok), "rng": rng,
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "skipped_steps": skipped_steps, "bad_streak": bad_streak, "pending_eval": eval_due}
@@ -202,23 +214,27 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 boundary_rng = checkpoint.capture_rng()
                 pairs = next(batches)
                 micro_batches = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
-                t_step = time.perf_counter()
+                t_step, updating = time.perf_counter(), False
                 try:
                     metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,
                                                                 tokenizer.pad_token_id, precision.device,
                                                                 share_prompt, scaler)
+                    updating = True
+                    grad_norm, finite = apply_update(optimizer, scaler, trainable_params, cfg.max_grad_norm,
+                                                     schedule.lr(step), metrics.sums["loss"])
                 except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
                     if not is_out_of_memory(err):
                         raise
                     optimizer.zero_grad(set_to_none=True)
                     _free_accelerator_memory()
-                    # the weights, optimizer and schedule are still those after `step`: an exact boundary
-                    if not (run_dir / f"{checkpoint.PREFIX}{step}").is_dir():
+                    # before the update the weights, optimizer and schedule are those after `step`: an exact
+                    # boundary; an update cut short may have changed some weights, so only older checkpoints count
+                    saved = (run_dir / f"{checkpoint.PREFIX}{step}").is_dir()
+                    if not updating and not saved:
                         report.saved(save(step, boundary_rng, pending_eval))
-                    stop = out_of_memory(cfg, step + 1, micro_batches, precision.device, run_dir)
+                    stop = out_of_memory(cfg, step + 1, micro_batches, precision.device, run_dir,
+                                         saved=saved or not updating)
                     break
-                grad_norm, finite = apply_update(optimizer, scaler, trainable_params, cfg.max_grad_norm,
-                                                 schedule.lr(step), metrics.sums["loss"])
                 step += 1
                 pairs_seen += len(pairs)
                 skipped_steps += not finite
@@ -245,6 +261,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 if stop:
                     break
         if not stop and (eval_failed or stops.requested):
+            if step > start and not (run_dir / f"{checkpoint.PREFIX}{step}").is_dir():  # the signal came after the poll
+                report.saved(save(step, checkpoint.capture_rng(), pending_eval))
             stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
 
         # --- finish: evaluate, save, report ------------------------------------------------------
@@ -266,12 +284,15 @@ class Stop:
     message: str
 
 
-def resume_hint(run_dir: Path) -> str:
-    return f"infopo train --resume {run_dir}"
-
-
 def logged_eval(log: MetricsLog, step: int) -> bool:
     return any(r["step"] == step for r in log.of_kind("eval"))
+
+
+def not_started(run_dir: Path, precision, signum: int | None) -> RunSummary:
+    stop = Stop("stopped", 128 + (signum or 2), f"stopped by {NAMES.get(signum, 'a signal')} before the first step; "
+                                                 f"start it again with: {resume_hint(run_dir)}")
+    return RunSummary(str(run_dir), stop.status, 0, 0.0, 0.0, peak_memory_gib(precision.device), precision.device,
+                      precision.dtype_name, stop.exit_code, stop.message)
 
 
 def stopped(signum: int | None, step: int, total: int, run_dir: Path) -> Stop:
@@ -279,26 +300,28 @@ def stopped(signum: int | None, step: int, total: int, run_dir: Path) -> Stop:
                                                  f"continue with: {resume_hint(run_dir)}")
 
 
-def out_of_memory(cfg: TrainConfig, step: int, micro_batches: list[list[TokenizedPair]], device: str, run_dir: Path) -> Stop:
-    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for b in micro_batches for p in b)
+def out_of_memory(cfg: TrainConfig, step: int, micro_batches: list[list[TokenizedPair]], device: str, run_dir: Path,
+                  saved: bool) -> Stop:
+    longest = max(p.length for b in micro_batches for p in b)
     where = f"out of {'GPU ' if device == 'cuda' else ''}memory at step {step} (micro-batches of {cfg.batch_size} pairs, longest pair {longest} tokens)"
+    kept = f"the state before step {step} is saved" if saved else "the newest checkpoint is kept"
     if cfg.batch_size == 1:
         return Stop("out of memory", 3, f"{where}: lower --max-length ({cfg.max_length}) or turn on "
-                                        f"--gradient-checkpointing in a new run; the state before step {step} is saved in {run_dir}")
+                                        f"--gradient-checkpointing in a new run; {kept} in {run_dir}")
     smaller = next(b for b in range(cfg.batch_size // 2, 0, -1) if cfg.batch_size % b == 0)
     return Stop("out of memory", 3,
                 f"{where}: lower --batch-size and raise --grad-accum by the same factor (the global batch stays "
-                f"{cfg.batch_size * cfg.grad_accum}), or lower --max-length ({cfg.max_length}) in a new run; the state "
-                f"before step {step} is saved; continue with: {resume_hint(run_dir)} --batch-size {smaller} "
+                f"{cfg.batch_size * cfg.grad_accum}), or lower --max-length ({cfg.max_length}) in a new run; {kept}; "
+                f"continue with: {resume_hint(run_dir)} --batch-size {smaller} "
                 f"--grad-accum {cfg.batch_size * cfg.grad_accum // smaller}")
 
 
 def eval_out_of_memory(cfg: TrainConfig, step: int, device: str, run_dir: Path) -> Stop:
     smaller = max(1, cfg.eval_batch_size // 2)
+    kept = f"the state at step {step} is saved" if step else "nothing was trained yet"
     return Stop("out of memory", 3, f"out of {'GPU ' if device == 'cuda' else ''}memory evaluating at step {step} "
-                                    f"(batches of {cfg.eval_batch_size} held-out pairs): lower --eval-batch-size; the "
-                                    f"state at step {step} is saved; continue with: {resume_hint(run_dir)} "
-                                    f"--eval-batch-size {smaller}")
+                                    f"(batches of {cfg.eval_batch_size} held-out pairs): lower --eval-batch-size; {kept}; "
+                                    f"continue with: {resume_hint(run_dir)} --eval-batch-size {smaller}")
 
 
 def diverged(step: int, streak: int, run_dir: Path) -> Stop:

@@ -16,12 +16,16 @@ from types import FrameType
 NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 
+def resume_hint(run_dir: object) -> str:
+    return f"infopo train --resume {run_dir}"
+
+
 class StopNow(BaseException):
     """The second signal: leave at once (a BaseException, so no `except Exception` swallows it)."""
 
     def __init__(self, signum: int, run_dir: str) -> None:
         super().__init__(f"stopped at once by a second {NAMES.get(signum, signum)}; the newest complete checkpoint in "
-                         f"{run_dir} is intact; continue with: infopo train --resume {run_dir}")
+                         f"{run_dir} is intact; continue with: {resume_hint(run_dir)}")
         self.signum, self.run_dir = signum, run_dir
         self.exit_code = 128 + signum
 
