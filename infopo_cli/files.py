@@ -28,6 +28,11 @@ from typing import Any
 
 from infopo_cli.errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the lock is only a record there
+    fcntl = None
+
 TMP_MARK = ".infopo-tmp-"
 OLD_MARK = ".infopo-old-"
 LOCK_NAME = ".infopo.lock"
@@ -316,22 +321,10 @@ def _swap_in(new: Path, target: Path) -> None:
 # ---------------------------------------------------------------- the run lock
 
 
-def _process_start(pid: int) -> int | None:
-    """Linux: the process's start time in clock ticks after boot (field 22 of /proc/PID/stat), to tell a
-    reused pid from the process that wrote a lock. None elsewhere."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at field 3
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _read_lock(path: Path) -> dict | None:
-    """The lock's record; None when it is unreadable or torn. FileNotFoundError when it is gone."""
+    """The record in a lock file; None when it is missing, empty, unreadable or torn."""
     try:
         record = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
@@ -340,17 +333,19 @@ def _read_lock(path: Path) -> dict | None:
 class RunLock:
     """`with RunLock(folder) as lock:` keeps other infopo runs from writing `folder` meanwhile.
 
-    The lock is `folder/.infopo.lock`, created exclusively, holding the pid, host, process start time and
-    command line of its holder. A lock whose holder is gone (or that is torn) is taken over, and
-    `took_over` then says whose it was, for the caller to print. On release the file is removed if it is
-    still ours.
+    The lock is an advisory `flock` on `folder/.infopo.lock`. The kernel drops it however its holder ends
+    (SIGKILL and crashes included), also for a run in another container on the same volume, so a dead
+    run's lock never blocks anyone; no pid guessing. The file holds its holder's pid, host, command and
+    start time, for the message. A record left by a run that ended without releasing is taken over and
+    `took_over` says whose it was, for the caller to print. Where `flock` does not exist (Windows) the
+    lock is only the record.
     """
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.took_over: str | None = None
-        self._token: str | None = None
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -358,93 +353,60 @@ class RunLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _record(self, token: str) -> bytes:
+    def _record(self) -> bytes:
         return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(),
-                           "start_time": _process_start(os.getpid()),
                            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": token}).encode()
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
 
-    def _create(self, data: bytes) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return False
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except BaseException:
-            self.path.unlink(missing_ok=True)  # an empty lock of ours would read as torn, and be taken over
-            raise
-        return True
-
-    def _holder_gone(self, holder: dict) -> bool | None:
-        """True: not running; False: running; None: on another machine, so it cannot be checked."""
-        if holder.get("hostname") != socket.gethostname() or os.name != "posix":
-            return None
-        pid = holder["pid"]
-        if not _pid_alive(pid):
-            return True
-        recorded, now = holder.get("start_time"), _process_start(pid)
-        return recorded is not None and now is not None and recorded != now  # the pid now names another process
-
-    def _in_use(self, holder: dict, gone: bool | None) -> OutputError:
-        who = f"pid {holder['pid']}, started {holder.get('started', 'at an unknown time')}"
+    def _in_use(self) -> OutputError:
+        holder = _read_lock(self.path) or {}
+        who = f"pid {holder.get('pid', '?')} on {holder.get('hostname', '?')}, started {holder.get('started', '?')}"
         command = str(holder.get("command") or "")
         who += f": {command[:77] + '...' if len(command) > 80 else command}" if command else ""
-        if gone is None:
-            return OutputError(f"{self.folder} is in use by an infopo run on {holder.get('hostname')} ({who}), which "
-                               f"infopo cannot check from here; wait for it to finish, or if it is not running "
-                               f"remove {self.path}")
         return OutputError(f"{self.folder} is in use by another infopo run ({who}); wait for it to finish or stop it")
 
     def acquire(self) -> RunLock:
-        token = secrets.token_hex(8)
-        data = self._record(token)
-        deadline = time.monotonic() + 2.0
         with _writing(self.path):
             self.folder.mkdir(parents=True, exist_ok=True)
             while True:
-                if self._create(data):
-                    self._token = token
-                    return self
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
                 try:
-                    holder = _read_lock(self.path)
-                    age = time.time() - self.path.stat().st_mtime
+                    if fcntl is not None:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise self._in_use() from None
+                try:
+                    same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
                 except FileNotFoundError:
-                    continue  # released meanwhile: create it again
-                if holder is None and age < 1.0 and time.monotonic() < deadline:
-                    time.sleep(0.05)  # a holder may be between creating the file and writing it
+                    same_file = False
+                if not same_file:  # its holder released (removed) it between our open and our lock: again
+                    os.close(fd)
                     continue
-                gone = True if holder is None else self._holder_gone(holder)
-                if not gone:
-                    raise self._in_use(holder, gone)
-                write_bytes(self.path, data)  # replaces the stale lock in one rename
-                try:
-                    mine = _read_lock(self.path)
-                except FileNotFoundError:
-                    mine = None
-                if mine is not None and mine.get("token") == token:
-                    self._token = token
-                    self.took_over = (f"took over the lock of pid {holder['pid']}, which is no longer running"
-                                      if holder else f"took over the unreadable lock file {self.path}")
-                    return self
-                if time.monotonic() > deadline:  # another run took it over at the same moment and keeps it
-                    raise OutputError(f"{self.folder} is in use by another infopo run (its lock {self.path} keeps "
-                                      "changing); wait for it to finish or stop it")
+                size = os.fstat(fd).st_size  # a record here is one a run left when it ended without releasing
+                left = _read_lock(self.path) if size else None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, self._record(), 0)
+                os.fsync(fd)
+                self._fd = fd
+                if left is not None:
+                    self.took_over = (f"took over the lock of pid {left['pid']} on {left.get('hostname', '?')}, "
+                                      "which ended without releasing it")
+                elif size:
+                    self.took_over = f"took over the unreadable lock file {self.path}"
+                return self
 
     def release(self) -> None:
-        if self._token is None:
+        if self._fd is None:
             return
         try:
-            holder = _read_lock(self.path)
-            if holder is not None and holder.get("token") == self._token:
+            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:  # remove it only while it is still ours
                 self.path.unlink()
         except FileNotFoundError:
             pass
         finally:
-            self._token = None
+            os.close(self._fd)  # drops the flock
+            self._fd = None
 
 
 # ---------------------------------------------------------------- locations and claims
