@@ -404,6 +404,15 @@ def test_resume_refuses_settings_that_change_the_maths(tmp_path):
         resumed_config(saved, {"preset": "llama3-8b-qlora"}, run_dir)
     assert resumed_config(saved, {"lr": 2e-4, "max_steps": 9, "batch_size": 1, "grad_accum": 4}, run_dir).max_steps == 9
     assert resumed_config(TrainConfig(max_steps=5), {"epochs": 3.0}, run_dir).max_steps is None  # --epochs now sets the length
+    assert resumed_config(TrainConfig(max_steps=5), {"epochs": 1.0}, run_dir).max_steps == 5  # repeated: the length stays
+
+
+def test_the_original_command_plus_resume_is_accepted(tmp_path):
+    run_dir = tmp_path / "run"
+    saved = TrainConfig(preset="mine", dtype="fp32", output=str(run_dir))  # config.toml holds what auto chose
+    original = {"preset": str(tmp_path / "mine.toml"), "output": str(run_dir), "dtype": "auto", "lr": saved.lr,
+                "target_modules": "all-linear"}
+    assert resumed_config(saved, original, run_dir) == saved
 
 
 def test_a_run_whose_every_row_fails_to_tokenise_stops_with_one_line_not_a_hang(tmp_path, pairs_file):
