@@ -212,9 +212,9 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml 
 
 @app.command()
 def export(
-    run_dir: Annotated[Optional[str], typer.Argument(help="A run folder written by `infopo train`.")] = None,
-    merged: Annotated[Optional[str], typer.Option("--merged", help="Write merged safetensors weights to this folder.")] = None,
-    gguf: Annotated[Optional[str], typer.Option("--gguf", help="Write a GGUF file (and NAME.Modelfile for Ollama).")] = None,
+    run_dir: Annotated[Optional[str], typer.Argument(help="A run folder written by `infopo train` (default: the newest under ./runs).", show_default=False)] = None,
+    merged: Annotated[Optional[str], typer.Option("--merged", help="Write merged safetensors weights to this folder (default RUN/export/merged/).", show_default=False)] = None,
+    gguf: Annotated[Optional[str], typer.Option("--gguf", help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
     quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f16, bf16, f32, q8_0 (gguf's writers).")] = "f16",
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id) instead of a run folder.")] = None,
@@ -224,33 +224,44 @@ def export(
 ) -> None:
     """Merge the adapter into the full-precision base (--merged) or write a GGUF for llama.cpp / Ollama (--gguf).
 
+    [dim]infopo export --gguf   (right after `infopo train`: the newest run, written to RUN/export/)[/]
     [dim]infopo export runs/my-run --gguf my-model.gguf --quant q8_0 && ollama create my-model -f my-model.Modelfile[/]
     """
     from pathlib import Path
 
     from infopo_cli.errors import ConfigError, ExportError
-    from infopo_cli.export.merged import AdapterSource, export_merged, from_run
+    from infopo_cli.export.merged import AdapterSource, default_output, export_merged, from_run, is_run, newest_run
 
     if (merged is None) == (gguf is None):
-        raise ConfigError("pass exactly one of --merged OUT_DIR or --gguf OUT.gguf")
+        raise ConfigError("pass exactly one of --merged [OUT_DIR] or --gguf [OUT.gguf]")
+    given = merged if merged is not None else gguf
+    if given and not run_dir and not base and Path(given).is_dir() and is_run(Path(given)):
+        run_dir, given = given, ""  # `infopo export --gguf runs/my-run`: the folder is the run, not the output
     if run_dir and (base or adapter):
         raise ConfigError("pass a run folder or --base with --adapter, not both")
-    if run_dir:
-        source = from_run(run_dir)
-    elif base and adapter:
+    if base or adapter:
+        if not (base and adapter):
+            raise ConfigError("--base and --adapter go together")
         source = AdapterSource(base, Path(adapter))
         if not (source.adapter / "adapter_config.json").is_file():
             raise ConfigError(f"{adapter} has no adapter_config.json")
     else:
-        raise ConfigError("pass a run folder, or --base and --adapter")
-    if merged:
-        out = export_merged(source, Path(merged), dtype, overwrite)
+        if not run_dir:
+            run_dir = str(newest_run())
+            console.print(f"exporting the newest run: [bold]{escape(run_dir)}[/]", highlight=False)
+        source = from_run(run_dir)
+    out = Path(given) if given else default_output(source, "merged" if merged is not None else "gguf", quant)
+    if merged is not None:
+        out = export_merged(source, out, dtype, overwrite)
         console.print(f"merged model -> [bold]{escape(str(out))}[/] (AutoModelForCausalLM.from_pretrained)")
         return
     from infopo_cli.export.export_gguf import export_gguf
 
-    path, modelfile, result = export_gguf(source, Path(gguf), quant, overwrite, check)
-    console.print(f"GGUF ({escape(quant)}) -> [bold]{escape(str(path))}[/]; Ollama: ollama create NAME -f {escape(str(modelfile))}")
+    path, modelfile, result = export_gguf(source, out, quant, overwrite, check)
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem.lower())
+    console.print(f"GGUF ({escape(quant)}) -> [bold]{escape(str(path))}[/]\n"
+                  f"  Ollama:    ollama create {name} -f {escape(str(modelfile))} && ollama run {name}\n"
+                  f"  llama.cpp: llama-cli -m {escape(str(path))} -cnv", highlight=False)
     if result is not None:
         from infopo_cli.export.check import PROMPTS
 
@@ -333,10 +344,34 @@ def _print_report(report, model: str) -> None:
             err_console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
 
 
+OPTIONAL_VALUES = ("--gguf", "--merged")  # options whose value may be left out (then: the default path)
+
+
+def _fill_optional_values(args: list[str]) -> list[str]:
+    """`--gguf` with no value (last, or followed by another option) gets "" = the default path. Typer has no
+    optional-value options; without this `infopo export --gguf`, the design's own command, is a usage error."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("")
+    return out
+
+
+def _usage_error(err: Exception) -> str | None:
+    """The one-line message of a command-line usage error (typer vendors its own click), else None."""
+    if not (hasattr(err, "format_message") and hasattr(err, "exit_code") and type(err).__module__.split(".")[0] in ("click", "typer")):
+        return None
+    ctx = getattr(err, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None and getattr(ctx, "command_path", "") else ""
+    return " ".join(err.format_message().split()) + where
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
-        code = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        # returns the code of a typer.Exit instead of raising it
+        code = app(args=_fill_optional_values(sys.argv[1:]), prog_name="infopo", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except InfopoError as err:
@@ -352,11 +387,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside the training loop (which saves a checkpoint itself)
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
-    except Exception as err:  # click usage errors are handled below; anything else is a bug to report
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
+    except Exception as err:  # usage errors are one line too; anything else is a bug to report
+        message = _usage_error(err)
+        if message is not None:
+            err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)
         if debug:
             raise

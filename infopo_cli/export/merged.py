@@ -35,13 +35,36 @@ def from_run(run_dir: str | Path) -> AdapterSource:
     return AdapterSource(load(str(run / "config.toml")).model, run)
 
 
+def is_run(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and (folder / "config.toml").is_file()
+
+
+def newest_run(runs: Path = Path("runs")) -> Path:
+    """The most recently written run folder under ./runs (what `infopo export` alone exports)."""
+    found = [p for p in runs.iterdir() if p.is_dir() and is_run(p)] if runs.is_dir() else []
+    if not found:
+        raise ConfigError(f"no finished run under {runs}/ to export; pass a run folder, or --base and --adapter")
+    return max(found, key=lambda p: (p / "adapter_model.safetensors").stat().st_mtime
+               if (p / "adapter_model.safetensors").exists() else p.stat().st_mtime)
+
+
+def default_output(source: AdapterSource, kind: str, quant: str = "") -> Path:
+    """RUN/export/<run>-<quant>.gguf or RUN/export/merged/: next to the adapter they come from."""
+    folder = source.adapter / "export"
+    return folder / f"{source.adapter.resolve().name}-{quant}.gguf" if kind == "gguf" else folder / "merged"
+
+
 def merged_model(source: AdapterSource, dtype: str = "fp32"):
     """(merged transformers model, tokenizer), in memory."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     from infopo_cli.model.loading import load_tokenizer, quiet_peft, resolve_source
+
+    hf_logging.disable_progress_bar()  # infopo says what it does; per-tensor bars from transformers are noise
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
