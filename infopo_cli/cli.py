@@ -216,7 +216,7 @@ def export(
     merged: Annotated[Optional[str], typer.Option("--merged", help="Write merged safetensors weights to this folder (default RUN/export/merged/).", show_default=False)] = None,
     gguf: Annotated[Optional[str], typer.Option("--gguf", help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
-    quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f16, bf16, f32, q8_0 (gguf's writers).")] = "f16",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f16, bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0; K-quants q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k need llama.cpp's quantiser (pip install 'infopo[gguf-check]').")] = "f16",
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id) instead of a run folder.")] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="peft adapter folder, with --base.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,

@@ -28,9 +28,10 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     for path in (out, modelfile):
         files.claim_target(path, overwrite)
     model, tokenizer = merged_model(source, "fp32")
-    files.check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * QUANTS[quant].bytes_per_weight))
-    with files.replacing(out) as tmp:
-        write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source))
+    files.check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * QUANTS[quant].disk_bytes_per_weight))
+    with files.replacing(out) as tmp:  # K-quants too: llama.cpp's quantiser writes the temporary, renamed when whole
+        for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source)):
+            log(line)
     write_modelfile(out, tokenizer)
     return out, modelfile, compare(model, tokenizer, out) if check else None
 

@@ -6,11 +6,16 @@ half-split rotary layout of transformers to the interleaved one GGML uses (witho
 produces garbage; measured). Supported: the `llama` architecture (Llama 2/3, Mistral, SmolLM2), `qwen2`,
 `phi3` and `gemma2` (rope scaling: Llama 3.1's `llama3`, Phi-3.5's `longrope`), with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
 Mistral); other architectures are a clear error that points to the merged export.
+
+Tensor types: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 and q4_0 are written by the `gguf` library itself; the
+K-quants (q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k), which it can only read, by llama.cpp's own quantiser from an
+f16 intermediate, where llama-cpp-python is installed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +29,30 @@ from infopo_cli.errors import ConfigError, ExportError
 class Quant:
     file_type: int            # llama.cpp's LLAMA_FTYPE value, written into the file's metadata
     bytes_per_weight: float   # for the free-space check before writing
+    tensor_type: str | None   # the gguf library's type for 2-D tensors; None: llama.cpp's quantiser writes it
+
+    @property
+    def by_llama_cpp(self) -> bool:
+        return self.tensor_type is None
+
+    @property
+    def disk_bytes_per_weight(self) -> float:
+        """Peak disk use: llama.cpp quantises from an f16 intermediate that exists beside the output."""
+        return self.bytes_per_weight + (2.0 if self.by_llama_cpp else 0.0)
 
 
-QUANTS = {"f32": Quant(0, 4.0), "f16": Quant(1, 2.0), "bf16": Quant(32, 2.0), "q8_0": Quant(7, 34 / 32)}
+# Blocks of 32 weights: q8_0 32 bytes + an f16 scale, q4_0 16 + scale, q4_1 16 + scale and minimum, q5_0/q5_1 add
+# 4 bytes of high bits. K-quants (super-blocks of 256, mixed per tensor by llama.cpp): sizes of llama.cpp's own
+# Llama-3-8B files (its quantize tool's table) over 8.03e9 weights.
+QUANTS = {"f32": Quant(0, 4.0, "F32"), "f16": Quant(1, 2.0, "F16"), "bf16": Quant(32, 2.0, "BF16"),
+          "q8_0": Quant(7, 34 / 32, "Q8_0"), "q5_1": Quant(9, 24 / 32, "Q5_1"), "q5_0": Quant(8, 22 / 32, "Q5_0"),
+          "q4_1": Quant(3, 20 / 32, "Q4_1"), "q4_0": Quant(2, 18 / 32, "Q4_0"),
+          "q6_k": Quant(18, 6.14 / 8.03, None), "q5_k_m": Quant(17, 5.33 / 8.03, None),
+          "q4_k_m": Quant(15, 4.58 / 8.03, None), "q3_k_m": Quant(12, 3.74 / 8.03, None),
+          "q2_k": Quant(10, 2.96 / 8.03, None)}
+# llama.cpp keeps the output projection of 4/5-bit files at a higher type (Q6_K, or Q8_0 where rows do not
+# divide into 256): every logit goes through it. The gguf library has no Q6_K, so Q8_0.
+HIGHER_OUTPUT = frozenset({"Q5_1", "Q5_0", "Q4_1", "Q4_0"})
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp picks its pre-tokenizer regex by this name; by model family (name fragments, lower case).
 PRE_TOKENIZERS = (("smollm", "smollm"), ("llama-3", "llama-bpe"), ("llama3", "llama-bpe"), ("qwen2", "qwen2"),
@@ -151,28 +177,91 @@ def _adds_space_prefix(backend: dict) -> bool:
     return '"Prepend"' in text or ('"Metaspace"' in text and '"never"' not in text)
 
 
-def _tensor(gguf, data: np.ndarray, quant: str):
-    """(array, raw dtype) as GGUF stores it; vectors and rows not divisible into blocks stay float."""
+def _tensor(gguf, data: np.ndarray, quant: str, output: bool = False):
+    """(array, raw dtype) as GGUF stores it; vectors stay f32, rows not divisible into blocks f16."""
     if data.ndim == 1:
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if quant == "q8_0" and data.shape[-1] % 32 == 0:
-        return gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    if quant == "bf16":
-        return gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
-    if quant == "f32":
-        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
-    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    kind = QUANTS[quant].tensor_type
+    kind = gguf.GGMLQuantizationType["Q8_0" if output and kind in HIGHER_OUTPUT else kind]
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        kind = gguf.GGMLQuantizationType.F16
+    if kind == gguf.GGMLQuantizationType.F32:
+        return data.astype(np.float32), kind
+    if kind == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16), kind
+    return gguf.quants.quantize(data.astype(np.float32), kind), kind
+
+
+def _llama_cpp():
+    """llama-cpp-python, or None where it is not installed (or its library does not load)."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError):
+        return None
+    return llama_cpp
 
 
 def check_quant(quant: str) -> None:
+    """A one-line error for a type this installation cannot write, before any model is loaded."""
     if quant not in QUANTS:
         raise ConfigError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r})")
+    if QUANTS[quant].by_llama_cpp and _llama_cpp() is None:
+        raise ConfigError(f"--quant {quant} needs llama.cpp's quantiser: pip install 'infopo[gguf-check]'")
 
 
-def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> None:
-    """Write `model` (a merged transformers causal LM) and its tokenizer to `path`."""
-    gguf = _gguf()
+# llama.cpp's warning for a tensor it cannot give the K-quant type (rows not a multiple of 256).
+FALLBACK = re.compile(r"warning: (\S+)\s+- ncols\s+\d+ not divisible by (\d+).*falling back to\s+(\S+)")
+
+
+def llama_cpp_quantize(source: Path, path: Path, quant: str) -> list[str]:
+    """llama.cpp's own quantiser from `source` (an f16 GGUF) into `path`; returns its per-tensor fallbacks,
+    one line per type it fell back to. Its log is captured instead of printed: a line per tensor."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    pieces: list[bytes] = []  # llama.cpp logs a line in several calls; levels differ between versions
+
+    @llama_cpp.llama_log_callback
+    def capture(_level: int, text: bytes, _user_data) -> None:
+        pieces.append(text)
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[quant].file_type
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        failed = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(path), ctypes.byref(params))
+    finally:
+        from llama_cpp import _logger  # llama-cpp-python's own log handler, as it installs it on import
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    lines = [line.strip() for line in b"".join(pieces).decode("utf-8", "replace").splitlines() if line.strip()]
+    if failed:
+        reason = (lines or ["no reason given"])[-1].split("failed to quantize: ")[-1]
+        raise ExportError(f"llama.cpp could not quantise to {quant}: {reason}")
+    fallbacks: dict[tuple[str, str], list[str]] = {}
+    for line in lines:
+        if match := FALLBACK.search(line):
+            fallbacks.setdefault((match[3], match[2]), []).append(match[1])
+    return [f"llama.cpp wrote {len(names)} tensors as {kind} instead of a K-quant: their rows are not a multiple of "
+            f"{block} weights ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for (kind, block), names in fallbacks.items()]
+
+
+def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> list[str]:
+    """Write `model` (a merged transformers causal LM) and its tokenizer to `path`; returns notes for the user
+    (tensors llama.cpp's quantiser kept at another type).
+
+    K-quants: an f16 GGUF in a temporary folder beside `path` (removed afterwards, also on failure), which
+    llama.cpp's quantiser turns into `path`.
+    """
     check_quant(quant)
+    if QUANTS[quant].by_llama_cpp:
+        from infopo_cli import files
+
+        with files.staging(Path(path).parent) as scratch:
+            write_gguf(model, tokenizer, scratch / "f16.gguf", "f16", model_name)
+            return llama_cpp_quantize(scratch / "f16.gguf", Path(path), quant)
+    gguf = _gguf()
     arch, config = arch_of(model), model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(path), arch.gguf_name)
@@ -200,6 +289,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> Non
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
+    output = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD if tied else gguf.MODEL_TENSOR.OUTPUT] + ".weight"
     scaling = rope_scaling(config)
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config, head_dim),
@@ -223,9 +313,10 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> Non
             data = data + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp multiplies by the stored weight
         if arch.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = permute(data, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
-        array, raw = _tensor(gguf, data, quant)
+        array, raw = _tensor(gguf, data, quant, output=target == output)
         writer.add_tensor(target, array, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return []
