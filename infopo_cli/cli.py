@@ -71,6 +71,7 @@ def train(
     lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
     lora_alpha: Annotated[Optional[int], _opt("lora_alpha", "Model")] = None,
     target_modules: Annotated[Optional[str], _opt("target_modules", "Model")] = None,
+    init_adapter: Annotated[Optional[str], _opt("init_adapter", "Model")] = None,
     loss: Annotated[Optional[str], _opt("loss", "Loss")] = None,
     beta: Annotated[Optional[float], _opt("beta", "Loss")] = None,
     gamma: Annotated[Optional[float], _opt("gamma", "Loss")] = None,

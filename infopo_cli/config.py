@@ -50,6 +50,10 @@ class TrainConfig:
     target_modules: list[str] | str = _f(
         "all-linear", "Modules that get a LoRA adapter: 'all-linear' (every linear layer but the output) or a list of names.",
     )
+    init_adapter: str | None = _f(None, "Start from this LoRA adapter folder (e.g. an SFT adapter: adapter_config.json + weights): "
+                                        "the policy trains it, the reference is the model with it, frozen. Its own r, alpha, "
+                                        "dropout and target modules are used (set away from their defaults they must match), "
+                                        "its base must be this model; keep it unchanged until the run ends (--resume checks).")
     # --- data ------------------------------------------------------------------------------------
     data: str = _f(BUNDLED_TRAIN, "Training pairs: a JSONL file with prompt/chosen/rejected, or 'bundled:arith_train'.")
     # str, not str | None: TOML has no null, so a None here could not survive the run's config.toml.

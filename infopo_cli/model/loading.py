@@ -1,15 +1,22 @@
 """The model stack: a 4-bit NF4 base, a LoRA adapter as the policy, the same base as the reference.
 
 The reference is the base with the adapter switched off (`reference_mode`), never a second copy of
-the weights: on a 24 GB GPU an 8B model fits once, not twice.
+the weights: on a 24 GB GPU an 8B model fits once, not twice. With --init-adapter the policy starts from
+an existing LoRA and the reference is a frozen second copy of that LoRA on the same base.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,10 +109,7 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
-def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Wrap the base with a fresh LoRA adapter (the policy) and turn on gradient checkpointing."""
-    from peft import LoraConfig, get_peft_model
-
+def _enable_checkpointing(base: nn.Module, cfg: TrainConfig) -> None:
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so the frozen 4-bit
         # base is used as is (no fp32 up-cast of every non-quantised weight).
@@ -114,6 +118,18 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _layer_names(base: nn.Module) -> str:
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                             if isinstance(m, nn.Linear) or "Linear" in type(m).__name__}))
+
+
+def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap the base with a fresh LoRA adapter (the policy) and turn on gradient checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    _enable_checkpointing(base, cfg)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
@@ -121,16 +137,152 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
         with quiet_peft():
             return get_peft_model(base, lora)
     except ValueError:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear) or "Linear" in type(m).__name__})
         raise ConfigError(f"target_modules {cfg.target_modules} do not match this model's layers "
-                          f"(it has: {', '.join(names)})") from None
+                          f"(it has: {_layer_names(base)})") from None
+
+
+# --- --init-adapter: the policy starts from an existing (SFT) LoRA; the reference is that LoRA, frozen -------
+
+POLICY = "default"        # peft's name for the first adapter: the one trained, saved and exported
+REFERENCE = "reference"   # a frozen second copy of the init adapter on the same base (never a second base)
+_ADAPTER_SETTINGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                     "target_modules": "target_modules"}  # TrainConfig field -> adapter_config.json key
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list | tuple) else str(value)
+
+
+def _modules(value: Any) -> frozenset[str]:
+    return frozenset([value] if isinstance(value, str) else value)  # a regex or a set of names, compared as given
+
+
+def _model_names(model: str) -> set[str]:
+    """The names a base goes by: its folder or hub repo name; the embedded default's hub name too."""
+    name = model.removeprefix("embedded:").rstrip("/").rsplit("/", 1)[-1].lower().removesuffix(".gguf")
+    return {name, embedded.FOLDER_NAME.lower()} if model == EMBEDDED_MODEL else {name}
+
+
+def _read_init_adapter(folder: Path) -> dict[str, Any]:
+    try:
+        settings = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--init-adapter {folder}: no adapter_config.json there (a peft adapter folder, as "
+                          "save_pretrained writes it)") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--init-adapter {folder}: cannot read adapter_config.json ({err})") from None
+    if settings.get("peft_type") != "LORA":
+        raise ConfigError(f"--init-adapter {folder}: a {settings.get('peft_type')} adapter; infopo trains LoRA adapters")
+    if not any((folder / name).is_file() for name in _WEIGHTS):
+        raise ConfigError(f"--init-adapter {folder}: no {_WEIGHTS[0]} next to its adapter_config.json")
+    return settings
+
+
+def adopt_init_adapter(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the init adapter's own LoRA settings and its folder as an absolute path (so a resume from
+    anywhere finds it). A setting left at its default takes the adapter's value; one set to anything else
+    must equal it: the adapter's tensors fix r and target modules, and its alpha and dropout are part of
+    what it learnt. Cheap (one JSON file), so it runs before the run folder is written."""
+    from infopo_cli.config import FIELDS, flag
+
+    folder = Path(cfg.init_adapter).expanduser()
+    settings = _read_init_adapter(folder)
+    named = str(settings.get("base_model_name_or_path") or "")
+    this = _model_names(cfg.model)
+    if named and not any(a in b or b in a for a in _model_names(named) for b in this):
+        raise ConfigError(f"--init-adapter {folder}: it was trained on '{named}', not on this run's model '{cfg.model}' "
+                          "(if that is the same model, set base_model_name_or_path in its adapter_config.json)")
+    adopted: dict[str, Any] = {"init_adapter": str(folder.resolve())}
+    clashes = []
+    for name, key in _ADAPTER_SETTINGS.items():
+        theirs, ours = settings.get(key), getattr(cfg, name)
+        if name == "lora_alpha" and isinstance(theirs, float) and theirs.is_integer():
+            theirs = int(theirs)
+        if name == "target_modules":
+            theirs = theirs if isinstance(theirs, str) else sorted(theirs or [])  # peft saves a set: any order
+            same = _modules(ours) == _modules(theirs)
+        else:
+            same = ours == theirs
+        if not same and ours != FIELDS[name].default:
+            clashes.append(f"{flag(name)} {_show(ours)} (the adapter's is {_show(theirs)})")
+        adopted[name] = theirs
+    if clashes:
+        raise ConfigError(f"--init-adapter {folder}: its LoRA settings are fixed, but this run sets {'; '.join(clashes)}: "
+                          "drop those settings or give the adapter's")
+    return dataclasses.replace(cfg, **adopted)
+
+
+def _load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], adapter: str, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
+    except RuntimeError as err:  # a shape mismatch: another model, or an edited adapter_config.json
+        raise ConfigError(f"--init-adapter {folder}: its tensors do not fit this model "
+                          f"({str(err).strip().splitlines()[-1].strip()})") from None
+    expected = {n for n, _ in model.named_parameters() if f".{adapter}." in n}
+    missing = [k for k in result.missing_keys if k in expected]
+    if result.unexpected_keys or missing or not weights:
+        example = (list(result.unexpected_keys) or missing or ["(no tensors)"])[0]
+        raise ConfigError(f"--init-adapter {folder}: its tensors do not match its adapter_config.json "
+                          f"({len(result.unexpected_keys)} unexpected, {len(missing)} missing, e.g. {example})")
+
+
+def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool) -> tuple[nn.Module, str]:
+    """The policy = the init adapter (`cfg` from `adopt_init_adapter`), trainable; with `with_reference`, the
+    same adapter again as the frozen REFERENCE. Returns the model and the sha256 of the weights file read,
+    which a checkpoint keeps so a resume notices a changed reference."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = Path(cfg.init_adapter)
+    _read_init_adapter(folder)
+    path = next(folder / name for name in _WEIGHTS if (folder / name).is_file())
+    raw = path.read_bytes()  # hashed and loaded from the same bytes
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        weights = (load_safetensors(raw) if path.suffix == ".safetensors"
+                   else torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise ConfigError(f"--init-adapter {folder}: cannot read {path.name} ({first})") from None
+    lora = LoraConfig.from_pretrained(str(folder))
+    lora.inference_mode = False  # peft saves adapters with it on: they would load frozen
+    _enable_checkpointing(base, cfg)
+    try:
+        with quiet_peft():
+            model = get_peft_model(base, lora, adapter_name=POLICY)
+            if with_reference:  # no dropout: the reference is a fixed function, also in a training-mode pass
+                model.add_adapter(REFERENCE, dataclasses.replace(lora, inference_mode=True, lora_dropout=0.0))
+    except ValueError:
+        raise ConfigError(f"--init-adapter {folder}: its target modules {_show(sorted(_modules(lora.target_modules)))} "
+                          f"do not match this model's layers (it has: {_layer_names(base)})") from None
+    for adapter in (POLICY, REFERENCE) if with_reference else (POLICY,):
+        _load_adapter_weights(model, weights, adapter, folder)
+    return model, hashlib.sha256(raw).hexdigest()
 
 
 @contextlib.contextmanager
 def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The reference policy: the same base with the LoRA adapter disabled, under no-grad."""
-    with model.disable_adapter(), torch.no_grad():
-        yield model
+    """The reference policy under no-grad: the REFERENCE adapter when the run has one (--init-adapter),
+    else the same base with the LoRA adapter disabled."""
+    if REFERENCE not in getattr(model, "peft_config", {}):
+        with model.disable_adapter(), torch.no_grad():
+            yield model
+        return
+    # peft's set_adapter sets requires_grad on every adapter (on for the active one unless inference_mode,
+    # off for the others): put back each flag as it was, so the policy stays trainable, the reference frozen.
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    model.set_adapter(REFERENCE, inference_mode=True)
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.set_adapter(POLICY)
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

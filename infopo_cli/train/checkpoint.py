@@ -26,6 +26,7 @@ from torch import nn
 
 from infopo_cli import files
 from infopo_cli.errors import CheckpointError, OutputError
+from infopo_cli.model.loading import POLICY  # only the trained adapter: a frozen reference would land in reference/
 
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -79,7 +80,7 @@ def save_adapter(model: nn.Module, tokenizer, folder: Path) -> None:
     so a reader sees the old weights or the new ones, never a torn file.
     """
     with _writing_weights(folder / WEIGHTS_FILE, folder), files.staging(folder) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, selected_adapters=[POLICY])
         tokenizer.save_pretrained(tmp)
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == WEIGHTS_FILE):
             files.move_into_place(item, folder / item.name)
@@ -89,7 +90,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer, state: dict[str,
     """checkpoint-STEP/ with the adapter and `state`; then only the newest `keep` checkpoints are kept."""
     target = run_dir / f"{PREFIX}{state['step']}"
     with _writing_weights(target, run_dir), files.folder(target) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, selected_adapters=[POLICY])
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
     for old in complete_checkpoints(run_dir)[:-keep]:

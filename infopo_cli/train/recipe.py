@@ -83,6 +83,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
     report = report or Reporter()
     cfg.validate()
     spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
+    if cfg.init_adapter:  # its own LoRA settings, checked against the run's before anything is written
+        cfg = model_stack.adopt_init_adapter(cfg)
 
     # --- data: every row checked before any model is loaded -----------------------------------
     loaded = load_pairs(cfg.data, cfg.data_options())
@@ -125,8 +127,13 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                          sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
 
         # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
+        # (--init-adapter: the policy starts from that adapter; the reference is a frozen copy of it, if the loss has one)
         t_load = time.perf_counter()
-        model = model_stack.attach_lora(model_stack.load_base(source, cfg, precision), cfg)
+        base = model_stack.load_base(source, cfg, precision)
+        if cfg.init_adapter:
+            model, init_sha256 = model_stack.load_init_adapter(base, cfg, with_reference=spec.needs(loss_params).reference)
+        else:
+            model, init_sha256 = model_stack.attach_lora(base, cfg), None
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         report.model(source, time.perf_counter() - t_load, cfg, *model_stack.count_parameters(model))
         share_prompt = cfg.share_prompt and takes_custom_masks(model)
@@ -151,6 +158,9 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             start, pairs_seen = saved["step"], saved["pairs_seen"]
             skipped_steps, bad_streak = saved["skipped_steps"], saved["bad_streak"]
             pending_eval, saved_rng = saved["pending_eval"], saved["rng"]
+            if saved.get("init_adapter_sha256") != init_sha256:
+                raise CheckpointError(f"{cfg.init_adapter}: this run's init adapter changed since it started (its weights "
+                                      "are the reference); put the original back or start a new run")
             if saved["train_pairs"] != len(train_tok):
                 raise CheckpointError(f"{resume_from}: the training data changed since this checkpoint "
                                       f"({saved['train_pairs']} pairs then, {len(train_tok)} now); start a new run")
@@ -176,7 +186,7 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         def evaluate(step: int) -> bool:
             """Held-out metrics at `step`, logged; False if a stop request or a lack of memory cut it short."""
             t = time.perf_counter()
-            try:  # a LoRA that has not trained adds exactly zero: one pass gives the policy and the reference
+            try:  # an adapter that has not trained is the reference (zero, or the init adapter): one pass gives both
                 metrics = evaluator(model, policy_is_reference=step == 0, should_stop=lambda: stops.requested)
             except (RuntimeError, MemoryError) as err:
                 if not is_out_of_memory(err):
@@ -195,7 +205,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             state = {"step": step, "pairs_seen": pairs_seen, "train_pairs": len(train_tok), "rng": rng,
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "skipped_steps": skipped_steps, "bad_streak": bad_streak, "pending_eval": eval_due}
+                     "skipped_steps": skipped_steps, "bad_streak": bad_streak, "pending_eval": eval_due,
+                     **({"init_adapter_sha256": init_sha256} if init_sha256 else {})}
             return checkpoint.save_checkpoint(run_dir, model, tokenizer, state, cfg.keep_checkpoints)
 
         if evaluator and (start == 0 or pending_eval) and not logged_eval(log, start) and not stops.requested:

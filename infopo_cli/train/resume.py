@@ -28,6 +28,8 @@ def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path) -> 
         raise ConfigError(f"--resume writes into {run_dir} itself; drop --output {output}")
     if flags.get("dtype") == "auto":  # config.toml holds what auto chose for this run
         flags.pop("dtype")
+    if flags.get("init_adapter") and saved.init_adapter and Path(flags["init_adapter"]).expanduser().resolve() == Path(saved.init_adapter):
+        flags.pop("init_adapter")  # config.toml holds the folder as an absolute path
     cfg = merge(saved, {**flags, "output": str(run_dir)}, source="command line")
     for key in sorted(set(flags) - set(MAY_CHANGE) - {"batch_size", "grad_accum"}):
         if getattr(cfg, key) != getattr(saved, key):
