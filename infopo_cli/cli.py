@@ -267,8 +267,9 @@ def export(
         from infopo_cli.export.check import PROMPTS
 
         agreement = result.agree if result.transformers_checked else [None] * len(result.samples)
+        differs = "another answer than merged (quantised)" if result.lossy else "DIFFERS"
         for prompt, sample, agree, stops in zip(PROMPTS, result.samples, agreement, result.stops):
-            same = {True: "same as merged", False: "DIFFERS", None: "merged model"}[agree]
+            same = {True: "same as merged", False: differs, None: "merged model"}[agree]
             console.print(f"  {prompt!r} -> {sample!r}  [{same}, {'stops' if stops else 'DOES NOT STOP'}]",
                           highlight=False, markup=False)
         if result.transformers_checked:
@@ -278,12 +279,13 @@ def export(
         if result.llama_cpp is None:
             console.print("  llama.cpp check skipped: pip install 'infopo[gguf-check]' (compiles llama.cpp, ~7 min)")
         else:
+            against = "transformers reading the same file" if result.lossy and result.transformers_checked else "the merged model"
             console.print(f"  llama.cpp: {sum(result.llama_cpp)}/{len(result.llama_cpp)} prompts with the same tokens, "
-                          "top-1 and greedy answer as the merged model", highlight=False)
+                          f"top-1 and greedy answer as {against}", highlight=False)
         if not result.ok:
             problems = [text for bad, text in ((not result.transformers_checked and result.llama_cpp is None,
                                                 "a rope-scaled export needs llama.cpp to be checked (pip install 'infopo[gguf-check]')"),
-                                               (not all(result.agree), "answers differently from the merged model"),
+                                               (not result.lossy and not all(result.agree), "answers differently from the merged model"),
                                                (not all(result.stops), "generation does not stop"),
                                                (not all(result.llama_cpp or []), "llama.cpp answers differently"))
                         if bad]

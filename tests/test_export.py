@@ -101,9 +101,9 @@ def test_k_quant_export_runs_in_llama_cpp(tmp_path, monkeypatch):
     monkeypatch.setitem(test_architectures.SMALL, "num_hidden_layers", 1)
     source = adapter_for("llama", tmp_path, build_spm_tokenizer())
     checked, notes = [], []
-    monkeypatch.setattr(module, "compare", lambda model, tokenizer, path: checked.append(path))
+    monkeypatch.setattr(module, "compare", lambda model, tokenizer, path, lossy: checked.append((path, lossy)))
     path, _, _ = module.export_gguf(source, tmp_path / "k.gguf", "q4_k_m", log=notes.append)
-    assert checked == [path] and notes == [] and {"Q4_K", "Q6_K"} <= tensor_types(path)
+    assert checked == [(path, True)] and notes == [] and {"Q4_K", "Q6_K"} <= tensor_types(path)
     assert sorted(os.listdir(tmp_path)) == ["k.Modelfile", "k.gguf", "llama-adapter", "llama-base"]
     merged, _ = merged_model(source)
     ids = list(range(20, 60))
@@ -368,3 +368,14 @@ def test_free_space_is_checked_before_writing(tmp_path):
     check_free_space(tmp_path, 1024)
     with pytest.raises(OutputError, match="not enough disk space"):
         check_free_space(tmp_path, 10**18)
+
+
+def test_a_quantised_file_is_checked_against_itself_a_lossless_one_against_the_merged_model():
+    """q8_0 and below may pick another token at a near-tie: there agreement with the merged model is reported, and
+    what must hold is that llama.cpp answers as transformers reading the same file, and that answers stop."""
+    from infopo_cli.export.check import CheckResult
+
+    near_tie = dict(agree=[True, False, True], stops=[True] * 3, llama_cpp=[True] * 3)
+    assert CheckResult(lossy=True, **near_tie).ok and not CheckResult(lossy=False, **near_tie).ok
+    assert not CheckResult(lossy=True, agree=[True] * 3, stops=[True, False, True], llama_cpp=[True] * 3).ok
+    assert not CheckResult(lossy=True, agree=[True] * 3, stops=[True] * 3, llama_cpp=[True, False, True]).ok

@@ -114,8 +114,8 @@ def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(trai
     out = trained_run / "export" / "run-q8_0.gguf"
     assert "exporting the newest run: runs/run" in proc.stdout and str(Path("runs/run/export/run-q8_0.gguf")) in proc.stdout
     assert "ollama create run-q8_0 -f runs/run/export/run-q8_0.Modelfile && ollama run run-q8_0" in proc.stdout
-    assert proc.stdout.count("same as merged, stops") == 3
-    assert "llama.cpp: 3/3 prompts with the same tokens, top-1 and greedy answer" in proc.stdout
+    assert proc.stdout.count(" stops]") == 3  # q8_0 is quantised: agreeing with the merged model is reported only
+    assert "llama.cpp: 3/3 prompts with the same tokens, top-1 and greedy answer as transformers reading the same file" in proc.stdout
     assert "TEMPLATE" in (trained_run / "export" / "run-q8_0.Modelfile").read_text()
     # the tokenizer we write is the one SmolLM2's own GGUF carries
     ours, source = gguf.GGUFReader(out), gguf.GGUFReader(embedded.find_gguf())

@@ -12,6 +12,8 @@ from infopo_cli.export.gguf import QUANTS, check_quant, write_gguf
 from infopo_cli.export.merged import AdapterSource, merged_model
 from infopo_cli.export.modelfile import modelfile_path, write_modelfile
 
+LOSSLESS = ("f32", "f16", "bf16")  # a file of these must answer exactly as the merged model
+
 
 def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite: bool = False,
                 check: bool = True, log: Callable[[str], None] = print) -> tuple[Path, Path, CheckResult | None]:
@@ -33,7 +35,7 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
         for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source)):
             log(line)
     write_modelfile(out, tokenizer)
-    return out, modelfile, compare(model, tokenizer, out) if check else None
+    return out, modelfile, compare(model, tokenizer, out, lossy=quant not in LOSSLESS) if check else None
 
 
 def _model_name(source: AdapterSource) -> str:
