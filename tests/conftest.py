@@ -91,11 +91,13 @@ def _session_home(shared_home) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path_factory, monkeypatch, shared_home) -> Path:
-    """This test's INFOPO_HOME; subprocesses inherit it. A test may still set INFOPO_HOME to a fresh folder itself."""
+def home(tmp_path_factory, shared_home) -> Iterator[Path]:
+    """This test's INFOPO_HOME; subprocesses inherit it. A test may still set INFOPO_HOME to a fresh folder itself.
+    Its own MonkeyPatch, so a test's `monkeypatch.undo()` (dropping an injected failure) keeps this home."""
     folder = make_home(tmp_path_factory, shared_home)
-    monkeypatch.setenv("INFOPO_HOME", str(folder))
-    return folder
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFOPO_HOME", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +137,26 @@ def build_spm_tokenizer():
 
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def at_forward(monkeypatch, call: int, action) -> None:
+    """Run `action()` at the recipe's `call`-th training forward pass (1-based; with grad_accum 2, passes 2k-1 and
+    2k make step k), e.g. to deliver Ctrl-C in the middle of a step."""
+    from infopo_cli.train import recipe
+
+    real, calls = recipe.pair_logps, [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "pair_logps", patched)
+
+
+def ctrl_c() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGINT)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import at_forward, ctrl_c
 from infopo_cli.data.batching import collate
 from infopo_cli.data.loading import read_pairs
 from infopo_cli.data.tokenization import encode_pair
@@ -128,17 +127,9 @@ def test_a_run_starts_from_the_init_adapter_and_saves_only_the_policy(tiny_model
 def test_resume_reloads_both_adapters_and_continues_exactly(tiny_model, pairs_file, sft, tmp_path, monkeypatch):
     adapter = shutil.copytree(sft, tmp_path / "sft")
     cfg = init_cfg(tiny_model, pairs_file, tmp_path / "stopped", adapter, max_steps=4, eval_data=str(pairs_file))
-    real, calls = recipe.pair_logps, []
-
-    def interrupting(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "pair_logps", interrupting)
+    at_forward(monkeypatch, 2, ctrl_c)
     assert recipe.train(cfg).steps == 2
-    monkeypatch.setattr(recipe, "pair_logps", real)
+    monkeypatch.undo()
     run = tmp_path / "stopped"
     again = resumed_config(load(str(run / "config.toml")), {"init_adapter": str(adapter)}, run)
 

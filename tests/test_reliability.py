@@ -27,6 +27,8 @@ from infopo_cli.train import checkpoint, recipe
 from infopo_cli.train.recipe import TIMING_KEYS
 from infopo_cli.train.resume import resumed_config
 
+from conftest import at_forward, ctrl_c
+
 # One forward pass of the policy per micro-batch: with grad_accum 2, calls 2k-1 and 2k make step k.
 PAUSING = """
 import os, sys, time, pathlib
@@ -156,19 +158,6 @@ def cfg_for(tiny_model, pairs_file, output, **kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def at_forward(monkeypatch, call: int, action) -> None:
-    """Run `action()` at the given training forward pass (1-based), counted as in PAUSING above."""
-    real, calls = recipe.pair_logps, [0]
-
-    def patched(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == call:
-            action()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "pair_logps", patched)
-
-
 def train_records(run_dir: Path) -> list[dict]:
     return [r for r in metrics(run_dir) if r["kind"] == "train"]
 
@@ -176,7 +165,7 @@ def train_records(run_dir: Path) -> list[dict]:
 def test_a_resume_that_extends_the_run_keeps_the_learning_rate_continuous(tiny_model, pairs_file, tmp_path, monkeypatch):
     """Stopped at step 3 of 6 and resumed with --max-steps 12: the rate goes on from where it was, then decays to 0."""
     straight = recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "straight"))
-    at_forward(monkeypatch, 6, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 3
+    at_forward(monkeypatch, 6, ctrl_c)  # during step 3
     cfg = cfg_for(tiny_model, pairs_file, tmp_path / "run")
     stopped = recipe.train(cfg)
     assert stopped.status == "stopped" and stopped.exit_code == 130 and stopped.steps == 3

@@ -125,18 +125,9 @@ def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, 
 
 def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_and_the_adapter(tiny_model, pairs_file, tmp_path, monkeypatch):
     """SIGINT during step 3 (of 5) lets that step finish, then saves checkpoint-3 and the adapter."""
-    import os
-    import signal
+    from conftest import at_forward, ctrl_c
 
-    real, calls = recipe.pair_logps, []
-
-    def interrupting(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "pair_logps", interrupting)
+    at_forward(monkeypatch, 3, ctrl_c)
     summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", max_steps=5, eval_data=""))
     assert summary.status == "stopped" and summary.steps == 3 and summary.exit_code == 130
     assert f"infopo train --resume {tmp_path / 'out'}" in summary.message
