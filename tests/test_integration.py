@@ -109,14 +109,14 @@ def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(trai
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "run").symlink_to(trained_run)  # the newest (only) run under ./runs
-    proc = infopo("export", "--gguf", "--quant", "q8_0", cwd=tmp_path)
+    proc = infopo("export", "--gguf", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = trained_run / "export" / "run-q8_0.gguf"
-    assert "exporting the newest run: runs/run" in proc.stdout and str(Path("runs/run/export/run-q8_0.gguf")) in proc.stdout
-    assert "ollama create run-q8_0 -f runs/run/export/run-q8_0.Modelfile && ollama run run-q8_0" in proc.stdout
-    assert proc.stdout.count(" stops]") == 3  # q8_0 is quantised: agreeing with the merged model is reported only
-    assert "llama.cpp: 3/3 prompts with the same tokens, top-1 and greedy answer as transformers reading the same file" in proc.stdout
-    assert "TEMPLATE" in (trained_run / "export" / "run-q8_0.Modelfile").read_text()
+    out = trained_run / "export" / "run-f16.gguf"
+    assert "exporting the newest run: runs/run" in proc.stdout and str(Path("runs/run/export/run-f16.gguf")) in proc.stdout
+    assert "ollama create run-f16 -f runs/run/export/run-f16.Modelfile && ollama run run-f16" in proc.stdout
+    assert proc.stdout.count("same as merged, stops") == 3  # f16 is lossless: the merged model's answers exactly
+    assert "llama.cpp: 3/3 prompts with the same tokens, top-1 and greedy answer as the merged model" in proc.stdout
+    assert "TEMPLATE" in (trained_run / "export" / "run-f16.Modelfile").read_text()
     # the tokenizer we write is the one SmolLM2's own GGUF carries
     ours, source = gguf.GGUFReader(out), gguf.GGUFReader(embedded.find_gguf())
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
@@ -124,13 +124,15 @@ def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(trai
         assert ours.fields[key].contents() == source.fields[key].contents(), key
 
 
-def test_f16_gguf_of_the_default_gives_the_merged_logits(trained_run, tmp_path):
-    """Tolerance 0.1 on logits of scale ~20-30 (f16 rounding of 135M weights; measured 0.03)."""
+def test_q8_0_gguf_of_the_default_is_close_to_the_merged_logits_and_checked_against_itself(trained_run, tmp_path):
+    """Tolerance 2.0 on logits of scale ~20-30 (q8_0 rounding of 135M weights; measured 1.10 on this 2-step run,
+    0.61 on the 40-step default run)."""
     from infopo_cli.export.export_gguf import export_gguf
     from infopo_cli.export.merged import from_run
 
-    _, _, result = export_gguf(from_run(trained_run), tmp_path / "smol-f16.gguf", "f16")
-    assert result.max_logit_diff < 0.1 and result.ok, result
+    _, _, result = export_gguf(from_run(trained_run), tmp_path / "smol-q8_0.gguf", "q8_0")
+    assert result.lossy and result.max_logit_diff < 2.0 and result.ok, result
+    assert result.llama_cpp == [True, True, True]  # llama.cpp answers as transformers reading the same file
 
 
 def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(trained_run, tmp_path):
