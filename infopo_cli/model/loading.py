@@ -213,20 +213,22 @@ def adopt_init_adapter(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **adopted)
 
 
-def _load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], adapter: str, folder: Path) -> None:
+def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], adapter: str = POLICY) -> str | None:
+    """Load `weights` into `adapter`; None when every tensor fits, else what is wrong, for the caller's one line
+    (an init adapter, a checkpoint). peft itself reports a shape mismatch and leaves missing tensors as they were."""
     from peft import set_peft_model_state_dict
 
     try:
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
-    except RuntimeError as err:  # a shape mismatch: another model, or an edited adapter_config.json
-        raise ConfigError(f"--init-adapter {folder}: its tensors do not fit this model "
-                          f"({str(err).strip().splitlines()[-1].strip()})") from None
+    except RuntimeError as err:  # a shape mismatch: another model, r or target_modules
+        return f"its tensors do not fit this model ({str(err).strip().splitlines()[-1].strip()})"
     expected = {n for n, _ in model.named_parameters() if f".{adapter}." in n}
     missing = [k for k in result.missing_keys if k in expected]
     if result.unexpected_keys or missing or not weights:
         example = (list(result.unexpected_keys) or missing or ["(no tensors)"])[0]
-        raise ConfigError(f"--init-adapter {folder}: its tensors do not match its adapter_config.json "
-                          f"({len(result.unexpected_keys)} unexpected, {len(missing)} missing, e.g. {example})")
+        return (f"its tensors do not match this run's adapter ({len(result.unexpected_keys)} unexpected, "
+                f"{len(missing)} missing, e.g. {example})")
+    return None
 
 
 def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool) -> tuple[nn.Module, str]:
@@ -260,7 +262,8 @@ def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool) -
         raise ConfigError(f"--init-adapter {folder}: its target modules {_show(sorted(_modules(lora.target_modules)))} "
                           f"do not match this model's layers (it has: {_layer_names(base)})") from None
     for adapter in (POLICY, REFERENCE) if with_reference else (POLICY,):
-        _load_adapter_weights(model, weights, adapter, folder)
+        if problem := load_adapter_weights(model, weights, adapter):
+            raise ConfigError(f"--init-adapter {folder}: {problem}")
     return model, hashlib.sha256(raw).hexdigest()
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from infopo_cli import files
 from infopo_cli.errors import CheckpointError, OutputError
-from infopo_cli.model.loading import POLICY  # only the trained adapter: a frozen reference would land in reference/
+from infopo_cli.model.loading import POLICY, load_adapter_weights  # only the trained adapter: a frozen reference would land in reference/
 
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -117,7 +117,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position)."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     try:
@@ -133,18 +132,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     if missing_state:
         raise CheckpointError(f"{folder}: not a checkpoint this version of infopo can resume (it lacks "
                               f"{', '.join(missing_state)}); start a new run")
-    expected = {name for name, param in model.named_parameters() if param.requires_grad}
-    try:
-        result = set_peft_model_state_dict(model, weights)
-    except RuntimeError as err:  # a shape mismatch: another rank, model or target_modules
-        raise CheckpointError(f"{folder}: the adapter does not fit this run's model "
-                              f"({str(err).strip().splitlines()[-1].strip()})") from None
-    unexpected = list(result.unexpected_keys)
-    missing = [key for key in result.missing_keys if key in expected]
-    if unexpected or missing or not weights:
-        example = (unexpected or missing or ["(no tensors)"])[0]
-        raise CheckpointError(f"{folder}: the adapter's tensors do not match this run's adapter "
-                              f"({len(unexpected)} unexpected, {len(missing)} missing, e.g. {example})")
+    if problem := load_adapter_weights(model, weights):
+        raise CheckpointError(f"{folder}: {problem}")
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (KeyError, ValueError) as err:
