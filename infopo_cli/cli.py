@@ -211,13 +211,20 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml 
         console.print(f"[bold]{key}[/] = {escape(repr(value))}  [dim]# {escape(help_for(key))}[/]", highlight=False)
 
 
+# GB per billion parameters = the type's bytes per weight (export/gguf.py QUANTS; a test keeps them equal).
+QUANT_HELP = ("GGUF tensor type, with its file size in GB per billion parameters: f16 2.0, bf16 2.0, f32 4.0, q8_0 1.06, "
+              "q5_1 0.75, q5_0 0.69, q4_1 0.62, q4_0 0.56; K-quants (llama.cpp's quantiser: pip install "
+              "'infopo\\[gguf-check]') q6_k 0.76, q5_k_m 0.66, q4_k_m 0.57, q3_k_m 0.47, q2_k 0.37. "
+              "--quant list: every type's size for this run's model, and which this installation can write.")
+
+
 @app.command()
 def export(
     run_dir: Annotated[Optional[str], typer.Argument(help="A run folder written by `infopo train` (default: the newest under ./runs).", show_default=False)] = None,
     merged: Annotated[Optional[str], typer.Option("--merged", help="Write merged safetensors weights to this folder (default RUN/export/merged/).", show_default=False)] = None,
     gguf: Annotated[Optional[str], typer.Option("--gguf", help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
-    quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f16, bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0; K-quants q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k need llama.cpp's quantiser (pip install 'infopo[gguf-check]').")] = "f16",
+    quant: Annotated[str, typer.Option("--quant", help=QUANT_HELP)] = "f16",
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id) instead of a run folder.")] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="peft adapter folder, with --base.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
@@ -233,6 +240,9 @@ def export(
     from infopo_cli.errors import ConfigError, ExportError
     from infopo_cli.export.merged import AdapterSource, default_output, export_merged, from_run, is_run, newest_run
 
+    if quant == "list":
+        _quant_list(run_dir, base)
+        return
     if (merged is None) == (gguf is None):
         raise ConfigError("pass exactly one of --merged [OUT_DIR] or --gguf [OUT.gguf]")
     given = merged if merged is not None else gguf
@@ -264,32 +274,26 @@ def export(
                   f"  Ollama:    ollama create {name} -f {escape(str(modelfile))} && ollama run {name}\n"
                   f"  llama.cpp: llama-cli -m {escape(str(path))} -cnv", highlight=False)
     if result is not None:
-        from infopo_cli.export.check import PROMPTS
-
-        agreement = result.agree if result.transformers_checked else [None] * len(result.samples)
-        differs = "another answer than merged (quantised)" if result.lossy else "DIFFERS"
-        for prompt, sample, agree, stops in zip(PROMPTS, result.samples, agreement, result.stops):
-            same = {True: "same as merged", False: differs, None: "merged model"}[agree]
-            console.print(f"  {prompt!r} -> {sample!r}  [{same}, {'stops' if stops else 'DOES NOT STOP'}]",
-                          highlight=False, markup=False)
-        if result.transformers_checked:
-            console.print(f"  max next-token logit difference vs merged: {result.max_logit_diff:.4f}", highlight=False)
-        else:
-            console.print("  rope-scaled model: transformers cannot read its scaling back; checked in llama.cpp only")
-        if result.llama_cpp is None:
-            console.print("  llama.cpp check skipped: pip install 'infopo[gguf-check]' (compiles llama.cpp, ~7 min)")
-        else:
-            against = "transformers reading the same file" if result.lossy and result.transformers_checked else "the merged model"
-            console.print(f"  llama.cpp: {sum(result.llama_cpp)}/{len(result.llama_cpp)} prompts with the same tokens, "
-                          f"top-1 and greedy answer as {against}", highlight=False)
+        for line in result.lines():
+            console.print(line, highlight=False, markup=False)
         if not result.ok:
-            problems = [text for bad, text in ((not result.transformers_checked and result.llama_cpp is None,
-                                                "a rope-scaled export needs llama.cpp to be checked (pip install 'infopo[gguf-check]')"),
-                                               (not result.lossy and not all(result.agree), "answers differently from the merged model"),
-                                               (not all(result.stops), "generation does not stop"),
-                                               (not all(result.llama_cpp or []), "llama.cpp answers differently"))
-                        if bad]
-            raise ExportError(f"check failed: {'; '.join(problems)}; {path} is kept for inspection")
+            raise ExportError(f"check failed: {'; '.join(result.problems())}; {path} is kept for inspection")
+
+
+def _quant_list(run_dir: str | None, base: str | None) -> None:
+    """`infopo export [RUN] --quant list`: the GGUF types with their sizes for the run's (or --base's) model."""
+    from rich.table import Table
+
+    from infopo_cli.export.gguf import size_table
+    from infopo_cli.export.merged import from_run, newest_run
+
+    model = base or from_run(run_dir or newest_run()).base
+    table = Table(title=f"GGUF types for {model}")
+    for column in ("--quant", "written by", "this installation", "expected size"):
+        table.add_column(column, justify="right" if column == "expected size" else "left")
+    for name, writer, available, size in size_table(model):
+        table.add_row(name, writer, "yes" if available else "pip install 'infopo[gguf-check]'", f"{size / 2**20:,.0f} MiB")
+    console.print(table)
 
 
 @data_app.command("check")

@@ -8,7 +8,7 @@ from pathlib import Path
 from infopo_cli import files
 from infopo_cli.errors import ConfigError
 from infopo_cli.export.check import CheckResult, compare
-from infopo_cli.export.gguf import QUANTS, check_quant, write_gguf
+from infopo_cli.export.gguf import QUANTS, check_quant, expected_bytes, write_gguf
 from infopo_cli.export.merged import AdapterSource, merged_model
 from infopo_cli.export.modelfile import modelfile_path, write_modelfile
 
@@ -30,12 +30,15 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     for path in (out, modelfile):
         files.claim_target(path, overwrite)
     model, tokenizer = merged_model(source, "fp32")
-    files.check_free_space(out.parent, int(sum(p.numel() for p in model.parameters()) * QUANTS[quant].disk_bytes_per_weight))
+    size = expected_bytes(model, quant)
+    intermediate = expected_bytes(model, "f16") if QUANTS[quant].by_llama_cpp else 0  # K-quants: from an f16 file
+    files.check_free_space(out.parent, size + intermediate)
+    log(f"writing {quant} GGUF, about {size / 2**20:,.0f} MiB")
     with files.replacing(out) as tmp:  # K-quants too: llama.cpp's quantiser writes the temporary, renamed when whole
         for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source)):
             log(line)
     write_modelfile(out, tokenizer)
-    return out, modelfile, compare(model, tokenizer, out, lossy=quant not in LOSSLESS) if check else None
+    return out, modelfile, compare(model, tokenizer, out, lossy=quant not in LOSSLESS, quant=quant) if check else None
 
 
 def _model_name(source: AdapterSource) -> str:

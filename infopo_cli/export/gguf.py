@@ -28,17 +28,13 @@ from infopo_cli.errors import ConfigError, ExportError
 @dataclass(frozen=True)
 class Quant:
     file_type: int            # llama.cpp's LLAMA_FTYPE value, written into the file's metadata
-    bytes_per_weight: float   # for the free-space check before writing
+    bytes_per_weight: float   # on average (K-quants: llama.cpp's mix); see expected_bytes
     tensor_type: str | None   # the gguf library's type for 2-D tensors; None: llama.cpp's quantiser writes it
+    narrow_bytes: float = 2.0  # per weight of a matrix whose rows do not divide into the type's blocks
 
     @property
     def by_llama_cpp(self) -> bool:
         return self.tensor_type is None
-
-    @property
-    def disk_bytes_per_weight(self) -> float:
-        """Peak disk use: llama.cpp quantises from an f16 intermediate that exists beside the output."""
-        return self.bytes_per_weight + (2.0 if self.by_llama_cpp else 0.0)
 
 
 # Blocks of 32 weights: q8_0 32 bytes + an f16 scale, q4_0 16 + scale, q4_1 16 + scale and minimum, q5_0/q5_1 add
@@ -47,9 +43,11 @@ class Quant:
 QUANTS = {"f32": Quant(0, 4.0, "F32"), "f16": Quant(1, 2.0, "F16"), "bf16": Quant(32, 2.0, "BF16"),
           "q8_0": Quant(7, 34 / 32, "Q8_0"), "q5_1": Quant(9, 24 / 32, "Q5_1"), "q5_0": Quant(8, 22 / 32, "Q5_0"),
           "q4_1": Quant(3, 20 / 32, "Q4_1"), "q4_0": Quant(2, 18 / 32, "Q4_0"),
-          "q6_k": Quant(18, 6.14 / 8.03, None), "q5_k_m": Quant(17, 5.33 / 8.03, None),
-          "q4_k_m": Quant(15, 4.58 / 8.03, None), "q3_k_m": Quant(12, 3.74 / 8.03, None),
-          "q2_k": Quant(10, 2.96 / 8.03, None)}
+          "q6_k": Quant(18, 6.14 / 8.03, None, 34 / 32), "q5_k_m": Quant(17, 5.33 / 8.03, None, 24 / 32),
+          "q4_k_m": Quant(15, 4.58 / 8.03, None, 22 / 32), "q3_k_m": Quant(12, 3.74 / 8.03, None, 18 / 32),
+          "q2_k": Quant(10, 2.96 / 8.03, None, 18 / 32)}
+# (narrow_bytes of the K-quants: llama.cpp's fallbacks for rows that are not a multiple of 256 weights: Q8_0 for
+# Q6_K, Q5_1 for Q5_K, Q5_0 for Q4_K, IQ4_NL for Q3_K and Q2_K.)
 # llama.cpp keeps the output projection of 4/5-bit files at a higher type (Q6_K, or Q8_0 where rows do not
 # divide into 256): every logit goes through it. The gguf library has no Q6_K, so Q8_0.
 HIGHER_OUTPUT = frozenset({"Q5_1", "Q5_0", "Q4_1", "Q4_0"})
@@ -68,6 +66,43 @@ class Arch:
 ARCHS = {"LlamaForCausalLM": Arch("llama", True), "MistralForCausalLM": Arch("llama", True),
          "Qwen2ForCausalLM": Arch("qwen2", False), "Phi3ForCausalLM": Arch("phi3", False),
          "Gemma2ForCausalLM": Arch("gemma2", False)}
+
+
+def expected_bytes(model, quant: str) -> int:
+    """The GGUF's size for `model` (its weights may be on the meta device), from the rules `write_gguf` and
+    llama.cpp's quantiser follow: vectors f32, the output projection at a higher type, narrow rows at the
+    fallback type. Within ~5% of the files written for the default model (K-quants use llama.cpp's average mix)."""
+    kind = QUANTS[quant]
+    block = 256 if kind.by_llama_cpp else (1 if kind.tensor_type in ("F32", "F16", "BF16") else 32)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    output = model.get_input_embeddings().weight if tied else model.get_output_embeddings().weight
+    total = 40 * model.config.vocab_size  # the tokenizer: tokens, types, scores, merges
+    for param in {id(p): p for p in model.parameters()}.values():
+        if param.dim() == 1:
+            total += 4 * param.numel()
+            continue
+        per_weight = kind.bytes_per_weight
+        if param is output and (kind.tensor_type in HIGHER_OUTPUT or kind.by_llama_cpp):
+            per_weight = 34 / 32 if kind.tensor_type or param.shape[-1] % 256 else 210 / 256  # Q8_0, or Q6_K
+        elif param.shape[-1] % block:
+            per_weight = kind.narrow_bytes
+        total += per_weight * param.numel()
+    return int(total)
+
+
+def size_table(base: str) -> list[tuple[str, str, bool, int]]:
+    """(type, who writes it, whether this installation can, expected bytes) for every type, for the model `base`
+    (built on the meta device from its config: nothing is loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from infopo_cli.model.loading import resolve_source
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_source(base)))
+    can_quantise = _llama_cpp() is not None
+    return [(name, "llama.cpp" if kind.by_llama_cpp else "gguf library", can_quantise or not kind.by_llama_cpp,
+             expected_bytes(model, name)) for name, kind in QUANTS.items()]
 
 
 def _gguf():
@@ -204,7 +239,7 @@ def _llama_cpp():
 def check_quant(quant: str) -> None:
     """A one-line error for a type this installation cannot write, before any model is loaded."""
     if quant not in QUANTS:
-        raise ConfigError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r})")
+        raise ConfigError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r}); --quant list shows their sizes")
     if QUANTS[quant].by_llama_cpp and _llama_cpp() is None:
         raise ConfigError(f"--quant {quant} needs llama.cpp's quantiser: pip install 'infopo[gguf-check]'")
 
