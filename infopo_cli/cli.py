@@ -334,6 +334,8 @@ def _print_report(report, model: str) -> None:
 
     console.print(f"[bold]{escape(report.source)}[/]: {report.format} format, {report.pairs} valid pairs of {report.rows} rows, "
                   f"{report.duplicates} duplicate pairs", highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     if report.lengths:
         table = Table(title=f"tokens ({model})")
         for column in ("", "min", "p50", "p90", "p99", "max", "mean"):

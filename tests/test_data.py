@@ -42,7 +42,8 @@ def test_extra_fields_are_ignored(tmp_path):
     ({**GOOD, "chosen": 3}, "chosen", "expected a string, got a number"),
     ({**GOOD, "prompt": None}, "prompt", "missing"),  # null = absent: then the pair needs a shared prefix
     ({**GOOD, "rejected": ["x"]}, "rejected", "expected a string, got an array"),
-    ({**GOOD, "chosen": "   "}, "chosen", "empty"),
+    ({**GOOD, "chosen": "   ", "rejected": ""}, "chosen", "both replies are empty"),
+    ({**GOOD, "prompt": " "}, "prompt", "empty"),
     ({**GOOD, "rejected": "c"}, "rejected", "identical to 'chosen'"),
 ])
 def test_bad_field_names_file_line_and_field(tmp_path, row, field, problem):

@@ -94,8 +94,9 @@ def test_missing_field_suggests_the_mapping_flag(tmp_path):
     ({**UF, "rejected": [{"role": "assistant"}]}, "rejected", "expected an object with 'role' and 'content'"),
     ({**UF, "rejected": [{"role": "assistant", "content": 5}]}, "rejected", "content must be a string"),
     ({**UF, "rejected": UF["chosen"]}, "rejected", "identical to 'chosen'"),
-    ({**UF, "chosen": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": " "}]},
-     "chosen", "empty reply"),
+    ({**UF, "chosen": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": " "}],
+      "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": ""}]},
+     "chosen", "both replies are empty"),
 ])
 def test_bad_conversational_rows(tmp_path, row, field, problem):
     with pytest.raises(DataError) as err:
@@ -106,12 +107,12 @@ def test_bad_conversational_rows(tmp_path, row, field, problem):
 def test_skip_invalid_drops_and_counts(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"".join([json.dumps(EXPLICIT).encode() + b"\n", b"{not json\n", b'{"prompt": "\xff"}\n',
-                               json.dumps({**EXPLICIT, "rejected": ""}).encode() + b"\n",
+                               json.dumps({**EXPLICIT, "prompt": " "}).encode() + b"\n",
                                json.dumps({**EXPLICIT, "prompt": "Other?"}).encode() + b"\n"]))
     loaded = load_pairs(str(path), DataOptions(skip_invalid=True))
     assert len(loaded.pairs) == 2 and loaded.rows == 5 and len(loaded.skipped) == 3
     assert loaded.skipped[0].startswith(f"{path}:2: not valid JSON")
-    assert ":3: not valid UTF-8" in loaded.skipped[1] and ":4: field 'rejected': empty" in loaded.skipped[2]
+    assert ":3: not valid UTF-8" in loaded.skipped[1] and ":4: field 'prompt': empty" in loaded.skipped[2]
     with pytest.raises(DataError, match=":2: not valid JSON"):
         load_pairs(str(path))
 
@@ -136,8 +137,8 @@ def test_csv_with_quoted_newlines_and_message_cells(tmp_path):
         writer.writeheader()
         writer.writerow({**EXPLICIT, "chosen": "line one\nline two"})
         writer.writerow({"prompt": UF["prompt"], "chosen": json.dumps(UF["chosen"]), "rejected": json.dumps(UF["rejected"])})
-        writer.writerow({"prompt": "Q", "chosen": "", "rejected": "x"})
-    with pytest.raises(DataError, match=r"d.csv:5: field 'chosen': empty"):
+        writer.writerow({"prompt": "", "chosen": "y", "rejected": "x"})
+    with pytest.raises(DataError, match=r"d.csv:5: field 'prompt': empty"):
         load_pairs(str(path))
     loaded = load_pairs(str(path), DataOptions(skip_invalid=True))
     assert loaded.pairs[0].chosen == "line one\nline two" and len(loaded.pairs) == 2

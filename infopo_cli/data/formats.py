@@ -5,7 +5,11 @@
                   prompt is a string, a message list, or absent (then the turns shared by chosen and
                   rejected are the prompt). Prompt turns repeated at the start of chosen/rejected are cut.
 - implicit:       only chosen/rejected full transcripts (Anthropic HH): the prompt is their shared prefix
-                  cut at the last turn boundary.
+                  cut at the last turn boundary; where they differ before the last assistant turn, each
+                  response holds every turn after that boundary.
+
+An empty reply is an answer (an assistant that prefers saying nothing): it is kept and trained as the
+end-of-turn token alone. Both replies empty, or identical, is an error: the pair prefers nothing.
 """
 
 from __future__ import annotations
@@ -68,7 +72,10 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
     elif fmt == "implicit":
         pair = _implicit(row, where, fields)
     else:
-        pair = PreferencePair(*(_string(row, name, where) for name in (fields.prompt, fields.chosen, fields.rejected)))
+        pair = PreferencePair(_string(row, fields.prompt, where), _string(row, fields.chosen, where, reply=True),
+                              _string(row, fields.rejected, where, reply=True))
+    if is_empty(pair.chosen) and is_empty(pair.rejected):
+        raise DataError(where, fields.chosen, "both replies are empty (the pair expresses no preference)")
     if pair.chosen == pair.rejected:
         raise DataError(where, fields.rejected, "identical to 'chosen' (the pair expresses no preference)")
     if system:
@@ -85,11 +92,21 @@ def _kind(value: Any) -> str:
             type(None): "null", str: "a string"}.get(type(value), type(value).__name__)
 
 
-def _string(row: dict, name: str, where: str) -> str:
+def is_empty(text: Text) -> bool:
+    """A reply with no content (whitespace only, or messages that all are)."""
+    return not text.strip() if isinstance(text, str) else all(not content.strip() for _, content in text)
+
+
+def is_multi_turn(text: Text) -> bool:
+    return not isinstance(text, str) and len(text) > 1
+
+
+def _string(row: dict, name: str, where: str, reply: bool = False) -> str:
+    """A string field; a reply may be empty (an answer of its own), a prompt may not."""
     value = row[name]
     if not isinstance(value, str):
         raise DataError(where, name, f"expected a string, got {_kind(value)}")
-    if not value.strip():
+    if not reply and not value.strip():
         raise DataError(where, name, "empty")
     return value
 
@@ -137,8 +154,6 @@ def _conversational(row: dict, where: str, fields: Fields) -> PreferencePair:
             raise DataError(where, name, "has no reply after the prompt")
         if response[0][0] != "assistant":
             raise DataError(where, name, f"the reply after the prompt must be an assistant message, got role {response[0][0]!r}")
-        if not any(content.strip() for _, content in response):
-            raise DataError(where, name, "empty reply")
     if prompt[-1][0] == "assistant":
         raise DataError(where, fields.prompt, "the prompt must end with a user (or tool) turn, not the assistant's")
     return PreferencePair(prompt, chosen, rejected)
@@ -154,11 +169,7 @@ def _implicit(row: dict, where: str, fields: Fields) -> PreferencePair:
     if cut >= 0:  # Anthropic HH: turns marked "\n\nHuman:" / "\n\nAssistant:"
         cut += len(HH_ASSISTANT)
         prompt = _hh_messages(chosen[:cut], where, fields.chosen)
-        replies = [text[cut:].strip() for text in (chosen, rejected)]
-        for name, reply in zip((fields.chosen, fields.rejected), replies):
-            if not reply:
-                raise DataError(where, name, "empty reply after the shared prompt")
-        return PreferencePair(prompt, (("assistant", replies[0]),), (("assistant", replies[1]),))
+        return PreferencePair(prompt, _hh_reply(chosen[cut:]), _hh_reply(rejected[cut:]))
     cut = max(prefix.rfind("\n"), prefix.rfind(" "))  # no turn markers: the last line or word boundary
     if cut <= 0:
         raise DataError(where, fields.prompt, "missing, and chosen/rejected share no prompt prefix")
@@ -176,6 +187,17 @@ def _hh_messages(text: str, where: str, name: str) -> tuple[Message, ...]:
             turns.append((role, content))
     if not turns or turns[0][0] != "user":
         raise DataError(where, name, "transcript does not start with a '\\n\\nHuman:' turn")
+    return tuple(turns)
+
+
+def _hh_reply(text: str) -> tuple[Message, ...]:
+    """What follows the prompt's last '\n\nAssistant:': the reply (perhaps empty), then any later turns when the
+    transcripts differ before their last assistant turn."""
+    marks = list(HH_TURN.finditer(text))
+    turns = [("assistant", text[:marks[0].start() if marks else len(text)].strip())]
+    for mark, following in zip(marks, marks[1:] + [None]):
+        content = text[mark.end():following.start() if following else len(text)].strip()
+        turns.append(("user" if "Human" in mark.group() else "assistant", content))
     return tuple(turns)
 
 

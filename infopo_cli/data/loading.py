@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from infopo_cli.errors import ConfigError, DataError, InfopoError
-from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, normalise
+from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise
 from infopo_cli.data.sources import read_rows, resolve
 
 __all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "no_pairs", "read_pairs", "resolve"]
@@ -31,6 +31,7 @@ class Loaded:
     format: str                                        # the detected format ("mixed (...)" if rows differ)
     rows: int                                          # rows read, valid or not
     skipped: list[str] = field(default_factory=list)   # one line per dropped row
+    notes: list[str] = field(default_factory=list)     # warnings about the data's shape, for `data check` and `train`
 
 
 def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
@@ -52,7 +53,20 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     if not pairs:
         raise no_pairs(spec, skipped)
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
-    return Loaded(pairs, fmt, rows, skipped)
+    return Loaded(pairs, fmt, rows, skipped, shape_notes(pairs))
+
+
+def shape_notes(pairs: list[PreferencePair]) -> list[str]:
+    """Warnings (not errors) about pairs that train differently from a plain one-reply pair."""
+    notes = []
+    empty = {side: sum(is_empty(getattr(p, side)) for p in pairs) for side in ("chosen", "rejected")}
+    if any(empty.values()):
+        notes.append(f"{empty['chosen']} pairs have an empty chosen reply and {empty['rejected']} an empty rejected "
+                     "one: each is trained as the end-of-turn token alone (the answer is to say nothing)")
+    if several := sum(is_multi_turn(p.chosen) or is_multi_turn(p.rejected) for p in pairs):
+        notes.append(f"{several} pairs differ before their last assistant turn: the prompt is the turns they share, "
+                     "and each response holds all the turns after it")
+    return notes
 
 
 def no_pairs(spec: str, skipped: list[str]) -> InfopoError:

@@ -68,6 +68,10 @@ def encode_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_len
         prompt_ids = list(tokenizer(_plain(pair.prompt, True))["input_ids"])  # adds BOS where the tokenizer does
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         chosen_ids, rejected_ids = ([*_ids(tokenizer, _response_text(r)), *eos] for r in (pair.chosen, pair.rejected))
+    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        if not ids:  # an empty reply is its end-of-turn token; a template (or tokenizer) that writes none leaves nothing to score
+            raise DataError(place_of(pair), name, "the reply is empty and the chat template writes no end-of-turn "
+                                                 "token for it (and the tokenizer has no EOS)")
     return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
 
 
@@ -130,7 +134,8 @@ def place_of(pair: PreferencePair) -> str:
 def _response_text(response: Text) -> str:
     if isinstance(response, str):
         return response
-    return " " + _plain(response, False).removeprefix("\n\nAssistant: ")
+    text = _plain(response, False).removeprefix("\n\nAssistant: ")
+    return " " + text if text else ""  # an empty reply is EOS alone
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,

@@ -89,6 +89,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
     # --- data: every row checked before any model is loaded -----------------------------------
     loaded = load_pairs(cfg.data, cfg.data_options())
     report.skipped_rows(loaded.skipped, loaded.rows)
+    for note in loaded.notes:
+        report.note(f"warning: {note}")
     eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
     run_dir = resume or files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
     report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, cfg.data, len(eval_pairs), run_dir)
