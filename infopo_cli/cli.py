@@ -51,8 +51,8 @@ def _opt(name: str, panel: str, **kw):
 @app.command()
 def train(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file (default smollm2-135m).", show_default=False)] = None,
-    data: Annotated[Optional[str], _opt("data", "Data")] = None,
-    eval_data: Annotated[Optional[str], _opt("eval_data", "Data")] = None,
+    data: Annotated[Optional[list[str]], _opt("data", "Data", metavar="SOURCE")] = None,
+    eval_data: Annotated[Optional[list[str]], _opt("eval_data", "Data", metavar="SOURCE")] = None,
     data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
     prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
     chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
@@ -60,7 +60,7 @@ def train(
     split: Annotated[Optional[str], _opt("split", "Data")] = None,
     eval_split: Annotated[Optional[str], _opt("eval_split", "Data")] = None,
     skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help=help_for("skip_invalid"), rich_help_panel="Data", show_default=False)] = None,
-    max_length: Annotated[Optional[int], _opt("max_length", "Data")] = None,
+    max_length: Annotated[Optional[str], _opt("max_length", "Data", metavar="N|auto")] = None,
     max_prompt_length: Annotated[Optional[int], _opt("max_prompt_length", "Data")] = None,
     system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data")] = None,
     model: Annotated[Optional[str], _opt("model", "Model")] = None,
@@ -103,7 +103,8 @@ def train(
 
     [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
     """
-    flags = {k: v for k, v in locals().items() if k not in ("debug", "resume") and v is not None}
+    flags = {k: v[0] if isinstance(v, list) and len(v) == 1 else v  # one --data is a string, several a list
+             for k, v in locals().items() if k not in ("debug", "resume") and v is not None}
     from pathlib import Path
 
     from infopo_cli import presets
@@ -298,7 +299,7 @@ def _quant_list(run_dir: str | None, base: str | None) -> None:
 
 @data_app.command("check")
 def data_check(
-    path: Annotated[str, typer.Argument(help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset.")],
+    paths: Annotated[list[str], typer.Argument(help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset; several (SOURCE:0.3 for a share) are checked one by one, then mixed as `train --data` would.", metavar="SOURCE...", show_default=False)],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
     model: Annotated[Optional[str], _opt("model", "Model")] = None,
     data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
@@ -308,11 +309,11 @@ def data_check(
     split: Annotated[Optional[str], _opt("split", "Data")] = None,
     system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data")] = None,
     skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help="Report every invalid row instead of stopping at the first.", show_default=False)] = None,
-    max_length: Annotated[Optional[int], _opt("max_length", "Data")] = None,
+    max_length: Annotated[Optional[str], _opt("max_length", "Data", metavar="N|auto")] = None,
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Only validate; skip token statistics (no model files needed).")] = False,
 ) -> None:
     """Validate a preference dataset, name its format and show token lengths, truncation, duplicates and padding."""
-    flags = {k: v for k, v in locals().items() if k not in ("path", "preset", "no_tokenizer") and v is not None}
+    flags = {k: v for k, v in locals().items() if k not in ("paths", "preset", "no_tokenizer") and v is not None}
     from infopo_cli import presets
     from infopo_cli.config import merge
     from infopo_cli.data.check import check
@@ -323,9 +324,19 @@ def data_check(
         from infopo_cli.model.loading import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(resolve_source(cfg.model, log=lambda m: err_console.print(m, highlight=False)))
-    report = check(path, cfg.data_options(), tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.batch_size)
-    _print_report(report, cfg.model)
-    if report.skipped:
+    from infopo_cli.data.mixing import mix_counts, parse_source
+
+    sources = [parse_source(text) for text in paths]
+    reports = [check(source.spec, cfg.data_options(), tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.batch_size)
+               for source in sources]
+    for report in reports:
+        _print_report(report, cfg.model)
+    if len(sources) > 1:
+        counts = mix_counts([r.pairs for r in reports], [s.weight for s in sources])
+        console.print("mix (as `infopo train` would take it, seeded): " + "; ".join(
+            f"{escape(s.spec)} {n} of {r.pairs} pairs ({n / sum(counts):.0%})" for s, r, n in zip(sources, reports, counts)),
+            highlight=False)
+    if any(report.skipped for report in reports):
         raise typer.Exit(1)
 
 
@@ -344,6 +355,7 @@ def _print_report(report, model: str) -> None:
             stats = report.percentiles(name)
             table.add_row(name, *(f"{stats[k]:.0f}" for k in ("min", "p50", "p90", "p99", "max", "mean")))
         console.print(table)
+        console.print(f"max_length auto would be {report.auto_length} (keeps 99% of the pairs whole)", highlight=False)
         console.print(f"{report.truncated} pairs longer than max_length {report.max_length} (would be truncated); "
                       f"padding {report.padding_grouped:.1%} with length-grouped batches "
                       f"({report.padding_random:.1%} if batched at random)", highlight=False)

@@ -55,9 +55,11 @@ class TrainConfig:
                                         "dropout and target modules are used (set away from their defaults they must match), "
                                         "its base must be this model; keep it unchanged until the run ends (--resume checks).")
     # --- data ------------------------------------------------------------------------------------
-    data: str = _f(BUNDLED_TRAIN, "Training pairs: a JSONL file with prompt/chosen/rejected, or 'bundled:arith_train'.")
+    data: str | list[str] = _f(BUNDLED_TRAIN, "Training pairs: a file (.jsonl/.json/.csv/.parquet), a save_to_disk folder, "
+                                              "a hub dataset or 'bundled:arith_train'. Repeat to mix several; "
+                                              "SOURCE:0.3 makes it 30% of the mix (default: by size).")
     # str, not str | None: TOML has no null, so a None here could not survive the run's config.toml.
-    eval_data: str = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip).")
+    eval_data: str | list[str] = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip); repeat to mix, like --data.")
     data_format: str = _f("auto", "Row format: auto (detected), explicit, conversational, implicit.")
     prompt_field: str = _f("prompt", "Name of the prompt column.")
     chosen_field: str = _f("chosen", "Name of the chosen-response column.")
@@ -65,7 +67,8 @@ class TrainConfig:
     split: str = _f("train", "Split of a hub dataset or a save_to_disk folder.")
     eval_split: str | None = _f(None, "Split for --eval-data (default: the same as --split).")
     skip_invalid: bool = _f(False, "Drop invalid rows (and report how many) instead of stopping at the first.")
-    max_length: int = _f(512, "Longest prompt+response in tokens; longer pairs are truncated.")
+    max_length: int | str = _f(512, "Longest prompt+response in tokens; longer pairs are truncated. auto: the length that "
+                                    "keeps 99% of the training pairs whole.")
     max_prompt_length: int = _f(256, "Longest prompt kept when a pair must be truncated (cut from the left).")
     system_prompt: str | None = _f(None, "System message for the chat template (None: the template's own default).")
     # --- loss ------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ class TrainConfig:
                     for name, value in values.items()]
         problems = [p for p in problems if p]
         if not any(value is _REJECT for value in values.values()):  # the combinations compare right-typed values
-            if self.max_prompt_length >= self.max_length:
+            if self.max_length != "auto" and self.max_prompt_length >= self.max_length:
                 problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
             if self.gamma_min is not None and self.gamma_max is not None and self.gamma_min > self.gamma_max:
                 problems.append(f"gamma_min ({self.gamma_min}) must be <= gamma_max ({self.gamma_max})")
@@ -252,6 +255,11 @@ def _coerce(key: str, value: Any) -> Any:
     converted = _convert(HINTS[key], value)
     if converted is _REJECT:
         raise ConfigError(_type_problem(key, value))
+    if key == "max_length" and isinstance(converted, str):  # a number as the command line gives it, or auto
+        if converted.strip().isdigit():
+            return int(converted)
+        if converted != "auto":
+            raise ConfigError(f"'max_length' must be a whole number or auto, got {show(value)}")
     if key == "target_modules" and isinstance(converted, str) and converted != "all-linear":
         converted = [v.strip() for v in converted.split(",") if v.strip()]  # "q_proj, v_proj" as on the command line
     return converted
@@ -264,7 +272,7 @@ _NOT_NEGATIVE = (lambda v: v >= 0, "be >= 0")
 _FRACTION = (lambda v: 0 <= v < 1, "be in [0, 1)")
 LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # counts and sizes; keep_checkpoints 0 would delete the checkpoint a resume needs, max_bad_steps 0 stops at once
-    **dict.fromkeys(("lora_r", "lora_alpha", "max_length", "max_prompt_length", "batch_size", "grad_accum",
+    **dict.fromkeys(("lora_r", "lora_alpha", "max_prompt_length", "batch_size", "grad_accum",
                      "eval_batch_size", "max_steps", "keep_checkpoints", "max_bad_steps", "epochs", "lr", "beta"),
                     _POSITIVE),
     # 0 means off (save_every, eval_every, max_grad_norm, sft_weight); a negative value has no meaning
@@ -275,6 +283,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": (lambda v: v == "auto" or v in DTYPES, f"be one of auto, {', '.join(DTYPES)}"),
     "optimizer": (lambda v: v in OPTIMIZERS, f"be one of {', '.join(OPTIMIZERS)}"),
     "target_modules": (bool, "name at least one module"),
+    "max_length": (lambda v: v == "auto" or (isinstance(v, int) and v > 0), "be > 0 or auto"),
 }
 
 

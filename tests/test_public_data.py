@@ -75,3 +75,84 @@ def test_data_check_warns_about_empty_replies_and_early_differences(tmp_path):
     assert "implicit format, 3 valid pairs of 3 rows" in out.stdout
     assert "warning: 2 pairs have an empty chosen reply and 0 an empty rejected one" in out.stdout
     assert "warning: 1 pairs differ before their last assistant turn" in out.stdout
+
+
+# --- several datasets at once ----------------------------------------------------------------------
+
+def numbered(path, tag: str, n: int) -> str:
+    return jsonl(path, *({"prompt": f"{tag} question {i}?", "chosen": f"{tag} good {i}", "rejected": f"{tag} bad {i}"}
+                         for i in range(n)))
+
+
+def test_a_weighted_mix_has_the_requested_shares_without_repeating_a_pair(tmp_path):
+    from infopo_cli.data.mixing import load_mix
+
+    a, b = numbered(tmp_path / "a.jsonl", "A", 100), numbered(tmp_path / "b.jsonl", "B", 60)
+    mixed = load_mix([a, f"{b}:0.3"], seed=1)
+    from_b = sum(p.prompt.startswith("B") for p in mixed.pairs)
+    assert abs(from_b - 0.3 * len(mixed.pairs)) <= 1 and len(mixed.pairs) - from_b == 100  # a is the scarce one
+    assert len(set(mixed.pairs)) == len(mixed.pairs)
+    assert mixed.mix == f"{a} 100 of 100 pairs (70%); {b} 43 of 60 pairs (30%)"
+    assert load_mix([a, f"{b}:0.3"], seed=1).pairs == mixed.pairs  # seeded: --resume finds the same pairs
+    assert load_mix([a, f"{b}:0.3"], seed=2).pairs != mixed.pairs
+    by_size = load_mix([a, b])  # no weights: every pair of both, as one file would be
+    assert len(by_size.pairs) == 160 and by_size.mix.endswith("(38%)")
+    even = load_mix([f"{a}:0.2", f"{b}:0.2"])  # weights for all: their proportions
+    assert sum(p.prompt.startswith("B") for p in even.pairs) == 60 and len(even.pairs) == 120
+
+
+def test_mix_errors_name_their_dataset_and_weights_must_be_shares(tmp_path):
+    from infopo_cli.data.mixing import load_mix, parse_source
+    from infopo_cli.errors import ConfigError
+
+    a = numbered(tmp_path / "a.jsonl", "A", 4)
+    bad = jsonl(tmp_path / "bad.jsonl", {"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c"})
+    with pytest.raises(DataError, match=rf"^{bad}:2: field 'rejected': missing"):
+        load_mix([a, bad])
+    with pytest.raises(ConfigError, match="add up to 1.5"):
+        load_mix([f"{a}:0.8", f"{bad}:0.7"])
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\]"):
+        parse_source(f"{a}:2")
+    assert parse_source("bundled:arith_train").weight is None and parse_source("C:\\data.jsonl").spec == "C:\\data.jsonl"
+
+
+def test_train_mixes_two_datasets_and_says_what_each_gave(tmp_path, tiny_model, capsys):
+    from infopo_cli.train.progress import Reporter
+    from rich.console import Console
+
+    a, b = numbered(tmp_path / "a.jsonl", "A", 12), numbered(tmp_path / "b.jsonl", "B", 12)
+    cfg = tiny_cfg(tiny_model, a, tmp_path / "out", data=[a, f"{b}:0.25"], eval_data="", max_steps=1, batch_size=2)
+    summary = recipe.train(cfg, Reporter(Console(width=300)))
+    assert summary.steps == 1
+    out = capsys.readouterr().out
+    assert f"mix: {a} 12 of 12 pairs (75%); {b} 4 of 12 pairs (25%)" in out and "on 16 explicit pairs" in out
+
+
+# --- --max-length auto --------------------------------------------------------------------------------
+
+def test_auto_max_length_is_the_99th_percentile():
+    from infopo_cli.data.tokenization import auto_max_length
+
+    assert auto_max_length(list(range(1, 201))) == 198  # keeps 198 of 200 pairs whole
+    assert auto_max_length(list(range(100, 0, -1))) == 99 and auto_max_length([7]) == 7
+
+
+def test_max_length_auto_resolves_from_the_training_pairs_and_is_saved_as_a_number(tmp_path, tiny_model):
+    import tomllib
+
+    from conftest import write_pairs
+    from infopo_cli.config import merge
+    from infopo_cli.data.tokenization import auto_max_length
+    from infopo_cli.errors import ConfigError
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 40)
+    cfg = tiny_cfg(tiny_model, data, tmp_path / "out", eval_data="", max_steps=1, batch_size=2)
+    cfg = merge(cfg, {"max_length": "auto"}, source="command line")
+    recipe.train(cfg)
+    tokenizer = build_tokenizer()
+    want = auto_max_length([encode_pair(tokenizer, p, 10**9, 10**9).length for p in load_pairs(str(data)).pairs])
+    saved = tomllib.loads((tmp_path / "out" / "config.toml").read_text())
+    assert saved["max_length"] == want and saved["max_prompt_length"] == min(64, want // 2)
+    assert merge(cfg, {"max_length": "384"}, source="x").max_length == 384  # as the command line gives it
+    with pytest.raises(ConfigError, match="'max_length' must be a whole number or auto"):
+        merge(cfg, {"max_length": "long"}, source="x")

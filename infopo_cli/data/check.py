@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from infopo_cli.data.batching import epoch_batches, padding_fraction
 from infopo_cli.data.loading import DataOptions, load_pairs, no_pairs
-from infopo_cli.data.tokenization import encode_pairs, truncate
+from infopo_cli.data.tokenization import auto_max_length, encode_pairs, truncate
 
 
 @dataclass
@@ -23,6 +23,7 @@ class DataReport:
     lengths: dict[str, list[int]] = field(default_factory=dict)  # prompt / chosen / rejected token counts
     truncated: int = 0
     max_length: int = 0
+    auto_length: int = 0          # what --max-length auto would pick: keeps 99% of the pairs whole
     padding_grouped: float = 0.0
     padding_random: float = 0.0
 
@@ -33,7 +34,7 @@ class DataReport:
                 "mean": statistics.fmean(values)}
 
 
-def check(spec: str, options: DataOptions, tokenizer, max_length: int, max_prompt_length: int,
+def check(spec: str, options: DataOptions, tokenizer, max_length: int | str, max_prompt_length: int,
           batch_size: int) -> DataReport:
     loaded = load_pairs(spec, options)
     pairs, skipped, full = loaded.pairs, list(loaded.skipped), []
@@ -53,6 +54,10 @@ def check(spec: str, options: DataOptions, tokenizer, max_length: int, max_promp
         return report
     report.lengths = {"prompt": [len(t.prompt_ids) for t in full], "chosen": [len(t.chosen_ids) for t in full],
                       "rejected": [len(t.rejected_ids) for t in full]}
+    report.auto_length = auto_max_length([t.length for t in full])
+    if max_length == "auto":
+        max_length, max_prompt_length = report.auto_length, min(max_prompt_length, report.auto_length // 2)
+    report.max_length = max_length
     report.truncated = sum(t.length > max_length for t in full)
     kept = [truncate(t.prompt_ids, t.chosen_ids, t.rejected_ids, max_length, max_prompt_length) for t in full]
     report.padding_grouped = padding_fraction(epoch_batches(kept, batch_size, random.Random(0)))

@@ -32,6 +32,7 @@ class Loaded:
     rows: int                                          # rows read, valid or not
     skipped: list[str] = field(default_factory=list)   # one line per dropped row
     notes: list[str] = field(default_factory=list)     # warnings about the data's shape, for `data check` and `train`
+    mix: str = ""                                      # several sources: what each gave (data/mixing.py)
 
 
 def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
@@ -69,10 +70,10 @@ def shape_notes(pairs: list[PreferencePair]) -> list[str]:
     return notes
 
 
-def no_pairs(spec: str, skipped: list[str]) -> InfopoError:
-    """The error for a source left with no valid pair."""
+def no_pairs(spec: str | list[str], skipped: list[str]) -> InfopoError:
+    """The error for a source (or a mix of several) left with no valid pair."""
     detail = f" ({len(skipped)} invalid rows, first: {skipped[0]})" if skipped else " (the source is empty)"
-    return InfopoError(f"{resolve(spec)}: no preference pairs{detail}")
+    return InfopoError(f"{resolve(spec) if isinstance(spec, str) else ', '.join(spec)}: no preference pairs{detail}")
 
 
 def read_pairs(spec: str, options: DataOptions = DataOptions()) -> list[PreferencePair]:

@@ -7,6 +7,7 @@ reply tokens cannot be told apart from the prompt's is a `DataError` naming its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,3 +148,9 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
         prompt = prompt[-max_prompt_length:]
     room = max_length - len(prompt)
     return TokenizedPair(prompt, chosen[:room], rejected[:room], truncated=True)
+
+
+def auto_max_length(lengths: Sequence[int], keep: float = 0.99) -> int:
+    """The shortest max_length that keeps `keep` of the pairs (prompt + longer response) whole."""
+    ordered = sorted(lengths)
+    return ordered[max(0, math.ceil(keep * len(ordered)) - 1)]

@@ -17,7 +17,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -26,9 +26,10 @@ import torch
 from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
-from infopo_cli.data.loading import load_pairs, no_pairs
+from infopo_cli.data.loading import no_pairs
+from infopo_cli.data.mixing import as_list, load_mix
 from infopo_cli.data.token_cache import tokenize_cached
-from infopo_cli.data.tokenization import TokenizedPair
+from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, truncate
 from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
@@ -87,13 +88,14 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         cfg = model_stack.adopt_init_adapter(cfg)
 
     # --- data: every row checked before any model is loaded -----------------------------------
-    loaded = load_pairs(cfg.data, cfg.data_options())
+    loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
     report.skipped_rows(loaded.skipped, loaded.rows)
-    for note in loaded.notes:
-        report.note(f"warning: {note}")
-    eval_pairs = load_pairs(cfg.eval_data, cfg.data_options(cfg.eval_split)).pairs if cfg.eval_data else []
+    for line in ([f"mix: {loaded.mix}"] if loaded.mix else []) + [f"warning: {note}" for note in loaded.notes]:
+        report.note(line)
+    eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
     run_dir = resume or files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
-    report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, cfg.data, len(eval_pairs), run_dir)
+    report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, ", ".join(as_list(cfg.data)), len(eval_pairs),
+                 run_dir)
 
     with contextlib.ExitStack() as held:
         # --- the run folder is ours alone; stops are requests the loop reads between steps ----------
@@ -107,26 +109,35 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         if resume_from and cfg.max_steps and cfg.max_steps < checkpoint.step_of(resume_from):  # before a long model load
             raise ConfigError(f"{run_dir} is at step {checkpoint.step_of(resume_from)}; --max-steps must be at least that")
 
-        # --- hardware and seed; the resolved settings are on disk before anything long starts -------
+        # --- hardware and seed -----------------------------------------------------------------
         precision = choose(cfg.dtype)
         report.precision(precision)
-        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
-        files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
-                                                  f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
         # --- tokens: the tokenizer is quick to load, so rows it cannot encode fail before the model loads
         source = model_stack.resolve_source(cfg.model, log=report.note)
         tokenizer = model_stack.load_tokenizer(source)
-        train_set, eval_set = (tokenize_cached(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.skip_invalid)
-                               for pairs in (loaded.pairs, eval_pairs))
+        limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
+        train_set, eval_set = (tokenize_cached(pairs, tokenizer, *limits, cfg.skip_invalid) for pairs in (loaded.pairs, eval_pairs))
         report.skipped_rows(train_set.skipped + eval_set.skipped, len(loaded.pairs) + len(eval_pairs))
         train_tok, eval_tok = train_set.pairs, eval_set.pairs
         if not train_tok:
             raise no_pairs(cfg.data, train_set.skipped)
+        if cfg.max_length == "auto":  # the training pairs' 99th percentile; config.toml keeps the number
+            cfg = replace(cfg, max_length=auto_max_length([p.length for p in train_tok]))
+            cfg = replace(cfg, max_prompt_length=min(cfg.max_prompt_length, cfg.max_length // 2))
+            report.note(f"max_length auto: {cfg.max_length} tokens keeps 99% of the training pairs whole "
+                        f"(max_prompt_length {cfg.max_prompt_length})")
+            train_tok, eval_tok = ([truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, cfg.max_length,
+                                             cfg.max_prompt_length) for p in pairs] for pairs in (train_tok, eval_tok))
         report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
                          sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
+
+        # --- the resolved settings are on disk before anything long starts ----------------------------
+        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
+        files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
+                                                  f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
 
         # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
         # (--init-adapter: the policy starts from that adapter; the reference is a frozen copy of it, if the loss has one)
@@ -285,7 +296,7 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         checkpoint.save_adapter(model, tokenizer, run_dir)
         summary = summarise(log, run_dir, precision, stop, skipped_steps, step)
         files.write_json(run_dir / "summary.json", asdict(summary))
-        if not plot_run(log.records, run_dir / "plot.png", f"{cfg.loss} on {Path(str(cfg.data)).name} ({source})"):
+        if not plot_run(log.records, run_dir / "plot.png", f"{cfg.loss} on {', '.join(Path(d).name for d in as_list(cfg.data))} ({source})"):
             report.note("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
         return summary
 

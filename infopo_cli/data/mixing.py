@@ -1,0 +1,91 @@
+"""Several datasets at once: `--data a.jsonl --data b.parquet:0.3 --data org/name`.
+
+Each source is read, validated and reported on its own (its errors name it, as every data error names its
+file and line). A weight after the last colon is that source's share of the mix; sources without one share
+what is left in proportion to their sizes (no weights at all: every pair of every source, as if the
+files were one). The mix never repeats a pair: it is as large as the scarcest source allows for its share,
+and each source gives its share as a seeded random sample, so the same seed and data give the same mix
+(and `--resume` finds the same pairs).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from infopo_cli.data.loading import DataOptions, Loaded, load_pairs
+from infopo_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: str              # what load_pairs reads: a file, a folder, a hub id, bundled:NAME
+    weight: float | None   # share of the mix, or None: by size
+
+
+def parse_source(text: str) -> Source:
+    """'b.parquet:0.3' -> (b.parquet, 0.3). Only a number after the last colon is a weight, so 'bundled:arith_train'
+    and 'C:\\data.jsonl' stay names."""
+    spec, colon, tail = text.rpartition(":")
+    if colon and spec:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return Source(text, None)
+        if not (0 < weight <= 1) or math.isnan(weight):
+            raise ConfigError(f"--data {text}: the weight after the colon must be in (0, 1], the source's share of the mix")
+        return Source(spec, weight)
+    return Source(text, None)
+
+
+def as_list(value: str | Sequence[str]) -> list[str]:
+    """A config's data setting (one source, or a list) as a list."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_weights(weights: list[float | None]) -> float:
+    """Their sum, which must not exceed 1 (checked before any source is read)."""
+    given = sum(w for w in weights if w is not None)
+    if given > 1 + 1e-9:
+        raise ConfigError(f"--data weights add up to {given:g}; they are shares of the mix and must add up to at most 1")
+    return given
+
+
+def shares(sizes: list[int], weights: list[float | None]) -> list[float]:
+    """Each source's share of the mix: its weight, or for those without one the rest split by size."""
+    given = check_weights(weights)
+    if all(w is not None for w in weights):
+        return [w / given for w in weights]  # weights for every source: their proportions
+    unweighted = sum(n for n, w in zip(sizes, weights) if w is None)
+    return [w if w is not None else (1 - given) * n / unweighted for n, w in zip(sizes, weights)]
+
+
+def mix_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
+    """How many pairs each source gives: the largest mix where none needs more pairs than it has."""
+    portions = shares(sizes, weights)
+    total = min(n / p for n, p in zip(sizes, portions) if p > 0)
+    return [min(n, round(p * total)) for n, p in zip(sizes, portions)]
+
+
+def load_mix(specs: str | Sequence[str], options: DataOptions = DataOptions(), seed: int = 0) -> Loaded:
+    """One source: `load_pairs` as it is. Several: each loaded, then mixed by their shares."""
+    sources = [parse_source(text) for text in as_list(specs)]
+    if len(sources) == 1 and sources[0].weight is None:
+        return load_pairs(sources[0].spec, options)
+    check_weights([source.weight for source in sources])
+    loaded = [load_pairs(source.spec, options) for source in sources]
+    counts = mix_counts([len(one.pairs) for one in loaded], [source.weight for source in sources])
+    rng, pairs, notes, skipped, parts = random.Random(seed), [], [], [], []
+    for source, one, count in zip(sources, loaded, counts):
+        pairs += rng.sample(one.pairs, count) if count < len(one.pairs) else one.pairs
+        notes += [f"{source.spec}: {note}" for note in one.notes]
+        skipped += one.skipped
+        parts.append(f"{source.spec} {count} of {len(one.pairs)} pairs")
+    rng.shuffle(pairs)
+    total = len(pairs)
+    mix = "; ".join(f"{part} ({count / total:.0%})" for part, count in zip(parts, counts))
+    kinds = list(dict.fromkeys(one.format for one in loaded))
+    formats = kinds[0] if len(kinds) == 1 else "mixed (" + ", ".join(kinds) + ")"
+    return Loaded(pairs, formats, sum(one.rows for one in loaded), skipped, notes, mix)
