@@ -54,6 +54,9 @@ def train(
     data: Annotated[Optional[list[str]], _opt("data", "Data", metavar="SOURCE")] = None,
     eval_data: Annotated[Optional[list[str]], _opt("eval_data", "Data", metavar="SOURCE")] = None,
     data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
+    pairs: Annotated[Optional[str], _opt("pairs", "Data")] = None,
+    min_score_gap: Annotated[Optional[float], _opt("min_score_gap", "Data")] = None,
+    min_score_ratio: Annotated[Optional[float], _opt("min_score_ratio", "Data")] = None,
     prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
     chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
     rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
@@ -303,6 +306,9 @@ def data_check(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
     model: Annotated[Optional[str], _opt("model", "Model")] = None,
     data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
+    pairs: Annotated[Optional[str], _opt("pairs", "Data")] = None,
+    min_score_gap: Annotated[Optional[float], _opt("min_score_gap", "Data")] = None,
+    min_score_ratio: Annotated[Optional[float], _opt("min_score_ratio", "Data")] = None,
     prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
     chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
     rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
@@ -345,6 +351,8 @@ def _print_report(report, model: str) -> None:
 
     console.print(f"[bold]{escape(report.source)}[/]: {report.format} format, {report.pairs} valid pairs of {report.rows} rows, "
                   f"{report.duplicates} duplicate pairs", highlight=False)
+    for line in report.info:
+        console.print(escape(line), highlight=False)
     for note in report.notes:
         console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     if report.lengths:

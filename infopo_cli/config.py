@@ -24,6 +24,7 @@ BUNDLED_EVAL = "bundled:arith_eval"
 # Compute / export dtype names -> torch attribute names: the one table of dtypes (torch-free, for --help).
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
+PAIRINGS = ("best-worst", "best-vs-each", "adjacent", "all")  # data/scored.py (torch-free here, for --help)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -60,7 +61,12 @@ class TrainConfig:
                                               "SOURCE:0.3 makes it 30% of the mix (default: by size).")
     # str, not str | None: TOML has no null, so a None here could not survive the run's config.toml.
     eval_data: str | list[str] = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip); repeat to mix, like --data.")
-    data_format: str = _f("auto", "Row format: auto (detected), explicit, conversational, implicit.")
+    data_format: str = _f("auto", "Row format: auto (detected per row), explicit, conversational, implicit; scored (completions "
+                                  "with ratings, UltraFeedback), ranked (answers with rank, Nectar), labelled (two answers "
+                                  "and a label or votes, SHP), rated (pairs with chosen/rejected scores).")
+    pairs: str = _f("best-worst", "Scored/ranked rows -> pairs: best-worst, best-vs-each, adjacent (consecutive scores), all.")
+    min_score_gap: float = _f(0.0, "Drop pairs whose score (or rank) gap is below this; ties are never trained on.")
+    min_score_ratio: float = _f(1.0, "Labelled two-answer rows (SHP): drop when the votes' ratio is below this (SHP's authors use 2).")
     prompt_field: str = _f("prompt", "Name of the prompt column.")
     chosen_field: str = _f("chosen", "Name of the chosen-response column.")
     rejected_field: str = _f("rejected", "Name of the rejected-response column.")
@@ -121,8 +127,11 @@ class TrainConfig:
         from infopo_cli.data.loading import DataOptions
         from infopo_cli.data.formats import Fields
 
+        from infopo_cli.data.scored import ScoreOptions
+
         return DataOptions(self.data_format, Fields(self.prompt_field, self.chosen_field, self.rejected_field),
-                           split or self.split, self.system_prompt, self.skip_invalid)
+                           split or self.split, self.system_prompt, self.skip_invalid,
+                           ScoreOptions(self.pairs, self.min_score_gap, self.min_score_ratio))
 
     def loss_overrides(self) -> dict[str, Any]:
         """The loss parameters set by preset or flags (None: the loss's default)."""
@@ -284,6 +293,9 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: v in OPTIMIZERS, f"be one of {', '.join(OPTIMIZERS)}"),
     "target_modules": (bool, "name at least one module"),
     "max_length": (lambda v: v == "auto" or (isinstance(v, int) and v > 0), "be > 0 or auto"),
+    "pairs": (lambda v: v in PAIRINGS, f"be one of {', '.join(PAIRINGS)}"),
+    "min_score_gap": _NOT_NEGATIVE,
+    "min_score_ratio": (lambda v: v >= 1, "be >= 1 (a ratio of the higher votes to the lower)"),
 }
 
 

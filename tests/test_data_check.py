@@ -38,7 +38,7 @@ def test_names_the_format_and_shows_token_statistics(tmp_path, tiny_model):
     assert "prompt" in out.stdout and "p90" in out.stdout and "would be truncated" in out.stdout
     uf = write(tmp_path / "uf.jsonl", [UF])
     out = check(uf, "--model", str(tiny_model))
-    assert out.returncode == 0 and "conversational format, 1 valid pairs" in out.stdout
+    assert out.returncode == 0 and "rated conversational format, 1 valid pairs" in out.stdout
 
 
 def test_bad_rows_one_line_and_non_zero(tmp_path):

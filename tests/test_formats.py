@@ -35,7 +35,7 @@ def test_explicit_strings(tmp_path):
 
 def test_ultrafeedback_messages_with_prompt_repeated_inside(tmp_path):
     loaded = load_pairs(jsonl(tmp_path, UF))
-    assert loaded.format == "conversational"
+    assert loaded.format == "rated conversational"  # its score_chosen > score_rejected
     assert loaded.pairs[0] == PreferencePair((("user", "What is 2 + 3?"),), (("assistant", "2 + 3 = 5."),),
                                              (("assistant", "2 + 3 = 6."),))
 
@@ -151,7 +151,7 @@ def test_parquet(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([UF, UF | {"score_chosen": 7.0}]), path)
     loaded = load_pairs(str(path))
-    assert loaded.format == "conversational" and len(loaded.pairs) == 2
+    assert loaded.format == "rated conversational" and len(loaded.pairs) == 2
 
 
 def test_save_to_disk_folder_and_split(tmp_path):

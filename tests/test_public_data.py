@@ -156,3 +156,38 @@ def test_max_length_auto_resolves_from_the_training_pairs_and_is_saved_as_a_numb
     assert merge(cfg, {"max_length": "384"}, source="x").max_length == 384  # as the command line gives it
     with pytest.raises(ConfigError, match="'max_length' must be a whole number or auto"):
         merge(cfg, {"max_length": "long"}, source="x")
+
+
+# --- scored and ranked data, through the loader and the command line (the shapes: tests/test_scored.py) -------
+
+def test_scored_ranked_and_labelled_rows_load_as_pairs_with_what_each_row_gave(tmp_path):
+    from test_scored import NECTAR, SHP, ULTRAFEEDBACK, UF_11, UF_12
+
+    from infopo_cli.data.loading import DataOptions
+    from infopo_cli.data.scored import ScoreOptions
+
+    path = jsonl(tmp_path / "mixed.jsonl", ULTRAFEEDBACK, NECTAR, SHP, SHP | {"score_B": 52})  # the last: a tie
+    loaded = load_pairs(path)
+    assert loaded.format == "mixed (2 labelled, 1 scored, 1 ranked)" and len(loaded.pairs) == 3
+    assert (loaded.pairs[0].chosen, loaded.pairs[0].rejected) == (UF_11, UF_12) and loaded.pairs[0].where == f"{path}:1"
+    assert loaded.info == ["scored/ranked rows -> pairs by --pairs best-worst (gap >= 0, ratio >= 1): 3 pairs from 4 rows "
+                           "(1 gave 0, 3 gave 1)"]
+    assert loaded.notes == ["1 rows gave no pair: tie"]
+    every = load_pairs(path, DataOptions(scores=ScoreOptions(pairs="all", min_score_gap=2)))
+    # UltraFeedback's 8.5, 4.25, 4.0, 2: 5 pairs 2 or more apart; Nectar's ranks 1-4: (1, 3), (1, 4), (2, 4); SHP 52 vs 12
+    assert len(every.pairs) == 5 + 3 + 1
+    assert len(load_pairs(path, DataOptions(format="scored", skip_invalid=True)).pairs) == 1  # forced: the others fail
+
+
+def test_data_check_and_train_flags_for_scored_data(tmp_path, tiny_model):
+    from test_scored import NECTAR
+
+    path = jsonl(tmp_path / "nectar.jsonl", NECTAR, NECTAR)
+    out = check(path, "--no-tokenizer", "--pairs", "adjacent")
+    assert out.returncode == 0, out.stderr
+    assert "ranked format, 6 valid pairs of 2 rows" in out.stdout and "2 gave 3" in out.stdout
+    out = check(path, "--no-tokenizer", "--pairs", "worst-best")
+    assert out.returncode == 2 and "pairs must be one of best-worst, best-vs-each, adjacent, all" in out.stderr
+    summary = recipe.train(tiny_cfg(tiny_model, path, tmp_path / "out", eval_data="", max_steps=1, batch_size=2,
+                                    pairs="best-vs-each"))
+    assert summary.steps == 1

@@ -20,6 +20,7 @@ class DataReport:
     skipped: list[str]
     duplicates: int
     notes: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=dict)  # prompt / chosen / rejected token counts
     truncated: int = 0
     max_length: int = 0
@@ -49,7 +50,7 @@ def check(spec: str, options: DataOptions, tokenizer, max_length: int | str, max
         duplicates += pair in seen
         seen.add(pair)
     report = DataReport(spec, loaded.format, loaded.rows, len(pairs), skipped, duplicates, loaded.notes,
-                        max_length=max_length)
+                        loaded.info, max_length=max_length)
     if tokenizer is None:
         return report
     report.lengths = {"prompt": [len(t.prompt_ids) for t in full], "chosen": [len(t.chosen_ids) for t in full],

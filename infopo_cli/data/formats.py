@@ -79,7 +79,7 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
     if pair.chosen == pair.rejected:
         raise DataError(where, fields.rejected, "identical to 'chosen' (the pair expresses no preference)")
     if system:
-        pair = _with_system(pair, system)
+        pair = with_system(pair, system)
     return replace(pair, where=where)
 
 
@@ -201,8 +201,9 @@ def _hh_reply(text: str) -> tuple[Message, ...]:
     return tuple(turns)
 
 
-def _with_system(pair: PreferencePair, system: str) -> PreferencePair:
-    if isinstance(pair.prompt, str) or pair.prompt[0][0] == "system":
-        return pair if not isinstance(pair.prompt, str) else PreferencePair(
-            (("system", system), ("user", pair.prompt)), (("assistant", pair.chosen),), (("assistant", pair.rejected),))
-    return PreferencePair((("system", system),) + pair.prompt, pair.chosen, pair.rejected)
+def with_system(pair: PreferencePair, system: str) -> PreferencePair:
+    """The pair with `system` as its first message, unless it has a system message of its own."""
+    if isinstance(pair.prompt, str):
+        return replace(pair, prompt=(("system", system), ("user", pair.prompt)), chosen=(("assistant", pair.chosen),),
+                       rejected=(("assistant", pair.rejected),))
+    return pair if pair.prompt[0][0] == "system" else replace(pair, prompt=(("system", system),) + pair.prompt)

@@ -10,7 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from infopo_cli.errors import ConfigError, DataError, InfopoError
-from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise
+from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise, with_system
+from infopo_cli.data.scored import SCORED_FORMATS, ScoreOptions, detect_scored, scored_pairs
 from infopo_cli.data.sources import read_rows, resolve
 
 __all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "no_pairs", "read_pairs", "resolve"]
@@ -23,6 +24,7 @@ class DataOptions:
     split: str = "train"
     system: str | None = None
     skip_invalid: bool = False
+    scores: ScoreOptions = field(default_factory=ScoreOptions)  # scored/ranked rows -> pairs (data/scored.py)
 
 
 @dataclass
@@ -33,28 +35,56 @@ class Loaded:
     skipped: list[str] = field(default_factory=list)   # one line per dropped row
     notes: list[str] = field(default_factory=list)     # warnings about the data's shape, for `data check` and `train`
     mix: str = ""                                      # several sources: what each gave (data/mixing.py)
+    info: list[str] = field(default_factory=list)      # how scored/ranked rows became pairs
+
+
+ALL_FORMATS = FORMATS + SCORED_FORMATS
 
 
 def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
-    if options.format not in FORMATS:
-        raise ConfigError(f"unknown data format '{options.format}'; use one of {', '.join(FORMATS)}")
+    if options.format not in ALL_FORMATS:
+        raise ConfigError(f"unknown data format '{options.format}'; use one of {', '.join(ALL_FORMATS)}")
+    # scored/ranked shapes are detected by their published field names, so only where fields are not renamed
+    detect_scores = options.format == "auto" and options.fields == Fields()
     pairs, skipped, rows, seen = [], [], 0, Counter()
+    given, dropped = Counter(), Counter()  # scored/ranked rows: pairs given per row, rows dropped per reason
     for where, row in read_rows(spec, options.split):
         rows += 1
         try:
             if isinstance(row, DataError):
                 raise row
-            fmt = detect(row, options.fields) if options.format == "auto" else options.format
-            pairs.append(normalise(row, where, fmt, options.fields, options.system))
-            seen[fmt] += 1
+            fmt = (detect_scored(row) if detect_scores else None) or (
+                detect(row, options.fields) if options.format == "auto" else options.format)
+            if fmt in SCORED_FORMATS:
+                found, reason = scored_pairs(row, where, fmt, options.scores)
+                pairs += [with_system(p, options.system) if options.system else p for p in found]
+                given[len(found)] += 1
+                dropped[reason] += reason is not None
+            else:
+                pairs.append(normalise(row, where, fmt, options.fields, options.system))
+            seen[f"rated {detect(row, options.fields)}" if fmt == "rated" else fmt] += 1
         except DataError as err:
             if not options.skip_invalid:
                 raise
             skipped.append(str(err))
     if not pairs:
-        raise no_pairs(spec, skipped)
+        raise no_pairs(spec, skipped + [f"{n} rows gave no pair: {reason}" for reason, n in dropped.items() if n])
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
-    return Loaded(pairs, fmt, rows, skipped, shape_notes(pairs))
+    return Loaded(pairs, fmt, rows, skipped, shape_notes(pairs) + dropped_notes(dropped), info=given_info(given, options))
+
+
+def given_info(given: Counter, options: DataOptions) -> list[str]:
+    """How many pairs the scored/ranked rows gave, per row."""
+    if not given:
+        return []
+    spread = ", ".join(f"{rows} gave {n}" for n, rows in sorted(given.items()))
+    return [f"scored/ranked rows -> pairs by --pairs {options.scores.pairs} (gap >= {options.scores.min_score_gap:g}, "
+            f"ratio >= {options.scores.min_score_ratio:g}): {sum(n * r for n, r in given.items())} pairs from "
+            f"{sum(given.values())} rows ({spread})"]
+
+
+def dropped_notes(dropped: Counter) -> list[str]:
+    return [f"{n} rows gave no pair: {reason}" for reason, n in dropped.most_common() if n]
 
 
 def shape_notes(pairs: list[PreferencePair]) -> list[str]:

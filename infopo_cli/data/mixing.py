@@ -77,10 +77,11 @@ def load_mix(specs: str | Sequence[str], options: DataOptions = DataOptions(), s
     check_weights([source.weight for source in sources])
     loaded = [load_pairs(source.spec, options) for source in sources]
     counts = mix_counts([len(one.pairs) for one in loaded], [source.weight for source in sources])
-    rng, pairs, notes, skipped, parts = random.Random(seed), [], [], [], []
+    rng, pairs, notes, info, skipped, parts = random.Random(seed), [], [], [], [], []
     for source, one, count in zip(sources, loaded, counts):
         pairs += rng.sample(one.pairs, count) if count < len(one.pairs) else one.pairs
         notes += [f"{source.spec}: {note}" for note in one.notes]
+        info += [f"{source.spec}: {line}" for line in one.info]
         skipped += one.skipped
         parts.append(f"{source.spec} {count} of {len(one.pairs)} pairs")
     rng.shuffle(pairs)
@@ -88,4 +89,4 @@ def load_mix(specs: str | Sequence[str], options: DataOptions = DataOptions(), s
     mix = "; ".join(f"{part} ({count / total:.0%})" for part, count in zip(parts, counts))
     kinds = list(dict.fromkeys(one.format for one in loaded))
     formats = kinds[0] if len(kinds) == 1 else "mixed (" + ", ".join(kinds) + ")"
-    return Loaded(pairs, formats, sum(one.rows for one in loaded), skipped, notes, mix)
+    return Loaded(pairs, formats, sum(one.rows for one in loaded), skipped, notes, mix, info)

@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
     # --- data: every row checked before any model is loaded -----------------------------------
     loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
     report.skipped_rows(loaded.skipped, loaded.rows)
-    for line in ([f"mix: {loaded.mix}"] if loaded.mix else []) + [f"warning: {note}" for note in loaded.notes]:
+    for line in ([f"mix: {loaded.mix}"] if loaded.mix else []) + loaded.info + [f"warning: {n}" for n in loaded.notes]:
         report.note(line)
     eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
     run_dir = resume or files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
