@@ -179,7 +179,7 @@ def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens:
     result = CheckResult(quant=quant, lossy=lossy, max_new_tokens=max_new_tokens,
                          transformers_checked=rope_scaling(merged.config).get("rope_type") in (None, "default"))
     exported = load_gguf(gguf_path) if result.transformers_checked else None
-    llama = LlamaCppReader(gguf_path) if importlib.util.find_spec("llama_cpp") is not None else None
+    llama = LlamaCppReader(gguf_path, context_of(merged)) if importlib.util.find_spec("llama_cpp") is not None else None
     try:
         for prompt in prompts:
             ids = prompt_ids(tokenizer, prompt)
@@ -203,6 +203,11 @@ def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens:
         if llama is not None:
             llama.close()
     return result
+
+
+def context_of(model, wanted: int = 1024) -> int:
+    """llama.cpp's context for the check: enough for prompt + answer, never past what the model was built for."""
+    return min(wanted, getattr(model.config, "max_position_embeddings", None) or wanted)
 
 
 class LlamaCppReader:
@@ -251,7 +256,7 @@ class LlamaCppReader:
 def check_llama_cpp(reference, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens: int = 48) -> list[bool]:
     """Per prompt: llama.cpp tokenises as the tokenizer and agrees (top-1 up to near ties) with `reference` on its
     greedy answer. For tests and ad-hoc checks of a file against any model."""
-    stops, llama, results = stop_ids(tokenizer), LlamaCppReader(gguf_path), []
+    stops, llama, results = stop_ids(tokenizer), LlamaCppReader(gguf_path, context_of(reference)), []
     try:
         for prompt in prompts:
             ids = prompt_ids(tokenizer, prompt)

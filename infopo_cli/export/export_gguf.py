@@ -33,7 +33,7 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     size = expected_bytes(model, quant)
     intermediate = expected_bytes(model, "f16") if QUANTS[quant].by_llama_cpp else 0  # K-quants: from an f16 file
     files.check_free_space(out.parent, size + intermediate)
-    log(f"writing {quant} GGUF, about {size / 2**20:,.0f} MiB")
+    log(f"writing {quant} GGUF, about {size / 2**20:,.0f} MiB" if size >= 2**20 else f"writing {quant} GGUF, about {size / 2**10:,.0f} KiB")
     with files.replacing(out) as tmp:  # K-quants too: llama.cpp's quantiser writes the temporary, renamed when whole
         for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source)):
             log(line)
