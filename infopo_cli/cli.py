@@ -16,6 +16,7 @@ from rich.markup import escape
 from infopo_cli import __version__
 from infopo_cli.config import flag, help_for
 from infopo_cli.errors import InfopoError
+from infopo_cli.inference.answers import RULE as ANSWER_RULE  # standard library only: --help stays instant
 from infopo_cli.train.stops import StopNow  # standard library only: --help stays instant
 
 app = typer.Typer(
@@ -98,6 +99,7 @@ def train(
     save_every: Annotated[Optional[int], _opt("save_every", "Output")] = None,
     keep_checkpoints: Annotated[Optional[int], _opt("keep_checkpoints", "Output")] = None,
     max_bad_steps: Annotated[Optional[int], _opt("max_bad_steps", "Optimisation")] = None,
+    report_to: Annotated[Optional[str], _opt("report_to", "Output", metavar="TRACKERS")] = None,
     output: Annotated[Optional[str], _opt("output", "Output")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a stopped run folder from its newest checkpoint, exactly (its own settings; --max-steps/--epochs may change its length).", rich_help_panel="Output")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
@@ -170,7 +172,7 @@ def _print_summary(summary) -> None:
     console.print(table)
     console.print(f"{summary.tokens_per_s:.0f} tokens/s, peak memory {summary.peak_memory_gib:.2f} GiB "
                   f"({summary.device}, {summary.dtype})", highlight=False)
-    console.print(f"adapter, tokenizer, config.toml, metrics.jsonl, summary.json, plot.png -> [bold]{escape(summary.output)}[/]")
+    console.print(f"adapter, tokenizer, config.toml, metrics.jsonl, summary.json, plot.png, report.md, README.md (model card) -> [bold]{escape(summary.output)}[/]")
 
 
 @app.command()
@@ -298,6 +300,215 @@ def _quant_list(run_dir: str | None, base: str | None) -> None:
     for name, writer, available, size in size_table(model):
         table.add_row(name, writer, "yes" if available else "pip install 'infopo[gguf-check]'", f"{size / 2**20:,.0f} MiB")
     console.print(table)
+
+
+ASK_TARGET_HELP = ("A run folder (default: the newest under ./runs), an adapter folder with --base, a merged export or "
+                   "model folder, or a .gguf file (llama.cpp).")
+
+
+def _note(message: str) -> None:
+    err_console.print(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True)
+
+
+# sampling options shared by eval, generate and chat
+Temperature = Annotated[float, typer.Option("--temperature", help="0: greedy; more: sample.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1: off).")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens (0: off).")]
+SamplingSeed = Annotated[int, typer.Option("--seed", help="Seed for sampling.")]
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int = 0):
+    from infopo_cli.inference.generation import Sampling
+
+    return Sampling(max_new_tokens, temperature, top_p, top_k, seed).check()
+
+
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Optional[str], typer.Argument(help="A run folder (default: the newest under ./runs), an adapter folder with --base, or a merged export / model folder.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Held-out data (default: the run's eval_data): preference pairs, or rows with only a prompt (and an answer) for --generate; e.g. bundled:arith_eval.", metavar="SOURCE", show_default=False)] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="Also let the base and the tuned model answer every prompt, side by side. " + ANSWER_RULE
+                                        + " A pair without an 'answer' whose chosen reply ends 'The answer is N.' (the bundled data) is scored against N.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 256,
+    temperature: Temperature = 0.0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Pairs per batch (default: the run's eval_batch_size) and prompts per generation batch (default 16).", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Generate for the first N rows only.", show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Summary JSON (default RUN/eval/eval.json); the replies go beside it as .jsonl and .md.", metavar="FILE.json", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter folder; for a merged export, the model to compare with (a second model).", show_default=False)] = None,
+) -> None:
+    """See what training did: held-out preference metrics of the tuned model against its base (the adapter disabled),
+    and with --generate both models' answers.
+
+    [dim]infopo eval --generate   (the newest run, on its own held-out pairs)[/]
+    [dim]infopo eval runs/my-run --data questions.jsonl --generate --out results.json[/]
+    """
+    from infopo_cli.inference.models import find_target
+
+    target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
+    from infopo_cli.inference.display import print_eval
+    from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
+
+    request = EvalRequest(str(target.path), data, generate, _sampling(max_new_tokens, temperature), batch_size, out,
+                          base, limit)
+    print_eval(console, evaluate(request, log=_note))
+
+
+def _ask(target, base_model: bool, compare: bool):
+    """(a GgufModel, None) or (None, LoadedModel) for a `find_target` answer, checked for --base-model / --compare."""
+    from infopo_cli.errors import ConfigError
+    from infopo_cli.inference.models import load
+
+    if target.kind == "gguf":
+        if base_model or compare:
+            raise ConfigError(f"{target.path}: a GGUF file holds one model, with no base to compare with; "
+                              "--base-model and --compare need the run folder")
+        from infopo_cli.inference.gguf_model import GgufModel
+
+        return GgufModel(target.path), None
+    loaded = load(target, log=_note)
+    for note in loaded.notes:
+        _note(note)
+    if (base_model or compare) and not loaded.can_compare:
+        raise ConfigError(loaded.no_base_reason())
+    return None, loaded
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Optional[str], typer.Argument(help=ASK_TARGET_HELP, show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The user message (required).", show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 256,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: SamplingSeed = 0,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter folder (or, for a merged export, the model to compare with).", show_default=False)] = None,
+    base_model: Annotated[bool, typer.Option("--base-model", help="Answer with the base (the adapter disabled) instead of the tuned model.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Print the base's and the tuned model's replies side by side.")] = False,
+) -> None:
+    """One reply to --prompt from the tuned model (or the base, or both).
+
+    [dim]infopo generate --prompt "What is 12 + 30?" --compare[/]
+    """
+    from contextlib import nullcontext
+
+    from infopo_cli.errors import ConfigError
+
+    from infopo_cli.inference.models import find_target
+
+    if not prompt:
+        raise ConfigError("--prompt TEXT is required")
+    target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    from infopo_cli.inference.generation import as_messages, generate as replies_to
+
+    messages = as_messages(prompt, system)
+    gguf, loaded = _ask(target, base_model, compare)
+    if gguf is not None:
+        reply = gguf.reply(messages, sampling)
+    elif compare:
+        from infopo_cli.inference.display import print_compare
+
+        tuned = replies_to(loaded.model, loaded.tokenizer, [messages], sampling)[0]
+        with loaded.base() as model:
+            before = replies_to(model, loaded.tokenizer, [messages], sampling)[0]
+        print_compare(console, loaded.base_label, before.text, tuned.text)
+        return
+    else:
+        with loaded.base() if base_model else nullcontext(loaded.model) as model:
+            reply = replies_to(model, loaded.tokenizer, [messages], sampling)[0]
+    sys.stdout.write(reply.text + "\n")
+    if not reply.stopped:
+        _note(f"(cut at --max-new-tokens {max_new_tokens})")
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Optional[str], typer.Argument(help=ASK_TARGET_HELP, show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 512,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: SamplingSeed = 0,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter folder.", show_default=False)] = None,
+    base_model: Annotated[bool, typer.Option("--base-model", help="Chat with the base (the adapter disabled) instead.")] = False,
+) -> None:
+    """Chat with the tuned model: one line per turn, replies streamed; /reset clears the conversation, /exit ends it.
+
+    Ctrl-C stops a reply (not the session); Ctrl-C at the prompt or Ctrl-D ends the session.
+    """
+    from infopo_cli.inference.models import find_target
+
+    target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    from infopo_cli.inference.chat import HELP, ChatSession, run_chat
+    from infopo_cli.inference.generation import stream
+
+    gguf, loaded = _ask(target, base_model, False)
+
+    def reply(messages):
+        if gguf is not None:
+            yield from gguf.stream(messages, sampling)
+        elif base_model:
+            with loaded.base() as model:
+                yield from stream(model, loaded.tokenizer, messages, sampling)
+        else:
+            yield from stream(loaded.model, loaded.tokenizer, messages, sampling)
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _note(f"chatting with {gguf.name if gguf else loaded.name}{' (base)' if base_model else ''}: {HELP}")
+
+    def read_line() -> str | None:
+        if not interactive:
+            return sys.stdin.readline() or None
+        try:
+            return console.input("[bold]you>[/] ")
+        except EOFError:
+            return None
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    run_chat(ChatSession(system), reply, read_line, write, _note)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Run folders written by `infopo train`.", metavar="RUN_DIR", show_default=False)],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="The figure, a .png file (default: RUN/report.png for one run, ./report.png for several).", show_default=False)] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown, to paste (the figure's path goes to stderr).")] = False,
+) -> None:
+    """Compare runs: their curves overlaid in one figure, and a table of their settings and held-out figures before/after.
+
+    [dim]infopo report runs/dpo runs/infopo --markdown[/]
+    """
+    from pathlib import Path
+
+    from infopo_cli.errors import ConfigError
+    from infopo_cli.reporting import figure, table
+    from infopo_cli.reporting.model_card import displacement_message
+    from infopo_cli.reporting.runs import load
+
+    if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--out {out}: name the figure FILE.png")
+    loaded = [load(path) for path in runs]
+    if markdown:
+        sys.stdout.write(table.markdown_table(loaded))
+    else:
+        console.print(*table.rich_tables(loaded))
+    notes = err_console if markdown else console  # stdout stays the table alone, to paste
+    for run in loaded:
+        if message := displacement_message(run):
+            notes.print(f"[yellow]{escape(run.name)}: {escape(message)}[/]", highlight=False, soft_wrap=True)
+    target = Path(out) if out else Path("report.png") if len(loaded) > 1 else loaded[0].path / "report.png"
+    if figure.plot_runs(loaded, target):
+        notes.print(f"figure -> [bold]{escape(str(target))}[/]", highlight=False)
+    else:
+        notes.print("figure skipped: matplotlib is not installed (pip install 'infopo\\[plot]')", highlight=False)
 
 
 @data_app.command("check")

@@ -25,6 +25,7 @@ BUNDLED_EVAL = "bundled:arith_eval"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 PAIRINGS = ("best-worst", "best-vs-each", "adjacent", "all")  # data/scored.py (torch-free here, for --help)
+TRACKERS = ("tensorboard", "wandb", "trackio")  # train/trackers.py; --report-to takes a comma list of these, or none
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -106,6 +107,9 @@ class TrainConfig:
     save_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end and when stopped).")
     keep_checkpoints: int = _f(2, "Keep the newest K checkpoint-N folders, delete older ones (the final adapter is always kept).")
     max_bad_steps: int = _f(10, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
+    report_to: str = _f("none", "Also log the metrics to these trackers, a comma list: tensorboard (RUN/tensorboard/), wandb "
+                                "(RUN/wandb/, offline unless WANDB_MODE or WANDB_API_KEY says otherwise), trackio (its local "
+                                "store), or none. metrics.jsonl is always written.")
     output: str | None = _f(None, "Run folder (default: runs/<preset>-<time>). Never overwritten.")
     preset: str | None = _f(None, "The preset these settings came from (informational).")
 
@@ -294,9 +298,17 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target_modules": (bool, "name at least one module"),
     "max_length": (lambda v: v == "auto" or (isinstance(v, int) and v > 0), "be > 0 or auto"),
     "pairs": (lambda v: v in PAIRINGS, f"be one of {', '.join(PAIRINGS)}"),
+    "report_to": (lambda v: all(name in (*TRACKERS, "none") for name in tracker_names(v, known_only=False)),
+                  f"be a comma list of {', '.join(TRACKERS)}, or none"),
     "min_score_gap": _NOT_NEGATIVE,
     "min_score_ratio": (lambda v: v >= 1, "be >= 1 (a ratio of the higher votes to the lower)"),
 }
+
+
+def tracker_names(report_to: str, known_only: bool = True) -> list[str]:
+    """`--report-to`'s comma list as names, each once, in order; `none` (alone or in the list) adds nothing."""
+    names = list(dict.fromkeys(n.strip().lower() for n in report_to.split(",") if n.strip()))
+    return [n for n in names if n != "none" and (n in TRACKERS or not known_only)]
 
 
 def _limit_problem(name: str, value: Any) -> str | None:

@@ -177,12 +177,17 @@ def _candidates(items: list[_Item], mode: str) -> list[tuple[_Item, _Item]]:
     return [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
 
 
+def _list_field(row: dict, where: str, name: str) -> list:
+    value = row.get(name)
+    if value is None:
+        raise DataError(where, name, "missing")
+    if not isinstance(value, list):
+        raise DataError(where, name, f"expected a list, got {_kind(value)}")
+    return value
+
+
 def _scored_items(row: dict, where: str) -> list[_Item]:
-    completions = row.get("completions")
-    if completions is None:
-        raise DataError(where, "completions", "missing")
-    if not isinstance(completions, list):
-        raise DataError(where, "completions", f"expected a list, got {_kind(completions)}")
+    completions = _list_field(row, where, "completions")
     score_field = next((name for name in ("ratings", "scores") if row.get(name) is not None), None)
     scores: list[Any] = []
     if score_field is not None:
@@ -245,11 +250,7 @@ def _ranked_prompt(row: dict, where: str) -> tuple[str, str | list]:
 
 
 def _ranked_items(row: dict, where: str) -> list[_Item]:
-    answers = row.get("answers")
-    if answers is None:
-        raise DataError(where, "answers", "missing")
-    if not isinstance(answers, list):
-        raise DataError(where, "answers", f"expected a list, got {_kind(answers)}")
+    answers = _list_field(row, where, "answers")
     items = []
     for i, answer in enumerate(answers):
         label = f"item {i + 1}"

@@ -89,4 +89,7 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
         tokenizer.save_pretrained(tmp)  # with its chat template
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
+        from infopo_cli.reporting.model_card import write_merged_card
+
+        write_merged_card(tmp, source.adapter, source.base, out)  # README.md: the run's card, for the merged model
     return out

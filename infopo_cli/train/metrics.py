@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from infopo_cli import files
 from infopo_cli.errors import OutputError
@@ -36,15 +38,21 @@ class PairMetrics:
         return {f"{prefix}{k}": v / max(self.pairs, 1) for k, v in self.sums.items()}
 
 
+class Sink(Protocol):
+    def log(self, record: dict) -> None: ...
+
+
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per step or evaluation, appended as it happens.
 
     A resumed run first cuts the file back to the checkpoint's step (dropping a line torn by a kill),
     so the log covers the whole run once. Non-finite values are written as null (valid JSON).
+    Each record written is also passed to every sink's `log(record)` (the --report-to trackers).
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, sinks: Sequence[Sink] = ()) -> None:
         self.path = path
+        self.sinks = list(sinks)
         self.records: list[dict] = []
         if resume_step is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -64,6 +72,8 @@ class MetricsLog:
                 fh.write(json.dumps(record) + "\n")
         except OSError as err:
             raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
+        for sink in self.sinks:
+            sink.log(record)
 
     def of_kind(self, kind: str) -> list[dict]:
         return [r for r in self.records if r.get("kind") == kind]

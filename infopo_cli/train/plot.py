@@ -35,10 +35,17 @@ def plot_run(records: list[dict], path: Path, title: str) -> bool:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically (a stopped run never leaves half a picture), then free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with files.replacing(path) as tmp:
             fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-    return True

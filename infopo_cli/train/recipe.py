@@ -35,7 +35,9 @@ from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
 from infopo_cli.model import loading as model_stack
 from infopo_cli.model.precision import choose
-from infopo_cli.train import checkpoint
+from infopo_cli.reporting import displacement
+from infopo_cli.reporting.model_card import write_run_documents
+from infopo_cli.train import checkpoint, trackers
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
@@ -66,6 +68,8 @@ class RunSummary:
     last_step: dict = field(default_factory=dict)
     eval_before: dict = field(default_factory=dict)
     eval_after: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # sources, rows read, pairs, format: for the report and model card
+    displacement: str | None = None           # the likelihood-displacement warning (reporting/displacement.py)
 
 
 def default_output(cfg: TrainConfig) -> Path:
@@ -83,6 +87,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
     """Run the recipe; with `resume` (a run folder), continue from its newest complete checkpoint."""
     report = report or Reporter()
     cfg.validate()
+    report_to = trackers.parse(cfg.report_to)
+    trackers.check_available(report_to)  # a missing tracker library: one line, before any data or model loads
     spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
     if cfg.init_adapter:  # its own LoRA settings, checked against the run's before anything is written
         cfg = model_stack.adopt_init_adapter(cfg)
@@ -138,6 +144,11 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
         files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
                                                   f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
+        # --report-to: each record of metrics.jsonl also goes to these; a resumed run continues their runs from its step
+        sinks = trackers.open_trackers(report_to, run_dir, resolved,
+                                       (checkpoint.step_of(resume_from) if resume_from else 0) if resume else None)
+        for tracker in sinks:
+            held.callback(tracker.close)  # closed on every way out
 
         # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
         # (--init-adapter: the policy starts from that adapter; the reference is a frozen copy of it, if the loss has one)
@@ -188,7 +199,10 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             if saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             report.resumed(start, total_steps, resume_from, schedule)
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None, sinks=sinks)
+        # warns once if the chosen answers' likelihood falls while the margin grows; a resume's earlier records count
+        guard = displacement.Guard(cfg.loss, records=log.records, warn=lambda m: report.note(f"warning: {m}"))
+        log.sinks.append(guard)
         evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
                               spec, loss_params, precision.device) if eval_tok else None
         if not spec.needs(loss_params).reference:
@@ -295,9 +309,13 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
         checkpoint.save_adapter(model, tokenizer, run_dir)
         summary = summarise(log, run_dir, precision, stop, skipped_steps, step)
+        summary.displacement = guard.message
+        summary.data = {"train": as_list(cfg.data), "rows": loaded.rows, "pairs": len(train_tok), "format": loaded.format,
+                        "eval": as_list(cfg.eval_data) if cfg.eval_data else [], "eval_pairs": len(eval_tok)}
         files.write_json(run_dir / "summary.json", asdict(summary))
         if not plot_run(log.records, run_dir / "plot.png", f"{cfg.loss} on {', '.join(Path(d).name for d in as_list(cfg.data))} ({source})"):
             report.note("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
+        write_run_documents(run_dir)  # README.md (the model card, over peft's template) and report.md
         return summary
 
 

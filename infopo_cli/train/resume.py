@@ -15,7 +15,8 @@ from infopo_cli.config import TrainConfig, flag as _flag, merge
 from infopo_cli.errors import ConfigError
 
 # the length of the run, and where and how often it saves or evaluates: the adapter stays the same
-MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "max_bad_steps")
+MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "max_bad_steps",
+              "report_to")
 
 
 def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path) -> TrainConfig:

@@ -1,0 +1,73 @@
+"""`infopo chat`: a multi-turn session on stdin, replies streamed as they come.
+
+Each line is a user turn; the model sees the whole conversation so far. `/reset` forgets it, `/exit` (or the
+end of input) ends the session. Ctrl-C during a reply ends that reply (what was shown stays in the history);
+Ctrl-C while waiting for a line ends the session. Nothing here knows which model answers: `reply` is any
+function from messages to text pieces (transformers or llama.cpp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from infopo_cli.inference.generation import Messages, as_messages
+
+EXIT = ("/exit", "/quit")
+RESET = "/reset"
+HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it; Ctrl-C stops a reply"
+
+
+@dataclass
+class ChatSession:
+    system: str | None = None
+    history: Messages = field(default_factory=list)  # user and assistant turns, in order
+
+    def messages(self, user: str) -> Messages:
+        """What the model reads for the next reply: the system message, every earlier turn, then `user`."""
+        return as_messages([*self.history, {"role": "user", "content": user}], self.system)
+
+    def add(self, user: str, reply: str) -> None:
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def run_chat(session: ChatSession, reply: Callable[[Messages], Iterable[str]], read_line: Callable[[], str | None],
+             write: Callable[[str], None], note: Callable[[str], None]) -> int:
+    """Answer lines from `read_line` (None at the end of input) until /exit; returns the number of replies."""
+    replies = 0
+    while True:
+        try:
+            line = read_line()
+        except KeyboardInterrupt:  # at the prompt, not in a reply: the user wants out
+            note("")
+            return replies
+        if line is None:
+            return replies
+        user = line.strip()
+        if not user:
+            continue
+        if user in EXIT:
+            return replies
+        if user == RESET:
+            session.reset()
+            note("(conversation cleared)")
+            continue
+        pieces: list[str] = []
+        stream = iter(reply(session.messages(user)))
+        try:
+            for piece in stream:
+                write(piece)
+                pieces.append(piece)
+        except KeyboardInterrupt:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            write("\n")
+            note("(reply stopped)")
+        else:
+            write("\n")
+        session.add(user, "".join(pieces))
+        replies += 1

@@ -1,0 +1,121 @@
+"""A run folder read back: its settings (config.toml), its metrics records (metrics.jsonl), its summary.json, and the
+held-out figures before and after training. Standard library only, so `infopo report` starts without torch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infopo_cli.config import LOSS_PARAMS
+from infopo_cli.errors import InfopoError
+
+CONFIG, METRICS, SUMMARY = "config.toml", "metrics.jsonl", "summary.json"
+# The held-out figures a report compares before and after training.
+EVAL_KEYS = ("eval/logps/chosen", "eval/logps/rejected", "eval/rewards/margins", "eval/rewards/accuracies",
+             "eval/logps/accuracies")
+
+
+class NotARunError(InfopoError):
+    """A folder `infopo report` was given that `infopo train` did not write."""
+
+    exit_code = 2
+
+
+@dataclass
+class Run:
+    path: Path
+    settings: dict[str, Any]                              # config.toml as written: the resolved settings
+    records: list[dict[str, Any]]                         # metrics.jsonl, in order
+    summary: dict[str, Any] = field(default_factory=dict)  # summary.json; empty while a run is still going
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def loss(self) -> str:
+        return str(self.settings.get("loss", "?"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.loss})"
+
+    @property
+    def loss_params(self) -> dict[str, Any]:
+        """The loss's own parameters. config.toml holds the loss's resolved parameters and the registry refuses any
+        other, so the loss settings present are exactly its own; sft_weight only when it is on."""
+        return {k: self.settings[k] for k in LOSS_PARAMS if k in self.settings and (k != "sft_weight" or self.settings[k])}
+
+    @property
+    def data(self) -> list[str]:
+        value = self.settings.get("data", [])
+        return [value] if isinstance(value, str) else list(value)
+
+    @property
+    def eval_data(self) -> list[str]:
+        value = self.settings.get("eval_data", [])
+        return [v for v in ([value] if isinstance(value, str) else list(value)) if v]
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """Rows and format as the run read them (summary.json; absent for runs of older versions)."""
+        return self.summary.get("data") or {}
+
+    @property
+    def train(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("kind") == "train"]
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("kind") == "eval"]
+
+    @property
+    def eval_before(self) -> dict[str, Any]:
+        """The step-0 evaluation: the model before training (for a resumed run, still the first part's)."""
+        return next((r for r in self.evals if r.get("step") == 0), {})
+
+    @property
+    def eval_after(self) -> dict[str, Any]:
+        """The last evaluation after step 0 (the end of the run, or where it stopped)."""
+        later = [r for r in self.evals if (r.get("step") or 0) > 0]
+        return later[-1] if later else {}
+
+    @property
+    def steps(self) -> int:
+        return int(self.summary.get("steps") or (self.train[-1]["step"] if self.train else 0))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line torn by a kill (or a full disk) is skipped, as the recipe's own reader does."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def load(folder: str | Path) -> Run:
+    """Read a run folder; one that `infopo train` did not write is a one-line NotARunError."""
+    from infopo_cli.presets import read  # torch-free; a bad config.toml is its ConfigError naming the file
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise NotARunError(f"{path} is not a folder; pass a run folder written by `infopo train`")
+    missing = [name for name in (CONFIG, METRICS) if not (path / name).is_file()]
+    if missing:
+        raise NotARunError(f"{path} is not a run folder (no {' or '.join(missing)}); pass a folder written by "
+                           "`infopo train`")
+    try:
+        records = read_records(path / METRICS)
+        summary = json.loads((path / SUMMARY).read_text(encoding="utf-8")) if (path / SUMMARY).is_file() else {}
+    except ValueError:
+        summary = {}  # a torn summary.json: the records hold everything a report needs
+    except OSError as err:
+        raise NotARunError(f"cannot read {path}: {err.strerror or err}") from None
+    return Run(path, read(path / CONFIG), records, summary if isinstance(summary, dict) else {})
