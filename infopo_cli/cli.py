@@ -108,8 +108,7 @@ def train(
 
     [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
     """
-    flags = {k: v[0] if isinstance(v, list) and len(v) == 1 else v  # one --data is a string, several a list
-             for k, v in locals().items() if k not in ("debug", "resume") and v is not None}
+    flags = _train_flags(locals())
     from pathlib import Path
 
     from infopo_cli import presets
@@ -128,6 +127,12 @@ def train(
     from infopo_cli.train.recipe import train as run_training  # imports torch: only now
 
     _finish(run_training(cfg, Reporter(console)))
+
+
+def _train_flags(params: dict) -> dict:
+    """`infopo train`'s parameters as settings: only those given; one --data is a string, several a list."""
+    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v
+            for k, v in params.items() if k not in ("debug", "resume") and v is not None}
 
 
 def _resume(run_dir, flags: dict) -> None:
@@ -509,6 +514,86 @@ def report(
         notes.print(f"figure -> [bold]{escape(str(target))}[/]", highlight=False)
     else:
         notes.print("figure skipped: matplotlib is not installed (pip install 'infopo\\[plot]')", highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def compare(
+    ctx: typer.Context,
+    loss: Annotated[str, typer.Option("--loss", help="The losses to train, a comma list (see `infopo losses`).")] = "infopo,dpo",
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Also sweep one setting: SETTING=V1,V2 (e.g. beta=0.1,0.3): one run per loss and value.", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Parent folder of the runs (default runs/compare-LOSSES-TIME); the same command with it continues a stopped comparison.", show_default=False)] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="Then `infopo eval --generate` every run: one table of base and tuned answers.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply with --generate.")] = 256,
+) -> None:
+    """Train the same data, model and seed once per loss (or swept value), each run in its own folder, then one report.
+
+    Every other flag is an `infopo train` flag and applies to every run.
+    [dim]infopo compare --loss infopo,dpo,simpo --max-steps 40 --eval-every 10 --output runs/cmp[/]
+    [dim]infopo compare --loss infopo --sweep beta=0.1,0.25,0.5 --generate[/]
+    """
+    import time
+    from pathlib import Path
+
+    from infopo_cli import presets
+    from infopo_cli.errors import ConfigError
+    from infopo_cli.train import compare as comparison
+
+    train_command = typer.main.get_command(app).commands["train"]  # the train flags, parsed as `infopo train` does
+    flags = _train_flags(train_command.make_context("train", list(ctx.args)).params)
+    for name in comparison.OWN_FLAGS:
+        if name in flags:
+            raise ConfigError(f"--{name} is the comparison's own (pass --loss/--output before the train flags)")
+    preset = flags.pop("preset", presets.DEFAULT_PRESET)
+    variants = comparison.plan([name.strip() for name in loss.split(",") if name.strip()], comparison.parse_sweep(sweep))
+    if sweep:  # the swept values typed as `infopo train` types them on its command line
+        from dataclasses import replace
+
+        from infopo_cli.config import flag
+
+        variants = [replace(v, settings={k: value if k == "loss" else train_command.make_context(
+            "train", [flag(k), str(value)]).params[k] for k, value in v.settings.items()}) for v in variants]
+    parent = Path(output) if output else Path("runs") / f"compare-{'-'.join(v.settings['loss'] for v in variants[:3])}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resuming = comparison.claim_parent(parent, variants, {k: str(v) for k, v in flags.items()})
+    console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}"
+                  + (" (continuing)" if resuming else "") + "; reference log-probs are computed in each run "
+                  "(there is no shared reference cache yet)", highlight=False)
+
+    from infopo_cli.train.progress import Reporter
+    from infopo_cli.train.recipe import train as run_training
+
+    folders, stopped = comparison.run_all(variants, flags, parent, preset,
+                                          lambda cfg, resume=None: run_training(cfg, Reporter(console), resume=resume),
+                                          lambda line: console.print(f"[bold]{escape(line)}[/]", highlight=False))
+    if stopped is not None:
+        _print_summary(stopped)
+        err_console.print(f"[yellow]{escape(stopped.message)}[/]\n[yellow]continue the comparison with the same "
+                          f"command and --output {escape(str(parent))}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(stopped.exit_code)
+
+    from infopo_cli.reporting import figure, table
+    from infopo_cli.reporting.runs import load
+
+    runs = [load(folder) for folder in folders]
+    console.print(*table.rich_tables(runs))
+    files_written = [parent / "report.md"]
+    from infopo_cli import files
+
+    files.write_text(parent / "report.md", table.markdown_table(runs))
+    if figure.plot_runs(runs, parent / "report.png"):
+        files_written.append(parent / "report.png")
+    if generate:
+        from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
+        from infopo_cli.inference.generation import Sampling
+
+        rows = []
+        for folder in folders:
+            result = evaluate(EvalRequest(str(folder), generate=True, sampling=Sampling(max_new_tokens=max_new_tokens)),
+                              log=_note)
+            rows.append((folder.name, result))
+        files.write_text(parent / "eval.md", comparison.eval_markdown(rows))
+        console.print(comparison.eval_markdown(rows), highlight=False, markup=False)
+        files_written.append(parent / "eval.md")
+    console.print("report -> " + ", ".join(escape(str(p)) for p in files_written), highlight=False)
 
 
 @data_app.command("check")

@@ -1,0 +1,135 @@
+"""`infopo compare`: the same data, model and seed trained once per loss (or per value of a swept flag).
+
+Each variant is an ordinary run in its own folder under one parent, so everything that works on a run
+(`--resume`, `report`, `eval`, `export`) works on each. The plan is written to `PARENT/compare.json` first:
+rerunning the same command skips the runs that finished, resumes the one that was stopped (exactly, from its
+checkpoint) and starts the rest; a different plan for the same parent is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infopo_cli import files
+from infopo_cli.config import FIELDS, override
+from infopo_cli.errors import ConfigError
+
+PLAN = "compare.json"
+# what the comparison itself decides for each run; given among the train flags they would be ignored
+OWN_FLAGS = ("loss", "output", "resume")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str                 # its folder under the parent
+    settings: dict[str, Any]  # the flags that differ between the runs (loss, the swept setting)
+
+
+def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
+    """'beta=0.1,0.3' -> ('beta', ['0.1', '0.3']): one train setting and its values (as the command line gives them)."""
+    if not text:
+        return None
+    name, equals, values = text.partition("=")
+    name = name.strip().lstrip("-").replace("-", "_")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not equals or not items:
+        raise ConfigError(f"--sweep {text}: write SETTING=V1,V2 (e.g. --sweep beta=0.1,0.3)")
+    if name not in FIELDS or name in OWN_FLAGS:
+        raise ConfigError(f"--sweep {text}: '{name}' is not a setting a comparison can sweep")
+    return name, items
+
+
+def plan(losses: list[str], sweep: tuple[str, list[str]] | None) -> list[Variant]:
+    """One variant per loss, times one per swept value; names say what differs."""
+    if not losses or len(set(losses)) != len(losses):
+        raise ConfigError(f"--loss {','.join(losses)}: name each loss once")
+    values = sweep[1] if sweep else [None]
+    out = []
+    for loss in losses:
+        for value in values:
+            settings: dict[str, Any] = {"loss": loss}
+            name = loss
+            if sweep:
+                settings[sweep[0]] = value
+                name += f"-{sweep[0].replace('_', '-')}{re.sub(r'[^A-Za-z0-9.+-]', '_', value)}"
+            out.append(Variant(name, settings))
+    return out
+
+
+def claim_parent(parent: Path, variants: list[Variant], flags: dict[str, Any]) -> bool:
+    """Write the plan, or check the parent's plan is this one. True when the comparison resumes."""
+    wanted = {"runs": [v.name for v in variants], "settings": [v.settings for v in variants],
+              "flags": {k: v for k, v in sorted(flags.items())}}
+    path = parent / PLAN
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != json.loads(json.dumps(wanted)):
+            raise ConfigError(f"{parent} holds another comparison ({', '.join(saved.get('runs', []))}); pass another "
+                              "--output, or the same flags to continue it")
+        return True
+    if parent.exists() and any(parent.iterdir()):
+        raise ConfigError(f"{parent} already exists and is not a comparison; pass another --output")
+    parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, wanted)
+    return False
+
+
+def state_of(folder: Path) -> str:
+    """'done' (finished), 'stopped' (has a config: resume it) or 'new'."""
+    summary = folder / "summary.json"
+    if summary.is_file():
+        try:
+            if json.loads(summary.read_text(encoding="utf-8")).get("status") == "completed":
+                return "done"
+        except ValueError:
+            pass
+    return "stopped" if (folder / "config.toml").is_file() else "new"
+
+
+def run_all(variants: list[Variant], flags: dict[str, Any], parent: Path, preset: str,
+            train: Callable[..., Any], say: Callable[[str], None]) -> tuple[list[Path], Any]:
+    """Train every variant not yet done, in order. Returns (the run folders, None), or at a run that stopped
+    (Ctrl-C, out of memory, ...) (the folders so far, its summary): rerunning the command carries on from it."""
+    from infopo_cli import presets
+    from infopo_cli.train.resume import resumed_config
+
+    folders = []
+    for i, variant in enumerate(variants, 1):
+        folder = parent / variant.name
+        folders.append(folder)
+        state = state_of(folder)
+        say(f"[{i}/{len(variants)}] {variant.name}: " + {"done": "finished before, kept", "stopped": "resuming",
+                                                        "new": "training"}[state])
+        if state == "done":
+            continue
+        if state == "stopped":
+            summary = train(resumed_config(presets.load(str(folder / "config.toml")), {}, folder), resume=folder)
+        else:
+            cfg = override(presets.load(preset), {**flags, **variant.settings, "output": str(folder)},
+                           source="command line")
+            summary = train(cfg)
+        if summary.exit_code:
+            return folders, summary
+    return folders, None
+
+
+def eval_markdown(results: list[tuple[str, Any]]) -> str:
+    """One table over the runs' `infopo eval --generate` results: preference accuracy and answers, base vs tuned."""
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0%}"
+
+    lines = ["| run | chosen log-prob change | held-out reward accuracy | answers base | answers tuned | replies changed |",
+             "|---|---|---|---|---|---|"]
+    for name, result in results:
+        preference, generation = result.preference or {}, result.generation or {}
+        base, tuned = generation.get("base") or {}, generation.get("tuned") or {}
+        change = preference.get("logp_change_chosen")
+        lines.append(f"| {name} | {'n/a' if change is None else f'{change:+.2f}'} | "
+                     f"{percent(preference.get('reward_accuracy'))} | {percent(base.get('accuracy'))} | "
+                     f"{percent(tuned.get('accuracy'))} | {percent(generation.get('changed'))} |")
+    return "\n".join(lines) + "\n"
