@@ -71,6 +71,7 @@ def train(
     dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
     load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=help_for("gradient_checkpointing"), rich_help_panel="Model", show_default=False)] = None,
+    reference: Annotated[Optional[str], _opt("reference", "Model", metavar="precompute|online")] = None,
     share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
     lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
     lora_alpha: Annotated[Optional[int], _opt("lora_alpha", "Model")] = None,
@@ -555,8 +556,9 @@ def compare(
     parent = Path(output) if output else Path("runs") / f"compare-{'-'.join(v.settings['loss'] for v in variants[:3])}-{time.strftime('%Y%m%d-%H%M%S')}"
     resuming = comparison.claim_parent(parent, variants, {k: str(v) for k, v in flags.items()})
     console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}"
-                  + (" (continuing)" if resuming else "") + "; reference log-probs are computed in each run "
-                  "(there is no shared reference cache yet)", highlight=False)
+                  + (" (continuing)" if resuming else "") + "; they share the reference cache (--reference "
+                  "precompute): the first run that needs the reference computes it, the others read it",
+                  highlight=False)
 
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training

@@ -44,6 +44,8 @@ class TrainConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware computes it fast, else fp32), bf16, fp16, fp32.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant): less memory, ~30% more time.")
     attn_implementation: str = _f("auto", "Attention kernel: auto (transformers' choice for the model), sdpa, eager, flash_attention_2.")
+    reference: str = _f("precompute", "Reference log-probs: precompute (one pass before training, cached on disk for later runs "
+                                      "on the same base and data) or online (a reference forward in every step).")
     share_prompt: bool = _f(True, "Read each pair's prompt once (one row prompt+chosen+rejected, 4-D mask; sdpa/eager attention): same log-probs, fewer tokens.")
     # --- LoRA ------------------------------------------------------------------------------------
     lora_r: int = _f(16, "LoRA rank.")
@@ -297,6 +299,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: v in OPTIMIZERS, f"be one of {', '.join(OPTIMIZERS)}"),
     "target_modules": (bool, "name at least one module"),
     "max_length": (lambda v: v == "auto" or (isinstance(v, int) and v > 0), "be > 0 or auto"),
+    "reference": (lambda v: v in ("precompute", "online"), "be precompute or online"),
     "pairs": (lambda v: v in PAIRINGS, f"be one of {', '.join(PAIRINGS)}"),
     "report_to": (lambda v: all(name in (*TRACKERS, "none") for name in tracker_names(v, known_only=False)),
                   f"be a comma list of {', '.join(TRACKERS)}, or none"),

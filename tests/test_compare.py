@@ -35,7 +35,8 @@ def test_compare_trains_one_run_per_loss_and_writes_one_report(tmp_path, tiny_mo
         assert f'loss = "{loss}"' in (parent / loss / "config.toml").read_text()
     report = (parent / "report.md").read_text()
     assert report.count("| infopo") + report.count("| dpo") >= 2 and (parent / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "no shared reference cache yet" in proc.stdout
+    assert proc.stdout.count("reference log-probs of 16 pairs computed once") == 1  # infopo's run; dpo reads it
+    assert proc.stdout.count("reference log-probs of 16 pairs read from the cache") == 1
     again = infopo(*args)  # finished runs are kept, not retrained
     assert again.returncode == 0 and again.stdout.count("finished before, kept") == 2, again.stdout[-2000:]
     other = infopo(*[a if a != "infopo,dpo" else "infopo,simpo" for a in args])

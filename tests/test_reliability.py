@@ -282,6 +282,8 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_model
     real, saves = torch.save, []
 
     def failing(obj, path, *args, **kwargs):
+        if "cache" in Path(path).parts:  # the reference cache's own write, not a checkpoint's
+            return real(obj, path, *args, **kwargs)
         saves.append(path)
         if len(saves) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -308,6 +310,8 @@ def test_torch_s_own_full_disk_error_is_one_line_too(tiny_model, pairs_file, tmp
     real, saves = torch.save, []
 
     def failing(obj, path, *args, **kwargs):
+        if "cache" in Path(path).parts:  # the reference cache's own write, not a checkpoint's
+            return real(obj, path, *args, **kwargs)
         saves.append(path)
         if len(saves) == 2:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")

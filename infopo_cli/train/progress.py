@@ -3,7 +3,9 @@ live metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -107,6 +109,14 @@ class Reporter:
         bar = TrainProgress(self.console, total)
         bar.skip_to(start)
         return bar
+
+    @contextlib.contextmanager
+    def task(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A bar for a pass before training (on a terminal only); yields `advance(n)`."""
+        with Progress(TextColumn(f"[bold]{escape(name)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=True, disable=not self.console.is_terminal) as bar:
+            task = bar.add_task(name, total=total)
+            yield lambda n: bar.advance(task, n)
 
     def saved(self, checkpoint: Path) -> None:
         self._say(f"[dim]saved {escape(str(checkpoint))}[/]")

@@ -37,7 +37,8 @@ from infopo_cli.model import loading as model_stack
 from infopo_cli.model.precision import choose
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
-from infopo_cli.train import checkpoint, trackers
+from infopo_cli.train import checkpoint, reference_cache, trackers
+from infopo_cli.train.reference_cache import ReferenceTable
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
@@ -207,6 +208,10 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                               spec, loss_params, precision.device) if eval_tok else None
         if not spec.needs(loss_params).reference:
             report.note(f"{cfg.loss} is reference-free: no reference forward pass")
+        reference = None  # --reference precompute: one pass now (or the cache) instead of one in every step
+        if reference_cache.applies(cfg.reference, spec.needs(loss_params)):
+            reference = precomputed_reference(model, train_tok, cfg, source, precision, tokenizer.pad_token_id,
+                                              share_prompt, init_sha256, report)
 
         eval_failed: list[Stop] = []  # an evaluation that ran out of memory ends the run at this boundary
 
@@ -256,7 +261,7 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 try:
                     metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,
                                                                 tokenizer.pad_token_id, precision.device,
-                                                                share_prompt, scaler)
+                                                                share_prompt, scaler, reference)
                     updating = True
                     grad_norm, finite = apply_update(optimizer, scaler, trainable_params, cfg.max_grad_norm,
                                                      schedule.lr(step), metrics.sums["loss"])
@@ -399,15 +404,35 @@ def summarise(log: MetricsLog, run_dir: Path, precision, stop: Stop | None, skip
                       evals[-1] if evals and not stop and evals[-1]["step"] == step else {})
 
 
+def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cfg: TrainConfig, source: str,
+                          precision, pad_id: int, share_prompt: bool, init_sha256: str | None,
+                          report: Reporter) -> ReferenceTable:
+    """The reference's log-probs of every training pair, from the cache or one no-grad pass (train/reference_cache.py)."""
+    settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": cfg.attn_implementation,
+                "share_prompt": share_prompt, "init_adapter": init_sha256, "max_length": cfg.max_length,
+                "max_prompt_length": cfg.max_prompt_length}
+    key = reference_cache.cache_key(reference_cache.model_identity(source), settings, pairs)
+    started = time.perf_counter()
+    with report.task("reference log-probs", len(pairs)) as advance:
+        table, cached = reference_cache.load_or_compute(key, lambda: reference_cache.compute(
+            model, pairs, cfg.eval_batch_size, pad_id, share_prompt, precision.device, advance), len(pairs))
+    report.note(f"reference log-probs of {len(pairs)} pairs " + ("read from the cache" if cached else
+                f"computed once ({time.perf_counter() - started:.0f}s), cached for later runs on this base and data"))
+    return reference_cache.ReferenceTable(pairs, table)
+
+
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[TokenizedPair]], spec: LossSpec,
                          loss_params: dict[str, float], pad_id: int, device: str, share_prompt: bool = False,
-                         scaler: torch.amp.GradScaler | None = None) -> tuple[PairMetrics, int]:
-    """Forward and backward over the micro-batches of one optimizer step; returns metrics and tokens read."""
+                         scaler: torch.amp.GradScaler | None = None,
+                         reference: ReferenceTable | None = None) -> tuple[PairMetrics, int]:
+    """Forward and backward over the micro-batches of one optimizer step; returns metrics and tokens read.
+    With `reference` (precomputed log-probs) the step runs no reference forward."""
     n_pairs = sum(len(pairs) for pairs in micro_batches)
     metrics, tokens = PairMetrics(), 0
     for pairs in micro_batches:
         batch = collate(pairs, pad_id, share_prompt).to(device)
-        logps = pair_logps(model, batch, spec.needs(loss_params))
+        cached = reference(pairs).to(device) if reference is not None else None
+        logps = pair_logps(model, batch, spec.needs(loss_params), reference=cached)
         out = registry.compute(spec, logps, loss_params)
         # Sum over pairs / pairs in the global batch: the same loss and gradient however the global
         # batch is split into micro-batches (a mean per micro-batch would weight small ones more).

@@ -1,0 +1,135 @@
+"""Reference log-probs computed once and cached on disk (`--reference precompute`, the default).
+
+The reference is frozen, so its sequence log-probs of the training pairs never change during a run:
+one no-grad pass with the adapter disabled (or the frozen init adapter) before the first step replaces a
+reference forward in every step of every epoch, and later runs on the same base and data (a beta sweep,
+another loss, `infopo compare`, a resume) read them from `$INFOPO_HOME/cache/reference/`.
+
+The key is everything the numbers depend on: the base model's files (sha256 of each, remembered by path,
+size and mtime so a file is hashed once), the init adapter's weights, 4-bit or not, the compute dtype, the
+attention kernel, and the token ids of every pair (so the data, tokenizer, chat template, max_length and
+truncation are all in it). A loss that needs the reference's full-vocabulary KL (TDPO's priors) stays online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from infopo_cli import files
+from infopo_cli.data.batching import collate, eval_batches
+from infopo_cli.data.tokenization import TokenizedPair
+from infopo_cli.losses.types import Needs
+
+VERSION = 1  # bump when the way log-probs are computed changes, so old entries are not reused
+MODES = ("precompute", "online")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".json", ".model")
+
+
+def applies(mode: str, needs: Needs) -> bool:
+    """Whether this run's reference can come from the cache: it needs one, and only its sequence log-probs."""
+    return mode == "precompute" and needs.reference and not needs.kl
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) in the cache so a large base is hashed once."""
+    stat = path.stat()
+    memo_path = files.infopo_home() / "cache" / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    tag = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if tag not in memo:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        memo[tag] = digest.hexdigest()
+        try:
+            files.write_text(memo_path, json.dumps(memo))
+        except Exception:  # noqa: BLE001  (a memo that cannot be written only costs a re-hash next time)
+            pass
+    return memo[tag]
+
+
+def model_identity(source: str) -> list[str]:
+    """The base's files and their hashes (a hub id: its cached snapshot's files, which name their revision)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, local_files_only=True))
+    return [f"{p.relative_to(folder)}={file_digest(p)}" for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith(".")]
+
+
+def cache_key(identity: Sequence[str], settings: dict, pairs: Sequence[TokenizedPair]) -> str:
+    digest = hashlib.sha256(json.dumps([VERSION, list(identity), settings], sort_keys=True, default=str).encode())
+    for pair in pairs:
+        digest.update(repr((pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)).encode())
+    return digest.hexdigest()[:32]
+
+
+def cache_path(key: str) -> Path:
+    return files.infopo_home() / "cache" / "reference" / f"{key}.pt"
+
+
+@torch.no_grad()
+def compute(model: torch.nn.Module, pairs: list[TokenizedPair], batch_size: int, pad_id: int, share_prompt: bool,
+            device: str, advance: Callable[[int], None] = lambda n: None) -> torch.Tensor:
+    """(N, 2) float32: the reference's summed log-probs of each pair's chosen and rejected response, in `pairs`
+    order; length-grouped batches (little padding), the model in eval mode with its adapter disabled."""
+    from infopo_cli.model.loading import reference_mode
+    from infopo_cli.train.checkpoint import capture_rng, restore_rng
+    from infopo_cli.train.logps import batch_logps
+
+    row = {id(pair): i for i, pair in enumerate(pairs)}
+    table = torch.empty((len(pairs), 2), dtype=torch.float32)
+    was_training, rng = model.training, capture_rng()
+    model.eval()
+    try:
+        with reference_mode(model):
+            for group in eval_batches(pairs, batch_size):
+                sums = batch_logps(model, collate(group, pad_id, share_prompt).to(device)).sums.float().cpu()
+                index = torch.tensor([row[id(p)] for p in group])
+                table[index, 0], table[index, 1] = sums[:len(group)], sums[len(group):]
+                advance(len(group))
+    finally:
+        restore_rng(rng)  # nothing here draws, but the run's exact resume must not depend on that
+        model.train(was_training)
+    return table
+
+
+def load_or_compute(key: str, compute_table: Callable[[], torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, bool]:
+    """(the table, whether it came from the cache); a damaged or mismatched entry is recomputed."""
+    path = cache_path(key)
+    if path.is_file():
+        try:
+            table = torch.load(path, weights_only=True)
+            if isinstance(table, torch.Tensor) and table.shape == (n_pairs, 2):
+                return table, True
+        except Exception:  # noqa: BLE001  (any unreadable entry: compute it again)
+            pass
+    table = compute_table()
+    try:
+        with files.replacing(path) as tmp:
+            torch.save(table, tmp)
+    except Exception:  # noqa: BLE001  (a cache that cannot be written costs speed next time, never the run)
+        pass
+    return table, False
+
+
+class ReferenceTable:
+    """Looks up the cached reference log-probs of a micro-batch, laid out as `pair_logps` takes them."""
+
+    def __init__(self, pairs: list[TokenizedPair], table: torch.Tensor) -> None:
+        self.row, self.table = {id(pair): i for i, pair in enumerate(pairs)}, table
+
+    def __call__(self, group: list[TokenizedPair]) -> torch.Tensor:
+        index = torch.tensor([self.row[id(p)] for p in group])
+        return torch.cat([self.table[index, 0], self.table[index, 1]])

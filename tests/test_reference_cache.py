@@ -1,0 +1,79 @@
+"""--reference precompute: the reference's log-probs computed once, cached on disk, equal to the online ones."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import torch
+from conftest import build_tiny_model, write_pairs
+from rich.console import Console
+from test_train import tiny_cfg
+
+from infopo_cli.data.batching import collate
+from infopo_cli.data.loading import read_pairs
+from infopo_cli.data.tokenization import encode_pair
+from infopo_cli.losses.types import Needs
+from infopo_cli.model import loading as stack
+from infopo_cli.model.precision import Precision
+from infopo_cli.config import TrainConfig
+from infopo_cli.train import recipe, reference_cache
+from infopo_cli.train.logps import pair_logps
+from infopo_cli.train.progress import Reporter
+
+
+def test_cached_reference_equals_the_online_reference_pass(tiny_model, pairs_file):
+    cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8)
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg)
+    tokenizer = stack.load_tokenizer(str(tiny_model))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a trained adapter: policy != reference, so a mix-up would show
+    pairs = [encode_pair(tokenizer, p, 128, 64) for p in read_pairs(str(pairs_file))]
+    for share_prompt in (False, True):
+        table = reference_cache.compute(model, pairs, 5, tokenizer.pad_token_id, share_prompt, "cpu")
+        lookup = reference_cache.ReferenceTable(pairs, table)
+        for group in (pairs[:4], pairs[4:11], pairs[20:]):  # training micro-batches, padded differently
+            online = pair_logps(model, collate(group, tokenizer.pad_token_id, share_prompt), Needs(reference=True))
+            torch.testing.assert_close(lookup(group), torch.cat([online.ref_chosen, online.ref_rejected]).detach(),
+                                       atol=2e-5, rtol=1e-5)
+            assert not torch.allclose(online.policy_chosen, online.ref_chosen)
+
+
+def run(tiny_model, data, out, **kw):
+    text = io.StringIO()
+    summary = recipe.train(tiny_cfg(tiny_model, data, out, eval_data="", max_steps=2, **kw),
+                           Reporter(Console(file=text, width=300)))
+    return summary, text.getvalue()
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_a_second_run_reads_the_cache_and_trains_as_the_online_reference_does(tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 16)
+    _, first = run(tiny_model, data, tmp_path / "a", loss="dpo")
+    assert "reference log-probs of 16 pairs computed once" in first
+    _, second = run(tiny_model, data, tmp_path / "b", loss="dpo", beta=0.3)  # a beta sweep: same reference
+    assert "reference log-probs of 16 pairs read from the cache" in second
+    _, online = run(tiny_model, data, tmp_path / "c", loss="dpo", reference="online")
+    assert "reference log-probs" not in online
+    assert losses(tmp_path / "a") == losses(tmp_path / "c") or all(
+        abs(x - y) < 1e-4 for x, y in zip(losses(tmp_path / "a"), losses(tmp_path / "c")))
+
+
+def test_each_change_the_reference_depends_on_misses_the_cache(tiny_model, tmp_path, monkeypatch):
+    data = write_pairs(tmp_path / "pairs.jsonl", 8)
+    keys = []
+    real = reference_cache.cache_key
+    monkeypatch.setattr(reference_cache, "cache_key", lambda *a: keys.append(real(*a)) or keys[-1])
+    other_base = build_tiny_model(tmp_path / "other-base", seed=1)                      # other weights
+    other_template = build_tiny_model(tmp_path / "other-template", chat_template=None)  # same weights, other tokens
+    for i, (model, kw) in enumerate([(tiny_model, {}), (tiny_model, {"beta": 0.5}), (other_base, {}),
+                                     (other_template, {}), (tiny_model, {"max_length": 96}),
+                                     (tiny_model, {"dtype": "bf16"}), (tiny_model, {"load_in_4bit": False})]):
+        run(model, data, tmp_path / f"run{i}", loss="dpo", **kw)
+    assert keys[0] == keys[1]  # a loss setting is not part of the reference
+    assert len(set(keys[1:])) == 6, keys
