@@ -37,7 +37,7 @@ def settings(args: argparse.Namespace):
 
     cfg = load(args.preset)
     overrides = {"max_steps": args.steps, "loss": args.loss, "dtype": args.dtype, "eval_data": "", "save_every": 0,
-                 "share_prompt": not args.no_share_prompt,
+                 "share_prompt": not args.no_share_prompt, "reference": args.reference,
                  **{k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
                                       ("grad_accum", args.grad_accum), ("data", args.data),
                                       ("gradient_checkpointing", args.gradient_checkpointing)) if v is not None}}
@@ -105,7 +105,7 @@ def run_infopo(args: argparse.Namespace) -> dict:
     step_s = statistics.median(r["step_seconds"] for r in steady)
     pairs_per_s = cfg.batch_size * cfg.grad_accum / step_s
     per_pair = tokens_per_pair(cfg, load_tokenizer(resolve_source(cfg.model, log=lambda _: None)))
-    return {"tool": f"infopo ({cfg.loss}{'' if cfg.share_prompt else ', 2 rows'})", "step_s": step_s, "pairs_per_s": pairs_per_s,
+    return {"tool": f"infopo ({cfg.loss}{'' if cfg.share_prompt else ', 2 rows'}, reference {cfg.reference})", "step_s": step_s, "pairs_per_s": pairs_per_s,
             "tokens_per_s": pairs_per_s * per_pair, "peak_gib": summary.peak_memory_gib, "dtype": summary.dtype,
             "device": summary.device, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"]}
 
@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         help="on both sides (default: as the preset sets it)")
     parser.add_argument("--no-share-prompt", action="store_true", help="infopo reads each prompt twice, as TRL does")
+    parser.add_argument("--reference", choices=["precompute", "online"], default="precompute",
+                        help="infopo's reference log-probs: one cached pass before training (default) or a forward per step")
     parser.add_argument("--data", help=argparse.SUPPRESS)  # set for the child processes
     parser.add_argument("--only", choices=["infopo", "trl"], help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
