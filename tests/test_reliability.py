@@ -278,18 +278,22 @@ def test_out_of_memory_while_evaluating_saves_the_step_and_the_evaluation_runs_o
     assert [r["step"] for r in metrics(run_dir) if r["kind"] == "eval"] == [0, 2, 4, 6]
 
 
-def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
+def fail_second_checkpoint_save(monkeypatch, error: Exception) -> None:
+    """torch.save raises `error` when the run saves its second checkpoint (the reference cache's write passes)."""
     real, saves = torch.save, []
 
     def failing(obj, path, *args, **kwargs):
-        if "cache" in Path(path).parts:  # the reference cache's own write, not a checkpoint's
-            return real(obj, path, *args, **kwargs)
-        saves.append(path)
-        if len(saves) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if "cache" not in Path(path).parts:
+            saves.append(path)
+            if len(saves) == 2:
+                raise error
         return real(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", failing)
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_model, pairs_file, tmp_path, monkeypatch):
+    fail_second_checkpoint_save(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     run_dir = tmp_path / "run"
     with pytest.raises(OutputError) as err:
         recipe.train(cfg_for(tiny_model, pairs_file, run_dir, save_every=2))
@@ -307,17 +311,7 @@ def test_torch_s_own_full_disk_error_is_one_line_too(tiny_model, pairs_file, tmp
     200 KB tmpfs; with the disk nearly full that becomes the same one line as an OSError would."""
     from collections import namedtuple
 
-    real, saves = torch.save, []
-
-    def failing(obj, path, *args, **kwargs):
-        if "cache" in Path(path).parts:  # the reference cache's own write, not a checkpoint's
-            return real(obj, path, *args, **kwargs)
-        saves.append(path)
-        if len(saves) == 2:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-        return real(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.torch, "save", failing)
+    fail_second_checkpoint_save(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10, 10, 0))
     with pytest.raises(OutputError) as err:
         recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "run", save_every=2))
