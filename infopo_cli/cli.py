@@ -97,6 +97,8 @@ def train(
     seed: Annotated[Optional[int], _opt("seed", "Optimisation")] = None,
     eval_every: Annotated[Optional[int], _opt("eval_every", "Output")] = None,
     eval_batch_size: Annotated[Optional[int], _opt("eval_batch_size", "Output")] = None,
+    eval_generate_every: Annotated[Optional[int], _opt("eval_generate_every", "Output")] = None,
+    eval_max_new_tokens: Annotated[Optional[int], _opt("eval_max_new_tokens", "Output")] = None,
     save_every: Annotated[Optional[int], _opt("save_every", "Output")] = None,
     keep_checkpoints: Annotated[Optional[int], _opt("keep_checkpoints", "Output")] = None,
     max_bad_steps: Annotated[Optional[int], _opt("max_bad_steps", "Optimisation")] = None,

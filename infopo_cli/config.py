@@ -106,6 +106,9 @@ class TrainConfig:
     # --- evaluation, logging, saving -------------------------------------------------------------
     eval_every: int = _f(0, "Evaluate on the held-out pairs every N steps (0: only before and after training).")
     eval_batch_size: int = _f(16, "Pairs per evaluation batch.")
+    eval_generate_every: int = _f(0, "Also score the policy's greedy answers to held-out prompts that carry an answer, at the "
+                                     "start, every N steps and at the end (eval/answers/accuracy; 0: off).")
+    eval_max_new_tokens: int = _f(256, "Longest reply when answers are scored during training.")
     save_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end and when stopped).")
     keep_checkpoints: int = _f(2, "Keep the newest K checkpoint-N folders, delete older ones (the final adapter is always kept).")
     max_bad_steps: int = _f(10, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
@@ -288,10 +291,10 @@ _FRACTION = (lambda v: 0 <= v < 1, "be in [0, 1)")
 LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # counts and sizes; keep_checkpoints 0 would delete the checkpoint a resume needs, max_bad_steps 0 stops at once
     **dict.fromkeys(("lora_r", "lora_alpha", "max_prompt_length", "batch_size", "grad_accum",
-                     "eval_batch_size", "max_steps", "keep_checkpoints", "max_bad_steps", "epochs", "lr", "beta"),
+                     "eval_batch_size", "eval_max_new_tokens", "max_steps", "keep_checkpoints", "max_bad_steps", "epochs", "lr", "beta"),
                     _POSITIVE),
     # 0 means off (save_every, eval_every, max_grad_norm, sft_weight); a negative value has no meaning
-    **dict.fromkeys(("save_every", "eval_every", "seed", "weight_decay", "max_grad_norm", "sft_weight", "gamma",
+    **dict.fromkeys(("save_every", "eval_every", "eval_generate_every", "seed", "weight_decay", "max_grad_norm", "sft_weight", "gamma",
                      "gamma_min", "gamma_max", "rdpo_alpha", "tdpo_alpha"), _NOT_NEGATIVE),
     **dict.fromkeys(("warmup_ratio", "lora_dropout"), _FRACTION),
     # label_smoothing's [0, 0.5) is checked by the loss registry, which also sees the losses' defaults

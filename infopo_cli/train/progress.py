@@ -103,7 +103,9 @@ class Reporter:
         self._say(f"eval @ step {step} ({seconds:.0f}s): loss {metrics['eval/loss']:.4f}  "
                   f"logps/chosen {metrics['eval/logps/chosen']:.2f}  logps/rejected {metrics['eval/logps/rejected']:.2f}  "
                   f"rewards/accuracies {metrics['eval/rewards/accuracies']:.3f}  "
-                  f"logps/accuracies {metrics['eval/logps/accuracies']:.3f}")
+                  f"logps/accuracies {metrics['eval/logps/accuracies']:.3f}"
+                  + (f"  answers/accuracy {metrics['eval/answers/accuracy']:.3f} (stopped "
+                     f"{metrics['eval/answers/stopped']:.0%})" if "eval/answers/accuracy" in metrics else ""))
 
     def progress(self, total: int, start: int) -> TrainProgress:
         bar = TrainProgress(self.console, total)

@@ -37,7 +37,7 @@ from infopo_cli.model import loading as model_stack
 from infopo_cli.model.precision import choose
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
-from infopo_cli.train import checkpoint, reference_cache, trackers
+from infopo_cli.train import answer_eval, checkpoint, reference_cache, trackers
 from infopo_cli.train.reference_cache import ReferenceTable
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import pair_logps, takes_custom_masks
@@ -214,6 +214,11 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                                               share_prompt, init_sha256, report)
 
         eval_failed: list[Stop] = []  # an evaluation that ran out of memory ends the run at this boundary
+        answers = answer_eval.answer_rows(eval_pairs, cfg.eval_data, cfg.eval_split or cfg.split) \
+            if evaluator and cfg.eval_generate_every else []
+        if evaluator and cfg.eval_generate_every and not answers:
+            report.note("--eval-generate-every: no held-out row carries an answer ('answer' field, or a chosen reply "
+                        "ending 'The answer is N.'); answers are not scored")
 
         def evaluate(step: int) -> bool:
             """Held-out metrics at `step`, logged; False if a stop request or a lack of memory cut it short."""
@@ -228,6 +233,9 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 return False
             if metrics is None:
                 return False
+            if answers and (step in (0, total_steps) or step % cfg.eval_generate_every == 0):
+                metrics.update(answer_eval.answer_metrics(model, tokenizer, answers, cfg.eval_max_new_tokens,
+                                                          cfg.eval_batch_size))
             log.write({"kind": "eval", "step": step, **metrics})
             report.evaluation(step, metrics, time.perf_counter() - t)
             return True
@@ -294,7 +302,8 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 bar.step(step, record)
 
                 # --- between steps: evaluate, stop, checkpoint ------------------------------------
-                eval_due = bool(evaluator and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps)
+                eval_due = bool(evaluator and step < total_steps and any(every and step % every == 0 for every in
+                                                                           (cfg.eval_every, cfg.eval_generate_every)))
                 pending_eval = eval_due and (stops.requested or not evaluate(step))
                 stop = eval_failed[0] if eval_failed else None
                 if bad_streak >= cfg.max_bad_steps:
