@@ -9,7 +9,8 @@ from infopo_cli import files
 # Rewards (beta * log-ratio to the reference) rather than raw log-probs: batches differ in length, so raw
 # log-probs jump from step to step while the change against the reference is comparable.
 PANELS = [("loss", ["loss"]), ("rewards: beta * log(pi / pi_ref)", ["rewards/chosen", "rewards/rejected"]),
-          ("reward margin", ["rewards/margins"]), ("accuracy", ["rewards/accuracies", "logps/accuracies"])]
+          ("reward margin", ["rewards/margins"]),
+          ("accuracy", ["rewards/accuracies", "logps/accuracies", "answers/accuracy"])]  # answers: held-out only
 
 
 def plot_run(records: list[dict], path: Path, title: str) -> bool:
@@ -25,11 +26,13 @@ def plot_run(records: list[dict], path: Path, title: str) -> bool:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (name, keys) in zip(axes.flat, PANELS):
         for key in keys:
-            line = ax.plot([r["step"] for r in train], [r[key] for r in train], label=key, lw=1.2)
+            steps = [r for r in train if key in r]
+            colour = ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=key, lw=1.2)[0].get_color() \
+                if steps else None
             points = [r for r in evals if f"eval/{key}" in r]
             if points:
-                ax.plot([r["step"] for r in points], [r[f"eval/{key}"] for r in points], "o--",
-                        color=line[0].get_color(), label=f"eval/{key}")
+                ax.plot([r["step"] for r in points], [r[f"eval/{key}"] for r in points], "o--", color=colour,
+                        label=f"eval/{key}")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
