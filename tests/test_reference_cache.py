@@ -77,3 +77,10 @@ def test_each_change_the_reference_depends_on_misses_the_cache(tiny_model, tmp_p
         run(model, data, tmp_path / f"run{i}", loss="dpo", **kw)
     assert keys[0] == keys[1]  # a loss setting is not part of the reference
     assert len(set(keys[1:])) == 6, keys
+
+
+def test_a_base_whose_files_cannot_be_found_is_computed_but_never_cached(tmp_path, monkeypatch):
+    assert reference_cache.model_identity(str(tmp_path / "no-such-model")) is None  # not a folder, not in the hub cache
+    calls = []
+    table, cached = reference_cache.load_or_compute(None, lambda: calls.append(1) or torch.zeros((2, 2)), 2)
+    assert calls == [1] and not cached and not (reference_cache.cache_path("x").parent).exists()

@@ -420,13 +420,15 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
     settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": cfg.attn_implementation,
                 "share_prompt": share_prompt, "init_adapter": init_sha256, "max_length": cfg.max_length,
                 "max_prompt_length": cfg.max_prompt_length}
-    key = reference_cache.cache_key(reference_cache.model_identity(source), settings, pairs)
+    identity = reference_cache.model_identity(source)
+    key = reference_cache.cache_key(identity, settings, pairs) if identity is not None else None
     started = time.perf_counter()
     with report.task("reference log-probs", len(pairs)) as advance:
         table, cached = reference_cache.load_or_compute(key, lambda: reference_cache.compute(
             model, pairs, cfg.eval_batch_size, pad_id, share_prompt, precision.device, advance), len(pairs))
     report.note(f"reference log-probs of {len(pairs)} pairs " + ("read from the cache" if cached else
-                f"computed once ({time.perf_counter() - started:.0f}s), cached for later runs on this base and data"))
+                f"computed once ({time.perf_counter() - started:.0f}s)" + (", cached for later runs on this base and data"
+                if key else "; not cached: the base's files were not found to key them")))
     return reference_cache.ReferenceTable(pairs, table)
 
 

@@ -57,13 +57,17 @@ def file_digest(path: Path) -> str:
     return memo[tag]
 
 
-def model_identity(source: str) -> list[str]:
-    """The base's files and their hashes (a hub id: its cached snapshot's files, which name their revision)."""
+def model_identity(source: str) -> list[str] | None:
+    """The base's files and their hashes (a hub id: its cached snapshot's files); None where they cannot be
+    found (then nothing is cached: a key without the weights could serve another model's numbers)."""
     folder = Path(source)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+        try:
+            from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(source, local_files_only=True))
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001  (not in the local hub cache, or no hub library)
+            return None
     return [f"{p.relative_to(folder)}={file_digest(p)}" for p in sorted(folder.rglob("*"))
             if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith(".")]
 
@@ -105,8 +109,10 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], batch_size: int,
     return table
 
 
-def load_or_compute(key: str, compute_table: Callable[[], torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, bool]:
-    """(the table, whether it came from the cache); a damaged or mismatched entry is recomputed."""
+def load_or_compute(key: str | None, compute_table: Callable[[], torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, bool]:
+    """(the table, whether it came from the cache); a damaged or mismatched entry is recomputed; key None: no cache."""
+    if key is None:
+        return compute_table(), False
     path = cache_path(key)
     if path.is_file():
         try:
