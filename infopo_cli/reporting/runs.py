@@ -10,6 +10,7 @@ from typing import Any
 
 from infopo_cli.config import LOSS_PARAMS
 from infopo_cli.errors import InfopoError
+from infopo_cli.train.metrics import read_records
 
 CONFIG, METRICS, SUMMARY = "config.toml", "metrics.jsonl", "summary.json"
 # The held-out figures a report compares before and after training.
@@ -85,19 +86,6 @@ class Run:
     @property
     def steps(self) -> int:
         return int(self.summary.get("steps") or (self.train[-1]["step"] if self.train else 0))
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line torn by a kill (or a full disk) is skipped, as the recipe's own reader does."""
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def load(folder: str | Path) -> Run:

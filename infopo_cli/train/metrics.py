@@ -42,6 +42,19 @@ class Sink(Protocol):
     def log(self, record: dict) -> None: ...
 
 
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line torn by SIGKILL or a full disk is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per step or evaluation, appended as it happens.
 
@@ -55,13 +68,7 @@ class MetricsLog:
         self.sinks = list(sinks)
         self.records: list[dict] = []
         if resume_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by SIGKILL or a full disk
-                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                    self.records.append(record)
+            self.records = [r for r in read_records(path) if r.get("step", 0) <= resume_step]
             files.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
