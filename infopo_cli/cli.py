@@ -6,6 +6,7 @@ Errors a user can fix print as one red line (exit 2 for bad input); `--debug` sh
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -93,6 +94,7 @@ def train(
     max_steps: Annotated[Optional[int], _opt("max_steps", "Optimisation")] = None,
     batch_size: Annotated[Optional[int], _opt("batch_size", "Optimisation")] = None,
     grad_accum: Annotated[Optional[int], _opt("grad_accum", "Optimisation")] = None,
+    nproc: Annotated[Optional[int], _opt("nproc", "Optimisation")] = None,
     optimizer: Annotated[Optional[str], _opt("optimizer", "Optimisation")] = None,
     seed: Annotated[Optional[int], _opt("seed", "Optimisation")] = None,
     eval_every: Annotated[Optional[int], _opt("eval_every", "Output")] = None,
@@ -125,6 +127,7 @@ def train(
     from infopo_cli.losses.registry import resolve  # light: imports torch only for tensors' types
 
     resolve(cfg.loss, cfg.loss_overrides())  # an unknown loss or a flag it does not take: one line, before loading
+    _launch_if_asked(cfg.nproc)
 
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training  # imports torch: only now
@@ -145,15 +148,27 @@ def _resume(run_dir, flags: dict) -> None:
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    cfg = resumed_config(presets.load(str(run_dir / "config.toml")), flags, run_dir)
+    cfg = resumed_config(presets.load(str(run_dir / "config.toml")), flags, run_dir,
+                         console.print if not _rank() else lambda message: None)
+    _launch_if_asked(cfg.nproc)
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training
 
     _finish(run_training(cfg, Reporter(console), resume=run_dir))
 
 
+def _launch_if_asked(nproc: int) -> None:
+    """--nproc N (or a run saved with it) outside torchrun/accelerate: run this command as N processes."""
+    from infopo_cli.train import launch
+
+    if nproc > 1 and not launch.under_launcher():
+        raise typer.Exit(launch.launch(nproc, launch.without_nproc(sys.argv[1:])))
+
+
 def _finish(summary) -> None:
-    """The summary table, then why the run stopped (if it did) and the exit code that says so."""
+    """The summary table, then why the run stopped (if it did) and the exit code that says so (rank 0 tells)."""
+    if _rank():
+        raise typer.Exit(summary.exit_code)
     _print_summary(summary)
     if summary.exit_code:
         style = "red" if summary.exit_code < 128 else "yellow"
@@ -696,15 +711,26 @@ def _usage_error(err: Exception) -> str | None:
     return " ".join(err.format_message().split()) + where
 
 
+def _rank() -> int:
+    """This process's rank under torchrun/accelerate (0 alone): only rank 0 prints the run; others' errors say their rank."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    """A collective that failed because another process of the run stopped (its own error is printed by it)."""
+    return _rank() > 0 and (type(err).__module__.startswith("torch.distributed") or "Connection closed by peer" in str(err))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    who = f"rank {_rank()}: " if _rank() else ""
     try:
         # returns the code of a typer.Exit instead of raising it
         code = app(args=_fill_optional_values(sys.argv[1:]), prog_name="infopo", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except InfopoError as err:
-        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        err_console.print(f"{who}[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         if debug:
             raise
         sys.exit(err.exit_code)
@@ -723,8 +749,11 @@ def main() -> None:
             sys.exit(err.exit_code)
         if debug:
             raise
-        err_console.print(f"[red]error:[/] {type(err).__name__}: {escape(str(err))} (run again with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+        if _is_collective_failure(err):
+            err_console.print(f"{who}stopped: another process of this run ended (see its message)", highlight=False)
+            sys.exit(1)
+        err_console.print(f"{who}[red]error:[/] {type(err).__name__}: {escape(str(err))} (run again with --debug for the "
+                          "traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

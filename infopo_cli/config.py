@@ -97,7 +97,9 @@ class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps.")
     batch_size: int = _f(8, "Preference pairs per micro-batch (each pair is two sequences).")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step (global batch = batch_size * grad_accum).")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (global batch = batch_size * grad_accum * nproc).")
+    nproc: int = _f(1, "Processes (GPUs) to train on, data-parallel: infopo starts torchrun for N > 1 (under torchrun or "
+                       "accelerate launch it is the launcher's world size).")
     warmup_ratio: float = _f(0.1, "Fraction of steps with linear warm-up before the cosine decay.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0: no clipping).")
@@ -290,7 +292,7 @@ _NOT_NEGATIVE = (lambda v: v >= 0, "be >= 0")
 _FRACTION = (lambda v: 0 <= v < 1, "be in [0, 1)")
 LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # counts and sizes; keep_checkpoints 0 would delete the checkpoint a resume needs, max_bad_steps 0 stops at once
-    **dict.fromkeys(("lora_r", "lora_alpha", "max_prompt_length", "batch_size", "grad_accum",
+    **dict.fromkeys(("lora_r", "lora_alpha", "max_prompt_length", "batch_size", "grad_accum", "nproc",
                      "eval_batch_size", "eval_max_new_tokens", "max_steps", "keep_checkpoints", "max_bad_steps", "epochs", "lr", "beta"),
                     _POSITIVE),
     # 0 means off (save_every, eval_every, max_grad_norm, sft_weight); a negative value has no meaning

@@ -76,7 +76,7 @@ def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, quantization_config=quantization, dtype=precision.dtype,
-                device_map={"": precision.device},
+                device_map={"": torch.cuda.current_device() if precision.device == "cuda" else precision.device},  # the rank's GPU
                 **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
             )
         except (OSError, ValueError, ImportError) as err:

@@ -18,6 +18,9 @@ from infopo_cli.inference.generation import Sampling, generate
 from infopo_cli.inference.prompts import PromptRow, answers_by_row, rows_from_pairs
 
 
+KEYS = ("eval/answers/accuracy", "eval/answers/stopped", "eval/answers/new_tokens")
+
+
 def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], split: str) -> list[PromptRow]:
     """The held-out prompts that carry a reference answer."""
     return [row for row in rows_from_pairs(pairs, answers_by_row(sources, split)) if row.answer is not None]

@@ -30,6 +30,12 @@ class Evaluator:
         saves its checkpoint now rather than after a long evaluation). The RNG states are left as they
         were, so an evaluation never changes what the training steps after it draw.
         """
+        totals = self.totals(model, policy_is_reference, should_stop)
+        return totals.means(prefix="eval/") if totals is not None else None
+
+    def totals(self, model: nn.Module, policy_is_reference: bool = False,
+               should_stop: Callable[[], bool] = lambda: False) -> PairMetrics | None:
+        """The sums behind `__call__`'s means (a multi-process run adds up each rank's share of the batches)."""
         was_training, rng = model.training, capture_rng()
         model.eval()
         try:
@@ -38,7 +44,7 @@ class Evaluator:
             restore_rng(rng)
             model.train(was_training)
 
-    def _evaluate(self, model: nn.Module, policy_is_reference: bool, should_stop: Callable[[], bool]) -> dict[str, float] | None:
+    def _evaluate(self, model: nn.Module, policy_is_reference: bool, should_stop: Callable[[], bool]) -> PairMetrics | None:
         metrics, reference = PairMetrics(), []
         for i, batch in enumerate(self.batches):
             if should_stop():
@@ -51,4 +57,4 @@ class Evaluator:
                 reference.append(torch.cat([logps.ref_chosen, logps.ref_rejected]))
             metrics.add(compute(self.spec, logps, self.params), logps)
         self.reference = reference or None
-        return metrics.means(prefix="eval/")
+        return metrics

@@ -17,6 +17,9 @@ from infopo_cli.losses.types import LossOutput, PairLogps
 class PairMetrics:
     """Sums per-pair quantities over micro-batches; `means()` divides by the number of pairs."""
 
+    KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "logps/accuracies")
+
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.pairs = 0
@@ -61,19 +64,23 @@ class MetricsLog:
     A resumed run first cuts the file back to the checkpoint's step (dropping a line torn by a kill),
     so the log covers the whole run once. Non-finite values are written as null (valid JSON).
     Each record written is also passed to every sink's `log(record)` (the --report-to trackers).
+    `writes=False` (ranks other than 0 of a multi-process run): the same records in memory, the file untouched.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None, sinks: Sequence[Sink] = ()) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, sinks: Sequence[Sink] = (), writes: bool = True) -> None:
+        self.path, self.writes = path, writes
         self.sinks = list(sinks)
         self.records: list[dict] = []
         if resume_step is not None and path.is_file():
             self.records = [r for r in read_records(path) if r.get("step", 0) <= resume_step]
-            files.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+            if writes:
+                files.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
         record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         self.records.append(record)
+        if not self.writes:
+            return
         try:
             with self.path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")

@@ -59,6 +59,10 @@ class Reporter:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()
 
+    def silenced(self) -> Reporter:
+        """The same messages, unprinted (processes other than rank 0 of a multi-process run)."""
+        return type(self)(Console(quiet=True))
+
     def _say(self, message: str) -> None:
         self.console.print(message, highlight=False)
 
@@ -128,6 +132,8 @@ class Reporter:
         and buffered I/O entered again from a handler raises ("reentrant call")."""
         from infopo_cli.train.stops import NAMES
 
+        if self.console.quiet:
+            return
         text = (f"{NAMES.get(signum, signum)}: stopping after the current step with a checkpoint "
                 "(send it again to stop at once; the last complete checkpoint stays)\n")
         try:

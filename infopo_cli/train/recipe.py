@@ -37,7 +37,7 @@ from infopo_cli.model import loading as model_stack
 from infopo_cli.model.precision import choose
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
-from infopo_cli.train import answer_eval, checkpoint, reference_cache, trackers
+from infopo_cli.train import answer_eval, checkpoint, distributed, reference_cache, trackers
 from infopo_cli.train.reference_cache import ReferenceTable
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import pair_logps, takes_custom_masks
@@ -85,8 +85,20 @@ def peak_memory_gib(device: str) -> float:
 
 
 def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None = None) -> RunSummary:
-    """Run the recipe; with `resume` (a run folder), continue from its newest complete checkpoint."""
-    report = report or Reporter()
+    """Run the recipe; with `resume` (a run folder), continue from its newest complete checkpoint.
+
+    Under torchrun or `accelerate launch` every process runs it: one data-parallel run (train/distributed.py)."""
+    cfg.validate()
+    world = distributed.from_environment()
+    distributed.start(world, choose(cfg.dtype).device)
+    try:
+        return _train(cfg, report or Reporter(), resume, world)
+    finally:
+        distributed.stop(world)
+
+
+def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distributed.World) -> RunSummary:
+    report = report if world.is_main else report.silenced()  # rank 0 speaks for the run
     cfg.validate()
     report_to = trackers.parse(cfg.report_to)
     trackers.check_available(report_to)  # a missing tracker library: one line, before any data or model loads
@@ -95,21 +107,25 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         cfg = model_stack.adopt_init_adapter(cfg)
 
     # --- data: every row checked before any model is loaded -----------------------------------
-    loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
+    with world.main_first():  # a hub dataset is downloaded once, by rank 0
+        loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
+        eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
     report.skipped_rows(loaded.skipped, loaded.rows)
     for line in ([f"mix: {loaded.mix}"] if loaded.mix else []) + loaded.info + [f"warning: {n}" for n in loaded.notes]:
         report.note(line)
-    eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
-    run_dir = resume or files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
+    run_dir = resume or (files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
+                         if world.is_main else None)
+    run_dir = Path(world.broadcast(str(run_dir)))  # the folder rank 0 claimed: one set of outputs
     report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, ", ".join(as_list(cfg.data)), len(eval_pairs),
                  run_dir)
 
     with contextlib.ExitStack() as held:
         # --- the run folder is ours alone; stops are requests the loop reads between steps ----------
-        report.lock(held.enter_context(files.RunLock(run_dir)).took_over)
-        for repair in files.clean_temporaries(run_dir):  # what a crashed run left behind
-            report.note(repair)
-        stops = held.enter_context(StopRequests(str(run_dir), report.stop_requested))
+        if world.is_main:
+            report.lock(held.enter_context(files.RunLock(run_dir)).took_over)
+            for repair in files.clean_temporaries(run_dir):  # what a crashed run left behind
+                report.note(repair)
+        stops = held.enter_context(StopRequests(str(run_dir), report.stop_requested, same_within=2.0 if world.active else 0.0))
         resume_from = checkpoint.latest_checkpoint(run_dir) if resume else None
         if resume and not resume_from:
             report.fresh_resume(run_dir)
@@ -119,14 +135,18 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         # --- hardware and seed -----------------------------------------------------------------
         precision = choose(cfg.dtype)
         report.precision(precision)
+        if world.active:
+            report.note(f"data-parallel over {world.size} processes ({torch.distributed.get_backend()}): each trains on "
+                        f"its share of every global batch of {cfg.batch_size * cfg.grad_accum * world.size} pairs")
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
         # --- tokens: the tokenizer is quick to load, so rows it cannot encode fail before the model loads
-        source = model_stack.resolve_source(cfg.model, log=report.note)
-        tokenizer = model_stack.load_tokenizer(source)
-        limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
-        train_set, eval_set = (tokenize_cached(pairs, tokenizer, *limits, cfg.skip_invalid) for pairs in (loaded.pairs, eval_pairs))
+        with world.main_first():  # rank 0 converts the embedded model and fills the token cache; the others read them
+            source = model_stack.resolve_source(cfg.model, log=report.note)
+            tokenizer = model_stack.load_tokenizer(source)
+            limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
+            train_set, eval_set = (tokenize_cached(pairs, tokenizer, *limits, cfg.skip_invalid) for pairs in (loaded.pairs, eval_pairs))
         report.skipped_rows(train_set.skipped + eval_set.skipped, len(loaded.pairs) + len(eval_pairs))
         train_tok, eval_tok = train_set.pairs, eval_set.pairs
         if not train_tok:
@@ -142,12 +162,14 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                          sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
 
         # --- the resolved settings are on disk before anything long starts ----------------------------
+        cfg = replace(cfg, nproc=world.size)  # the global batch counts every process
         resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
-        files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
-                                                  f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
+        if world.is_main:
+            files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
+                                                      f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
         # --report-to: each record of metrics.jsonl also goes to these; a resumed run continues their runs from its step
-        sinks = trackers.open_trackers(report_to, run_dir, resolved,
-                                       (checkpoint.step_of(resume_from) if resume_from else 0) if resume else None)
+        sinks = trackers.open_trackers(report_to, run_dir, resolved, (checkpoint.step_of(resume_from) if resume_from else 0)
+                                       if resume else None) if world.is_main else []
         for tracker in sinks:
             held.callback(tracker.close)  # closed on every way out
 
@@ -165,13 +187,13 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
         if cfg.share_prompt and not share_prompt:
             report.note("prompts are read twice per pair: this attention kernel takes no 4-D mask "
                         "(use sdpa or eager to share them)")
-        if stops.requested:  # stopped while loading: nothing trained yet, nothing to save
+        if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
             return not_started(run_dir, precision, stops.signum)
 
         # --- optimizer, schedule, gradient scaler ------------------------------------------------
         # A step is one global batch, split into micro-batches: the data order depends only on the
         # global batch, so a resume may split it differently (after running out of memory).
-        global_batch = cfg.batch_size * cfg.grad_accum
+        global_batch = distributed.global_batch(cfg.batch_size, cfg.grad_accum, world.size)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
         optimizer = make_optimizer(cfg, trainable_params, precision.device)
         schedule = WarmupCosine(cfg.lr, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -186,6 +208,10 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             if saved.get("init_adapter_sha256") != init_sha256:
                 raise CheckpointError(f"{cfg.init_adapter}: this run's init adapter changed since it started (its weights "
                                       "are the reference); put the original back or start a new run")
+            if saved.get("global_batch", global_batch) != global_batch:
+                raise CheckpointError(f"{resume_from}: its steps are global batches of {saved['global_batch']} pairs, this "
+                                      f"resume's of {global_batch} (--batch-size x --grad-accum x processes); keep "
+                                      f"{saved['global_batch']}")
             if saved["train_pairs"] != len(train_tok):
                 raise CheckpointError(f"{resume_from}: the training data changed since this checkpoint "
                                       f"({saved['train_pairs']} pairs then, {len(train_tok)} now); start a new run")
@@ -200,57 +226,68 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             if saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             report.resumed(start, total_steps, resume_from, schedule)
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None, sinks=sinks)
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None, sinks=sinks, writes=world.is_main)
         # warns once if the chosen answers' likelihood falls while the margin grows; a resume's earlier records count
         guard = displacement.Guard(cfg.loss, records=log.records, warn=lambda m: report.note(f"warning: {m}"))
         log.sinks.append(guard)
-        evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt) for b in eval_batches(eval_tok, cfg.eval_batch_size)],
+        # each process evaluates its share of the held-out batches; the sums are added up
+        evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt)
+                               for b in world.shard(eval_batches(eval_tok, cfg.eval_batch_size))],
                               spec, loss_params, precision.device) if eval_tok else None
         if not spec.needs(loss_params).reference:
             report.note(f"{cfg.loss} is reference-free: no reference forward pass")
         reference = None  # --reference precompute: one pass now (or the cache) instead of one in every step
         if reference_cache.applies(cfg.reference, spec.needs(loss_params)):
             reference = precomputed_reference(model, train_tok, cfg, source, precision, tokenizer.pad_token_id,
-                                              share_prompt, init_sha256, report)
+                                              share_prompt, init_sha256, report, world)
 
         eval_failed: list[Stop] = []  # an evaluation that ran out of memory ends the run at this boundary
         answers = answer_eval.answer_rows(eval_pairs, cfg.eval_data, cfg.eval_split or cfg.split) \
             if evaluator and cfg.eval_generate_every else []
+        my_answers = world.shard(answers)
         if evaluator and cfg.eval_generate_every and not answers:
             report.note("--eval-generate-every: no held-out row carries an answer ('answer' field, or a chosen reply "
                         "ending 'The answer is N.'); answers are not scored")
 
         def evaluate(step: int) -> bool:
             """Held-out metrics at `step`, logged; False if a stop request or a lack of memory cut it short."""
-            t = time.perf_counter()
+            t, totals, short_of_memory = time.perf_counter(), None, False
             try:  # an adapter that has not trained is the reference (zero, or the init adapter): one pass gives both
-                metrics = evaluator(model, policy_is_reference=step == 0, should_stop=lambda: stops.requested)
+                totals = evaluator.totals(model, policy_is_reference=step == 0, should_stop=lambda: stops.requested)
             except (RuntimeError, MemoryError) as err:
                 if not is_out_of_memory(err):
                     raise
+                short_of_memory = True
+            if world.any(short_of_memory):  # on any process: every process ends the run at this boundary
                 _free_accelerator_memory()
                 eval_failed.append(eval_out_of_memory(cfg, step, precision.device, run_dir))
                 return False
-            if metrics is None:
+            if world.any(totals is None):  # a stop request cut it short
                 return False
+            metrics = world.sum_metrics(totals).means(prefix="eval/")
             if answers and (step in (0, total_steps) or step % cfg.eval_generate_every == 0):
-                metrics.update(answer_eval.answer_metrics(model, tokenizer, answers, cfg.eval_max_new_tokens,
-                                                          cfg.eval_batch_size))
+                mine = answer_eval.answer_metrics(model, tokenizer, my_answers, cfg.eval_max_new_tokens,
+                                                  cfg.eval_batch_size) if my_answers else {}
+                metrics.update(world.mean_over_ranks(mine, len(my_answers), answer_eval.KEYS))
             log.write({"kind": "eval", "step": step, **metrics})
             report.evaluation(step, metrics, time.perf_counter() - t)
             return True
 
         def save(step: int, rng: dict, eval_due: bool = False) -> Path:
             # pairs_seen: the data position in pairs, which a different split of the global batch keeps
-            state = {"step": step, "pairs_seen": pairs_seen, "train_pairs": len(train_tok), "rng": rng,
+            state = {"step": step, "pairs_seen": pairs_seen, "train_pairs": len(train_tok), "global_batch": global_batch, "rng": rng,
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "skipped_steps": skipped_steps, "bad_streak": bad_streak, "pending_eval": eval_due,
                      **({"init_adapter_sha256": init_sha256} if init_sha256 else {})}
+            if not world.is_main:  # the processes hold the same adapter and optimizer state: rank 0 saves it
+                return run_dir / f"{checkpoint.PREFIX}{step}"
             return checkpoint.save_checkpoint(run_dir, model, tokenizer, state, cfg.keep_checkpoints)
 
-        if evaluator and (start == 0 or pending_eval) and not logged_eval(log, start) and not stops.requested:
+        stopping = world.any(stops.requested)  # agreed by every process, at each step boundary
+        if evaluator and (start == 0 or pending_eval) and not logged_eval(log, start) and not stopping:
             pending_eval = not evaluate(start)
+            stopping = world.any(stops.requested)
 
         # --- the loop ----------------------------------------------------------------------------
         batches = shuffled_batches(train_tok, global_batch, cfg.seed)
@@ -258,22 +295,34 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
             next(batches)
         if saved_rng:
             checkpoint.restore_rng(saved_rng)  # last, so nothing in the set-up above draws from it
+        if world.rank:  # other processes draw other LoRA dropout masks (rank 0 draws what one process would)
+            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + start)
         model.train()
         step, stop = start, None
         with report.progress(total_steps, start) as bar:
-            while step < total_steps and not stops.requested and not eval_failed:
+            while step < total_steps and not stopping and not eval_failed:
                 boundary_rng = checkpoint.capture_rng()
-                pairs = next(batches)
-                micro_batches = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
-                t_step, updating = time.perf_counter(), False
+                pairs = next(batches)  # the global batch, the same on every process; each trains on its share
+                mine = world.shard(pairs)
+                micro_batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+                t_step, updating, short_of_memory = time.perf_counter(), False, False
                 try:
                     metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,
                                                                 tokenizer.pad_token_id, precision.device,
-                                                                share_prompt, scaler, reference)
+                                                                share_prompt, scaler, reference, n_pairs=len(pairs))
+                except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+                    if not is_out_of_memory(err):
+                        raise
+                    short_of_memory = True
+                try:
+                    if world.any(short_of_memory):  # on any process: all of them stop before the update
+                        raise MemoryError("out of memory in a micro-batch")
+                    world.sum_gradients(trainable_params)
+                    metrics, step_tokens = world.sum_metrics(metrics), int(world.sum_floats([step_tokens])[0])
                     updating = True
                     grad_norm, finite = apply_update(optimizer, scaler, trainable_params, cfg.max_grad_norm,
                                                      schedule.lr(step), metrics.sums["loss"])
-                except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+                except (RuntimeError, MemoryError) as err:
                     if not is_out_of_memory(err):
                         raise
                     optimizer.zero_grad(set_to_none=True)
@@ -302,27 +351,29 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
                 bar.step(step, record)
 
                 # --- between steps: evaluate, stop, checkpoint ------------------------------------
+                stopping = world.any(stops.requested)
                 eval_due = bool(evaluator and step < total_steps and any(every and step % every == 0 for every in
                                                                            (cfg.eval_every, cfg.eval_generate_every)))
-                pending_eval = eval_due and (stops.requested or not evaluate(step))
+                pending_eval = eval_due and (stopping or not evaluate(step))
+                stopping = world.any(stops.requested)  # also a request that came during the evaluation
                 stop = eval_failed[0] if eval_failed else None
                 if bad_streak >= cfg.max_bad_steps:
                     stop = diverged(step, bad_streak, run_dir)
-                if stop or stops.requested or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+                if stop or stopping or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
                     report.saved(save(step, checkpoint.capture_rng(), pending_eval))
                 if stop:
                     break
-        if not stop and (eval_failed or stops.requested):
-            if step > start and not (run_dir / f"{checkpoint.PREFIX}{step}").is_dir():  # the signal came after the poll
-                report.saved(save(step, checkpoint.capture_rng(), pending_eval))
+        if not stop and (eval_failed or stopping):
             stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
 
         # --- finish: evaluate, save, report ------------------------------------------------------
         if evaluator and not stop and not logged_eval(log, step):
             if not evaluate(step):
                 stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
-        checkpoint.save_adapter(model, tokenizer, run_dir)
         summary = summarise(log, run_dir, precision, stop, skipped_steps, step)
+        if not world.is_main:
+            return summary
+        checkpoint.save_adapter(model, tokenizer, run_dir)
         summary.displacement = guard.message
         summary.data = {"train": as_list(cfg.data), "rows": loaded.rows, "pairs": len(train_tok), "format": loaded.format,
                         "eval": as_list(cfg.eval_data) if cfg.eval_data else [], "eval_pairs": len(eval_tok)}
@@ -415,17 +466,26 @@ def summarise(log: MetricsLog, run_dir: Path, precision, stop: Stop | None, skip
 
 def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cfg: TrainConfig, source: str,
                           precision, pad_id: int, share_prompt: bool, init_sha256: str | None,
-                          report: Reporter) -> ReferenceTable:
-    """The reference's log-probs of every training pair, from the cache or one no-grad pass (train/reference_cache.py)."""
+                          report: Reporter, world: distributed.World = distributed.World()) -> ReferenceTable:
+    """The reference's log-probs of every training pair, from the cache or one no-grad pass (train/reference_cache.py);
+    several processes each compute their share of the pairs, and every process gets the whole table."""
     settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": cfg.attn_implementation,
                 "share_prompt": share_prompt, "init_adapter": init_sha256, "max_length": cfg.max_length,
                 "max_prompt_length": cfg.max_prompt_length}
     identity = reference_cache.model_identity(source)
     key = reference_cache.cache_key(identity, settings, pairs) if identity is not None else None
     started = time.perf_counter()
-    with report.task("reference log-probs", len(pairs)) as advance:
-        table, cached = reference_cache.load_or_compute(key, lambda: reference_cache.compute(
-            model, pairs, cfg.eval_batch_size, pad_id, share_prompt, precision.device, advance), len(pairs))
+    table = reference_cache.load_cached(key, len(pairs)) if world.is_main else None
+    cached = world.broadcast(table is not None)
+    if cached:
+        table = world.broadcast_tensor(table, (len(pairs), 2), torch.float32)
+    else:
+        mine = world.shard(pairs)
+        with report.task("reference log-probs", len(mine)) as advance:
+            part = reference_cache.compute(model, mine, cfg.eval_batch_size, pad_id, share_prompt, precision.device, advance)
+        table = world.gather_rows(part, len(pairs))
+        if world.is_main:
+            reference_cache.store(key, table)
     report.note(f"reference log-probs of {len(pairs)} pairs " + ("read from the cache" if cached else
                 f"computed once ({time.perf_counter() - started:.0f}s)" + (", cached for later runs on this base and data"
                 if key else "; not cached: the base's files were not found to key them")))
@@ -434,11 +494,12 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[TokenizedPair]], spec: LossSpec,
                          loss_params: dict[str, float], pad_id: int, device: str, share_prompt: bool = False,
-                         scaler: torch.amp.GradScaler | None = None,
-                         reference: ReferenceTable | None = None) -> tuple[PairMetrics, int]:
+                         scaler: torch.amp.GradScaler | None = None, reference: ReferenceTable | None = None,
+                         n_pairs: int | None = None) -> tuple[PairMetrics, int]:
     """Forward and backward over the micro-batches of one optimizer step; returns metrics and tokens read.
-    With `reference` (precomputed log-probs) the step runs no reference forward."""
-    n_pairs = sum(len(pairs) for pairs in micro_batches)
+    With `reference` (precomputed log-probs) the step runs no reference forward. `n_pairs`: the pairs of the
+    global batch, when these micro-batches are one process's share of it (default: these micro-batches' pairs)."""
+    n_pairs = n_pairs or sum(len(pairs) for pairs in micro_batches)
     metrics, tokens = PairMetrics(), 0
     for pairs in micro_batches:
         batch = collate(pairs, pad_id, share_prompt).to(device)

@@ -111,23 +111,33 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], batch_size: int,
 
 def load_or_compute(key: str | None, compute_table: Callable[[], torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, bool]:
     """(the table, whether it came from the cache); a damaged or mismatched entry is recomputed; key None: no cache."""
-    if key is None:
-        return compute_table(), False
-    path = cache_path(key)
-    if path.is_file():
-        try:
-            table = torch.load(path, weights_only=True)
-            if isinstance(table, torch.Tensor) and table.shape == (n_pairs, 2):
-                return table, True
-        except Exception:  # noqa: BLE001  (any unreadable entry: compute it again)
-            pass
+    table = load_cached(key, n_pairs)
+    if table is not None:
+        return table, True
     table = compute_table()
+    store(key, table)
+    return table, False
+
+
+def load_cached(key: str | None, n_pairs: int) -> torch.Tensor | None:
+    """The cached (n_pairs, 2) table under `key`, or None (no key, no entry, or a damaged or mismatched one)."""
+    if key is None or not cache_path(key).is_file():
+        return None
     try:
-        with files.replacing(path) as tmp:
+        table = torch.load(cache_path(key), weights_only=True)
+    except Exception:  # noqa: BLE001  (any unreadable entry: compute it again)
+        return None
+    return table if isinstance(table, torch.Tensor) and table.shape == (n_pairs, 2) else None
+
+
+def store(key: str | None, table: torch.Tensor) -> None:
+    if key is None:
+        return
+    try:
+        with files.replacing(cache_path(key)) as tmp:
             torch.save(table, tmp)
     except Exception:  # noqa: BLE001  (a cache that cannot be written costs speed next time, never the run)
         pass
-    return table, False
 
 
 class ReferenceTable:

@@ -1,13 +1,17 @@
 """What `infopo train --resume RUN` may change: the run's length and how it saves, nothing that alters the maths.
 
 Flags that repeat the run's own settings are accepted (so the original command plus `--resume` works);
-a flag that disagrees is refused with one line saying why. `--batch-size` and `--grad-accum` may change
-together when their product, the global batch, stays the same: the data order and each step's
+a flag that disagrees is refused with one line saying why. `--batch-size`, `--grad-accum` and the number of
+processes may change when the global batch (their product) stays the same: the data order and each step's
 gradient are those of the global batch, and a smaller micro-batch is the way out of an out-of-memory stop.
+A run resumed on another number of processes (`--nproc`, or torchrun's) keeps its global batch by changing
+`--grad-accum` itself, and says so.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,8 @@ MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_eve
               "report_to", "reference", "eval_generate_every", "eval_max_new_tokens")
 
 
-def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path) -> TrainConfig:
+def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,
+                   note: Callable[[str], None] = lambda message: None) -> TrainConfig:
     flags = dict(flags)
     preset = flags.pop("preset", None)
     if preset is not None and saved.preset not in (preset, Path(preset).stem) and Path(preset) != run_dir / "config.toml":
@@ -32,14 +37,28 @@ def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path) -> 
     if flags.get("init_adapter") and saved.init_adapter and Path(flags["init_adapter"]).expanduser().resolve() == Path(saved.init_adapter):
         flags.pop("init_adapter")  # config.toml holds the folder as an absolute path
     cfg = merge(saved, {**flags, "output": str(run_dir)}, source="command line")
-    for key in sorted(set(flags) - set(MAY_CHANGE) - {"batch_size", "grad_accum"}):
+    # under torchrun/accelerate the launcher's world size; else --nproc, or as many processes as before
+    cfg = merge(cfg, {"nproc": int(os.environ["WORLD_SIZE"]) if "LOCAL_RANK" in os.environ else flags.get("nproc", saved.nproc)},
+                source="command line")
+    saved_global = saved.batch_size * saved.grad_accum * saved.nproc
+    if cfg.nproc != saved.nproc and "grad_accum" not in flags:
+        accum = saved_global // (cfg.batch_size * cfg.nproc) if saved_global % (cfg.batch_size * cfg.nproc) == 0 else None
+        if accum is None:
+            raise ConfigError(f"{run_dir} trains on global batches of {saved_global} pairs, which {cfg.nproc} processes of "
+                              f"--batch-size {cfg.batch_size} cannot split evenly; give --batch-size and --grad-accum with "
+                              f"batch size x grad accum x {cfg.nproc} = {saved_global}")
+        cfg = merge(cfg, {"grad_accum": accum}, source="command line")
+        note(f"{saved.nproc} -> {cfg.nproc} processes: --grad-accum {saved.grad_accum} -> {accum} keeps the global batch "
+             f"of {saved_global} pairs")
+    for key in sorted(set(flags) - set(MAY_CHANGE) - {"batch_size", "grad_accum", "nproc"}):
         if getattr(cfg, key) != getattr(saved, key):
             raise ConfigError(f"{_flag(key)} {getattr(cfg, key)!r} differs from this run's {getattr(saved, key)!r}: --resume "
                               f"continues a run with its own settings (it may change {', '.join(map(_flag, MAY_CHANGE))}, "
                               "and --batch-size with --grad-accum at the same global batch)")
-    if cfg.batch_size * cfg.grad_accum != saved.batch_size * saved.grad_accum:
-        raise ConfigError(f"the global batch (--batch-size x --grad-accum) must stay {saved.batch_size} x {saved.grad_accum} = "
-                          f"{saved.batch_size * saved.grad_accum} on --resume (got {cfg.batch_size} x {cfg.grad_accum})")
+    if cfg.batch_size * cfg.grad_accum * cfg.nproc != saved_global:
+        raise ConfigError(f"the global batch (--batch-size x --grad-accum x processes) must stay {saved.batch_size} x "
+                          f"{saved.grad_accum} x {saved.nproc} = {saved_global} on --resume (got {cfg.batch_size} x "
+                          f"{cfg.grad_accum} x {cfg.nproc})")
     if "max_steps" not in flags and cfg.epochs != saved.epochs:
         cfg = merge(cfg, {"max_steps": None}, source="command line")  # a new --epochs sets the length; the saved max_steps must not win
     return cfg

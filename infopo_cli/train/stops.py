@@ -3,13 +3,16 @@
 The first SIGINT or SIGTERM only sets a flag; the loop reads it between optimizer steps, saves a
 checkpoint and exits 130 (SIGINT) or 143 (SIGTERM), as shells report a process those signals ended.
 A second signal stops at once: the checkpoint being written, if any, is abandoned and the last
-complete one stays as it was.
+complete one stays as it was. Under torchrun a terminal's Ctrl-C reaches each process twice within
+milliseconds (from the terminal and forwarded by the launcher): with `same_within` set, a second signal
+that close to the first is the same request.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -33,9 +36,10 @@ class StopNow(BaseException):
 class StopRequests:
     """Context manager that turns SIGINT/SIGTERM into a request the training loop polls."""
 
-    def __init__(self, run_dir: str, on_first: Callable[[int], None] = lambda signum: None) -> None:
+    def __init__(self, run_dir: str, on_first: Callable[[int], None] = lambda signum: None, same_within: float = 0.0) -> None:
         self.signum: int | None = None
-        self.run_dir, self.on_first = run_dir, on_first
+        self.run_dir, self.on_first, self.same_within = run_dir, on_first, same_within
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -44,8 +48,10 @@ class StopRequests:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._first_at < self.same_within:
+                return
             raise StopNow(signum, self.run_dir)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         self.on_first(signum)
 
     def __enter__(self) -> StopRequests:
