@@ -385,7 +385,7 @@ def test_resume_refuses_settings_that_change_the_maths(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"--lr 0.001 differs from this run's 0.0002"):
         resumed_config(saved, {"lr": 1e-3}, run_dir)
-    with pytest.raises(ConfigError, match=r"global batch .* must stay 2 x 2 = 4 .*got 1 x 2"):
+    with pytest.raises(ConfigError, match=r"global batch .* must stay 2 x 2 x 1 = 4 .*got 1 x 2 x 1"):
         resumed_config(saved, {"batch_size": 1}, run_dir)
     with pytest.raises(ConfigError, match="own preset"):
         resumed_config(saved, {"preset": "llama3-8b-qlora"}, run_dir)
