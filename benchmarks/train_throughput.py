@@ -150,7 +150,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     dpo = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg.batch_size,
                     gradient_accumulation_steps=cfg.grad_accum, max_steps=args.steps, learning_rate=cfg.lr, beta=0.1,
-                    loss_type=["sigmoid"], gradient_checkpointing=cfg.gradient_checkpointing,
+                    loss_type=["sigmoid"], gradient_checkpointing=cfg.gradient_checkpointing in ("on", "offload"),
                     gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=precision.dtype == torch.bfloat16,
                     use_cpu=not cuda, max_length=cfg.max_length, logging_steps=1, report_to=[], save_strategy="no",
                     dataloader_num_workers=0, **({"optim": "paged_adamw_8bit"} if cuda else {}))
@@ -225,7 +225,7 @@ def main() -> None:
     where = (f"{os.cpu_count()} CPU threads" if device == "cpu" else
              f"CUDA{f', capped at {args.cap_gib:g} GiB' if args.cap_gib else ''}")
     print(f"\n{cfg.model}, NF4 + LoRA r{cfg.lora_r}, batch {cfg.batch_size} x accum {cfg.grad_accum} pairs, "
-          f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+          f"gradient checkpointing {cfg.gradient_checkpointing}, "
           f"max_length {cfg.max_length}, {args.steps} steps ({args.warmup} warm-up), {where}"
           + (f", synthetic {args.synthetic}" if args.synthetic else ""))
     memory = "peak RSS GiB" if device == "cpu" else "peak GPU GiB"

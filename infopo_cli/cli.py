@@ -70,8 +70,9 @@ def train(
     system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data")] = None,
     model: Annotated[Optional[str], _opt("model", "Model")] = None,
     dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
+    backend: Annotated[Optional[str], _opt("backend", "Model", metavar="transformers|unsloth")] = None,
     load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=help_for("gradient_checkpointing"), rich_help_panel="Model", show_default=False)] = None,
+    gradient_checkpointing: Annotated[Optional[str], _opt("gradient_checkpointing", "Model", metavar="auto|on|off|offload")] = None,
     reference: Annotated[Optional[str], _opt("reference", "Model", metavar="precompute|online")] = None,
     share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
     lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
@@ -688,17 +689,50 @@ def _print_report(report, model: str) -> None:
             err_console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
 
 
-OPTIONAL_VALUES = ("--gguf", "--merged")  # options whose value may be left out (then: the default path)
+@app.command()
+def plan(
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml file (default smollm2-135m).", show_default=False)] = None,
+    model: Annotated[Optional[str], _opt("model", "Model")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longest prompt+response in tokens (default: the preset's).", show_default=False)] = None,
+    prompt_length: Annotated[Optional[int], typer.Option("--prompt-length", help="Prompt tokens per pair (default: the preset's max_prompt_length); with a shared prompt a shorter prompt leaves longer responses, so longer rows.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], _opt("batch_size", "Optimisation")] = None,
+    gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="The GPU's memory in GiB.")] = 24.0,
+    gradient_checkpointing: Annotated[Optional[str], _opt("gradient_checkpointing", "Model", metavar="auto|on|off|offload")] = None,
+    share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
+    lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
+    target_modules: Annotated[Optional[str], _opt("target_modules", "Model")] = None,
+    dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
+    load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
+) -> None:
+    """Predict a training run's peak GPU memory from the model's config alone (no GPU, nothing downloaded): the parts,
+    whether it fits, the largest batch and longest length that do, and what to change.
+
+    [dim]infopo plan --preset llama3-8b-qlora --max-length 2048 --gpu-mem 24[/]
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("preset", "prompt_length", "gpu_mem") and v is not None}
+    from infopo_cli import presets
+    from infopo_cli.config import merge
+    from infopo_cli.reporting.memory_table import print_plan
+
+    cfg = merge(presets.load(preset or presets.DEFAULT_PRESET), flags, source="command line")
+    cfg.validate()
+    print_plan(console, cfg, prompt_length, gpu_mem)
+
+
+OPTIONAL_VALUES = {"--gguf": "", "--merged": "",  # options whose value may be left out (then: the default path)
+                   "--gradient-checkpointing": "on"}  # (then: on, as the boolean flag it was meant)
+OLD_SPELLINGS = {"--no-gradient-checkpointing": ["--gradient-checkpointing", "off"]}  # flags that took no value before
 
 
 def _fill_optional_values(args: list[str]) -> list[str]:
-    """`--gguf` with no value (last, or followed by another option) gets "" = the default path. Typer has no
+    """`--gguf` with no value (last, or followed by another option) gets "" = the default path, a bare
+    `--gradient-checkpointing` gets on (and `--no-gradient-checkpointing` is off), as in older commands. Typer has no
     optional-value options; without this `infopo export --gguf`, the design's own command, is a usage error."""
     out = []
     for i, arg in enumerate(args):
-        out.append(arg)
+        out += OLD_SPELLINGS.get(arg, [arg])
         if arg in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
-            out.append("")
+            out.append(OPTIONAL_VALUES[arg])
     return out
 
 

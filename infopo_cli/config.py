@@ -24,6 +24,8 @@ BUNDLED_EVAL = "bundled:arith_eval"
 # Compute / export dtype names -> torch attribute names: the one table of dtypes (torch-free, for --help).
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
+CHECKPOINTING = ("auto", "on", "off", "offload")  # model/checkpointing.py decides what auto means for a run
+BACKENDS = ("transformers", "unsloth")  # model/loading.py, model/unsloth_backend.py
 PAIRINGS = ("best-worst", "best-vs-each", "adjacent", "all")  # data/scored.py (torch-free here, for --help)
 TRACKERS = ("tensorboard", "wandb", "trackio")  # train/trackers.py; --report-to takes a comma list of these, or none
 
@@ -40,9 +42,13 @@ class TrainConfig:
 
     # --- model -----------------------------------------------------------------------------------
     model: str = _f(EMBEDDED_MODEL, "Base model: a local folder, a hub id, or 'embedded:smollm2-135m-instruct'.")
+    backend: str = _f("transformers", "What loads the base and attaches the LoRA: transformers (+ peft) or unsloth "
+                                      "(Unsloth's FastLanguageModel and kernels; pip install 'infopo[unsloth]').")
     load_in_4bit: bool = _f(True, "Load the base 4-bit NF4 (bitsandbytes, double quant). False: unquantised.")
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware computes it fast, else fp32), bf16, fp16, fp32.")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant): less memory, ~30% more time.")
+    gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass: auto (from the memory plan: off where "
+                                             "the run fits, else on for only as many layers as needed), on, off, offload (on, "
+                                             "the saved layer inputs in pinned CPU memory; CUDA). true/false mean on/off.")
     attn_implementation: str = _f("auto", "Attention kernel: auto (transformers' choice for the model), sdpa, eager, flash_attention_2.")
     reference: str = _f("precompute", "Reference log-probs: precompute (one pass before training, cached on disk for later runs "
                                       "on the same base and data) or online (a reference forward in every step).")
@@ -119,6 +125,9 @@ class TrainConfig:
                                 "store), or none. metrics.jsonl is always written.")
     output: str | None = _f(None, "Run folder (default: runs/<preset>-<time>). Never overwritten.")
     preset: str | None = _f(None, "The preset these settings came from (informational).")
+
+    def __post_init__(self) -> None:
+        self.gradient_checkpointing = _checkpointing(self.gradient_checkpointing)
 
     def validate(self) -> None:
         """Collect every problem and raise once, so a user fixes them in one go."""
@@ -269,10 +278,18 @@ def _type_problem(name: str, value: Any) -> str:
     return f"'{name}' must be {describe(HINTS[name])}, got {show(value)}"
 
 
+def _checkpointing(value: Any) -> Any:
+    """true/false, as config.toml files of runs before `auto` hold them (and `--gradient-checkpointing true`), mean
+    on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return {"true": "on", "false": "off"}.get(value.strip().lower(), value.strip().lower()) if isinstance(value, str) else value
+
+
 def _coerce(key: str, value: Any) -> Any:
     """`value` in the field's type; a wrong type is one line with what was expected and what was given
     (a non-empty string is truthy: `length_normalize = "false"` must not switch normalisation on)."""
-    converted = _convert(HINTS[key], value)
+    converted = _convert(HINTS[key], _checkpointing(value) if key == "gradient_checkpointing" else value)
     if converted is _REJECT:
         raise ConfigError(_type_problem(key, value))
     if key == "max_length" and isinstance(converted, str):  # a number as the command line gives it, or auto
@@ -302,6 +319,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # label_smoothing's [0, 0.5) is checked by the loss registry, which also sees the losses' defaults
     "dtype": (lambda v: v == "auto" or v in DTYPES, f"be one of auto, {', '.join(DTYPES)}"),
     "optimizer": (lambda v: v in OPTIMIZERS, f"be one of {', '.join(OPTIMIZERS)}"),
+    "gradient_checkpointing": (lambda v: v in CHECKPOINTING, f"be one of {', '.join(CHECKPOINTING)} (or true/false)"),
+    "backend": (lambda v: v in BACKENDS, f"be one of {', '.join(BACKENDS)}"),
     "target_modules": (bool, "name at least one module"),
     "max_length": (lambda v: v == "auto" or (isinstance(v, int) and v > 0), "be > 0 or auto"),
     "reference": (lambda v: v in ("precompute", "online"), "be precompute or online"),

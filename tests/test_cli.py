@@ -53,12 +53,12 @@ def test_default_preset_trains_the_embedded_model_on_bundled_data():
     cfg = load("smollm2-135m")
     assert cfg.model == "embedded:smollm2-135m-instruct" and cfg.data == "bundled:arith_train"
     assert cfg.load_in_4bit and cfg.share_prompt
-    assert not cfg.gradient_checkpointing  # a CPU demo: recomputing costs time and RAM is plentiful
+    assert cfg.gradient_checkpointing == "off"  # a CPU demo: recomputing costs time and RAM is plentiful
 
 
 def test_llama3_preset_targets_a_24gb_gpu():
     cfg = load("llama3-8b-qlora")
-    assert cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.load_in_4bit and cfg.gradient_checkpointing
+    assert cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.load_in_4bit and cfg.gradient_checkpointing == "auto"
     assert cfg.max_length >= 1024 and cfg.optimizer == "auto"
 
 

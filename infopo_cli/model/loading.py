@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopo_cli.model import embedded
+from infopo_cli.model import checkpointing, embedded
+from infopo_cli.model.checkpointing import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.model.precision import Precision
@@ -109,15 +110,9 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
-def _enable_checkpointing(base: nn.Module, cfg: TrainConfig) -> None:
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, so the frozen 4-bit
-        # base is used as is (no fp32 up-cast of every non-quantised weight).
-        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _enable_checkpointing(base: nn.Module, cfg: TrainConfig, recompute: Recompute | None) -> None:
+    """`recompute`: what the run's memory plan chose (model/checkpointing.py); None: the setting as given."""
+    checkpointing.apply(base, recompute or checkpointing.given(cfg.gradient_checkpointing))
 
 
 def _layer_names(base: nn.Module) -> str:
@@ -125,11 +120,11 @@ def _layer_names(base: nn.Module) -> str:
                              if isinstance(m, nn.Linear) or "Linear" in type(m).__name__}))
 
 
-def attach_lora(base: nn.Module, cfg: TrainConfig) -> nn.Module:
+def attach_lora(base: nn.Module, cfg: TrainConfig, recompute: Recompute | None = None) -> nn.Module:
     """Wrap the base with a fresh LoRA adapter (the policy) and turn on gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
-    _enable_checkpointing(base, cfg)
+    _enable_checkpointing(base, cfg, recompute)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
@@ -231,7 +226,8 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], ada
     return None
 
 
-def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool) -> tuple[nn.Module, str]:
+def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool,
+                      recompute: Recompute | None = None) -> tuple[nn.Module, str]:
     """The policy = the init adapter (`cfg` from `adopt_init_adapter`), trainable; with `with_reference`, the
     same adapter again as the frozen REFERENCE. Returns the model and the sha256 of the weights file read,
     which a checkpoint keeps so a resume notices a changed reference."""
@@ -252,7 +248,7 @@ def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool) -
         raise ConfigError(f"--init-adapter {folder}: cannot read {path.name} ({first})") from None
     lora = LoraConfig.from_pretrained(str(folder))
     lora.inference_mode = False  # peft saves adapters with it on: they would load frozen
-    _enable_checkpointing(base, cfg)
+    _enable_checkpointing(base, cfg, recompute)
     try:
         with quiet_peft():
             model = get_peft_model(base, lora, adapter_name=POLICY)

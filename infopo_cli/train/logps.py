@@ -77,7 +77,10 @@ def batch_logps(model: nn.Module, batch: PreferenceBatch, ref_hidden: Tensor | N
 
 
 def takes_custom_masks(model: nn.Module) -> bool:
-    """Whether the attention kernel honours a 4-D mask (the shared-prompt layout); flash-attention does not."""
+    """Whether the attention kernel honours a 4-D mask (the shared-prompt layout); flash-attention does not, nor
+    Unsloth's CUDA forward (model/unsloth_backend.py marks such a model)."""
+    if getattr(model, "infopo_drops_attention_masks", False):
+        return False
     return getattr(_causal_lm(model).config, "_attn_implementation", None) in ("sdpa", "eager")
 
 

@@ -83,6 +83,10 @@ class Reporter:
         if took_over:
             self._say(f"[yellow]{escape(took_over)}[/]")
 
+    def checkpointing(self, message: str) -> None:
+        """What --gradient-checkpointing recomputes and why (model/checkpointing.py), one line."""
+        self._say(escape(message))
+
     def precision(self, precision) -> None:
         self._say(f"device {precision.device}, compute dtype {precision.dtype_name}: {escape(precision.reason)}")
 

@@ -33,7 +33,7 @@ from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, truncat
 from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
-from infopo_cli.model import loading as model_stack
+from infopo_cli.model import checkpointing as recomputation, loading as model_stack, unsloth_backend
 from infopo_cli.model.precision import choose
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
@@ -102,6 +102,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
     cfg.validate()
     report_to = trackers.parse(cfg.report_to)
     trackers.check_available(report_to)  # a missing tracker library: one line, before any data or model loads
+    if cfg.backend == "unsloth":  # likewise a missing unsloth, or one that needs CUDA here; imports it before transformers
+        unsloth_backend.check(cfg)
     spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
     if cfg.init_adapter:  # its own LoRA settings, checked against the run's before anything is written
         cfg = model_stack.adopt_init_adapter(cfg)
@@ -160,6 +162,12 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                                              cfg.max_prompt_length) for p in pairs] for pairs in (train_tok, eval_tok))
         report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
                          sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
+        # --- which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run
+        # that cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
+        recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
+            cfg, source, train_tok, eval_tok, precision.device, precision.dtype.itemsize, cfg.share_prompt)
+        if recompute:
+            report.checkpointing(recompute.message)
 
         # --- the resolved settings are on disk before anything long starts ----------------------------
         cfg = replace(cfg, nproc=world.size)  # the global batch counts every process
@@ -176,17 +184,20 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
         # (--init-adapter: the policy starts from that adapter; the reference is a frozen copy of it, if the loss has one)
         t_load = time.perf_counter()
-        base = model_stack.load_base(source, cfg, precision)
-        if cfg.init_adapter:
-            model, init_sha256 = model_stack.load_init_adapter(base, cfg, with_reference=spec.needs(loss_params).reference)
+        if cfg.backend == "unsloth":  # Unsloth's FastLanguageModel makes the base and the LoRA (model/unsloth_backend.py)
+            model, init_sha256 = unsloth_backend.load_model(source, cfg, precision), None
+        elif cfg.init_adapter:
+            model, init_sha256 = model_stack.load_init_adapter(model_stack.load_base(source, cfg, precision), cfg,
+                                                               with_reference=spec.needs(loss_params).reference,
+                                                               recompute=recompute)
         else:
-            model, init_sha256 = model_stack.attach_lora(base, cfg), None
+            model, init_sha256 = model_stack.attach_lora(model_stack.load_base(source, cfg, precision), cfg, recompute), None
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         report.model(source, time.perf_counter() - t_load, cfg, *model_stack.count_parameters(model))
         share_prompt = cfg.share_prompt and takes_custom_masks(model)
         if cfg.share_prompt and not share_prompt:
-            report.note("prompts are read twice per pair: this attention kernel takes no 4-D mask "
-                        "(use sdpa or eager to share them)")
+            report.note("prompts are read twice per pair: " + ("Unsloth's CUDA forward drops 4-D masks" if cfg.backend == "unsloth"
+                        else "this attention kernel takes no 4-D mask (use sdpa or eager to share them)"))
         if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
             return not_started(run_dir, precision, stops.signum)
 
@@ -412,9 +423,12 @@ def out_of_memory(cfg: TrainConfig, step: int, micro_batches: list[list[Tokenize
     longest = max(p.length for b in micro_batches for p in b)
     where = f"out of {'GPU ' if device == 'cuda' else ''}memory at step {step} (micro-batches of {cfg.batch_size} pairs, longest pair {longest} tokens)"
     kept = f"the state before step {step} is saved" if saved else "the newest checkpoint is kept"
-    if cfg.batch_size == 1:
-        return Stop("out of memory", 3, f"{where}: lower --max-length ({cfg.max_length}) or turn on "
-                                        f"--gradient-checkpointing in a new run; {kept} in {run_dir}")
+    if cfg.batch_size == 1:  # recomputing more (it changes no gradient) may be the way on
+        more = "offload" if cfg.gradient_checkpointing == "on" and device == "cuda" else "on"
+        recompute = "" if cfg.gradient_checkpointing in ("offload", more) else (
+            f", or continue with: {resume_hint(run_dir)} --gradient-checkpointing {more}")
+        return Stop("out of memory", 3, f"{where}: lower --max-length ({cfg.max_length}) in a new run{recompute}; "
+                                        f"{kept} in {run_dir}")
     smaller = next(b for b in range(cfg.batch_size // 2, 0, -1) if cfg.batch_size % b == 0)
     return Stop("out of memory", 3,
                 f"{where}: lower --batch-size and raise --grad-accum by the same factor (the global batch stays "
@@ -471,7 +485,8 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
     several processes each compute their share of the pairs, and every process gets the whole table."""
     settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": cfg.attn_implementation,
                 "share_prompt": share_prompt, "init_adapter": init_sha256, "max_length": cfg.max_length,
-                "max_prompt_length": cfg.max_prompt_length}
+                "max_prompt_length": cfg.max_prompt_length,
+                **({"backend": cfg.backend} if cfg.backend != "transformers" else {})}  # other kernels, other rounding
     identity = reference_cache.model_identity(source)
     key = reference_cache.cache_key(identity, settings, pairs) if identity is not None else None
     started = time.perf_counter()

@@ -1,0 +1,180 @@
+"""Which decoder layers recompute their activations in the backward: chosen for a run from the memory plan
+(`--gradient-checkpointing auto`) or as given, and applied to a loaded model layer by layer.
+
+transformers 5's decoder layers are `GradientCheckpointingLayer`s: enabling checkpointing sets each layer's
+`gradient_checkpointing` flag, and a layer whose flag is then switched off runs (and keeps its activations) as
+usual. The layers kept whole are the last ones: the backward reaches them first, so their activations are
+freed before any recompute happens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from infopo_cli.config import TrainConfig
+from infopo_cli.errors import ConfigError
+from infopo_cli.model import memory_plan as mp
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from infopo_cli.data.tokenization import TokenizedPair
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """`layers`: how many decoder layers recompute, the first ones (None: every one); `offload`: their saved inputs
+    in pinned CPU memory (CUDA only); `message`: what was chosen and why, for the user."""
+
+    layers: int | None
+    offload: bool = False
+    message: str = ""
+
+
+def given(mode: str) -> Recompute:
+    """The setting without a plan (a model loaded outside `infopo train`): auto recomputes every layer, as on."""
+    return Recompute(0 if mode == "off" else None, offload=mode == "offload")
+
+
+def training(cfg: TrainConfig, device: str, compute_bytes: int) -> mp.Training:
+    """The plan's view of a run's settings on `device` (optimizer and attention kernel as `auto` resolves them)."""
+    from infopo_cli.train.logps import CHUNK_TOKENS
+
+    targets = None if cfg.target_modules == "all-linear" else frozenset([cfg.target_modules] if isinstance(
+        cfg.target_modules, str) else cfg.target_modules)
+    optimizer = cfg.optimizer if cfg.optimizer != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw")
+    attention = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    return mp.Training(cfg.lora_r, targets, cfg.lora_dropout, compute_bytes, cfg.load_in_4bit, optimizer, device,
+                       attention, CHUNK_TOKENS)
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free for this run: the GPU's (its CUDA context already made), or the RAM the kernel says is available
+    (/proc/meminfo, else sysconf; None when neither says)."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_out: Sequence[TokenizedPair], device: str,
+            compute_bytes: int, share_prompt: bool, free: int | None = None) -> Recompute:
+    """The checkpointing of a run about to load its model, from the plan of its longest micro-batch (and longest
+    held-out or reference batch) and the free memory (`free`, else measured). On CUDA a run that does not fit even
+    recomputing every layer is refused with the plan's advice, in one line, before the model loads."""
+    mode = cfg.gradient_checkpointing
+    if device != "cuda" and mode == "offload":
+        return Recompute(None, message="gradient checkpointing offload: on a CPU the activations are in host memory "
+                                       "already, so nothing is copied: every layer recomputes (as on)")
+    arch = _architecture(source)
+    if arch is None:
+        chosen = given(mode)
+        return Recompute(chosen.layers, chosen.offload, f"gradient checkpointing {mode}: no config.json to plan from, "
+                         + ("every layer recomputes" if chosen.layers is None else "no layer recomputes"))
+    shared = share_prompt and cfg.attn_implementation != "flash_attention_2"
+    run = training(cfg, device, compute_bytes)
+    lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in train]
+    held = lengths + [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in held_out]
+    layout = mp.worst_layout(lengths, cfg.batch_size, shared)
+    no_grad = mp.worst_layout(held, cfg.eval_batch_size, shared)
+    budget = free_memory(device) if free is None else free
+    choice = mp.choose(arch, run, layout, mode, budget, eval_layout=no_grad)
+    if device == "cuda" and budget is not None:
+        least = mp.plan(arch, run, layout, arch.layers, offload=mode == "offload", eval_layout=no_grad)
+        if least.needed > budget:
+            longest = max(lengths, key=lambda p: p[0] + max(p[1], p[2]))
+            batch = mp.Batch(cfg.batch_size, longest[0] + max(longest[1], longest[2]), longest[0], shared)
+            tips = mp.advice(arch, run, batch, cfg.grad_accum, budget, mode)
+            raise ConfigError(f"this run needs {mp.gib(least.needed)} GiB of GPU memory even recomputing every layer, "
+                              f"and {mp.gib(budget)} GiB are free (the memory plan of its longest micro-batch; "
+                              f"`infopo plan` shows the parts): try {'; or '.join(tips)}")
+    where = "free GPU memory" if device == "cuda" else "free RAM"
+    return Recompute(choice.plan.checkpointed, choice.plan.offload,
+                     f"gradient checkpointing {mode}: {describe(choice, mode, budget, where)}")
+
+
+def describe(choice: mp.Choice, mode: str, budget: int | None, where: str) -> str:
+    """What `choice` recomputes and why, in one line (`where`: what the budget is, e.g. "free RAM")."""
+    chosen, without = choice.plan, choice.without
+    if chosen.checkpointed == 0:
+        what = "off, no layer recomputes"
+    elif chosen.checkpointed == chosen.layers:
+        what = "every layer recomputes" + (", its saved input in pinned CPU memory" if chosen.offload else "")
+    else:
+        what = (f"the first {chosen.checkpointed} of {chosen.layers} layers recompute, the last "
+                f"{chosen.layers - chosen.checkpointed} keep their activations")
+    if budget is None:
+        return f"{what} ({where} unknown)" if mode == "auto" else what
+    need, free, whole = mp.gib(chosen.needed), f"{mp.gib(budget)} GiB {where}", mp.gib(without.needed)
+    if mode != "auto":
+        return what + (f" (the run needs {need} GiB of {free})" if choice.fits else
+                       f"; warning: the plan predicts {need} GiB, more than the {free}")
+    if chosen.checkpointed == 0:
+        return f"{what} (the run needs {need} GiB of {free} without recomputation)"
+    if not choice.fits:  # on a GPU the run is refused before this is said (for_run); RAM can swap
+        return f"{what} (even so the run needs {need} GiB, more than the {free}" + (
+            ": the system may swap)" if "RAM" in where else ")")
+    return f"{what} (without recomputation the run needs {whole} GiB of {free}; with it, {need})"
+
+
+def _architecture(source: str) -> mp.Architecture | None:
+    """The architecture of a resolved model source (a folder, or a hub id whose files the load downloads anyway: its
+    config.json may be fetched first); None when there is none to plan from."""
+    from infopo_cli.errors import ModelError
+    from infopo_cli.model.architectures import find_architecture
+
+    try:
+        return find_architecture(source)[0]
+    except ModelError:
+        pass
+    try:
+        from transformers import AutoConfig
+
+        return mp.architecture(AutoConfig.from_pretrained(source).to_dict())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply(base: nn.Module, recompute: Recompute) -> None:
+    """Turn on non-reentrant checkpointing for the first `recompute.layers` decoder layers of `base` (before peft
+    wraps it). Non-reentrant checkpointing needs no input that requires grad, so the frozen 4-bit base is used as
+    it is (no float32 up-cast of every non-quantised weight)."""
+    if recompute.layers == 0:
+        return
+    kwargs = {"use_reentrant": False}
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    offload = recompute.offload and next(base.parameters()).device.type == "cuda"
+    if enable is None:
+        if offload:
+            raise ConfigError("--gradient-checkpointing offload needs a newer transformers (pip install -U transformers)")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif offload:
+        if "offload" not in inspect.signature(enable).parameters:
+            raise ConfigError("--gradient-checkpointing offload needs a newer transformers (pip install -U transformers)")
+        enable(activation_checkpointing_kwargs=kwargs, offload=True)
+    else:
+        enable(activation_checkpointing_kwargs=kwargs)
+    if recompute.layers is not None:
+        for layer in decoder_layers(base)[recompute.layers:]:
+            layer.gradient_checkpointing = False

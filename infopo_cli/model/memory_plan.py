@@ -1,0 +1,473 @@
+"""The peak GPU memory of a training run, predicted from the model's config alone: no GPU, no weights.
+
+Pure arithmetic over what one LoRA step on a frozen 4-bit base holds as infopo runs it (model/loading.py,
+train/logps.py, data/batching.py) with transformers 5, peft and bitsandbytes:
+
+- **weights**: every decoder linear layer in NF4 with double quantisation (bitsandbytes: 4-bit codes, an
+  8-bit absmax per 64-weight block, a float32 absmax per 256 blocks); embeddings, output layer, norms and
+  biases stay 16-bit (transformers never quantises the output layer; an embedding is not a linear layer).
+- **LoRA**: weights and their gradients in float32 (peft up-casts adapters, `autocast_adapter_dtype`); the
+  optimizer: bitsandbytes' paged 8-bit AdamW keeps two uint8 states and a float32 absmax per 256 values
+  (2.03 bytes/weight; tensors under 4096 values keep float32 states), no float32 master copy (the LoRA
+  weights are float32 already); torch's AdamW two float32 states.
+- **activations**, per decoder layer and token, as autograd saves them (read off the saved tensors in
+  tests/test_memory_plan.py): each RMSNorm its float32 input; each LoRA layer the float32 copy of its input
+  that peft makes (with dropout: the dropped copy and the mask) and its rank-r middle; attention its query,
+  keys and values (repeated to every head: infopo's batches carry a mask, and with one transformers repeats
+  them), output and log-sum-exp (eager attention: the float32 probabilities and their 16-bit copy, T per
+  token); the gated MLP its gate, activation and up outputs. The frozen 4-bit matmuls save no input.
+- **checkpointing**: a recomputed layer keeps only its 16-bit input; the backward recomputes one layer at a
+  time. The layers that are not recomputed are the last ones, whose activations the backward frees first.
+- **the output layer** runs in 1024-token chunks (train/logps.py), each recomputed in the backward: its
+  float32 logits, `log_softmax` and their gradient (three vocab-wide float32 tensors) are the largest
+  transient of a step on a 128k vocabulary.
+- **the sequence layout**: `batch_size` pairs are 2 rows of prompt + response each, or with prompt sharing
+  one row of prompt + chosen + rejected (and a (T x T) mask per row).
+
+The peak is the largest of a few moments of the step (the output layer's backward, the backward of the last
+layer kept whole, the recompute and backward of a checkpointed layer, a no-grad held-out/reference pass).
+CUDA context and allocator slack are estimates; `torch.cuda.max_memory_allocated` (infopo's "peak memory")
+is the allocated part, without them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+GIB = 2**30
+# bitsandbytes NF4, blocksize 64, compress_statistics (double quantisation): bytes per weight
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+LORA_BYTES = 4             # peft keeps the adapter in float32 whatever the compute dtype
+CUDA_CONTEXT = GIB // 2    # the driver's and torch's own, outside the allocator (~0.5 GiB on recent cards)
+SLACK = 0.10               # the caching allocator's fragmentation, as a share of what a step allocates and frees
+MIN_8BIT = 4096            # bitsandbytes' min_8bit_size: smaller tensors keep float32 optimizer states
+PAGED_MIN = 100_000        # bitsandbytes pages (cudaMallocManaged) states of tensors this large, outside torch's allocator
+MODES = ("auto", "on", "off", "offload")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of a decoder layer. `reads` names its input; linears reading the same one share it."""
+
+    name: str
+    fan_in: int
+    fan_out: int
+    reads: str  # attn_in (q/k/v), attn_out (o), mlp_in (gate/up), mlp_out (down)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the plan needs of a decoder-only transformer's config.json."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    linears: tuple[Linear, ...]   # one decoder layer's
+    norms_per_layer: int = 2      # Gemma-2 has four
+    bias_params: int = 0          # per layer (Qwen2's q/k/v biases)
+    attn_softcap: bool = False    # Gemma-2's attention soft-capping (eager attention): one more (T x T) tensor
+    logit_softcap: bool = False   # Gemma-2's final logit soft-capping: one more float32 tensor per output chunk
+    max_positions: int | None = None
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(lin.fan_in * lin.fan_out for lin in self.linears)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        return (self.linear_params + self.embedding_params + self.layers * (self.bias_params + self.norms_per_layer
+                * self.hidden) + self.hidden)
+
+
+def architecture(config: dict) -> Architecture:
+    """An `Architecture` from a transformers config.json (a multimodal model's `text_config`). Raises KeyError for a
+    missing field and ValueError for a model it cannot plan."""
+    c = config.get("text_config") or config
+    if any(c.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise ValueError("a mixture-of-experts model")
+    kind = str(c.get("model_type", "llama"))
+    h, i, heads = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    d = int(c.get("head_dim") or h // heads)
+    q, k = heads * d, kv * d
+    if kind == "phi3":  # fused projections (Phi-3 / 3.5)
+        linears = (Linear("qkv_proj", h, q + 2 * k, "attn_in"), Linear("o_proj", q, h, "attn_out"),
+                   Linear("gate_up_proj", h, 2 * i, "mlp_in"), Linear("down_proj", i, h, "mlp_out"))
+    else:
+        linears = (Linear("q_proj", h, q, "attn_in"), Linear("k_proj", h, k, "attn_in"), Linear("v_proj", h, k, "attn_in"),
+                   Linear("o_proj", q, h, "attn_out"), Linear("gate_proj", h, i, "mlp_in"),
+                   Linear("up_proj", h, i, "mlp_in"), Linear("down_proj", i, h, "mlp_out"))
+    biased = c.get("attention_bias", kind == "qwen2")  # Qwen2 has q/k/v biases without saying so
+    return Architecture(kind, h, i, int(c["num_hidden_layers"]), heads, kv, d, int(c["vocab_size"]),
+                        bool(c.get("tie_word_embeddings", False)), linears,
+                        norms_per_layer=4 if kind == "gemma2" else 2, bias_params=(q + 2 * k) if biased else 0,
+                        attn_softcap=bool(c.get("attn_logit_softcapping")), logit_softcap=bool(c.get("final_logit_softcapping")),
+                        max_positions=c.get("max_position_embeddings"))
+
+
+@dataclass(frozen=True)
+class Training:
+    """How the run trains: what decides the bytes of each part."""
+
+    lora_r: int
+    targets: frozenset[str] | None  # LoRA target module names; None: every linear layer of the decoder
+    lora_dropout: float
+    compute_bytes: int              # 2 (bf16, fp16) or 4 (fp32)
+    quantized: bool                 # NF4 base (else 16-bit, or fp32 with fp32 compute)
+    optimizer: str                  # paged_adamw_8bit or adamw
+    device: str                     # cuda or cpu
+    attention: str                  # sdpa, eager or flash_attention_2
+    lm_chunk: int                   # output-layer chunk (train/logps.py CHUNK_TOKENS)
+
+    def targeted(self, linear: Linear) -> bool:
+        return self.targets is None or linear.name in self.targets
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The rows one micro-batch feeds the model: `rows` x `width` positions, `scored` of them response tokens."""
+
+    rows: int
+    width: int
+    scored: int
+    shared: bool  # prompt + chosen + rejected in one row (a (T x T) mask per row)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.width
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A micro-batch of `pairs` pairs at their longest: `prompt` tokens and responses up to `max_length` in all."""
+
+    pairs: int
+    max_length: int
+    prompt: int
+    shared: bool
+
+    def layout(self) -> Layout:
+        prompt = max(1, min(self.prompt, self.max_length - 1))
+        response = self.max_length - prompt
+        if self.shared:
+            return Layout(self.pairs, prompt + 2 * response, 2 * self.pairs * response, True)
+        return Layout(2 * self.pairs, self.max_length, 2 * self.pairs * response, False)
+
+
+def worst_layout(pairs: Sequence[tuple[int, int, int]], batch_size: int, shared: bool) -> Layout:
+    """The micro-batch of the `batch_size` longest (prompt, chosen, rejected) lengths: batches are grouped by
+    length, so it is one a run meets."""
+    width = (lambda p: p[0] + p[1] + p[2]) if shared else (lambda p: p[0] + max(p[1], p[2]))
+    longest = sorted(pairs, key=width, reverse=True)[:batch_size]
+    rows = len(longest) * (1 if shared else 2)
+    return Layout(rows, width(longest[0]), sum(p[1] + p[2] for p in longest), shared)
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The parts held at the step's peak (`moment`), and what the card needs besides."""
+
+    static: tuple[Part, ...]       # weights, LoRA, gradients, optimizer: held all the time
+    moment: str                    # when the peak happens
+    dynamic: tuple[Part, ...]      # activations and transients held at that moment
+    checkpointed: int              # layers recomputed in the backward
+    layers: int
+    offload: bool
+    device: str
+    moments: dict[str, int]        # every moment's allocated peak, for the curious
+    host_bytes: int = 0            # offload: the saved layer inputs, in pinned CPU memory
+
+    @property
+    def allocated(self) -> int:
+        """What `torch.cuda.max_memory_allocated` would show."""
+        return sum(p.bytes for p in self.static + self.dynamic)
+
+    @property
+    def slack(self) -> int:
+        return round(SLACK * sum(p.bytes for p in self.dynamic))
+
+    @property
+    def context(self) -> int:
+        return CUDA_CONTEXT if self.device == "cuda" else 0
+
+    @property
+    def needed(self) -> int:
+        """Allocated + slack: what must be free once the CUDA context exists (`torch.cuda.mem_get_info`)."""
+        return self.allocated + self.slack
+
+    @property
+    def card(self) -> int:
+        """What the whole card must have."""
+        return self.needed + self.context
+
+
+# --- the parts ---------------------------------------------------------------------------------------
+
+def lora_tensors(arch: Architecture, run: Training) -> list[int]:
+    """The sizes of the LoRA tensors (A and B of every targeted linear layer)."""
+    return [n for lin in arch.linears if run.targeted(lin)
+            for n in (run.lora_r * lin.fan_in, run.lora_r * lin.fan_out)] * arch.layers
+
+
+def optimizer_bytes(sizes: Sequence[int], optimizer: str) -> tuple[int, int]:
+    """(bytes in torch's allocator, bytes paged outside it) of the optimizer states of tensors of `sizes`."""
+    if optimizer != "paged_adamw_8bit":
+        return 8 * sum(sizes), 0  # exp_avg and exp_avg_sq in float32
+    held = paged = 0
+    for n in sizes:
+        if n < MIN_8BIT:
+            held += 8 * n
+            continue
+        absmax = 8 * math.ceil(n / 256)  # two float32 block maxima, never paged
+        held += absmax
+        if n >= PAGED_MIN:
+            paged += 2 * n
+        else:
+            held += 2 * n
+    return held, paged
+
+
+def static_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
+    c = run.compute_bytes
+    sizes = lora_tensors(arch, run)
+    lora = sum(sizes)
+    held, paged = optimizer_bytes(sizes, run.optimizer)
+    base = (Part("base weights, 4-bit NF4", round(arch.linear_params * NF4_BYTES),
+                 f"{arch.linear_params / 1e9:.2f}B weights x {NF4_BYTES:.3f} bytes (double quantisation)")
+            if run.quantized else
+            Part(f"base weights, {8 * c}-bit", arch.linear_params * c, f"{arch.linear_params / 1e9:.2f}B weights, unquantised"))
+    optimizer = ("paged 8-bit AdamW" if run.optimizer == "paged_adamw_8bit" else "AdamW, float32 states")
+    note = (f"2 bytes/weight + absmax; {paged / GIB:.2f} GiB of it paged (outside torch's allocator)"
+            if run.optimizer == "paged_adamw_8bit" else "8 bytes/weight")
+    return (base,
+            Part("embeddings and output layer, 16-bit" if c == 2 else "embeddings and output layer",
+                 arch.embedding_params * c, "tied: one matrix" if arch.tied_embeddings else "two vocab x hidden matrices"),
+            Part("norms and biases", (arch.layers * (arch.norms_per_layer * arch.hidden + arch.bias_params) + arch.hidden) * c),
+            Part("LoRA weights, float32", lora * LORA_BYTES, f"{lora / 1e6:.1f}M weights, r={run.lora_r}"),
+            Part("LoRA gradients, float32", lora * LORA_BYTES),
+            Part(f"optimizer: {optimizer}", held + paged, note))
+
+
+def layer_saved_per_token(arch: Architecture, run: Training, layout: Layout) -> float:
+    """Bytes autograd saves per token in one decoder layer that is not recomputed."""
+    c, f, h, width = run.compute_bytes, LORA_BYTES, arch.hidden, layout.width
+    total = arch.norms_per_layer * (4 * h + 4)  # RMSNorm: the float32 input and 1/rms
+    for group in dict.fromkeys(lin.reads for lin in arch.linears):
+        targeted = [lin for lin in arch.linears if lin.reads == group and run.targeted(lin)]
+        if not targeted:
+            continue  # a frozen 4-bit (or 16-bit) matmul saves no input
+        fan_in = targeted[0].fan_in
+        if run.lora_dropout > 0:  # each its own dropped float32 copy, and the mask (bool on CUDA; CPU: the input's dtype)
+            total += len(targeted) * fan_in * (f + (1 if run.device == "cuda" else f))
+        elif c != f:  # peft casts the input to float32 for each LoRA layer
+            total += len(targeted) * fan_in * f
+        elif not (group == "attn_out" and run.attention != "eager"):  # a float32 input is saved once, as it is
+            total += fan_in * f  # (attention's output is the very tensor sdpa saved)
+        total += len(targeted) * run.lora_r * f  # lora_B's input
+    d, heads = arch.head_dim, arch.heads
+    # transformers repeats keys and values to every head when it passes a mask (a shared prompt's always; padding
+    # makes one in two-row batches: planned as if there); flash-attention takes them as they are
+    kv = arch.kv_heads if run.attention == "flash_attention_2" else heads
+    total += c * d * (heads + 2 * kv)  # query, keys, values
+    if arch.model_type == "phi3" and kv == arch.kv_heads:  # unrepeated, v is a view that keeps the fused qkv output
+        total += c * d * (heads + arch.kv_heads)
+    if run.attention == "eager":  # the (T x T) scores per head: float32 softmax, its copy in the compute dtype
+        total += heads * width * (4 + (c if c != 4 else 0) + (c if arch.attn_softcap else 0))  # (and tanh's, soft-capped)
+    else:
+        total += c * d * heads + 4 * heads  # the output, the log-sum-exp
+    total += 3 * c * arch.intermediate  # gate, activation, up
+    return total
+
+
+def layer_bytes(arch: Architecture, run: Training, layout: Layout) -> int:
+    """One decoder layer kept whole: its saved activations, and the additive copy sdpa makes (and keeps for the
+    backward) of a two-row batch's boolean mask."""
+    mask_copy = run.compute_bytes * layout.rows * layout.width ** 2 if run.attention == "sdpa" and not layout.shared else 0
+    return round(layer_saved_per_token(arch, run, layout) * layout.tokens) + mask_copy
+
+
+def _tail(arch: Architecture, run: Training, layout: Layout) -> int:
+    """Held from the forward to the end of the backward outside the layers: the final norm's input, rotary cos/sin,
+    the scored hidden states and their indices, the attention mask(s)."""
+    c = run.compute_bytes
+    per_token = 4 * arch.hidden + 4 + 2 * c * arch.head_dim
+    mask = (1 + c) if layout.shared else (c if run.attention == "eager" else 1)  # bool, and additive where built
+    return per_token * layout.tokens + (c * arch.hidden + 32) * layout.scored + mask * layout.rows * layout.width ** 2
+
+
+def _output_chunk(arch: Architecture, run: Training, layout: Layout, backward: bool) -> int:
+    """The output layer on one chunk: float32 logits and log_softmax (forward); in the backward, after the
+    recompute, log_softmax's output, the gathered gradient and the gradient of the logits."""
+    n = min(run.lm_chunk, max(1, layout.scored))
+    floats = (3 if backward else 2) + (1 if arch.logit_softcap else 0)
+    return 4 * floats * arch.vocab * n
+
+
+def _layer_backward(arch: Architecture, run: Training, layout: Layout) -> int:
+    """The gradients a layer's backward makes beyond what it frees (at its largest, the down projection's: a float32
+    LoRA gradient and one in the compute dtype; the residual stream's in and out), and the weight bitsandbytes
+    dequantises for it (measured on CPU, tests/test_memory_plan.py)."""
+    c = run.compute_bytes
+    dequantised = c * max(lin.fan_in * lin.fan_out for lin in arch.linears) if run.quantized else 0
+    return ((LORA_BYTES + c) * arch.intermediate + 2 * c * arch.hidden) * layout.tokens + dequantised
+
+
+def _no_grad_pass(arch: Architecture, run: Training, layout: Layout) -> int:
+    """A held-out or reference batch under no-grad: one layer's working set (the MLP's intermediates and the float32
+    copy peft makes of the down projection's input, the residual stream) and an output chunk."""
+    c = run.compute_bytes
+    working = (3 * c + LORA_BYTES) * arch.intermediate + 3 * c * arch.hidden
+    return round(working * layout.tokens) + _output_chunk(arch, run, layout, backward=False) + _tail(arch, run, layout)
+
+
+def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, offload: bool = False,
+         eval_layout: Layout | None = None) -> Plan:
+    """The peak of one training step with the first `checkpointed` decoder layers recomputed (the others keep their
+    activations); `offload`: the recomputed layers' inputs in pinned CPU memory (CUDA)."""
+    checkpointed = max(0, min(arch.layers, checkpointed))
+    kept = arch.layers - checkpointed
+    static = static_parts(arch, run)
+    inputs = run.compute_bytes * arch.hidden * layout.tokens * checkpointed
+    on_gpu_inputs = 0 if offload else inputs
+    whole, tail = layer_bytes(arch, run, layout), _tail(arch, run, layout)
+    grad_hidden = run.compute_bytes * arch.hidden * layout.tokens
+    held = ([Part(f"saved inputs of {checkpointed} recomputed layers", on_gpu_inputs, "16-bit hidden states")]
+            if checkpointed and not offload else [])
+    held += [Part(f"saved activations of {kept} layers kept whole", kept * whole,
+                  f"{layer_saved_per_token(arch, run, layout) / 1024:.0f} KiB per token per layer")] if kept else []
+    held += [Part("final norm, scored hidden states, masks, positions", tail)]
+    moments: dict[str, tuple[Part, ...]] = {
+        "the output layer's backward": (*held, Part("output layer: float32 log_softmax of a chunk, its gradient",
+                                                    _output_chunk(arch, run, layout, backward=True) + grad_hidden,
+                                                    f"{min(run.lm_chunk, layout.scored)} tokens x {arch.vocab} vocabulary")),
+    }
+    if kept:
+        moments["the backward of the last layer kept whole"] = (
+            *held, Part("backward working set of a layer", _layer_backward(arch, run, layout)))
+    if checkpointed:
+        moments["the recompute and backward of a checkpointed layer"] = (
+            *([Part(f"saved inputs of {checkpointed} recomputed layers", on_gpu_inputs, "16-bit hidden states")]
+              if not offload else []),
+            Part("final norm, scored hidden states, masks, positions", tail),
+            Part("one recomputed layer", whole), Part("backward working set of a layer", _layer_backward(arch, run, layout)))
+    no_grad = eval_layout or layout
+    moments["a held-out or reference pass (no grad)"] = (Part("no-grad working set", _no_grad_pass(arch, run, no_grad),
+                                                              f"{no_grad.rows} rows x {no_grad.width} tokens"),)
+    gradients = next(p.bytes for p in static if p.name.startswith("LoRA gradients"))
+    peaks = {name: sum(p.bytes for p in static + parts) - (gradients if name.startswith("a held-out") else 0)
+             for name, parts in moments.items()}
+    moment = max(peaks, key=peaks.__getitem__)
+    return Plan(static, moment, moments[moment], checkpointed, arch.layers, offload, run.device, peaks,
+                host_bytes=inputs if offload else 0)
+
+
+# --- choices and searches ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+    plan: Plan       # the checkpointing chosen
+    fits: bool       # in the budget (True when the budget is unknown)
+    without: Plan    # the same run with no recomputation, for the reason
+
+
+def choose(arch: Architecture, run: Training, layout: Layout, mode: str, budget: int | None,
+           eval_layout: Layout | None = None) -> Choice:
+    """The checkpointing of `mode` for a run with `budget` bytes free (None: unknown). `auto` recomputes as few
+    layers as fit: none when everything fits; every layer when even that does not fit (or the budget is unknown:
+    none)."""
+    def at(layers: int, offload: bool = False) -> Plan:
+        return plan(arch, run, layout, layers, offload, eval_layout)
+
+    def fits(p: Plan) -> bool:
+        return budget is None or p.needed <= budget
+
+    without = at(0)
+    if mode != "auto":
+        chosen = at(0 if mode == "off" else arch.layers, offload=mode == "offload" and run.device == "cuda")
+    elif budget is None:
+        chosen = without
+    else:
+        chosen = next((p for p in map(at, range(arch.layers + 1)) if fits(p)), None) or at(arch.layers)
+    return Choice(chosen, fits(chosen), without)
+
+
+def largest_batch(arch: Architecture, run: Training, batch: Batch, checkpointed: bool, budget: int,
+                  limit: int = 4096) -> int:
+    """The most pairs per micro-batch that fit in `budget` (0: not even one)."""
+    def fits(pairs: int) -> bool:
+        b = replace(batch, pairs=pairs)
+        return plan(arch, run, b.layout(), arch.layers if checkpointed else 0).needed <= budget
+    return _last_true(fits, 1, limit)
+
+
+def longest_length(arch: Architecture, run: Training, batch: Batch, checkpointed: bool, budget: int) -> int:
+    """The longest `max_length` (a multiple of 64, the prompt keeping its share) that fits in `budget` (0: none)."""
+    share = batch.prompt / batch.max_length
+    top = arch.max_positions or 131072
+
+    def fits(blocks: int) -> bool:
+        length = 64 * blocks
+        b = replace(batch, max_length=length, prompt=max(1, round(share * length)))
+        return plan(arch, run, b.layout(), arch.layers if checkpointed else 0).needed <= budget
+    return 64 * _last_true(fits, 1, max(1, top // 64))
+
+
+def advice(arch: Architecture, run: Training, batch: Batch, grad_accum: int, budget: int, mode: str) -> list[str]:
+    """What to change, most helpful first: ways to fit when the run does not, room to use when it does."""
+    every = plan(arch, run, batch.layout(), arch.layers)
+    tips = []
+    if every.needed > budget:
+        if run.device == "cuda" and plan(arch, run, batch.layout(), arch.layers, offload=True).needed <= budget:
+            tips.append("--gradient-checkpointing offload (the recomputed layers' inputs in pinned CPU memory)")
+        pairs = largest_batch(arch, run, batch, True, budget)
+        if 0 < pairs < batch.pairs:
+            tips.append(f"--batch-size {pairs} --grad-accum {math.ceil(batch.pairs * grad_accum / pairs)} (about the same "
+                        "global batch)")
+        length = longest_length(arch, run, batch, True, budget)
+        if length >= 64:
+            tips.append(f"--max-length {length} (the longest that fits at --batch-size {batch.pairs})")
+        if not tips:
+            tips.append(f"a GPU with more memory (the run needs {gib(every.card)} GiB)")
+        return tips
+    whole = plan(arch, run, batch.layout(), 0)
+    if mode in ("on", "offload") and whole.needed <= budget:
+        tips.append("--gradient-checkpointing auto or off: the run fits without recomputation (about a quarter less "
+                    "work per step)")
+    more, more_whole = largest_batch(arch, run, batch, True, budget), largest_batch(arch, run, batch, False, budget)
+    if more > batch.pairs:
+        tips.append(f"room for --batch-size {more} with checkpointing" + (f" ({more_whole} without)" if more_whole else "")
+                    + " (fewer, larger micro-batches: lower --grad-accum to keep the global batch)")
+    return tips
+
+
+def _last_true(fits, low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n), for a `fits` true up to some n and false after (low - 1: none)."""
+    if not fits(low):
+        return low - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f}" if n >= 10 * GIB else f"{n / GIB:.2f}"

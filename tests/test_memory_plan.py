@@ -1,0 +1,342 @@
+"""The memory plan (model/memory_plan.py) against hand-computed parts and against what autograd actually holds on CPU;
+checkpointing chosen by it and applied layer by layer (model/checkpointing.py); `infopo plan` without a GPU."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from infopo_cli.config import TrainConfig, merge
+from infopo_cli.data.batching import collate
+from infopo_cli.data.tokenization import TokenizedPair
+from infopo_cli.errors import ConfigError
+from infopo_cli.model import architectures, checkpointing, memory_plan as mp
+
+# tests/conftest.py's tiny Llama: hidden 64, intermediate 128, 2 layers, 4 heads (2 key/value), untied
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False}
+ALL = None  # every linear layer gets a LoRA
+
+
+def training(**kw) -> mp.Training:
+    settings = dict(lora_r=4, targets=ALL, lora_dropout=0.0, compute_bytes=2, quantized=True,
+                    optimizer="paged_adamw_8bit", device="cuda", attention="sdpa", lm_chunk=1024)
+    return mp.Training(**{**settings, **kw})
+
+
+# --- 1. the parts, by hand ----------------------------------------------------------------------------
+
+def test_weights_lora_and_optimizer_of_a_tiny_config_by_hand():
+    arch = mp.architecture(TINY)
+    parts = {p.name: p.bytes for p in mp.static_parts(arch, training())}
+    # per layer: q 64x64, k and v 64x32, o 64x64, gate and up 64x128, down 128x64
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    assert mp.NF4_BYTES == 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 absmax per 256 blocks
+    assert parts["base weights, 4-bit NF4"] == round(linear * mp.NF4_BYTES)
+    assert parts["embeddings and output layer, 16-bit"] == 2 * 300 * 64 * 2
+    assert parts["norms and biases"] == (2 * 2 * 64 + 64) * 2
+    # LoRA r=4: r x (in + out) per linear: q 128, k 96, v 96, o 128, gate 192, up 192, down 192 = 1024 per layer
+    assert parts["LoRA weights, float32"] == parts["LoRA gradients, float32"] == 2 * 1024 * 4 * 4
+    # every LoRA tensor here is under 4096 values: bitsandbytes keeps float32 states for those
+    assert parts["optimizer: paged 8-bit AdamW"] == 8 * 2 * 1024 * 4
+
+
+def test_8bit_optimizer_states_are_two_bytes_and_large_ones_are_paged():
+    held, paged = mp.optimizer_bytes([1000, 50_000, 200_000], "paged_adamw_8bit")
+    assert held == 8 * 1000 + (2 * 50_000 + 8 * math.ceil(50_000 / 256)) + 8 * math.ceil(200_000 / 256)
+    assert paged == 2 * 200_000  # states of tensors >= 1e5 values live in unified memory, outside torch's allocator
+    assert mp.optimizer_bytes([1000, 50_000], "adamw") == (8 * 51_000, 0)
+
+
+def test_activations_of_a_layer_by_hand():
+    """bf16 compute, LoRA on all seven linears, no dropout, per token: two RMSNorms keep their float32 input and 1/rms
+    (2 x (4 x 64 + 4)); peft's float32 copy of each LoRA layer's input (q, k, v: 3 x 4 x 64; o: 4 x 64; gate, up:
+    2 x 4 x 64; down: 4 x 128) and each rank-4 middle (7 x 4 x 4); sdpa's query, keys and values repeated to 4 heads
+    and output (4 x 2 x 64) and log-sum-exp (4 x 4); the MLP's gate, activation and up (3 x 2 x 128)."""
+    arch, layout = mp.architecture(TINY), mp.Layout(2, 100, 120, True)
+    expected = 2 * (4 * 64 + 4) + (3 + 1 + 2) * 4 * 64 + 4 * 128 + 7 * 4 * 4 + 4 * 2 * 64 + 4 * 4 + 3 * 2 * 128
+    assert mp.layer_saved_per_token(arch, training(), layout) == expected == 3976
+    # dropout: each LoRA layer its own dropped float32 copy and a bool mask (CUDA), no shared cast
+    dropped = mp.layer_saved_per_token(arch, training(lora_dropout=0.05), layout)
+    assert dropped - expected == (6 * 64 + 128) * 1
+    # eager attention: the (T x T) scores, float32 softmax and its bf16 copy, instead of the output and log-sum-exp
+    eager = mp.layer_saved_per_token(arch, training(attention="eager"), layout)
+    assert eager - expected == 4 * 100 * (4 + 2) - (2 * 64 + 4 * 4)
+
+
+def test_layouts_two_rows_per_pair_or_one_shared_row():
+    assert mp.Batch(2, 1024, 256, shared=False).layout() == mp.Layout(4, 1024, 4 * 768, False)
+    assert mp.Batch(2, 1024, 256, shared=True).layout() == mp.Layout(2, 256 + 2 * 768, 4 * 768, True)
+    pairs = [(10, 5, 7), (50, 40, 2), (3, 1, 1)]
+    assert mp.worst_layout(pairs, 2, shared=False) == mp.Layout(4, 90, 40 + 2 + 5 + 7, False)
+    assert mp.worst_layout(pairs, 2, shared=True) == mp.Layout(2, 92, 54, True)
+
+
+def test_checkpointing_keeps_only_layer_inputs_and_the_peak_falls():
+    arch, run, layout = mp.architecture(TINY), training(), mp.Batch(4, 512, 128, True).layout()
+    none, half, every = (mp.plan(arch, run, layout, n) for n in (0, 1, 2))
+    # (the last layer recomputed right at the backward's start holds as much as keeping it whole: no monotony there)
+    assert none.allocated >= half.allocated and none.allocated > every.allocated
+    inputs = next(p.bytes for p in every.dynamic if p.name.startswith("saved inputs"))
+    assert inputs == 2 * 2 * 64 * layout.tokens  # 16-bit hidden states of both layers
+    assert every.card == every.allocated + every.slack + mp.CUDA_CONTEXT
+    offloaded = mp.plan(arch, run, layout, 2, offload=True)
+    assert offloaded.host_bytes == inputs and offloaded.allocated < every.allocated
+
+
+def test_the_8b_preset_at_the_measured_settings_is_within_ten_percent_of_the_gpu_measurement():
+    """The one GPU measurement (issue 17): 8B Llama-3 shape, batch 2 pairs of 256 + 768 tokens in two rows each,
+    every layer recomputed, LoRA r16 on all seven linears, dropout 0.05, paged 8-bit AdamW: 8.4 GiB peak allocated."""
+    arch = mp.architecture(architectures.PUBLISHED["meta-llama/Meta-Llama-3-8B-Instruct"])
+    run = training(lora_r=16, lora_dropout=0.05)
+    predicted = mp.plan(arch, run, mp.Batch(2, 1024, 256, shared=False).layout(), arch.layers).allocated / mp.GIB
+    assert abs(predicted - 8.4) / 8.4 < 0.10, predicted
+
+
+def test_auto_keeps_as_many_layers_whole_as_fit():
+    arch, run, layout = mp.architecture(TINY), training(), mp.Batch(4, 512, 128, True).layout()
+    whole, every = mp.plan(arch, run, layout, 0), mp.plan(arch, run, layout, 2)
+    assert mp.choose(arch, run, layout, "auto", whole.needed).plan.checkpointed == 0
+    assert mp.choose(arch, run, layout, "auto", whole.needed - 1).plan.checkpointed >= 1
+    tight = mp.choose(arch, run, layout, "auto", every.needed - 1)
+    assert tight.plan.checkpointed == 2 and not tight.fits
+    assert mp.choose(arch, run, layout, "off", 1).plan.checkpointed == 0  # as set, fitting or not
+    assert mp.largest_batch(arch, run, mp.Batch(4, 512, 128, True), True, every.needed) >= 4
+    assert mp.longest_length(arch, run, mp.Batch(4, 512, 128, True), True, every.needed) >= 512
+
+
+# --- 2. against what autograd holds on CPU ------------------------------------------------------------
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode and still alive, and their peak: what a step
+    allocates on top of the weights (CPU has no allocator statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in inputs or key in self.live:  # a view or an in-place result: nothing new
+                continue
+            self.live[key] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+def _tiny_lora(folder: Path, dtype: str, recompute: checkpointing.Recompute, dropout: float = 0.0):
+    from infopo_cli.model import loading
+    from infopo_cli.model.precision import choose
+
+    cfg = TrainConfig(dtype=dtype, lora_r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    base = loading.load_base(str(folder), cfg, choose(dtype))
+    model = loading.attach_lora(base, cfg, recompute)
+    model.train()
+    return model, base
+
+
+def _batch(shared: bool):
+    pairs = [TokenizedPair(list(range(5, 21)), list(range(30, 78)), list(range(80, 125))) for _ in range(2)]
+    batch = collate(pairs, 0, shared)
+    return batch, mp.Layout(batch.input_ids.shape[0], batch.input_ids.shape[1], batch.targets.tokens.numel(), shared)
+
+
+def _cpu_run(dtype: str, dropout: float = 0.0) -> mp.Training:
+    return training(compute_bytes=2 if dtype == "bf16" else 4, lora_dropout=dropout, device="cpu", optimizer="adamw")
+
+
+@pytest.mark.parametrize("dtype, dropout, shared", [("bf16", 0.0, False), ("bf16", 0.0, True), ("fp32", 0.1, True)])
+def test_a_layers_saved_activations_are_what_autograd_saves(tiny_model, dtype, dropout, shared):
+    """Every tensor autograd saves in the last decoder layer (the first one's input needs no gradient), counted once
+    per storage, parameters and what earlier layers saved too (rotary cos/sin, the mask) excluded: exactly the plan's
+    layer."""
+    from infopo_cli.train.logps import batch_logps
+
+    model, base = _tiny_lora(tiny_model, dtype, checkpointing.Recompute(0), dropout)
+    batch, layout = _batch(shared)
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    inside, saved = [False], {}
+    last = checkpointing.decoder_layers(base)[-1]
+    last.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    last.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if not inside[0]:
+            known.add(key)
+        elif key not in known:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        batch_logps(model, batch)
+    arch = mp.architecture(TINY | {"vocab_size": base.config.vocab_size})
+    assert sum(saved.values()) == mp.layer_bytes(arch, _cpu_run(dtype, dropout), layout)
+
+
+@pytest.mark.parametrize("recomputed", [0, 2])
+def test_a_steps_peak_on_cpu_is_the_plans(tiny_model, recomputed):
+    """The peak of what a forward and backward allocate on top of the weights, measured, against the plan's peak less
+    its weights, LoRA and optimizer (its LoRA gradients kept: they exist from the second micro-batch on). The plan
+    errs on the safe side."""
+    from infopo_cli.train.logps import batch_logps
+
+    model, base = _tiny_lora(tiny_model, "bf16", checkpointing.Recompute(recomputed))
+    batch, layout = _batch(shared=True)
+    mode = LiveBytes()
+    with mode:
+        batch_logps(model, batch).sums.sum().backward()
+    arch = mp.architecture(TINY | {"vocab_size": base.config.vocab_size})
+    plan = mp.plan(arch, _cpu_run("bf16"), layout, recomputed)
+    gradients = next(p.bytes for p in plan.static if p.name.startswith("LoRA gradients"))
+    predicted = plan.allocated - sum(p.bytes for p in plan.static) + gradients
+    assert 0.95 < predicted / mode.peak < 1.3, (predicted, mode.peak, plan.moment)
+
+
+# --- 3. checkpointing layer by layer ------------------------------------------------------------------
+
+def _four_layers(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-4-layers")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    return folder
+
+
+def test_partial_checkpointing_gives_the_same_gradients_and_recomputes_only_the_chosen_layers(tmp_path_factory):
+    from infopo_cli.train.logps import batch_logps
+
+    folder, (batch, _) = _four_layers(tmp_path_factory), _batch(shared=True)
+
+    def step(layers: int | None):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model, base = _tiny_lora(folder, "fp32", checkpointing.Recompute(layers), dropout=0.1)
+        calls = []
+        for i, layer in enumerate(checkpointing.decoder_layers(base)):
+            # module hooks do not run in a recompute; a layer's MLP forward itself does
+            real = layer.mlp.forward
+            layer.mlp.forward = lambda *a, real=real, i=i, **k: calls.append(i) or real(*a, **k)
+        torch.manual_seed(1)  # the same dropout masks (a recompute replays them)
+        batch_logps(model, batch).sums.sum().backward()
+        flags = [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(base)]
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, sorted(calls), flags
+
+    whole, calls, flags = step(0)
+    assert calls == [0, 1, 2, 3] and flags == [False] * 4
+    for layers, recomputed in ((2, [0, 1]), (None, [0, 1, 2, 3])):
+        grads, calls, flags = step(layers)
+        assert all(torch.equal(grads[name], whole[name]) for name in whole), layers
+        assert calls == sorted([0, 1, 2, 3] + recomputed)  # the first `layers` run twice, the last ones once
+        assert flags == [i in recomputed for i in range(4)]
+
+
+def _pairs(n: int, prompt: int, response: int) -> list[TokenizedPair]:
+    return [TokenizedPair([5] * prompt, [6] * response, [7] * response) for _ in range(n)]
+
+
+def test_auto_picks_off_when_memory_is_ample_on_when_not_and_refuses_what_cannot_fit(tiny_model):
+    cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512)
+    train = _pairs(8, 64, 400)
+    arch = architectures.find_architecture(str(tiny_model))[0]
+    run = checkpointing.training(cfg, "cuda", 2)
+    layout = mp.worst_layout([(64, 400, 400)] * 8, 4, True)
+    need = {n: mp.plan(arch, run, layout, n, eval_layout=layout).needed for n in (0, 2)}
+
+    def decide(free: int, device: str = "cuda", mode: str = "auto") -> checkpointing.Recompute:
+        return checkpointing.for_run(merge(cfg, {"gradient_checkpointing": mode}, "test"), str(tiny_model), train, [],
+                                     device, 2, share_prompt=True, free=free)
+
+    ample = decide(10 * need[0])
+    assert ample.layers == 0 and ample.message.startswith("gradient checkpointing auto: off, no layer recomputes (the run needs")
+    short = decide(need[0] - 1)
+    assert short.layers in (1, 2) and "(without recomputation the run needs" in short.message
+    with pytest.raises(ConfigError) as refused:
+        decide(need[2] // 2)
+    message = str(refused.value)
+    assert "\n" not in message and "even recomputing every layer" in message and "try --" in message
+    # on a CPU nothing is refused: every layer recomputes and the system may swap; offload copies nothing
+    assert decide(need[2] // 2, device="cpu").layers == 2
+    offload = decide(10 * need[0], device="cpu", mode="offload")
+    assert offload.layers is None and "nothing is copied" in offload.message
+    assert decide(need[0] - 1, mode="off").message.count("warning: the plan predicts") == 1
+
+
+# --- 4. the setting ---------------------------------------------------------------------------------
+
+def test_true_and_false_mean_on_and_off_in_files_flags_and_old_run_configs(tmp_path):
+    from infopo_cli.cli import _fill_optional_values
+    from infopo_cli.presets import load
+    from infopo_cli.train.resume import resumed_config
+
+    assert TrainConfig().gradient_checkpointing == "auto"
+    assert TrainConfig(gradient_checkpointing=False).gradient_checkpointing == "off"
+    for given, meant in ((True, "on"), (False, "off"), ("true", "on"), ("OFF", "off"), ("offload", "offload")):
+        assert merge(TrainConfig(), {"gradient_checkpointing": given}, "test").gradient_checkpointing == meant
+    with pytest.raises(ConfigError, match="gradient_checkpointing must be one of auto, on, off, offload"):
+        merge(TrainConfig(), {"gradient_checkpointing": "sometimes"}, "test")
+    assert _fill_optional_values(["train", "--gradient-checkpointing", "--lr", "1"]) == [
+        "train", "--gradient-checkpointing", "on", "--lr", "1"]
+    assert _fill_optional_values(["train", "--no-gradient-checkpointing"]) == ["train", "--gradient-checkpointing", "off"]
+    # a run folder written before auto existed resumes, and may change how much it recomputes
+    (tmp_path / "config.toml").write_text('model = "x"\ngradient_checkpointing = true\n')
+    saved = load(str(tmp_path / "config.toml"))
+    assert saved.gradient_checkpointing == "on"
+    assert resumed_config(saved, {"gradient_checkpointing": "on"}, tmp_path).gradient_checkpointing == "on"
+    assert resumed_config(saved, {"gradient_checkpointing": "auto"}, tmp_path).gradient_checkpointing == "auto"
+
+
+# --- 5. infopo plan -----------------------------------------------------------------------------------
+
+def infopo(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", **env})
+
+
+def test_plan_of_the_8b_preset_runs_without_a_gpu_or_a_download(tmp_path):
+    out = infopo("plan", "--preset", "llama3-8b-qlora", HF_HOME=str(tmp_path / "empty-hub"), HF_HUB_OFFLINE="1")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "the published config of meta-llama/Meta-Llama-3-8B-Instruct" in text
+    for part in ("base weights, 4-bit NF4", "LoRA gradients", "paged 8-bit AdamW", "CUDA context", "peak allocated",
+                 "fits in 24 GiB", "largest --batch-size", "longest --max-length"):
+        assert part in text, part
+    assert not (tmp_path / "empty-hub").exists() or not any((tmp_path / "empty-hub").rglob("*.json"))
+
+
+def test_plan_reads_a_local_folder_and_says_what_to_change_when_it_does_not_fit(tiny_model):
+    out = infopo("plan", "--model", str(tiny_model), "--gpu-mem", "0.55", "--batch-size", "64", "--max-length", "2048",
+                 "--gradient-checkpointing", "off")
+    assert out.returncode == 0, out.stderr
+    assert str(tiny_model / "config.json") in out.stdout.replace("\n", "")
+    assert "does not fit in 0.55 GiB" in out.stdout and "what to change:" in out.stdout
+
+
+def test_plan_errors_are_one_line(tmp_path):
+    out = infopo("plan", "--model", "nobody/no-such-model", HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    lines = [line for line in out.stderr.splitlines() if "kernels" not in line]
+    assert out.returncode != 0 and len(lines) == 1 and "no config.json for 'nobody/no-such-model'" in lines[0]
+    out = infopo("plan", "--gradient-checkpointing", "sometimes")
+    assert out.returncode == 2 and "gradient_checkpointing must be one of" in out.stderr
