@@ -59,7 +59,10 @@ def free_memory(device: str) -> int | None:
     if device == "cuda":
         import torch
 
-        return int(torch.cuda.mem_get_info()[0])
+        free, total = torch.cuda.mem_get_info()
+        # a per-process cap (torch.cuda.set_per_process_memory_fraction: a shared card, a benchmark) binds before the card does
+        fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+        return int(min(free, fraction * total - torch.cuda.memory_reserved()))
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
