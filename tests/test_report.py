@@ -134,6 +134,32 @@ def test_without_matplotlib_the_table_is_still_printed(two_runs, tmp_path, monke
     assert not (tmp_path / "x.png").exists()
 
 
+def test_held_out_answer_accuracy_is_drawn_for_the_runs_that_scored_it(two_runs, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from infopo_cli.train import plot
+
+    drawn = []
+    monkeypatch.setattr(figure, "save_figure", lambda fig, path: drawn.append(fig))
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: drawn.append(fig))
+    plain, scored = runs.load(two_runs[0]), runs.load(two_runs[1])
+    for i, record in enumerate(scored.evals):  # as --eval-generate-every logs them, at steps 0, 2, 3
+        record["eval/answers/accuracy"] = 0.1 * (i + 1)
+    assert figure.plot_runs([plain], tmp_path / "a.png") and figure.plot_runs([plain, scored], tmp_path / "b.png")
+    assert plot.plot_run(scored.records, tmp_path / "plot.png", "t")
+    without, with_answers, run_plot = drawn
+    assert figure.ANSWERS not in [ax.get_title() for ax in without.axes]  # no run scored answers: no such panel
+    (panel,) = [ax for ax in with_answers.axes if ax.get_title() == figure.ANSWERS]
+    (line,) = panel.get_lines()  # the run that scored them, in its colour (the second)
+    assert list(line.get_xdata()) == [0, 2, 3] and list(line.get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    assert line.get_color() == plt.rcParams["axes.prop_cycle"].by_key()["color"][1]
+    (accuracy,) = [ax for ax in run_plot.axes if ax.get_title() == "accuracy"]  # plot.png: the same helper
+    (answers,) = [ln for ln in accuracy.get_lines() if ln.get_label() == "eval/answers/accuracy"]
+    assert list(answers.get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    for fig in drawn:
+        plt.close(fig)
+
+
 def test_markdown_table_escapes_pipes(two_runs):
     run = runs.load(two_runs[0])
     run.settings["data"] = "a|b.jsonl"

@@ -2,6 +2,7 @@
 
 Each training curve is drawn raw and faint, with a light EMA over it (batches differ, so the raw curve is
 noisy); held-out evaluations are markers in the run's colour. Line styles tell the series of a panel apart.
+When any run scored its answers (--eval-generate-every), a panel shows their held-out accuracy.
 matplotlib is the optional `infopo[plot]` extra: without it nothing is drawn and the caller says so.
 """
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from infopo_cli.reporting.displacement import smooth
 from infopo_cli.reporting.runs import Run
-from infopo_cli.train.plot import save_figure
+from infopo_cli.train.plot import answer_curve, draw_answers, save_figure
 
 SMOOTHING = 0.6  # light: the shape of a 40-step run survives
 # (title, [(metric, line style, marker)]): training metrics; their held-out values are eval/<metric>.
@@ -25,6 +26,7 @@ PANELS = [
 # Held-out log-probs against step 0: where likelihood displacement shows (the chosen answer falling).
 HELD_OUT = ("held-out log-prob change from step 0   (solid chosen, dashed rejected)",
             [("eval/logps/chosen", "-", "o"), ("eval/logps/rejected", "--", "v")])
+ANSWERS = "held-out answer accuracy   (greedy, exact match; step 0: before training)"
 
 
 def plot_runs(runs: list[Run], path: Path, title: str = "") -> bool:
@@ -37,16 +39,29 @@ def plot_runs(runs: list[Run], path: Path, title: str = "") -> bool:
     except ImportError:
         return False
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, (name, series) in zip(axes.flat, PANELS):
+    answers = any(answer_curve(run.records)[0] for run in runs)
+    # two rows of panels, the legend in what is left of the second: 2 x 3, or 2 x 4 with the answers panel
+    panels = len(PANELS) + 1 + answers
+    columns = (panels + 2) // 2
+    fig = plt.figure(figsize=(5 * columns, 8))
+    grid = fig.add_gridspec(2, columns)
+    axes = [fig.add_subplot(grid[i // columns, i % columns]) for i in range(panels)]
+    for ax, (name, series) in zip(axes, PANELS):
         for i, run in enumerate(runs):
             _training(ax, run, series, colours[i % len(colours)])
         _decorate(ax, name)
-    ax = axes.flat[len(PANELS)]
+    ax = axes[len(PANELS)]
     for i, run in enumerate(runs):
         _held_out(ax, run, colours[i % len(colours)])
     _decorate(ax, HELD_OUT[0])
-    legend = axes.flat[-1]
+    if answers:
+        ax = axes[-1]
+        for i, run in enumerate(runs):
+            draw_answers(ax, run.records, colours[i % len(colours)], ls="-", lw=1.4, markersize=6,
+                         markeredgecolor="black", markeredgewidth=0.5)
+        ax.set_ylim(bottom=0)  # a share: its scale starts at none right
+        _decorate(ax, ANSWERS)
+    legend = fig.add_subplot(grid[1, panels - columns:])
     legend.axis("off")
     handles = [Line2D([], [], color=colours[i % len(colours)], lw=2, label=run.label) for i, run in enumerate(runs)]
     handles += [Line2D([], [], color="grey", lw=0.8, alpha=0.35, label="raw training values"),

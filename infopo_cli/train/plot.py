@@ -10,7 +10,8 @@ from infopo_cli import files
 # log-probs jump from step to step while the change against the reference is comparable.
 PANELS = [("loss", ["loss"]), ("rewards: beta * log(pi / pi_ref)", ["rewards/chosen", "rewards/rejected"]),
           ("reward margin", ["rewards/margins"]),
-          ("accuracy", ["rewards/accuracies", "logps/accuracies", "answers/accuracy"])]  # answers: held-out only
+          ("accuracy", ["rewards/accuracies", "logps/accuracies"])]
+ANSWERS = "eval/answers/accuracy"  # held-out only: --eval-generate-every's greedy replies, exact match
 
 
 def plot_run(records: list[dict], path: Path, title: str) -> bool:
@@ -33,6 +34,8 @@ def plot_run(records: list[dict], path: Path, title: str) -> bool:
             if points:
                 ax.plot([r["step"] for r in points], [r[f"eval/{key}"] for r in points], "o--", color=colour,
                         label=f"eval/{key}")
+        if name == "accuracy":
+            draw_answers(ax, records, label=ANSWERS)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -40,6 +43,21 @@ def plot_run(records: list[dict], path: Path, title: str) -> bool:
     fig.suptitle(title)
     save_figure(fig, path)
     return True
+
+
+def answer_curve(records: list[dict]) -> tuple[list[int], list[float]]:
+    """(steps, accuracies) of the evaluations that scored answers; step 0 is the model before training."""
+    points = [r for r in records if r.get("kind") == "eval" and r.get(ANSWERS) is not None]
+    return [r["step"] for r in points], [r[ANSWERS] for r in points]
+
+
+def draw_answers(ax, records: list[dict], colour: str | None = None, label: str | None = None, **style) -> bool:
+    """The held-out answer accuracy as a dashed line through its evaluations (plot.png and `infopo report` share
+    it); False, drawing nothing, when the run scored no answers."""
+    steps, values = answer_curve(records)
+    if steps:
+        ax.plot(steps, values, **{"ls": "--", "marker": "o", "color": colour, "label": label, **style})
+    return bool(steps)
 
 
 def save_figure(fig, path: Path) -> None:

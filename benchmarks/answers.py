@@ -1,0 +1,439 @@
+"""Held-out answer accuracy over epochs, per loss: InfoPO against DPO, SimPO and RMiPO on the bundled data.
+
+    python benchmarks/answers.py [--losses infopo,dpo,simpo,rmipo] [--seeds 42,1,7] [--epochs 3] [--out DIR]
+                                 [--set LOSS:KEY=V,KEY=V ...] [--evals-per-epoch 4] [--max-pairs N] [--max-eval N]
+
+Every (loss, seed) is an ordinary `infopo train` run of the default preset (embedded SmolLM2-135M-Instruct,
+NF4 + LoRA, the bundled 600 training pairs and 150 held-out problems) in its own folder under OUT/runs/, trained
+for --epochs with `--eval-generate-every` set to a quarter epoch (steps per epoch = pairs / global batch,
+rounded up, as `infopo train` counts them): the policy's greedy answers to the held-out problems are scored at
+step 0 (the base model), every quarter epoch and at the end. Runs go seed by seed, so a part of the benchmark
+already compares every loss. Rerunning the same command skips the finished runs and continues a stopped one
+exactly (`infopo train --resume`); `--seeds` and `--losses` run a part, and any part adds to the same OUT.
+
+`--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without
+`LOSS:` it applies to every loss); settings that differ from the preset are part of each run's folder name,
+so several settings live side by side in one OUT. `--max-pairs`/`--max-eval` train and score on the first
+rows only (a smoke run). Writes OUT/answers.png (accuracy against steps: the mean over seeds as a line, their
+range as a band, one colour per loss) and OUT/answers.md (per loss, per seed, per evaluation point), prints
+the table and the total time.
+
+Cost, estimated from smoke runs on a 2-core CPU with bf16 (2026-12-02): scoring the answers dominates. One
+evaluation is 5 generation batches of 32 prompts that each run to the 256-token budget (some base replies
+never stop), about 40 s a batch with the 4-bit model, so ~3.5 min; a 3-epoch run has 13 of them (~45 min)
+next to ~11 min of training (225 steps x ~3 s), about an hour in all: ~12 hours for 4 losses x 3 seeds on an
+idle machine, many times more on a busy one. Cheaper: `--max-eval 100`, `--evals-per-epoch 2`, or (cutting
+the longest replies) `--set eval_max_new_tokens=160`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "answers"
+LOSSES = ("infopo", "dpo", "simpo", "rmipo")
+SEEDS = (42, 1, 7)
+ALL = "*"  # --set without LOSS: every loss
+# what the benchmark itself decides for each run; a --set of these would break the plan
+OWN = ("loss", "seed", "epochs", "max_steps", "eval_generate_every", "output", "preset")
+# config.toml holds what `auto` and the defaults resolved to, and where the run lives: not compared
+RESOLVED = ("output", "preset", "dtype")
+
+
+# ---------------------------------------------------------------- planning
+
+
+def schedule(pairs: int, global_batch: int, epochs: float, evals_per_epoch: int = 4) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, steps between answer evaluations) for `pairs` training pairs: `infopo
+    train`'s count (a last partial batch is a step), evaluated every quarter epoch by default, rounded to whole
+    steps (the bundled data's 75 steps an epoch: every 19)."""
+    per_epoch = math.ceil(pairs / global_batch)
+    return per_epoch, max(1, math.ceil(epochs * per_epoch)), max(1, round(per_epoch / evals_per_epoch))
+
+
+def value(text: str) -> Any:
+    """A --set value as TOML reads it (0.5, 1e-5, true, "x"); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """['infopo:beta=0.5,lr=1e-5', 'eval_max_new_tokens=96'] -> {'infopo': {...}, '*': {...}}; later items win."""
+    from infopo_cli.config import check_keys
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, colon, body = item.partition(":")
+        if not colon or "=" in target:  # no LOSS: prefix
+            target, body = ALL, item
+        pairs = [part.partition("=") for part in body.split(",") if part.strip()]
+        if not pairs or any(not equals or not key.strip() for key, equals, _ in pairs):
+            raise SystemExit(f"error: --set {item}: write [LOSS:]KEY=V[,KEY=V] (e.g. --set infopo:beta=0.5,lr=1e-5)")
+        settings = {key.strip().replace("-", "_"): value(v.strip()) for key, _, v in pairs}
+        check_keys(list(settings), f"--set {item}")
+        if own := sorted(set(settings) & set(OWN)):
+            raise SystemExit(f"error: --set {item}: {', '.join(own)} is set by the benchmark itself "
+                             "(--losses, --seeds, --epochs, --out)")
+        out.setdefault(target.strip(), {}).update(settings)
+    return out
+
+
+def tag(settings: dict[str, Any]) -> str:
+    """'-beta0.5-lr1e-05' for a run's folder name."""
+    def text(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else re.sub(r"[^A-Za-z0-9.+-]", "_", str(v))
+
+    return "".join(f"-{k.replace('_', '-')}{text(v)}" for k, v in sorted(settings.items()))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    loss: str
+    seed: int
+    name: str                 # its folder under OUT/runs
+    settings: dict[str, Any]  # the train settings on top of the preset (loss, seed, length, evaluation, --set)
+    steps_per_epoch: int
+
+
+def plan(preset: str, losses: Sequence[str], seeds: Sequence[int], epochs: float,
+         overrides: dict[str, dict[str, Any]], data: dict[str, str] | None = None,
+         suffix: str = "", evals_per_epoch: int = 4) -> list[RunSpec]:
+    """One run per seed and loss, seed by seed; the length and evaluation interval come from each run's own
+    pairs and global batch. A loss name or setting `infopo train` would refuse is an error before any training."""
+    from infopo_cli import presets
+    from infopo_cli.config import override
+    from infopo_cli.data.mixing import load_mix
+    from infopo_cli.losses.registry import resolve
+
+    if unknown := sorted(set(overrides) - {ALL, *losses}):
+        raise SystemExit(f"error: --set {unknown[0]}:...: {unknown[0]} is not among --losses {','.join(losses)}")
+    base, counted = presets.load(preset), {}
+    specs = []
+    for seed in seeds:
+        for loss in losses:
+            given = {**overrides.get(ALL, {}), **overrides.get(loss, {})}
+            settings = {**(data or {}), **given, "loss": loss, "seed": seed, "epochs": epochs}
+            cfg = override(base, settings, source="benchmark")
+            cfg.validate()
+            resolve(cfg.loss, cfg.loss_overrides())
+            key = str(cfg.data)
+            if key not in counted:  # the pairs `infopo train` will read (a mix's size depends on the seed: rare here)
+                counted[key] = len(load_mix(cfg.data, cfg.data_options(), cfg.seed).pairs)
+            per_epoch, total, every = schedule(counted[key], cfg.batch_size * cfg.grad_accum, epochs, evals_per_epoch)
+            name = f"{loss}{tag(given)}-{epochs:g}ep{suffix}-seed{seed}"
+            specs.append(RunSpec(loss, seed, name, {**settings, "max_steps": total, "eval_generate_every": every},
+                                 per_epoch))
+    return specs
+
+
+def differences(saved, expected) -> list[str]:
+    """Settings in which a run folder's config.toml differs from what the plan would train now (a changed preset,
+    say): such a folder must not count as this run. Unset expected values (a loss's default) are not compared."""
+    from infopo_cli.config import FIELDS
+
+    return [f"{k} {getattr(saved, k)!r} there, {getattr(expected, k)!r} now" for k in FIELDS
+            if k not in RESOLVED and getattr(expected, k) not in (None, "auto") and getattr(saved, k) != getattr(expected, k)]
+
+
+def check_folders(specs: Sequence[RunSpec], runs_dir: Path, preset: str) -> None:
+    from infopo_cli import presets
+    from infopo_cli.config import override
+    from infopo_cli.train.compare import state_of
+
+    base = presets.load(preset)
+    for spec in specs:
+        folder = runs_dir / spec.name
+        if state_of(folder) == "new":
+            continue
+        expected = override(base, {**spec.settings, "output": str(folder)}, source="benchmark")
+        if diff := differences(presets.load(str(folder / "config.toml")), expected):
+            raise SystemExit(f"error: {folder} was trained with other settings ({'; '.join(diff)}); move it away or "
+                             "pass another --out")
+
+
+def slice_rows(spec: str, rows: int, folder: Path) -> str:
+    """The first `rows` lines of a .jsonl source, as a file in `folder` (a smoke run's data)."""
+    from infopo_cli.data.sources import resolve
+
+    source = resolve(spec)
+    if source.suffix != ".jsonl":
+        raise SystemExit(f"error: --max-pairs/--max-eval slice a .jsonl file; {spec} is not one")
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()][:rows]
+    path = folder / f"{source.stem}-first{rows}.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text(encoding="utf-8") != "".join(lines):
+        path.write_text("".join(lines), encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+@dataclass(frozen=True)
+class Point:
+    step: int
+    by_seed: dict[int, float]  # answer accuracy of each seed that reached this evaluation
+
+    @property
+    def mean(self) -> float:
+        return sum(self.by_seed.values()) / len(self.by_seed)
+
+    @property
+    def low(self) -> float:
+        return min(self.by_seed.values())
+
+    @property
+    def high(self) -> float:
+        return max(self.by_seed.values())
+
+
+@dataclass(frozen=True)
+class Curve:
+    label: str              # the loss and its settings
+    seeds: tuple[int, ...]
+    points: list[Point]
+    steps_per_epoch: int
+
+    def best(self) -> Point | None:
+        return max(self.points, key=lambda p: p.mean, default=None)
+
+
+def curve(label: str, records_by_seed: dict[int, list[dict]], steps_per_epoch: int) -> Curve:
+    """The seeds' answer-accuracy evaluations, step by step."""
+    from infopo_cli.train.plot import answer_curve
+
+    by_step: dict[int, dict[int, float]] = {}
+    for seed, records in records_by_seed.items():
+        for step, accuracy in zip(*answer_curve(records)):
+            by_step.setdefault(step, {})[seed] = accuracy
+    return Curve(label, tuple(records_by_seed), [Point(s, by_step[s]) for s in sorted(by_step)], steps_per_epoch)
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def cell(point: Point | None, seeds: Sequence[int]) -> str:
+    """'18.0 / 14.0 / 15.0 (mean 15.7)': each seed in the curve's order, then the mean ('–' for a seed without it)."""
+    if point is None:
+        return ""
+    values = " / ".join(percent(point.by_seed[s]) if s in point.by_seed else "–" for s in seeds)
+    return values if len(seeds) == 1 else f"{values} (mean {percent(point.mean)})"
+
+
+def markdown(curves: Sequence[Curve]) -> str:
+    """One row per evaluation step, one column per loss; answer accuracy in % of the held-out problems."""
+    steps = sorted({p.step for c in curves for p in c.points})
+    per_epoch = curves[0].steps_per_epoch if curves else 1
+    head = ["step", "epoch", *(f"{c.label}, seed{'s' * (len(c.seeds) > 1)} {' / '.join(map(str, c.seeds))}"
+                                for c in curves)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for step in steps:
+        points = [next((p for p in c.points if p.step == step), None) for c in curves]
+        lines.append(f"| {step} | {step / per_epoch:.2f} | " + " | ".join(cell(p, c.seeds) for p, c in zip(points, curves))
+                     + " |")
+    bests = [c.best() for c in curves]
+    lines.append("| best mean | | " + " | ".join("" if b is None else f"**{percent(b.mean)}** at step {b.step}"
+                                                 for b in bests) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def base_accuracy(curves: Sequence[Curve]) -> float | None:
+    """Every run's step 0 is the same base model (the LoRA starts at zero): the mean of their step-0 scores."""
+    starts = [v for c in curves for p in c.points if p.step == 0 for v in p.by_seed.values()]
+    return sum(starts) / len(starts) if starts else None
+
+
+def plot(curves: Sequence[Curve], path: Path, title: str) -> bool:
+    """Mean line and min-max band per loss, the base model at step 0, epochs on the top axis; False without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator, PercentFormatter
+    except ImportError:
+        return False
+    from infopo_cli.train.plot import save_figure
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for curve_ in curves:
+        steps = [p.step for p in curve_.points]
+        spread = f"mean of {len(curve_.seeds)} seeds, band: min–max" if len(curve_.seeds) > 1 else f"seed {curve_.seeds[0]}"
+        line = ax.plot(steps, [p.mean for p in curve_.points], "-o", ms=4, lw=1.8, label=f"{curve_.label} ({spread})")[0]
+        ax.fill_between(steps, [p.low for p in curve_.points], [p.high for p in curve_.points],
+                        color=line.get_color(), alpha=0.18, lw=0)
+    if (base := base_accuracy(curves)) is not None:
+        ax.axhline(base, color="black", ls=":", lw=1)
+        ax.plot([0], [base], "k*", ms=13, label=f"base model (step 0): {percent(base)}%", zorder=5)
+    if curves:
+        per_epoch = curves[0].steps_per_epoch
+        last = max((p.step for c in curves for p in c.points), default=0)
+        for epoch in range(1, last // per_epoch + 1):
+            ax.axvline(epoch * per_epoch, color="grey", lw=0.6, alpha=0.5)
+        top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch))
+        top.set_xlabel("epoch")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out answer accuracy (greedy, exact match)")
+    fig.suptitle(title, fontsize=10)  # above the epoch axis, which takes the axes' own title space
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
+def curves_of(specs: Sequence[RunSpec], runs_dir: Path) -> list[Curve]:
+    """The planned runs read back (as `infopo report` reads them), one curve per loss over its seeds."""
+    from infopo_cli.reporting.runs import load
+    from infopo_cli.reporting.table import params_text
+
+    out = []
+    for loss in dict.fromkeys(s.loss for s in specs):
+        mine = [s for s in specs if s.loss == loss]
+        runs = {s.seed: load(runs_dir / s.name) for s in mine}
+        first = next(iter(runs.values()))
+        lr = first.settings.get("lr")
+        label = f"{loss} ({', '.join(filter(None, [params_text(first), f'lr={lr:g}' if isinstance(lr, float) else '']))})"
+        out.append(curve(label, {seed: run.records for seed, run in runs.items()}, mine[0].steps_per_epoch))
+    return out
+
+
+# ---------------------------------------------------------------- running
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def run_plan(specs: Sequence[RunSpec], runs_dir: Path, preset: str, train: Callable[..., Any],
+             say: Callable[[str], None]) -> tuple[Any, dict[str, float]]:
+    """Train what is not done yet (`infopo compare`'s runner: finished runs kept, a stopped one resumed);
+    (the summary of a run that stopped, or None; wall seconds of each run trained now)."""
+    from infopo_cli.train.compare import Variant, run_all
+
+    seconds: dict[str, float] = {}
+
+    def timed(cfg, resume=None):
+        t = time.perf_counter()
+        summary = train(cfg, resume=resume)
+        seconds[Path(cfg.output).name] = time.perf_counter() - t
+        say(f"{Path(cfg.output).name}: {summary.status} in {minutes(seconds[Path(cfg.output).name])} "
+            f"({summary.steps} steps, {minutes(summary.seconds)} of them training)")
+        return summary
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    _, stopped = run_all([Variant(s.name, s.settings) for s in specs], {}, runs_dir, preset, timed, say)
+    return stopped, seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--losses", default=",".join(LOSSES), help="comma list (default %(default)s)")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list (default %(default)s)")
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--evals-per-epoch", type=int, default=4,
+                        help="answer evaluations per epoch (default 4: every quarter epoch; fewer is faster)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default benchmarks/results/answers)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[LOSS:]KEY=V[,KEY=V]",
+                        help="train settings of one loss (or of all), e.g. infopo:beta=0.5,lr=1e-5; repeatable")
+    parser.add_argument("--preset", default=None, help="preset (default: infopo's default, smollm2-135m)")
+    parser.add_argument("--max-pairs", type=int, default=None, help="train on the first N pairs only (smoke run)")
+    parser.add_argument("--max-eval", type=int, default=None, help="score the first N held-out problems only (smoke run)")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from infopo_cli import presets
+    from infopo_cli.errors import InfopoError
+    from infopo_cli.train.compare import state_of
+
+    console = Console()
+    t0 = time.perf_counter()
+    preset = args.preset or presets.DEFAULT_PRESET
+    losses = [x.strip() for x in args.losses.split(",") if x.strip()]
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if not losses or not seeds or len(set(losses)) != len(losses) or len(set(seeds)) != len(seeds):
+        raise SystemExit("error: name each loss and each seed once (--losses a,b --seeds 42,1)")
+    try:
+        overrides = parse_settings(args.settings)
+        cfg = presets.load(preset)
+        data, suffix = {}, ""
+        if args.max_pairs:
+            data["data"], suffix = slice_rows(str(cfg.data), args.max_pairs, args.out / "data"), f"-{args.max_pairs}pairs"
+        if args.max_eval:
+            data["eval_data"] = slice_rows(str(cfg.eval_data), args.max_eval, args.out / "data")
+            suffix += f"-{args.max_eval}heldout"
+        if args.evals_per_epoch < 1:
+            raise SystemExit("error: --evals-per-epoch must be at least 1")
+        if args.evals_per_epoch != 4:
+            suffix += f"-{args.evals_per_epoch}evals"
+        specs = plan(preset, losses, seeds, args.epochs, overrides, data, suffix, args.evals_per_epoch)
+        runs_dir = args.out / "runs"
+        check_folders(specs, runs_dir, preset)
+    except InfopoError as err:
+        raise SystemExit(f"error: {err}") from None
+    spec0 = specs[0]
+    console.print(f"[bold]answers benchmark[/]: {len(specs)} runs ({', '.join(losses)} x seeds "
+                  f"{', '.join(map(str, seeds))}), {args.epochs:g} epoch(s) = {spec0.settings['max_steps']} steps, answers "
+                  f"scored every {spec0.settings['eval_generate_every']} steps (an epoch is {spec0.steps_per_epoch}) "
+                  f"-> {escape(str(args.out))}", highlight=False)
+    done_before = [s.name for s in specs if state_of(runs_dir / s.name) == "done"]
+
+    from infopo_cli.train.progress import Reporter
+    from infopo_cli.train.recipe import train
+    from infopo_cli.train.stops import StopNow
+
+    def halted(message: str, code: int) -> int:
+        console.print(f"[yellow]{escape(message)}[/]\n[yellow]rerun the same command to continue (finished runs are "
+                      f"kept, the stopped one resumes)[/]; {minutes(time.perf_counter() - t0)} so far", highlight=False)
+        return code
+
+    try:
+        stopped, seconds = run_plan(specs, runs_dir, preset,
+                                    lambda cfg, resume=None: train(cfg, Reporter(console), resume=resume),
+                                    lambda line: console.print(f"[bold]{escape(line)}[/]", highlight=False))
+    except StopNow as stop:  # a second Ctrl-C: the run's last complete checkpoint is intact
+        return halted(str(stop), stop.exit_code)
+    except InfopoError as err:
+        return halted(f"error: {err}", err.exit_code)
+    total = time.perf_counter() - t0
+    if stopped is not None:
+        return halted(stopped.message, stopped.exit_code or 1)
+
+    from infopo_cli.reporting.runs import load
+
+    curves = curves_of(specs, runs_dir)
+    problems = load(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
+    title = (f"Held-out answer accuracy during training ({preset}, {problems} held-out problems; {len(seeds)} seed"
+             f"{'s' * (len(seeds) > 1)}, {args.epochs:g} epoch{'s' * (args.epochs != 1)})")
+    table = f"{title}: answer accuracy in % of the held-out problems.\n\n" + markdown(curves)
+    (args.out / "answers.md").write_text(table, encoding="utf-8")
+    drawn = plot(curves, args.out / "answers.png", title)
+    sys.stdout.write("\n" + table + "\n")
+    console.print(f"table -> {escape(str(args.out / 'answers.md'))}"
+                  + (f", figure -> {escape(str(args.out / 'answers.png'))}" if drawn
+                     else " (figure skipped: matplotlib is not installed)"), highlight=False)
+    trained = ", ".join(f"{name} {minutes(s)}" for name, s in seconds.items())
+    console.print(f"total {minutes(total)}: {len(seconds)} runs trained now ({trained or 'none'}), "
+                  f"{len(done_before)} finished before and kept", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""benchmarks/answers.py without training: its plan (steps, quarter-epoch evaluations, names, settings), the
+check that a results folder holds the planned run, and the curves, table and figure from synthetic metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from infopo_cli import presets
+from infopo_cli.config import override
+from infopo_cli.errors import ConfigError
+
+PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "answers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("answers_benchmark", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_schedule_counts_steps_as_infopo_train_does(bench):
+    assert bench.schedule(600, 8, 3) == (75, 225, 19)   # the bundled data: 75 steps an epoch, 18.75 a quarter
+    assert bench.schedule(601, 8, 1) == (76, 76, 19)    # a last partial batch is a step
+    assert bench.schedule(64, 8, 0.5) == (8, 4, 2)
+    assert bench.schedule(3, 8, 1) == (1, 1, 1)         # never zero steps, never "every 0 steps" (that is off)
+    assert bench.schedule(600, 8, 3, evals_per_epoch=2) == (75, 225, 38)
+
+
+def test_plan_on_the_bundled_data(bench):
+    specs = bench.plan("smollm2-135m", ["infopo", "dpo"], [42, 1], 3.0,
+                       bench.parse_settings(["infopo:beta=0.5,lr=1e-5"]))
+    assert [s.name for s in specs] == ["infopo-beta0.5-lr1e-05-3ep-seed42", "dpo-3ep-seed42",
+                                       "infopo-beta0.5-lr1e-05-3ep-seed1", "dpo-3ep-seed1"]  # seed by seed
+    assert all(s.settings["max_steps"] == 225 and s.settings["eval_generate_every"] == 19 and s.steps_per_epoch == 75
+               for s in specs)
+    assert specs[0].settings["beta"] == 0.5 and specs[0].settings["lr"] == 1e-5
+    assert "beta" not in specs[1].settings and "lr" not in specs[1].settings  # dpo keeps its own defaults
+    with pytest.raises(ConfigError, match="does not apply to loss 'dpo'"):  # refused before any run starts
+        bench.plan("smollm2-135m", ["dpo"], [42], 1.0, bench.parse_settings(["dpo:gamma=1"]))
+    with pytest.raises(SystemExit, match="not among --losses"):
+        bench.plan("smollm2-135m", ["dpo"], [42], 1.0, bench.parse_settings(["simpo:gamma=1"]))
+
+
+def test_set_takes_toml_values_and_refuses_what_the_benchmark_decides(bench):
+    assert bench.parse_settings(["infopo:beta=0.5,lr=1e-5", "eval_max_new_tokens=96", "infopo:beta=1",
+                                 "dpo:reference=online"]) == {
+        "infopo": {"beta": 1, "lr": 1e-5}, bench.ALL: {"eval_max_new_tokens": 96}, "dpo": {"reference": "online"}}
+    with pytest.raises(SystemExit, match="set by the benchmark"):
+        bench.parse_settings(["infopo:seed=3"])
+    with pytest.raises(ConfigError, match="did you mean 'beta'"):
+        bench.parse_settings(["infopo:bta=0.5"])
+    with pytest.raises(SystemExit, match="KEY=V"):
+        bench.parse_settings(["infopo:beta"])
+
+
+def test_a_folder_trained_with_other_settings_is_not_taken_for_the_planned_run(bench):
+    base = presets.load("smollm2-135m")
+    saved = override(base, {"loss": "dpo", "seed": 1, "max_steps": 225, "beta": 0.1}, "config.toml")  # beta resolved
+    planned = {"loss": "dpo", "seed": 1, "max_steps": 225}
+    assert bench.differences(saved, override(base, planned, "benchmark")) == []  # the loss's default is not compared
+    assert bench.differences(saved, override(base, {**planned, "lr": 1e-5}, "benchmark")) == [
+        "lr 0.0002 there, 1e-05 now"]
+
+
+def records(accuracies: dict[int, float], extra_eval_at: int = 10) -> list[dict]:
+    """metrics.jsonl of a run: train steps, evaluations that scored answers, one that did not."""
+    out = [{"kind": "train", "step": s, "loss": 1.0} for s in range(1, max(accuracies) + 1)]
+    out += [{"kind": "eval", "step": s, "eval/loss": 1.0, "eval/answers/accuracy": a} for s, a in accuracies.items()]
+    return out + [{"kind": "eval", "step": extra_eval_at, "eval/loss": 1.0}]
+
+
+@pytest.fixture
+def curves(bench):
+    infopo = bench.curve("infopo (beta=0.25)", {42: records({0: 0.12, 19: 0.20, 38: 0.30}),
+                                                1: records({0: 0.12, 19: 0.10, 38: 0.20}),
+                                                7: records({0: 0.12, 19: 0.15})}, 75)  # seed 7 stopped early
+    dpo = bench.curve("dpo (beta=0.1)", {42: records({0: 0.12, 19: 0.25, 38: 0.05})}, 75)
+    return infopo, dpo
+
+
+def test_curves_gather_the_seeds_step_by_step(bench, curves):
+    infopo, dpo = curves
+    assert [p.step for p in infopo.points] == [0, 19, 38]  # the evaluation without answers is not a point
+    assert infopo.points[1].by_seed == {42: 0.20, 1: 0.10, 7: 0.15}
+    assert (infopo.points[1].mean, infopo.points[1].low, infopo.points[1].high) == pytest.approx((0.15, 0.10, 0.20))
+    assert infopo.points[2].by_seed == {42: 0.30, 1: 0.20} and infopo.best().step == 38
+    assert dpo.best().step == 19 and bench.base_accuracy(curves) == pytest.approx(0.12)
+
+
+def test_the_table_has_a_row_per_evaluation_and_each_seed_in_each_cell(bench, curves):
+    lines = bench.markdown(curves).splitlines()
+    assert lines[0] == "| step | epoch | infopo (beta=0.25), seeds 42 / 1 / 7 | dpo (beta=0.1), seed 42 |"
+    assert lines[2] == "| 0 | 0.00 | 12.0 / 12.0 / 12.0 (mean 12.0) | 12.0 |"
+    assert lines[3] == "| 19 | 0.25 | 20.0 / 10.0 / 15.0 (mean 15.0) | 25.0 |"
+    assert lines[4] == "| 38 | 0.51 | 30.0 / 20.0 / – (mean 25.0) | 5.0 |"
+    assert lines[5] == "| best mean | | **25.0** at step 38 | **25.0** at step 19 |" and len(lines) == 6
+
+
+def test_the_figure_draws_each_mean_its_range_and_the_base_model(bench, curves, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from infopo_cli.train import plot as run_plot
+
+    drawn = []
+    monkeypatch.setattr(run_plot, "save_figure", lambda fig, path: drawn.append(fig))
+    assert bench.plot(curves, tmp_path / "answers.png", "title")
+    (ax,) = [a for a in drawn[0].axes if a.get_ylabel()]
+    means = {line.get_label(): line for line in ax.get_lines()}
+    infopo = means["infopo (beta=0.25) (mean of 3 seeds, band: min–max)"]
+    assert list(infopo.get_xdata()) == [0, 19, 38] and list(infopo.get_ydata()) == pytest.approx([0.12, 0.15, 0.25])
+    bands = [c.get_paths()[0].vertices[:, 1] for c in ax.collections]
+    assert len(bands) == 2 and (bands[0].min(), bands[0].max()) == pytest.approx((0.10, 0.30))
+    base = means["base model (step 0): 12.0%"]
+    assert list(base.get_xdata()) == [0] and list(base.get_ydata()) == pytest.approx([0.12])
+    plt.close(drawn[0])
