@@ -92,6 +92,22 @@ def cap_memory(cap_gib: float | None) -> dict:
             "card_free_gib": round(free / GIB, 2), "device": torch.cuda.get_device_name()}
 
 
+def probe(n: int, cuda: bool, step) -> tuple[bool, float | None, str]:
+    """One probe of the fit search at length `n`: (it fits, its peak GiB on a GPU, why not)."""
+    import torch
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        fake_oom(n)
+        step()
+        return True, peak_gib() if cuda else None, ""
+    except Exception as err:  # noqa: BLE001
+        if not is_oom(err):
+            raise
+        return False, None, "out of memory"
+
+
 def peak_gib() -> float | None:
     import torch
 
@@ -509,18 +525,10 @@ def cmd_trl(args) -> None:
         prompt = max(1, round(prompt_share * n))
         rows = [{"prompt": text_of(rng, words, prompt), "chosen": text_of(rng, words, n - prompt - 1),
                  "rejected": text_of(rng, words, n - prompt - 1)}]
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         tr = DPOTrainer(model=base, args=config(n, 1, 1), train_dataset=Dataset.from_list(rows), processing_class=tok,
                         peft_config=lora)
         try:
-            fake_oom(n)
-            tr.train()
-            return True, peak_gib() if cuda else None, ""
-        except Exception as err:  # noqa: BLE001
-            if not is_oom(err):
-                raise
-            return False, None, "out of memory"
+            return probe(n, cuda, tr.train)
         finally:
             base = tr.model.unload()
             tr.accelerator.free_memory()
@@ -581,19 +589,15 @@ def cmd_infopo_fit(args) -> None:
     def try_length(n: int) -> tuple[bool, float | None, str]:
         prompt = max(1, round(prompt_share * n))
         pair = TokenizedPair(ids(prompt), ids(n - prompt - 1) + [eos], ids(n - prompt - 1) + [eos])
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            fake_oom(n)
+
+        def step() -> None:
             table = reference_cache.compute(model, [pair], 1, pad, share, precision.device)
             reference = reference_cache.ReferenceTable([pair], table)
             metrics, _ = accumulate_gradients(model, [[pair]], spec, params, pad, precision.device, share, scaler, reference)
             apply_update(optimizer, scaler, trainable, cfg.max_grad_norm, cfg.lr, metrics.sums["loss"])
-            return True, peak_gib() if cuda else None, ""
-        except Exception as err:  # noqa: BLE001
-            if not is_oom(err):
-                raise
-            return False, None, "out of memory"
+
+        try:
+            return probe(n, cuda, step)
         finally:
             optimizer.zero_grad(set_to_none=True)
             free_memory()
