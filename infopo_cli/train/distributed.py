@@ -175,8 +175,3 @@ def stop(world: World) -> None:
 def global_batch(batch_size: int, grad_accum: int, world_size: int) -> int:
     return batch_size * grad_accum * world_size
 
-
-def grad_accum_for(global_pairs: int, batch_size: int, world_size: int) -> int | None:
-    """The accumulation that keeps a run's global batch on another world size; None if it cannot."""
-    per_step = batch_size * world_size
-    return global_pairs // per_step if global_pairs % per_step == 0 else None
