@@ -71,6 +71,7 @@ def train(
     model: Annotated[Optional[str], _opt("model", "Model")] = None,
     dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
     backend: Annotated[Optional[str], _opt("backend", "Model", metavar="transformers|unsloth")] = None,
+    attn_implementation: Annotated[Optional[str], _opt("attn_implementation", "Model", metavar="KERNEL")] = None,
     load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
     gradient_checkpointing: Annotated[Optional[str], _opt("gradient_checkpointing", "Model", metavar="auto|on|off|offload")] = None,
     reference: Annotated[Optional[str], _opt("reference", "Model", metavar="precompute|online")] = None,

@@ -118,11 +118,19 @@ def batch_pairs():
             TokenizedPair([16], [17], [18, 19])]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_shared_prompt_gives_the_plain_logps_and_gradients(tiny_model, attn, monkeypatch):
+    """Every kernel that takes the shared-prompt layout: the 4-D mask (sdpa, eager), flex-attention's block mask
+    (grouped-query: the tiny model has 4 heads over 2)."""
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
+    assert logps_module.takes_custom_masks(model)
     shared, plain = shared_and_plain(batch_pairs())
+    if attn == "flex_attention" and not torch.cuda.is_available():  # torch's flex-attention has no CPU backward
+        with torch.no_grad():
+            torch.testing.assert_close(batch_logps(model, shared).sums, batch_logps(model, plain).sums,
+                                       atol=1e-5, rtol=1e-5)
+        return
     got = batch_logps(model, shared)
     got.sums.sum().backward()
     ours = [p.grad.clone() for p in model.parameters()]

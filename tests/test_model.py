@@ -70,6 +70,25 @@ def test_one_set_of_base_weights_in_the_process(tiny_model):
     assert len(own) == 14 and alive == own
 
 
+def test_dequantised_layers_give_the_4bit_models_logits_and_go_back(tiny_model):
+    """Answer scoring on a CPU swaps the 4-bit layers for their de-quantised weights, only inside the block."""
+    model = policy(tiny_model)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with stack.dequantised(model):
+            assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+            got = model(input_ids=ids).logits
+            assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len([m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 14
+        with pytest.raises(KeyboardInterrupt), stack.dequantised(model):
+            raise KeyboardInterrupt  # a stop inside the block still puts the 4-bit layers back
+        assert len([m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 14
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
 @pytest.mark.skipif("avx512_bf16" not in cpu_flags(),
                     reason="this CPU lacks avx512_bf16: bitsandbytes never repacks 4-bit weights here, nothing to test")
 @pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded-control"])

@@ -5,8 +5,9 @@ single user turn is its plain text with the tokenizer's special tokens (BOS), an
 in the Human:/Assistant: style, as training renders such data. A reply ends at EOS or an end-of-turn token
 (`export.check.stop_ids`) or after `max_new_tokens`. Greedy by default; `temperature` > 0 samples.
 
-Left padding with the attention mask (and the positions transformers derives from it) leaves every greedy
-answer as it is one prompt at a time: padding is never read.
+Both go through one KV-cached loop (`decode`) in which a row leaves the batch at its stop token, so a batch
+of replies costs the tokens they have, not its longest reply times its size. Left padding with the attention
+mask and mask-derived positions leaves every greedy answer as it is one prompt at a time: padding is never read.
 """
 
 from __future__ import annotations
@@ -98,57 +99,58 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _generation_config(tokenizer, sampling: Sampling, stops: list[int]):
-    from transformers import GenerationConfig
-
-    # Settings given here win over the model's generation_config.json (whose sampling defaults must not leak in);
-    # greedy takes no sampling settings at all (transformers warns about those it would ignore).
-    chosen = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                                         "top_k": sampling.top_k}
-    return GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy, eos_token_id=stops,
-                            pad_token_id=tokenizer.pad_token_id, use_cache=True, **chosen)
+def to_reply(tokenizer, tokens: list[int], stopped: bool) -> Reply:
+    """A row's generated tokens (its stop token last when `stopped`) as a reply."""
+    text = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
+    return Reply(text, len(tokens), stopped)
 
 
-def to_reply(tokenizer, tokens: list[int], stops: set[int]) -> Reply:
-    """A generated row cut at its first stop token (what follows is padding)."""
-    for k, token in enumerate(tokens):
-        if token in stops:
-            return Reply(tokenizer.decode(tokens[:k], skip_special_tokens=True), k + 1, True)
-    return Reply(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), False)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling = Sampling(),
-             batch_size: int = 8) -> list[Reply]:
-    """One reply per prompt, `batch_size` prompts at a time, in the prompts' order."""
-    encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
-    stops = stop_ids(tokenizer)
-    config = _generation_config(tokenizer, sampling, sorted(stops))
-    pad, device = tokenizer.pad_token_id, _device(model)
-    if not sampling.greedy:
-        torch.manual_seed(sampling.seed)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
-    replies: list[Reply | None] = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        for row, i in enumerate(chunk):
-            replies[i] = to_reply(tokenizer, out[row, width:].tolist(), stops)
-    return replies  # type: ignore[return-value]
-
-
-def _cache_argument(model) -> str:
-    """The KV cache's name in forward() and its output: `cache` in newer transformers 5 releases, else `past_key_values`."""
+def _takes(model, argument: str) -> bool:
     import inspect
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
+    return argument in inspect.signature(causal_lm.forward).parameters
+
+
+@torch.no_grad()
+def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, stops: set[int],
+           generator: torch.Generator | None = None) -> Iterator[tuple[list[int], list[int]]]:
+    """A KV-cached loop over a left-padded batch: per step, the rows still going and the token each chose.
+
+    A row leaves the batch (and the KV cache) at its stop token, so a batch costs the tokens its replies
+    have rather than its longest reply times its size; where a model's cache cannot drop rows, finished
+    rows ride along unseen. Positions count only real tokens, as transformers derives them from the mask.
+    """
+    cache_name = "cache" if _takes(model, "cache") else "past_key_values"  # the name changed within transformers 5
+    last_only = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}  # no logits for prompt tokens
+    stop = torch.tensor(sorted(stops), device=ids.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = list(range(ids.shape[0]))      # the caller's row at each batch position
+    going = torch.ones(len(rows), dtype=torch.bool, device=ids.device)
+    cache, inputs, prune = None, ids, True
+    for _ in range(sampling.max_new_tokens):
+        out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **({cache_name: cache} if cache is not None else {}), **last_only)
+        cache, logits = getattr(out, cache_name), out.logits[:, -1]
+        tokens = logits.argmax(-1) if sampling.greedy else \
+            torch.tensor([next_token(row, sampling, generator) for row in logits], device=ids.device)
+        live = going.nonzero().squeeze(1).tolist()
+        yield [rows[i] for i in live], tokens[live].tolist()
+        going &= ~torch.isin(tokens, stop)
+        if not going.any():
+            return
+        if prune and not going.all():
+            keep = going.nonzero().squeeze(1)
+            try:
+                cache.batch_select_indices(keep)
+            except (AttributeError, NotImplementedError, TypeError):  # e.g. a recurrent layer's state
+                prune = False
+            else:
+                rows = [rows[i] for i in keep.tolist()]
+                tokens, mask, positions, going = tokens[keep], mask[keep], positions[keep], going[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        positions = positions[:, -1:] + 1
+        inputs = tokens[:, None]
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
@@ -167,23 +169,49 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    return None if sampling.greedy else torch.Generator(device).manual_seed(sampling.seed)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling = Sampling(),
+             batch_size: int = 8) -> list[Reply]:
+    """One reply per prompt, `batch_size` prompts at a time, in the prompts' order."""
+    encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
+    stops = stop_ids(tokenizer)
+    pad, device = tokenizer.pad_token_id, _device(model)
+    generator = _generator(sampling, device)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
+    replies: list[Reply | None] = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        made: list[list[int]] = [[] for _ in chunk]
+        for rows, tokens in decode(model, ids.to(device), mask.to(device), sampling, stops, generator):
+            for row, token in zip(rows, tokens):
+                made[row].append(token)
+        for row, i in enumerate(chunk):
+            replies[i] = to_reply(tokenizer, made[row], bool(made[row]) and made[row][-1] in stops)
+    return replies  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
-    """The reply as text pieces, as each token comes (a KV-cached loop, one token per forward pass).
+    """The reply as text pieces, as each token comes (`decode` on a batch of one).
 
     Stopping early (Ctrl-C, `close()`) loses nothing but the rest of the reply. A character split across
     tokens is held back until it is whole.
     """
     device = _device(model)
-    inputs = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
     stops = stop_ids(tokenizer)
-    generator = None if sampling.greedy else torch.Generator(device).manual_seed(sampling.seed)
-    cache_name, cache = _cache_argument(model), None
     tokens, shown = [], ""
-    for _ in range(sampling.max_new_tokens):
-        out = model(input_ids=inputs, use_cache=True, **({cache_name: cache} if cache is not None else {}))
-        cache = getattr(out, cache_name)
-        token = next_token(out.logits[0, -1], sampling, generator)
+    for _, (token,) in decode(model, ids, torch.ones_like(ids), sampling, stops, _generator(sampling, device)):
         if token in stops:
             break
         tokens.append(token)
@@ -191,7 +219,6 @@ def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling()
         if not text.endswith("\ufffd") and len(text) > len(shown):
             yield text[len(shown):]
             shown = text
-        inputs = torch.tensor([[token]], device=device)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if len(text) > len(shown):
         yield text[len(shown):]

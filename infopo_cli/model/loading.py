@@ -103,6 +103,38 @@ def _keep_4bit_layout_trainable(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def dequantised(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the 4-bit base layers on a CPU are plain Linear layers holding their de-quantised weights.
+
+    On a CPU bitsandbytes de-quantises each 4-bit weight at every call (its fast CPU kernel is a hub download,
+    and its in-place AVX512 layout breaks training, see above), which a generation loop of a few hundred
+    one-token forwards pays a few hundred times. The weights are the ones each call would make, in the compute
+    dtype; the copy (2 bytes per weight) lives only inside the block. On CUDA, where bitsandbytes has kernels
+    and memory is short, nothing changes.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    swapped = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, bnb.nn.Linear4bit) or child.weight.device.type != "cpu":
+                    continue
+                weight = child.weight
+                values = dequantize_4bit(weight.data, weight.quant_state).to(child.compute_dtype or torch.float32)
+                plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                plain.weight = nn.Parameter(values, requires_grad=False)
+                plain.bias = child.bias
+                setattr(parent, name, plain)
+                swapped.append((parent, name, child))
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+@contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """peft reads transformers 5's deprecated `is_gradient_checkpointing`: a warning the user can do nothing about."""
     with warnings.catch_warnings():

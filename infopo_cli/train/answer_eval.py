@@ -30,12 +30,14 @@ def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], s
 def answer_metrics(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max_new_tokens: int,
                    batch_size: int) -> dict[str, float]:
     """Greedy replies of the policy to `rows`, scored; the model's mode and the RNG are left as they were."""
+    from infopo_cli.model.loading import dequantised
     from infopo_cli.train.checkpoint import capture_rng, restore_rng
 
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:
-        replies = generate(model, tokenizer, [row.messages for row in rows], Sampling(max_new_tokens), batch_size)
+        with dequantised(model):  # a CPU's 4-bit layers would de-quantise at every generated token
+            replies = generate(model, tokenizer, [row.messages for row in rows], Sampling(max_new_tokens), batch_size)
     finally:
         restore_rng(rng)
         model.train(was_training)

@@ -72,16 +72,40 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 def batch_logps(model: nn.Module, batch: PreferenceBatch, ref_hidden: Tensor | None = None) -> SequenceLogps:
     """`target_logps` over a collated batch, in either layout: (2B,) sums, chosen first."""
-    mask = attention_mask_4d(batch.allowed, model) if batch.allowed is not None else batch.attention_mask
+    mask = shared_prompt_mask(batch.allowed, model) if batch.allowed is not None else batch.attention_mask
     return target_logps(model, batch.input_ids, mask, batch.targets, batch.position_ids, ref_hidden)
 
 
+def _attention(model: nn.Module) -> str | None:
+    return getattr(_causal_lm(model).config, "_attn_implementation", None)
+
+
 def takes_custom_masks(model: nn.Module) -> bool:
-    """Whether the attention kernel honours a 4-D mask (the shared-prompt layout); flash-attention does not, nor
-    Unsloth's CUDA forward (model/unsloth_backend.py marks such a model)."""
+    """Whether the attention kernel honours the shared-prompt layout's mask (a 4-D mask, or flex-attention's block
+    mask); flash-attention does not, nor Unsloth's CUDA forward (model/unsloth_backend.py marks such a model)."""
     if getattr(model, "infopo_drops_attention_masks", False):
         return False
-    return getattr(_causal_lm(model).config, "_attn_implementation", None) in ("sdpa", "eager")
+    return _attention(model) in ("sdpa", "eager", "flex_attention")
+
+
+def shared_prompt_mask(allowed: Tensor, model: nn.Module):
+    """The shared-prompt layout's (R, T, T) mask as the model's kernel reads it: a flex-attention block mask (which
+    skips the blocks no query may see: the rejected answer's view of the chosen one, padding), else an additive
+    4-D mask."""
+    if _attention(model) == "flex_attention":
+        return block_mask(allowed)
+    return attention_mask_4d(allowed, model)
+
+
+def block_mask(allowed: Tensor):
+    """(R, T, T) bool -> flex-attention's BlockMask for every head (transformers passes a 4-D one through as is)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(row: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        return allowed[row, query, key]
+
+    rows, width = allowed.shape[0], allowed.shape[1]
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=allowed.device)
 
 
 def attention_mask_4d(allowed: Tensor, model: nn.Module) -> Tensor:

@@ -136,6 +136,9 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
 
         # --- hardware and seed -----------------------------------------------------------------
         precision = choose(cfg.dtype)
+        if cfg.attn_implementation == "flex_attention" and precision.device == "cpu":
+            raise ConfigError("--attn-implementation flex_attention trains on CUDA only (torch has no flex-attention "
+                              "backward on a CPU): use auto or sdpa")
         report.precision(precision)
         if world.active:
             report.note(f"data-parallel over {world.size} processes ({torch.distributed.get_backend()}): each trains on "
