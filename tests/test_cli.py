@@ -168,6 +168,14 @@ def test_skip_invalid_trains_on_the_good_rows_and_reports_the_bad(tmp_path, tiny
     assert "mixed.jsonl:25: field 'rejected': missing" in out.stdout and "mixed.jsonl:26: not valid JSON" in out.stdout
 
 
+def test_attention_kernel_flag_and_flex_attention_refused_for_training_on_a_cpu(tmp_path, tiny_model, pairs_file):
+    out = infopo("train", "--data", str(pairs_file), "--model", str(tiny_model), "--attn-implementation",
+                 "flex_attention", "--dtype", "fp32", "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("error: --attn-implementation flex_attention trains on CUDA only")
+    assert not (tmp_path / "o").exists()  # refused before any run folder is made
+
+
 def test_resume_needs_a_run_folder_and_refuses_settings_that_differ(tmp_path):
     out = infopo("train", "--resume", str(tmp_path))
     assert out.returncode == 2 and "is not a run folder" in out.stderr

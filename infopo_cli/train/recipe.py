@@ -104,6 +104,9 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
     trackers.check_available(report_to)  # a missing tracker library: one line, before any data or model loads
     if cfg.backend == "unsloth":  # likewise a missing unsloth, or one that needs CUDA here; imports it before transformers
         unsloth_backend.check(cfg)
+    if cfg.attn_implementation == "flex_attention" and choose(cfg.dtype).device == "cpu":
+        raise ConfigError("--attn-implementation flex_attention trains on CUDA only (torch has no flex-attention "
+                          "backward on a CPU): use auto or sdpa")
     spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
     if cfg.init_adapter:  # its own LoRA settings, checked against the run's before anything is written
         cfg = model_stack.adopt_init_adapter(cfg)
@@ -136,9 +139,6 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
 
         # --- hardware and seed -----------------------------------------------------------------
         precision = choose(cfg.dtype)
-        if cfg.attn_implementation == "flex_attention" and precision.device == "cpu":
-            raise ConfigError("--attn-implementation flex_attention trains on CUDA only (torch has no flex-attention "
-                              "backward on a CPU): use auto or sdpa")
         report.precision(precision)
         if world.active:
             report.note(f"data-parallel over {world.size} processes ({torch.distributed.get_backend()}): each trains on "
