@@ -56,6 +56,23 @@ def test_run_folder_contents(run):
     assert summary.eval_before["eval/loss"] == pytest.approx(1.0)  # InfoPO is exactly 1 at init
 
 
+def test_held_out_evaluation_builds_no_autograd_graph(tiny_model, monkeypatch):
+    """Both ways in (the recipe calls `totals`): a graph per held-out batch once took a CPU run to 17 GiB."""
+    from infopo_cli.train import evaluate
+
+    from infopo_cli.data.tokenization import TokenizedPair
+
+    cfg = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg)
+    batch = collate([TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12])], 0)
+    grad_enabled, real = [], evaluate.pair_logps
+    monkeypatch.setattr(evaluate, "pair_logps", lambda *a, **k: grad_enabled.append(torch.is_grad_enabled()) or real(*a, **k))
+    evaluator = Evaluator([batch], *resolve("infopo", {}), "cpu")
+    evaluator(model)
+    totals = evaluator.totals(model)
+    assert grad_enabled == [False, False] and totals is not None and model.training
+
+
 def test_saved_config_reloads_as_a_preset(run):
     cfg, summary = run
     again = load(f"{summary.output}/config.toml")

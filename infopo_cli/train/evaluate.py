@@ -33,6 +33,7 @@ class Evaluator:
         totals = self.totals(model, policy_is_reference, should_stop)
         return totals.means(prefix="eval/") if totals is not None else None
 
+    @torch.no_grad()  # the recipe calls this directly: without it every held-out batch's graph stays alive
     def totals(self, model: nn.Module, policy_is_reference: bool = False,
                should_stop: Callable[[], bool] = lambda: False) -> PairMetrics | None:
         """The sums behind `__call__`'s means (a multi-process run adds up each rank's share of the batches)."""
