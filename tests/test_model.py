@@ -70,6 +70,43 @@ def test_one_set_of_base_weights_in_the_process(tiny_model):
     assert len(own) == 14 and alive == own
 
 
+def _saved_bytes_and_grads(model, b) -> tuple[int, list[torch.Tensor]]:
+    """Bytes of the distinct tensors autograd saves in one policy forward, and the LoRA gradients it gives."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logps = pair_logps(model, b, Needs())
+    (logps.policy_chosen.sum() - logps.policy_rejected.sum()).backward()
+    return sum(saved.values()), [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_lora_saves_the_16bit_input_not_a_float32_copy_and_gives_the_same_gradients(tiny_model):
+    from torch import nn
+
+    from infopo_cli.model.lora_inputs import DownProjection
+
+    cfg = TrainConfig(dtype="bf16", lora_r=4, lora_alpha=8)
+    model = policy(tiny_model, cfg, Precision("cpu", torch.bfloat16, "test"))
+    downs = [m for m in model.modules() if isinstance(m, DownProjection)]
+    assert len(downs) == 14  # every LoRA layer of both transformer layers
+    b = batch()
+    kept, grads = _saved_bytes_and_grads(model, b)
+    for down in downs:  # back to peft's own: a float32 copy of the input, made and saved by each LoRA layer
+        down.__class__ = nn.Linear
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = True
+    copied, peft_grads = _saved_bytes_and_grads(model, b)
+    for ours, theirs in zip(grads, peft_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert kept < 0.8 * copied, (kept, copied)
+
+
 def test_dequantised_layers_give_the_4bit_models_logits_and_go_back(tiny_model):
     """Answer scoring on a CPU swaps the 4-bit layers for their de-quantised weights, only inside the block."""
     model = policy(tiny_model)

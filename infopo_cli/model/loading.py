@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopo_cli.model import checkpointing, embedded
+from infopo_cli.model import checkpointing, embedded, lora_inputs
 from infopo_cli.model.checkpointing import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
@@ -162,10 +162,12 @@ def attach_lora(base: nn.Module, cfg: TrainConfig, recompute: Recompute | None =
                       bias="none", task_type="CAUSAL_LM")
     try:
         with quiet_peft():
-            return get_peft_model(base, lora)
+            model = get_peft_model(base, lora)
     except ValueError:
         raise ConfigError(f"target_modules {cfg.target_modules} do not match this model's layers "
                           f"(it has: {_layer_names(base)})") from None
+    lora_inputs.keep_inputs(model)  # no float32 copy of each layer's input held for the backward
+    return model
 
 
 # --- --init-adapter: the policy starts from an existing (SFT) LoRA; the reference is that LoRA, frozen -------
@@ -292,6 +294,7 @@ def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool,
     for adapter in (POLICY, REFERENCE) if with_reference else (POLICY,):
         if problem := load_adapter_weights(model, weights, adapter):
             raise ConfigError(f"--init-adapter {folder}: {problem}")
+    lora_inputs.keep_inputs(model)
     return model, hashlib.sha256(raw).hexdigest()
 
 
