@@ -57,18 +57,20 @@ def test_8bit_optimizer_states_are_two_bytes_and_large_ones_are_paged():
 
 def test_activations_of_a_layer_by_hand():
     """bf16 compute, LoRA on all seven linears, no dropout, per token: two RMSNorms keep their float32 input and 1/rms
-    (2 x (4 x 64 + 4)); peft's float32 copy of each LoRA layer's input (q, k, v: 3 x 4 x 64; o: 4 x 64; gate, up:
-    2 x 4 x 64; down: 4 x 128) and each rank-4 middle (7 x 4 x 4); sdpa's query, keys and values repeated to 4 heads
-    and output (4 x 2 x 64) and log-sum-exp (4 x 4); the MLP's gate, activation and up (3 x 2 x 128)."""
+    (2 x (4 x 64 + 4)); the LoRA layers' 16-bit input, once for q/k/v, once for gate/up, once for down (2 x (64 + 64 +
+    128); o reads sdpa's output, which sdpa saves) and each rank-4 middle (7 x 4 x 4); sdpa's query, keys and values
+    repeated to 4 heads and output (4 x 2 x 64) and log-sum-exp (4 x 4); the MLP's gate, activation and up
+    (3 x 2 x 128)."""
     arch, layout = mp.architecture(TINY), mp.Layout(2, 100, 120, True)
-    expected = 2 * (4 * 64 + 4) + (3 + 1 + 2) * 4 * 64 + 4 * 128 + 7 * 4 * 4 + 4 * 2 * 64 + 4 * 4 + 3 * 2 * 128
-    assert mp.layer_saved_per_token(arch, training(), layout) == expected == 3976
-    # dropout: each LoRA layer its own dropped float32 copy and a bool mask (CUDA), no shared cast
+    expected = 2 * (4 * 64 + 4) + 2 * (64 + 64 + 128) + 7 * 4 * 4 + 4 * 2 * 64 + 4 * 4 + 3 * 2 * 128
+    assert mp.layer_saved_per_token(arch, training(), layout) == expected == 2440
+    # dropout: each LoRA layer its own dropped 16-bit copy and a bool mask (CUDA), instead of the shared inputs
     dropped = mp.layer_saved_per_token(arch, training(lora_dropout=0.05), layout)
-    assert dropped - expected == (6 * 64 + 128) * 1
-    # eager attention: the (T x T) scores, float32 softmax and its bf16 copy, instead of the output and log-sum-exp
+    assert dropped - expected == (6 * 64 + 128) * (2 + 1) - 2 * (64 + 64 + 128)
+    # eager attention: the (T x T) scores, float32 softmax and its bf16 copy, instead of the output and log-sum-exp;
+    # o's input is then its own tensor, saved for o's LoRA
     eager = mp.layer_saved_per_token(arch, training(attention="eager"), layout)
-    assert eager - expected == 4 * 100 * (4 + 2) - (2 * 64 + 4 * 4)
+    assert eager - expected == 4 * 100 * (4 + 2) - (2 * 64 + 4 * 4) + 2 * 64
 
 
 def test_layouts_two_rows_per_pair_or_one_shared_row():

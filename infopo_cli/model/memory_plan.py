@@ -276,12 +276,11 @@ def layer_saved_per_token(arch: Architecture, run: Training, layout: Layout) -> 
         if not targeted:
             continue  # a frozen 4-bit (or 16-bit) matmul saves no input
         fan_in = targeted[0].fan_in
-        if run.lora_dropout > 0:  # each its own dropped float32 copy, and the mask (bool on CUDA; CPU: the input's dtype)
-            total += len(targeted) * fan_in * (f + (1 if run.device == "cuda" else f))
-        elif c != f:  # peft casts the input to float32 for each LoRA layer
-            total += len(targeted) * fan_in * f
-        elif not (group == "attn_out" and run.attention != "eager"):  # a float32 input is saved once, as it is
-            total += fan_in * f  # (attention's output is the very tensor sdpa saved)
+        # LoRA's down-projection saves its input as it comes, not a float32 copy (model/lora_inputs.py)
+        if run.lora_dropout > 0:  # each its own dropped copy, and the mask (bool on CUDA; CPU: the input's dtype)
+            total += len(targeted) * fan_in * (c + (1 if run.device == "cuda" else c))
+        elif not (group == "attn_out" and run.attention != "eager"):  # the input, saved once for the group
+            total += fan_in * c  # (attention's output is the very tensor sdpa saved)
         total += len(targeted) * run.lora_r * f  # lora_B's input
     d, heads = arch.head_dim, arch.heads
     # transformers repeats keys and values to every head when it passes a mask (a shared prompt's always; padding
