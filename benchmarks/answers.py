@@ -18,12 +18,12 @@ rows only (a smoke run). Writes OUT/answers.png (accuracy against steps: the mea
 range as a band, one colour per loss) and OUT/answers.md (per loss, per seed, per evaluation point), prints
 the table and the total time.
 
-Cost, estimated from smoke runs on a 2-core CPU with bf16 (2026-12-02): scoring the answers dominates. One
-evaluation is 5 generation batches of 32 prompts that each run to the 256-token budget (some base replies
-never stop), about 40 s a batch with the 4-bit model, so ~3.5 min; a 3-epoch run has 13 of them (~45 min)
-next to ~11 min of training (225 steps x ~3 s), about an hour in all: ~12 hours for 4 losses x 3 seeds on an
-idle machine, many times more on a busy one. Cheaper: `--max-eval 100`, `--evals-per-epoch 2`, or (cutting
-the longest replies) `--set eval_max_new_tokens=160`.
+Cost, measured on a 2-core CPU with bf16 (2026-12-02): scoring the answers dominates. One evaluation is the
+150 held-out pairs' log-probs and 150 greedy replies in batches of 64 with the default preset's 128-token budget
+(about half the base model's replies never stop before it; a reply that stops leaves its batch): about 2 minutes.
+A 3-epoch run has 13 of them next to ~14 minutes of training (225 steps): infopo seed 42 took 39.7 minutes
+(13.6 of them training), so 4 losses x 3 seeds take about 8 hours. Cheaper: `--max-eval 100`,
+`--evals-per-epoch 2`, or `--set eval_max_new_tokens=96`.
 """
 
 from __future__ import annotations
