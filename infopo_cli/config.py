@@ -49,8 +49,9 @@ class TrainConfig:
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass: auto (from the memory plan: off where "
                                              "the run fits, else on for only as many layers as needed), on, off, offload (on, "
                                              "the saved layer inputs in pinned CPU memory; CUDA). true/false mean on/off.")
-    attn_implementation: str = _f("auto", "Attention kernel: auto (transformers' choice for the model), sdpa or eager (a shared "
-                                  "prompt's 4-D mask), flex_attention (its block mask; trains on CUDA only), "
+    attn_implementation: str = _f("auto", "Attention kernel: auto (matmul for 16-bit compute on a CPU, else transformers' "
+                                  "choice for the model), matmul (two batched 16-bit products: ~2x sdpa on a CPU), sdpa or "
+                                  "eager (a shared prompt's 4-D mask), flex_attention (its block mask; trains on CUDA only), "
                                   "flash_attention_2 (reads each prompt twice).")
     reference: str = _f("precompute", "Reference log-probs: precompute (one pass before training, cached on disk for later runs "
                                       "on the same base and data) or online (a reference forward in every step).")

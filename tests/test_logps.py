@@ -118,10 +118,13 @@ def batch_pairs():
             TokenizedPair([16], [17], [18, 19])]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention", "matmul"])
 def test_shared_prompt_gives_the_plain_logps_and_gradients(tiny_model, attn, monkeypatch):
-    """Every kernel that takes the shared-prompt layout: the 4-D mask (sdpa, eager), flex-attention's block mask
-    (grouped-query: the tiny model has 4 heads over 2)."""
+    """Every kernel that takes the shared-prompt layout: the 4-D mask (sdpa, eager, matmul), flex-attention's block
+    mask (grouped-query: the tiny model has 4 heads over 2)."""
+    from infopo_cli.model import attention
+
+    attention.register()
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
     assert logps_module.takes_custom_masks(model)

@@ -58,12 +58,12 @@ def test_8bit_optimizer_states_are_two_bytes_and_large_ones_are_paged():
 def test_activations_of_a_layer_by_hand():
     """bf16 compute, LoRA on all seven linears, no dropout, per token: two RMSNorms keep their float32 input and 1/rms
     (2 x (4 x 64 + 4)); the LoRA layers' 16-bit input, once for q/k/v, once for gate/up, once for down (2 x (64 + 64 +
-    128); o reads sdpa's output, which sdpa saves) and each rank-4 middle (7 x 4 x 4); sdpa's query, keys and values
-    repeated to 4 heads and output (4 x 2 x 64) and log-sum-exp (4 x 4); the MLP's gate, activation and up
+    128); o reads sdpa's output, which sdpa saves) and each rank-4 middle, 16-bit too (7 x 4 x 2); sdpa's query, keys
+    and values repeated to 4 heads and output (4 x 2 x 64) and log-sum-exp (4 x 4); the MLP's gate, activation and up
     (3 x 2 x 128)."""
     arch, layout = mp.architecture(TINY), mp.Layout(2, 100, 120, True)
-    expected = 2 * (4 * 64 + 4) + 2 * (64 + 64 + 128) + 7 * 4 * 4 + 4 * 2 * 64 + 4 * 4 + 3 * 2 * 128
-    assert mp.layer_saved_per_token(arch, training(), layout) == expected == 2440
+    expected = 2 * (4 * 64 + 4) + 2 * (64 + 64 + 128) + 7 * 4 * 2 + 4 * 2 * 64 + 4 * 4 + 3 * 2 * 128
+    assert mp.layer_saved_per_token(arch, training(), layout) == expected == 2384
     # dropout: each LoRA layer its own dropped 16-bit copy and a bool mask (CUDA), instead of the shared inputs
     dropped = mp.layer_saved_per_token(arch, training(lora_dropout=0.05), layout)
     assert dropped - expected == (6 * 64 + 128) * (2 + 1) - 2 * (64 + 64 + 128)
@@ -107,8 +107,9 @@ def test_auto_keeps_as_many_layers_whole_as_fit():
     whole, every = mp.plan(arch, run, layout, 0), mp.plan(arch, run, layout, 2)
     assert mp.choose(arch, run, layout, "auto", whole.needed).plan.checkpointed == 0
     assert mp.choose(arch, run, layout, "auto", whole.needed - 1).plan.checkpointed >= 1
-    tight = mp.choose(arch, run, layout, "auto", every.needed - 1)
-    assert tight.plan.checkpointed == 2 and not tight.fits
+    least = min(mp.plan(arch, run, layout, n).needed for n in range(3))  # (recomputing the last layer too can cost more)
+    tight = mp.choose(arch, run, layout, "auto", least - 1)
+    assert tight.plan.checkpointed == 2 and not tight.fits  # nothing fits: every layer recomputes
     assert mp.choose(arch, run, layout, "off", 1).plan.checkpointed == 0  # as set, fitting or not
     assert mp.largest_batch(arch, run, mp.Batch(4, 512, 128, True), True, every.needed) >= 4
     assert mp.longest_length(arch, run, mp.Batch(4, 512, 128, True), True, every.needed) >= 512
@@ -147,11 +148,13 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _tiny_lora(folder: Path, dtype: str, recompute: checkpointing.Recompute, dropout: float = 0.0):
+def _tiny_lora(folder: Path, dtype: str, recompute: checkpointing.Recompute, dropout: float = 0.0,
+               attention: str = "auto"):
     from infopo_cli.model import loading
     from infopo_cli.model.precision import choose
 
-    cfg = TrainConfig(dtype=dtype, lora_r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    cfg = TrainConfig(dtype=dtype, lora_r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                      attn_implementation=attention)
     base = loading.load_base(str(folder), cfg, choose(dtype))
     model = loading.attach_lora(base, cfg, recompute)
     model.train()
@@ -164,18 +167,23 @@ def _batch(shared: bool):
     return batch, mp.Layout(batch.input_ids.shape[0], batch.input_ids.shape[1], batch.targets.tokens.numel(), shared)
 
 
-def _cpu_run(dtype: str, dropout: float = 0.0) -> mp.Training:
-    return training(compute_bytes=2 if dtype == "bf16" else 4, lora_dropout=dropout, device="cpu", optimizer="adamw")
+def _cpu_run(dtype: str, dropout: float = 0.0, attention: str = "auto") -> mp.Training:
+    """The plan's settings for a CPU run (attention as `auto` resolves it there: matmul for bf16, model/attention.py)."""
+    bf16 = dtype == "bf16"
+    kernel = attention if attention != "auto" else ("matmul" if bf16 else "sdpa")
+    return training(compute_bytes=2 if bf16 else 4, lora_dropout=dropout, device="cpu", optimizer="adamw", attention=kernel)
 
 
-@pytest.mark.parametrize("dtype, dropout, shared", [("bf16", 0.0, False), ("bf16", 0.0, True), ("fp32", 0.1, True)])
-def test_a_layers_saved_activations_are_what_autograd_saves(tiny_model, dtype, dropout, shared):
+@pytest.mark.parametrize("dtype, dropout, shared, attention", [
+    ("bf16", 0.0, False, "auto"), ("bf16", 0.0, True, "auto"), ("fp32", 0.1, True, "auto"),
+    ("bf16", 0.0, False, "sdpa"), ("bf16", 0.0, True, "sdpa")])
+def test_a_layers_saved_activations_are_what_autograd_saves(tiny_model, dtype, dropout, shared, attention):
     """Every tensor autograd saves in the last decoder layer (the first one's input needs no gradient), counted once
     per storage, parameters and what earlier layers saved too (rotary cos/sin, the mask) excluded: exactly the plan's
     layer."""
     from infopo_cli.train.logps import batch_logps
 
-    model, base = _tiny_lora(tiny_model, dtype, checkpointing.Recompute(0), dropout)
+    model, base = _tiny_lora(tiny_model, dtype, checkpointing.Recompute(0), dropout, attention)
     batch, layout = _batch(shared)
     known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     inside, saved = [False], {}
@@ -194,7 +202,7 @@ def test_a_layers_saved_activations_are_what_autograd_saves(tiny_model, dtype, d
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         batch_logps(model, batch)
     arch = mp.architecture(TINY | {"vocab_size": base.config.vocab_size})
-    assert sum(saved.values()) == mp.layer_bytes(arch, _cpu_run(dtype, dropout), layout)
+    assert sum(saved.values()) == mp.layer_bytes(arch, _cpu_run(dtype, dropout, attention), layout)
 
 
 @pytest.mark.parametrize("recomputed", [0, 2])
@@ -213,7 +221,7 @@ def test_a_steps_peak_on_cpu_is_the_plans(tiny_model, recomputed):
     plan = mp.plan(arch, _cpu_run("bf16"), layout, recomputed)
     gradients = next(p.bytes for p in plan.static if p.name.startswith("LoRA gradients"))
     predicted = plan.allocated - sum(p.bytes for p in plan.static) + gradients
-    assert 0.95 < predicted / mode.peak < 1.3, (predicted, mode.peak, plan.moment)
+    assert 0.95 < predicted / mode.peak < 1.3, (predicted, mode.peak, plan.moment, plan.moments)
 
 
 # --- 3. checkpointing layer by layer ------------------------------------------------------------------

@@ -41,14 +41,16 @@ def given(mode: str) -> Recompute:
     return Recompute(0 if mode == "off" else None, offload=mode == "offload")
 
 
-def training(cfg: TrainConfig, device: str, compute_bytes: int) -> mp.Training:
+def training(cfg: TrainConfig, device: str, compute_bytes: int, softcapped: bool = False) -> mp.Training:
     """The plan's view of a run's settings on `device` (optimizer and attention kernel as `auto` resolves them)."""
     from infopo_cli.train.logps import CHUNK_TOKENS
 
     targets = None if cfg.target_modules == "all-linear" else frozenset([cfg.target_modules] if isinstance(
         cfg.target_modules, str) else cfg.target_modules)
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw")
-    attention = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    attention = cfg.attn_implementation
+    if attention == "auto":  # as model/loading.py resolves it (model/attention.py)
+        attention = "matmul" if device == "cpu" and compute_bytes == 2 and not softcapped else "sdpa"
     return mp.Training(cfg.lora_r, targets, cfg.lora_dropout, compute_bytes, cfg.load_in_4bit, optimizer, device,
                        attention, CHUNK_TOKENS)
 
@@ -90,7 +92,7 @@ def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_
         return Recompute(chosen.layers, chosen.offload, f"gradient checkpointing {mode}: no config.json to plan from, "
                          + ("every layer recomputes" if chosen.layers is None else "no layer recomputes"))
     shared = share_prompt and cfg.attn_implementation != "flash_attention_2"
-    run = training(cfg, device, compute_bytes)
+    run = training(cfg, device, compute_bytes, arch.attn_softcap)
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in train]
     held = lengths + [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in held_out]
     layout = mp.worst_layout(lengths, cfg.batch_size, shared)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopo_cli.model import checkpointing, embedded, lora_inputs
+from infopo_cli.model import allocator, attention, checkpointing, embedded, lora_inputs
 from infopo_cli.model.checkpointing import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
@@ -66,6 +66,9 @@ def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
     """The frozen base, 4-bit NF4 with double quantisation unless `load_in_4bit` is off."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    attention.register()  # `matmul` is ours: known to transformers before a model asks for it
+    if precision.device == "cpu":
+        allocator.keep_freed_memory()  # large tensors reuse the heap instead of faulting in fresh pages
     quantization = None
     if cfg.load_in_4bit:
         quantization = BitsAndBytesConfig(
@@ -83,6 +86,8 @@ def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
         except (OSError, ValueError, ImportError) as err:
             raise _load_error(source, err) from None
     model.config.use_cache = False
+    if cfg.attn_implementation == "auto" and attention.suits(precision.device, precision.dtype, model.config):
+        model.set_attn_implementation(attention.NAME)  # about twice sdpa's speed there (model/attention.py)
     _keep_4bit_layout_trainable(model)
     for param in model.parameters():
         param.requires_grad_(False)

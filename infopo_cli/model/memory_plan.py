@@ -11,16 +11,17 @@ train/logps.py, data/batching.py) with transformers 5, peft and bitsandbytes:
   (2.03 bytes/weight; tensors under 4096 values keep float32 states), no float32 master copy (the LoRA
   weights are float32 already); torch's AdamW two float32 states.
 - **activations**, per decoder layer and token, as autograd saves them (read off the saved tensors in
-  tests/test_memory_plan.py): each RMSNorm its float32 input; each LoRA layer the float32 copy of its input
-  that peft makes (with dropout: the dropped copy and the mask) and its rank-r middle; attention its query,
+  tests/test_memory_plan.py): each RMSNorm its float32 input; the LoRA layers their 16-bit input, once per group of
+  layers reading it (with dropout: each its dropped copy and the mask), their rank-r middle and the 16-bit copies
+  of their weights (model/lora_inputs.py); attention its query,
   keys and values (repeated to every head: infopo's batches carry a mask, and with one transformers repeats
   them), output and log-sum-exp (eager attention: the float32 probabilities and their 16-bit copy, T per
   token); the gated MLP its gate, activation and up outputs. The frozen 4-bit matmuls save no input.
 - **checkpointing**: a recomputed layer keeps only its 16-bit input; the backward recomputes one layer at a
   time. The layers that are not recomputed are the last ones, whose activations the backward frees first.
-- **the output layer** runs in 1024-token chunks (train/logps.py), each recomputed in the backward: its
-  float32 logits, `log_softmax` and their gradient (three vocab-wide float32 tensors) are the largest
-  transient of a step on a 128k vocabulary.
+- **the output layer** runs in 1024-token chunks, fused with the log-softmax and recomputed in the backward
+  (train/output_layer.py): a chunk's logits in the compute dtype, their float32 copy and their gradient are
+  the largest transient of a step on a 128k vocabulary.
 - **the sequence layout**: `batch_size` pairs are 2 rows of prompt + response each, or with prompt sharing
   one row of prompt + chosen + rejected (and a (T x T) mask per row).
 
@@ -128,7 +129,7 @@ class Training:
     quantized: bool                 # NF4 base (else 16-bit, or fp32 with fp32 compute)
     optimizer: str                  # paged_adamw_8bit or adamw
     device: str                     # cuda or cpu
-    attention: str                  # sdpa, eager or flash_attention_2
+    attention: str                  # sdpa, eager, matmul or flash_attention_2
     lm_chunk: int                   # output-layer chunk (train/logps.py CHUNK_TOKENS)
 
     def targeted(self, linear: Linear) -> bool:
@@ -279,18 +280,20 @@ def layer_saved_per_token(arch: Architecture, run: Training, layout: Layout) -> 
         # LoRA's down-projection saves its input as it comes, not a float32 copy (model/lora_inputs.py)
         if run.lora_dropout > 0:  # each its own dropped copy, and the mask (bool on CUDA; CPU: the input's dtype)
             total += len(targeted) * fan_in * (c + (1 if run.device == "cuda" else c))
-        elif not (group == "attn_out" and run.attention != "eager"):  # the input, saved once for the group
+        elif not (group == "attn_out" and run.attention not in ("eager", "matmul")):  # the input, saved once for the group
             total += fan_in * c  # (attention's output is the very tensor sdpa saved)
-        total += len(targeted) * run.lora_r * f  # lora_B's input
+        total += len(targeted) * run.lora_r * c  # lora_B's input (LoRA computes in the compute dtype)
     d, heads = arch.head_dim, arch.heads
     # transformers repeats keys and values to every head when it passes a mask (a shared prompt's always; padding
     # makes one in two-row batches: planned as if there); flash-attention takes them as they are
-    kv = arch.kv_heads if run.attention == "flash_attention_2" else heads
+    kv = arch.kv_heads if run.attention in ("flash_attention_2", "matmul") else heads
     total += c * d * (heads + 2 * kv)  # query, keys, values
     if arch.model_type == "phi3" and kv == arch.kv_heads:  # unrepeated, v is a view that keeps the fused qkv output
         total += c * d * (heads + arch.kv_heads)
     if run.attention == "eager":  # the (T x T) scores per head: float32 softmax, its copy in the compute dtype
         total += heads * width * (4 + (c if c != 4 else 0) + (c if arch.attn_softcap else 0))  # (and tanh's, soft-capped)
+    elif run.attention == "matmul":  # nothing more: the backward recomputes the scores (model/attention.py)
+        pass
     else:
         total += c * d * heads + 4 * heads  # the output, the log-sum-exp
     total += 3 * c * arch.intermediate  # gate, activation, up
@@ -301,7 +304,9 @@ def layer_bytes(arch: Architecture, run: Training, layout: Layout) -> int:
     """One decoder layer kept whole: its saved activations, and the additive copy sdpa makes (and keeps for the
     backward) of a two-row batch's boolean mask."""
     mask_copy = run.compute_bytes * layout.rows * layout.width ** 2 if run.attention == "sdpa" and not layout.shared else 0
-    return round(layer_saved_per_token(arch, run, layout) * layout.tokens) + mask_copy
+    # the 16-bit copies of the layer's LoRA weights its products saved (model/lora_inputs.py)
+    weight_copies = run.compute_bytes * sum(lora_tensors(arch, run)) // arch.layers if run.compute_bytes != LORA_BYTES else 0
+    return round(layer_saved_per_token(arch, run, layout) * layout.tokens) + mask_copy + weight_copies
 
 
 def _tail(arch: Architecture, run: Training, layout: Layout) -> int:
@@ -309,16 +314,27 @@ def _tail(arch: Architecture, run: Training, layout: Layout) -> int:
     the scored hidden states and their indices, the attention mask(s)."""
     c = run.compute_bytes
     per_token = 4 * arch.hidden + 4 + 2 * c * arch.head_dim
-    mask = (1 + c) if layout.shared else (c if run.attention == "eager" else 1)  # bool, and additive where built
+    mask = (1 + c) if layout.shared else (c if run.attention in ("eager", "matmul") else 1)  # bool, and additive where built
     return per_token * layout.tokens + (c * arch.hidden + 32) * layout.scored + mask * layout.rows * layout.width ** 2
 
 
 def _output_chunk(arch: Architecture, run: Training, layout: Layout, backward: bool) -> int:
-    """The output layer on one chunk: float32 logits and log_softmax (forward); in the backward, after the
-    recompute, log_softmax's output, the gathered gradient and the gradient of the logits."""
+    """The fused output layer on one chunk (train/output_layer.py): the logits in the compute dtype and their float32
+    copy, normalised in place; in the backward also the gradient of the logits in the compute dtype (and, soft-capped,
+    two float32 temporaries for the cap's slope)."""
     n = min(run.lm_chunk, max(1, layout.scored))
-    floats = (3 if backward else 2) + (1 if arch.logit_softcap else 0)
-    return 4 * floats * arch.vocab * n
+    per_logit = 4 + run.compute_bytes * (2 if backward else 1) + (8 if backward and arch.logit_softcap else 0)
+    return per_logit * arch.vocab * n
+
+
+def _scores(arch: Architecture, run: Training, layout: Layout, tensors: int) -> int:
+    """`matmul` attention's transient (T x T) score tensors per head, for as many rows as it takes at once."""
+    if run.attention != "matmul":
+        return 0
+    from infopo_cli.model.attention import SCORES_PER_CALL
+
+    per_row = arch.heads * layout.width ** 2
+    return tensors * run.compute_bytes * per_row * min(layout.rows, max(1, SCORES_PER_CALL // per_row))
 
 
 def _layer_backward(arch: Architecture, run: Training, layout: Layout) -> int:
@@ -327,7 +343,12 @@ def _layer_backward(arch: Architecture, run: Training, layout: Layout) -> int:
     dequantises for it (measured on CPU, tests/test_memory_plan.py)."""
     c = run.compute_bytes
     dequantised = c * max(lin.fan_in * lin.fan_out for lin in arch.linears) if run.quantized else 0
-    return ((LORA_BYTES + c) * arch.intermediate + 2 * c * arch.hidden) * layout.tokens + dequantised
+    mlp = ((LORA_BYTES + c) * arch.intermediate + 2 * c * arch.hidden) * layout.tokens + dequantised
+    # matmul attention's backward, later: probabilities, their gradient, the scores', and q, k, v's; by then the
+    # MLP's saved gate, activation and up outputs are freed
+    attention = _scores(arch, run, layout, 3) + c * (
+        arch.head_dim * (arch.heads + 2 * arch.kv_heads) - 3 * arch.intermediate) * layout.tokens
+    return max(mlp, attention if run.attention == "matmul" else 0)
 
 
 def _no_grad_pass(arch: Architecture, run: Training, layout: Layout) -> int:
@@ -335,7 +356,9 @@ def _no_grad_pass(arch: Architecture, run: Training, layout: Layout) -> int:
     copy peft makes of the down projection's input, the residual stream) and an output chunk."""
     c = run.compute_bytes
     working = (3 * c + LORA_BYTES) * arch.intermediate + 3 * c * arch.hidden
-    return round(working * layout.tokens) + _output_chunk(arch, run, layout, backward=False) + _tail(arch, run, layout)
+    # the MLP's working set, or at another moment matmul attention's scores and probabilities
+    return (max(round(working * layout.tokens), _scores(arch, run, layout, 2))
+            + _output_chunk(arch, run, layout, backward=False) + _tail(arch, run, layout))
 
 
 def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, offload: bool = False,
@@ -355,7 +378,7 @@ def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, o
                   f"{layer_saved_per_token(arch, run, layout) / 1024:.0f} KiB per token per layer")] if kept else []
     held += [Part("final norm, scored hidden states, masks, positions", tail)]
     moments: dict[str, tuple[Part, ...]] = {
-        "the output layer's backward": (*held, Part("output layer: float32 log_softmax of a chunk, its gradient",
+        "the output layer's backward": (*held, Part("output layer: a chunk of logits (float32 copy), their gradient",
                                                     _output_chunk(arch, run, layout, backward=True) + grad_hidden,
                                                     f"{min(run.lm_chunk, layout.scored)} tokens x {arch.vocab} vocabulary")),
     }

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from infopo_cli.data.batching import PreferenceBatch, Targets, targets_from_labels
 from infopo_cli.losses.types import Needs, PairLogps
+from infopo_cli.train import output_layer
 
 CHUNK_TOKENS = 1024
 
@@ -76,7 +77,8 @@ def batch_logps(model: nn.Module, batch: PreferenceBatch, ref_hidden: Tensor | N
     return target_logps(model, batch.input_ids, mask, batch.targets, batch.position_ids, ref_hidden)
 
 
-def _attention(model: nn.Module) -> str | None:
+def attention_kernel(model: nn.Module) -> str | None:
+    """The attention implementation the model runs (what `auto` resolved to)."""
     return getattr(_causal_lm(model).config, "_attn_implementation", None)
 
 
@@ -85,14 +87,14 @@ def takes_custom_masks(model: nn.Module) -> bool:
     mask); flash-attention does not, nor Unsloth's CUDA forward (model/unsloth_backend.py marks such a model)."""
     if getattr(model, "infopo_drops_attention_masks", False):
         return False
-    return _attention(model) in ("sdpa", "eager", "flex_attention")
+    return attention_kernel(model) in ("sdpa", "eager", "flex_attention", "matmul")
 
 
 def shared_prompt_mask(allowed: Tensor, model: nn.Module):
     """The shared-prompt layout's (R, T, T) mask as the model's kernel reads it: a flex-attention block mask (which
     skips the blocks no query may see: the rejected answer's view of the chosen one, padding), else an additive
     4-D mask."""
-    if _attention(model) == "flex_attention":
+    if attention_kernel(model) == "flex_attention":
         return block_mask(allowed)
     return attention_mask_4d(allowed, model)
 
@@ -126,6 +128,9 @@ def target_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, ta
     wanted = targets.tokens
     lm_head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if ref_hidden is None and output_layer.fusable(lm_head):  # the fast path: no vocab-wide tensor kept
+        flat = output_layer.target_logps(selected, wanted, lm_head, softcap, CHUNK_TOKENS)
+        return SequenceLogps(_per_sequence(flat, targets), targets.counts(), selected)
     grad = torch.is_grad_enabled() and selected.requires_grad
     logps, kls = [], []
     for start in range(0, selected.shape[0], CHUNK_TOKENS):
@@ -137,12 +142,14 @@ def target_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, ta
         else:
             lp = checkpoint(_token_logps, h, t, lm_head, softcap, use_reentrant=False) if grad else _token_logps(h, t, lm_head, softcap)
         logps.append(lp)
+    flat = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+    kl = _per_sequence(torch.cat(kls) if kls else flat, targets) if ref_hidden is not None else None
+    return SequenceLogps(_per_sequence(flat, targets), targets.counts(), selected, kl)
 
-    def per_seq(values: list[Tensor]) -> Tensor:
-        flat = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
-        return torch.zeros(targets.n_seqs, dtype=torch.float32, device=hidden.device).index_add(0, targets.seq, flat)
 
-    return SequenceLogps(per_seq(logps), targets.counts(), selected, per_seq(kls) if ref_hidden is not None else None)
+def _per_sequence(per_token: Tensor, targets: Targets) -> Tensor:
+    """(tokens,) values -> (sequences,) sums."""
+    return torch.zeros(targets.n_seqs, dtype=torch.float32, device=per_token.device).index_add(0, targets.seq, per_token)
 
 
 def _halves(values: Tensor | None, n: int) -> tuple[Tensor | None, Tensor | None]:

@@ -40,7 +40,7 @@ from infopo_cli.reporting.model_card import write_run_documents
 from infopo_cli.train import answer_eval, checkpoint, distributed, reference_cache, trackers
 from infopo_cli.train.reference_cache import ReferenceTable
 from infopo_cli.train.evaluate import Evaluator
-from infopo_cli.train.logps import pair_logps, takes_custom_masks
+from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.plot import plot_run
 from infopo_cli.train.progress import Reporter
@@ -486,7 +486,7 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
                           report: Reporter, world: distributed.World = distributed.World()) -> ReferenceTable:
     """The reference's log-probs of every training pair, from the cache or one no-grad pass (train/reference_cache.py);
     several processes each compute their share of the pairs, and every process gets the whole table."""
-    settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": cfg.attn_implementation,
+    settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": attention_kernel(model) or cfg.attn_implementation,
                 "share_prompt": share_prompt, "init_adapter": init_sha256, "max_length": cfg.max_length,
                 "max_prompt_length": cfg.max_prompt_length,
                 **({"backend": cfg.backend} if cfg.backend != "transformers" else {})}  # other kernels, other rounding
