@@ -44,14 +44,14 @@ def matmul_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
                              **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature: (B, H, Tq, D) queries, (B, Hkv, Tk, D) keys and values -> the
     (B, Tq, H, D) output and no weights."""
-    mask = _additive(attention_mask, query, key, getattr(module, "is_causal", True))
     unsupported = (query.device.type != "cpu" or (dropout and module.training) or kwargs.get("softcap")
-                   or kwargs.get("s_aux") is not None or (mask is not None and mask.shape[1] != 1))
+                   or kwargs.get("s_aux") is not None or (attention_mask is not None and attention_mask.shape[1] != 1))
     if unsupported:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    mask = _additive(attention_mask, query, key, getattr(module, "is_causal", True))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = _MatmulAttention.apply(query, key, value, mask, scale)
     return out.transpose(1, 2).contiguous(), None
