@@ -122,3 +122,27 @@ def test_the_autograd_function_saves_no_score_matrix():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
         _MatmulAttention.apply(q, k, v, mask, 8 ** -0.5)
     assert sorted(sizes) == sorted([q.numel(), k.numel(), v.numel(), mask.numel()])
+
+
+def test_generation_hands_matmul_to_sdpas_float32_scores(monkeypatch):
+    """Greedy argmaxes flip on 16-bit scores: inside `float32_scores` (the generation loop's model calls) sdpa runs."""
+    from transformers.integrations import sdpa_attention
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **k: ("sdpa", None))
+    q, k, v = _inputs(torch.bfloat16)
+    with attention.float32_scores():
+        assert matmul_attention_forward(_Module(), q, k, v, None)[0] == "sdpa"
+    assert matmul_attention_forward(_Module(), q, k, v, None)[0] != "sdpa"
+
+
+def test_the_generation_loop_runs_the_model_under_float32_scores(tiny_model, monkeypatch):
+    from infopo_cli.inference import generation
+
+    seen = []
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="matmul")
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: seen.append(attention._float32_scores) or real(*a, **k))
+    sampling = generation.Sampling(max_new_tokens=3)
+    ids = torch.tensor([[5, 6, 7]])
+    list(generation.decode(model, ids, torch.ones_like(ids), sampling, set()))
+    assert seen and all(seen) and attention._float32_scores == 0

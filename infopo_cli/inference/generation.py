@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from infopo_cli.model import attention
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.export.check import stop_ids
 
@@ -129,8 +130,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
     going = torch.ones(len(rows), dtype=torch.bool, device=ids.device)
     cache, inputs, prune = None, ids, True
     for _ in range(sampling.max_new_tokens):
-        out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **({cache_name: cache} if cache is not None else {}), **last_only)
+        with attention.float32_scores():  # argmaxes flip on 16-bit attention scores (model/attention.py)
+            out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **({cache_name: cache} if cache is not None else {}), **last_only)
         cache, logits = getattr(out, cache_name), out.logits[:, -1]
         tokens = logits.argmax(-1) if sampling.greedy else \
             torch.tensor([next_token(row, sampling, generator) for row in logits], device=ids.device)
