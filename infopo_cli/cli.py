@@ -268,7 +268,7 @@ def export(
     """
     from pathlib import Path
 
-    from infopo_cli.errors import ConfigError, ExportError
+    from infopo_cli.errors import ConfigError, ExportCheckFailed
     from infopo_cli.export.merged import AdapterSource, default_output, export_merged, from_run, is_run, newest_run
 
     if quant == "list":
@@ -308,7 +308,7 @@ def export(
         for line in result.lines():
             console.print(line, highlight=False, markup=False)
         if not result.ok:
-            raise ExportError(f"check failed: {'; '.join(result.problems())}; {path} is kept for inspection")
+            raise ExportCheckFailed(f"check failed: {'; '.join(result.problems())}; {path} is kept for inspection")
 
 
 def _quant_list(run_dir: str | None, base: str | None) -> None:

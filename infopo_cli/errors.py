@@ -1,4 +1,8 @@
-"""Errors a user can fix. Each renders as one line; the CLI prints it without a traceback."""
+"""Errors a user can fix. Each renders as one line; the CLI prints it without a traceback.
+
+Exit codes: 2 for anything the user's input, files or settings caused (every class here but ExportCheckFailed);
+1 is left for infopo's own bugs: an unexpected exception, or an export whose check against llama.cpp failed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from __future__ import annotations
 class InfopoError(Exception):
     """Base class: `str(err)` is a single line that says what is wrong and, where possible, the fix."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class ConfigError(InfopoError):
@@ -36,7 +40,13 @@ class OutputError(InfopoError):
 
 
 class ExportError(InfopoError):
-    """An export that cannot be written, or whose check failed."""
+    """An export that cannot be written (an architecture, tokenizer or type the format does not take)."""
+
+
+class ExportCheckFailed(ExportError):
+    """The written export's answers differ from the merged model's: infopo's fault or llama.cpp's, not the user's."""
+
+    exit_code = 1
 
 
 class CheckpointError(InfopoError):
