@@ -109,6 +109,7 @@ def train(
     report_to: Annotated[Optional[str], _opt("report_to", "Output", metavar="TRACKERS")] = None,
     output: Annotated[Optional[str], _opt("output", "Output")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a stopped run folder from its newest checkpoint, exactly (its own settings; --max-steps/--epochs may change its length).", rich_help_panel="Output")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the command (preset, flags, loss, data: every row) and say what the run would do; load no model, write nothing.", rich_help_panel="Output")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
 ) -> None:
     """Train a LoRA adapter on preference pairs. With no arguments: SmolLM2-135M on the bundled data.
@@ -122,13 +123,15 @@ def train(
     from infopo_cli.config import override
 
     if resume:
-        return _resume(Path(resume), flags)
+        return _resume(Path(resume), flags, dry_run)
 
     cfg = override(presets.load(flags.pop("preset", presets.DEFAULT_PRESET)), flags, source="command line")
     cfg.validate()
     from infopo_cli.losses.registry import resolve  # light: imports torch only for tensors' types
 
     resolve(cfg.loss, cfg.loss_overrides())  # an unknown loss or a flag it does not take: one line, before loading
+    if dry_run:
+        return _dry_run(cfg)
     _launch_if_asked(cfg.nproc)
 
     from infopo_cli.train.progress import Reporter
@@ -138,12 +141,28 @@ def train(
 
 
 def _train_flags(params: dict) -> dict:
-    """`infopo train`'s parameters as settings: only those given; one --data is a string, several a list."""
-    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v
-            for k, v in params.items() if k not in ("debug", "resume") and v is not None}
+    """`infopo train`'s parameters as settings: only those given (a repeatable option not given is an empty tuple when
+    parsed for `compare`, and must not override the preset); one --data is a string, several a list."""
+    return {k: v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else list(v) if isinstance(v, tuple) else v
+            for k, v in params.items() if k not in ("debug", "resume", "dry_run") and v is not None and v != ()}
 
 
-def _resume(run_dir, flags: dict) -> None:
+def _dry_run(cfg, resume=None) -> None:
+    """`--dry-run`: every check a run makes before its model loads, then what it would do; nothing is written.
+    `resume`: the folder the run continues in (or a comparison's parent), which may hold files already."""
+    from pathlib import Path
+
+    from infopo_cli.train import preflight
+    from infopo_cli.train.recipe import default_output
+
+    output = resume or (Path(cfg.output) if cfg.output else default_output(cfg))
+    checked = preflight.check(cfg, output, fresh=resume is None)
+    for line in preflight.describe(checked, output, resuming=resume is not None):
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    console.print("[green]dry run: the command is valid[/]; no model was loaded and nothing was written", highlight=False)
+
+
+def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
     from infopo_cli import presets
     from infopo_cli.errors import ConfigError
     from infopo_cli.train.resume import resumed_config
@@ -152,6 +171,8 @@ def _resume(run_dir, flags: dict) -> None:
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
     cfg = resumed_config(presets.load(str(run_dir / "config.toml")), flags, run_dir,
                          console.print if not _rank() else lambda message: None)
+    if dry_run:
+        return _dry_run(cfg, run_dir)
     _launch_if_asked(cfg.nproc)
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training
@@ -360,6 +381,7 @@ def eval_run(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Generate for the first N rows only.", show_default=False)] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Summary JSON (default RUN/eval/eval.json); the replies go beside it as .jsonl and .md.", metavar="FILE.json", show_default=False)] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter folder; for a merged export, the model to compare with (a second model).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (--out and the .jsonl/.md beside it).")] = False,
 ) -> None:
     """See what training did: held-out preference metrics of the tuned model against its base (the adapter disabled),
     and with --generate both models' answers.
@@ -374,7 +396,7 @@ def eval_run(
     from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
 
     request = EvalRequest(str(target.path), data, generate, _sampling(max_new_tokens, temperature), batch_size, out,
-                          base, limit)
+                          base, limit, overwrite)
     print_eval(console, evaluate(request, log=_note))
 
 
@@ -506,6 +528,7 @@ def report(
     runs: Annotated[list[str], typer.Argument(help="Run folders written by `infopo train`.", metavar="RUN_DIR", show_default=False)],
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="The figure, a .png file (default: RUN/report.png for one run, ./report.png for several).", show_default=False)] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown, to paste (the figure's path goes to stderr).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing figure.")] = False,
 ) -> None:
     """Compare runs: their curves overlaid in one figure, and a table of their settings and held-out figures before/after.
 
@@ -518,9 +541,13 @@ def report(
     from infopo_cli.reporting.model_card import displacement_message
     from infopo_cli.reporting.runs import load
 
+    from infopo_cli import files
+
     if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--out {out}: name the figure FILE.png")
     loaded = [load(path) for path in runs]
+    target = Path(out) if out else Path("report.png") if len(loaded) > 1 else loaded[0].path / "report.png"
+    files.claim_target(target, overwrite)
     if markdown:
         sys.stdout.write(table.markdown_table(loaded))
     else:
@@ -529,7 +556,6 @@ def report(
     for run in loaded:
         if message := displacement_message(run):
             notes.print(f"[yellow]{escape(run.name)}: {escape(message)}[/]", highlight=False, soft_wrap=True)
-    target = Path(out) if out else Path("report.png") if len(loaded) > 1 else loaded[0].path / "report.png"
     if figure.plot_runs(loaded, target):
         notes.print(f"figure -> [bold]{escape(str(target))}[/]", highlight=False)
     else:
@@ -559,7 +585,8 @@ def compare(
     from infopo_cli.train import compare as comparison
 
     train_command = typer.main.get_command(app).commands["train"]  # the train flags, parsed as `infopo train` does
-    flags = _train_flags(train_command.make_context("train", list(ctx.args)).params)
+    params = train_command.make_context("train", list(ctx.args)).params
+    flags = _train_flags(params)
     for name in comparison.OWN_FLAGS:
         if name in flags:
             raise ConfigError(f"--{name} is the comparison's own (pass --loss/--output before the train flags)")
@@ -573,6 +600,11 @@ def compare(
         variants = [replace(v, settings={k: value if k == "loss" else train_command.make_context(
             "train", [flag(k), str(value)]).params[k] for k, value in v.settings.items()}) for v in variants]
     parent = Path(output) if output else Path("runs") / f"compare-{'-'.join(v.settings['loss'] for v in variants[:3])}-{time.strftime('%Y%m%d-%H%M%S')}"
+    configs = comparison.configs(variants, flags, parent, preset)  # every loss name and flag checked before anything is written
+    if params["dry_run"]:  # the runs share data, model and output parent: read the data once
+        console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}: "
+                      + ", ".join(escape(v.name) for v in variants), highlight=False)
+        return _dry_run(configs[0], parent)
     resuming = comparison.claim_parent(parent, variants, {k: str(v) for k, v in flags.items()})
     console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}"
                   + (" (continuing)" if resuming else "") + "; they share the reference cache (--reference "
@@ -582,7 +614,7 @@ def compare(
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training
 
-    folders, stopped = comparison.run_all(variants, flags, parent, preset,
+    folders, stopped = comparison.run_all(variants, configs, parent,
                                           lambda cfg, resume=None: run_training(cfg, Reporter(console), resume=resume),
                                           lambda line: console.print(f"[bold]{escape(line)}[/]", highlight=False))
     if stopped is not None:
@@ -608,8 +640,8 @@ def compare(
 
         rows = []
         for folder in folders:
-            result = evaluate(EvalRequest(str(folder), generate=True, sampling=Sampling(max_new_tokens=max_new_tokens)),
-                              log=_note)
+            result = evaluate(EvalRequest(str(folder), generate=True, sampling=Sampling(max_new_tokens=max_new_tokens),
+                                          overwrite=True), log=_note)  # the comparison's own earlier outputs
             rows.append((folder.name, result))
         files.write_text(parent / "eval.md", comparison.eval_markdown(rows))
         console.print(comparison.eval_markdown(rows), highlight=False, markup=False)

@@ -27,6 +27,8 @@ OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 CHECKPOINTING = ("auto", "on", "off", "offload")  # model/checkpointing.py decides what auto means for a run
 BACKENDS = ("transformers", "unsloth")  # model/loading.py, model/unsloth_backend.py
 PAIRINGS = ("best-worst", "best-vs-each", "adjacent", "all")  # data/scored.py (torch-free here, for --help)
+# model/attention.py's matmul, and the kernels transformers ships (a hub kernel name would fetch and run code)
+ATTENTION = ("auto", "matmul", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRACKERS = ("tensorboard", "wandb", "trackio")  # train/trackers.py; --report-to takes a comma list of these, or none
 
 
@@ -324,6 +326,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: v in OPTIMIZERS, f"be one of {', '.join(OPTIMIZERS)}"),
     "gradient_checkpointing": (lambda v: v in CHECKPOINTING, f"be one of {', '.join(CHECKPOINTING)} (or true/false)"),
     "backend": (lambda v: v in BACKENDS, f"be one of {', '.join(BACKENDS)}"),
+    "attn_implementation": (lambda v: v in ATTENTION, f"be one of {', '.join(ATTENTION)}"),
     "target_modules": (bool, "name at least one module"),
     "max_length": (lambda v: v == "auto" or (isinstance(v, int) and v > 0), "be > 0 or auto"),
     "reference": (lambda v: v in ("precompute", "online"), "be precompute or online"),

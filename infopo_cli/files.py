@@ -427,9 +427,19 @@ def claim_output_dir(path: Path) -> Path:
     return path
 
 
-def claim_target(path: Path, overwrite: bool) -> None:
-    if os.path.lexists(path) and not overwrite:
-        raise OutputError(f"{path} already exists; choose another name or pass --overwrite (nothing was written)")
+def claim_target(path: Path | str, overwrite: bool) -> None:
+    """The one rule for a file or folder infopo writes outside a fresh run folder: an existing file, link or
+    non-empty folder is refused unless `overwrite`. Call it before anything slow (a model load) starts."""
+    claim_targets([path], overwrite)
+
+
+def claim_targets(paths: list[Path | str], overwrite: bool) -> None:
+    """`claim_target` for the several files one command writes (eval's .json, .jsonl and .md): all or none."""
+    if overwrite:
+        return
+    for path in map(Path, paths):
+        if os.path.lexists(path) and not (path.is_dir() and not path.is_symlink() and not any(path.iterdir())):
+            raise OutputError(f"{path} already exists; choose another name or pass --overwrite (nothing was written)")
 
 
 def check_free_space(folder: Path, needed_bytes: int) -> None:

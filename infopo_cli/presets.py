@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DEFAULT_PRESET = "smollm2-135m"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 def presets_dir() -> Path:
@@ -40,20 +43,50 @@ def find(name_or_path: str) -> Path:
     return presets[name_or_path]
 
 
-def read(path: Path) -> dict[str, Any]:
-    """The raw settings of a preset file, without its description."""
+MAX_BYTES = 1 << 20  # a preset is a page of settings; anything larger is not one
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    """The whole TOML table of a preset file; every way it can be unreadable is one line naming it."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if path.stat().st_size > MAX_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_BYTES >> 20} MiB, not a preset")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a preset") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or 'unreadable'})") from None
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The raw settings of a preset file, without its description."""
+    raw = _parse(path)
     raw.pop("description", None)
     return raw
 
 
 def description(path: Path) -> str:
-    return str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))
+    return str(_parse(path).get("description", ""))
+
+
+def plain_name(text: str) -> str:
+    """A file's stem as a plain name: what a run name must not hold becomes '-'."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "-", text).lstrip("._+-")[:100]
+    return name or "preset"
+
+
+def run_name(name: Any, path: Path) -> str:
+    """A preset's name as it goes into run folder names (runs/NAME-TIME): a plain name, never a path."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"{path}: 'preset' must be a plain name (letters, digits, '.', '_', '+', '-'; it names "
+                          f"the run folders under ./runs), got {show(name)}")
+    return name
 
 
 def load(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
@@ -70,5 +103,6 @@ def load(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
         raise ConfigError(f"{path}: 'extends' must be a preset name or a .toml file, got {show(parent)}")
     base = load(parent, (*_seen, path)) if parent else TrainConfig()
     cfg = merge(base, raw, source=str(path))
-    cfg.preset = raw.get("preset") or path.stem  # a run's config.toml keeps the preset it came from
+    # a run's config.toml keeps the preset it came from
+    cfg.preset = run_name(raw["preset"], path) if raw.get("preset") else plain_name(path.stem)
     return cfg

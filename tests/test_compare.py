@@ -51,14 +51,15 @@ def test_a_stopped_comparison_continues_at_the_run_it_was_in(tmp_path, tiny_mode
              "batch_size": 4, "max_steps": 3, "max_length": 128, "max_prompt_length": 64}
     variants, parent = compare.plan(["infopo", "dpo"], None), tmp_path / "cmp"
     compare.claim_parent(parent, variants, {k: str(v) for k, v in flags.items()})
+    settings = compare.configs(variants, flags, parent, "smollm2-135m")
     said = []
     at_forward(monkeypatch, 5, ctrl_c)  # run 1 takes passes 1-3; Ctrl-C in run 2's second step
-    folders, stopped = compare.run_all(variants, flags, parent, "smollm2-135m", lambda cfg, resume=None:
+    folders, stopped = compare.run_all(variants, settings, parent, lambda cfg, resume=None:
                                        recipe.train(cfg, Reporter(), resume=resume), said.append)
     assert stopped is not None and stopped.exit_code == 130 and stopped.steps == 2
     assert compare.state_of(parent / "infopo") == "done" and compare.state_of(parent / "dpo") == "stopped"
     monkeypatch.undo()
-    folders, stopped = compare.run_all(variants, flags, parent, "smollm2-135m", lambda cfg, resume=None:
+    folders, stopped = compare.run_all(variants, settings, parent, lambda cfg, resume=None:
                                        recipe.train(cfg, Reporter(), resume=resume), said.append)
     assert stopped is None and said[-2:] == ["[1/2] infopo: finished before, kept", "[2/2] dpo: resuming"]
     assert json.loads((parent / "dpo" / "summary.json").read_text())["steps"] == 3

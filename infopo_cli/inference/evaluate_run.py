@@ -29,6 +29,7 @@ from infopo_cli import files
 from infopo_cli.config import TrainConfig
 from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.data.formats import PreferencePair
+from infopo_cli.data.loading import resolve
 from infopo_cli.data.mixing import as_list, load_mix, parse_source
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.errors import ConfigError
@@ -54,6 +55,7 @@ class EvalRequest:
     out: str | None = None          # default: TARGET/eval/eval.json
     base: str | None = None
     limit: int | None = None        # generate for the first N rows only
+    overwrite: bool = False         # replace existing output files
 
 
 @dataclass
@@ -101,6 +103,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
                           + (" (its run had no eval_data)" if target.config is not None else ""))
     shown_spec = ", ".join(as_list(spec))
     options = cfg.data_options(cfg.eval_split)
+    claim_outputs(out, as_list(spec), request.generate, request.overwrite)
 
     # --- data first: a bad row costs no model load ---------------------------------------------------
     pairs: list[PreferencePair] = []
@@ -130,6 +133,20 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         result.generation, result.rows = generation_metrics(loaded, rows, sampling, request.batch_size or 16, result.notes)
     write_outputs(result)
     return result
+
+
+def output_paths(out: Path, generate: bool) -> list[Path]:
+    return [out, out.with_suffix(".jsonl"), out.with_suffix(".md")] if generate else [out]
+
+
+def claim_outputs(out: Path, data: list[str], generate: bool, overwrite: bool) -> None:
+    """Before any model loads: the outputs must not exist (unless --overwrite), and never be the data being read."""
+    paths = output_paths(out, generate)
+    sources = {resolve(parse_source(spec).spec).resolve() for spec in data}
+    for path in paths:
+        if path.resolve() in sources:
+            raise ConfigError(f"--out {out} would write {path}, the data this evaluation reads; choose another --out")
+    files.claim_targets(paths, overwrite)
 
 
 # --- preference metrics ----------------------------------------------------------------------------

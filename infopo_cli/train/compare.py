@@ -61,6 +61,16 @@ def plan(losses: list[str], sweep: tuple[str, list[str]] | None) -> list[Variant
     return out
 
 
+def configs(variants: list[Variant], flags: dict[str, Any], parent: Path, preset: str) -> list[Any]:
+    """Each run's settings, checked as `infopo train` checks them before its model loads (loss names and the flags
+    each loss takes included): a mistake in the command is refused before the parent or its plan is written."""
+    from infopo_cli import presets
+    from infopo_cli.train import preflight
+
+    return [preflight.check_settings(override(presets.load(preset), {**flags, **v.settings, "output": str(parent / v.name)},
+                                              source="command line"))[0] for v in variants]
+
+
 def claim_parent(parent: Path, variants: list[Variant], flags: dict[str, Any]) -> bool:
     """Write the plan, or check the parent's plan is this one. True when the comparison resumes."""
     wanted = {"runs": [v.name for v in variants], "settings": [v.settings for v in variants],
@@ -91,15 +101,15 @@ def state_of(folder: Path) -> str:
     return "stopped" if (folder / "config.toml").is_file() else "new"
 
 
-def run_all(variants: list[Variant], flags: dict[str, Any], parent: Path, preset: str,
+def run_all(variants: list[Variant], settings: list[Any], parent: Path,
             train: Callable[..., Any], say: Callable[[str], None]) -> tuple[list[Path], Any]:
-    """Train every variant not yet done, in order. Returns (the run folders, None), or at a run that stopped
+    """Train every variant not yet done, in order (`settings`: each one's, from `configs`). Returns (the run folders, None), or at a run that stopped
     (Ctrl-C, out of memory, ...) (the folders so far, its summary): rerunning the command carries on from it."""
     from infopo_cli import presets
     from infopo_cli.train.resume import resumed_config
 
     folders = []
-    for i, variant in enumerate(variants, 1):
+    for i, (variant, cfg) in enumerate(zip(variants, settings), 1):
         folder = parent / variant.name
         folders.append(folder)
         state = state_of(folder)
@@ -110,8 +120,6 @@ def run_all(variants: list[Variant], flags: dict[str, Any], parent: Path, preset
         if state == "stopped":
             summary = train(resumed_config(presets.load(str(folder / "config.toml")), {}, folder), resume=folder)
         else:
-            cfg = override(presets.load(preset), {**flags, **variant.settings, "output": str(folder)},
-                           source="command line")
             summary = train(cfg)
         if summary.exit_code:
             return folders, summary

@@ -37,11 +37,11 @@ from infopo_cli.model import checkpointing as recomputation, loading as model_st
 from infopo_cli.model.precision import choose
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
-from infopo_cli.train import answer_eval, checkpoint, distributed, reference_cache, trackers
+from infopo_cli.train import answer_eval, checkpoint, distributed, preflight, reference_cache, trackers
 from infopo_cli.train.reference_cache import ReferenceTable
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
-from infopo_cli.train.metrics import MetricsLog, PairMetrics
+from infopo_cli.train.metrics import MetricsLog, PairMetrics, read_records
 from infopo_cli.train.plot import plot_run
 from infopo_cli.train.progress import Reporter
 from infopo_cli.train.schedule import WarmupCosine
@@ -99,32 +99,25 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
 
 def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distributed.World) -> RunSummary:
     report = report if world.is_main else report.silenced()  # rank 0 speaks for the run
-    cfg.validate()
-    report_to = trackers.parse(cfg.report_to)
-    trackers.check_available(report_to)  # a missing tracker library: one line, before any data or model loads
-    if cfg.backend == "unsloth":  # likewise a missing unsloth, or one that needs CUDA here; imports it before transformers
-        unsloth_backend.check(cfg)
-    if cfg.attn_implementation == "flex_attention" and choose(cfg.dtype).device == "cpu":
-        raise ConfigError("--attn-implementation flex_attention trains on CUDA only (torch has no flex-attention "
-                          "backward on a CPU): use auto or sdpa")
-    spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
-    if cfg.init_adapter:  # its own LoRA settings, checked against the run's before anything is written
-        cfg = model_stack.adopt_init_adapter(cfg)
-
-    # --- data: every row checked before any model is loaded -----------------------------------
+    # --- what can fail without a model fails now, before the run folder exists ----------------
+    cfg, spec, loss_params = preflight.check_settings(cfg)
+    output = resume or (Path(cfg.output) if cfg.output else default_output(cfg))
+    if not resume:
+        preflight.check_output(output)
     with world.main_first():  # a hub dataset is downloaded once, by rank 0
-        loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
-        eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
+        loaded, eval_pairs = preflight.load_data(cfg)
     report.skipped_rows(loaded.skipped, loaded.rows)
     for line in ([f"mix: {loaded.mix}"] if loaded.mix else []) + loaded.info + [f"warning: {n}" for n in loaded.notes]:
         report.note(line)
-    run_dir = resume or (files.claim_output_dir(Path(cfg.output) if cfg.output else default_output(cfg))
-                         if world.is_main else None)
+    created = not resume and world.is_main and not output.exists()
+    run_dir = resume or (files.claim_output_dir(output) if world.is_main else None)
     run_dir = Path(world.broadcast(str(run_dir)))  # the folder rank 0 claimed: one set of outputs
     report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, ", ".join(as_list(cfg.data)), len(eval_pairs),
                  run_dir)
 
     with contextlib.ExitStack() as held:
+        if created:  # pushed first, so it runs last: after the lock is released
+            held.push(lambda kind, error, trace: _remove_if_unstarted(run_dir, error))
         # --- the run folder is ours alone; stops are requests the loop reads between steps ----------
         if world.is_main:
             report.lock(held.enter_context(files.RunLock(run_dir)).took_over)
@@ -175,14 +168,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         # --- the resolved settings are on disk before anything long starts ----------------------------
         cfg = replace(cfg, nproc=world.size)  # the global batch counts every process
         resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
-        if world.is_main:
-            files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
-                                                      f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
-        # --report-to: each record of metrics.jsonl also goes to these; a resumed run continues their runs from its step
-        sinks = trackers.open_trackers(report_to, run_dir, resolved, (checkpoint.step_of(resume_from) if resume_from else 0)
-                                       if resume else None) if world.is_main else []
-        for tracker in sinks:
-            held.callback(tracker.close)  # closed on every way out
+        if world.is_main and not resume:  # a resume rewrites it only once its checkpoint is accepted
+            write_settings(run_dir, resolved)
 
         # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
         # (--init-adapter: the policy starts from that adapter; the reference is a frozen copy of it, if the loss has one)
@@ -240,6 +227,13 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             if saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             report.resumed(start, total_steps, resume_from, schedule)
+        if world.is_main and resume:
+            write_settings(run_dir, resolved)
+        # --report-to: each record of metrics.jsonl also goes to these; a resumed run continues their runs from its step
+        sinks = trackers.open_trackers(trackers.parse(cfg.report_to), run_dir, resolved, start if resume else None) \
+            if world.is_main else []
+        for tracker in sinks:
+            held.callback(tracker.close)  # closed on every way out
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None, sinks=sinks, writes=world.is_main)
         # warns once if the chosen answers' likelihood falls while the margin grows; a resume's earlier records count
         guard = displacement.Guard(cfg.loss, records=log.records, warn=lambda m: report.note(f"warning: {m}"))
@@ -396,6 +390,21 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             report.note("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
         write_run_documents(run_dir)  # README.md (the model card, over peft's template) and report.md
         return summary
+
+
+def write_settings(run_dir: Path, resolved: dict) -> None:
+    files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
+                                              f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
+
+
+def _remove_if_unstarted(run_dir: Path, error: BaseException | None) -> bool:
+    """A fresh run that failed with an error before its first step leaves no folder behind (a stop request, which
+    tells the user how to start it again, keeps it). Never swallows the error."""
+    metrics = run_dir / "metrics.jsonl"
+    trained = metrics.is_file() and any(r.get("kind") == "train" for r in read_records(metrics))
+    if isinstance(error, Exception) and not trained and not checkpoint.complete_checkpoints(run_dir):
+        files.remove_tree(run_dir)
+    return False
 
 
 @dataclass(frozen=True)

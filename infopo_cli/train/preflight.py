@@ -1,0 +1,102 @@
+"""Everything about a training run that can be checked without a model: settings, loss, kernel, trackers,
+backend, data and the output folder.
+
+`infopo train` runs these before it claims its run folder, so a mistake costs no model load and leaves nothing
+on disk; `infopo train --dry-run` runs them alone ("check my command before I wait for a model").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infopo_cli import files
+from infopo_cli.config import TrainConfig
+from infopo_cli.data.loading import Loaded, PreferencePair
+from infopo_cli.data.mixing import as_list, load_mix
+from infopo_cli.errors import ConfigError
+from infopo_cli.losses import registry
+from infopo_cli.losses.registry import LossSpec
+from infopo_cli.model import loading as model_stack, unsloth_backend
+from infopo_cli.model.precision import choose
+from infopo_cli.train import trackers
+
+
+@dataclass
+class Checked:
+    """A run's settings with the loss resolved and its data read and validated."""
+
+    cfg: TrainConfig
+    spec: LossSpec
+    loss_params: dict[str, Any]
+    loaded: Loaded
+    eval_pairs: list[PreferencePair]
+
+
+def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, Any]]:
+    """The settings alone: types and limits, trackers and backend installed, the kernel on this device, the loss
+    and its flags, an init adapter's own LoRA settings. Returns the config an init adapter completes."""
+    cfg.validate()
+    trackers.check_available(trackers.parse(cfg.report_to))  # a missing tracker library: one line
+    if cfg.backend == "unsloth":  # likewise a missing unsloth, or one that needs CUDA here; imports it before transformers
+        unsloth_backend.check(cfg)
+    if cfg.attn_implementation == "flex_attention" and choose(cfg.dtype).device == "cpu":
+        raise ConfigError("--attn-implementation flex_attention trains on CUDA only (torch has no flex-attention "
+                          "backward on a CPU): use auto or sdpa")
+    spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
+    if cfg.init_adapter:  # cheap (one JSON file): its LoRA settings are checked against the run's here
+        cfg = model_stack.adopt_init_adapter(cfg)
+    return cfg, spec, loss_params
+
+
+def load_data(cfg: TrainConfig) -> tuple[Loaded, list[PreferencePair]]:
+    """The training mix and the held-out pairs, every row checked."""
+    loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
+    eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
+    return loaded, eval_pairs
+
+
+def check_output(run_dir: Path) -> None:
+    """A new run's folder must be new or empty (`files.claim_output_dir` would refuse it later anyway)."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(p.name != files.LOCK_NAME for p in run_dir.iterdir())):
+        raise ConfigError(f"{run_dir} already exists and is not empty; choose another --output (nothing was overwritten)")
+
+
+def check(cfg: TrainConfig, output: Path, fresh: bool = True) -> Checked:
+    """Every check of a run that needs no model, in the order a user would want to hear about them (a resumed run's
+    own folder is not `fresh`: it holds the run)."""
+    cfg, spec, loss_params = check_settings(cfg)
+    if fresh:
+        check_output(output)
+    _check_model(cfg.model)
+    loaded, eval_pairs = load_data(cfg)
+    return Checked(cfg, spec, loss_params, loaded, eval_pairs)
+
+
+def _check_model(model: str) -> None:
+    """A model given as a path that does not exist is a one-line error now, not a hub lookup later."""
+    path = Path(model).expanduser()
+    if model.startswith(("./", "../", "/", "~")) or path.suffix.lower() == ".gguf":
+        if not path.exists():
+            raise ConfigError(f"--model {model}: no such model folder or file")
+
+
+def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str]:
+    """What the run would do, for `--dry-run`: the lines a user checks before starting it."""
+    cfg, loaded = checked.cfg, checked.loaded
+    global_batch = cfg.batch_size * cfg.grad_accum * cfg.nproc
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(loaded.pairs) / global_batch)))
+    params = ", ".join(f"{k}={v}" for k, v in checked.loss_params.items())
+    lines = [f"preset {cfg.preset or '(none)'}; model {cfg.model} ({cfg.backend}, "
+             f"{'4-bit NF4' if cfg.load_in_4bit else 'unquantised'}, dtype {cfg.dtype})",
+             f"loss {cfg.loss} ({params})",
+             f"data {', '.join(as_list(cfg.data))}: {len(loaded.pairs)} pairs from {loaded.rows} rows, {loaded.format} format"
+             + (f", {len(loaded.skipped)} invalid rows skipped" if loaded.skipped else ""),
+             f"held out: {len(checked.eval_pairs)} pairs" + (f" from {', '.join(as_list(cfg.eval_data))}" if cfg.eval_data else ""),
+             f"{steps} optimizer steps of {global_batch} pairs (lr {cfg.lr:g}, max_length {cfg.max_length})",
+             f"run folder {output}" + (" (resumed from its newest checkpoint)" if resuming else " (new)")]
+    lines += [f"mix: {loaded.mix}"] if loaded.mix else []
+    lines += loaded.info + [f"warning: {note}" for note in loaded.notes]
+    return lines
