@@ -99,7 +99,7 @@ def test_missing_model_is_one_line_and_debug_shows_traceback(tmp_path, pairs_fil
     args = ["train", "--data", str(pairs_file), "--eval-data", "", "--model", str(tmp_path / "missing-model"),
             "--output", str(tmp_path / "o")]
     out = infopo(*args)
-    assert out.returncode == 2 and out.stderr.startswith("error: cannot load model") and "Traceback" not in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("error: no such model folder or file") and "Traceback" not in out.stderr
     assert "Traceback" in infopo(*args[:-1], str(tmp_path / "o2"), "--debug").stderr
 
 

@@ -7,9 +7,16 @@ reply tokens cannot be told apart from the prompt's is a `DataError` naming its 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 from infopo_cli.data.formats import PreferencePair, Text
 from infopo_cli.errors import DataError, ModelError
@@ -115,16 +122,104 @@ def _prompt_in_conversation(tokenizer, pair: PreferencePair, messages: list[dict
 
 
 def _render(tokenizer, pair: PreferencePair, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    from jinja2.exceptions import TemplateError, TemplateSyntaxError  # rendering a chat template needs jinja2 anyway
+    from jinja2.exceptions import TemplateError  # rendering a chat template needs jinja2 anyway
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateSyntaxError as err:  # a broken template, not a bad row
-        raise ModelError(f"the tokenizer's chat template does not parse: {' '.join(str(err).split())} "
-                         f"(line {err.lineno}); fix tokenizer_config.json / chat_template.jinja") from None
+        return render_chat(tokenizer, messages, add_generation_prompt)
     except TemplateError as err:  # the template refuses this conversation (roles out of order, no system role, ...)
-        problem = " ".join(str(err).split()) or "no reason given"
-        raise DataError(place_of(pair), None, f"the chat template rejects this conversation: {problem}") from None
+        raise DataError(place_of(pair), None, f"{template_of(tokenizer)} rejects this conversation: {_words(err)}") from None
+
+
+# --- rendering a chat template: a template is code from the model folder, run in jinja2's sandbox and on a clock ---
+
+RENDER_LIMIT_S = 5.0  # one conversation; a real chat template renders one in milliseconds
+_TEMPLATE_FILE = "<template>"  # the file name jinja2 compiles a template from a string under (transformers' way)
+
+
+class _RenderTimeout(BaseException):
+    """Raised inside a rendering that ran past its time: a BaseException, so that no `except Exception` in a library
+    between the interruption and `render_chat` can swallow it."""
+
+
+def template_of(tokenizer) -> str:
+    """Whose chat template it is, for messages: the model or tokenizer folder it was read from."""
+    source = getattr(tokenizer, "name_or_path", "") or ""
+    return f"the chat template of {source}" if source else "the chat template"
+
+
+def _words(err: BaseException) -> str:
+    return " ".join(str(err).split()) or "no reason given"
+
+
+def _timer_free() -> bool:
+    return (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+            and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0))
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Stop the block with _RenderTimeout once `seconds` have passed.
+
+    jinja2 compiles a template to Python, so a runaway template spins in Python code, where a signal handler runs
+    between two bytecodes: in the main thread (where infopo tokenizes) a one-shot SIGALRM timer interrupts it, at
+    no cost while rendering and with nothing left running afterwards. Elsewhere (another thread, a timer already
+    in use, Windows) a trace function on the template's own compiled code checks the clock at each of its lines.
+    No thread is started either way, so a template that never ends stops burning a CPU when its error is reported.
+    """
+    if _timer_free():
+        def expire(signum: int, frame: FrameType | None) -> None:
+            raise _RenderTimeout
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        return
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _RenderTimeout
+        return on_line
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    previous_trace = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous_trace)
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template applied to `messages`, as text, within RENDER_LIMIT_S. A fault of the template
+    itself (it does not parse, breaks the sandbox's rules, fails, or does not finish) is a ModelError naming the
+    template; a refusal of these messages (its raise_exception, an undefined field) is the jinja2 TemplateError,
+    for the caller to name the row or the messages."""
+    from jinja2.exceptions import SecurityError, TemplateSyntaxError
+
+    template = template_of(tokenizer)
+    try:
+        with _time_limit(RENDER_LIMIT_S):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except _RenderTimeout:
+        raise ModelError(f"{template} did not finish rendering one conversation within {RENDER_LIMIT_S:g} s (a loop "
+                         "that does not end?); fix or replace the template") from None
+    except TemplateSyntaxError as err:
+        raise ModelError(f"{template} does not parse: {_words(err)} (line {err.lineno}); fix tokenizer_config.json / "
+                         "chat_template.jinja") from None
+    except SecurityError as err:
+        raise ModelError(f"{template} tries what jinja2's sandbox forbids ({_words(err)}); infopo renders chat "
+                         "templates only in the sandbox") from None
+    except RecursionError:
+        raise ModelError(f"{template} calls itself without end") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as err:  # raised by its own code
+        raise ModelError(f"{template} fails: {_words(err)}") from None
 
 
 def place_of(pair: PreferencePair) -> str:

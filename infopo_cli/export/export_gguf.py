@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from infopo_cli import files
-from infopo_cli.errors import ConfigError
 from infopo_cli.export.check import CheckResult, compare
 from infopo_cli.export.gguf import QUANTS, check_quant, expected_bytes, write_gguf
 from infopo_cli.export.merged import AdapterSource, merged_model
-from infopo_cli.export.modelfile import modelfile_path, write_modelfile
+from infopo_cli.export.modelfile import modelfile, write_modelfile
+from infopo_cli.export.outputs import claim_gguf
 
 LOSSLESS = ("f32", "f16", "bf16")  # a file of these must answer exactly as the merged model
 
@@ -19,17 +19,15 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
                 check: bool = True, log: Callable[[str], None] = print) -> tuple[Path, Path, CheckResult | None]:
     """Write OUT.gguf and OUT.Modelfile; with `check`, compare the GGUF with the merged model.
 
-    Both outputs are claimed before the model is loaded, so an existing one is refused at no cost.
+    Both outputs are claimed before the model is loaded, so an existing one is refused at no cost, and the
+    Modelfile's text is made before the GGUF is written, so a stop string it cannot hold leaves no file behind.
     """
     check_quant(quant)
-    modelfile = modelfile_path(out)
-    if modelfile == out:
-        raise ConfigError(f"--gguf {out}: the GGUF would be overwritten by its Modelfile; name it NAME.gguf")
     for line in files.clean_temporaries(out.parent):
         log(line)
-    for path in (out, modelfile):
-        files.claim_target(path, overwrite)
+    modelfile_path = claim_gguf(out, overwrite)
     model, tokenizer = merged_model(source, "fp32")
+    text = modelfile(out.name, tokenizer.chat_template, tokenizer.eos_token)
     size = expected_bytes(model, quant)
     intermediate = expected_bytes(model, "f16") if QUANTS[quant].by_llama_cpp else 0  # K-quants: from an f16 file
     files.check_free_space(out.parent, size + intermediate)
@@ -37,8 +35,8 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     with files.replacing(out) as tmp:  # K-quants too: llama.cpp's quantiser writes the temporary, renamed when whole
         for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source)):
             log(line)
-    write_modelfile(out, tokenizer)
-    return out, modelfile, compare(model, tokenizer, out, lossy=quant not in LOSSLESS, quant=quant) if check else None
+    write_modelfile(out, text)
+    return out, modelfile_path, compare(model, tokenizer, out, lossy=quant not in LOSSLESS, quant=quant) if check else None
 
 
 def _model_name(source: AdapterSource) -> str:

@@ -96,10 +96,11 @@ def size_table(base: str) -> list[tuple[str, str, bool, int]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from infopo_cli.model.loading import resolve_source
+    from infopo_cli.model.source import resolve_source
 
+    config = AutoConfig.from_pretrained(resolve_source(base), trust_remote_code=False)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_source(base)))
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     can_quantise = _llama_cpp() is not None
     return [(name, "llama.cpp" if kind.by_llama_cpp else "gguf library", can_quantise or not kind.by_llama_cpp,
              expected_bytes(model, name)) for name, kind in QUANTS.items()]

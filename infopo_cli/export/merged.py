@@ -14,6 +14,7 @@ from pathlib import Path
 from infopo_cli import files
 from infopo_cli.config import DTYPES
 from infopo_cli.errors import ConfigError
+from infopo_cli.export.outputs import claim_folder
 
 
 @dataclass(frozen=True)
@@ -57,19 +58,24 @@ def default_output(source: AdapterSource, kind: str, quant: str = "") -> Path:
 def merged_model(source: AdapterSource, dtype: str = "fp32"):
     """(merged transformers model, tokenizer), in memory."""
     import torch
+
+    from infopo_cli.model.loading import load_error, import_bitsandbytes, load_tokenizer, quiet_peft, resolve_source
+
+    import_bitsandbytes()  # before peft imports it
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
-
-    from infopo_cli.model.loading import load_tokenizer, quiet_peft, resolve_source
 
     hf_logging.disable_progress_bar()  # infopo says what it does; per-tensor bars from transformers are noise
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     base_path = resolve_source(source.base)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, DTYPES[dtype]), device_map={"": "cpu"})
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, DTYPES[dtype]),
+                                                    device_map={"": "cpu"}, trust_remote_code=False)
+    except (OSError, ValueError, ImportError) as err:
+        raise load_error(source.base, err) from None
     with quiet_peft():
         model = PeftModel.from_pretrained(base, str(source.adapter)).merge_and_unload()
     tokenizer_dir = source.adapter if (source.adapter / "tokenizer_config.json").is_file() else base_path
@@ -80,7 +86,7 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
                   log: Callable[[str], None] = print) -> Path:
     for line in files.clean_temporaries(out.parent):  # first: it may put back a folder a crash left aside
         log(line)
-    files.claim_target(out, overwrite)
+    claim_folder(out, source.adapter, overwrite)
     model, tokenizer = merged_model(source, dtype)
     files.check_free_space(out.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
     with files.folder(out) as tmp:  # with --overwrite, the old folder goes only once the new one is complete

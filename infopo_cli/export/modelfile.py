@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infopo_cli.errors import ExportError
+
 CHATML = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
           '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
 LLAMA3 = ('<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
@@ -21,18 +23,33 @@ FAMILIES = (("<|im_start|>", CHATML, ["<|im_end|>", "<|im_start|>"]),
             ("[INST]", MISTRAL, ["</s>", "[INST]"]))
 
 
+def quote(text: str, what: str) -> str:
+    """`text` as one Modelfile value that Ollama reads back unchanged. Its parser (parser/parser.go) knows no escapes:
+    a value runs to the end of its line, or, opened with three double quotes, to the line that ends with three; the
+    outer quotes are dropped and everything between kept, quotes and backslashes included. So one pair of quotes
+    holds one line that does not start with a quote, three any text without three quotes in a row. Ollama drops
+    other control characters, so a text with one is refused rather than written changed."""
+    if '"""' in text:
+        raise ExportError(f'{what} {text!r} contains """, which an Ollama Modelfile cannot hold')
+    if any(ch not in "\t\n\r" and not ch.isprintable() for ch in text):
+        raise ExportError(f"{what} {text!r} contains a control character, which Ollama's Modelfile reader drops")
+    return f'"""{text}"""' if "\n" in text or "\r" in text or text.startswith('"') else f'"{text}"'
+
+
 def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) -> str:
+    """The Modelfile's text; an ExportError (before anything is written) for a stop string it cannot hold."""
+    name = modelfile_path(Path(gguf_name)).name
     lines = [f"FROM ./{gguf_name}"]
     template = chat_template or ""
     family = next((f for f in FAMILIES if f[0] in template), None)
     stops = list(family[2]) if family else []
     if family:
-        lines.append(f'TEMPLATE """{family[1]}"""')
+        lines.append("TEMPLATE " + quote(family[1], f"{name}: the template"))
     else:
         lines.append("# TEMPLATE: not one of ChatML / Llama 3 / Mistral; Ollama uses the GGUF's tokenizer.chat_template")
     if eos_token and eos_token not in stops:
         stops.append(eos_token)
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    lines += ["PARAMETER stop " + quote(stop, f"{name}: the stop string") for stop in stops]
     lines += ["PARAMETER temperature 0.7", "PARAMETER num_ctx 4096"]
     return "\n".join(lines) + "\n"
 
@@ -41,9 +58,9 @@ def modelfile_path(gguf_path: Path) -> Path:
     return gguf_path.with_suffix(".Modelfile")  # one per GGUF: `ollama create NAME -f model.Modelfile`
 
 
-def write_modelfile(gguf_path: Path, tokenizer) -> Path:
+def write_modelfile(gguf_path: Path, text: str) -> Path:
     from infopo_cli.files import write_text
 
     path = modelfile_path(gguf_path)
-    write_text(path, modelfile(gguf_path.name, tokenizer.chat_template, tokenizer.eos_token))
+    write_text(path, text)
     return path

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from infopo_cli.model import attention
-from infopo_cli.errors import ConfigError, ModelError
+from infopo_cli.errors import ConfigError
 from infopo_cli.export.check import stop_ids
 
 Messages = list[dict[str, str]]
@@ -85,15 +85,15 @@ def prompt_ids(tokenizer, messages: Messages) -> list[int]:
 
 
 def _render(tokenizer, messages: Messages) -> str:
-    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+    from jinja2.exceptions import TemplateError
+
+    from infopo_cli.data.tokenization import render_chat, template_of
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except TemplateSyntaxError as err:
-        raise ModelError(f"the tokenizer's chat template does not parse: {' '.join(str(err).split())}") from None
+        return render_chat(tokenizer, messages, add_generation_prompt=True)
     except TemplateError as err:  # e.g. a template without a system role, given --system
         hint = " (this template may take no system message: drop --system)" if messages[0]["role"] == "system" else ""
-        raise ConfigError(f"the chat template rejects these messages: {' '.join(str(err).split())}{hint}") from None
+        raise ConfigError(f"{template_of(tokenizer)} rejects these messages: {' '.join(str(err).split())}{hint}") from None
 
 
 def _device(model) -> torch.device:

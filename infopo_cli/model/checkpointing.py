@@ -147,10 +147,13 @@ def _architecture(source: str) -> mp.Architecture | None:
         return find_architecture(source)[0]
     except ModelError:
         pass
-    try:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        return mp.architecture(AutoConfig.from_pretrained(source).to_dict())
+    from infopo_cli.model.source import loadable
+
+    where = loadable(source)  # a folder with code of its own is refused here, not planned from
+    try:
+        return mp.architecture(AutoConfig.from_pretrained(where, trust_remote_code=False).to_dict())
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import struct
 from pathlib import Path
 
 from infopo_cli import files
@@ -63,13 +64,15 @@ def convert_once(gguf: Path, target: Path, log=print) -> Path:
         # Replace only a broken folder already there: one a concurrent conversion puts in meanwhile may be in use.
         with files.folder(target, replace=target.exists()) as tmp:
             _convert(gguf, tmp)
-    except (OSError, ValueError, KeyError, RuntimeError, OutputError) as err:  # mostly: a model transformers cannot read
+    # mostly a model transformers cannot read; struct.error: its GGUF reader on a file cut short
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error, OutputError) as err:
         if (target / "config.json").is_file():  # a concurrent conversion finished first: use it
             return target
         if isinstance(err, OutputError):  # the disk, not the model: full, read-only, ...
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot convert {gguf} into a transformers model: {first}") from None
+        from infopo_cli.model.source import first_line
+
+        raise ModelError(f"cannot convert {gguf} into a transformers model: {first_line(err)}") from None
     return target
 
 
@@ -80,8 +83,9 @@ def _convert(gguf: Path, out: Path) -> None:
 
     hf_logging.disable_progress_bar()
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # The weights are dense after dequantisation, but transformers refuses to save a model it still
     # marks as GGUF-quantised; clearing the marker gives an ordinary folder.
     model.hf_quantizer = None

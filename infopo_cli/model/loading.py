@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,24 +28,13 @@ from infopo_cli.model.checkpointing import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.model.precision import Precision
+from infopo_cli.model.source import NEVER, first_line, loadable, resolve_source  # noqa: F401 (resolve_source: for callers)
 
 
-def resolve_source(model: str, log=print) -> str:
-    """A local folder or hub id is used as is; the embedded default is converted once, then cached."""
-    if model == EMBEDDED_MODEL:
-        return str(embedded.ensure_converted(log))
-    if model.startswith("embedded:"):
-        raise ConfigError(f"unknown embedded model '{model}'; the embedded default is '{EMBEDDED_MODEL}'")
-    if model.lower().endswith(".gguf") and Path(model).expanduser().is_file():
-        return str(embedded.gguf_folder(Path(model).expanduser(), log))
-    return model
-
-
-def _load_error(source: str, err: Exception) -> ModelError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not Path(source).exists() and "/" in source:
-        return ModelError(f"cannot load model '{source}' (not a local folder; hub unreachable or gated?): {first}")
-    return ModelError(f"cannot load model '{source}': {first}")
+def load_error(source: str, err: Exception) -> ModelError:
+    if "trust_remote_code" in str(err):  # a backstop: check_no_remote_code refuses such a folder before this
+        return ModelError(f"{source}: it asks to run its own Python code; {NEVER}")
+    return ModelError(f"cannot load model '{source}': {first_line(err)}")
 
 
 def load_tokenizer(source: str):
@@ -53,17 +44,47 @@ def load_tokenizer(source: str):
     hf_logging.disable_progress_bar()  # our own progress display is the one users watch
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(loadable(source), trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise _load_error(source, err) from None
+        raise load_error(source, err) from None
     if tokenizer.pad_token_id is None:  # padding is masked out of every loss, any id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     tokenizer.padding_side = "right"
     return tokenizer
 
 
+_HUB_KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward"
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported without the hub download its CPU backend tries at import.
+
+    On a CPU with AVX512-bf16, bitsandbytes (0.50) asks the `kernels` package at import for a fused 4-bit kernel
+    from the hub: a request to the hub on every run and, where the hub does not answer, a warning that tells the
+    user to set trust_remote_code=True. infopo never calls that kernel (it keeps the trainable 4-bit layout, see
+    `_keep_4bit_layout_trainable`, and de-quantises for generation) and bitsandbytes has no setting that skips the
+    fetch, so while bitsandbytes imports, `kernels` is unimportable the way Python's import system provides (a None
+    entry in sys.modules), and bitsandbytes' note that it fell back to its own kernel is filtered from its log.
+    Called before anything imports bitsandbytes (peft does, on import).
+    """
+    if "bitsandbytes" not in sys.modules:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+            lambda record: not str(record.msg).startswith(_HUB_KERNEL_NOTE))
+        held = sys.modules.get("kernels")
+        sys.modules["kernels"] = None  # type: ignore[assignment]
+        try:
+            import bitsandbytes  # noqa: F401
+        finally:
+            if held is None:
+                del sys.modules["kernels"]
+            else:
+                sys.modules["kernels"] = held
+    return sys.modules["bitsandbytes"]
+
+
 def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
     """The frozen base, 4-bit NF4 with double quantisation unless `load_in_4bit` is off."""
+    import_bitsandbytes()  # before transformers' quantizer imports it
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     attention.register()  # `matmul` is ours: known to transformers before a model asks for it
@@ -79,12 +100,12 @@ def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
         warnings.simplefilter("ignore")
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, quantization_config=quantization, dtype=precision.dtype,
+                loadable(source), trust_remote_code=False, quantization_config=quantization, dtype=precision.dtype,
                 device_map={"": torch.cuda.current_device() if precision.device == "cuda" else precision.device},  # the rank's GPU
                 **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
             )
         except (OSError, ValueError, ImportError) as err:
-            raise _load_error(source, err) from None
+            raise load_error(source, err) from None
     model.config.use_cache = False
     if cfg.attn_implementation == "auto" and attention.suits(precision.device, precision.dtype, model.config):
         model.set_attn_implementation(attention.NAME)  # about twice sdpa's speed there (model/attention.py)
@@ -117,7 +138,7 @@ def dequantised(model: nn.Module) -> Iterator[nn.Module]:
     dtype; the copy (2 bytes per weight) lives only inside the block. On CUDA, where bitsandbytes has kernels
     and memory is short, nothing changes.
     """
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
     from bitsandbytes.functional import dequantize_4bit
 
     swapped = []

@@ -43,12 +43,16 @@ def check(cfg: TrainConfig) -> None:
     if cfg.dtype == "fp16" and not cuda:  # Unsloth's CPU fallback silently computes in bf16 or fp32 instead
         raise ConfigError("--backend unsloth computes in fp16 only on a CUDA GPU: use --dtype bf16 or fp32 on this CPU")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no usage ping to the hub from from_pretrained
+    from infopo_cli.model.loading import import_bitsandbytes
+    from infopo_cli.model.source import first_line
+
+    import_bitsandbytes()  # unsloth imports it (imports no transformers itself)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import unsloth  # noqa: F401  (prints its banner: the device it found and what it supports there)
     except Exception as err:  # Unsloth raises NotImplementedError, RuntimeError or ImportError on import
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if not cuda and (isinstance(err, NotImplementedError) or any(w in first.lower() for w in ("gpu", "accelerator", "cuda"))):
             raise ConfigError(f"--backend unsloth needs a CUDA GPU here: unsloth {_version()} found none and has no CPU "
                               f"fallback in this setup ({first}); use --backend transformers") from None
@@ -90,9 +94,11 @@ def _linear_names(base: nn.Module) -> list[str]:
 def load_model(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
     """The frozen base (4-bit NF4 unless `load_in_4bit` is off) with a fresh LoRA adapter as the policy, both made
     by FastLanguageModel. `check(cfg)` ran first. Infopo keeps its own tokenizer (its token cache is keyed by it)."""
-    from unsloth import FastLanguageModel
+    from infopo_cli.model.loading import (POLICY, _keep_4bit_layout_trainable, _layer_names, import_bitsandbytes,
+                                          load_error, loadable, quiet_peft)
 
-    from infopo_cli.model.loading import POLICY, _keep_4bit_layout_trainable, _layer_names, _load_error, quiet_peft
+    import_bitsandbytes()  # before unsloth imports it
+    from unsloth import FastLanguageModel
 
     checkpointing = checkpointing_mode(cfg)
     device_map = {"": torch.cuda.current_device()} if precision.device == "cuda" else "cpu"
@@ -100,12 +106,13 @@ def load_model(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module
         warnings.simplefilter("ignore")
         try:
             base, _ = FastLanguageModel.from_pretrained(
-                model_name=source, max_seq_length=cfg.max_length, dtype=precision.dtype, load_in_4bit=cfg.load_in_4bit,
-                device_map=device_map, use_gradient_checkpointing=checkpointing,
+                model_name=loadable(source), trust_remote_code=False, max_seq_length=cfg.max_length,
+                dtype=precision.dtype, load_in_4bit=cfg.load_in_4bit, device_map=device_map,
+                use_gradient_checkpointing=checkpointing,
                 **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
             )
         except (OSError, ValueError, ImportError) as err:
-            raise _load_error(source, err) from None
+            raise load_error(source, err) from None
     # Unsloth may change what was asked for (its CPU fallback loads 16-bit weights where bitsandbytes' 4-bit
     # check fails): a run must be what its config.toml and its reference cache key say.
     quantized = any(type(m).__name__ == "Linear4bit" for m in base.modules())

@@ -1,0 +1,150 @@
+"""Where a model comes from, checked before anything loads it: local first, the hub only for a hub id and only when
+it answers, no Python code from a model folder, and a GGUF file that parses.
+
+transformers imports a folder's own `modeling_*.py` when its config asks for it (`auto_map`) and the caller allows
+it, and asks on stdin when the caller says nothing. infopo says `trust_remote_code=False` on every load, and
+`check_no_remote_code` refuses such a folder in one line before transformers is even asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from infopo_cli import hub
+from infopo_cli.config import EMBEDDED_MODEL
+from infopo_cli.errors import ConfigError, ModelError
+from infopo_cli.model import embedded
+
+NEVER = "infopo never runs code from a model folder"
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library's message, for a one-line error (never the exception's class name)."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else "no reason given"
+
+
+def resolve_source(model: str, log: Callable[[str], None] = print) -> str:
+    """The folder (or hub id) to load `model` from. The embedded default and a .gguf file are converted once, then
+    cached; a local folder is checked and used as is; a path that does not exist is refused at once, never tried on
+    the hub; a hub id goes to the hub only when the hub answers, else to its copy in the hub cache."""
+    if model == EMBEDDED_MODEL:
+        return str(embedded.ensure_converted(log))
+    if model.startswith("embedded:"):
+        raise ConfigError(f"unknown embedded model '{model}'; the embedded default is '{EMBEDDED_MODEL}'")
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{model}: a file, not a model; pass a model folder (with config.json), a .gguf file or a "
+                             "hub id")
+        read_gguf(path)
+        return str(embedded.gguf_folder(path, log))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{model}: no config.json in that folder, so not a transformers model folder")
+        check_no_remote_code(path, model)
+        return str(path)
+    check_local(model)
+    return _from_hub(model)
+
+
+def check_local(model: str) -> None:
+    """A --model that can only be a path (hub.looks_like_path) must exist: one line at once, never a hub request.
+    Cheap and torch-free, for checks that run before anything loads."""
+    if not model.startswith("embedded:") and not Path(model).expanduser().exists() and hub.looks_like_path(model):
+        raise ModelError(f"no such model folder or file: {model}")
+
+
+def loadable(source: str) -> str:
+    """`source` as a transformers load may take it: a folder (a model, or an adapter's tokenizer) checked for code it
+    would run, anything else through `resolve_source` (a missing path refused, a hub id checked). Every loader calls
+    this, so no load skips the checks, whoever resolved the source first."""
+    if Path(source).is_dir():
+        check_no_remote_code(source)
+        return source
+    return resolve_source(source, log=lambda _: None)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_hub(repo: str) -> str:
+    """A hub id: its config files fetched (and checked) first when the hub answers, else its cached snapshot folder.
+    Once per process and repo: the tokenizer and the model of one run resolve the same id."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    problem = hub.hub_problem()
+    if problem:
+        cached = try_to_load_from_cache(repo, "config.json")
+        if not isinstance(cached, str):
+            raise ModelError(f"cannot load model '{repo}': not a local folder, not in the hub cache, and {problem}")
+        folder = Path(cached).parent  # the snapshot the last download left: what transformers offline would read
+        check_no_remote_code(folder, repo)
+        return str(folder)
+    try:
+        folder = Path(hf_hub_download(repo, "config.json")).parent
+        try:
+            hf_hub_download(repo, "tokenizer_config.json")
+        except EntryNotFoundError:
+            pass  # a model without one: its tokenizer comes from elsewhere
+    except GatedRepoError:
+        raise ModelError(f"'{repo}' on the hub is gated: accept its terms on its hub page, then log in "
+                         "(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"no model '{repo}' on the hub (or it is private: log in with `hf auth login`), and no local "
+                         "folder of that name") from None
+    except EntryNotFoundError:
+        raise ModelError(f"'{repo}' on the hub has no config.json, so it is not a transformers model") from None
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model '{repo}' from the hub: {first_line(err)}") from None
+    check_no_remote_code(folder, repo)
+    return repo
+
+
+def _settings(path: Path) -> dict[str, Any]:
+    """A config file as a dict; {} when it is missing or unreadable (transformers then says what is wrong itself)."""
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def check_no_remote_code(folder: Path | str, name: str | None = None) -> None:
+    """Refuse a model or tokenizer folder that transformers could load only by importing the folder's own Python
+    code: an `auto_map` for a model type (or tokenizer class) transformers does not have, or an unknown model type
+    with `*.py` files beside it. An `auto_map` next to a type transformers has (Phi-3's) is left alone: with
+    trust_remote_code=False transformers loads its own class and imports nothing from the folder."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    folder = Path(folder)
+    name = name or str(folder)
+    config, tokenizer = _settings(folder / "config.json"), _settings(folder / "tokenizer_config.json")
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if config.get("auto_map"):
+            raise ModelError(f"{name}: its config asks to run the folder's own Python code (auto_map); {NEVER}")
+        code = sorted(p.name for p in folder.glob("*.py"))
+        if model_type and code:
+            raise ModelError(f"{name}: its config names a model type transformers does not have ('{model_type}') and "
+                             f"the folder holds Python code ({code[0]}); {NEVER}")
+    tokenizer_class = tokenizer.get("tokenizer_class")
+    if tokenizer.get("auto_map") and not (isinstance(tokenizer_class, str) and tokenizer_class_from_name(tokenizer_class)):
+        raise ModelError(f"{name}: its tokenizer_config.json asks to run the folder's own Python code (auto_map); "
+                         f"{NEVER}")
+
+
+def read_gguf(path: Path):
+    """The file's `gguf.GGUFReader` (header, metadata and tensor table parsed); a truncated or corrupt file is one
+    line naming it, where transformers' own reader would stop with a bare `struct` error."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, struct.error, KeyError, IndexError, EOFError) as err:
+        raise ModelError(f"{path}: not a readable GGUF file, truncated or corrupt ({first_line(err)})") from None
