@@ -164,8 +164,8 @@ def test_save_to_disk_folder_and_split(tmp_path):
         load_pairs(str(tmp_path / "ds"), DataOptions(split="dev"))
 
 
-def test_dataset_folder_goes_through_load_dataset(tmp_path):
-    """The hub code path (datasets.load_dataset) on a local folder of data files."""
+def test_dataset_folder_is_read_file_by_file(tmp_path):
+    """A local folder of data files is read by the file readers, never sent to the hub loader."""
     folder = tmp_path / "my-dataset"
     folder.mkdir()
     jsonl(folder, EXPLICIT, {**EXPLICIT, "prompt": "Q2"}, name="train.jsonl")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from infopo_cli.errors import ConfigError, DataError, InfopoError
 from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise, with_system
 from infopo_cli.data.scored import SCORED_FORMATS, ScoreOptions, detect_scored, scored_pairs
-from infopo_cli.data.sources import read_rows, resolve
+from infopo_cli.data.sources import folder_info, open_source, resolve
 
 __all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "no_pairs", "read_pairs", "resolve"]
 
@@ -44,33 +44,55 @@ ALL_FORMATS = FORMATS + SCORED_FORMATS
 def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     if options.format not in ALL_FORMATS:
         raise ConfigError(f"unknown data format '{options.format}'; use one of {', '.join(ALL_FORMATS)}")
-    # scored/ranked shapes are detected by their published field names, so only where fields are not renamed
-    detect_scores = options.format == "auto" and options.fields == Fields()
-    pairs, skipped, rows, seen = [], [], 0, Counter()
-    given, dropped = Counter(), Counter()  # scored/ranked rows: pairs given per row, rows dropped per reason
-    for where, row in read_rows(spec, options.split):
-        rows += 1
-        try:
-            if isinstance(row, DataError):
-                raise row
-            fmt = (detect_scored(row) if detect_scores else None) or (
-                detect(row, options.fields) if options.format == "auto" else options.format)
-            if fmt in SCORED_FORMATS:
-                found, reason = scored_pairs(row, where, fmt, options.scores)
-                pairs += [with_system(p, options.system) if options.system else p for p in found]
-                given[len(found)] += 1
-                dropped[reason] += reason is not None
-            else:
-                pairs.append(normalise(row, where, fmt, options.fields, options.system))
-            seen[f"rated {detect(row, options.fields)}" if fmt == "rated" else fmt] += 1
-        except DataError as err:
-            if not options.skip_invalid:
-                raise
-            skipped.append(str(err))
+    opened = open_source(spec, options.split)
+    collected, per_file = _Collected(options), []
+    for _, rows in opened.files:
+        before = collected.rows
+        for where, row in rows:
+            collected.add(where, row)
+        per_file.append(collected.rows - before)
+    pairs, skipped, seen, dropped = collected.pairs, collected.skipped, collected.seen, collected.dropped
     if not pairs:
         raise no_pairs(spec, skipped + [f"{n} rows gave no pair: {reason}" for reason, n in dropped.items() if n])
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
-    return Loaded(pairs, fmt, rows, skipped, shape_notes(pairs) + dropped_notes(dropped), info=given_info(given, options))
+    return Loaded(pairs, fmt, collected.rows, skipped, shape_notes(pairs) + dropped_notes(dropped),
+                  info=folder_info(opened, per_file) + given_info(collected.given, options))
+
+
+class _Collected:
+    """The pairs of a source's rows as they are read, and what was skipped, detected and dropped on the way."""
+
+    def __init__(self, options: DataOptions) -> None:
+        self.options = options
+        # scored/ranked shapes are detected by their published field names, so only where fields are not renamed
+        self.detect_scores = options.format == "auto" and options.fields == Fields()
+        self.pairs: list[PreferencePair] = []
+        self.skipped: list[str] = []
+        self.rows = 0
+        self.seen: Counter = Counter()
+        self.given: Counter = Counter()    # scored/ranked rows: pairs given per row
+        self.dropped: Counter = Counter()  # scored/ranked rows: rows dropped per reason
+
+    def add(self, where: str, row: object) -> None:
+        options = self.options
+        self.rows += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            fmt = (detect_scored(row) if self.detect_scores else None) or (
+                detect(row, options.fields) if options.format == "auto" else options.format)
+            if fmt in SCORED_FORMATS:
+                found, reason = scored_pairs(row, where, fmt, options.scores)
+                self.pairs += [with_system(p, options.system) if options.system else p for p in found]
+                self.given[len(found)] += 1
+                self.dropped[reason] += reason is not None
+            else:
+                self.pairs.append(normalise(row, where, fmt, options.fields, options.system))
+            self.seen[f"rated {detect(row, options.fields)}" if fmt == "rated" else fmt] += 1
+        except DataError as err:
+            if not options.skip_invalid:
+                raise
+            self.skipped.append(str(err))
 
 
 def given_info(given: Counter, options: DataOptions) -> list[str]:

@@ -5,7 +5,8 @@ file and line). A weight after the last colon is that source's share of the mix;
 what is left in proportion to their sizes (no weights at all: every pair of every source, as if the
 files were one). The mix never repeats a pair: it is as large as the scarcest source allows for its share,
 and each source gives its share as a seeded random sample, so the same seed and data give the same mix
-(and `--resume` finds the same pairs).
+(and `--resume` finds the same pairs). A source given twice (under any spelling of its path) is read once, and the
+mix warns about the pairs it repeats.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from infopo_cli.data.loading import DataOptions, Loaded, load_pairs
+from infopo_cli.data.overlap import identity, repeated_source_notes
 from infopo_cli.errors import ConfigError
 
 
@@ -75,18 +77,27 @@ def load_mix(specs: str | Sequence[str], options: DataOptions = DataOptions(), s
     if len(sources) == 1 and sources[0].weight is None:
         return load_pairs(sources[0].spec, options)
     check_weights([source.weight for source in sources])
-    loaded = [load_pairs(source.spec, options) for source in sources]
+    specs = [source.spec for source in sources]
+    keys = [identity(spec) for spec in specs]
+    by_identity: dict[tuple, Loaded] = {}  # a source given twice is read once
+    for key, spec in zip(keys, specs):
+        if key not in by_identity:
+            by_identity[key] = load_pairs(spec, options)
+    loaded = [by_identity[key] for key in keys]
     counts = mix_counts([len(one.pairs) for one in loaded], [source.weight for source in sources])
     rng, pairs, notes, info, skipped, parts = random.Random(seed), [], [], [], [], []
-    for source, one, count in zip(sources, loaded, counts):
+    for position, (source, one, count) in enumerate(zip(sources, loaded, counts)):
         pairs += rng.sample(one.pairs, count) if count < len(one.pairs) else one.pairs
+        parts.append(f"{source.spec} {count} of {len(one.pairs)} pairs")
+        if any(other is one for other in loaded[:position]):
+            continue  # its rows were reported once
         notes += [f"{source.spec}: {note}" for note in one.notes]
         info += [f"{source.spec}: {line}" for line in one.info]
         skipped += one.skipped
-        parts.append(f"{source.spec} {count} of {len(one.pairs)} pairs")
+    notes += repeated_source_notes(specs, [len(one.pairs) for one in loaded], counts)
     rng.shuffle(pairs)
     total = len(pairs)
     mix = "; ".join(f"{part} ({count / total:.0%})" for part, count in zip(parts, counts))
     kinds = list(dict.fromkeys(one.format for one in loaded))
     formats = kinds[0] if len(kinds) == 1 else "mixed (" + ", ".join(kinds) + ")"
-    return Loaded(pairs, formats, sum(one.rows for one in loaded), skipped, notes, mix, info)
+    return Loaded(pairs, formats, sum(one.rows for one in by_identity.values()), skipped, notes, mix, info)
