@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from infopo_cli.model import loading as stack
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ExportError, OutputError
+from infopo_cli.model.llama_runtime import load_llama
 from infopo_cli.export.check import load_gguf
 from infopo_cli.export.gguf import permute, write_gguf
 from infopo_cli.export.merged import AdapterSource, export_merged, merged_model
@@ -89,7 +90,6 @@ def test_k_quant_export_runs_in_llama_cpp(tmp_path, monkeypatch):
     Measured: llama.cpp vs merged 0.26 max (logits up to 1.26), top-1 agreement 82.5% on 40 positions of a
     random model whose median top-2 gap is 0.06, so greedy generations diverge; llama.cpp vs transformers 0.038.
     """
-    import llama_cpp
     import numpy as np
 
     import test_architectures
@@ -111,7 +111,7 @@ def test_k_quant_export_runs_in_llama_cpp(tmp_path, monkeypatch):
     with torch.no_grad():
         want = merged(torch.tensor([ids])).logits[0].numpy()
         transformers_reads = load_gguf(path)(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    llm = load_llama(path, n_ctx=64, logits_all=True, verbose=False)  # as infopo runs it (repacking crashes on AMX)
     try:
         llm.eval(ids)
         got = np.array(llm.scores[:len(ids)])
@@ -268,7 +268,6 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
 def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     """Llama 2 / Mistral / Phi-3 layout: llama.cpp's SentencePiece tokenizer on our tokens, scores and types,
     and its forward pass on our tensors (Phi-3's fused qkv and gate/up included)."""
-    import llama_cpp
 
     from conftest import build_spm_tokenizer
     from infopo_cli.export.check import check_llama_cpp
@@ -281,7 +280,7 @@ def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     write_gguf(merged, tokenizer, path, "f32", model_name=f"tiny-{arch}")
     with torch.no_grad():
         torch.testing.assert_close(load_gguf(path)(IDS).logits, merged(IDS).logits, atol=1e-4, rtol=0)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    llm = load_llama(str(path), n_ctx=64, verbose=False)
     try:
         for text in ("what is the 2+3?", "the  cat is in the hat!", "é ünïcode", "is it"):
             assert llm.tokenize(text.encode(), add_bos=True) == tokenizer(text)["input_ids"], text
@@ -293,7 +292,6 @@ def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
 def test_llama3_rope_scaling_matches_in_llama_cpp(tmp_path):
     """Llama 3.1's rope scaling goes into rope_freqs.weight: llama.cpp's logits then equal the merged model's,
     and without that tensor they do not (so the comparison can tell)."""
-    import llama_cpp
     import numpy as np
 
     import transformers as T
@@ -317,7 +315,7 @@ def test_llama3_rope_scaling_matches_in_llama_cpp(tmp_path):
         want = model(torch.tensor([ids])).logits[0].numpy()
 
     def llama_cpp_logits(path):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+        llm = load_llama(str(path), n_ctx=128, logits_all=True, verbose=False)
         try:
             llm.eval(ids)
             return np.array(llm.scores[:len(ids)])
@@ -334,7 +332,6 @@ def test_llama3_rope_scaling_matches_in_llama_cpp(tmp_path):
 
 def test_phi3_longrope_matches_in_llama_cpp(tmp_path):
     """Phi-3.5's longrope: short/long factor tensors and the attention factor; llama.cpp's logits equal the model's."""
-    import llama_cpp
     import numpy as np
     import transformers as T
     from conftest import build_spm_tokenizer
@@ -355,7 +352,7 @@ def test_phi3_longrope_matches_in_llama_cpp(tmp_path):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     write_gguf(model, tokenizer, tmp_path / "phi.gguf", "f32", "tiny-phi3")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "phi.gguf"), n_ctx=128, logits_all=True, verbose=False)
+    llm = load_llama(str(tmp_path / "phi.gguf"), n_ctx=128, logits_all=True, verbose=False)
     try:
         llm.eval(ids)
         got = np.array(llm.scores[:len(ids)])

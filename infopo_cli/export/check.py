@@ -22,6 +22,10 @@ from pathlib import Path
 
 import torch
 
+from infopo_cli.errors import ExportCheckFailed
+from infopo_cli.model.llama_runtime import load_llama
+from infopo_cli.model.source import first_line
+
 # Short-answer prompts: the check is about the export (layout, tokenizer, stopping).
 PROMPTS = ("What is 2 + 3?", "Name the capital of France.", "How many legs does a cat have?")
 TIE = 0.25  # near-tie margin in standard deviations of the reference's logits at that position
@@ -137,9 +141,10 @@ def stop_ids(tokenizer) -> set[int]:
 
 def prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
     """(text to tokenise, whether the tokenizer adds its special tokens such as BOS itself)."""
+    from infopo_cli.data.tokenization import render_chat
+
     if tokenizer.chat_template:  # the template writes BOS and the turn markers
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True), False
+        return render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True), False
     return prompt, True
 
 
@@ -166,7 +171,8 @@ def load_gguf(path: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                trust_remote_code=False).eval()
 
 
 @torch.no_grad()
@@ -211,30 +217,15 @@ def context_of(model, wanted: int = 1024) -> int:
 
 
 class LlamaCppReader:
-    """llama.cpp itself on the GGUF (llama-cpp-python), with its weight repacking ("extra buffer types") off.
-
-    On this project's AMX CPUs, llama.cpp 0.3.36's repacked Q8_0 kernels crash in decode (SIGSEGV) on any
-    Q8_0 tensor; without repacking the same file runs. We check the file, not that kernel; users on such
-    CPUs can pass llama.cpp's `--no-repack`. llama-cpp-python does not expose the switch, so the default
-    model parameters are wrapped for the duration of the load.
-    """
+    """llama.cpp itself on the GGUF (llama-cpp-python), loaded as infopo loads it everywhere (model/llama_runtime.py:
+    its weight repacking crashes on AMX CPUs). We check the file, not that kernel."""
 
     def __init__(self, gguf_path: Path, n_ctx: int = 1024):
-        import llama_cpp
-        import llama_cpp.llama as high_level
-
-        default = llama_cpp.llama_model_default_params
-
-        def without_repacking():
-            params = default()
-            params.use_extra_bufts = False
-            return params
-
-        high_level.llama_cpp.llama_model_default_params = without_repacking
         try:
-            self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
-        finally:
-            high_level.llama_cpp.llama_model_default_params = default
+            self.llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+        except (ValueError, RuntimeError) as err:  # the file infopo just wrote: a failed check, not the user's doing
+            raise ExportCheckFailed(f"check failed: llama.cpp cannot load {gguf_path} ({first_line(err)}); the file is "
+                                    "kept for inspection") from None
 
     def tokenize(self, tokenizer, prompt: str) -> list[int]:
         text, add_special = prompt_text(tokenizer, prompt)

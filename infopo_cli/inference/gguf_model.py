@@ -6,51 +6,36 @@ llama-cli would: what is checked here is what those users get.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.inference.generation import Messages, Reply, Sampling
+from infopo_cli.model.llama_runtime import load_llama
 
 EXTRA = "pip install 'infopo[gguf-check]'"
 
 
 def trained_context(path: Path) -> int | None:
-    """The context length the file's model was trained with (its `<arch>.context_length`), if it says."""
-    from gguf import GGUFReader
+    """The context length the file's model was trained with (its `<arch>.context_length`), if it says. Read before
+    llama.cpp loads the file, so a truncated or corrupt one is refused in one line naming it."""
+    from infopo_cli.model.source import read_gguf
 
-    try:
-        fields = GGUFReader(str(path)).fields.values()
-    except (ValueError, OSError):
-        return None  # llama.cpp itself reports what is wrong with the file
+    fields = read_gguf(path).fields.values()
     return next((int(f.contents()) for f in fields if f.name.endswith(".context_length")), None)
 
 
 class GgufModel:
     def __init__(self, path: Path, n_ctx: int = 4096) -> None:
-        try:
-            import llama_cpp
-        except ImportError:
-            raise ConfigError(f"{path}: reading a GGUF file needs llama.cpp: {EXTRA}") from None
-        import llama_cpp.llama as high_level
-
-        # As export.check.LlamaCppReader: llama.cpp's weight repacking crashes on some AMX CPUs; plain weights run.
-        default = llama_cpp.llama_model_default_params
-
-        def without_repacking():
-            params = default()
-            params.use_extra_bufts = False
-            return params
-
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigError(f"{path}: reading a GGUF file needs llama.cpp: {EXTRA}")
         trained = trained_context(path)
         n_ctx = min(n_ctx, trained) if trained else n_ctx  # beyond it a model degrades (and llama.cpp warns)
-        high_level.llama_cpp.llama_model_default_params = without_repacking
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+            self.llm = load_llama(path, n_ctx=n_ctx, verbose=False)
         except (ValueError, RuntimeError) as err:
             raise ModelError(f"{path}: llama.cpp cannot load it: {str(err).strip() or type(err).__name__}") from None
-        finally:
-            high_level.llama_cpp.llama_model_default_params = default
         self.name = str(path)
 
     def _options(self, sampling: Sampling) -> dict:
