@@ -691,6 +691,10 @@ def data_check(
         console.print("mix (as `infopo train` would take it, seeded): " + "; ".join(
             f"{escape(s.spec)} {n} of {r.pairs} pairs ({n / sum(counts):.0%})" for s, r, n in zip(sources, reports, counts)),
             highlight=False)
+        from infopo_cli.data.overlap import repeated_source_notes
+
+        for note in repeated_source_notes([s.spec for s in sources], [r.pairs for r in reports], counts):
+            console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     if any(report.skipped for report in reports):
         raise typer.Exit(1)
 

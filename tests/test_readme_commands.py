@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from conftest import build_tiny_model, write_pairs
+from conftest import write_pairs
 from infopo_cli import cli
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -16,10 +16,12 @@ from infopo_cli import files
 from infopo_cli.config import TrainConfig
 from infopo_cli.data.loading import Loaded, PreferencePair
 from infopo_cli.data.mixing import as_list, load_mix
+from infopo_cli.data.overlap import eval_overlap_note
 from infopo_cli.errors import ConfigError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
 from infopo_cli.model import loading as model_stack, unsloth_backend
+from infopo_cli.model.source import check_local
 from infopo_cli.model.precision import choose
 from infopo_cli.train import trackers
 
@@ -52,9 +54,12 @@ def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, A
 
 
 def load_data(cfg: TrainConfig) -> tuple[Loaded, list[PreferencePair]]:
-    """The training mix and the held-out pairs, every row checked."""
+    """The training mix and the held-out pairs, every row checked; held-out pairs that are also trained on are a
+    warning among the mix's notes."""
     loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
     eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
+    if note := eval_overlap_note(loaded.pairs, eval_pairs):
+        loaded.notes.append(note)
     return loaded, eval_pairs
 
 
@@ -70,17 +75,9 @@ def check(cfg: TrainConfig, output: Path, fresh: bool = True) -> Checked:
     cfg, spec, loss_params = check_settings(cfg)
     if fresh:
         check_output(output)
-    _check_model(cfg.model)
+    check_local(cfg.model)  # a missing path is one line now, never a hub request
     loaded, eval_pairs = load_data(cfg)
     return Checked(cfg, spec, loss_params, loaded, eval_pairs)
-
-
-def _check_model(model: str) -> None:
-    """A model given as a path that does not exist is a one-line error now, not a hub lookup later."""
-    path = Path(model).expanduser()
-    if model.startswith(("./", "../", "/", "~")) or path.suffix.lower() == ".gguf":
-        if not path.exists():
-            raise ConfigError(f"--model {model}: no such model folder or file")
 
 
 def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str]:

@@ -27,7 +27,7 @@ from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
 from infopo_cli.data.loading import no_pairs
-from infopo_cli.data.mixing import as_list, load_mix
+from infopo_cli.data.mixing import as_list
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, truncate
 from infopo_cli.errors import CheckpointError, ConfigError
