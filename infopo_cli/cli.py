@@ -28,8 +28,9 @@ data_app = typer.Typer(help="Inspect preference data.", no_args_is_help=True, ad
 presets_app = typer.Typer(help="List the presets, or show one.", invoke_without_command=True, add_completion=False)
 app.add_typer(presets_app, name="presets")
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
+# emoji off: a file named a:cat:b.jsonl must print as itself (rich's escape() leaves :codes: alone)
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def _version(value: bool) -> None:
@@ -601,11 +602,14 @@ def compare(
             "train", [flag(k), str(value)]).params[k] for k, value in v.settings.items()}) for v in variants]
     parent = Path(output) if output else Path("runs") / f"compare-{'-'.join(v.settings['loss'] for v in variants[:3])}-{time.strftime('%Y%m%d-%H%M%S')}"
     configs = comparison.configs(variants, flags, parent, preset)  # every loss name and flag checked before anything is written
+    plan_flags = {k: str(v) for k, v in flags.items()}
     if params["dry_run"]:  # the runs share data, model and output parent: read the data once
-        console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}: "
-                      + ", ".join(escape(v.name) for v in variants), highlight=False)
-        return _dry_run(configs[0], parent)
-    resuming = comparison.claim_parent(parent, variants, {k: str(v) for k, v in flags.items()})
+        resuming = comparison.check_parent(parent, variants, plan_flags)
+        console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}"
+                      + (" (continuing)" if resuming else "") + ": " + ", ".join(escape(v.name) for v in variants),
+                      highlight=False)
+        return _dry_run(configs[0], Path(configs[0].output) if resuming else None)
+    resuming = comparison.claim_parent(parent, variants, plan_flags)
     console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}"
                   + (" (continuing)" if resuming else "") + "; they share the reference cache (--reference "
                   "precompute): the first run that needs the reference computes it, the others read it",

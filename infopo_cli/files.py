@@ -442,6 +442,19 @@ def claim_targets(paths: list[Path | str], overwrite: bool) -> None:
             raise OutputError(f"{path} already exists; choose another name or pass --overwrite (nothing was written)")
 
 
+def check_writable(out: Path | str, flag: str) -> None:
+    """The nearest existing folder above `out` must be one this process can create files in (checked before anything
+    slow starts, so a typo in a path is not found after a model load)."""
+    out = Path(out)
+    existing = out.absolute().parent
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {out}: cannot write there, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {out}: cannot write in {existing} (permission denied)")
+
+
 def check_free_space(folder: Path, needed_bytes: int) -> None:
     """Refuse early when `folder` (or, before it is created, the nearest folder above it) lacks the room."""
     existing = Path(folder).absolute()

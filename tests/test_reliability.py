@@ -408,5 +408,5 @@ def test_a_run_whose_every_row_fails_to_tokenise_stops_with_one_line_not_a_hang(
     from infopo_cli.errors import InfopoError
 
     model = build_tiny_model(tmp_path / "refusing", chat_template="{{ raise_exception('System role not supported') }}")
-    with pytest.raises(InfopoError, match="no preference pairs .*24 invalid rows.*the chat template rejects"):
+    with pytest.raises(InfopoError, match="no preference pairs .*24 invalid rows.*the chat template of .* rejects"):
         recipe.train(cfg_for(model, pairs_file, tmp_path / "run", skip_invalid=True))

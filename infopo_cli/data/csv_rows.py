@@ -35,6 +35,8 @@ def read_csv(path: Path) -> Iterator[streams.Row]:
             header = _header(record, where)
         elif len(record) != len(header):
             yield where, DataError(where, None, lines.count_problem(len(record), len(header)))
+        elif record == header:  # two files joined with `cat`: the second header must not be trained as a pair
+            yield where, DataError(where, None, "the header again (files joined together?); remove this line")
         else:
             yield where, parser.checked(where, {name: _maybe_json(value, parser) for name, value in zip(header, record)})
 

@@ -28,7 +28,7 @@ from infopo_cli import hub
 from infopo_cli.data.csv_rows import read_csv
 from infopo_cli.data.json_rows import read_json_array, read_jsonl
 from infopo_cli.data.streams import Row, cannot_read
-from infopo_cli.errors import InfopoError
+from infopo_cli.errors import ConfigError, InfopoError
 
 BUNDLED_DIR = Path(__file__).parent.parent / "bundled"
 PARQUET_BATCH_ROWS = 1024
@@ -52,7 +52,10 @@ class Opened:
 
 
 def resolve(spec: str) -> Path:
-    """'bundled:NAME' is a file shipped in the package; anything else is a path."""
+    """'bundled:NAME' is a file shipped in the package; anything else is a path ('' is none: Path('') is the current
+    folder, which a blank --data must not read)."""
+    if not spec.strip():
+        raise ConfigError("an empty data source ('' names no file); give a file, a folder, bundled:NAME or a hub id")
     if spec.startswith("bundled:"):
         name = spec.split(":", 1)[1]
         path = BUNDLED_DIR / f"{name}.jsonl"

@@ -59,7 +59,7 @@ def merged_model(source: AdapterSource, dtype: str = "fp32"):
     """(merged transformers model, tokenizer), in memory."""
     import torch
 
-    from infopo_cli.model.loading import load_error, import_bitsandbytes, load_tokenizer, quiet_peft, resolve_source
+    from infopo_cli.model.loading import import_bitsandbytes, library_reading, load_tokenizer, quiet_peft, resolve_source
 
     import_bitsandbytes()  # before peft imports it
     from peft import PeftModel
@@ -71,12 +71,10 @@ def merged_model(source: AdapterSource, dtype: str = "fp32"):
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     base_path = resolve_source(source.base)
-    try:
+    with library_reading(source.base):
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, DTYPES[dtype]),
                                                     device_map={"": "cpu"}, trust_remote_code=False)
-    except (OSError, ValueError, ImportError) as err:
-        raise load_error(source.base, err) from None
-    with quiet_peft():
+    with library_reading(str(source.adapter)), quiet_peft():
         model = PeftModel.from_pretrained(base, str(source.adapter)).merge_and_unload()
     tokenizer_dir = source.adapter if (source.adapter / "tokenizer_config.json").is_file() else base_path
     return model, load_tokenizer(str(tokenizer_dir))

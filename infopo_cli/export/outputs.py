@@ -12,29 +12,18 @@ from infopo_cli.errors import ConfigError, OutputError
 from infopo_cli.export.modelfile import modelfile_path
 
 
-def _check_writable(out: Path, flag: str) -> None:
-    """The nearest existing folder above `out` must be one this process can create files in."""
-    existing = out.absolute().parent
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{flag} {out}: cannot write there, {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {out}: cannot write in {existing} (permission denied)")
-
-
 def claim_gguf(out: Path, overwrite: bool) -> Path:
     """Claim OUT.gguf and its OUT.Modelfile; returns the Modelfile's path."""
     if not out.name or out.is_dir():
         raise OutputError(f"--gguf {out}: a folder; name the file to write, e.g. {out / 'model.gguf'}")
+    if out.suffix.lower() != ".gguf":  # also keeps --overwrite off a run's own adapter_model.safetensors or config.toml
+        raise ConfigError(f"--gguf {out}: name the file NAME.gguf (llama.cpp and Ollama go by the extension)")
     modelfile = modelfile_path(out)
-    if modelfile == out:
-        raise ConfigError(f"--gguf {out}: the GGUF would be overwritten by its Modelfile; name it NAME.gguf")
     for path in (out, modelfile):
         if path.is_dir():
             raise OutputError(f"{path} is a folder; choose another name for --gguf (nothing was written)")
         files.claim_target(path, overwrite)
-    _check_writable(out, "--gguf")
+    files.check_writable(out, "--gguf")
     return modelfile
 
 
@@ -51,4 +40,4 @@ def claim_folder(out: Path, adapter: Path, overwrite: bool) -> None:
             if held.resolve().is_relative_to(out.resolve()):
                 raise OutputError(f"--merged {out} holds {what} ({held}), which --overwrite would delete; choose "
                                   "another folder (nothing was written)")
-    _check_writable(out, "--merged")
+    files.check_writable(out, "--merged")

@@ -220,7 +220,7 @@ def _attach(base, adapter: Path):
     try:
         with quiet_peft():
             return PeftModel.from_pretrained(base, str(adapter)).eval()
-    except (ValueError, OSError, RuntimeError, KeyError) as err:  # another base, r or target modules
+    except Exception as err:  # another base, r or target modules; a truncated or unreadable adapter
         first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load the adapter {adapter} onto its base: {first}") from None
 

@@ -37,10 +37,15 @@ class PromptRow:
 
 
 def is_prompt_only(spec: str, split: str = "train", fields: Fields = Fields()) -> bool:
-    """Whether no row of `spec` carries a chosen or rejected reply (then it is a prompt-only file)."""
+    """Whether no row of `spec` carries a chosen or rejected reply (then it is a prompt-only file). A row that cannot be
+    read is not evidence either way, so the first one is raised: its FILE:LINE message is the one to show."""
+    first_error = None
     for _, row in read_rows(spec, split):
         if isinstance(row, dict) and (fields.chosen in row or fields.rejected in row):
             return False
+        first_error = first_error or (row if isinstance(row, Exception) else None)
+    if first_error is not None:
+        raise first_error
     return True
 
 

@@ -92,7 +92,7 @@ def find_architecture(model: str) -> tuple[memory_plan.Architecture, str]:
         return memory_plan.architecture(config), where
     except KeyError as err:
         raise ModelError(f"{where}: no {err.args[0]} in its config: not a decoder-only transformer infopo can plan") from None
-    except ValueError as err:
+    except (ValueError, TypeError, AttributeError) as err:  # a config of the wrong shape: a list, a null where a number goes
         raise ModelError(f"{where}: {err}, which infopo cannot plan") from None
 
 

@@ -26,15 +26,9 @@ from torch import nn
 from infopo_cli.model import allocator, attention, checkpointing, embedded, lora_inputs
 from infopo_cli.model.checkpointing import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
-from infopo_cli.errors import ConfigError, ModelError
+from infopo_cli.errors import ConfigError
 from infopo_cli.model.precision import Precision
-from infopo_cli.model.source import NEVER, first_line, loadable, resolve_source  # noqa: F401 (resolve_source: for callers)
-
-
-def load_error(source: str, err: Exception) -> ModelError:
-    if "trust_remote_code" in str(err):  # a backstop: check_no_remote_code refuses such a folder before this
-        return ModelError(f"{source}: it asks to run its own Python code; {NEVER}")
-    return ModelError(f"cannot load model '{source}': {first_line(err)}")
+from infopo_cli.model.source import library_reading, loadable, resolve_source  # noqa: F401 (resolve_source: for callers)
 
 
 def load_tokenizer(source: str):
@@ -43,10 +37,8 @@ def load_tokenizer(source: str):
 
     hf_logging.disable_progress_bar()  # our own progress display is the one users watch
 
-    try:
+    with library_reading(source):
         tokenizer = AutoTokenizer.from_pretrained(loadable(source), trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise load_error(source, err) from None
     if tokenizer.pad_token_id is None:  # padding is masked out of every loss, any id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     tokenizer.padding_side = "right"
@@ -98,14 +90,12 @@ def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
+        with library_reading(source):
             model = AutoModelForCausalLM.from_pretrained(
                 loadable(source), trust_remote_code=False, quantization_config=quantization, dtype=precision.dtype,
                 device_map={"": torch.cuda.current_device() if precision.device == "cuda" else precision.device},  # the rank's GPU
                 **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
             )
-        except (OSError, ValueError, ImportError) as err:
-            raise load_error(source, err) from None
     model.config.use_cache = False
     if cfg.attn_implementation == "auto" and attention.suits(precision.device, precision.dtype, model.config):
         model.set_attn_implementation(attention.NAME)  # about twice sdpa's speed there (model/attention.py)

@@ -8,19 +8,35 @@ it, and asks on stdin when the caller says nothing. infopo says `trust_remote_co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from infopo_cli import hub
 from infopo_cli.config import EMBEDDED_MODEL
-from infopo_cli.errors import ConfigError, ModelError
+from infopo_cli.errors import ConfigError, InfopoError, ModelError
 from infopo_cli.model import embedded
 
 NEVER = "infopo never runs code from a model folder"
+
+
+@contextlib.contextmanager
+def library_reading(name: str) -> Iterator[None]:
+    """A library (transformers, peft, safetensors) reading a user's model files: whatever it raises there (a truncated
+    weights file, `"vocab_size": "many"`, a config that is a list) is those files' fault, so it becomes one line naming
+    them, exit 2; infopo's own errors pass as they are."""
+    try:
+        yield
+    except InfopoError:
+        raise
+    except Exception as err:
+        if "trust_remote_code" in str(err):  # a backstop: check_no_remote_code refuses such a folder before this
+            raise ModelError(f"{name}: it asks to run its own Python code; {NEVER}") from None
+        raise ModelError(f"cannot load model '{name}': {first_line(err)}") from None
 
 
 def first_line(err: BaseException) -> str:
@@ -37,20 +53,36 @@ def resolve_source(model: str, log: Callable[[str], None] = print) -> str:
         return str(embedded.ensure_converted(log))
     if model.startswith("embedded:"):
         raise ConfigError(f"unknown embedded model '{model}'; the embedded default is '{EMBEDDED_MODEL}'")
+    local = _checked_local(model)
+    if local is None:
+        return _from_hub(model)
+    return str(embedded.gguf_folder(local, log)) if local.is_file() else str(local)
+
+
+def check_source(model: str) -> None:
+    """`resolve_source`'s checks of a local model, without converting or loading anything (for --dry-run and the
+    checks before a run folder is claimed); the embedded default and a hub id are left to the load."""
+    if not model.startswith("embedded:"):
+        _checked_local(model)
+
+
+def _checked_local(model: str) -> Path | None:
+    """The local file or folder `model` names, checked: a .gguf file that parses, or a folder with a config.json and
+    no code of its own to run. None when it names nothing here and may be a hub id."""
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{model}: a file, not a model; pass a model folder (with config.json), a .gguf file or a "
                              "hub id")
         read_gguf(path)
-        return str(embedded.gguf_folder(path, log))
+        return path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{model}: no config.json in that folder, so not a transformers model folder")
         check_no_remote_code(path, model)
-        return str(path)
+        return path
     check_local(model)
-    return _from_hub(model)
+    return None
 
 
 def check_local(model: str) -> None:

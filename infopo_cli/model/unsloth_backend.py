@@ -95,7 +95,7 @@ def load_model(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module
     """The frozen base (4-bit NF4 unless `load_in_4bit` is off) with a fresh LoRA adapter as the policy, both made
     by FastLanguageModel. `check(cfg)` ran first. Infopo keeps its own tokenizer (its token cache is keyed by it)."""
     from infopo_cli.model.loading import (POLICY, _keep_4bit_layout_trainable, _layer_names, import_bitsandbytes,
-                                          load_error, loadable, quiet_peft)
+                                          library_reading, loadable, quiet_peft)
 
     import_bitsandbytes()  # before unsloth imports it
     from unsloth import FastLanguageModel
@@ -104,15 +104,13 @@ def load_model(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module
     device_map = {"": torch.cuda.current_device()} if precision.device == "cuda" else "cpu"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
+        with library_reading(source):
             base, _ = FastLanguageModel.from_pretrained(
                 model_name=loadable(source), trust_remote_code=False, max_seq_length=cfg.max_length,
                 dtype=precision.dtype, load_in_4bit=cfg.load_in_4bit, device_map=device_map,
                 use_gradient_checkpointing=checkpointing,
                 **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
             )
-        except (OSError, ValueError, ImportError) as err:
-            raise load_error(source, err) from None
     # Unsloth may change what was asked for (its CPU fallback loads 16-bit weights where bitsandbytes' 4-bit
     # check fails): a run must be what its config.toml and its reference cache key say.
     quantized = any(type(m).__name__ == "Linear4bit" for m in base.modules())

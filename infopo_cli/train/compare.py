@@ -9,6 +9,7 @@ checkpoint) and starts the rest; a different plan for the same parent is refused
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,21 +72,42 @@ def configs(variants: list[Variant], flags: dict[str, Any], parent: Path, preset
                                               source="command line"))[0] for v in variants]
 
 
-def claim_parent(parent: Path, variants: list[Variant], flags: dict[str, Any]) -> bool:
-    """Write the plan, or check the parent's plan is this one. True when the comparison resumes."""
-    wanted = {"runs": [v.name for v in variants], "settings": [v.settings for v in variants],
-              "flags": {k: v for k, v in sorted(flags.items())}}
+def _plan_of(variants: list[Variant], flags: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({"runs": [v.name for v in variants], "settings": [v.settings for v in variants],
+                                  "flags": {k: v for k, v in sorted(flags.items())}}))
+
+
+def check_parent(parent: Path, variants: list[Variant], flags: dict[str, Any]) -> bool:
+    """Whether `parent` can hold this comparison, writing nothing: True when it holds this very plan (the comparison
+    resumes), False when it is new or empty; anything else is a one-line error."""
     path = parent / PLAN
+    if os.path.lexists(parent) and not parent.is_dir():
+        raise ConfigError(f"--output {parent}: a file is there; a comparison writes a folder of runs")
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != json.loads(json.dumps(wanted)):
-            raise ConfigError(f"{parent} holds another comparison ({', '.join(saved.get('runs', []))}); pass another "
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or not isinstance(saved.get("runs"), list):
+            raise ConfigError(f"{path} is not a comparison plan infopo can read; pass another --output")
+        if saved != _plan_of(variants, flags):
+            raise ConfigError(f"{parent} holds another comparison ({', '.join(map(str, saved['runs']))}); pass another "
                               "--output, or the same flags to continue it")
         return True
-    if parent.exists() and any(parent.iterdir()):
+    if parent.is_dir() and any(parent.iterdir()):
         raise ConfigError(f"{parent} already exists and is not a comparison; pass another --output")
-    parent.mkdir(parents=True, exist_ok=True)
-    files.write_json(path, wanted)
+    return False
+
+
+def claim_parent(parent: Path, variants: list[Variant], flags: dict[str, Any]) -> bool:
+    """`check_parent`, then the plan written into a new parent. True when the comparison resumes."""
+    if check_parent(parent, variants, flags):
+        return True
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--output {parent}: cannot create it ({err.strerror})") from None
+    files.write_json(parent / PLAN, _plan_of(variants, flags))
     return False
 
 

@@ -17,11 +17,11 @@ from infopo_cli.config import TrainConfig
 from infopo_cli.data.loading import Loaded, PreferencePair
 from infopo_cli.data.mixing import as_list, load_mix
 from infopo_cli.data.overlap import eval_overlap_note
-from infopo_cli.errors import ConfigError
+from infopo_cli.errors import ConfigError, OutputError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
 from infopo_cli.model import loading as model_stack, unsloth_backend
-from infopo_cli.model.source import check_local
+from infopo_cli.model.source import check_source
 from infopo_cli.model.precision import choose
 from infopo_cli.train import trackers
 
@@ -38,8 +38,8 @@ class Checked:
 
 
 def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, Any]]:
-    """The settings alone: types and limits, trackers and backend installed, the kernel on this device, the loss
-    and its flags, an init adapter's own LoRA settings. Returns the config an init adapter completes."""
+    """The settings alone: types and limits, trackers and backend installed, the kernel on
+    this device, the loss and its flags, an init adapter's own LoRA settings. Returns the config an init adapter completes."""
     cfg.validate()
     trackers.check_available(trackers.parse(cfg.report_to))  # a missing tracker library: one line
     if cfg.backend == "unsloth":  # likewise a missing unsloth, or one that needs CUDA here; imports it before transformers
@@ -66,7 +66,8 @@ def load_data(cfg: TrainConfig) -> tuple[Loaded, list[PreferencePair]]:
 def check_output(run_dir: Path) -> None:
     """A new run's folder must be new or empty (`files.claim_output_dir` would refuse it later anyway)."""
     if run_dir.exists() and (not run_dir.is_dir() or any(p.name != files.LOCK_NAME for p in run_dir.iterdir())):
-        raise ConfigError(f"{run_dir} already exists and is not empty; choose another --output (nothing was overwritten)")
+        raise OutputError(f"{run_dir} already exists and is not empty; choose another --output (nothing was overwritten)")
+    files.check_writable(run_dir, "--output")
 
 
 def check(cfg: TrainConfig, output: Path, fresh: bool = True) -> Checked:
@@ -75,8 +76,8 @@ def check(cfg: TrainConfig, output: Path, fresh: bool = True) -> Checked:
     cfg, spec, loss_params = check_settings(cfg)
     if fresh:
         check_output(output)
-    check_local(cfg.model)  # a missing path is one line now, never a hub request
     loaded, eval_pairs = load_data(cfg)
+    check_source(cfg.model)  # after the data: every row is checked whatever the model
     return Checked(cfg, spec, loss_params, loaded, eval_pairs)
 
 

@@ -57,7 +57,7 @@ class Reporter:
     """Everything `infopo train` tells the user, so the recipe itself holds no console formatting."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
+        self.console = console or Console(emoji=False)
 
     def silenced(self) -> Reporter:
         """The same messages, unprinted (processes other than rank 0 of a multi-process run)."""

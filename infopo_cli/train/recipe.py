@@ -35,6 +35,7 @@ from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
 from infopo_cli.model import checkpointing as recomputation, loading as model_stack, unsloth_backend
 from infopo_cli.model.precision import choose
+from infopo_cli.model.source import check_source
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
 from infopo_cli.train import answer_eval, checkpoint, distributed, preflight, reference_cache, trackers
@@ -106,6 +107,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         preflight.check_output(output)
     with world.main_first():  # a hub dataset is downloaded once, by rank 0
         loaded, eval_pairs = preflight.load_data(cfg)
+    check_source(cfg.model)  # a missing path, a folder that is no model or holds its own code: before the run folder
     report.skipped_rows(loaded.skipped, loaded.rows)
     for line in ([f"mix: {loaded.mix}"] if loaded.mix else []) + loaded.info + [f"warning: {n}" for n in loaded.notes]:
         report.note(line)
