@@ -107,3 +107,15 @@ def test_without_trl_one_line_says_how_to_install(vs_trl, monkeypatch, capsys):
 def test_child_result_line_round_trips(vs_trl):
     result = vs_trl.Result("x", "trl", "dpo", "bf16", 10.0, 20.0, None, 1.0, 2.0)
     assert vs_trl.Result(**json.loads(json.dumps(vars(result)))) == result
+
+
+def test_read_memory_benchmark_reads_every_row_both_ways():
+    """benchmarks/read_memory.py runs (its figures are its output, not asserted): each format's row count agrees."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "read_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--rows", "50"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [line.split()[0] for line in out.stdout.splitlines()[1:]] == ["pairs.jsonl", "pairs.json", "pairs.csv"]
