@@ -34,8 +34,10 @@ def find(name_or_path: str) -> Path:
     """The file of a preset name (see `available`) or of a path to a .toml file."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"preset file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"preset file {path}: not a regular file")
         return path
     presets = available()
     if name_or_path not in presets:
@@ -101,6 +103,8 @@ def load(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     parent = raw.pop("extends", None)
     if parent is not None and not isinstance(parent, str):
         raise ConfigError(f"{path}: 'extends' must be a preset name or a .toml file, got {show(parent)}")
+    if parent and parent.endswith(".toml") and not Path(parent).is_absolute() and (path.parent / parent).is_file():
+        parent = str(path.parent / parent)  # `extends = "base.toml"` beside this preset, wherever infopo runs from
     base = load(parent, (*_seen, path)) if parent else TrainConfig()
     cfg = merge(base, raw, source=str(path))
     # a run's config.toml keeps the preset it came from

@@ -136,3 +136,23 @@ def test_a_file_of_only_bad_rows_is_not_taken_for_prompts(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 1 + 1?"}\n')
     assert is_prompt_only(str(prompts))
+
+
+def test_plan_of_a_missing_path_or_impossible_sizes_is_one_line(tiny_model, tmp_path):
+    refused(infopo("plan", "--model", "./nope"), "no such model folder or file: ./nope")
+    negative = model_with_config(tiny_model, tmp_path / "neg", hidden_size=-64)
+    refused(infopo("plan", "--model", str(negative)), "hidden_size -64 is not a size")
+
+
+def test_a_preset_that_is_not_a_file_and_a_relative_extends(tmp_path, monkeypatch):
+    from infopo_cli import presets
+
+    os.mkfifo(tmp_path / "fifo.toml")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        presets.load(str(tmp_path / "fifo.toml"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "base.toml").write_text("lr = 1e-5\n")
+    (tmp_path / "mine" / "child.toml").write_text('extends = "base.toml"\nbeta = 0.3\n')
+    monkeypatch.chdir(tmp_path)  # not the presets' folder: `extends` is read beside the preset, as written
+    cfg = presets.load("mine/child.toml")
+    assert cfg.lr == 1e-5 and cfg.beta == 0.3

@@ -72,6 +72,15 @@ def test_eval_out_without_generate_claims_only_the_summary(run, tmp_path):
     evaluate(EvalRequest(str(run), data=str(data), out=str(tmp_path / "res.json"), overwrite=True), log=lambda _: None)
 
 
+def test_eval_on_the_runs_own_training_data_says_so(run, tmp_path):
+    trained_on = presets.load(str(run / "config.toml")).data
+    result = evaluate(EvalRequest(str(run), data=trained_on, out=str(tmp_path / "e.json")), log=lambda _: None)
+    assert any("this run trained on it" in note for note in result.notes)
+    held_out = write_pairs(tmp_path / "held.jsonl", 4, seed=3)
+    result = evaluate(EvalRequest(str(run), data=str(held_out), out=str(tmp_path / "f.json")), log=lambda _: None)
+    assert not any("trained on it" in note for note in result.notes)
+
+
 def test_report_out_refuses_an_existing_figure(run, tmp_path):
     figure = tmp_path / "fig.png"
     figure.write_bytes(b"my figure")

@@ -30,6 +30,7 @@ from infopo_cli.config import TrainConfig
 from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.loading import resolve
+from infopo_cli.data.overlap import identity
 from infopo_cli.data.mixing import as_list, load_mix, parse_source
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.errors import ConfigError
@@ -104,6 +105,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     shown_spec = ", ".join(as_list(spec))
     options = cfg.data_options(cfg.eval_split)
     claim_outputs(out, as_list(spec), request.generate, request.overwrite)
+    result_notes = trained_on_note(target.config, spec) if request.data else []
 
     # --- data first: a bad row costs no model load ---------------------------------------------------
     pairs: list[PreferencePair] = []
@@ -114,7 +116,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         prompt_rows = read_prompt_rows(spec, options.split, options.fields, cfg.system_prompt)
     else:
         pairs = load_mix(spec, options, cfg.seed).pairs
-    result = EvalResult(target, shown_spec, out)
+    result = EvalResult(target, shown_spec, out, notes=result_notes)
 
     loaded = load(target, log)
     result.notes += loaded.notes
@@ -133,6 +135,16 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         result.generation, result.rows = generation_metrics(loaded, rows, sampling, request.batch_size or 16, result.notes)
     write_outputs(result)
     return result
+
+
+def trained_on_note(config: TrainConfig | None, data: str | list[str]) -> list[str]:
+    """A warning when --data names a source the run trained on (its held-out figures then measure memory)."""
+    if config is None:
+        return []
+    trained = {identity(parse_source(spec).spec) for spec in as_list(config.data)}
+    same = [spec for spec in as_list(data) if identity(parse_source(spec).spec) in trained]
+    return [f"{', '.join(same)}: this run trained on it, so these figures measure what the model memorised, not how "
+            "it generalises"] if same else []
 
 
 def output_paths(out: Path, generate: bool) -> list[Path]:

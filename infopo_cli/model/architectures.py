@@ -10,6 +10,7 @@ from infopo_cli import files
 from infopo_cli.config import EMBEDDED_MODEL
 from infopo_cli.errors import ModelError
 from infopo_cli.model import embedded, memory_plan
+from infopo_cli.model.source import check_local
 
 _LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
@@ -77,6 +78,7 @@ def find_config(model: str) -> tuple[dict, str]:
         if not (path / "config.json").is_file():
             raise ModelError(f"{model}: no config.json in that folder")
         return _read(path / "config.json"), str(path / "config.json")
+    check_local(model)  # a path that is not there is not a hub id to suggest downloading
     cached = _hub_cache(model)
     if cached is not None:
         return _read(cached), f"{model} (hub cache)"

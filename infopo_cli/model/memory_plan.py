@@ -103,6 +103,10 @@ def architecture(config: dict) -> Architecture:
     kv = int(c.get("num_key_value_heads") or heads)
     d = int(c.get("head_dim") or h // heads)
     q, k = heads * d, kv * d
+    sizes = {"hidden_size": h, "intermediate_size": i, "num_attention_heads": heads, "num_key_value_heads": kv,
+             "head_dim": d, "num_hidden_layers": int(c["num_hidden_layers"]), "vocab_size": int(c["vocab_size"])}
+    if bad := next((key for key, value in sizes.items() if value <= 0), None):
+        raise ValueError(f"{bad} {sizes[bad]} is not a size")
     if kind == "phi3":  # fused projections (Phi-3 / 3.5)
         linears = (Linear("qkv_proj", h, q + 2 * k, "attn_in"), Linear("o_proj", q, h, "attn_out"),
                    Linear("gate_up_proj", h, 2 * i, "mlp_in"), Linear("down_proj", i, h, "mlp_out"))
