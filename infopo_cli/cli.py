@@ -127,12 +127,12 @@ def train(
         return _resume(Path(resume), flags, dry_run)
 
     cfg = override(presets.load(flags.pop("preset", presets.DEFAULT_PRESET)), flags, source="command line")
+    if dry_run:  # every check below and more
+        return _dry_run(cfg)
     cfg.validate()
     from infopo_cli.losses.registry import resolve  # light: imports torch only for tensors' types
 
     resolve(cfg.loss, cfg.loss_overrides())  # an unknown loss or a flag it does not take: one line, before loading
-    if dry_run:
-        return _dry_run(cfg)
     _launch_if_asked(cfg.nproc)
 
     from infopo_cli.train.progress import Reporter

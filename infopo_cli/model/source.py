@@ -18,7 +18,7 @@ from typing import Any
 
 from infopo_cli import hub
 from infopo_cli.config import EMBEDDED_MODEL
-from infopo_cli.errors import ConfigError, InfopoError, ModelError
+from infopo_cli.errors import ConfigError, InfopoError, ModelError, first_line
 from infopo_cli.model import embedded
 
 NEVER = "infopo never runs code from a model folder"
@@ -37,12 +37,6 @@ def library_reading(name: str) -> Iterator[None]:
         if "trust_remote_code" in str(err):  # a backstop: check_no_remote_code refuses such a folder before this
             raise ModelError(f"{name}: it asks to run its own Python code; {NEVER}") from None
         raise ModelError(f"cannot load model '{name}': {first_line(err)}") from None
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of a library's message, for a one-line error (never the exception's class name)."""
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else "no reason given"
 
 
 def resolve_source(model: str, log: Callable[[str], None] = print) -> str:

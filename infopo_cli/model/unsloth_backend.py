@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from infopo_cli.config import TrainConfig
-from infopo_cli.errors import ConfigError, ModelError
+from infopo_cli.errors import ConfigError, ModelError, first_line
 from infopo_cli.model.precision import Precision
 
 INSTALL = "pip install 'infopo[unsloth]'"
@@ -44,7 +44,6 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("--backend unsloth computes in fp16 only on a CUDA GPU: use --dtype bf16 or fp32 on this CPU")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no usage ping to the hub from from_pretrained
     from infopo_cli.model.loading import import_bitsandbytes
-    from infopo_cli.model.source import first_line
 
     import_bitsandbytes()  # unsloth imports it (imports no transformers itself)
     try:
@@ -70,9 +69,8 @@ def _torchvision_problem() -> str | None:
     try:
         import torchvision  # noqa: F401
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return (f"torchvision {_version('torchvision')} does not load with torch {torch.__version__} "
-                f"({first}): pip uninstall torchvision, or install the build that matches torch")
+                f"({first_line(err)}): pip uninstall torchvision, or install the build that matches torch")
     return None
 
 

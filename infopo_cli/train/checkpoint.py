@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from infopo_cli import files
-from infopo_cli.errors import CheckpointError, OutputError
+from infopo_cli.errors import CheckpointError, OutputError, first_line
 from infopo_cli.model.loading import POLICY, load_adapter_weights  # only the trained adapter: a frozen reference would land in reference/
 
 STATE_FILE = "training_state.pt"
@@ -126,8 +126,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         raise CheckpointError(f"{folder}: cannot read the checkpoint: {STATE_FILE} holds more than tensors and plain "
                               "values, and infopo never runs code from a checkpoint") from None
     except (OSError, SafetensorError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
-        raise CheckpointError(f"{folder}: cannot read the checkpoint ({first})") from None
+        raise CheckpointError(f"{folder}: cannot read the checkpoint ({first_line(err, 'unreadable')})") from None
     missing_state = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
     if missing_state:
         raise CheckpointError(f"{folder}: not a checkpoint this version of infopo can resume (it lacks "

@@ -125,7 +125,8 @@ def state_of(folder: Path) -> str:
 
 def run_all(variants: list[Variant], settings: list[Any], parent: Path,
             train: Callable[..., Any], say: Callable[[str], None]) -> tuple[list[Path], Any]:
-    """Train every variant not yet done, in order (`settings`: each one's, from `configs`). Returns (the run folders, None), or at a run that stopped
+    """Train every variant not yet done, in order (`settings`: each one's, from `configs`). Returns (the run folders,
+    None), or at a run that stopped
     (Ctrl-C, out of memory, ...) (the folders so far, its summary): rerunning the command carries on from it."""
     from infopo_cli import presets
     from infopo_cli.train.resume import resumed_config

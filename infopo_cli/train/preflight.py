@@ -17,7 +17,7 @@ from infopo_cli.config import TrainConfig
 from infopo_cli.data.loading import Loaded, PreferencePair
 from infopo_cli.data.mixing import as_list, load_mix
 from infopo_cli.data.overlap import eval_overlap_note
-from infopo_cli.errors import ConfigError, OutputError
+from infopo_cli.errors import ConfigError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
 from infopo_cli.model import loading as model_stack, unsloth_backend
@@ -64,9 +64,8 @@ def load_data(cfg: TrainConfig) -> tuple[Loaded, list[PreferencePair]]:
 
 
 def check_output(run_dir: Path) -> None:
-    """A new run's folder must be new or empty (`files.claim_output_dir` would refuse it later anyway)."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(p.name != files.LOCK_NAME for p in run_dir.iterdir())):
-        raise OutputError(f"{run_dir} already exists and is not empty; choose another --output (nothing was overwritten)")
+    """A new run's folder: new or empty, in a place that can be written."""
+    files.check_output_dir(run_dir)
     files.check_writable(run_dir, "--output")
 
 
