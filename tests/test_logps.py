@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from infopo_cli.train import logps as logps_module
-from infopo_cli.data.batching import collate
+from infopo_cli.data import batching
+from infopo_cli.data.batching import PAD_MULTIPLE, collate, padded_width, response_only
 from infopo_cli.losses.types import Needs
 from infopo_cli.train.logps import batch_logps, pair_logps, sequence_logps
 from infopo_cli.data.tokenization import TokenizedPair
@@ -51,11 +54,11 @@ def test_gradient_matches_full_logits(tiny_model, monkeypatch):
 
 def test_collate_layout():
     b = batch()
-    assert b.input_ids.shape == (4, 7) and b.n_pairs == 2
-    assert b.input_ids[0].tolist() == [1, 2, 3, 4, 5, 0, 0]      # chosen rows first
-    assert b.input_ids[2].tolist() == [1, 2, 3, 6, 7, 8, 9]      # then rejected rows
-    assert b.labels[0].tolist() == [-100, -100, -100, 4, 5, -100, -100]
-    assert b.attention_mask[3].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert b.input_ids.shape == (4, 16) and b.n_pairs == 2       # 7 tokens, padded to PAD_MULTIPLE
+    assert b.input_ids[0].tolist() == [1, 2, 3, 4, 5] + [0] * 11  # chosen rows first
+    assert b.input_ids[2].tolist() == [1, 2, 3, 6, 7, 8, 9] + [0] * 9  # then rejected rows
+    assert b.labels[0].tolist() == [-100, -100, -100, 4, 5] + [-100] * 11
+    assert b.attention_mask[3].tolist() == [1, 1, 1] + [0] * 13
     assert b.n_tokens == 5 + 7 + 5 + 3
 
 
@@ -88,10 +91,9 @@ def test_kl_to_reference_matches_full_distributions(tiny_model, monkeypatch):
 
 
 def test_response_only_rows_drop_the_prompt():
-    from infopo_cli.data.batching import response_only
-
     rows = response_only(batch())
-    assert rows.input_ids.tolist()[0][:2] == [4, 5] and rows.input_ids.tolist()[2] == [6, 7, 8, 9]
+    assert rows.input_ids.shape == (4, 16)
+    assert rows.input_ids.tolist()[0][:2] == [4, 5] and rows.input_ids.tolist()[2][:5] == [6, 7, 8, 9, 0]
     assert rows.attention_mask.sum(1).tolist() == [2, 3, 4, 1]
 
 
@@ -101,14 +103,15 @@ def shared_and_plain(pairs):
 
 def test_shared_prompt_layout():
     shared, _ = shared_and_plain(batch_pairs())
-    assert shared.input_ids.shape == (3, 9) and shared.n_pairs == 3
-    assert shared.input_ids[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # prompt, chosen, rejected
-    assert shared.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]  # rejected restarts after the prompt
+    assert shared.input_ids.shape == (3, 16) and shared.n_pairs == 3
+    assert shared.input_ids[0, :10].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # prompt, chosen, rejected
+    assert shared.position_ids[0, :9].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]  # rejected restarts after the prompt
     assert shared.position_ids[1, :6].tolist() == [0, 1, 2, 3, 4, 2]
-    allowed = shared.allowed[0]
-    assert allowed[5].tolist() == [True, True, True, False, False, True, False, False, False]  # not the chosen
-    assert allowed[4].tolist() == [True] * 5 + [False] * 4
-    assert shared.allowed[1, 7].tolist() == [False] * 7 + [True, False]   # padding sees itself only
+    assert shared.segments.tolist() == [[3, 2, 4], [2, 3, 1], [1, 1, 2]]
+    allowed = logps_module.allowed_mask(shared.segments, 16)
+    assert allowed[0, 5].tolist() == [True, True, True, False, False, True] + [False] * 10  # not the chosen
+    assert allowed[0, 4].tolist() == [True] * 5 + [False] * 11
+    assert allowed[1, 7].tolist() == [False] * 7 + [True] + [False] * 8  # padding sees itself only
     assert shared.targets.counts().tolist() == [2, 3, 1, 4, 1, 2]         # chosen 0-2, then rejected 0-2
     assert shared.n_tokens == 9 + 6 + 4                                   # each prompt counted once
 
@@ -129,10 +132,13 @@ def test_shared_prompt_gives_the_plain_logps_and_gradients(tiny_model, attn, mon
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
     assert logps_module.takes_custom_masks(model)
     shared, plain = shared_and_plain(batch_pairs())
-    if attn == "flex_attention" and not torch.cuda.is_available():  # torch's flex-attention has no CPU backward
+    if attn == "flex_attention" and not torch.cuda.is_available():
+        # torch's flex-attention has no CPU backward; and its compiled CPU kernel fails to build transformers' own
+        # padding mask once a second mask has made the shapes dynamic, so the plain rows are read with sdpa here
         with torch.no_grad():
-            torch.testing.assert_close(batch_logps(model, shared).sums, batch_logps(model, plain).sums,
-                                       atol=1e-5, rtol=1e-5)
+            got = batch_logps(model, shared).sums
+            model.set_attn_implementation("sdpa")
+            torch.testing.assert_close(got, batch_logps(model, plain).sums, atol=1e-5, rtol=1e-5)
         return
     got = batch_logps(model, shared)
     got.sums.sum().backward()
@@ -160,3 +166,87 @@ def test_shared_prompt_kl_and_marginals_match_plain(tiny_model):
     for field in ("policy_chosen", "policy_rejected", "ref_rejected", "kl_chosen", "marginal_rejected_avg"):
         torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=1e-5, rtol=1e-5)
     assert (got.kl_chosen > 0).all()
+
+
+def random_pairs(rng: random.Random, n: int) -> list[TokenizedPair]:
+    return [TokenizedPair([rng.randint(1, 60) for _ in range(rng.randint(1, 12))],
+                          [rng.randint(1, 60) for _ in range(rng.randint(1, 12))],
+                          [rng.randint(1, 60) for _ in range(rng.randint(1, 12))]) for _ in range(n)]
+
+
+def test_every_collated_width_is_the_next_multiple_of_16():
+    rng = random.Random(0)
+    for n in range(1, 8):
+        pairs = random_pairs(rng, n)
+        plain, shared = collate(pairs, 0), collate(pairs, 0, share_prompt=True)
+        longest = [(plain, max(p.length for p in pairs)),
+                   (shared, max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)),
+                   (response_only(plain), max(len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)))]
+        for b, real in longest:
+            assert b.input_ids.shape[1] % PAD_MULTIPLE == 0 and real <= b.input_ids.shape[1] < real + PAD_MULTIPLE
+            assert b.input_ids.shape == b.attention_mask.shape
+            assert b.n_tokens == int(b.attention_mask.sum()) and b.attention_mask[:, real:].sum() == 0
+    assert [padded_width(n) for n in (0, 1, 16, 17)] == [16, 16, 16, 32]
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_padding_to_16_changes_no_logp_count_or_token(tiny_model, monkeypatch, share_prompt):
+    """The same pairs collated at their exact width and padded to 16: the same log-probs (RMiPO's response-only rows
+    too), token counts and tokens read."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    pairs = random_pairs(random.Random(1), 5)
+    padded = collate(pairs, 0, share_prompt)
+    monkeypatch.setattr(batching, "PAD_MULTIPLE", 1)
+    exact = collate(pairs, 0, share_prompt)
+    assert exact.input_ids.shape[1] % 16 and padded.input_ids.shape[1] > exact.input_ids.shape[1]
+    with torch.no_grad():
+        got = pair_logps(model, padded, Needs(marginal=True))
+        want = pair_logps(model, exact, Needs(marginal=True))
+    for field in ("policy_chosen", "policy_rejected", "chosen_counts", "rejected_counts", "marginal_rejected_avg"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=1e-5, rtol=1e-5)
+    assert padded.n_tokens == exact.n_tokens
+
+
+def dense_reference(segments: list[tuple[int, int, int]], width: int) -> torch.Tensor:
+    """The shared layout's (R, T, T) mask as it was built on the host, position by position."""
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(segments), 1, 1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for i, (n_p, n_c, n_r) in enumerate(segments):
+        end = n_p + n_c + n_r
+        allowed[i, :end, :end] = causal[:end, :end]
+        allowed[i, n_p + n_c:end, n_p:n_p + n_c] = False  # the rejected answer never sees the chosen one
+    return allowed
+
+
+def test_the_device_built_masks_are_the_dense_definition():
+    """Random lengths, rows of padding only, widths padded to 16 (and beyond): the boolean and additive masks."""
+    rng = random.Random(2)
+    for _ in range(30):
+        segments = [(rng.randint(0, 20), rng.randint(0, 20), rng.randint(0, 20)) for _ in range(rng.randint(1, 5))]
+        segments[rng.randrange(len(segments))] = (0, 0, 0)
+        width = padded_width(max(sum(s) for s in segments)) + rng.choice([0, PAD_MULTIPLE])
+        want = dense_reference(segments, width)
+        lengths = torch.tensor(segments)
+        assert torch.equal(logps_module.allowed_mask(lengths, width), want)
+        additive = logps_module.attention_mask_4d(lengths, width, torch.bfloat16)
+        assert additive.shape == (len(segments), 1, width, width) and additive.dtype == torch.bfloat16
+        assert torch.equal(additive[:, 0] == 0, want)
+        assert (additive[:, 0][~want] == torch.finfo(torch.bfloat16).min).all()
+
+
+def test_the_flex_block_mask_is_the_dense_mask():
+    """The compiled block-mask builder: its blocks (present, full) are the dense mask's and its mask_mod is the dense
+    mask, position by position (two 128-blocks a side: full blocks, the rejected answer's blind block, padding)."""
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    segments = [(200, 30, 26), (10, 100, 50), (0, 0, 0)]
+    width, block = 256, logps_module.FLEX_BLOCK
+    mask = logps_module.block_mask(torch.tensor(segments), width)
+    dense = dense_reference(segments, width)
+    assert mask.shape == (3, 1, width, width)
+    assert torch.equal(create_mask(mask.mask_mod, 3, 1, width, width, "cpu")[:, 0], dense)
+    tiles = dense.view(3, 2, block, 2, block)
+    full = BlockMask.from_kv_blocks(mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=block)
+    assert torch.equal(mask.to_dense()[:, 0].bool() | full.to_dense()[:, 0].bool(), tiles.any(4).any(2))
+    assert torch.equal(full.to_dense()[:, 0].bool(), tiles.all(4).all(2))
+    assert full.to_dense()[0, 0].tolist() == [[0, 0], [1, 0]]  # the second prompt block sees all of the first

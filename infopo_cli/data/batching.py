@@ -2,8 +2,13 @@
 
 Two layouts. Plain: chosen rows first, then rejected rows, each `prompt + response`, right-padded.
 Shared prompt: one row per pair, `prompt + chosen + rejected`, where the rejected tokens take the
-positions right after the prompt and see only the prompt and themselves (a 4-D attention mask), so
-the prompt is read once instead of twice; the log-probs are those of the plain layout.
+positions right after the prompt and see only the prompt and themselves, so the prompt is read once
+instead of twice; the log-probs are those of the plain layout. A batch carries each row's segment
+lengths, not its mask: the mask is built where the model runs, from those lengths (`shared_allowed`).
+
+Widths are padded to a multiple of PAD_MULTIPLE: torch's memory-efficient sdpa kernel copies a mask
+whose last dimension is not a multiple of 8 in every layer, and fewer distinct widths mean fewer
+kernel variants. Padding is masked out and never scored, so it changes no log-prob.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ from torch import Tensor
 from infopo_cli.data.tokenization import TokenizedPair
 
 IGNORE = -100
+PAD_MULTIPLE = 16  # every collated width is a multiple of this (`padded_width`)
+
+
+def padded_width(length: int) -> int:
+    """A batch's width for its longest row of `length` tokens: the next multiple of PAD_MULTIPLE (at least one)."""
+    return max(1, -(-length // PAD_MULTIPLE)) * PAD_MULTIPLE
 
 
 @dataclass
@@ -55,12 +66,12 @@ class PreferenceBatch:
     n_pairs: int
     labels: Tensor | None = None   # plain layout: (2B, T) response tokens, IGNORE on prompt and padding
     position_ids: Tensor | None = None  # shared prompt: (R, T)
-    allowed: Tensor | None = None       # shared prompt: (R, T, T) bool, query i may attend to key j
+    segments: Tensor | None = None      # shared prompt: (R, 3) long, each row's prompt, chosen, rejected lengths
 
     def to(self, device: str) -> PreferenceBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
-                               self.n_pairs, move(self.labels), move(self.position_ids), move(self.allowed))
+                               self.n_pairs, move(self.labels), move(self.position_ids), move(self.segments))
 
     @property
     def n_tokens(self) -> int:
@@ -71,7 +82,7 @@ def collate(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = False)
     if share_prompt:
         return collate_shared(pairs, pad_id)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(prompt) + len(response) for prompt, response in rows)
+    width = padded_width(max(len(prompt) + len(response) for prompt, response in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -86,22 +97,17 @@ def collate(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = False)
 def collate_shared(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
     """One row per pair: prompt, chosen, rejected; the rejected part restarts right after the prompt."""
     b = len(pairs)
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    width = padded_width(max(sum(n) for n in lengths))
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((b, width), dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
-    # every position sees itself: padding rows are never empty (an all-masked softmax row is NaN)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(b, 1, 1)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
     rows, cols, tokens, seq = [], [], [], []
-    for i, p in enumerate(pairs):
-        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+    for i, (p, (n_p, n_c, n_r)) in enumerate(zip(pairs, lengths)):
         end = n_p + n_c + n_r
         input_ids[i, :end] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
         attention_mask[i, :end] = 1
         position_ids[i, :end] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)])
-        allowed[i, :end, :end] = causal[:end, :end]
-        allowed[i, n_p + n_c:end, n_p:n_p + n_c] = False  # the rejected answer never sees the chosen one
         # chosen token k is predicted at position n_p + k - 1; rejected token k at the position of
         # rejected token k - 1, and its first token at the prompt's last position, as in the plain layout
         chosen_from = list(range(n_p - 1, n_p + n_c - 1))
@@ -113,14 +119,32 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
             seq += [s] * len(response)
     targets = Targets(torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
                       torch.tensor(tokens, dtype=torch.long), torch.tensor(seq, dtype=torch.long), 2 * b)
-    return PreferenceBatch(input_ids, attention_mask, targets, b, position_ids=position_ids, allowed=allowed)
+    segments = torch.tensor(lengths, dtype=torch.long)
+    return PreferenceBatch(input_ids, attention_mask, targets, b, position_ids=position_ids, segments=segments)
+
+
+def segment_bounds(segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(R, 3) prompt, chosen, rejected lengths -> (R,) each: where the chosen answer starts, where the rejected one
+    starts, where the row's tokens end."""
+    chosen_start = segments[:, 0]
+    rejected_start = chosen_start + segments[:, 1]
+    return chosen_start, rejected_start, rejected_start + segments[:, 2]
+
+
+def shared_allowed(chosen_start: Tensor, rejected_start: Tensor, end: Tensor, query: Tensor, key: Tensor) -> Tensor:
+    """Whether `query` may attend to `key` in a shared-prompt row with these `segment_bounds` (any broadcastable
+    shapes: whole (R, T, T) masks, or flex-attention's per-element `mask_mod`). Causal over the row's tokens, the
+    rejected answer never sees the chosen one, and every position sees itself, so no row of a padded mask is
+    all-masked (an all-masked softmax row is NaN)."""
+    not_across = (query < rejected_start) | (key < chosen_start) | (key >= rejected_start)
+    return (query == key) | ((key <= query) & (query < end) & not_across)
 
 
 def response_only(batch: PreferenceBatch) -> PreferenceBatch:
     """The responses of a batch without their prompts, right-padded (for RMiPO's marginal log-probs)."""
     t = batch.targets.to("cpu")
     responses = [t.tokens[t.seq == s] for s in range(t.n_seqs)]
-    width = max(1, max(len(r) for r in responses))
+    width = padded_width(max(len(r) for r in responses))
     input_ids = torch.zeros((len(responses), width), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, IGNORE)
@@ -164,7 +188,7 @@ def padding_fraction(batches: list[list[TokenizedPair]]) -> float:
     for batch in batches:
         lengths = [len(p.prompt_ids) + len(r) for p in batch for r in (p.chosen_ids, p.rejected_ids)]
         real += sum(lengths)
-        padded += max(lengths) * len(lengths)
+        padded += padded_width(max(lengths)) * len(lengths)
     return 1 - real / padded if padded else 0.0
 
 

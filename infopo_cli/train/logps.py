@@ -9,6 +9,7 @@ log-softmax is never held in memory: with Llama-3's 128k vocabulary that is the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from infopo_cli.data.batching import PreferenceBatch, Targets, targets_from_labels
+from infopo_cli.data.batching import PreferenceBatch, Targets, segment_bounds, shared_allowed, targets_from_labels
 from infopo_cli.losses.types import Needs, PairLogps
 from infopo_cli.train import output_layer
 
 CHUNK_TOKENS = 1024
+FLEX_BLOCK = 128  # flex-attention's default sparse block; block masks are built at widths rounded up to it
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -73,7 +75,8 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 def batch_logps(model: nn.Module, batch: PreferenceBatch, ref_hidden: Tensor | None = None) -> SequenceLogps:
     """`target_logps` over a collated batch, in either layout: (2B,) sums, chosen first."""
-    mask = shared_prompt_mask(batch.allowed, model) if batch.allowed is not None else batch.attention_mask
+    mask = (shared_prompt_mask(batch.segments, batch.input_ids.shape[1], model) if batch.segments is not None
+            else batch.attention_mask)
     return target_logps(model, batch.input_ids, mask, batch.targets, batch.position_ids, ref_hidden)
 
 
@@ -90,32 +93,63 @@ def takes_custom_masks(model: nn.Module) -> bool:
     return attention_kernel(model) in ("sdpa", "eager", "flex_attention", "matmul")
 
 
-def shared_prompt_mask(allowed: Tensor, model: nn.Module):
-    """The shared-prompt layout's (R, T, T) mask as the model's kernel reads it: a flex-attention block mask (which
-    skips the blocks no query may see: the rejected answer's view of the chosen one, padding), else an additive
-    4-D mask."""
+def shared_prompt_mask(segments: Tensor, width: int, model: nn.Module):
+    """The shared-prompt layout's mask, built on the segments' device from each row's (prompt, chosen, rejected)
+    lengths, as the model's kernel reads it: a flex-attention block mask (which skips the blocks no query may see:
+    the rejected answer's view of the chosen one, padding), else an additive 4-D mask."""
     if attention_kernel(model) == "flex_attention":
-        return block_mask(allowed)
-    return attention_mask_4d(allowed, model)
+        return block_mask(segments, width)
+    return attention_mask_4d(segments, width, _causal_lm(model).get_input_embeddings().weight.dtype)
 
 
-def block_mask(allowed: Tensor):
-    """(R, T, T) bool -> flex-attention's BlockMask for every head (transformers passes a 4-D one through as is)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def allowed_mask(segments: Tensor, width: int) -> Tensor:
+    """(R, 3) segment lengths -> (R, T, T) bool, query i may attend to key j (`batching.shared_allowed`)."""
+    positions = torch.arange(width, device=segments.device)
+    bounds = (b[:, None, None] for b in segment_bounds(segments))
+    return shared_allowed(*bounds, positions[:, None], positions[None, :])
+
+
+def attention_mask_4d(segments: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """(R, 1, T, T) additive mask in the compute dtype, which transformers passes to every attention kernel as is
+    (a boolean 4-D mask is misread by eager attention)."""
+    allowed = allowed_mask(segments, width)
+    return torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=segments.device).masked_fill_(
+        allowed, 0).unsqueeze(1)
+
+
+def block_mask(segments: Tensor, width: int):
+    """Flex-attention's BlockMask for every head (transformers passes a 4-D one through as is), from a `mask_mod`
+    over the segment bounds: compiled, its construction never holds the (R, T, T) mask.
+
+    Built at the width rounded up to FLEX_BLOCK (the same blocks), then given the batch's own width, as flex-attention
+    requires. So the compiled builder sees few widths, and after its first recompile dynamic shapes absorb new ones
+    (4 graphs over batches of 1-4 rows and widths up to 416); and on a CPU, inductor's code for a width that is not a
+    whole number of blocks fails to compile (torch 2.13).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    # int32 as flex's indices, each in its own storage: a strided view of `segments` fails flex's compiled CPU kernel
+    chosen_start, rejected_start, end = (b.to(torch.int32) for b in segment_bounds(segments))
 
     def mask_mod(row: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
-        return allowed[row, query, key]
+        return shared_allowed(chosen_start[row], rejected_start[row], end[row], query, key)
 
-    rows, width = allowed.shape[0], allowed.shape[1]
-    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=allowed.device)
+    bucket = -(-width // FLEX_BLOCK) * FLEX_BLOCK
+    with torch.no_grad():  # one grad mode for the reference and the policy pass: compiled graphs guard on it
+        blocks = _compiled_create_block_mask()(mask_mod, B=segments.shape[0], H=None, Q_LEN=bucket, KV_LEN=bucket,
+                                               device=segments.device, BLOCK_SIZE=FLEX_BLOCK)
+    return BlockMask.from_kv_blocks(blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks,
+                                    blocks.full_kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(width, width))
 
 
-def attention_mask_4d(allowed: Tensor, model: nn.Module) -> Tensor:
-    """(R, T, T) bool -> (R, 1, T, T) additive mask in the compute dtype, which transformers passes to
-    every attention kernel as is (a boolean 4-D mask is misread by eager attention)."""
-    dtype = _causal_lm(model).get_input_embeddings().weight.dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min).unsqueeze(1)
+@functools.cache
+def _compiled_create_block_mask():
+    """`create_block_mask` under torch.compile (what its deprecated `_compile=True` does on each call), one per
+    process so its compiled graphs are reused."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 def target_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Targets,
