@@ -1,10 +1,15 @@
 """benchmarks/vs_trl.py without TRL and without training: its pairs are exactly the lengths the yardstick counts,
-its plan of runs, and the one-line hint when TRL is missing."""
+its plan of runs, and the one-line hint when TRL is missing; benchmarks/gpu.sh's dry run end to end on a CPU (the
+smoke phase first, the phase caps within the budget, every row measured); benchmarks/read_memory.py runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +17,7 @@ import pytest
 from conftest import build_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_trl.py"
+GPU_SH = SCRIPT.parent / "gpu.sh"
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +117,72 @@ def test_child_result_line_round_trips(vs_trl):
 
 def test_read_memory_benchmark_reads_every_row_both_ways():
     """benchmarks/read_memory.py runs (its figures are its output, not asserted): each format's row count agrees."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "read_memory.py"
     out = subprocess.run([sys.executable, str(script), "--rows", "50"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [line.split()[0] for line in out.stdout.splitlines()[1:]] == ["pairs.jsonl", "pairs.json", "pairs.csv"]
+
+
+def gpu_dry_run(tmp_path: Path, tokenizer: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PY": sys.executable, "TOK": str(tokenizer), "WORK": str(tmp_path / "work"),
+           "OUT": str(tmp_path / "out"), "COLUMNS": "200", **env}
+    return subprocess.run(["bash", str(GPU_SH), "--dry-run"], capture_output=True, text=True, env=env, timeout=1200)
+
+
+def caps_line(text: str, prefix: str) -> tuple[dict[str, int], int, int | None]:
+    """'phase caps...: setup 30 + smoke 60 + ... = 455 s <= budget 480 s' -> ({phase: seconds}, total, budget)."""
+    line = next(line for line in text.splitlines() if line.startswith(prefix))
+    parts, total = line.split(": ", 1)[1].split(" = ")
+    caps = {name.strip(): int(seconds) for name, seconds in (p.strip().rsplit(" ", 1) for p in parts.split(" + "))}
+    budget = re.search(r"<= budget (\d+) s", total)
+    return caps, int(total.split()[0]), int(budget.group(1)) if budget else None
+
+
+def test_gpu_dry_run_smokes_first_and_measures_every_row_within_the_budget(tmp_path):
+    """The GPU benchmark's whole script on a CPU: the phase caps (the GPU run's, with and without the Unsloth row)
+    add up within the budget, the smoke phase runs first, then the infopo rows on one model load, the table last."""
+    tokenizer = tmp_path / "tokenizer"
+    word_tokenizer().save_pretrained(tokenizer)
+    run = gpu_dry_run(tmp_path, tokenizer)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    caps, total, budget = caps_line(run.stdout, "phase caps: ")
+    other, other_total, _ = caps_line(run.stdout, "phase caps with")
+    assert sum(caps.values()) == total <= budget <= 600 - 60  # a device call runs 600 s at most: room for the report
+    assert sum(other.values()) == other_total <= budget and other["unsloth"] > 0 == caps["unsloth"]
+    assert caps["smoke"] <= 60
+    started = [line.split()[1].rstrip(":") for line in run.stdout.splitlines() if re.match(r"== \S+: at most", line)]
+    assert started[:3] == ["smoke", "prep", "infopo"], started
+    assert ("trl" in started) == (importlib.util.find_spec("trl") is not None)  # TRL's phase where TRL is installed
+
+    work = tmp_path / "work"
+    smoke = json.loads((work / "smoke.json").read_text())
+    assert smoke["status"] == "ok" and len(smoke["infopo"]["losses"]) == 2
+    assert smoke["infopo"]["checkpointing"].startswith("gradient checkpointing offload")
+    infopo = json.loads((work / "infopo.json").read_text())
+    rows = {row["tag"]: row for row in infopo["rows"]}
+    assert set(rows) == {"on", "auto"} and all(r["status"] == "completed" and r["step_s"] > 0 for r in rows.values())
+    assert rows["on"]["recomputed_layers"] == infopo["layers"] == 2  # the main row recomputes every layer, as TRL's
+    assert infopo["reference_pass_s"] > 0 and infopo["reference_key_s"] < 1 and infopo["share_prompt"]
+    # the length search: 1024 and 896 "run out of memory" (FAKE_OOM_ABOVE=768), 768 trains for real
+    assert infopo["fit"]["longest"] == 768 and infopo["fit"]["first_failing"] == 896
+    assert [t["length"] for t in infopo["fit"]["tries"] if t["fits"]] == [768]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table in run.stdout and "DRY RUN on CPU" in table
+    on = next(line for line in table.splitlines() if "(main row)" in line).split(" | ")
+    assert on[1] == "on: every layer recomputes" and math.isclose(float(on[2]), rows["on"]["step_s"], abs_tol=1e-3)
+    assert float(on[4].replace(",", "")) < float(on[3].replace(",", ""))  # the reference pre-pass costs tokens/s
+    assert "one model load" in table
+
+
+def test_gpu_dry_run_stops_after_a_failed_smoke_and_refuses_caps_over_the_budget(tmp_path):
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{}")  # no tokenizer: the smoke phase fails at once
+    run = gpu_dry_run(tmp_path, broken)
+    assert run.returncode == 1
+    assert "SMOKE FAILED" in run.stdout and "STOPPED: the smoke phase failed" in run.stdout
+    assert "== prep" not in run.stdout and "== infopo" not in run.stdout
+    assert run.stdout.rstrip().splitlines()[-1].startswith("phases (rc, seconds)")  # the report still comes
+    over = gpu_dry_run(tmp_path, broken, BUDGET_S="300")
+    assert over.returncode == 2 and "add up to more than the 300 s budget" in over.stdout
+    assert "== smoke" not in over.stdout  # nothing ran

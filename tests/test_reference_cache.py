@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+from pathlib import Path
 
+import pytest
 import torch
 from conftest import build_tiny_model, write_pairs
 from rich.console import Console
@@ -84,3 +88,73 @@ def test_a_base_whose_files_cannot_be_found_is_computed_but_never_cached(tmp_pat
     calls = []
     table, cached = reference_cache.load_or_compute(None, lambda: calls.append(1) or torch.zeros((2, 2)), 2)
     assert calls == [1] and not cached and not (reference_cache.cache_path("x").parent).exists()
+
+
+def _local_key(folder) -> str:
+    return reference_cache.cache_key(reference_cache.model_identity(str(folder)), {}, [])
+
+
+def test_a_local_base_is_keyed_by_size_mtime_and_samples_without_being_read_whole(tmp_path, monkeypatch):
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    weights = folder / "model.safetensors"
+    size = 1 << 30
+    with open(weights, "wb") as fh:
+        fh.truncate(size)  # a sparse GiB: no disk, but reading it whole would show in the count below
+    read: list[int] = []
+    real_open = Path.open
+
+    class Counted:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def read(self, n=-1):
+            data = self.fh.read(n)
+            read.append(len(data))
+            return data
+
+        def seek(self, *args):
+            return self.fh.seek(*args)
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: Counted(real_open(self, *a, **k)))
+    monkeypatch.setattr(reference_cache, "file_digest", lambda path: pytest.fail(f"{path} hashed whole"))
+    first = _local_key(folder)
+    assert 0 < sum(read) <= reference_cache.SAMPLES * reference_cache.SAMPLE_BYTES + 1024  # the samples and config.json
+    assert _local_key(folder) == first  # nothing changed: the same key (the cache is hit)
+
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched (or rewritten): another key
+    assert _local_key(folder) != first
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _local_key(folder) == first
+
+    with open(weights, "r+b") as fh:  # the last sampled block changed, size and mtime put back (a `cp -p` of another file)
+        fh.seek(size - 10)
+        fh.write(b"other data")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = _local_key(folder)
+    assert changed != first
+
+    with open(weights, "r+b") as fh:  # another size, mtime put back
+        fh.truncate(size + 4096)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _local_key(folder) not in (first, changed)
+    assert max(read) <= reference_cache.SAMPLE_BYTES  # never more than one block at a time
+
+
+def test_a_hub_snapshot_keeps_its_files_sha256_as_the_key(tmp_path):
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(range(256)) * 4096}
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    assert reference_cache.is_hub_snapshot(snapshot) and not reference_cache.is_hub_snapshot(tmp_path / "hub")
+    assert reference_cache.model_identity(str(snapshot)) == [f"{name}={hashlib.sha256(data).hexdigest()}"
+                                                             for name, data in sorted(files.items())]
