@@ -8,7 +8,7 @@
 #
 #   here, once:      bash benchmarks/gpu_wheels.sh       # fills .whl/ (ignored by git; carried to the GPU)
 #   GPU machine:     bash benchmarks/gpu.sh              # device `run`: carry [".whl"], timeout_s 540
-#   dry run (CPU):   bash benchmarks/gpu.sh --dry-run    # a tiny Llama and short pairs, no install (1-3 minutes)
+#   dry run (CPU):   bash benchmarks/gpu.sh --dry-run    # a tiny Llama and short pairs, no install (see below)
 #
 # The budget (BUDGET_S, 480 s): a device call runs at most 600 s of command time, and a session has 15 minutes of
 # device time in all, the machine's start (1-2 minutes), transfers and idle time included. 480 s leave the call 60 s
@@ -17,13 +17,16 @@
 # most its cap and never past the budget; the caps add up to at most the budget (checked before anything runs).
 #
 # Phases, in order: smoke (at most 60 s: a tiny model on CUDA through `infopo train` with the prompt shared and
-# offloaded checkpointing on its two layers, and TRL's DPOTrainer built and stepped; `infopo doctor` where it
-# exists; a failure stops the run there with its error), prep (the 8B checkpoint and the pairs), infopo (one model
-# load: `infopo plan`, the reference pre-pass, the `on` and `auto` rows, the longest length), trl (its row, then its
-# longest length on the same load), unsloth (when .whl/unsloth/ was carried), report. Before them, on the GPU, the
-# carried wheels are installed offline into /tmp/site (and /tmp/site-unsloth).
+# offloaded checkpointing on its two layers, and TRL's DPOTrainer built and stepped, a failure of either stopping the
+# run there with its error; beside them `infopo train --attn-implementation flex_attention`, its compiled block mask
+# on the GPU, and `infopo doctor` where it exists, both only reported), prep (the 8B checkpoint and the pairs),
+# infopo (one model load: `infopo plan`, the reference pre-pass, the `on` and `auto` rows, the longest length), trl
+# (its row, then its longest length on the same load), unsloth (when .whl/unsloth/ was carried), report. Before them,
+# on the GPU, the carried wheels are installed offline into /tmp/site (and /tmp/site-unsloth).
+# The dry run takes about 70 s on 2 CPU cores without TRL (whose phase, where TRL is installed, adds its own time);
+# its phases may take DRY_SCALE (4) times their caps, so it ends within about 32 minutes (BUDGET_S x 4) at the most.
 # Knobs (environment): BUDGET_S, CAP_GIB, STEPS, WARMUP, PHASES (e.g. PHASES="infopo trl" reruns those), WORK, OUT,
-# PY, TOK (a tokenizer folder).
+# PY, TOK (a tokenizer folder), DRY_SCALE (the dry run's phases may take this many times their caps, default 4).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        HF_DATASETS_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TQDM_DISABLE=1
@@ -31,10 +34,15 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 BENCH=$REPO/benchmarks/gpu_bench.py
 DRY=${DRY_RUN:-0}
+usage() {  # the usage line, and with --help this header
+  echo "usage: bash benchmarks/gpu.sh [--dry-run] [--help]"
+  [[ $1 == long ]] && awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$REPO/benchmarks/gpu.sh"
+}
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    *) echo "usage: bash benchmarks/gpu.sh [--dry-run]" >&2; exit 2 ;;
+    -h|--help) usage long; exit 0 ;;
+    *) usage short >&2; exit 2 ;;
   esac
 done
 START=$(date +%s)
@@ -95,7 +103,8 @@ if (( CAPS_SUM > BUDGET_S || OTHER_SUM > BUDGET_S )); then
 fi
 log "settings: cap ${CAP_GIB} GiB, pairs ${PL}+${RL}, batch 2, ${STEPS} steps per row (${WARMUP} warm-up)," \
     "lengths up to ${FIT_UPPER} by ${FIT_GRID}"
-(( SCALE != 1 )) && log "dry run: each phase may take ${SCALE}x its cap on this CPU (DRY_SCALE)"
+(( SCALE != 1 )) && log "dry run: each phase may take ${SCALE}x its cap on this CPU (DRY_SCALE): the run ends" \
+  "within about $(( BUDGET_S * SCALE / 60 )) minutes"
 DEADLINE=$(( START + (BUDGET_S - REPORT_S) * SCALE ))  # the report always gets its time
 export INFOPO_HOME=$WORK/infopo-home          # infopo's caches (tokens, reference, file hashes) stay in WORK
 echo "run $(date -u +%H:%M:%S)${PHASES:+ (phases: $PHASES)}:" >> "$WORK/phases"

@@ -402,28 +402,43 @@ def finish_doctor(doctor: subprocess.Popen | None) -> dict:
     return {"available": True, "rc": doctor.returncode}
 
 
+def train_args(work: Path, ckpt: Path, output: str, *extra: str) -> list[str]:
+    """`infopo train` on the tiny model: NF4, the prompt shared, 2 steps of 2 pairs, into work/`output`."""
+    return ["train", "--model", str(ckpt), "--data", str(work / "pairs.jsonl"), "--eval-data", "", "--batch-size", "2",
+            "--grad-accum", "1", "--max-steps", "2", "--max-length", "128", "--max-prompt-length", "48",
+            "--share-prompt", "--output", str(work / output), *extra]
+
+
+def shown(args: list[str]) -> str:
+    return "$ infopo " + " ".join(a or '""' for a in args)
+
+
+def finished_run(what: str, returncode: int | None, text: str, run: Path, cuda: bool) -> tuple[dict, list[float]]:
+    """The summary and the 2 losses of a smoke `infopo train` run in `run`, or a SmokeFailure that says what went wrong."""
+    summary = read_json(run / "summary.json") or {}
+    if returncode or summary.get("status") != "completed":
+        last = text.strip().splitlines()[-1] if text.strip() else f"exit {returncode}"
+        raise SmokeFailure(f"{what}: exit {returncode}, status {summary.get('status')}: {last}")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r.get("loss") for r in records if r.get("kind") == "train"]
+    if len(losses) != 2 or any(not isinstance(x, float) or x != x for x in losses):
+        raise SmokeFailure(f"{what} logged the losses {losses}, not 2 finite ones")
+    if cuda and summary.get("device") != "cuda":
+        raise SmokeFailure(f"{what} ran on {summary.get('device')}, not on the GPU")
+    return summary, losses
+
+
 def smoke_infopo(work: Path, ckpt: Path, cuda: bool) -> dict:
     """`infopo train` itself (the CLI, in its own process) on the tiny model: NF4, the prompt shared, offloaded
     checkpointing on its two layers, 2 steps, the paged 8-bit AdamW on CUDA."""
-    args = ["train", "--model", str(ckpt), "--data", str(work / "pairs.jsonl"), "--eval-data", "", "--batch-size", "2",
-            "--grad-accum", "1", "--max-steps", "2", "--max-length", "128", "--max-prompt-length", "48",
-            "--gradient-checkpointing", "offload", "--share-prompt", "--output", str(work / "run")]
+    args = train_args(work, ckpt, "run", "--gradient-checkpointing", "offload")
     shutil.rmtree(work / "run", ignore_errors=True)
-    say("$ infopo " + " ".join(a or '""' for a in args))
+    say(shown(args))
     proc = subprocess.run(infopo_cli_command(*args), capture_output=True, text=True, cwd=work, timeout=time_left(),
                           env={**os.environ, "COLUMNS": "200"})
     text = proc.stdout + proc.stderr
     say(text.rstrip())
-    summary = read_json(work / "run" / "summary.json") or {}
-    if proc.returncode or summary.get("status") != "completed":
-        last = text.strip().splitlines()[-1] if text.strip() else f"exit {proc.returncode}"
-        raise SmokeFailure(f"infopo train on the tiny model: exit {proc.returncode}, status {summary.get('status')}: {last}")
-    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [r.get("loss") for r in records if r.get("kind") == "train"]
-    if len(losses) != 2 or any(not isinstance(x, float) or x != x for x in losses):
-        raise SmokeFailure(f"infopo train on the tiny model logged the losses {losses}, not 2 finite ones")
-    if cuda and summary.get("device") != "cuda":
-        raise SmokeFailure(f"infopo train ran on {summary.get('device')}, not on the GPU")
+    summary, losses = finished_run("infopo train on the tiny model", proc.returncode, text, work / "run", cuda)
     line = re.search(r"gradient checkpointing offload: [^\n]+", text)
     warnings = []
     if "prompts are read twice" in text:
@@ -434,6 +449,49 @@ def smoke_infopo(work: Path, ckpt: Path, cuda: bool) -> dict:
         say(f"smoke warning: {warning}")
     return {"status": "ok", "device": summary.get("device"), "dtype": summary.get("dtype"), "losses": losses,
             "checkpointing": line.group(0) if line else None, "warnings": warnings}
+
+
+FLEX_ARGS = ("--attn-implementation", "flex_attention", "--gradient-checkpointing", "on", "--loss", "simpo")
+
+
+def start_flex(work: Path, ckpt: Path, cuda: bool) -> subprocess.Popen | None:
+    """`infopo train --attn-implementation flex_attention` on the tiny model with the prompt shared: the compiled
+    block mask and flex attention's triton kernels on the GPU. In the background, beside the other smoke runs, as its
+    compiles take most of the smoke's minute; SimPO needs no reference, so only the training graphs compile. CUDA
+    only: torch has no flex-attention backward on a CPU."""
+    if not cuda:
+        say("smoke: flex attention skipped: CUDA only (torch has no flex-attention backward on a CPU)")
+        return None
+    args = train_args(work, ckpt, "flex", *FLEX_ARGS)
+    shutil.rmtree(work / "flex", ignore_errors=True)
+    say(shown(args) + "   (in the background)")
+    with (work / "flex.log").open("w") as log:  # a file, not a pipe: nothing blocks while the other runs go on
+        return subprocess.Popen(infopo_cli_command(*args), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=work,
+                                env={**os.environ, "COLUMNS": "200"})
+
+
+def finish_flex(work: Path, flex: subprocess.Popen | None, cuda: bool) -> dict:
+    """The flex-attention run's result. Not fatal: the 8B rows run on sdpa, so a failure here is reported (a smoke
+    warning in the table) and the measurement goes on."""
+    if flex is None:
+        return {"status": "skipped (CUDA only)"}
+    late = False
+    try:
+        flex.wait(timeout=time_left(least=1))
+    except subprocess.TimeoutExpired:
+        late = True
+        flex.kill()
+        flex.wait()
+    text = (work / "flex.log").read_text(errors="replace")
+    say(f"--- infopo train --attn-implementation flex_attention (rc {flex.returncode})\n{text.rstrip()}")
+    try:
+        if late:
+            raise SmokeFailure("infopo train with flex attention did not finish within the smoke phase's time")
+        summary, losses = finished_run("infopo train with flex attention", flex.returncode, text, work / "flex", cuda)
+    except SmokeFailure as err:
+        say(f"smoke warning: {err}")
+        return {"status": "failed", "error": str(err)}
+    return {"status": "ok", "device": summary.get("device"), "losses": losses}
 
 
 def smoke_trl(work: Path, ckpt: Path, required: bool, step: bool) -> dict:
@@ -461,7 +519,7 @@ def cmd_smoke(args) -> None:
     work = top / "smoke"
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"status": "failed"}
-    doctor = None
+    doctor = flex = None
     try:
         import torch
 
@@ -476,8 +534,10 @@ def cmd_smoke(args) -> None:
 
         make_checkpoint("tiny", work / "ckpt", tokenizer_folder(args.tokenizer), "cuda" if cuda else "cpu")
         write_pairs(work / "pairs.jsonl", make_pairs(AutoTokenizer.from_pretrained(work / "ckpt"), 8, 24, 40))
+        flex = start_flex(work, work / "ckpt", cuda)
         out["infopo"] = smoke_infopo(work, work / "ckpt", cuda)
         out["trl"] = smoke_trl(work, work / "ckpt", args.require_trl, args.trl_step)
+        out["flex"] = finish_flex(work, flex, cuda)
         out["doctor"] = finish_doctor(doctor) if args.doctor else {"available": None}
         out["status"] = "ok"
     except SmokeFailure as err:
@@ -485,8 +545,9 @@ def cmd_smoke(args) -> None:
     except Exception as err:  # noqa: BLE001  (an import or CUDA error of the image: reported in one line)
         out["error"] = one_line(err)
     finally:
-        if doctor is not None and doctor.poll() is None:  # a failure came first: it must not hold the phase's output
-            doctor.kill()
+        for child in (doctor, flex):  # a failure came first: they must not hold the phase's output
+            if child is not None and child.poll() is None:
+                child.kill()
     write_json(top / "smoke.json", out)
     if out["status"] != "ok":
         say(f"SMOKE FAILED: {out['error']}")
@@ -989,6 +1050,8 @@ def cmd_report(args) -> None:
             lines.append(f"infopo ({tag}): {row.get('note') or row.get('error')}")
     for warning in (smoke.get("infopo") or {}).get("warnings", []):
         lines.append(f"smoke warning: {warning}")
+    if (smoke.get("flex") or {}).get("error"):
+        lines.append(f"smoke warning: {smoke['flex']['error']}")
     if prep and not prep.get("exact", True):
         lines.append(f"WARNING: the pairs' token lengths are not the intended ones: {prep.get('length_check')}")
     lines.append("phases (rc, seconds): " + "; ".join(phases))

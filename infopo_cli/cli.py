@@ -75,6 +75,7 @@ def train(
     attn_implementation: Annotated[Optional[str], _opt("attn_implementation", "Model", metavar="KERNEL")] = None,
     load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
     gradient_checkpointing: Annotated[Optional[str], _opt("gradient_checkpointing", "Model", metavar="auto|on|off|offload")] = None,
+    gpu_mem_margin: Annotated[Optional[float], _opt("gpu_mem_margin", "Model", metavar="GIB")] = None,
     reference: Annotated[Optional[str], _opt("reference", "Model", metavar="precompute|online")] = None,
     share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
     lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
@@ -739,6 +740,7 @@ def plan(
     batch_size: Annotated[Optional[int], _opt("batch_size", "Optimisation")] = None,
     gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="The GPU's memory in GiB.")] = 24.0,
     gradient_checkpointing: Annotated[Optional[str], _opt("gradient_checkpointing", "Model", metavar="auto|on|off|offload")] = None,
+    gpu_mem_margin: Annotated[Optional[float], _opt("gpu_mem_margin", "Model", metavar="GIB")] = None,
     share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
     lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
     target_modules: Annotated[Optional[str], _opt("target_modules", "Model")] = None,
@@ -758,6 +760,23 @@ def plan(
     cfg = merge(presets.load(preset or presets.DEFAULT_PRESET), flags, source="command line")
     cfg.validate()
     print_plan(console, cfg, prompt_length, gpu_mem)
+
+
+@app.command()
+def doctor(
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset whose run to plan (default smollm2-135m).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+) -> None:
+    """Check this machine before training: GPU, bf16, memory, kernels, library versions against the tested ones, what
+    `infopo train` would pick here, and what is known to be slow or broken.
+
+    [dim]infopo doctor --preset llama3-8b-qlora[/]
+    """
+    from infopo_cli import doctor as checks, presets
+
+    cfg = presets.load(preset or presets.DEFAULT_PRESET)
+    cfg.validate()
+    checks.show(console, cfg, as_json, preset or presets.DEFAULT_PRESET)
 
 
 OPTIONAL_VALUES = {"--gguf": "", "--merged": "",  # options whose value may be left out (then: the default path)
@@ -796,7 +815,37 @@ def _is_collective_failure(err: BaseException) -> bool:
     return _rank() > 0 and (type(err).__module__.startswith("torch.distributed") or "Connection closed by peer" in str(err))
 
 
+def expandable_segments_by_default() -> None:
+    """Let torch's CUDA allocator grow its segments instead of caching fixed ones, which steps of varying lengths
+    fragment, unless the user configured the allocator. It reads the setting at the first CUDA allocation, so this
+    runs before any command imports torch: PYTORCH_ALLOC_CONF from torch 2.9, PYTORCH_CUDA_ALLOC_CONF before (and
+    still read by newer ones when the other is unset). Linux only, and not for ROCm builds: elsewhere torch warns it
+    is unsupported."""
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+    if sys.platform.startswith("linux") and not any(name in os.environ for name in names) and _torch_without_hip():
+        os.environ.update(dict.fromkeys(names, "expandable_segments:True"))
+
+
+def _torch_without_hip() -> bool:
+    """Whether torch is installed and is not a ROCm build, read off its version.py (`hip = None` unless ROCm) without
+    importing it: importing torch takes seconds, and `--help` must not."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or spec.origin is None:
+            return False
+        text = (Path(spec.origin).parent / "version.py").read_text()
+    except (ImportError, ValueError, OSError):
+        return False
+    hip = re.search(r"^hip\s*(?::[^=\n]*)?=\s*(.*?)\s*$", text, re.MULTILINE)
+    return hip is None or hip.group(1) == "None"
+
+
 def main() -> None:
+    expandable_segments_by_default()
     debug = "--debug" in sys.argv[1:]
     who = f"rank {_rank()}: " if _rank() else ""
     try:

@@ -51,6 +51,9 @@ class TrainConfig:
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass: auto (from the memory plan: off where "
                                              "the run fits, else on for only as many layers as needed), on, off, offload (on, "
                                              "the saved layer inputs in pinned CPU memory; CUDA). true/false mean on/off.")
+    gpu_mem_margin: float | None = _f(None, "GPU memory in GiB that --gradient-checkpointing auto leaves free, for what its "
+                                            "memory plan does not see (other processes, fragmentation); default max(10% of "
+                                            "the card, 1.5 GiB).")
     attn_implementation: str = _f("auto", "Attention kernel: auto (matmul for 16-bit compute on a CPU, else transformers' "
                                   "choice for the model), matmul (two batched 16-bit products: ~2x sdpa on a CPU), sdpa or "
                                   "eager (a shared prompt's 4-D mask), flex_attention (its block mask; trains on CUDA only), "
@@ -319,7 +322,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
                     _POSITIVE),
     # 0 means off (save_every, eval_every, max_grad_norm, sft_weight); a negative value has no meaning
     **dict.fromkeys(("save_every", "eval_every", "eval_generate_every", "seed", "weight_decay", "max_grad_norm", "sft_weight", "gamma",
-                     "gamma_min", "gamma_max", "rdpo_alpha", "tdpo_alpha"), _NOT_NEGATIVE),
+                     "gamma_min", "gamma_max", "rdpo_alpha", "tdpo_alpha", "gpu_mem_margin"), _NOT_NEGATIVE),
     **dict.fromkeys(("warmup_ratio", "lora_dropout"), _FRACTION),
     # label_smoothing's [0, 0.5) is checked by the loss registry, which also sees the losses' defaults
     "dtype": (lambda v: v == "auto" or v in DTYPES, f"be one of auto, {', '.join(DTYPES)}"),

@@ -139,3 +139,51 @@ def test_resume_on_another_process_count_keeps_the_global_batch(tmp_path):
 
 def test_the_processes_do_not_launch_again():
     assert without_nproc(["train", "--nproc", "2", "--lr", "1e-3", "--nproc=3"]) == ["train", "--lr", "1e-3"]
+
+
+OUT_OF_MEMORY_ON_RANK_1 = """\
+import os
+
+import torch
+
+from infopo_cli.cli import main
+from infopo_cli.train import recipe
+
+real, calls = recipe.pair_logps, [0]
+
+
+def patched(model, *args, **kwargs):  # rank 1's third training forward pass (its one micro-batch of step 3), once
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 3:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real(model, *args, **kwargs)
+
+
+recipe.pair_logps = patched
+main()
+"""
+
+
+def test_an_out_of_memory_in_one_process_makes_every_process_recompute_and_changes_no_weight(runs, tmp_path):
+    """Rank 1 alone runs out of memory in step 3 of the `runs` run, made auto (which keeps the tiny model's layers
+    whole, as the preset's off does): it runs the step again recomputing every layer, rank 0 does so too from then on,
+    writes it to config.toml and says so, and the run is the one that never ran out."""
+    from infopo_cli.presets import load
+    from infopo_cli.train.recipe import TIMING_KEYS
+
+    script, run_dir = tmp_path / "out_of_memory_on_rank_1.py", tmp_path / "out" / "run"
+    script.write_text(OUT_OF_MEMORY_ON_RANK_1)
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                *_flags(runs["model"], runs["data"], runs["eval"], run_dir), "--gradient-checkpointing", "auto"])
+    said = " ".join(out.stdout.split())
+    assert said.count("out of memory at step 3") == 1, said  # rank 1's own note is silenced: rank 0's, once
+    assert ("out of memory at step 3 in another process, which ran the step again: every layer recomputed on every "
+            "process from now on (--gradient-checkpointing on; config.toml says so for --resume)") in said
+    assert "infopo run: completed" in said
+    assert load(str(run_dir / "config.toml")).gradient_checkpointing == "on"
+    want, got = _adapter(runs["two"]), _adapter(run_dir)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    def untimed(folder: Path) -> list[dict]:
+        return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in _records(folder)]
+    assert untimed(run_dir) == untimed(runs["two"])

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from infopo_cli.train import logps as logps_module
-from infopo_cli.data import batching
-from infopo_cli.data.batching import PAD_MULTIPLE, collate, padded_width, response_only
+from infopo_cli.data import widths
+from infopo_cli.data.batching import collate, response_only
+from infopo_cli.data.widths import PAD_MULTIPLE, padded_width
 from infopo_cli.losses.types import Needs
 from infopo_cli.train.logps import batch_logps, pair_logps, sequence_logps
 from infopo_cli.data.tokenization import TokenizedPair
@@ -196,7 +197,7 @@ def test_padding_to_16_changes_no_logp_count_or_token(tiny_model, monkeypatch, s
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     pairs = random_pairs(random.Random(1), 5)
     padded = collate(pairs, 0, share_prompt)
-    monkeypatch.setattr(batching, "PAD_MULTIPLE", 1)
+    monkeypatch.setattr(widths, "PAD_MULTIPLE", 1)
     exact = collate(pairs, 0, share_prompt)
     assert exact.input_ids.shape[1] % 16 and padded.input_ids.shape[1] > exact.input_ids.shape[1]
     with torch.no_grad():
@@ -234,19 +235,21 @@ def test_the_device_built_masks_are_the_dense_definition():
         assert (additive[:, 0][~want] == torch.finfo(torch.bfloat16).min).all()
 
 
-def test_the_flex_block_mask_is_the_dense_mask():
+@pytest.mark.parametrize("width, segments, first_full", [
+    (256, [(200, 30, 26), (10, 100, 50), (0, 0, 0)], [[0, 0], [1, 0]]),  # the second prompt block sees all of the first
+    (208, [(150, 30, 28), (10, 100, 50), (0, 0, 0)], [[0, 0], [0, 0]])])  # its rows past 208 are padding, built at 256
+def test_the_flex_block_mask_is_the_dense_mask(width, segments, first_full):
     """The compiled block-mask builder: its blocks (present, full) are the dense mask's and its mask_mod is the dense
-    mask, position by position (two 128-blocks a side: full blocks, the rejected answer's blind block, padding)."""
+    mask, position by position (two 128-blocks a side: full blocks, the rejected answer's blind block, padding). A
+    width that is not a whole number of blocks (208) is built at the next one (256) and then narrowed to its own."""
     from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-    segments = [(200, 30, 26), (10, 100, 50), (0, 0, 0)]
-    width, block = 256, logps_module.FLEX_BLOCK
+    block = logps_module.FLEX_BLOCK
     mask = logps_module.block_mask(torch.tensor(segments), width)
-    dense = dense_reference(segments, width)
-    assert mask.shape == (3, 1, width, width)
-    assert torch.equal(create_mask(mask.mask_mod, 3, 1, width, width, "cpu")[:, 0], dense)
-    tiles = dense.view(3, 2, block, 2, block)
+    assert mask.shape == (3, 1, width, width) and mask.seq_lengths == (width, width)
+    assert torch.equal(create_mask(mask.mask_mod, 3, 1, width, width, "cpu")[:, 0], dense_reference(segments, width))
+    tiles = dense_reference(segments, 2 * block).view(3, 2, block, 2, block)  # the blocks, as built at 256
     full = BlockMask.from_kv_blocks(mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=block)
     assert torch.equal(mask.to_dense()[:, 0].bool() | full.to_dense()[:, 0].bool(), tiles.any(4).any(2))
     assert torch.equal(full.to_dense()[:, 0].bool(), tiles.all(4).all(2))
-    assert full.to_dense()[0, 0].tolist() == [[0, 0], [1, 0]]  # the second prompt block sees all of the first
+    assert full.to_dense()[0, 0].tolist() == first_full

@@ -33,6 +33,12 @@ def training(**kw) -> mp.Training:
 
 # --- 1. the parts, by hand ----------------------------------------------------------------------------
 
+def test_the_plan_chunks_the_output_layer_as_training_does():
+    from infopo_cli.train.logps import CHUNK_TOKENS
+
+    assert checkpointing.training(TrainConfig(), "cuda", 2).lm_chunk == mp.LM_CHUNK == CHUNK_TOKENS
+
+
 def test_weights_lora_and_optimizer_of_a_tiny_config_by_hand():
     arch = mp.architecture(TINY)
     parts = {p.name: p.bytes for p in mp.static_parts(arch, training())}
@@ -73,12 +79,18 @@ def test_activations_of_a_layer_by_hand():
     assert eager - expected == 4 * 100 * (4 + 2) - (2 * 64 + 4 * 4) + 2 * 64
 
 
-def test_layouts_two_rows_per_pair_or_one_shared_row():
+def test_layouts_two_rows_per_pair_or_one_shared_row_padded_to_a_multiple_of_16():
     assert mp.Batch(2, 1024, 256, shared=False).layout() == mp.Layout(4, 1024, 4 * 768, False)
     assert mp.Batch(2, 1024, 256, shared=True).layout() == mp.Layout(2, 256 + 2 * 768, 4 * 768, True)
+    # rows as collate pads them: 100 and 30 + 2 x 70 = 170 tokens are 112 and 176 positions, the scored ones as they are
+    assert mp.Batch(1, 100, 30, shared=False).layout() == mp.Layout(2, 112, 2 * 70, False)
+    assert mp.Batch(1, 100, 30, shared=True).layout() == mp.Layout(1, 176, 2 * 70, True)
     pairs = [(10, 5, 7), (50, 40, 2), (3, 1, 1)]
-    assert mp.worst_layout(pairs, 2, shared=False) == mp.Layout(4, 90, 40 + 2 + 5 + 7, False)
-    assert mp.worst_layout(pairs, 2, shared=True) == mp.Layout(2, 92, 54, True)
+    assert mp.worst_layout(pairs, 2, shared=False) == mp.Layout(4, 96, 40 + 2 + 5 + 7, False)  # 90 tokens
+    assert mp.worst_layout(pairs, 2, shared=True) == mp.Layout(2, 96, 54, True)  # 92 tokens
+    assert mp.worst_layout([(8, 4, 4)], 1, shared=True).width == 16  # a whole multiple stays
+    batch = collate([TokenizedPair(*([5] * n for n in lengths)) for lengths in pairs[:2]], 0, True)
+    assert batch.input_ids.shape == (2, mp.worst_layout(pairs, 2, shared=True).width)  # what collate makes
 
 
 def test_checkpointing_keeps_only_layer_inputs_and_the_peak_falls():
@@ -113,6 +125,87 @@ def test_auto_keeps_as_many_layers_whole_as_fit():
     assert mp.choose(arch, run, layout, "off", 1).plan.checkpointed == 0  # as set, fitting or not
     assert mp.largest_batch(arch, run, mp.Batch(4, 512, 128, True), True, every.needed) >= 4
     assert mp.longest_length(arch, run, mp.Batch(4, 512, 128, True), True, every.needed) >= 512
+
+
+def test_the_margin_is_a_tenth_of_the_card_and_at_least_one_and_a_half_gib_unless_given():
+    assert mp.margin(24 * mp.GIB) == round(2.4 * mp.GIB) and mp.margin(16 * mp.GIB) == round(1.6 * mp.GIB)
+    assert mp.margin(15 * mp.GIB) == mp.margin(8 * mp.GIB) == 1.5 * mp.GIB  # 10% would be 1.5 GiB or less
+    assert mp.margin(80 * mp.GIB) == 8 * mp.GIB
+    assert mp.margin(24 * mp.GIB, 0.5) == mp.GIB // 2 and mp.margin(24 * mp.GIB, 0.0) == 0
+
+
+def test_what_a_cuda_process_holds_besides_is_in_the_8b_plan_each_part_named():
+    arch = mp.architecture(architectures.PUBLISHED["meta-llama/Meta-Llama-3-8B-Instruct"])
+    layout = mp.Batch(2, 1024, 512, shared=True).layout()
+    p = mp.plan(arch, training(lora_r=16), layout, 16)
+    static, dynamic = {q.name: q.bytes for q in p.static}, {q.name: q.bytes for q in p.dynamic}
+    # torch's cuBLAS workspace (32 MiB on Hopper) and cuBLASLt's (1 MiB), for the forward's handle and autograd's
+    assert static["cuBLAS and cuBLASLt workspaces"] == 2 * (32 + 1) * 2**20
+    assert dynamic["attention mask"] == 2 * layout.rows * 1536 ** 2  # (R, 1, T, T) in bf16, counted once
+    assert p.slack == round(0.10 * sum(dynamic.values())) > 0 and p.context == mp.CUDA_CONTEXT > 0
+    assert p.card == p.allocated + p.slack + p.context
+    cpu = mp.plan(arch, training(lora_r=16, device="cpu"), layout, 16)
+    assert "cuBLAS and cuBLASLt workspaces" not in {q.name for q in cpu.static} and cpu.context == 0
+    # two rows per pair: sdpa's boolean mask, a byte a position pair
+    plain = mp.Batch(2, 1000, 512, shared=False).layout()
+    assert plain.width == 1008 and mp._mask(training(), plain) == 4 * 1008 ** 2
+
+
+def test_flex_and_flash_attention_hold_no_dense_mask():
+    arch = mp.architecture(TINY)
+    shared, plain = mp.Batch(2, 1000, 512, shared=True).layout(), mp.Batch(2, 1000, 512, shared=False).layout()
+    assert mp._mask(training(attention="sdpa"), shared) == 2 * 2 * 1488 ** 2 and mp._mask(training(), plain) > 0
+    for attention, layout in (("flex_attention", shared), ("flex_attention", plain), ("flash_attention_2", plain),
+                              ("flash_attention_3", plain)):
+        run = training(attention=attention)
+        part = mp._mask_part(run, layout)
+        assert mp._mask(run, layout) == part.bytes == 0
+        assert ("a block mask" if attention == "flex_attention" else "none: flash-attention") in part.note
+        with_mask = mp.plan(arch, training(), layout, 0)
+        without = mp.plan(arch, run, layout, 0)
+        assert {p.name: p.bytes for p in without.dynamic}.get("attention mask", 0) == 0
+        assert with_mask.moments != without.moments
+    # flash-attention takes no shared prompt: the plan lays a micro-batch out in two rows
+    flash = TrainConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", attn_implementation="flash_attention_2",
+                        max_length=512)
+    assert not checkpointing.for_settings(flash, "cuda", 2, None).batch.shared
+
+
+def test_auto_in_infopo_plan_keeps_the_margin_free_and_says_how_much_it_keeps(monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from infopo_cli.presets import load
+    from infopo_cli.reporting import memory_table
+
+    chosen = []
+    real = mp.choose
+    monkeypatch.setattr(mp, "choose", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+
+    def plan(margin: float | None) -> tuple[str, mp.Plan]:
+        out, chosen[:] = StringIO(), []
+        cfg = merge(load("llama3-8b-qlora"), {"gpu_mem_margin": margin} if margin is not None else {}, "test")
+        memory_table.print_plan(Console(file=out, width=300), cfg, None, 24.0)
+        return out.getvalue(), chosen[0].plan
+
+    text, kept = plan(None)
+    assert kept.card + round(2.4 * mp.GIB) <= 24 * mp.GIB  # auto recomputes enough to leave 2.4 GiB free
+    assert f"fits in 24 GiB with {(24 * mp.GIB - kept.card) / mp.GIB:.2f} GiB margin" in text and "2.40" in text
+    _, none = plan(0.0)
+    assert none.checkpointed < kept.checkpointed and none.card <= 24 * mp.GIB
+    _, wide = plan(6.0)
+    assert wide.checkpointed > kept.checkpointed and wide.card + 6 * mp.GIB <= 24 * mp.GIB
+
+
+def test_the_verdict_tells_a_fit_within_the_margin_from_one_outside_it():
+    from infopo_cli.reporting.memory_table import verdict
+
+    card, margin = 24 * mp.GIB, round(2.4 * mp.GIB)
+    assert "fits in 24 GiB with 3.00 GiB margin" in verdict(24, card, 21 * mp.GIB, margin)
+    tight = verdict(24, card, 23 * mp.GIB, margin)
+    assert "with only 1.00 GiB margin" in tight and "less than the 2.40 GiB margin" in tight
+    assert "does not fit in 24 GiB" in verdict(24, card, 25 * mp.GIB, margin)
 
 
 # --- 2. against what autograd holds on CPU ------------------------------------------------------------
@@ -268,7 +361,7 @@ def _pairs(n: int, prompt: int, response: int) -> list[TokenizedPair]:
 
 
 def test_auto_picks_off_when_memory_is_ample_on_when_not_and_refuses_what_cannot_fit(tiny_model):
-    cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512)
+    cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512, gpu_mem_margin=0.0)
     train = _pairs(8, 64, 400)
     arch = architectures.find_architecture(str(tiny_model))[0]
     run = checkpointing.training(cfg, "cuda", 2)
@@ -277,14 +370,14 @@ def test_auto_picks_off_when_memory_is_ample_on_when_not_and_refuses_what_cannot
 
     def decide(free: int, device: str = "cuda", mode: str = "auto") -> checkpointing.Recompute:
         return checkpointing.for_run(merge(cfg, {"gradient_checkpointing": mode}, "test"), str(tiny_model), train, [],
-                                     device, 2, share_prompt=True, free=free)
+                                     device, 2, share_prompt=True, free=free, card=24 * mp.GIB)
 
     ample = decide(10 * need[0])
     assert ample.layers == 0 and ample.message.startswith("gradient checkpointing auto: off, no layer recomputes (the run needs")
     short = decide(need[0] - 1)
     assert short.layers in (1, 2) and "(without recomputation the run needs" in short.message
     with pytest.raises(ConfigError) as refused:
-        decide(need[2] // 2)
+        decide(need[2] - 1)
     message = str(refused.value)
     assert "\n" not in message and "even recomputing every layer" in message and "try --" in message
     # on a CPU nothing is refused: every layer recomputes and the system may swap; offload copies nothing
@@ -292,6 +385,50 @@ def test_auto_picks_off_when_memory_is_ample_on_when_not_and_refuses_what_cannot
     offload = decide(10 * need[0], device="cpu", mode="offload")
     assert offload.layers is None and "nothing is copied" in offload.message
     assert decide(need[0] - 1, mode="off").message.count("warning: the plan predicts") == 1
+
+
+def test_auto_on_a_gpu_keeps_its_margin_and_refuses_only_what_does_not_fit_without_it(tiny_model):
+    cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512)
+    train = _pairs(8, 64, 400)
+    arch = architectures.find_architecture(str(tiny_model))[0]
+    layout = mp.worst_layout([(64, 400, 400)] * 8, 4, True)
+    need = {n: mp.plan(arch, checkpointing.training(cfg, "cuda", 2), layout, n, eval_layout=layout).needed for n in (0, 2)}
+    margin = mp.margin(16 * mp.GIB)  # 1.6 GiB
+
+    def decide(free: int, **settings) -> checkpointing.Recompute:
+        return checkpointing.for_run(merge(cfg, settings, "test"), str(tiny_model), train, [], "cuda", 2,
+                                     share_prompt=True, free=free, card=16 * mp.GIB)
+
+    assert decide(need[0] + margin).layers == 0
+    assert "once a 1.60 GiB margin is kept" in decide(need[0] + margin).message
+    assert decide(need[0] + margin - 1).layers in (1, 2)  # fits, but not with the margin: recompute
+    inside = decide(need[2])  # every layer recomputed fits only inside the margin: tried, not refused
+    assert inside.layers == 2 and "even so the run needs" in inside.message
+    with pytest.raises(ConfigError, match="even recomputing every layer"):
+        decide(need[2] - 1)
+    assert decide(need[0], gpu_mem_margin=0.0).layers == 0  # --gpu-mem-margin 0: the plan alone decides
+    assert decide(need[0] + mp.GIB, gpu_mem_margin=1.0).layers == 0
+    assert decide(need[0] + mp.GIB - 1, gpu_mem_margin=1.0).layers in (1, 2)
+    # free memory under the margin: nothing usable, not a negative amount
+    assert "more than the 0.00 GiB free GPU memory once a 1.60 GiB margin is kept" in inside.message
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "offload"])
+def test_a_given_setting_keeps_no_margin_it_is_measured_against_all_the_free_memory(tiny_model, mode):
+    cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512,
+                      gradient_checkpointing=mode)
+    memory = checkpointing.budget(cfg, "cuda", free=mp.GIB, card=16 * mp.GIB)
+    assert (memory.free, memory.margin, memory.usable, memory.where) == (mp.GIB, 0, mp.GIB, "free GPU memory")
+    auto = checkpointing.budget(merge(cfg, {"gradient_checkpointing": "auto"}, "test"), "cuda", free=mp.GIB,
+                                card=16 * mp.GIB)
+    assert (auto.margin, auto.usable) == (mp.margin(16 * mp.GIB), 0)  # 1.6 GiB kept of 1 GiB free: none usable
+    layout = mp.worst_layout([(64, 400, 400)] * 8, 4, True)
+    arch = architectures.find_architecture(str(tiny_model))[0]
+    needed = mp.choose(arch, checkpointing.training(cfg, "cuda", 2), layout, mode, None, eval_layout=layout).plan.needed
+    # it fits, but not with auto's margin: no warning (a margin of 1.6 GiB would have made one)
+    fits = checkpointing.for_run(cfg, str(tiny_model), _pairs(8, 64, 400), [], "cuda", 2, share_prompt=True,
+                                 free=needed, card=16 * mp.GIB)
+    assert "warning" not in fits.message and f"of {mp.gib(needed)} GiB free GPU memory)" in fits.message
 
 
 # --- 4. the setting ---------------------------------------------------------------------------------
@@ -318,6 +455,85 @@ def test_true_and_false_mean_on_and_off_in_files_flags_and_old_run_configs(tmp_p
     assert resumed_config(saved, {"gradient_checkpointing": "auto"}, tmp_path).gradient_checkpointing == "auto"
 
 
+def test_gpu_mem_margin_is_a_setting_that_resume_may_change_and_a_negative_one_is_one_line(tmp_path):
+    from infopo_cli.config import to_toml
+    from infopo_cli.presets import load
+    from infopo_cli.train.resume import resumed_config
+
+    (tmp_path / "config.toml").write_text(to_toml({**TrainConfig(gpu_mem_margin=2.0).to_dict(), "model": "x"}))
+    saved = load(str(tmp_path / "config.toml"))
+    assert saved.gpu_mem_margin == 2.0 and TrainConfig().gpu_mem_margin is None
+    assert resumed_config(saved, {"gpu_mem_margin": 3.0}, tmp_path).gpu_mem_margin == 3.0
+    with pytest.raises(ConfigError, match=r"^command line: gpu_mem_margin must be >= 0 \(got -1.0\)$"):
+        merge(TrainConfig(), {"gpu_mem_margin": -1.0}, "command line")
+    out = infopo("train", "--gpu-mem-margin", "-1", "--dry-run")
+    assert out.returncode == 2 and out.stderr.strip() == "error: command line: gpu_mem_margin must be >= 0 (got -1.0)"
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, "expandable_segments:True"),  # both names: torch >= 2.9 reads the first, older ones the second
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, None),  # the user's own setting, any value, is kept
+    ({"PYTORCH_ALLOC_CONF": ""}, None)])
+def test_the_cuda_allocator_grows_expandable_segments_unless_the_user_configured_it(monkeypatch, given, expected):
+    from infopo_cli import cli
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # (so that what main() sets is undone after the test)
+        monkeypatch.delenv(name)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["infopo", "--version"])
+    cli.main()  # sets it first thing, before any command imports torch
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        assert os.environ.get(name) == (expected if expected is not None else given.get(name)), name
+
+
+@pytest.mark.parametrize("command, imports_torch", [(["train", "--dry-run"], True),
+                                                     (["plan", "--preset", "llama3-8b-qlora"], False)])
+def test_a_command_imports_torch_with_the_allocator_setting_already_made(tmp_path, command, imports_torch):
+    """In the `infopo` process itself: the variable is there when torch is first imported; `infopo plan`, arithmetic
+    only, imports no torch at all."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    probe = ("import os, sys, builtins; real = builtins.__import__\n"
+             "def spy(name, *a, **k):\n"
+             "    if name == 'torch' and 'torch' not in sys.modules:\n"
+             "        print('torch sees', os.environ.get('PYTORCH_ALLOC_CONF'), os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))\n"
+             "    return real(name, *a, **k)\n"
+             "builtins.__import__ = spy\n"
+             f"sys.argv = ['infopo', *{command!r}]\n"
+             "from infopo_cli.cli import main; main()")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    seen = [line for line in out.stdout.splitlines() if line.startswith("torch sees")]
+    assert seen == (["torch sees expandable_segments:True expandable_segments:True"] if imports_torch else [])
+
+
+@pytest.mark.parametrize("hip, expected", [("hip: Optional[str] = None", "expandable_segments:True"),
+                                           ("hip = None", "expandable_segments:True"),
+                                           ("hip: Optional[str] = '6.2.41133-dd7f95766'", None),  # ROCm: unsupported
+                                           (None, None)])  # no torch installed
+def test_expandable_segments_are_not_asked_of_a_rocm_build_read_off_torch_without_importing_it(
+        monkeypatch, tmp_path, hip, expected):
+    import importlib.machinery
+    import importlib.util
+
+    from infopo_cli import cli
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('never imported')\n")
+    if hip is not None:
+        (tmp_path / "torch" / "version.py").write_text(
+            f"from typing import Optional\n__version__ = '2.5.1'\ncuda: Optional[str] = None\n{hip}\n")
+    spec = importlib.machinery.ModuleSpec("torch", None, origin=str(tmp_path / "torch" / "__init__.py"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if hip is not None else None)
+    monkeypatch.setattr(sys, "platform", "linux")
+    cli.expandable_segments_by_default()
+    assert os.environ.get("PYTORCH_ALLOC_CONF") == os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
+
+
 # --- 5. infopo plan -----------------------------------------------------------------------------------
 
 def infopo(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -330,18 +546,44 @@ def test_plan_of_the_8b_preset_runs_without_a_gpu_or_a_download(tmp_path):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "the published config of meta-llama/Meta-Llama-3-8B-Instruct" in text
-    for part in ("base weights, 4-bit NF4", "LoRA gradients", "paged 8-bit AdamW", "CUDA context", "peak allocated",
-                 "fits in 24 GiB", "largest --batch-size", "longest --max-length"):
+    for part in ("base weights, 4-bit NF4", "LoRA gradients", "paged 8-bit AdamW", "cuBLAS and cuBLASLt workspaces",
+                 "attention mask", "allocator rounding and fragmentation", "CUDA context", "peak allocated",
+                 "margin kept free", "fits in 24 GiB with", "largest --batch-size", "longest --max-length"):
         assert part in text, part
     assert not (tmp_path / "empty-hub").exists() or not any((tmp_path / "empty-hub").rglob("*.json"))
 
 
 def test_plan_reads_a_local_folder_and_says_what_to_change_when_it_does_not_fit(tiny_model):
-    out = infopo("plan", "--model", str(tiny_model), "--gpu-mem", "0.55", "--batch-size", "64", "--max-length", "2048",
-                 "--gradient-checkpointing", "off")
+    out = infopo("plan", "--model", str(tiny_model), "--gpu-mem", "0.55", "--gpu-mem-margin", "0", "--batch-size", "64",
+                 "--max-length", "2048", "--gradient-checkpointing", "off")
     assert out.returncode == 0, out.stderr
     assert str(tiny_model / "config.json") in out.stdout.replace("\n", "")
     assert "does not fit in 0.55 GiB" in out.stdout and "what to change:" in out.stdout
+
+
+def test_plan_of_a_given_setting_keeps_no_margin_and_refuses_only_a_card_under_the_cuda_context():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from infopo_cli.presets import load
+    from infopo_cli.reporting.memory_table import print_plan
+
+    def plan(gpu_mem: float, mode: str) -> str:
+        out = StringIO()
+        print_plan(Console(file=out, width=400), merge(load("smollm2-135m"), {"gradient_checkpointing": mode}, "test"),
+                   None, gpu_mem)
+        return " ".join(out.getvalue().replace("│", " ").split())  # the table's rows as plain words
+
+    on = plan(2.0, "on")  # 2 GiB: the 1.5 GiB margin and the 0.5 GiB context would leave nothing
+    assert "once its CUDA context is made)" in on and "margin kept free 0.00 auto only (it would keep 1.50 GiB" in on
+    assert "fits in 2 GiB with 0.50 GiB to spare" in on
+    auto = plan(2.0, "auto")
+    assert "a 1.50 GiB margin are kept" in auto and "margin kept free 1.50 max(10% of the card" in auto
+    assert "-0." not in auto + on  # no negative amount anywhere
+    for gpu_mem in (0.5, 0.1):
+        with pytest.raises(ConfigError, match=r"^--gpu-mem must be more than the CUDA context's 0.5 GiB \(got"):
+            plan(gpu_mem, "on")
 
 
 def test_plan_errors_are_one_line(tmp_path):
@@ -350,3 +592,6 @@ def test_plan_errors_are_one_line(tmp_path):
     assert out.returncode != 0 and len(lines) == 1 and "no config.json for 'nobody/no-such-model'" in lines[0]
     out = infopo("plan", "--gradient-checkpointing", "sometimes")
     assert out.returncode == 2 and "gradient_checkpointing must be one of" in out.stderr
+    out = infopo("plan", "--gpu-mem", "inf")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: --gpu-mem must be the GPU's memory in GiB, a finite number (got inf)")

@@ -2,7 +2,7 @@
 
 Each one parses (its flags exist and take the values given); `train` and `compare` run with `--dry-run` in a folder
 holding the files they name (every preset, flag, loss and data row checked, no model loaded); the commands that need
-neither a model nor a trained run (`losses`, `presets`, `plan`, `data check`) run for real. The commands that act on
+neither a model nor a trained run (`losses`, `presets`, `plan`, `data check`, `doctor`) run for real. The commands that act on
 a trained run (`eval`, `export`, `generate`, `chat`, `report`) are parsed here and run by the tests of each command.
 """
 
@@ -20,7 +20,7 @@ from conftest import write_pairs
 from infopo_cli import cli
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-RUN_FOR_REAL = ("losses", "presets", "plan", "data")
+RUN_FOR_REAL = ("losses", "presets", "plan", "data", "doctor")
 DRY_RUN = ("train", "compare")
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def _local_key(folder) -> str:
     return reference_cache.cache_key(reference_cache.model_identity(str(folder)), {}, [])
 
 
-def test_a_local_base_is_keyed_by_size_mtime_and_samples_without_being_read_whole(tmp_path, monkeypatch):
+def test_a_local_base_is_keyed_by_its_stat_and_samples_without_being_read_whole(tmp_path, monkeypatch):
     folder = tmp_path / "base"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
@@ -129,23 +130,34 @@ def test_a_local_base_is_keyed_by_size_mtime_and_samples_without_being_read_whol
     assert 0 < sum(read) <= reference_cache.SAMPLES * reference_cache.SAMPLE_BYTES + 1024  # the samples and config.json
     assert _local_key(folder) == first  # nothing changed: the same key (the cache is hit)
 
-    stat = weights.stat()
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched (or rewritten): another key
-    assert _local_key(folder) != first
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert _local_key(folder) == first
+    def samples() -> str:  # the sampled blocks' part of the fingerprint
+        return reference_cache.file_fingerprint(weights).rsplit(":", 1)[1]
 
-    with open(weights, "r+b") as fh:  # the last sampled block changed, size and mtime put back (a `cp -p` of another file)
+    sampled, stat = samples(), weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: another key, the same samples
+    assert _local_key(folder) != first and samples() == sampled
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    before = _local_key(folder)
+
+    time.sleep(0.05)  # past the filesystem's timestamp tick, so that the write below sets a ctime of its own
+    with open(weights, "r+b") as fh:  # rewritten in place between two sampled blocks, size and mtime put back
+        fh.seek((size - reference_cache.SAMPLE_BYTES) // (2 * (reference_cache.SAMPLES - 1)))
+        fh.write(b"other data")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    rewritten = _local_key(folder)
+    assert samples() == sampled and rewritten != before  # only its ctime tells it apart
+
+    with open(weights, "r+b") as fh:  # the last sampled block changed
         fh.seek(size - 10)
         fh.write(b"other data")
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    changed = _local_key(folder)
-    assert changed != first
+    assert samples() != sampled and _local_key(folder) not in (first, before, rewritten)
 
     with open(weights, "r+b") as fh:  # another size, mtime put back
         fh.truncate(size + 4096)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert _local_key(folder) not in (first, changed)
+    assert _local_key(folder) not in (first, before, rewritten)
     assert max(read) <= reference_cache.SAMPLE_BYTES  # never more than one block at a time
 
 

@@ -242,7 +242,8 @@ def test_out_of_memory_saves_the_state_before_the_step_and_a_smaller_split_resum
 
     at_forward(monkeypatch, 5, oom)  # step 3
     run_dir = tmp_path / "run"
-    summary = recipe.train(cfg_for(tiny_model, pairs_file, run_dir))
+    # a given setting (auto would run the step again first: tests/test_memory_fallback.py)
+    summary = recipe.train(cfg_for(tiny_model, pairs_file, run_dir, gradient_checkpointing="on"))
     assert summary.status == "out of memory" and summary.exit_code == 3
     assert "memory at step 3" in summary.message and "longest pair" in summary.message
     assert "--batch-size 1 --grad-accum 4" in summary.message

@@ -6,9 +6,12 @@ tests run in a venv of its own (README: the unsloth backend) and are skipped whe
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +26,11 @@ from infopo_cli.model import unsloth_backend
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def infopo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, cwd=ROOT,
+def infopo(*args: str, env: dict[str, str] | None = None, without_unsloth: bool = False) -> subprocess.CompletedProcess:
+    # a None in sys.modules is a package that is not there, even where unsloth is installed
+    start = ["-c", "import sys; sys.modules['unsloth'] = None; from infopo_cli.cli import main; main()"] \
+        if without_unsloth else ["-m", "infopo_cli"]
+    return subprocess.run([sys.executable, *start, *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=900)
 
 
@@ -58,9 +64,9 @@ def test_cli_takes_the_flag_and_refuses_other_values():
 
 # --- one-line errors, before any data or model loads ------------------------------------------------
 
-@pytest.mark.skipif(importlib.util.find_spec("unsloth") is not None, reason="unsloth is installed here")
 def test_missing_package_is_one_line_before_the_data_is_read(tmp_path):
-    out = infopo("train", "--backend", "unsloth", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "r"))
+    out = infopo("train", "--backend", "unsloth", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "r"),
+                 without_unsloth=True)
     assert out.returncode == 2
     assert error_line(out) == "error: --backend unsloth needs the unsloth package: pip install 'infopo[unsloth]'"
     assert not (tmp_path / "r").exists()
@@ -153,6 +159,59 @@ def test_checkpointing_settings_map_to_unsloths(setting, mode):
     assert unsloth_backend.checkpointing_mode(cfg) == mode
 
 
+NO_DROPOUT = "--backend unsloth trains with lora_dropout 0 (not {}): its fused LoRA kernels run only without dropout"
+
+
+def test_unsloth_trains_without_dropout_and_says_so():
+    from infopo_cli.presets import load
+
+    cfg = merge(load("llama3-8b-qlora"), {"backend": "unsloth"}, source="command line")  # the preset's 0.05
+    notes: list[str] = []
+    fast = unsloth_backend.without_dropout(cfg, notes.append)
+    assert cfg.lora_dropout == 0.05 and fast == dataclasses.replace(cfg, lora_dropout=0.0)  # nothing else changes
+    assert notes == [NO_DROPOUT.format("0.05")]
+    assert unsloth_backend.without_dropout(fast, notes.append) is fast and len(notes) == 1  # 0 already: no note
+
+
+def test_a_run_records_the_dropout_it_trains_with_and_a_resume_keeps_its_own(tiny_model, pairs_file, tmp_path,
+                                                                            monkeypatch):
+    """The recipe's side, with transformers + peft standing in for Unsloth's model (the real run is below)."""
+    from rich.console import Console
+
+    from infopo_cli.model import loading as stack
+    from infopo_cli.presets import load
+    from infopo_cli.train import recipe
+    from infopo_cli.train.progress import Reporter
+    from infopo_cli.train.resume import resumed_config
+
+    monkeypatch.setattr(unsloth_backend, "check", lambda cfg: None)
+    monkeypatch.setattr(unsloth_backend, "load_model",
+                        lambda source, cfg, precision: stack.attach_lora(stack.load_base(source, cfg, precision), cfg))
+
+    def train(cfg: TrainConfig, resume: Path | None = None) -> str:
+        text = io.StringIO()
+        assert recipe.train(cfg, Reporter(Console(file=text, width=300)), resume=resume).status == "completed"
+        return text.getvalue()
+
+    def dropouts(run: Path) -> tuple[float, float]:
+        return load(str(run / "config.toml")).lora_dropout, json.loads((run / "adapter_config.json").read_text())["lora_dropout"]
+
+    tiny = dict(model=str(tiny_model), data=str(pairs_file), eval_data="", dtype="fp32", load_in_4bit=False, lora_r=4,
+                lora_alpha=8, max_steps=2, batch_size=4, max_length=128, max_prompt_length=64, lora_dropout=0.1)
+    out = train(TrainConfig(backend="unsloth", output=str(tmp_path / "new"), **tiny))
+    assert NO_DROPOUT.format("0.1") in out and dropouts(tmp_path / "new") == (0.0, 0.0)
+
+    # a run that an earlier infopo started with dropout (its config.toml says so) resumes with it, exactly
+    old = tmp_path / "old"
+    train(TrainConfig(backend="transformers", output=str(old), **{**tiny, "max_steps": 4, "save_every": 2}))
+    shutil.rmtree(old / "checkpoint-4")  # as if it had stopped after step 2
+    settings = old / "config.toml"
+    settings.write_text(settings.read_text().replace('backend = "transformers"', 'backend = "unsloth"'))
+    out = train(resumed_config(load(str(settings)), {}, old), resume=old)
+    assert "resuming after step 2 of 4" in out and "lora_dropout" not in out and dropouts(old) == (0.1, 0.1)
+    assert (old / "checkpoint-4").is_dir()
+
+
 def test_a_model_that_drops_attention_masks_reads_pairs_as_two_rows(tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -186,12 +245,16 @@ def test_train_with_unsloth_on_cpu_saves_an_adapter_infopo_reloads_and_merges(ti
     from infopo_cli.train.evaluate import Evaluator
 
     run = tmp_path / "run"
-    out = infopo("train", "--backend", "unsloth", "--model", str(tiny_model), "--data", str(pairs_file), "--eval-data",
-                 str(pairs_file), "--output", str(run), "--gradient-checkpointing", "on", *TINY_RUN)
+    (tmp_path / "dropout.toml").write_text("lora_dropout = 0.1\n")  # a preset's dropout (llama3-8b-qlora has 0.05)
+    out = infopo("train", "--backend", "unsloth", "--preset", str(tmp_path / "dropout.toml"), "--model", str(tiny_model),
+                 "--data", str(pairs_file), "--eval-data", str(pairs_file), "--output", str(run),
+                 "--gradient-checkpointing", "on", *TINY_RUN)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Unsloth (CPU)" in out.stdout  # the model came from FastLanguageModel (its CPU fallback here)
+    assert NO_DROPOUT.format("0.1") in " ".join(out.stdout.split())  # rich may wrap the line
     cfg = load(str(run / "config.toml"))
     assert cfg.backend == "unsloth" and cfg.gradient_checkpointing == "on" and cfg.load_in_4bit
+    assert cfg.lora_dropout == 0.0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert summary["eval_before"]["eval/loss"] == pytest.approx(1.0)  # InfoPO is exactly 1 while the adapter adds 0
@@ -201,6 +264,7 @@ def test_train_with_unsloth_on_cpu_saves_an_adapter_infopo_reloads_and_merges(ti
     # the adapter is infopo's POLICY adapter: transformers + peft reload it and reproduce the run's last evaluation
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 4 and "lm_head" not in adapter["target_modules"]
+    assert adapter["lora_dropout"] == 0.0
     base = stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test"))
     reloaded = PeftModel.from_pretrained(base, str(run))
     assert list(reloaded.peft_config) == [stack.POLICY]

@@ -6,9 +6,8 @@ positions right after the prompt and see only the prompt and themselves, so the 
 instead of twice; the log-probs are those of the plain layout. A batch carries each row's segment
 lengths, not its mask: the mask is built where the model runs, from those lengths (`shared_allowed`).
 
-Widths are padded to a multiple of PAD_MULTIPLE: torch's memory-efficient sdpa kernel copies a mask
-whose last dimension is not a multiple of 8 in every layer, and fewer distinct widths mean fewer
-kernel variants. Padding is masked out and never scored, so it changes no log-prob.
+Widths are padded to a multiple of 16 (data/widths.py says why). Padding is masked out and never
+scored, so it changes no log-prob.
 """
 
 from __future__ import annotations
@@ -21,14 +20,9 @@ import torch
 from torch import Tensor
 
 from infopo_cli.data.tokenization import TokenizedPair
+from infopo_cli.data.widths import padded_width
 
 IGNORE = -100
-PAD_MULTIPLE = 16  # every collated width is a multiple of this (`padded_width`)
-
-
-def padded_width(length: int) -> int:
-    """A batch's width for its longest row of `length` tokens: the next multiple of PAD_MULTIPLE (at least one)."""
-    return max(1, -(-length // PAD_MULTIPLE)) * PAD_MULTIPLE
 
 
 @dataclass

@@ -172,7 +172,8 @@ def add_tokenizer(writer, tokenizer, model_name: str) -> None:
     types = [gguf.TokenType.UNUSED] * size
     for text, index in vocab.items():
         tokens[index], types[index] = text, gguf.TokenType.NORMAL
-    if model["type"] == "BPE" and not model.get("byte_fallback"):  # byte-level BPE: Llama 3, Qwen2, SmolLM2
+    # byte-level BPE: Llama 3, Qwen2, SmolLM2 (transformers <= 5.17 reads such a GGUF's tokenizer with byte_fallback set)
+    if model["type"] == "BPE" and (not model.get("byte_fallback") or '"ByteLevel"' in json.dumps(backend.get("pre_tokenizer"))):
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre_tokenizer(model_name))

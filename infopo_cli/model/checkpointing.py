@@ -43,8 +43,6 @@ def given(mode: str) -> Recompute:
 
 def training(cfg: TrainConfig, device: str, compute_bytes: int, softcapped: bool = False) -> mp.Training:
     """The plan's view of a run's settings on `device` (optimizer and attention kernel as `auto` resolves them)."""
-    from infopo_cli.train.logps import CHUNK_TOKENS
-
     targets = None if cfg.target_modules == "all-linear" else frozenset([cfg.target_modules] if isinstance(
         cfg.target_modules, str) else cfg.target_modules)
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw")
@@ -52,19 +50,46 @@ def training(cfg: TrainConfig, device: str, compute_bytes: int, softcapped: bool
     if attention == "auto":  # as model/loading.py resolves it (model/attention.py)
         attention = "matmul" if device == "cpu" and compute_bytes == 2 and not softcapped else "sdpa"
     return mp.Training(cfg.lora_r, targets, cfg.lora_dropout, compute_bytes, cfg.load_in_4bit, optimizer, device,
-                       attention, CHUNK_TOKENS)
+                       attention, mp.LM_CHUNK)
+
+
+@dataclass(frozen=True)
+class SettingsPlan:
+    """The plan of a run's settings before any data is read: micro-batches at `max_length` (`where`: where the model's
+    config was read; `eval_layout`: the held-out batch's)."""
+
+    arch: mp.Architecture
+    where: str
+    run: mp.Training
+    batch: mp.Batch
+    layout: mp.Layout
+    eval_layout: mp.Layout
+    choice: mp.Choice
+
+
+def for_settings(cfg: TrainConfig, device: str, compute_bytes: int, budget: int | None,
+                 prompt_length: int | None = None) -> SettingsPlan:
+    """What `cfg.gradient_checkpointing` picks on `device` with `budget` bytes free, planned from the settings alone
+    (`infopo plan`, `infopo doctor`; a run plans its own longest micro-batch, `for_run`). `cfg.max_length` is a number."""
+    from dataclasses import replace
+
+    from infopo_cli.model.architectures import find_architecture
+
+    arch, where = find_architecture(cfg.model)
+    run = training(cfg, device, compute_bytes, arch.attn_softcap)
+    shared = cfg.share_prompt and run.attention not in mp.MASKLESS
+    batch = mp.Batch(cfg.batch_size, cfg.max_length, cfg.max_prompt_length if prompt_length is None else prompt_length,
+                     shared)
+    layout, no_grad = batch.layout(), replace(batch, pairs=cfg.eval_batch_size).layout()
+    choice = mp.choose(arch, run, layout, cfg.gradient_checkpointing, budget, eval_layout=no_grad)
+    return SettingsPlan(arch, where, run, batch, layout, no_grad, choice)
 
 
 def free_memory(device: str) -> int | None:
     """Bytes free for this run: the GPU's (its CUDA context already made), or the RAM the kernel says is available
     (/proc/meminfo, else sysconf; None when neither says)."""
     if device == "cuda":
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        # a per-process cap (torch.cuda.set_per_process_memory_fraction: a shared card, a benchmark) binds before the card does
-        fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
-        return int(min(free, fraction * total - torch.cuda.memory_reserved()))
+        return _cuda_memory()[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -77,11 +102,52 @@ def free_memory(device: str) -> int | None:
         return None
 
 
+def card_memory() -> int:
+    """The bytes of the GPU this process may use: the card's, or less under a per-process cap."""
+    return _cuda_memory()[1]
+
+
+def _cuda_memory() -> tuple[int, int]:
+    """(bytes free for this run, bytes of the card this process may use)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    # a per-process cap (torch.cuda.set_per_process_memory_fraction: a shared card, a benchmark) binds before the card does
+    fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    return int(min(free, fraction * total - torch.cuda.memory_reserved())), int(fraction * total)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory a run may plan with: `free` bytes (GPU or RAM; None: unknown), less the `margin` auto keeps free
+    on a GPU; `where` says what it is, for messages."""
+
+    free: int | None
+    margin: int
+    where: str
+
+    @property
+    def usable(self) -> int | None:
+        return None if self.free is None else max(0, self.free - self.margin)
+
+
+def budget(cfg: TrainConfig, device: str, free: int | None = None, card: int | None = None) -> Budget:
+    """What a run on `device` may plan with: `free` (else measured), and on CUDA under `--gradient-checkpointing auto`
+    the margin of `cfg.gpu_mem_margin`, or of the card's memory (`card`, else measured), kept free. A given setting
+    is not chosen from the budget: its warnings measure it against all the free memory."""
+    free = free_memory(device) if free is None else free
+    if device != "cuda" or free is None or cfg.gradient_checkpointing != "auto":
+        return Budget(free, 0, "free RAM" if device != "cuda" else "free GPU memory")
+    margin = mp.margin(card_memory() if card is None else card, cfg.gpu_mem_margin)
+    return Budget(free, margin, f"free GPU memory once a {mp.gib(margin)} GiB margin is kept")
+
+
 def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_out: Sequence[TokenizedPair], device: str,
-            compute_bytes: int, share_prompt: bool, free: int | None = None) -> Recompute:
+            compute_bytes: int, share_prompt: bool, free: int | None = None, card: int | None = None) -> Recompute:
     """The checkpointing of a run about to load its model, from the plan of its longest micro-batch (and longest
-    held-out or reference batch) and the free memory (`free`, else measured). On CUDA a run that does not fit even
-    recomputing every layer is refused with the plan's advice, in one line, before the model loads."""
+    held-out or reference batch) and the free memory (`free`, else measured); on CUDA `auto` keeps a margin of the
+    card's memory (`card`, else measured) free (`budget`). On CUDA a run that does not fit even recomputing every layer, margin
+    or not, is refused with the plan's advice, in one line, before the model loads."""
     mode = cfg.gradient_checkpointing
     if device != "cuda" and mode == "offload":
         return Recompute(None, message="gradient checkpointing offload: on a CPU the activations are in host memory "
@@ -91,26 +157,26 @@ def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_
         chosen = given(mode)
         return Recompute(chosen.layers, chosen.offload, f"gradient checkpointing {mode}: no config.json to plan from, "
                          + ("every layer recomputes" if chosen.layers is None else "no layer recomputes"))
-    shared = share_prompt and cfg.attn_implementation != "flash_attention_2"
     run = training(cfg, device, compute_bytes, arch.attn_softcap)
+    shared = share_prompt and run.attention not in mp.MASKLESS
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in train]
     held = lengths + [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in held_out]
     layout = mp.worst_layout(lengths, cfg.batch_size, shared)
     no_grad = mp.worst_layout(held, cfg.eval_batch_size, shared)
-    budget = free_memory(device) if free is None else free
-    choice = mp.choose(arch, run, layout, mode, budget, eval_layout=no_grad)
-    if device == "cuda" and budget is not None:
+    memory = budget(cfg, device, free, card)
+    choice = mp.choose(arch, run, layout, mode, memory.usable, eval_layout=no_grad)
+    if device == "cuda" and memory.free is not None:
         least = mp.plan(arch, run, layout, arch.layers, offload=mode == "offload", eval_layout=no_grad)
-        if least.needed > budget:
+        # refused past what is free: inside the margin it may still fit (and a step out of memory recomputes more)
+        if least.needed > memory.free:
             longest = max(lengths, key=lambda p: p[0] + max(p[1], p[2]))
             batch = mp.Batch(cfg.batch_size, longest[0] + max(longest[1], longest[2]), longest[0], shared)
-            tips = mp.advice(arch, run, batch, cfg.grad_accum, budget, mode)
+            tips = mp.advice(arch, run, batch, cfg.grad_accum, memory.usable, mode)
             raise ConfigError(f"this run needs {mp.gib(least.needed)} GiB of GPU memory even recomputing every layer, "
-                              f"and {mp.gib(budget)} GiB are free (the memory plan of its longest micro-batch; "
+                              f"and {mp.gib(memory.free)} GiB are free (the memory plan of its longest micro-batch; "
                               f"`infopo plan` shows the parts): try {'; or '.join(tips)}")
-    where = "free GPU memory" if device == "cuda" else "free RAM"
     return Recompute(choice.plan.checkpointed, choice.plan.offload,
-                     f"gradient checkpointing {mode}: {describe(choice, mode, budget, where)}")
+                     f"gradient checkpointing {mode}: {describe(choice, mode, memory.usable, memory.where)}")
 
 
 def describe(choice: mp.Choice, mode: str, budget: int | None, where: str) -> str:
@@ -173,16 +239,51 @@ def apply(base: nn.Module, recompute: Recompute) -> None:
     kwargs = {"use_reentrant": False}
     enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x name
     offload = recompute.offload and next(base.parameters()).device.type == "cuda"
-    if enable is None:
-        if offload:
-            raise ConfigError("--gradient-checkpointing offload needs a newer transformers (pip install -U transformers)")
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload and not _can_offload(base):
+        raise ConfigError("--gradient-checkpointing offload needs a newer transformers (pip install -U transformers)")
+    if enable is None:  # transformers <= 5.17: the older name, which offloads too
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **({"offload": True} if offload else {}))
     elif offload:
-        if "offload" not in inspect.signature(enable).parameters:
-            raise ConfigError("--gradient-checkpointing offload needs a newer transformers (pip install -U transformers)")
         enable(activation_checkpointing_kwargs=kwargs, offload=True)
     else:
         enable(activation_checkpointing_kwargs=kwargs)
     if recompute.layers is not None:
         for layer in decoder_layers(base)[recompute.layers:]:
             layer.gradient_checkpointing = False
+
+
+def _can_offload(base: nn.Module) -> bool:
+    enable = getattr(base, "activation_checkpointing_enable", None) or getattr(base, "gradient_checkpointing_enable", None)
+    return enable is not None and "offload" in inspect.signature(enable).parameters
+
+
+def recompute_more(model: nn.Module, recompute: Recompute) -> Recompute | None:
+    """After a step ran out of memory: every decoder layer of `model` (a peft model or its base) recomputes, or where
+    every one does already, their saved inputs go to pinned CPU memory (CUDA). Applied to the model at once; None when
+    there is nothing more to do."""
+    base = _base(model)
+    if not _every_layer(base, recompute):
+        return recompute_as(model, recompute, "on")
+    if not recompute.offload and next(base.parameters()).device.type == "cuda" and _can_offload(base):
+        return recompute_as(model, recompute, "offload")
+    return None
+
+
+def recompute_as(model: nn.Module, recompute: Recompute, mode: str) -> Recompute:
+    """`model`, which recomputes as `recompute` says, recomputing at least as `--gradient-checkpointing mode` (on or
+    offload; offload only on CUDA) does: what another process of the run went on with after running out of memory.
+    Applied to the model at once where it does less."""
+    base = _base(model)
+    offload = recompute.offload or (mode == "offload" and next(base.parameters()).device.type == "cuda")
+    more = Recompute(None, offload, "every layer recomputed" + (", its saved input in pinned CPU memory" if offload else ""))
+    if not _every_layer(base, recompute) or offload != recompute.offload:
+        apply(base, more)
+    return more
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _every_layer(base: nn.Module, recompute: Recompute) -> bool:
+    return recompute.layers is None or recompute.layers >= len(decoder_layers(base))

@@ -23,12 +23,16 @@ train/logps.py, data/batching.py) with transformers 5, peft and bitsandbytes:
   (train/output_layer.py): a chunk's logits in the compute dtype, their float32 copy and their gradient are
   the largest transient of a step on a 128k vocabulary.
 - **the sequence layout**: `batch_size` pairs are 2 rows of prompt + response each, or with prompt sharing
-  one row of prompt + chosen + rejected (and a (T x T) mask per row).
+  one row of prompt + chosen + rejected (and a (T x T) mask per row), each row padded to a multiple of 16
+  positions as data/batching.py pads them.
+- **what a CUDA process holds besides**: cuBLAS and cuBLASLt workspaces (in torch's allocator), the allocator's
+  rounding and fragmentation, the CUDA context (outside it).
 
 The peak is the largest of a few moments of the step (the output layer's backward, the backward of the last
 layer kept whole, the recompute and backward of a checkpointed layer, a no-grad held-out/reference pass).
 CUDA context and allocator slack are estimates; `torch.cuda.max_memory_allocated` (infopo's "peak memory")
-is the allocated part, without them.
+is the allocated part, without them. `auto` keeps a margin free on top (`margin`): for what the plan does not
+see, other processes on the card included.
 """
 
 from __future__ import annotations
@@ -37,15 +41,32 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from infopo_cli.data.widths import PAD_MULTIPLE, padded_width  # collated widths: sdpa then copies no mask
+
 GIB = 2**30
 # bitsandbytes NF4, blocksize 64, compress_statistics (double quantisation): bytes per weight
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 LORA_BYTES = 4             # peft keeps the adapter in float32 whatever the compute dtype
 CUDA_CONTEXT = GIB // 2    # the driver's and torch's own, outside the allocator (~0.5 GiB on recent cards)
-SLACK = 0.10               # the caching allocator's fragmentation, as a share of what a step allocates and frees
+# cuBLAS workspaces come from torch's caching allocator, one per (handle, stream), and a step uses two handles:
+# the forward's thread and autograd's device thread. torch 2.x (aten/src/ATen/cuda/CublasHandlePool.cpp):
+# CUBLAS_WORKSPACE_CONFIG defaults to ":4096:2:16:8" (8 MiB + 128 KiB), ":4096:8" (32 MiB) on Hopper (sm_90);
+# cuBLASLt has its own, CUBLASLT_WORKSPACE_SIZE, default 1024 KiB. The plan does not know the card: Hopper's.
+CUBLAS_WORKSPACE = 32 * 2**20
+CUBLASLT_WORKSPACE = 2**20
+BLAS_HANDLES = 2
+# The caching allocator rounds each block up to 512 B and carves blocks from segments rounded up to 2 MiB;
+# expandable segments (infopo's default, cli.py) grow one mapping instead of leaving freed segments of the wrong
+# size, which is most of the fragmentation of steps of varying lengths. Stated, not measured: 10% of what a
+# step allocates and frees.
+SLACK = 0.10
+MARGIN_SHARE = 0.10        # `auto` keeps max(10% of the card, 1.5 GiB) free unless told (--gpu-mem-margin)
+MARGIN_MIN = 3 * GIB // 2
 MIN_8BIT = 4096            # bitsandbytes' min_8bit_size: smaller tensors keep float32 optimizer states
 PAGED_MIN = 100_000        # bitsandbytes pages (cudaMallocManaged) states of tensors this large, outside torch's allocator
 MODES = ("auto", "on", "off", "offload")
+MASKLESS = ("flash_attention_2", "flash_attention_3")  # kernels that take no 4-D mask (so no shared prompt either)
+LM_CHUNK = 1024             # tokens per output-layer chunk: train/logps.py CHUNK_TOKENS (a test checks they agree)
 
 
 @dataclass(frozen=True)
@@ -163,12 +184,15 @@ class Batch:
     prompt: int
     shared: bool
 
+    @property
+    def prompt_tokens(self) -> int:
+        return max(1, min(self.prompt, self.max_length - 1))
+
     def layout(self) -> Layout:
-        prompt = max(1, min(self.prompt, self.max_length - 1))
-        response = self.max_length - prompt
+        response = self.max_length - self.prompt_tokens
         if self.shared:
-            return Layout(self.pairs, prompt + 2 * response, 2 * self.pairs * response, True)
-        return Layout(2 * self.pairs, self.max_length, 2 * self.pairs * response, False)
+            return Layout(self.pairs, padded_width(self.prompt_tokens + 2 * response), 2 * self.pairs * response, True)
+        return Layout(2 * self.pairs, padded_width(self.max_length), 2 * self.pairs * response, False)
 
 
 def worst_layout(pairs: Sequence[tuple[int, int, int]], batch_size: int, shared: bool) -> Layout:
@@ -177,7 +201,13 @@ def worst_layout(pairs: Sequence[tuple[int, int, int]], batch_size: int, shared:
     width = (lambda p: p[0] + p[1] + p[2]) if shared else (lambda p: p[0] + max(p[1], p[2]))
     longest = sorted(pairs, key=width, reverse=True)[:batch_size]
     rows = len(longest) * (1 if shared else 2)
-    return Layout(rows, width(longest[0]), sum(p[1] + p[2] for p in longest), shared)
+    return Layout(rows, padded_width(width(longest[0])), sum(p[1] + p[2] for p in longest), shared)
+
+
+def margin(card: int, given_gib: float | None = None) -> int:
+    """The bytes `auto` keeps free on a card of `card` bytes: `given_gib` (--gpu-mem-margin), else max(10% of the
+    card, 1.5 GiB)."""
+    return round(given_gib * GIB) if given_gib is not None else max(round(MARGIN_SHARE * card), MARGIN_MIN)
 
 
 @dataclass(frozen=True)
@@ -263,13 +293,17 @@ def static_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
     optimizer = ("paged 8-bit AdamW" if run.optimizer == "paged_adamw_8bit" else "AdamW, float32 states")
     note = (f"2 bytes/weight + absmax; {paged / GIB:.2f} GiB of it paged (outside torch's allocator)"
             if run.optimizer == "paged_adamw_8bit" else "8 bytes/weight")
+    workspaces = ((Part("cuBLAS and cuBLASLt workspaces", BLAS_HANDLES * (CUBLAS_WORKSPACE + CUBLASLT_WORKSPACE),
+                        f"{BLAS_HANDLES} handles (forward, autograd) x ({CUBLAS_WORKSPACE >> 20} + "
+                        f"{CUBLASLT_WORKSPACE >> 20} MiB), torch's defaults on Hopper"),)
+                  if run.device == "cuda" else ())
     return (base,
             Part("embeddings and output layer, 16-bit" if c == 2 else "embeddings and output layer",
                  arch.embedding_params * c, "tied: one matrix" if arch.tied_embeddings else "two vocab x hidden matrices"),
             Part("norms and biases", (arch.layers * (arch.norms_per_layer * arch.hidden + arch.bias_params) + arch.hidden) * c),
             Part("LoRA weights, float32", lora * LORA_BYTES, f"{lora / 1e6:.1f}M weights, r={run.lora_r}"),
             Part("LoRA gradients, float32", lora * LORA_BYTES),
-            Part(f"optimizer: {optimizer}", held + paged, note))
+            Part(f"optimizer: {optimizer}", held + paged, note), *workspaces)
 
 
 def layer_saved_per_token(arch: Architecture, run: Training, layout: Layout) -> float:
@@ -315,11 +349,37 @@ def layer_bytes(arch: Architecture, run: Training, layout: Layout) -> int:
 
 def _tail(arch: Architecture, run: Training, layout: Layout) -> int:
     """Held from the forward to the end of the backward outside the layers: the final norm's input, rotary cos/sin,
-    the scored hidden states and their indices, the attention mask(s)."""
+    the scored hidden states and their indices (the attention mask: `_mask`)."""
     c = run.compute_bytes
     per_token = 4 * arch.hidden + 4 + 2 * c * arch.head_dim
-    mask = (1 + c) if layout.shared else (c if run.attention in ("eager", "matmul") else 1)  # bool, and additive where built
-    return per_token * layout.tokens + (c * arch.hidden + 32) * layout.scored + mask * layout.rows * layout.width ** 2
+    return per_token * layout.tokens + (c * arch.hidden + 32) * layout.scored
+
+
+def _additive_mask(run: Training, layout: Layout) -> bool:
+    """Whether the (rows, 1, T, T) mask is additive, in the compute dtype (a shared prompt's, train/logps.py; eager and
+    matmul attention's), or boolean (what transformers builds for sdpa from a two-row batch's padding)."""
+    return layout.shared or run.attention in ("eager", "matmul")
+
+
+def _mask(run: Training, layout: Layout) -> int:
+    """The (rows, 1, T, T) attention mask, held from the forward to the end of the backward. Its width is a multiple
+    of 16 (data/widths.py `padded_width`), so sdpa's memory-efficient kernel reads it as it is: no copy per layer.
+    Flex-attention reads a block mask instead (a few indices per 128 x 128 block), flash-attention only the (rows, T)
+    padding: nothing of the kind."""
+    if run.attention == "flex_attention" or run.attention in MASKLESS:
+        return 0
+    return (run.compute_bytes if _additive_mask(run, layout) else 1) * layout.rows * layout.width ** 2
+
+
+def _mask_part(run: Training, layout: Layout) -> Part:
+    if run.attention == "flex_attention":
+        note = "a block mask: a few indices per block of positions, no (T x T) mask"
+    elif run.attention in MASKLESS:
+        note = "none: flash-attention reads each row's padding from the (rows, T) mask"
+    else:
+        kind = f"additive, {8 * run.compute_bytes}-bit" if _additive_mask(run, layout) else "boolean"
+        note = f"({layout.rows}, 1, {layout.width}, {layout.width}) {kind}; width padded to a multiple of {PAD_MULTIPLE}"
+    return Part("attention mask", _mask(run, layout), note)
 
 
 def _output_chunk(arch: Architecture, run: Training, layout: Layout, backward: bool) -> int:
@@ -362,7 +422,7 @@ def _no_grad_pass(arch: Architecture, run: Training, layout: Layout) -> int:
     working = (3 * c + LORA_BYTES) * arch.intermediate + 3 * c * arch.hidden
     # the MLP's working set, or at another moment matmul attention's scores and probabilities
     return (max(round(working * layout.tokens), _scores(arch, run, layout, 2))
-            + _output_chunk(arch, run, layout, backward=False) + _tail(arch, run, layout))
+            + _output_chunk(arch, run, layout, backward=False) + _tail(arch, run, layout) + _mask(run, layout))
 
 
 def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, offload: bool = False,
@@ -380,7 +440,7 @@ def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, o
             if checkpointed and not offload else [])
     held += [Part(f"saved activations of {kept} layers kept whole", kept * whole,
                   f"{layer_saved_per_token(arch, run, layout) / 1024:.0f} KiB per token per layer")] if kept else []
-    held += [Part("final norm, scored hidden states, masks, positions", tail)]
+    held += [Part("final norm, scored hidden states, positions", tail), _mask_part(run, layout)]
     moments: dict[str, tuple[Part, ...]] = {
         "the output layer's backward": (*held, Part("output layer: a chunk of logits (float32 copy), their gradient",
                                                     _output_chunk(arch, run, layout, backward=True) + grad_hidden,
@@ -393,7 +453,7 @@ def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, o
         moments["the recompute and backward of a checkpointed layer"] = (
             *([Part(f"saved inputs of {checkpointed} recomputed layers", on_gpu_inputs, "16-bit hidden states")]
               if not offload else []),
-            Part("final norm, scored hidden states, masks, positions", tail),
+            Part("final norm, scored hidden states, positions", tail), _mask_part(run, layout),
             Part("one recomputed layer", whole), Part("backward working set of a layer", _layer_backward(arch, run, layout)))
     no_grad = eval_layout or layout
     moments["a held-out or reference pass (no grad)"] = (Part("no-grad working set", _no_grad_pass(arch, run, no_grad),

@@ -34,24 +34,57 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+@dataclass(frozen=True)
+class Gpu:
+    """A CUDA device as the compute dtype depends on it."""
+
+    name: str
+    capability: tuple[int, int]
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 tensor cores: compute capability 8.0 (Ampere) and newer. Older cards (Pascal, Volta, Turing) run bf16
+        only emulated, which torch.cuda.is_bf16_supported() counts unless told including_emulation=False."""
+        return self.capability >= (8, 0)
+
+    def __str__(self) -> str:
+        return f"{self.name} (compute capability {self.capability[0]}.{self.capability[1]})"
+
+
+def cuda_gpu(index: int | None = None) -> Gpu:
+    """The current CUDA device (or device `index`)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return Gpu(torch.cuda.get_device_name(index), (major, minor))
+
+
 def choose(requested: str = "auto", cuda: bool | None = None, flags: set[str] | None = None,
-           cuda_bf16: bool | None = None) -> Precision:
-    """bf16 where it is fast (CUDA with bf16; CPUs with avx512_bf16 or AMX), else fp32.
+           gpu: Gpu | None = None) -> Precision:
+    """bf16 where it is native (CUDA compute capability 8.0+; CPUs with avx512_bf16 or AMX); else fp16 with loss scaling
+    on a GPU, fp32 on a CPU. `gpu`: the CUDA device (default: the current one).
 
     On a CPU without native bf16, bf16 matmuls are emulated and run ~25x slower than fp32 (measured
-    on this project's CI machines), so fp32 is the safe fallback there.
+    on this project's CI machines), so fp32 is the safe fallback there. An explicit `--dtype bf16` where bf16 is
+    emulated is kept, with a warning in the reason.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     device = "cuda" if cuda else "cpu"
-    if requested != "auto":
-        return Precision(device, NAMES[requested], f"--dtype {requested} requested")
     if cuda:
-        bf16 = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
-        if bf16:
-            return Precision(device, torch.bfloat16, "CUDA GPU with native bf16")
-        return Precision(device, torch.float16, "CUDA GPU without bf16 support: fp16")
-    flags = cpu_flags() if flags is None else flags
-    fast = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if fast:
+        gpu = cuda_gpu() if gpu is None else gpu
+        native = gpu.native_bf16
+        slow = f"{gpu} has no native bf16"
+    else:
+        fast = sorted((cpu_flags() if flags is None else flags) & {"avx512_bf16", "amx_bf16"})
+        native = bool(fast)
+        slow = "this CPU has no avx512_bf16/AMX"
+    if requested != "auto":
+        reason = f"--dtype {requested} requested"
+        if requested == "bf16" and not native:
+            reason += f"; warning: {slow}, so bf16 is emulated and slow (--dtype auto picks {'fp16' if cuda else 'fp32'})"
+        return Precision(device, NAMES[requested], reason)
+    if cuda:
+        if native:
+            return Precision(device, torch.bfloat16, f"{gpu} has native bf16")
+        return Precision(device, torch.float16, f"{slow}: fp16 with loss scaling")
+    if native:
         return Precision(device, torch.bfloat16, f"CPU has {' and '.join(fast)}: bf16 is fastest")
     return Precision(device, torch.float32, "CPU has no avx512_bf16/AMX (bf16 would be emulated, ~25x slower): fp32")

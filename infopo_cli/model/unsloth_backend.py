@@ -9,10 +9,12 @@ peft + bitsandbytes on the CPU; versions or settings without that fallback raise
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -72,6 +74,17 @@ def _torchvision_problem() -> str | None:
         return (f"torchvision {_version('torchvision')} does not load with torch {torch.__version__} "
                 f"({first_line(err)}): pip uninstall torchvision, or install the build that matches torch")
     return None
+
+
+def without_dropout(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig:
+    """`cfg` with `lora_dropout` 0: Unsloth patches its fused LoRA kernels (most of its speed) only into layers
+    without dropout. Applied before config.toml is written, so the run records the dropout it trains with and a
+    resume is exact."""
+    if not cfg.lora_dropout:
+        return cfg
+    note(f"--backend unsloth trains with lora_dropout 0 (not {cfg.lora_dropout:g}): its fused LoRA kernels run only "
+         "without dropout")
+    return dataclasses.replace(cfg, lora_dropout=0.0)
 
 
 def checkpointing_mode(cfg: TrainConfig) -> str | bool:

@@ -3,6 +3,7 @@ change (the numbers come from model/memory_plan.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from rich.console import Console
@@ -12,36 +13,46 @@ from rich.table import Table
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError
 from infopo_cli.model import checkpointing, memory_plan as mp
-from infopo_cli.model.architectures import find_architecture
 
 
 def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gpu_mem_gib: float) -> None:
     if cfg.max_length == "auto":
         raise ConfigError("infopo plan needs --max-length as a number (auto depends on the data)")
-    if not gpu_mem_gib > mp.CUDA_CONTEXT / mp.GIB:
-        raise ConfigError(f"--gpu-mem must be more than the CUDA context's {mp.CUDA_CONTEXT / mp.GIB:g} GiB (got {gpu_mem_gib:g})")
-    arch, where = find_architecture(cfg.model)
+    if not math.isfinite(gpu_mem_gib):
+        raise ConfigError(f"--gpu-mem must be the GPU's memory in GiB, a finite number (got {gpu_mem_gib:g})")
+    card = round(gpu_mem_gib * mp.GIB)
+    if not card > mp.CUDA_CONTEXT:
+        raise ConfigError(f"--gpu-mem must be more than the CUDA context's {mp.CUDA_CONTEXT / mp.GIB:g} GiB "
+                          f"(got {gpu_mem_gib:g})")
+
+    def budget_of(mode: str) -> tuple[int, int]:
+        """(margin, bytes usable) for a run of `mode` once the CUDA context exists: only auto keeps a margin free."""
+        kept = checkpointing.budget(replace(cfg, gradient_checkpointing=mode), "cuda", card - mp.CUDA_CONTEXT, card)
+        return kept.margin, kept.usable or 0
+
     compute = 4 if cfg.dtype == "fp32" else 2
-    run = checkpointing.training(cfg, "cuda", compute)
-    shared = cfg.share_prompt and run.attention != "flash_attention_2"
-    batch = mp.Batch(cfg.batch_size, cfg.max_length, cfg.max_prompt_length if prompt_length is None else prompt_length, shared)
-    layout, no_grad = batch.layout(), replace(batch, pairs=cfg.eval_batch_size).layout()
-    budget = round(gpu_mem_gib * mp.GIB) - mp.CUDA_CONTEXT  # what torch can allocate once the context exists
     mode = cfg.gradient_checkpointing
-    choice = mp.choose(arch, run, layout, mode, budget, eval_layout=no_grad)
+    margin, budget = budget_of(mode)
+    planned = checkpointing.for_settings(cfg, "cuda", compute, budget, prompt_length)
+    arch, where, run, batch, layout, no_grad = (planned.arch, planned.where, planned.run, planned.batch, planned.layout,
+                                                planned.eval_layout)
+    shared, choice = batch.shared, planned.choice
     chosen = choice.plan
 
-    response = cfg.max_length - min(batch.prompt, cfg.max_length - 1)
+    response = cfg.max_length - batch.prompt_tokens
     console.print(f"[bold]{escape(cfg.model)}[/]: {arch.layers} layers, hidden {arch.hidden}, {arch.heads} heads "
                   f"({arch.kv_heads} key/value), vocabulary {arch.vocab} [dim]({escape(where)})[/]", highlight=False)
-    rows = (f"{layout.rows} rows of prompt {layout.width - 2 * response} + chosen {response} + rejected {response}"
-            if shared else f"{layout.rows} rows of prompt {layout.width - response} + response {response}")
-    console.print(f"micro-batch of {batch.pairs} pairs: {rows} tokens ({layout.tokens} positions, {layout.scored} scored); "
+    rows = (f"{layout.rows} rows of prompt {batch.prompt_tokens} + chosen {response} + rejected {response}"
+            if shared else f"{layout.rows} rows of prompt {batch.prompt_tokens} + response {response}")
+    console.print(f"micro-batch of {batch.pairs} pairs: {rows} tokens, padded to {layout.width} ({layout.tokens} positions, "
+                  f"{layout.scored} scored); "
                   f"{'fp32' if compute == 4 else 'bf16' if cfg.dtype != 'fp16' else 'fp16'} compute"
                   f"{' (what auto picks on a GPU with bf16)' if cfg.dtype == 'auto' else ''}, {run.attention} attention, "
                   f"LoRA r={cfg.lora_r}, {run.optimizer}", highlight=False)
 
-    table = Table(title=f"predicted peak GPU memory, gradient checkpointing {mode}: {checkpointing.describe(choice, mode, budget, f'free on a {gpu_mem_gib:g} GiB GPU')}",
+    where = f"usable on a {gpu_mem_gib:g} GiB GPU once its CUDA context" + (
+        f" and a {_gib(margin)} GiB margin are kept" if margin else " is made")
+    table = Table(title=f"predicted peak GPU memory, gradient checkpointing {mode}: {checkpointing.describe(choice, mode, budget, where)}",
                   title_justify="left")
     table.add_column("part")
     table.add_column("GiB", justify="right")
@@ -55,24 +66,25 @@ def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gp
     table.add_section()
     table.add_row("[bold]peak allocated[/]", f"[bold]{_gib(chosen.allocated)}[/]", "what infopo's 'peak memory' reports "
                   "(torch.cuda.max_memory_allocated)")
-    table.add_row("allocator slack", _gib(chosen.slack), f"~{mp.SLACK:.0%} of the step's activations (fragmentation)")
+    table.add_row("allocator rounding and fragmentation", _gib(chosen.slack),
+                  f"~{mp.SLACK:.0%} of the step's activations: 512 B blocks in 2 MiB segments, expandable (estimate)")
     table.add_row("CUDA context", _gib(chosen.context), "driver and kernels, outside the allocator (estimate)")
     table.add_row("[bold]needed on the GPU[/]", f"[bold]{_gib(chosen.card)}[/]", "")
+    why = ("--gpu-mem-margin" if cfg.gpu_mem_margin is not None else f"max({mp.MARGIN_SHARE:.0%} of the card, "
+           f"{mp.MARGIN_MIN / mp.GIB:g} GiB): what the plan does not see, other processes included")
+    table.add_row("margin kept free", _gib(margin), why if mode == "auto" else
+                  f"auto only (it would keep {_gib(budget_of('auto')[0])} GiB, {why}); {mode} plans with all the memory")
     console.print(table)
     others = {name: peak for name, peak in chosen.moments.items() if name != chosen.moment}
     console.print("[dim]other moments of the step: " + "; ".join(f"{name} {_gib(peak)} GiB" for name, peak in others.items())
                   + (f"; the saved inputs in pinned CPU memory: {_gib(chosen.host_bytes)} GiB" if chosen.host_bytes else "")
                   + "[/]", highlight=False)
-    if choice.fits:
-        console.print(f"[green]fits in {gpu_mem_gib:g} GiB[/]: {_gib(chosen.card)} GiB needed, "
-                      f"{_gib(gpu_mem_gib * mp.GIB - chosen.card)} to spare", highlight=False)
-    else:
-        console.print(f"[red]does not fit in {gpu_mem_gib:g} GiB[/]: {_gib(chosen.card)} GiB needed", highlight=False)
+    console.print(verdict(gpu_mem_gib, card, chosen.card, margin), highlight=False)
 
     options = Table("--gradient-checkpointing", "recomputes", "peak allocated GiB", "needed GiB", "fits", title_justify="left",
                     title="the choices")
     for name in mp.MODES:
-        option = choice if name == mode else mp.choose(arch, run, layout, name, budget, eval_layout=no_grad)
+        option = choice if name == mode else mp.choose(arch, run, layout, name, budget_of(name)[1], eval_layout=no_grad)
         p = option.plan
         layers = "offloaded, every layer" if p.offload else f"{p.checkpointed} of {p.layers} layers"
         options.add_row(name, layers, _gib(p.allocated), _gib(p.card), "[green]yes[/]" if option.fits else "[red]no[/]")
@@ -87,6 +99,19 @@ def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gp
         console.print("what to change:", highlight=False)
         for tip in tips:
             console.print(f"  - {escape(tip)}", highlight=False)
+
+
+def verdict(gpu_mem_gib: float, card: int, needed: int, margin: int) -> str:
+    """Whether `needed` bytes fit on a card of `card` bytes keeping `margin` free (0: none kept), in one line."""
+    spare = card - needed
+    if spare >= margin:
+        return (f"[green]fits in {gpu_mem_gib:g} GiB with {_gib(spare)} GiB " + (
+            f"margin[/]: {_gib(needed)} GiB needed (at least {_gib(margin)} kept free)" if margin else
+            f"to spare[/]: {_gib(needed)} GiB needed"))
+    if spare >= 0:
+        return (f"[yellow]fits in {gpu_mem_gib:g} GiB with only {_gib(spare)} GiB margin[/]: {_gib(needed)} GiB needed, "
+                f"less than the {_gib(margin)} GiB margin kept free")
+    return f"[red]does not fit in {gpu_mem_gib:g} GiB[/]: {_gib(needed)} GiB needed"
 
 
 def _gib(n: float) -> str:

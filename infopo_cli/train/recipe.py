@@ -39,6 +39,7 @@ from infopo_cli.model.source import check_source
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
 from infopo_cli.train import answer_eval, checkpoint, distributed, preflight, reference_cache, trackers
+from infopo_cli.train.memory_fallback import Fallback, free_accelerator_memory as _free_accelerator_memory, is_out_of_memory
 from infopo_cli.train.reference_cache import ReferenceTable
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
@@ -49,8 +50,6 @@ from infopo_cli.train.schedule import WarmupCosine
 from infopo_cli.train.stops import NAMES, StopRequests, resume_hint
 
 TIMING_KEYS = ("tokens_per_s", "step_seconds")  # the only metrics that differ between identical runs
-# CUDA's allocator raises torch.OutOfMemoryError; torch < 2.5 only has the cuda alias.
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -102,6 +101,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
     report = report if world.is_main else report.silenced()  # rank 0 speaks for the run
     # --- what can fail without a model fails now, before the run folder exists ----------------
     cfg, spec, loss_params = preflight.check_settings(cfg)
+    if cfg.backend == "unsloth" and not resume:  # a resume trains with the dropout its config.toml holds
+        cfg = unsloth_backend.without_dropout(cfg, report.note)
     output = resume or (Path(cfg.output) if cfg.output else default_output(cfg))
     if not resume:
         preflight.check_output(output)
@@ -309,6 +310,9 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank + start)
         model.train()
         step, stop = start, None
+        # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
+        fallback = Fallback(model, trainable_params, recompute if cfg.gradient_checkpointing == "auto" else None, report.note,
+                            lambda mode: world.is_main and write_settings(run_dir, {**resolved, "gradient_checkpointing": mode}))
         with report.progress(total_steps, start) as bar:
             while step < total_steps and not stopping and not eval_failed:
                 boundary_rng = checkpoint.capture_rng()
@@ -317,13 +321,14 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                 micro_batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
                 t_step, updating, short_of_memory = time.perf_counter(), False, False
                 try:
-                    metrics, step_tokens = accumulate_gradients(model, micro_batches, spec, loss_params,
-                                                                tokenizer.pad_token_id, precision.device,
-                                                                share_prompt, scaler, reference, n_pairs=len(pairs))
+                    metrics, step_tokens = fallback.run(lambda: accumulate_gradients(
+                        model, micro_batches, spec, loss_params, tokenizer.pad_token_id, precision.device, share_prompt,
+                        scaler, reference, n_pairs=len(pairs)), boundary_rng, step + 1)
                 except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
                     if not is_out_of_memory(err):
                         raise
                     short_of_memory = True
+                fallback.agree(world, step + 1)  # where one process had to recompute more, all do from now on
                 try:
                     if world.any(short_of_memory):  # on any process: all of them stop before the update
                         raise MemoryError("out of memory in a micro-batch")
@@ -342,7 +347,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                     saved = (run_dir / f"{checkpoint.PREFIX}{step}").is_dir()
                     if not updating and not saved:
                         report.saved(save(step, boundary_rng, pending_eval))
-                    stop = out_of_memory(cfg, step + 1, micro_batches, precision.device, run_dir,
+                    stop = out_of_memory(replace(cfg, gradient_checkpointing=fallback.mode or cfg.gradient_checkpointing),
+                                         step + 1, micro_batches, precision.device, run_dir,
                                          saved=saved or not updating)
                     break
                 step += 1
@@ -463,20 +469,6 @@ def diverged(step: int, streak: int, run_dir: Path) -> Stop:
     return Stop("diverged", 4, f"{streak} steps in a row (up to step {step}) had a non-finite loss or gradient and were "
                                f"skipped; stopped with the weights of step {step - streak} (saved): lower --lr, or check the "
                                f"data; continue anyway with: {resume_hint(run_dir)} --max-bad-steps N")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA's own error, or the CPU allocator's (a RuntimeError that says so)."""
-    return (isinstance(err, (OUT_OF_MEMORY, MemoryError)) or "can't allocate memory" in str(err)
-            or "out of memory" in str(err).lower())
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def summarise(log: MetricsLog, run_dir: Path, precision, stop: Stop | None, skipped_steps: int, step: int) -> RunSummary:

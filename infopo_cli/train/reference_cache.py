@@ -8,9 +8,9 @@ another loss, `infopo compare`, a resume) read them from `$INFOPO_HOME/cache/ref
 The key is everything the numbers depend on: the base model's files, the init adapter's weights, 4-bit or not,
 the compute dtype, the attention kernel, and the token ids of every pair (so the data, tokenizer, chat template,
 max_length and truncation are all in it). A loss that needs the reference's full-vocabulary KL (TDPO's priors)
-stays online. A local folder's files are keyed by size, mtime and a hash of a few sampled blocks (a 16 GB base in
-milliseconds, not a minute of reading); a hub snapshot's by the sha256 of each file, remembered by path, size
-and mtime so a file is hashed once.
+stays online. A local folder's files are keyed by size, mtime, inode, ctime and a hash of a few sampled blocks (a
+16 GB base in milliseconds, not a minute of reading); a hub snapshot's by the sha256 of each file, remembered by
+path, size and mtime so a file is hashed once.
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ def file_digest(path: Path) -> str:
 
 
 def file_fingerprint(path: Path) -> str:
-    """A local file's identity without reading it whole: its size, its mtime and the sha256 of SAMPLES blocks of
-    SAMPLE_BYTES spread over it, the first and the last among them (a smaller file is read whole). Rewriting a file
-    changes its mtime; the samples also tell apart files that share size and mtime (a copy made with `cp -p`)."""
+    """A local file's identity without reading it whole: its size, mtime, inode and ctime, and the sha256 of SAMPLES
+    blocks of SAMPLE_BYTES spread over it, the first and the last among them (a smaller file is read whole). A tool
+    can put back a rewritten file's mtime (`os.utime`, `cp -p`, rsync) but not its ctime, which any write or
+    metadata change sets: so a file changed in place is never taken for the one keyed before, and a copy or a
+    `touch` only costs a recomputed reference."""
     stat = path.stat()
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -73,7 +75,7 @@ def file_fingerprint(path: Path) -> str:
             for i in range(SAMPLES):
                 fh.seek(i * (stat.st_size - SAMPLE_BYTES) // (SAMPLES - 1))
                 digest.update(fh.read(SAMPLE_BYTES))
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{digest.hexdigest()[:32]}"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}:{digest.hexdigest()[:32]}"
 
 
 def is_hub_snapshot(folder: Path) -> bool:
