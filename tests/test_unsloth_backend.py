@@ -1,7 +1,8 @@
 """`--backend unsloth`: settings and one-line errors everywhere; a real run where unsloth is installed.
 
 Unsloth's pins (transformers <= 5.17, trl <= 1.15) conflict with the main environment, so the real-training
-tests run in a venv of its own (README: the unsloth backend) and are skipped where unsloth does not import.
+tests run in a venv of its own (CI: .ci/lowest-versions, through Unsloth's CPU fallback) and are skipped where
+unsloth is not installed.
 """
 
 from __future__ import annotations
