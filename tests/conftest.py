@@ -160,3 +160,24 @@ def ctrl_c() -> None:
     import signal
 
     os.kill(os.getpid(), signal.SIGINT)
+
+
+def weight_differences(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """'' when both state dicts hold the same tensors bit for bit, else which keys differ and by how much (a rare
+    mismatch in CI is then a diagnosis, not a bare `assert False`)."""
+    if want.keys() != got.keys():
+        return f"keys differ: missing {sorted(want.keys() - got.keys())[:3]}, extra {sorted(got.keys() - want.keys())[:3]}"
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    if not differ:
+        return ""
+    worst = max(differ, key=lambda k: float((want[k].float() - got[k].float()).abs().max()))
+    return (f"{len(differ)} of {len(want)} tensors differ; largest |diff| "
+            f"{float((want[worst].float() - got[worst].float()).abs().max()):.3g} in {worst}")
+
+
+def first_difference(want: list[dict], got: list[dict]) -> str:
+    """The first metrics row where two runs part, for a failure message ('' when the rows are equal)."""
+    for a, b in zip(want, got):
+        if a != b:
+            return f"first differing row: {a} vs {b}"
+    return "" if len(want) == len(got) else f"{len(want)} rows vs {len(got)}"
