@@ -114,12 +114,13 @@ def plan(preset: str, losses: Sequence[str], seeds: Sequence[int], epochs: float
     pairs and global batch. A loss name or setting `infopo train` would refuse is an error before any training."""
     from infopo_cli import presets
     from infopo_cli.config import override
+    from infopo_cli.data.loading import DataOptions
     from infopo_cli.data.mixing import load_mix
     from infopo_cli.losses.registry import resolve
 
     if unknown := sorted(set(overrides) - {ALL, *losses}):
         raise SystemExit(f"error: --set {unknown[0]}:...: {unknown[0]} is not among --losses {','.join(losses)}")
-    base, counted = presets.load(preset), {}
+    base, counted = presets.load_preset(preset), {}
     specs = []
     for seed in seeds:
         for loss in losses:
@@ -130,7 +131,7 @@ def plan(preset: str, losses: Sequence[str], seeds: Sequence[int], epochs: float
             resolve(cfg.loss, cfg.loss_overrides())
             key = str(cfg.data)
             if key not in counted:  # the pairs `infopo train` will read (a mix's size depends on the seed: rare here)
-                counted[key] = len(load_mix(cfg.data, cfg.data_options(), cfg.seed).pairs)
+                counted[key] = len(load_mix(cfg.data, DataOptions.from_config(cfg), cfg.seed).pairs)
             per_epoch, total, every = schedule(counted[key], cfg.batch_size * cfg.grad_accum, epochs, evals_per_epoch)
             name = f"{loss}{tag(given)}-{epochs:g}ep{suffix}-seed{seed}"
             specs.append(RunSpec(loss, seed, name, {**settings, "max_steps": total, "eval_generate_every": every},
@@ -152,13 +153,13 @@ def check_folders(specs: Sequence[RunSpec], runs_dir: Path, preset: str) -> None
     from infopo_cli.config import override
     from infopo_cli.train.compare import state_of
 
-    base = presets.load(preset)
+    base = presets.load_preset(preset)
     for spec in specs:
         folder = runs_dir / spec.name
         if state_of(folder) == "new":
             continue
         expected = override(base, {**spec.settings, "output": str(folder)}, source="benchmark")
-        if diff := differences(presets.load(str(folder / "config.toml")), expected):
+        if diff := differences(presets.load_preset(str(folder / "config.toml")), expected):
             raise SystemExit(f"error: {folder} was trained with other settings ({'; '.join(diff)}); move it away or "
                              "pass another --out")
 
@@ -212,7 +213,7 @@ class Curve:
 
 def curve(label: str, records_by_seed: dict[int, list[dict]], steps_per_epoch: int) -> Curve:
     """The seeds' answer-accuracy evaluations, step by step."""
-    from infopo_cli.train.plot import answer_curve
+    from infopo_cli.reporting.plot import answer_curve
 
     by_step: dict[int, dict[int, float]] = {}
     for seed, records in records_by_seed.items():
@@ -266,7 +267,7 @@ def plot(curves: Sequence[Curve], path: Path, title: str) -> bool:
         from matplotlib.ticker import MaxNLocator, PercentFormatter
     except ImportError:
         return False
-    from infopo_cli.train.plot import save_figure
+    from infopo_cli.reporting.plot import save_figure
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for curve_ in curves:
@@ -299,13 +300,13 @@ def plot(curves: Sequence[Curve], path: Path, title: str) -> bool:
 
 def curves_of(specs: Sequence[RunSpec], runs_dir: Path) -> list[Curve]:
     """The planned runs read back (as `infopo report` reads them), one curve per loss over its seeds."""
-    from infopo_cli.reporting.runs import load
+    from infopo_cli.reporting.runs import read_run
     from infopo_cli.reporting.table import params_text
 
     out = []
     for loss in dict.fromkeys(s.loss for s in specs):
         mine = [s for s in specs if s.loss == loss]
-        runs = {s.seed: load(runs_dir / s.name) for s in mine}
+        runs = {s.seed: read_run(runs_dir / s.name) for s in mine}
         first = next(iter(runs.values()))
         lr = first.settings.get("lr")
         label = f"{loss} ({', '.join(filter(None, [params_text(first), f'lr={lr:g}' if isinstance(lr, float) else '']))})"
@@ -372,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: name each loss and each seed once (--losses a,b --seeds 42,1)")
     try:
         overrides = parse_settings(args.settings)
-        cfg = presets.load(preset)
+        cfg = presets.load_preset(preset)
         data, suffix = {}, ""
         if args.max_pairs:
             data["data"], suffix = slice_rows(str(cfg.data), args.max_pairs, args.out / "data"), f"-{args.max_pairs}pairs"
@@ -416,10 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stopped is not None:
         return halted(stopped.message, stopped.exit_code or 1)
 
-    from infopo_cli.reporting.runs import load
+    from infopo_cli.reporting.runs import read_run
 
     curves = curves_of(specs, runs_dir)
-    problems = load(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
+    problems = read_run(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
     title = (f"Held-out answer accuracy during training ({preset}, {problems} held-out problems; {len(seeds)} seed"
              f"{'s' * (len(seeds) > 1)}, {args.epochs:g} epoch{'s' * (args.epochs != 1)})")
     table = f"{title}: answer accuracy in % of the held-out problems.\n\n" + markdown(curves)

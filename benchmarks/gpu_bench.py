@@ -97,7 +97,7 @@ def time_left(least: float = 10) -> float | None:
 
 def cap_memory(cap_gib: float | None) -> dict:
     """Cap this process's CUDA allocator at `cap_gib` (a 24 GB card on a larger one); returns what was set.
-    infopo's `auto` plans against the cap too (model/checkpointing.py reads the per-process fraction)."""
+    infopo's `auto` plans against the cap too (model/recompute.py reads the per-process fraction)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -621,21 +621,21 @@ def cmd_infopo(args) -> None:
     from infopo_cli.data.batching import shuffled_batches
     from infopo_cli.data.token_cache import tokenize_cached
     from infopo_cli.data.tokenization import TokenizedPair
-    from infopo_cli.model import checkpointing as recomputation, loading
+    from infopo_cli.model import recompute as recomputation, stack
     from infopo_cli.model.precision import choose
     from infopo_cli.train import preflight, recipe, reference_cache
     from infopo_cli.train.logps import takes_custom_masks
     from infopo_cli.train.progress import Reporter
 
     source = str(work / "ckpt")
-    cfg = override(presets.load(PRESET), {"model": source, "data": str(work / "pairs.jsonl"), "eval_data": "",
+    cfg = override(presets.load_preset(PRESET), {"model": source, "data": str(work / "pairs.jsonl"), "eval_data": "",
                                           "batch_size": BATCH, "grad_accum": 1, "max_length": length,
                                           "gradient_checkpointing": "on"}, "benchmark")
     cfg, spec, loss_params = preflight.check_settings(cfg)
     loaded, _ = preflight.load_data(cfg)
     precision = choose(cfg.dtype)
     cuda = precision.device == "cuda"
-    tokenizer = loading.load_tokenizer(source)
+    tokenizer = stack.load_tokenizer(source)
     pad = tokenizer.pad_token_id
     train_tok = tokenize_cached(loaded.pairs, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.skip_invalid).pairs
     # what `auto` chooses, as `infopo train` does it: before the model loads, against the (capped) free memory
@@ -644,7 +644,7 @@ def cmd_infopo(args) -> None:
     say(f"infopo: {json.dumps(info)}; {precision.device} {precision.dtype_name}; {len(train_tok)} pairs; auto: {auto.message}")
 
     started = time.perf_counter()
-    model = loading.attach_lora(loading.load_base(source, cfg, precision), cfg, recomputation.Recompute(None))
+    model = stack.attach_lora(stack.load_base(source, cfg, precision), cfg, recomputation.Recompute(None))
     sync()
     out["load_s"] = round(time.perf_counter() - started, 1)
     out["load_peak_gib"] = peak_gib() if cuda else None
@@ -796,8 +796,8 @@ def trl_model(ckpt: Path):
                                                  device_map={"": 0 if cuda else "cpu"}, attn_implementation="sdpa")
     sync()
     load_s = time.perf_counter() - started
-    if not cuda:  # bitsandbytes' CPU inference layout has no autograd (see infopo_cli/model/loading.py); GPU untouched
-        from infopo_cli.model.loading import _keep_4bit_layout_trainable
+    if not cuda:  # bitsandbytes' CPU inference layout has no autograd (see infopo_cli/model/stack.py); GPU untouched
+        from infopo_cli.model.stack import _keep_4bit_layout_trainable
 
         _keep_4bit_layout_trainable(model)
     return model, tok, dtype, load_s

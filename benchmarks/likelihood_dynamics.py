@@ -25,12 +25,12 @@ def run(loss: str, steps: int, eval_every: int, held_out: Path, workdir: Path) -
     from rich.console import Console
 
     from infopo_cli.config import override
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train
 
     out = workdir / loss
-    cfg = override(load("smollm2-135m"), {"loss": loss, "max_steps": steps, "eval_every": eval_every,
+    cfg = override(load_preset("smollm2-135m"), {"loss": loss, "max_steps": steps, "eval_every": eval_every,
                                            "eval_data": str(held_out), "output": str(out)}, "benchmark")
     train(cfg, Reporter(Console(file=open(os.devnull, "w"))))
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]

@@ -33,9 +33,9 @@ from pathlib import Path
 def settings(args: argparse.Namespace):
     """The resolved TrainConfig both sides use: the preset, then the flags of this script."""
     from infopo_cli.config import override
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
 
-    cfg = load(args.preset)
+    cfg = load_preset(args.preset)
     overrides = {"max_steps": args.steps, "loss": args.loss, "dtype": args.dtype, "eval_data": "", "save_every": 0,
                  "share_prompt": not args.no_share_prompt, "reference": args.reference,
                  **{k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
@@ -91,7 +91,7 @@ def cap_gpu_memory(cap_gib: float | None) -> None:
 def run_infopo(args: argparse.Namespace) -> dict:
     from rich.console import Console
 
-    from infopo_cli.model.loading import load_tokenizer, resolve_source
+    from infopo_cli.model.stack import load_tokenizer, resolve_source
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train
 
@@ -118,7 +118,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from infopo_cli.data.loading import read_pairs
-    from infopo_cli.model.loading import _keep_4bit_layout_trainable, load_tokenizer, resolve_source
+    from infopo_cli.model.stack import _keep_4bit_layout_trainable, load_tokenizer, resolve_source
     from infopo_cli.model.precision import choose
 
     cap_gpu_memory(args.cap_gib)
@@ -195,7 +195,7 @@ def main() -> None:
     cfg = settings(args)
     child_args = sys.argv[1:]
     if args.synthetic:
-        from infopo_cli.model.loading import resolve_source
+        from infopo_cli.model.stack import resolve_source
 
         prompt_tokens, response_tokens = (int(x) for x in args.synthetic.split(":"))
         data = Path(tempfile.mkdtemp()) / "synthetic.jsonl"

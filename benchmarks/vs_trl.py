@@ -217,7 +217,7 @@ def run_trl_child(spec: dict) -> Result:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from infopo_cli.model.loading import _keep_4bit_layout_trainable
+    from infopo_cli.model.stack import _keep_4bit_layout_trainable
     from infopo_cli.model.precision import choose
 
     variant = Variant(**spec["variant"])
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from infopo_cli.model import embedded
-    from infopo_cli.model.loading import load_tokenizer
+    from infopo_cli.model.stack import load_tokenizer
     from infopo_cli.model.precision import choose
 
     n_pairs = QUICK_PAIRS if args.quick else PAIRS

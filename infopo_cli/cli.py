@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from infopo_cli import __version__
-from infopo_cli.config import flag, help_for
+from infopo_cli.cli_options import given, settings_options
+from infopo_cli.config import CLI_SETTINGS, help_for
 from infopo_cli.errors import InfopoError
 from infopo_cli.inference.answers import RULE as ANSWER_RULE  # standard library only: --help stays instant
 from infopo_cli.train.stops import StopNow  # standard library only: --help stays instant
+from infopo_cli.train.compare import OWN_FLAGS  # torch-free too
 
 app = typer.Typer(
     help="Align a language model with preference data (InfoPO and relatives), QLoRA on one GPU or a CPU.",
@@ -47,87 +49,35 @@ def root(
     """infopo: InfoPO preference alignment that fits one consumer GPU."""
 
 
-def _opt(name: str, panel: str, **kw):
-    return typer.Option(flag(name), help=help_for(name), rich_help_panel=panel, show_default=False, **kw)
+# options that several commands share
+Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file (default smollm2-135m).", show_default=False)]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Check the command (preset, flags, loss, data: every row) and say what the run would do; load no model, write nothing.", rich_help_panel="Output")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")]
 
 
 @app.command()
+@settings_options(CLI_SETTINGS)
 def train(
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `infopo presets`) or a .toml file (default smollm2-135m).", show_default=False)] = None,
-    data: Annotated[Optional[list[str]], _opt("data", "Data", metavar="SOURCE")] = None,
-    eval_data: Annotated[Optional[list[str]], _opt("eval_data", "Data", metavar="SOURCE")] = None,
-    data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
-    pairs: Annotated[Optional[str], _opt("pairs", "Data")] = None,
-    min_score_gap: Annotated[Optional[float], _opt("min_score_gap", "Data")] = None,
-    min_score_ratio: Annotated[Optional[float], _opt("min_score_ratio", "Data")] = None,
-    prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
-    chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
-    rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
-    split: Annotated[Optional[str], _opt("split", "Data")] = None,
-    eval_split: Annotated[Optional[str], _opt("eval_split", "Data")] = None,
-    skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help=help_for("skip_invalid"), rich_help_panel="Data", show_default=False)] = None,
-    max_length: Annotated[Optional[str], _opt("max_length", "Data", metavar="N|auto")] = None,
-    max_prompt_length: Annotated[Optional[int], _opt("max_prompt_length", "Data")] = None,
-    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data")] = None,
-    model: Annotated[Optional[str], _opt("model", "Model")] = None,
-    dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
-    backend: Annotated[Optional[str], _opt("backend", "Model", metavar="transformers|unsloth")] = None,
-    attn_implementation: Annotated[Optional[str], _opt("attn_implementation", "Model", metavar="KERNEL")] = None,
-    load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
-    gradient_checkpointing: Annotated[Optional[str], _opt("gradient_checkpointing", "Model", metavar="auto|on|off|offload")] = None,
-    gpu_mem_margin: Annotated[Optional[float], _opt("gpu_mem_margin", "Model", metavar="GIB")] = None,
-    reference: Annotated[Optional[str], _opt("reference", "Model", metavar="precompute|online")] = None,
-    share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
-    lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
-    lora_alpha: Annotated[Optional[int], _opt("lora_alpha", "Model")] = None,
-    target_modules: Annotated[Optional[str], _opt("target_modules", "Model")] = None,
-    init_adapter: Annotated[Optional[str], _opt("init_adapter", "Model")] = None,
-    loss: Annotated[Optional[str], _opt("loss", "Loss")] = None,
-    beta: Annotated[Optional[float], _opt("beta", "Loss")] = None,
-    gamma: Annotated[Optional[float], _opt("gamma", "Loss")] = None,
-    label_smoothing: Annotated[Optional[float], _opt("label_smoothing", "Loss")] = None,
-    length_normalize: Annotated[Optional[bool], typer.Option("--length-normalize/--no-length-normalize", help=help_for("length_normalize"), rich_help_panel="Loss", show_default=False)] = None,
-    prior: Annotated[Optional[str], _opt("prior", "Loss")] = None,
-    rdpo_alpha: Annotated[Optional[float], _opt("rdpo_alpha", "Loss")] = None,
-    tdpo_alpha: Annotated[Optional[float], _opt("tdpo_alpha", "Loss")] = None,
-    gamma_min: Annotated[Optional[float], _opt("gamma_min", "Loss")] = None,
-    gamma_max: Annotated[Optional[float], _opt("gamma_max", "Loss")] = None,
-    sft_weight: Annotated[Optional[float], _opt("sft_weight", "Loss")] = None,
-    lr: Annotated[Optional[float], _opt("lr", "Optimisation")] = None,
-    epochs: Annotated[Optional[float], _opt("epochs", "Optimisation")] = None,
-    max_steps: Annotated[Optional[int], _opt("max_steps", "Optimisation")] = None,
-    batch_size: Annotated[Optional[int], _opt("batch_size", "Optimisation")] = None,
-    grad_accum: Annotated[Optional[int], _opt("grad_accum", "Optimisation")] = None,
-    nproc: Annotated[Optional[int], _opt("nproc", "Optimisation")] = None,
-    optimizer: Annotated[Optional[str], _opt("optimizer", "Optimisation")] = None,
-    seed: Annotated[Optional[int], _opt("seed", "Optimisation")] = None,
-    eval_every: Annotated[Optional[int], _opt("eval_every", "Output")] = None,
-    eval_batch_size: Annotated[Optional[int], _opt("eval_batch_size", "Output")] = None,
-    eval_generate_every: Annotated[Optional[int], _opt("eval_generate_every", "Output")] = None,
-    eval_max_new_tokens: Annotated[Optional[int], _opt("eval_max_new_tokens", "Output")] = None,
-    save_every: Annotated[Optional[int], _opt("save_every", "Output")] = None,
-    keep_checkpoints: Annotated[Optional[int], _opt("keep_checkpoints", "Output")] = None,
-    max_bad_steps: Annotated[Optional[int], _opt("max_bad_steps", "Optimisation")] = None,
-    report_to: Annotated[Optional[str], _opt("report_to", "Output", metavar="TRACKERS")] = None,
-    output: Annotated[Optional[str], _opt("output", "Output")] = None,
+    preset: Preset = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a stopped run folder from its newest checkpoint, exactly (its own settings; --max-steps/--epochs may change its length).", rich_help_panel="Output")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the command (preset, flags, loss, data: every row) and say what the run would do; load no model, write nothing.", rich_help_panel="Output")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")] = False,
+    dry_run: DryRun = False,
+    debug: Debug = False,
+    *,
+    settings: dict[str, Any],
 ) -> None:
     """Train a LoRA adapter on preference pairs. With no arguments: SmolLM2-135M on the bundled data.
 
     [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
     """
-    flags = _train_flags(locals())
     from pathlib import Path
 
     from infopo_cli import presets
     from infopo_cli.config import override
 
     if resume:
-        return _resume(Path(resume), flags, dry_run)
+        return _resume(Path(resume), {**settings, **({"preset": preset} if preset else {})}, dry_run)
 
-    cfg = override(presets.load(flags.pop("preset", presets.DEFAULT_PRESET)), flags, source="command line")
+    cfg = override(presets.load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     if dry_run:  # every check below and more
         return _dry_run(cfg)
     cfg.validate()
@@ -143,10 +93,8 @@ def train(
 
 
 def _train_flags(params: dict) -> dict:
-    """`infopo train`'s parameters as settings: only those given (a repeatable option not given is an empty tuple when
-    parsed for `compare`, and must not override the preset); one --data is a string, several a list."""
-    return {k: v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else list(v) if isinstance(v, tuple) else v
-            for k, v in params.items() if k not in ("debug", "resume", "dry_run") and v is not None and v != ()}
+    """`infopo train`'s parsed parameters as the settings given (and --preset)."""
+    return given(params, ("preset", *CLI_SETTINGS))
 
 
 def _dry_run(cfg, resume=None) -> None:
@@ -171,7 +119,7 @@ def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    cfg = resumed_config(presets.load(str(run_dir / "config.toml")), flags, run_dir,
+    cfg = resumed_config(presets.load_preset(str(run_dir / "config.toml")), flags, run_dir,
                          console.print if not _rank() else lambda message: None)
     if dry_run:
         return _dry_run(cfg, run_dir)
@@ -260,7 +208,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml 
     """Print one preset's settings with what each one means."""
     from infopo_cli import presets
 
-    cfg = presets.load(name)
+    cfg = presets.load_preset(name)
     for key, value in cfg.to_dict().items():
         console.print(f"[bold]{key}[/] = {escape(repr(value))}  [dim]# {escape(help_for(key))}[/]", highlight=False)
 
@@ -289,40 +237,24 @@ def export(
     [dim]infopo export --gguf   (right after `infopo train`: the newest run, written to RUN/export/)[/]
     [dim]infopo export runs/my-run --gguf my-model.gguf --quant q8_0 && ollama create my-model -f my-model.Modelfile[/]
     """
-    from pathlib import Path
-
-    from infopo_cli.errors import ConfigError, ExportCheckFailed
-    from infopo_cli.export.merged import AdapterSource, default_output, export_merged, from_run, is_run, newest_run
+    from infopo_cli.errors import ExportCheckFailed
+    from infopo_cli.export.target import resolve
 
     if quant == "list":
         _quant_list(run_dir, base)
         return
-    if (merged is None) == (gguf is None):
-        raise ConfigError("pass exactly one of --merged [OUT_DIR] or --gguf [OUT.gguf]")
-    given = merged if merged is not None else gguf
-    if given and not run_dir and not base and Path(given).is_dir() and is_run(Path(given)):
-        run_dir, given = given, ""  # `infopo export --gguf runs/my-run`: the folder is the run, not the output
-    if run_dir and (base or adapter):
-        raise ConfigError("pass a run folder or --base with --adapter, not both")
-    if base or adapter:
-        if not (base and adapter):
-            raise ConfigError("--base and --adapter go together")
-        source = AdapterSource(base, Path(adapter))
-        if not (source.adapter / "adapter_config.json").is_file():
-            raise ConfigError(f"{adapter} has no adapter_config.json")
-    else:
-        if not run_dir:
-            run_dir = str(newest_run())
-            console.print(f"exporting the newest run: [bold]{escape(run_dir)}[/]", highlight=False)
-        source = from_run(run_dir)
-    out = Path(given) if given else default_output(source, "merged" if merged is not None else "gguf", quant)
-    if merged is not None:
-        out = export_merged(source, out, dtype, overwrite)
+    target = resolve(run_dir, merged, gguf, quant, base, adapter)
+    if target.newest is not None:
+        console.print(f"exporting the newest run: [bold]{escape(str(target.newest))}[/]", highlight=False)
+    if target.kind == "merged":
+        from infopo_cli.export.merged import export_merged
+
+        out = export_merged(target.source, target.out, dtype, overwrite)
         console.print(f"merged model -> [bold]{escape(str(out))}[/] (AutoModelForCausalLM.from_pretrained)")
         return
     from infopo_cli.export.export_gguf import export_gguf
 
-    path, modelfile, result = export_gguf(source, out, quant, overwrite, check)
+    path, modelfile, result = export_gguf(target.source, target.out, quant, overwrite, check)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem.lower())
     console.print(f"GGUF ({escape(quant)}) -> [bold]{escape(str(path))}[/]\n"
                   f"  Ollama:    ollama create {name} -f {escape(str(modelfile))} && ollama run {name}\n"
@@ -339,9 +271,9 @@ def _quant_list(run_dir: str | None, base: str | None) -> None:
     from rich.table import Table
 
     from infopo_cli.export.gguf import size_table
-    from infopo_cli.export.merged import from_run, newest_run
+    from infopo_cli.export.target import base_model
 
-    model = base or from_run(run_dir or newest_run()).base
+    model = base_model(run_dir, base)
     table = Table(title=f"GGUF types for {model}")
     for column in ("--quant", "written by", "this installation", "expected size"):
         table.add_column(column, justify="right" if column == "expected size" else "left")
@@ -395,7 +327,7 @@ def eval_run(
 
     target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
     from infopo_cli.inference.display import print_eval
-    from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
+    from infopo_cli.workflows.evaluation import EvalRequest, evaluate
 
     request = EvalRequest(str(target.path), data, generate, _sampling(max_new_tokens, temperature), batch_size, out,
                           base, limit, overwrite)
@@ -405,7 +337,7 @@ def eval_run(
 def _ask(target, base_model: bool, compare: bool):
     """(a GgufModel, None) or (None, LoadedModel) for a `find_target` answer, checked for --base-model / --compare."""
     from infopo_cli.errors import ConfigError
-    from infopo_cli.inference.models import load
+    from infopo_cli.inference.models import load_target
 
     if target.kind == "gguf":
         if base_model or compare:
@@ -414,7 +346,7 @@ def _ask(target, base_model: bool, compare: bool):
         from infopo_cli.inference.gguf_model import GgufModel
 
         return GgufModel(target.path), None
-    loaded = load(target, log=_note)
+    loaded = load_target(target, log=_note)
     for note in loaded.notes:
         _note(note)
     if (base_model or compare) and not loaded.can_compare:
@@ -541,13 +473,13 @@ def report(
     from infopo_cli.errors import ConfigError
     from infopo_cli.reporting import figure, table
     from infopo_cli.reporting.model_card import displacement_message
-    from infopo_cli.reporting.runs import load
+    from infopo_cli.reporting.runs import read_run
 
     from infopo_cli import files
 
     if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--out {out}: name the figure FILE.png")
-    loaded = [load(path) for path in runs]
+    loaded = [read_run(path) for path in runs]
     target = Path(out) if out else Path("report.png") if len(loaded) > 1 else loaded[0].path / "report.png"
     files.claim_target(target, overwrite)
     if markdown:
@@ -564,14 +496,23 @@ def report(
         notes.print("figure skipped: matplotlib is not installed (pip install 'infopo\\[plot]')", highlight=False)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# the train settings a comparison passes to every run; --loss and --output are its own
+COMPARE_SETTINGS = tuple(name for name in CLI_SETTINGS if name not in OWN_FLAGS)
+
+
+@app.command()
+@settings_options(COMPARE_SETTINGS)
 def compare(
-    ctx: typer.Context,
     loss: Annotated[str, typer.Option("--loss", help="The losses to train, a comma list (see `infopo losses`).")] = "infopo,dpo",
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Also sweep one setting: SETTING=V1,V2 (e.g. beta=0.1,0.3): one run per loss and value.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Parent folder of the runs (default runs/compare-LOSSES-TIME); the same command with it continues a stopped comparison.", show_default=False)] = None,
     generate: Annotated[bool, typer.Option("--generate", help="Then `infopo eval --generate` every run: one table of base and tuned answers.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply with --generate.")] = 256,
+    preset: Preset = None,
+    dry_run: DryRun = False,
+    debug: Debug = False,
+    *,
+    settings: dict[str, Any],
 ) -> None:
     """Train the same data, model and seed once per loss (or swept value), each run in its own folder, then one report.
 
@@ -579,115 +520,76 @@ def compare(
     [dim]infopo compare --loss infopo,dpo,simpo --max-steps 40 --eval-every 10 --output runs/cmp[/]
     [dim]infopo compare --loss infopo --sweep beta=0.1,0.25,0.5 --generate[/]
     """
-    import time
     from pathlib import Path
 
     from infopo_cli import presets
-    from infopo_cli.errors import ConfigError
     from infopo_cli.train import compare as comparison
 
-    train_command = typer.main.get_command(app).commands["train"]  # the train flags, parsed as `infopo train` does
-    params = train_command.make_context("train", list(ctx.args)).params
-    flags = _train_flags(params)
-    for name in comparison.OWN_FLAGS:
-        if name in flags:
-            raise ConfigError(f"--{name} is the comparison's own (pass --loss/--output before the train flags)")
-    preset = flags.pop("preset", presets.DEFAULT_PRESET)
-    variants = comparison.plan([name.strip() for name in loss.split(",") if name.strip()], comparison.parse_sweep(sweep))
-    if sweep:  # the swept values typed as `infopo train` types them on its command line
-        from dataclasses import replace
-
-        from infopo_cli.config import flag
-
-        variants = [replace(v, settings={k: value if k == "loss" else train_command.make_context(
-            "train", [flag(k), str(value)]).params[k] for k, value in v.settings.items()}) for v in variants]
-    parent = Path(output) if output else Path("runs") / f"compare-{'-'.join(v.settings['loss'] for v in variants[:3])}-{time.strftime('%Y%m%d-%H%M%S')}"
-    configs = comparison.configs(variants, flags, parent, preset)  # every loss name and flag checked before anything is written
-    plan_flags = {k: str(v) for k, v in flags.items()}
-    if params["dry_run"]:  # the runs share data, model and output parent: read the data once
-        resuming = comparison.check_parent(parent, variants, plan_flags)
-        console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}"
-                      + (" (continuing)" if resuming else "") + ": " + ", ".join(escape(v.name) for v in variants),
-                      highlight=False)
-        return _dry_run(configs[0], Path(configs[0].output) if resuming else None)
-    resuming = comparison.claim_parent(parent, variants, plan_flags)
-    console.print(f"[bold]infopo compare[/]: {len(variants)} runs under {escape(str(parent))}"
-                  + (" (continuing)" if resuming else "") + "; they share the reference cache (--reference "
-                  "precompute): the first run that needs the reference computes it, the others read it",
-                  highlight=False)
+    planned = comparison.prepare(loss, sweep, output, settings, preset or presets.DEFAULT_PRESET)
+    resuming = planned.check() if dry_run else planned.claim()
+    head = (f"[bold]infopo compare[/]: {len(planned.variants)} runs under {escape(str(planned.parent))}"
+            + (" (continuing)" if resuming else ""))
+    if dry_run:  # the runs share data, model and output parent: read the data once
+        console.print(head + ": " + ", ".join(escape(v.name) for v in planned.variants), highlight=False)
+        return _dry_run(planned.configs[0], Path(planned.configs[0].output) if resuming else None)
+    console.print(head + "; they share the reference cache (--reference precompute): the first run that needs the "
+                  "reference computes it, the others read it", highlight=False)
 
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training
 
-    folders, stopped = comparison.run_all(variants, configs, parent,
+    folders, stopped = comparison.run_all(planned.variants, planned.configs, planned.parent,
                                           lambda cfg, resume=None: run_training(cfg, Reporter(console), resume=resume),
                                           lambda line: console.print(f"[bold]{escape(line)}[/]", highlight=False))
     if stopped is not None:
         _print_summary(stopped)
         err_console.print(f"[yellow]{escape(stopped.message)}[/]\n[yellow]continue the comparison with the same "
-                          f"command and --output {escape(str(parent))}[/]", highlight=False, soft_wrap=True)
+                          f"command and --output {escape(str(planned.parent))}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(stopped.exit_code)
 
-    from infopo_cli.reporting import figure, table
-    from infopo_cli.reporting.runs import load
+    from infopo_cli.reporting import table
 
-    runs = [load(folder) for folder in folders]
+    runs, written = comparison.report(planned.parent, folders)
     console.print(*table.rich_tables(runs))
-    files_written = [parent / "report.md"]
-    from infopo_cli import files
-
-    files.write_text(parent / "report.md", table.markdown_table(runs))
-    if figure.plot_runs(runs, parent / "report.png"):
-        files_written.append(parent / "report.png")
     if generate:
-        from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
         from infopo_cli.inference.generation import Sampling
+        from infopo_cli.workflows.evaluation import EvalRequest, evaluate
 
-        rows = []
-        for folder in folders:
-            result = evaluate(EvalRequest(str(folder), generate=True, sampling=Sampling(max_new_tokens=max_new_tokens),
-                                          overwrite=True), log=_note)  # the comparison's own earlier outputs
-            rows.append((folder.name, result))
-        files.write_text(parent / "eval.md", comparison.eval_markdown(rows))
-        console.print(comparison.eval_markdown(rows), highlight=False, markup=False)
-        files_written.append(parent / "eval.md")
-    console.print("report -> " + ", ".join(escape(str(p)) for p in files_written), highlight=False)
+        sampling = Sampling(max_new_tokens=max_new_tokens)
+        answers, path = comparison.evaluate_all(planned.parent, folders, lambda folder: evaluate(  # overwrite: the
+            EvalRequest(str(folder), generate=True, sampling=sampling, overwrite=True), log=_note))  # comparison's own
+        console.print(answers, highlight=False, markup=False)
+        written.append(path)
+    console.print("report -> " + ", ".join(escape(str(p)) for p in written), highlight=False)
 
 
 @data_app.command("check")
+@settings_options(("model", "data_format", "pairs", "min_score_gap", "min_score_ratio", "prompt_field", "chosen_field",
+                   "rejected_field", "split", "system_prompt", "skip_invalid", "max_length"),
+                  {"skip_invalid": {"help": "Report every invalid row instead of stopping at the first.", "panel": None}})
 def data_check(
     paths: Annotated[list[str], typer.Argument(help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset; several (SOURCE:0.3 for a share) are checked one by one, then mixed as `train --data` would.", metavar="SOURCE...", show_default=False)],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
-    model: Annotated[Optional[str], _opt("model", "Model")] = None,
-    data_format: Annotated[Optional[str], _opt("data_format", "Data")] = None,
-    pairs: Annotated[Optional[str], _opt("pairs", "Data")] = None,
-    min_score_gap: Annotated[Optional[float], _opt("min_score_gap", "Data")] = None,
-    min_score_ratio: Annotated[Optional[float], _opt("min_score_ratio", "Data")] = None,
-    prompt_field: Annotated[Optional[str], _opt("prompt_field", "Data")] = None,
-    chosen_field: Annotated[Optional[str], _opt("chosen_field", "Data")] = None,
-    rejected_field: Annotated[Optional[str], _opt("rejected_field", "Data")] = None,
-    split: Annotated[Optional[str], _opt("split", "Data")] = None,
-    system_prompt: Annotated[Optional[str], _opt("system_prompt", "Data")] = None,
-    skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid", help="Report every invalid row instead of stopping at the first.", show_default=False)] = None,
-    max_length: Annotated[Optional[str], _opt("max_length", "Data", metavar="N|auto")] = None,
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Only validate; skip token statistics (no model files needed).")] = False,
+    *,
+    settings: dict[str, Any],
 ) -> None:
     """Validate a preference dataset, name its format and show token lengths, truncation, duplicates and padding."""
-    flags = {k: v for k, v in locals().items() if k not in ("paths", "preset", "no_tokenizer") and v is not None}
     from infopo_cli import presets
     from infopo_cli.config import merge
     from infopo_cli.data.check import check
 
-    cfg = merge(presets.load(preset), flags, source="command line")
+    cfg = merge(presets.load_preset(preset), settings, source="command line")
     tokenizer = None
     if not no_tokenizer:
-        from infopo_cli.model.loading import load_tokenizer, resolve_source
+        from infopo_cli.model.stack import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(resolve_source(cfg.model, log=lambda m: err_console.print(m, highlight=False)))
+    from infopo_cli.data.loading import DataOptions
     from infopo_cli.data.mixing import mix_counts, parse_source
 
     sources = [parse_source(text) for text in paths]
-    reports = [check(source.spec, cfg.data_options(), tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.batch_size)
+    reports = [check(source.spec, DataOptions.from_config(cfg), tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.batch_size)
                for source in sources]
     for report in reports:
         _print_report(report, cfg.model)
@@ -732,32 +634,27 @@ def _print_report(report, model: str) -> None:
 
 
 @app.command()
+@settings_options(("model", "max_length", "batch_size", "gradient_checkpointing", "gpu_mem_margin", "share_prompt", "lora_r",
+                   "target_modules", "dtype", "load_in_4bit"),
+                  {"max_length": {"help": "Longest prompt+response in tokens (default: the preset's).", "panel": None,
+                                  "type": int, "metavar": None}})
 def plan(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml file (default smollm2-135m).", show_default=False)] = None,
-    model: Annotated[Optional[str], _opt("model", "Model")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longest prompt+response in tokens (default: the preset's).", show_default=False)] = None,
     prompt_length: Annotated[Optional[int], typer.Option("--prompt-length", help="Prompt tokens per pair (default: the preset's max_prompt_length); with a shared prompt a shorter prompt leaves longer responses, so longer rows.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], _opt("batch_size", "Optimisation")] = None,
     gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="The GPU's memory in GiB.")] = 24.0,
-    gradient_checkpointing: Annotated[Optional[str], _opt("gradient_checkpointing", "Model", metavar="auto|on|off|offload")] = None,
-    gpu_mem_margin: Annotated[Optional[float], _opt("gpu_mem_margin", "Model", metavar="GIB")] = None,
-    share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=help_for("share_prompt"), rich_help_panel="Model", show_default=False)] = None,
-    lora_r: Annotated[Optional[int], _opt("lora_r", "Model")] = None,
-    target_modules: Annotated[Optional[str], _opt("target_modules", "Model")] = None,
-    dtype: Annotated[Optional[str], _opt("dtype", "Model")] = None,
-    load_in_4bit: Annotated[Optional[bool], typer.Option("--4bit/--no-4bit", help=help_for("load_in_4bit"), rich_help_panel="Model", show_default=False)] = None,
+    *,
+    settings: dict[str, Any],
 ) -> None:
     """Predict a training run's peak GPU memory from the model's config alone (no GPU, nothing downloaded): the parts,
     whether it fits, the largest batch and longest length that do, and what to change.
 
     [dim]infopo plan --preset llama3-8b-qlora --max-length 2048 --gpu-mem 24[/]
     """
-    flags = {k: v for k, v in locals().items() if k not in ("preset", "prompt_length", "gpu_mem") and v is not None}
     from infopo_cli import presets
     from infopo_cli.config import merge
     from infopo_cli.reporting.memory_table import print_plan
 
-    cfg = merge(presets.load(preset or presets.DEFAULT_PRESET), flags, source="command line")
+    cfg = merge(presets.load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     cfg.validate()
     print_plan(console, cfg, prompt_length, gpu_mem)
 
@@ -774,7 +671,7 @@ def doctor(
     """
     from infopo_cli import doctor as checks, presets
 
-    cfg = presets.load(preset or presets.DEFAULT_PRESET)
+    cfg = presets.load_preset(preset or presets.DEFAULT_PRESET)
     cfg.validate()
     checks.show(console, cfg, as_json, preset or presets.DEFAULT_PRESET)
 

@@ -6,6 +6,8 @@ Each entry is (lowest, highest) tested. A bound is compared at its own precision
 
 from __future__ import annotations
 
+from packaging.version import Version
+
 TESTED: dict[str, tuple[str, str]] = {
     "torch": ("2.11", "2.13.0"),
     "transformers": ("5.6", "5.25.0"),
@@ -20,8 +22,6 @@ BELOW, NEWER, OK = "below the tested range", "newer than tested", "tested"
 
 def verdict(package: str, installed: str) -> str:
     """BELOW, NEWER or OK for `installed` (a version string) of a package in TESTED."""
-    from packaging.version import Version
-
     low, high = TESTED[package]
     release = Version(installed).release
     if release < Version(low).release:
@@ -31,5 +31,6 @@ def verdict(package: str, installed: str) -> str:
 
 
 def tested_range(package: str) -> str:
+    """The tested versions of `package` as text: one version, or "LOW to HIGH"."""
     low, high = TESTED[package]
     return low if low == high else f"{low} to {high}"

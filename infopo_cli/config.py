@@ -24,18 +24,27 @@ BUNDLED_EVAL = "bundled:arith_eval"
 # Compute / export dtype names -> torch attribute names: the one table of dtypes (torch-free, for --help).
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
-CHECKPOINTING = ("auto", "on", "off", "offload")  # model/checkpointing.py decides what auto means for a run
-BACKENDS = ("transformers", "unsloth")  # model/loading.py, model/unsloth_backend.py
+CHECKPOINTING = ("auto", "on", "off", "offload")  # model/recompute.py decides what auto means for a run
+BACKENDS = ("transformers", "unsloth")  # model/stack.py, model/unsloth_backend.py
 PAIRINGS = ("best-worst", "best-vs-each", "adjacent", "all")  # data/scored.py (torch-free here, for --help)
 # model/attention.py's matmul, and the kernels transformers ships (a hub kernel name would fetch and run code)
 ATTENTION = ("auto", "matmul", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRACKERS = ("tensorboard", "wandb", "trackio")  # train/trackers.py; --report-to takes a comma list of these, or none
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+REFERENCES = ("precompute", "online")
+
+
+def _f(default: Any, help: str, *, panel: str | None = None, flag: str | None = None, metavar: str | None = None,
+       choices: tuple[str, ...] | None = None, repeat: bool = False, cli: bool = True) -> Any:
+    """A setting with everything said about it once: its `help`, and as a command-line option (`cli`) its `--help`
+    `panel`, its `flag` where it is not --name-with-dashes (a bool's is --name/--no-name), the `choices` its `metavar`
+    lists, and whether it may be repeated (`repeat`: one value is a string, several a list)."""
+    metadata = {"help": help, "panel": panel, "flag": flag, "metavar": metavar, "choices": choices, "repeat": repeat,
+                "cli": cli}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -43,96 +52,128 @@ class TrainConfig:
     """Everything `infopo train` needs; saved as `config.toml` in the run folder."""
 
     # --- model -----------------------------------------------------------------------------------
-    model: str = _f(EMBEDDED_MODEL, "Base model: a local folder, a hub id, or 'embedded:smollm2-135m-instruct'.")
+    model: str = _f(EMBEDDED_MODEL, "Base model: a local folder, a hub id, or 'embedded:smollm2-135m-instruct'.",
+                    panel="Model")
     backend: str = _f("transformers", "What loads the base and attaches the LoRA: transformers (+ peft) or unsloth "
-                                      "(Unsloth's FastLanguageModel and kernels; pip install 'infopo[unsloth]').")
-    load_in_4bit: bool = _f(True, "Load the base 4-bit NF4 (bitsandbytes, double quant). False: unquantised.")
-    dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware computes it fast, else fp32), bf16, fp16, fp32.")
+                                      "(Unsloth's FastLanguageModel and kernels; pip install 'infopo[unsloth]').",
+                      panel="Model", choices=BACKENDS)
+    load_in_4bit: bool = _f(True, "Load the base 4-bit NF4 (bitsandbytes, double quant). False: unquantised.",
+                            panel="Model", flag="--4bit/--no-4bit")
+    dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware computes it fast, else fp32), bf16, fp16, fp32.",
+                    panel="Model")
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass: auto (from the memory plan: off where "
                                              "the run fits, else on for only as many layers as needed), on, off, offload (on, "
-                                             "the saved layer inputs in pinned CPU memory; CUDA). true/false mean on/off.")
+                                             "the saved layer inputs in pinned CPU memory; CUDA). true/false mean on/off.",
+                                     panel="Model", choices=CHECKPOINTING)
     gpu_mem_margin: float | None = _f(None, "GPU memory in GiB that --gradient-checkpointing auto leaves free, for what its "
                                             "memory plan does not see (other processes, fragmentation); default max(10% of "
-                                            "the card, 1.5 GiB).")
+                                            "the card, 1.5 GiB).", panel="Model", metavar="GIB")
     attn_implementation: str = _f("auto", "Attention kernel: auto (matmul for 16-bit compute on a CPU, else transformers' "
                                   "choice for the model), matmul (two batched 16-bit products: ~2x sdpa on a CPU), sdpa or "
                                   "eager (a shared prompt's 4-D mask), flex_attention (its block mask; trains on CUDA only), "
-                                  "flash_attention_2 (reads each prompt twice).")
+                                  "flash_attention_2 (reads each prompt twice).",
+                                  panel="Model", choices=ATTENTION, metavar="KERNEL")
     reference: str = _f("precompute", "Reference log-probs: precompute (one pass before training, cached on disk for later runs "
-                                      "on the same base and data) or online (a reference forward in every step).")
-    share_prompt: bool = _f(True, "Read each pair's prompt once (one row prompt+chosen+rejected, 4-D mask; sdpa/eager attention): same log-probs, fewer tokens.")
+                                      "on the same base and data) or online (a reference forward in every step).",
+                        panel="Model", choices=REFERENCES)
+    share_prompt: bool = _f(True, "Read each pair's prompt once (one row prompt+chosen+rejected, 4-D mask; sdpa/eager attention): same log-probs, fewer tokens.",
+                            panel="Model")
     # --- LoRA ------------------------------------------------------------------------------------
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    lora_r: int = _f(16, "LoRA rank.", panel="Model")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).", panel="Model")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", panel="Model", cli=False)
     target_modules: list[str] | str = _f(
         "all-linear", "Modules that get a LoRA adapter: 'all-linear' (every linear layer but the output) or a list of names.",
+        panel="Model",
     )
     init_adapter: str | None = _f(None, "Start from this LoRA adapter folder (e.g. an SFT adapter: adapter_config.json + weights): "
                                         "the policy trains it, the reference is the model with it, frozen. Its own r, alpha, "
                                         "dropout and target modules are used (set away from their defaults they must match), "
-                                        "its base must be this model; keep it unchanged until the run ends (--resume checks).")
+                                        "its base must be this model; keep it unchanged until the run ends (--resume checks).",
+                                  panel="Model")
     # --- data ------------------------------------------------------------------------------------
     data: str | list[str] = _f(BUNDLED_TRAIN, "Training pairs: a file (.jsonl/.json/.csv/.parquet), a save_to_disk folder, "
                                               "a hub dataset or 'bundled:arith_train'. Repeat to mix several; "
-                                              "SOURCE:0.3 makes it 30% of the mix (default: by size).")
+                                              "SOURCE:0.3 makes it 30% of the mix (default: by size).",
+                               panel="Data", repeat=True, metavar="SOURCE")
     # str, not str | None: TOML has no null, so a None here could not survive the run's config.toml.
-    eval_data: str | list[str] = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip); repeat to mix, like --data.")
+    eval_data: str | list[str] = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip); repeat to mix, like --data.",
+                                    panel="Data", repeat=True, metavar="SOURCE")
     data_format: str = _f("auto", "Row format: auto (detected per row), explicit, conversational, implicit; scored (completions "
                                   "with ratings, UltraFeedback), ranked (answers with rank, Nectar), labelled (two answers "
-                                  "and a label or votes, SHP), rated (pairs with chosen/rejected scores).")
-    pairs: str = _f("best-worst", "Scored/ranked rows -> pairs: best-worst, best-vs-each, adjacent (consecutive scores), all.")
-    min_score_gap: float = _f(0.0, "Drop pairs whose score (or rank) gap is below this; ties are never trained on.")
-    min_score_ratio: float = _f(1.0, "Labelled two-answer rows (SHP): drop when the votes' ratio is below this (SHP's authors use 2).")
-    prompt_field: str = _f("prompt", "Name of the prompt column.")
-    chosen_field: str = _f("chosen", "Name of the chosen-response column.")
-    rejected_field: str = _f("rejected", "Name of the rejected-response column.")
-    split: str = _f("train", "Split of a hub dataset or a save_to_disk folder.")
-    eval_split: str | None = _f(None, "Split for --eval-data (default: the same as --split).")
-    skip_invalid: bool = _f(False, "Drop invalid rows (and report how many) instead of stopping at the first.")
+                                  "and a label or votes, SHP), rated (pairs with chosen/rejected scores).",
+                          panel="Data", flag="--format")
+    pairs: str = _f("best-worst", "Scored/ranked rows -> pairs: best-worst, best-vs-each, adjacent (consecutive scores), all.",
+                    panel="Data")
+    min_score_gap: float = _f(0.0, "Drop pairs whose score (or rank) gap is below this; ties are never trained on.",
+                              panel="Data")
+    min_score_ratio: float = _f(1.0, "Labelled two-answer rows (SHP): drop when the votes' ratio is below this (SHP's authors use 2).",
+                                panel="Data")
+    prompt_field: str = _f("prompt", "Name of the prompt column.", panel="Data")
+    chosen_field: str = _f("chosen", "Name of the chosen-response column.", panel="Data")
+    rejected_field: str = _f("rejected", "Name of the rejected-response column.", panel="Data")
+    split: str = _f("train", "Split of a hub dataset or a save_to_disk folder.", panel="Data")
+    eval_split: str | None = _f(None, "Split for --eval-data (default: the same as --split).", panel="Data")
+    skip_invalid: bool = _f(False, "Drop invalid rows (and report how many) instead of stopping at the first.",
+                            panel="Data", flag="--skip-invalid")
     max_length: int | str = _f(512, "Longest prompt+response in tokens; longer pairs are truncated. auto: the length that "
-                                    "keeps 99% of the training pairs whole.")
-    max_prompt_length: int = _f(256, "Longest prompt kept when a pair must be truncated (cut from the left).")
-    system_prompt: str | None = _f(None, "System message for the chat template (None: the template's own default).")
+                                    "keeps 99% of the training pairs whole.", panel="Data", metavar="N|auto")
+    max_prompt_length: int = _f(256, "Longest prompt kept when a pair must be truncated (cut from the left).",
+                                panel="Data")
+    system_prompt: str | None = _f(None, "System message for the chat template (None: the template's own default).",
+                                   panel="Data", flag="--system")
     # --- loss ------------------------------------------------------------------------------------
-    loss: str = _f("infopo", "Preference loss (see `infopo losses`).")
-    beta: float | None = _f(None, "Loss temperature beta (None: the loss's default; see `infopo losses`).")
-    gamma: float | None = _f(None, "Target margin (simpo; mi with prior simpo).")
-    label_smoothing: float | None = _f(None, "Assumed label-flip rate in [0, 0.5) (cdpo, robust, rmipo).")
-    length_normalize: bool | None = _f(None, "Use per-token average log-probs instead of sums (infopo, ipo).")
-    prior: str | None = _f(None, "Prior of the mi loss: reference (DPO), simpo, rdpo, tdpo1, tdpo2, uniform.")
-    rdpo_alpha: float | None = _f(None, "Length coefficient of the rdpo prior (R-DPO's alpha).")
-    tdpo_alpha: float | None = _f(None, "Weight of the rejected KL in the tdpo2 prior (TDPO's alpha).")
-    gamma_min: float | None = _f(None, "Smallest margin of rmipo (0.3 in the released code).")
-    gamma_max: float | None = _f(None, "Largest margin of rmipo (1.6 in the released code).")
-    sft_weight: float | None = _f(None, "Add this weight x the NLL of the chosen response to any loss (0: off).")
+    loss: str = _f("infopo", "Preference loss (see `infopo losses`).", panel="Loss")
+    beta: float | None = _f(None, "Loss temperature beta (None: the loss's default; see `infopo losses`).",
+                            panel="Loss")
+    gamma: float | None = _f(None, "Target margin (simpo; mi with prior simpo).", panel="Loss")
+    label_smoothing: float | None = _f(None, "Assumed label-flip rate in [0, 0.5) (cdpo, robust, rmipo).", panel="Loss")
+    length_normalize: bool | None = _f(None, "Use per-token average log-probs instead of sums (infopo, ipo).",
+                                       panel="Loss")
+    prior: str | None = _f(None, "Prior of the mi loss: reference (DPO), simpo, rdpo, tdpo1, tdpo2, uniform.",
+                           panel="Loss")
+    rdpo_alpha: float | None = _f(None, "Length coefficient of the rdpo prior (R-DPO's alpha).", panel="Loss")
+    tdpo_alpha: float | None = _f(None, "Weight of the rejected KL in the tdpo2 prior (TDPO's alpha).", panel="Loss")
+    gamma_min: float | None = _f(None, "Smallest margin of rmipo (0.3 in the released code).", panel="Loss")
+    gamma_max: float | None = _f(None, "Largest margin of rmipo (1.6 in the released code).", panel="Loss")
+    sft_weight: float | None = _f(None, "Add this weight x the NLL of the chosen response to any loss (0: off).",
+                                  panel="Loss")
     # --- optimisation ----------------------------------------------------------------------------
-    lr: float = _f(2e-4, "Peak learning rate (AdamW).")
-    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps.")
-    batch_size: int = _f(8, "Preference pairs per micro-batch (each pair is two sequences).")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step (global batch = batch_size * grad_accum * nproc).")
+    lr: float = _f(2e-4, "Peak learning rate (AdamW).", panel="Optimisation")
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", panel="Optimisation")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps.", panel="Optimisation")
+    batch_size: int = _f(8, "Preference pairs per micro-batch (each pair is two sequences).", panel="Optimisation")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (global batch = batch_size * grad_accum * nproc).",
+                         panel="Optimisation")
     nproc: int = _f(1, "Processes (GPUs) to train on, data-parallel: infopo starts torchrun for N > 1 (under torchrun or "
-                       "accelerate launch it is the launcher's world size).")
-    warmup_ratio: float = _f(0.1, "Fraction of steps with linear warm-up before the cosine decay.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0: no clipping).")
-    optimizer: str = _f("auto", "auto (paged 8-bit AdamW on CUDA, AdamW elsewhere), adamw, paged_adamw_8bit.")
-    seed: int = _f(42, "Seed for LoRA init, shuffling and dropout.")
+                       "accelerate launch it is the launcher's world size).", panel="Optimisation")
+    warmup_ratio: float = _f(0.1, "Fraction of steps with linear warm-up before the cosine decay.",
+                             panel="Optimisation", cli=False)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", panel="Optimisation", cli=False)
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0: no clipping).",
+                              panel="Optimisation", cli=False)
+    optimizer: str = _f("auto", "auto (paged 8-bit AdamW on CUDA, AdamW elsewhere), adamw, paged_adamw_8bit.",
+                        panel="Optimisation")
+    seed: int = _f(42, "Seed for LoRA init, shuffling and dropout.", panel="Optimisation")
     # --- evaluation, logging, saving -------------------------------------------------------------
-    eval_every: int = _f(0, "Evaluate on the held-out pairs every N steps (0: only before and after training).")
-    eval_batch_size: int = _f(16, "Pairs per evaluation batch.")
+    eval_every: int = _f(0, "Evaluate on the held-out pairs every N steps (0: only before and after training).",
+                         panel="Output")
+    eval_batch_size: int = _f(16, "Pairs per evaluation batch.", panel="Output")
     eval_generate_every: int = _f(0, "Also score the policy's greedy answers to held-out prompts that carry an answer, at the "
-                                     "start, every N steps and at the end (eval/answers/accuracy; 0: off).")
-    eval_max_new_tokens: int = _f(256, "Longest reply when answers are scored during training.")
-    save_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end and when stopped).")
-    keep_checkpoints: int = _f(2, "Keep the newest K checkpoint-N folders, delete older ones (the final adapter is always kept).")
-    max_bad_steps: int = _f(10, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
+                                     "start, every N steps and at the end (eval/answers/accuracy; 0: off).",
+                                  panel="Output")
+    eval_max_new_tokens: int = _f(256, "Longest reply when answers are scored during training.", panel="Output")
+    save_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end and when stopped).",
+                         panel="Output")
+    keep_checkpoints: int = _f(2, "Keep the newest K checkpoint-N folders, delete older ones (the final adapter is always kept).",
+                               panel="Output")
+    max_bad_steps: int = _f(10, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.",
+                            panel="Optimisation")
     report_to: str = _f("none", "Also log the metrics to these trackers, a comma list: tensorboard (RUN/tensorboard/), wandb "
                                 "(RUN/wandb/, offline unless WANDB_MODE or WANDB_API_KEY says otherwise), trackio (its local "
-                                "store), or none. metrics.jsonl is always written.")
-    output: str | None = _f(None, "Run folder (default: runs/<preset>-<time>). Never overwritten.")
-    preset: str | None = _f(None, "The preset these settings came from (informational).")
+                                "store), or none. metrics.jsonl is always written.", panel="Output", metavar="TRACKERS")
+    output: str | None = _f(None, "Run folder (default: runs/<preset>-<time>). Never overwritten.", panel="Output")
+    preset: str | None = _f(None, "The preset these settings came from (informational).", cli=False)
 
     def __post_init__(self) -> None:
         self.gradient_checkpointing = _checkpointing(self.gradient_checkpointing)
@@ -151,16 +192,6 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def data_options(self, split: str | None = None):
-        from infopo_cli.data.loading import DataOptions
-        from infopo_cli.data.formats import Fields
-
-        from infopo_cli.data.scored import ScoreOptions
-
-        return DataOptions(self.data_format, Fields(self.prompt_field, self.chosen_field, self.rejected_field),
-                           split or self.split, self.system_prompt, self.skip_invalid,
-                           ScoreOptions(self.pairs, self.min_score_gap, self.min_score_ratio))
-
     def loss_overrides(self) -> dict[str, Any]:
         """The loss parameters set by preset or flags (None: the loss's default)."""
         return {k: getattr(self, k) for k in LOSS_PARAMS if getattr(self, k) is not None}
@@ -178,12 +209,61 @@ def help_for(name: str) -> str:
     return FIELDS[name].metadata["help"]
 
 
-# The command-line flag of each setting, where it is not the setting's name with dashes.
-FLAG_NAMES = {"data_format": "--format", "system_prompt": "--system", "load_in_4bit": "--4bit"}
+# --- the command line: each setting as an option, described here (typer-free) for cli_options.py to build -----
+
+@dataclass(frozen=True)
+class CliOption:
+    name: str                # the setting, and the command's parameter
+    decls: tuple[str, ...]   # typer's declarations: ("--lr",), ("--4bit/--no-4bit",)
+    type: Any                # what the command line parses: bool, int, float, str or list[str]
+    help: str
+    panel: str | None
+    metavar: str | None
+
+
+def _declaration(name: str) -> str:
+    meta = FIELDS[name].metadata
+    dashed = name.replace("_", "-")
+    return meta["flag"] or (f"--{dashed}/--no-{dashed}" if _plain(HINTS[name]) is bool else f"--{dashed}")
+
+
+def _plain(tp: Any) -> Any:
+    """A setting's type on the command line: its annotation without None; a union of several (`int | str`, `list[str]
+    | str`) is a string that `merge` reads (`--max-length auto`, `--target-modules q_proj,v_proj`)."""
+    union = typing.get_origin(tp) in (types.UnionType, typing.Union)
+    options = [t for t in typing.get_args(tp) if t is not type(None)] if union else [tp]
+    return options[0] if len(options) == 1 else str
 
 
 def flag(name: str) -> str:
-    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    """The command-line flag of a setting, as messages name it: --format, --4bit, --lr."""
+    return _declaration(name).split("/")[0]
+
+
+def cli_option(name: str, **changes: Any) -> CliOption:
+    """The option of setting `name`; `changes` (help, panel, type, metavar) are one command's own wording of it."""
+    meta = FIELDS[name].metadata
+    metavar = meta["metavar"] or ("|".join(meta["choices"]) if meta["choices"] else None)
+    option = CliOption(name, (_declaration(name),), list[str] if meta["repeat"] else _plain(HINTS[name]), meta["help"],
+                       meta["panel"], metavar)
+    return dataclasses.replace(option, **changes)
+
+
+PANELS = ("Data", "Model", "Loss", "Optimisation", "Output")  # the order `infopo train --help` shows them in
+# what `infopo train` takes as flags, panel by panel
+CLI_SETTINGS = tuple(sorted((name for name, f in FIELDS.items() if f.metadata["cli"]),
+                            key=lambda name: PANELS.index(FIELDS[name].metadata["panel"])))
+
+
+def from_flag(name: str, text: str) -> Any:
+    """A value typed as its flag types it (`--sweep beta=0.1,0.3` gives each value as text); a bad one is one line."""
+    tp = cli_option(name).type
+    try:
+        if tp is bool:
+            return {"true": True, "false": False}[text.strip().lower()]
+        return text if tp in (str, list[str]) else tp(text)
+    except (KeyError, ValueError):
+        raise ConfigError(f"{flag(name)} {text}: must be {describe(tp)}") from None
 
 
 def check_keys(keys: list[str], source: str) -> None:
@@ -332,7 +412,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "attn_implementation": (lambda v: v in ATTENTION, f"be one of {', '.join(ATTENTION)}"),
     "target_modules": (bool, "name at least one module"),
     "max_length": (lambda v: v == "auto" or (isinstance(v, int) and v > 0), "be > 0 or auto"),
-    "reference": (lambda v: v in ("precompute", "online"), "be precompute or online"),
+    "reference": (lambda v: v in REFERENCES, "be precompute or online"),
     "pairs": (lambda v: v in PAIRINGS, f"be one of {', '.join(PAIRINGS)}"),
     "report_to": (lambda v: all(name in (*TRACKERS, "none") for name in tracker_names(v, known_only=False)),
                   f"be a comma list of {', '.join(TRACKERS)}, or none"),
@@ -375,7 +455,7 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(values: dict[str, Any]) -> str:
-    """A flat dict as TOML that `presets.load` reads back to the same values. TOML has no null, so None is
+    """A flat dict as TOML that `presets.load_preset` reads back to the same values. TOML has no null, so None is
     written as a comment and reads back as the field's default: every field that may be None defaults to None."""
     lines = [f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ from rich.table import Table
 from infopo_cli import __version__, compat
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import first_line
+from infopo_cli.model import recompute as recomputation
 
 GIB = 2**30
 NO_GPU = "no CUDA GPU: training runs on the CPU (slow for models above ~1B)"
@@ -36,6 +37,8 @@ INFOPO_ALLOC_CONF = "expandable_segments:True"  # what cli.expandable_segments_b
 
 @dataclass(frozen=True)
 class Finding:
+    """One line of `infopo doctor`: a section, what was checked, its value, and a problem if there is one."""
+
     section: str
     name: str
     value: str
@@ -161,7 +164,7 @@ def _gpus() -> list[Finding]:
 def _bitsandbytes() -> list[Finding]:
     import torch
 
-    from infopo_cli.model.loading import import_bitsandbytes
+    from infopo_cli.model.stack import import_bitsandbytes
 
     quiet = logging.getLogger("bitsandbytes")  # a failed CUDA library prints a page; its first line is shown here
     level = quiet.level
@@ -234,7 +237,7 @@ def _dtype() -> list[Finding]:
 
 
 def _checkpointing(cfg: TrainConfig, given: str) -> list[Finding]:
-    """As `infopo train` plans it (model/checkpointing.py) against this machine's free GPU memory, or free RAM on a
+    """As `infopo train` plans it (model/recompute.py) against this machine's free GPU memory, or free RAM on a
     CPU, for micro-batches at the preset's max_length (a run plans its own longest one); `given`: the preset as the
     user gave it, for the command to run."""
     name = f"gradient checkpointing {cfg.gradient_checkpointing} ({cfg.preset or 'preset'})"
@@ -242,18 +245,17 @@ def _checkpointing(cfg: TrainConfig, given: str) -> list[Finding]:
         return [Finding("infopo train", name, "Unsloth checkpoints its own way (--backend unsloth)")]
     if cfg.max_length == "auto":
         return [Finding("infopo train", name, "planned from the data (the preset's max_length is auto)")]
-    from infopo_cli.model import checkpointing
     from infopo_cli.model.precision import choose
 
     precision = choose(cfg.dtype)
-    free = checkpointing.free_memory(precision.device)  # measured once for both modes
-    card = checkpointing.card_memory() if precision.device == "cuda" and free is not None else None
+    free = recomputation.free_memory(precision.device)  # measured once for both modes
+    card = recomputation.card_memory() if precision.device == "cuda" and free is not None else None
     findings = []
     for mode in dict.fromkeys((cfg.gradient_checkpointing, "auto")):
         settings = replace(cfg, gradient_checkpointing=mode)
-        memory = checkpointing.budget(settings, precision.device, free=free, card=card)  # as `infopo train` budgets
-        planned = checkpointing.for_settings(settings, precision.device, precision.dtype.itemsize, memory.usable)
-        value = (f"{checkpointing.describe(planned.choice, mode, memory.usable, memory.where)}; micro-batches of "
+        memory = recomputation.budget(settings, precision.device, free=free, card=card)  # as `infopo train` budgets
+        planned = recomputation.for_settings(settings, precision.device, precision.dtype.itemsize, memory.usable)
+        value = (f"{recomputation.describe(planned.choice, mode, memory.usable, memory.where)}; micro-batches of "
                  f"{cfg.batch_size} pairs x {cfg.max_length} tokens")
         problem = "" if planned.choice.fits or precision.device != "cuda" or mode != cfg.gradient_checkpointing else (
             f"preset {given}: the memory plan does not fit in the {memory.where}: `infopo plan --preset "

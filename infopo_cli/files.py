@@ -261,10 +261,12 @@ def write_bytes(path: Path | str, data: bytes) -> None:
 
 
 def write_text(path: Path | str, text: str) -> None:
+    """`write_bytes` of `text` in UTF-8: a reader sees the old file or the new one, whole."""
     write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path | str, obj: Any) -> None:
+    """`obj` as indented JSON, written like `write_text`."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -366,6 +368,8 @@ class RunLock:
         return OutputError(f"{self.folder} is in use by another infopo run ({who}); wait for it to finish or stop it")
 
     def acquire(self) -> RunLock:
+        """Take the folder's lock or raise at once (another run holds it); a lock file left by a dead run is taken over.
+        """
         with _writing(self.path):
             self.folder.mkdir(parents=True, exist_ok=True)
             while True:
@@ -397,6 +401,7 @@ class RunLock:
                 return self
 
     def release(self) -> None:
+        """Drop the lock and remove its file if it is still ours; releasing twice does nothing."""
         if self._fd is None:
             return
         try:
@@ -413,6 +418,7 @@ class RunLock:
 
 
 def infopo_home() -> Path:
+    """Where infopo keeps its caches: $INFOPO_HOME, else ~/.cache/infopo."""
     return Path(os.environ.get("INFOPO_HOME") or Path.home() / ".cache" / "infopo")
 
 

@@ -27,6 +27,7 @@ def presets_dir() -> Path:
 
 
 def available() -> dict[str, Path]:
+    """Every shipped preset by name."""
     return {p.stem: p for p in sorted(presets_dir().glob("*.toml"))}
 
 
@@ -75,6 +76,7 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def description(path: Path) -> str:
+    """The preset file's one-line `description` ("" when it has none)."""
     return str(_parse(path).get("description", ""))
 
 
@@ -92,7 +94,7 @@ def run_name(name: Any, path: Path) -> str:
     return name
 
 
-def load(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
+def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     """Defaults < preset (< the preset it `extends`). Unknown keys and wrong types are errors that name the
     file they are in, so a typo cannot go unnoticed and the user knows which file to fix."""
     path = find(name_or_path)
@@ -106,7 +108,7 @@ def load(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
         raise ConfigError(f"{path}: 'extends' must be a preset name or a .toml file, got {show(parent)}")
     if parent and parent.endswith(".toml") and not Path(parent).is_absolute() and (path.parent / parent).is_file():
         parent = str(path.parent / parent)  # `extends = "base.toml"` beside this preset, wherever infopo runs from
-    base = load(parent, (*_seen, path)) if parent else TrainConfig()
+    base = load_preset(parent, (*_seen, path)) if parent else TrainConfig()
     cfg = merge(base, raw, source=str(path))
     # a run's config.toml keeps the preset it came from
     cfg.preset = run_name(raw["preset"], path) if raw.get("preset") else plain_name(path.stem)

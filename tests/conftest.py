@@ -3,10 +3,16 @@ random Llama with a byte-level ChatML tokenizer, built locally (no hub)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -181,3 +187,43 @@ def first_difference(want: list[dict], got: list[dict]) -> str:
         if a != b:
             return f"first differing row: {a} vs {b}"
     return "" if len(want) == len(got) else f"{len(want)} rows vs {len(got)}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def infopo(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str = "",
+           timeout: float = 600, without: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`infopo ARGS` in a subprocess, as a user runs it: this test's INFOPO_HOME (inherited), a 200-column terminal
+    unless `env` says otherwise, stdin `stdin` (empty: a prompt for input ends at once rather than waits). `without`:
+    modules the CLI must find missing even where they are installed (a None in sys.modules is a package not there)."""
+    start = (["-c", f"import sys; sys.modules.update(dict.fromkeys({list(without)!r})); "
+                    "from infopo_cli.cli import main; main()"] if without else ["-m", "infopo_cli"])
+    return subprocess.run([sys.executable, *start, *args], capture_output=True, text=True, input=stdin, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout)
+
+
+def tiny_cfg(tiny_model, pairs_file, output, **kw):
+    """A TrainConfig that trains in seconds on a CPU: fp32, r=4, 3 steps of 4 pairs, 4-bit off (a test about 4-bit
+    says load_in_4bit=True; bitsandbytes on a CPU de-quantises every weight at every call). `kw` overrides any field."""
+    from infopo_cli.config import TrainConfig
+
+    values = dict(model=str(tiny_model), data=str(pairs_file), eval_data=str(pairs_file), output=str(output),
+                  dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8, max_steps=3, batch_size=4, lr=1e-2, eval_batch_size=8,
+                  max_length=128, max_prompt_length=64)
+    return TrainConfig(**{**values, **kw})
+
+
+@contextmanager
+def benchmark_module(file: str) -> Iterator[ModuleType]:
+    """benchmarks/FILE imported as a module (benchmarks/ is not a package), registered in sys.modules while in use:
+    dataclasses look their module up by name."""
+    path = ROOT / "benchmarks" / file
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -43,10 +43,10 @@ def test_tensors_up_to_32_mib_come_from_the_heap_and_larger_ones_are_mapped():
 
 def test_the_cpu_model_stack_applies_it(tiny_model, monkeypatch):
     from infopo_cli.config import TrainConfig
-    from infopo_cli.model import loading
+    from infopo_cli.model import stack
     from infopo_cli.model.precision import Precision
 
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
-    loading.load_base(str(tiny_model), TrainConfig(dtype="fp32"), Precision("cpu", torch.float32, "test"))
+    stack.load_base(str(tiny_model), TrainConfig(dtype="fp32"), Precision("cpu", torch.float32, "test"))
     assert calls == [1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from conftest import write_pairs
-from test_train import tiny_cfg
+from conftest import tiny_cfg, write_pairs
 
 from infopo_cli.inference.generation import Reply
 from infopo_cli.train import answer_eval, recipe
@@ -23,15 +23,16 @@ def with_answers(path, n: int):
     return path
 
 
+@pytest.mark.run
 def test_answers_are_scored_at_the_start_every_n_steps_and_at_the_end(tiny_model, tmp_path):
     held_out = with_answers(tmp_path / "held-out.jsonl", 6)
     cfg = tiny_cfg(tiny_model, write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "out", eval_data=str(held_out),
-                   max_steps=3, eval_generate_every=2, eval_max_new_tokens=6, load_in_4bit=False)
+                   max_steps=3, eval_generate_every=2, eval_max_new_tokens=6)
     recipe.train(cfg)
     evals = [r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 3] and all("eval/answers/accuracy" in r for r in evals)
     # the last figures are the trained adapter's own greedy answers, as `infopo eval --generate` gives them
-    from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
+    from infopo_cli.workflows.evaluation import EvalRequest, evaluate
     from infopo_cli.inference.generation import Sampling
 
     result = evaluate(EvalRequest(str(tmp_path / "out"), generate=True, sampling=Sampling(max_new_tokens=6)), log=print)

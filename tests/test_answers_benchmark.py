@@ -3,27 +3,18 @@ check that a results folder holds the planned run, and the curves, table and fig
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from conftest import benchmark_module
 from infopo_cli import presets
 from infopo_cli.config import override
 from infopo_cli.errors import ConfigError
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "answers.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("answers_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("answers.py") as module:
+        yield module
 
 
 def test_schedule_counts_steps_as_infopo_train_does(bench):
@@ -62,7 +53,7 @@ def test_set_takes_toml_values_and_refuses_what_the_benchmark_decides(bench):
 
 
 def test_a_folder_trained_with_other_settings_is_not_taken_for_the_planned_run(bench):
-    base = presets.load("smollm2-135m")
+    base = presets.load_preset("smollm2-135m")
     saved = override(base, {"loss": "dpo", "seed": 1, "max_steps": 225, "beta": 0.1}, "config.toml")  # beta resolved
     planned = {"loss": "dpo", "seed": 1, "max_steps": 225}
     assert bench.differences(saved, override(base, planned, "benchmark")) == []  # the loss's default is not compared
@@ -107,7 +98,7 @@ def test_the_table_has_a_row_per_evaluation_and_each_seed_in_each_cell(bench, cu
 def test_the_figure_draws_each_mean_its_range_and_the_base_model(bench, curves, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from infopo_cli.train import plot as run_plot
+    from infopo_cli.reporting import plot as run_plot
 
     drawn = []
     monkeypatch.setattr(run_plot, "save_figure", lambda fig, path: drawn.append(fig))

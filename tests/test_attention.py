@@ -100,12 +100,12 @@ def test_a_model_with_it_gives_sdpas_logits_with_padding_and_a_cache(tiny_model)
 
 def test_auto_picks_it_for_16_bit_cpu_compute_only(tiny_model):
     from infopo_cli.config import TrainConfig
-    from infopo_cli.model import loading
+    from infopo_cli.model import stack
     from infopo_cli.model.precision import Precision
 
     def kernel(dtype: torch.dtype, setting: str = "auto") -> str:
         cfg = TrainConfig(dtype="bf16" if dtype == torch.bfloat16 else "fp32", attn_implementation=setting)
-        return loading.load_base(str(tiny_model), cfg, Precision("cpu", dtype, "test")).config._attn_implementation
+        return stack.load_base(str(tiny_model), cfg, Precision("cpu", dtype, "test")).config._attn_implementation
 
     assert kernel(torch.bfloat16) == "matmul"
     assert kernel(torch.float32) == "sdpa"

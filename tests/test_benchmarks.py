@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import build_tokenizer
+from conftest import benchmark_module, build_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_trl.py"
 GPU_SH = SCRIPT.parent / "gpu.sh"
@@ -23,12 +23,8 @@ GPU_SH = SCRIPT.parent / "gpu.sh"
 
 @pytest.fixture(scope="module")
 def vs_trl():
-    spec = importlib.util.spec_from_file_location("vs_trl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vs_trl"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("vs_trl", None)
+    with benchmark_module("vs_trl.py") as module:
+        yield module
 
 
 def word_tokenizer():
@@ -202,10 +198,8 @@ def test_gpu_sh_help_is_usage_on_stdout_and_an_unknown_argument_is_an_error():
 
 @pytest.fixture
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", GPU_SH.parent / "gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_module("gpu_bench.py") as module:
+        yield module
 
 
 def test_the_smoke_s_flex_run_reports_a_failure_or_a_timeout_without_stopping_the_smoke(gpu_bench, tmp_path, monkeypatch,

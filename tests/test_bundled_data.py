@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infopo_cli.bundled import generate as gen
+from infopo_cli.bundled import arithmetic as gen
 
 KEYS = {"prompt", "chosen", "rejected"}
 
@@ -31,8 +31,8 @@ def annotated() -> tuple[list[dict], list[dict]]:
 
 def test_committed_files_match_generator(fresh: tuple[list[dict], list[dict]]) -> None:
     train, evals = fresh
-    assert _load(gen.TRAIN_FILE) == train, "rerun: python -m infopo_cli.bundled.generate"
-    assert _load(gen.EVAL_FILE) == evals, "rerun: python -m infopo_cli.bundled.generate"
+    assert _load(gen.TRAIN_FILE) == train, "rerun: python -m infopo_cli.bundled.arithmetic"
+    assert _load(gen.EVAL_FILE) == evals, "rerun: python -m infopo_cli.bundled.arithmetic"
 
 
 def test_main_writes_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,7 +45,7 @@ def test_main_writes_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_independent_of_hash_seed(fresh: tuple[list[dict], list[dict]]) -> None:
-    code = "import json; from infopo_cli.bundled.generate import generate; print(json.dumps(generate()))"
+    code = "import json; from infopo_cli.bundled.arithmetic import generate; print(json.dumps(generate()))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])

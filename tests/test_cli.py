@@ -10,7 +10,7 @@ import pytest
 from infopo_cli import __version__
 from infopo_cli.config import TrainConfig, merge
 from infopo_cli.errors import ConfigError
-from infopo_cli.presets import available, load
+from infopo_cli.presets import available, load_preset
 
 
 def infopo(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -44,20 +44,20 @@ def test_presets_listed_and_shown():
 
 @pytest.mark.parametrize("name", sorted(available()))
 def test_every_preset_loads_and_validates(name):
-    cfg = load(name)
+    cfg = load_preset(name)
     cfg.validate()
     assert cfg.preset == name and cfg.model and cfg.target_modules
 
 
 def test_default_preset_trains_the_embedded_model_on_bundled_data():
-    cfg = load("smollm2-135m")
+    cfg = load_preset("smollm2-135m")
     assert cfg.model == "embedded:smollm2-135m-instruct" and cfg.data == "bundled:arith_train"
     assert cfg.load_in_4bit and cfg.share_prompt
     assert cfg.gradient_checkpointing == "off"  # a CPU demo: recomputing costs time and RAM is plentiful
 
 
 def test_llama3_preset_targets_a_24gb_gpu():
-    cfg = load("llama3-8b-qlora")
+    cfg = load_preset("llama3-8b-qlora")
     assert cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.load_in_4bit and cfg.gradient_checkpointing == "auto"
     assert cfg.max_length >= 1024 and cfg.optimizer == "auto"
 
@@ -66,7 +66,7 @@ def test_unknown_setting_suggests_the_right_one(tmp_path):
     bad = tmp_path / "p.toml"
     bad.write_text("lora_rank = 8\n")
     with pytest.raises(ConfigError, match="unknown setting 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
-        load(str(bad))
+        load_preset(str(bad))
 
 
 def test_merge_coerces_and_validation_gathers_every_problem():
@@ -128,9 +128,9 @@ def test_switching_loss_drops_the_presets_loss_settings(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('loss = "simpo"\nbeta = 2.5\ngamma = 1.4\n')
     with pytest.raises(ConfigError, match="--gamma does not apply to loss 'dpo'"):
-        resolve("dpo", load(str(preset)).loss_overrides())  # kept, the preset's gamma would be an error for dpo
+        resolve("dpo", load_preset(str(preset)).loss_overrides())  # kept, the preset's gamma would be an error for dpo
     # the preset's gamma and beta belong to simpo: with --loss dpo they are dropped, and dpo takes its own beta
-    cfg = override(load(str(preset)), {"loss": "dpo"}, "command line")
+    cfg = override(load_preset(str(preset)), {"loss": "dpo"}, "command line")
     spec, params = resolve(cfg.loss, cfg.loss_overrides())
     assert spec.name == "dpo" and params == {"beta": 0.1, "sft_weight": 0.0}
     # the CLI too, up to a check made after the loss is resolved: the data file is read only then
@@ -204,7 +204,8 @@ def test_optional_values_and_the_default_export_paths(tmp_path):
     import os
 
     from infopo_cli.cli import _fill_optional_values
-    from infopo_cli.export.merged import AdapterSource, default_output, newest_run
+    from infopo_cli.export.merged import AdapterSource, default_output
+    from infopo_cli.reporting.runs import newest_run
 
     assert _fill_optional_values(["export", "--gguf"]) == ["export", "--gguf", ""]
     assert _fill_optional_values(["export", "--gguf", "--quant", "q8_0"]) == ["export", "--gguf", "", "--quant", "q8_0"]

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import at_forward, ctrl_c, write_pairs
+from conftest import at_forward, ctrl_c, infopo, write_pairs
 
 from infopo_cli.errors import ConfigError
 from infopo_cli.train import compare, recipe
 
-TINY = ["--dtype", "fp32", "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--max-steps", "2", "--lr", "1e-2",
-        "--max-length", "128", "--max-prompt-length", "64", "--eval-batch-size", "8"]
+TINY = ["--dtype", "fp32", "--no-4bit", "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--max-steps", "2",
+        "--lr", "1e-2", "--max-length", "128", "--max-prompt-length", "64", "--eval-batch-size", "8"]
 
 
-def infopo(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200"})
-
-
+@pytest.mark.run
 def test_compare_trains_one_run_per_loss_and_writes_one_report(tmp_path, tiny_model):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
     parent = tmp_path / "cmp"
@@ -43,11 +36,13 @@ def test_compare_trains_one_run_per_loss_and_writes_one_report(tmp_path, tiny_mo
     assert other.returncode == 2 and "holds another comparison (infopo, dpo)" in other.stderr
 
 
+@pytest.mark.run
 def test_a_stopped_comparison_continues_at_the_run_it_was_in(tmp_path, tiny_model, monkeypatch):
     from infopo_cli.train.progress import Reporter
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
-    flags = {"model": str(tiny_model), "data": str(pairs), "eval_data": "", "dtype": "fp32", "lora_r": 4, "lora_alpha": 8,
+    flags = {"model": str(tiny_model), "data": str(pairs), "eval_data": "", "dtype": "fp32", "load_in_4bit": False,
+             "lora_r": 4, "lora_alpha": 8,
              "batch_size": 4, "max_steps": 3, "max_length": 128, "max_prompt_length": 64}
     variants, parent = compare.plan(["infopo", "dpo"], None), tmp_path / "cmp"
     compare.claim_parent(parent, variants, {k: str(v) for k, v in flags.items()})
@@ -76,6 +71,7 @@ def test_a_sweep_names_each_run_by_what_differs():
         compare.plan(["dpo", "dpo"], None)
 
 
+@pytest.mark.run
 def test_a_swept_value_is_typed_as_the_train_flag_is(tmp_path, tiny_model):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
     proc = infopo("compare", "--loss", "dpo", "--sweep", "beta=0.05,0.5", "--output", str(tmp_path / "cmp"),

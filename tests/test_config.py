@@ -13,7 +13,7 @@ import pytest
 
 from infopo_cli.config import FIELDS, HINTS, TrainConfig, merge, override, to_toml
 from infopo_cli.errors import ConfigError
-from infopo_cli.presets import available, load
+from infopo_cli.presets import available, load_preset
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def preset(tmp_path, monkeypatch):
 
 def error_of(path: str) -> str:
     with pytest.raises(ConfigError) as err:
-        load(path)
+        load_preset(path)
     return str(err.value)
 
 
@@ -59,12 +59,12 @@ def test_a_wrong_type_is_one_line_naming_file_key_and_value(preset, line, messag
 
 
 def test_right_types_are_taken_and_ints_become_floats(preset):
-    cfg = load(preset('lr = 1\nbeta = 2\nlength_normalize = false\nmax_steps = 40\nsystem_prompt = "Be brief."\n'
+    cfg = load_preset(preset('lr = 1\nbeta = 2\nlength_normalize = false\nmax_steps = 40\nsystem_prompt = "Be brief."\n'
                       'target_modules = "q_proj, v_proj"\n'))
     assert cfg.lr == 1.0 and type(cfg.lr) is float and type(cfg.beta) is float and cfg.length_normalize is False
     assert cfg.max_steps == 40 and cfg.system_prompt == "Be brief." and cfg.target_modules == ["q_proj", "v_proj"]
-    assert load(preset('target_modules = "all-linear"\n')).target_modules == "all-linear"
-    assert load(preset('target_modules = ["qkv_proj"]\n')).target_modules == ["qkv_proj"]
+    assert load_preset(preset('target_modules = "all-linear"\n')).target_modules == "all-linear"
+    assert load_preset(preset('target_modules = ["qkv_proj"]\n')).target_modules == ["qkv_proj"]
 
 
 def test_every_wrong_type_of_a_file_is_reported_at_once(preset):
@@ -88,7 +88,7 @@ def test_a_shipped_preset_is_named_by_its_file(preset):
     path = preset('extends = "llama3-8b-qlora"\nlength_normalize = "no"\n')
     assert error_of(path) == """presets/mine.toml: 'length_normalize' must be true or false, got the string "no\""""
     same_name = preset('extends = "llama3-8b-qlora"\nbatch_size = 1\n', name="llama3-8b-qlora")
-    cfg = load(same_name)  # a local copy named like the shipped preset extends it: not a loop
+    cfg = load_preset(same_name)  # a local copy named like the shipped preset extends it: not a loop
     assert cfg.batch_size == 1 and cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct"
 
 
@@ -135,7 +135,7 @@ def test_a_value_out_of_range_is_refused_by_validate_and_names_its_source(preset
         TrainConfig(**{name: value}).validate()
     assert str(err.value) == message
     with pytest.raises(ConfigError) as err:
-        override(load("smollm2-135m"), {name: value}, "command line")
+        override(load_preset("smollm2-135m"), {name: value}, "command line")
     assert str(err.value) == f"command line: {message}"
     assert error_of(preset(f"{name} = {value!r}\n")) == f"presets/mine.toml: {message}"
 
@@ -167,14 +167,14 @@ def test_validate_gathers_every_problem_including_combinations():
 def round_trip(cfg: TrainConfig, tmp_path) -> TrainConfig:
     path = tmp_path / "config.toml"
     path.write_text("# infopo test\n" + to_toml(cfg.to_dict()), encoding="utf-8")
-    return load(str(path))
+    return load_preset(str(path))
 
 
 @pytest.mark.parametrize("name", sorted(available()))
 def test_every_shipped_preset_round_trips_through_config_toml(name, tmp_path):
     from infopo_cli.losses.registry import resolve
 
-    cfg = load(name)
+    cfg = load_preset(name)
     assert round_trip(cfg, tmp_path) == cfg
     # what a run writes: the settings with the loss's resolved parameters (its defaults filled in)
     _, params = resolve(cfg.loss, cfg.loss_overrides())

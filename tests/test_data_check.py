@@ -6,10 +6,9 @@ import json
 import random
 import re
 import subprocess
-import sys
 
 import pytest
-from conftest import build_tokenizer
+from conftest import build_tokenizer, infopo
 from test_formats import HH, UF
 from test_tokenization import APOLOGISES, APOLOGY_NOTE, FITS, rows_file
 
@@ -18,11 +17,8 @@ from infopo_cli.data.tokenization import TokenizedPair
 from infopo_cli.errors import DataError, InfopoError
 
 
-def check(*args, env=None):
-    import os
-
-    return subprocess.run([sys.executable, "-m", "infopo_cli", "data", "check", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return infopo("data", "check", *args, env=env)
 
 
 def write(path, rows):
@@ -62,7 +58,7 @@ def test_length_grouping_keeps_every_pair_once_and_pads_less():
 def test_token_cache_is_reused_and_keyed_on_settings(tmp_path, tiny_model, pairs_file, monkeypatch):
     from infopo_cli.data import token_cache
     from infopo_cli.data.loading import read_pairs
-    from infopo_cli.model.loading import load_tokenizer
+    from infopo_cli.model.stack import load_tokenizer
 
     monkeypatch.setenv("INFOPO_HOME", str(tmp_path))
     tok = load_tokenizer(str(tiny_model))

@@ -168,7 +168,7 @@ def test_an_out_of_memory_in_one_process_makes_every_process_recompute_and_chang
     """Rank 1 alone runs out of memory in step 3 of the `runs` run, made auto (which keeps the tiny model's layers
     whole, as the preset's off does): it runs the step again recomputing every layer, rank 0 does so too from then on,
     writes it to config.toml and says so, and the run is the one that never ran out."""
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
     from infopo_cli.train.recipe import TIMING_KEYS
 
     script, run_dir = tmp_path / "out_of_memory_on_rank_1.py", tmp_path / "out" / "run"
@@ -180,7 +180,7 @@ def test_an_out_of_memory_in_one_process_makes_every_process_recompute_and_chang
     assert ("out of memory at step 3 in another process, which ran the step again: every layer recomputed on every "
             "process from now on (--gradient-checkpointing on; config.toml says so for --resume)") in said
     assert "infopo run: completed" in said
-    assert load(str(run_dir / "config.toml")).gradient_checkpointing == "on"
+    assert load_preset(str(run_dir / "config.toml")).gradient_checkpointing == "on"
     want, got = _adapter(runs["two"]), _adapter(run_dir)
     assert not weight_differences(want, got), weight_differences(want, got)
 

@@ -19,7 +19,7 @@ GIB = 2**30
 @pytest.fixture
 def doctor(monkeypatch):
     """`infopo ARGS` through typer's runner, printed wide enough that no value wraps; returns (exit code, output)."""
-    from infopo_cli.model.loading import import_bitsandbytes
+    from infopo_cli.model.stack import import_bitsandbytes
 
     import_bitsandbytes()  # as this CPU machine loads it, before any test makes torch look like a CUDA build
     monkeypatch.setattr(cli, "console", Console(width=400, emoji=False))

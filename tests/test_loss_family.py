@@ -40,7 +40,8 @@ def loss_and_params(name: str, prior: str | None, **overrides: float) -> tuple[L
 
 
 @pytest.mark.parametrize("name, params, expected", [
-    ("infopo", {}, -1.632121),
+    ("infopo", {}, -1.632121),            # -beta*delta_w + exp(beta*delta_l) = -2 + e^-1
+    ("infopo", {"beta": 0.1}, 0.704837),  # -0.2 + e^-0.1
     ("dpo", {}, 0.554355),
     ("cdpo", {"label_smoothing": 0.1}, 0.584355),
     ("robust", {"label_smoothing": 0.1}, 0.516855),
@@ -150,8 +151,9 @@ def g(loss_fn, pc, pr, rc=-12.0, rr=-14.0, **kw):
 
 
 def test_dpo_chosen_push_vanishes_with_the_margin_infopo_does_not():
-    """InfoPO's dL/dlog pi(y_w) is -beta at any margin; DPO's is -beta*sigmoid(-beta*u) -> 0 (paper Sec. 4.3)."""
-    for margin in (0.0, 20.0, 80.0):
+    """InfoPO's dL/dlog pi(y_w) is -beta at any margin, negative ones too: the chosen likelihood is always pushed up;
+    DPO's is -beta*sigmoid(-beta*u) -> 0 (paper Sec. 4.3)."""
+    for margin in (-50.0, 0.0, 20.0, 80.0):
         assert g(L.infopo, -10.0, -15.0 - margin, beta=0.5)[0] == pytest.approx(-0.5)
     dpo_push = [abs(g(L.dpo, -10.0, -15.0 - m, beta=0.5)[0]) for m in (0.0, 20.0, 80.0)]
     assert dpo_push[0] > dpo_push[1] > dpo_push[2] and dpo_push[2] < 1e-15

@@ -26,12 +26,6 @@ def grads(fn, **kw):
     return out, float(pc.grad), float(pr.grad)
 
 
-def test_infopo_value_at_p():
-    """L = -beta*delta_w + exp(beta*delta_l): beta=1 -> -2 + e^-1; beta=0.1 -> -0.2 + e^-0.1."""
-    assert float(infopo(*point(), beta=1.0).losses) == pytest.approx(-1.632121, abs=1e-6)
-    assert float(infopo(*point(), beta=0.1).losses) == pytest.approx(0.704837, abs=1e-6)
-
-
 def test_infopo_equals_paper_form_up_to_reference_constant():
     """Paper (S1): -log pi(y_w) + pi(y_l)/pi_ref(y_l) = 10.367879 at P; ours differs by -log pi_ref(y_w) = 12."""
     ours = float(infopo(*point(), beta=1.0).losses)
@@ -42,13 +36,6 @@ def test_infopo_equals_paper_form_up_to_reference_constant():
 def test_infopo_is_one_at_initialisation(beta):
     same = [torch.tensor([-7.0]), torch.tensor([-9.0]), torch.tensor([-7.0]), torch.tensor([-9.0])]
     assert float(infopo(*same, beta=beta).losses) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("shift", [0.0, 50.0, -50.0])
-def test_infopo_chosen_gradient_is_constant(shift):
-    """dL/dlog pi(y_w) = -beta whatever the margin: the chosen likelihood is always pushed up."""
-    _, g_w, _ = grads(infopo, pc=-10.0 + shift, beta=0.3)
-    assert g_w == pytest.approx(-0.3)
 
 
 def test_infopo_rejected_gradient_is_bounded_and_decays():

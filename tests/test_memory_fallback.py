@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from infopo_cli.config import TrainConfig
-from infopo_cli.model import checkpointing
-from infopo_cli.presets import load
+from infopo_cli.model import recompute as recomputation
+from infopo_cli.presets import load_preset
 from infopo_cli.train import checkpoint, recipe
 from infopo_cli.train.recipe import TIMING_KEYS
 
@@ -59,7 +59,7 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def flags(model: torch.nn.Module) -> list[bool]:
-    return [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(model)]
+    return [layer.gradient_checkpointing for layer in recomputation.decoder_layers(model)]
 
 
 def test_an_out_of_memory_step_runs_again_recomputing_every_layer_and_the_run_is_unchanged(tiny_model, pairs_file,
@@ -76,7 +76,7 @@ def test_an_out_of_memory_step_runs_again_recomputing_every_layer_and_the_run_is
                     "(--gradient-checkpointing on from now on; config.toml says so for --resume)"]
     # auto kept both layers whole (the tiny model fits the free RAM); from the retry on both recompute
     assert recomputing == [[False, False]] * 6 + [[True, True]] * 6  # steps 3 (again), 4 and 5
-    assert load(str(run_dir / "config.toml")).gradient_checkpointing == "on"
+    assert load_preset(str(run_dir / "config.toml")).gradient_checkpointing == "on"
     # the same steps, losses and weights as the run that never ran out: recomputation changes no gradient
     assert records(run_dir) == records(Path(straight.output))
     want, got = (load_file(str(folder / "adapter_model.safetensors")) for folder in (Path(straight.output), run_dir))
@@ -94,7 +94,7 @@ def test_a_second_out_of_memory_in_the_step_stops_with_exit_3_and_the_resume_com
     assert "memory at step 3" in summary.message
     assert f"continue with: infopo train --resume {run_dir} --batch-size 1 --grad-accum 4" in summary.message
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
-    assert load(str(run_dir / "config.toml")).gradient_checkpointing == "on"  # the resume goes on recomputing
+    assert load_preset(str(run_dir / "config.toml")).gradient_checkpointing == "on"  # the resume goes on recomputing
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])
@@ -107,18 +107,18 @@ def test_a_given_setting_is_not_retried(tiny_model, pairs_file, tmp_path, monkey
 
 
 def test_recompute_more_goes_to_every_layer_then_offload_only_on_a_gpu(tiny_model):
-    from infopo_cli.model import loading as stack
+    from infopo_cli.model import stack
     from infopo_cli.model.precision import Precision
 
     cfg = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)
     model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg,
-                              checkpointing.Recompute(1))
+                              recomputation.Recompute(1))
     assert flags(model) == [True, False]
-    more = checkpointing.recompute_more(model, checkpointing.Recompute(1))
+    more = recomputation.recompute_more(model, recomputation.Recompute(1))
     assert more is not None and more.layers is None and not more.offload and flags(model) == [True, True]
     # every layer recomputes already, and a CPU has nothing to offload to
-    assert checkpointing.recompute_more(model, more) is None
-    assert checkpointing.recompute_more(model, checkpointing.Recompute(2)) is None
+    assert recomputation.recompute_more(model, more) is None
+    assert recomputation.recompute_more(model, recomputation.Recompute(2)) is None
 
 
 class OtherProcess:
@@ -135,16 +135,16 @@ class OtherProcess:
 
 
 def test_where_another_process_ran_its_step_again_this_one_recomputes_as_much_without_a_rerun(tiny_model):
-    from infopo_cli.model import loading as stack
+    from infopo_cli.model import stack
     from infopo_cli.model.precision import Precision
     from infopo_cli.train.distributed import World
     from infopo_cli.train.memory_fallback import Fallback
 
     cfg = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)
     model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg,
-                              checkpointing.Recompute(0))
+                              recomputation.Recompute(0))
     said, recorded = [], []
-    fallback = Fallback(model, [], checkpointing.Recompute(0), said.append, recorded.append)
+    fallback = Fallback(model, [], recomputation.Recompute(0), said.append, recorded.append)
     fallback.agree(World(), 1)  # one process: no collective, nothing to agree on
     quiet = OtherProcess(False)
     fallback.agree(quiet, 1)  # no process ran out: one collective, nothing changes
@@ -163,13 +163,13 @@ def test_where_another_process_ran_its_step_again_this_one_recomputes_as_much_wi
 
 
 def test_recompute_as_brings_a_model_to_a_setting_and_leaves_one_that_does_as_much(tiny_model):
-    from infopo_cli.model import loading as stack
+    from infopo_cli.model import stack
     from infopo_cli.model.precision import Precision
 
     cfg = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)
     model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg,
-                              checkpointing.Recompute(1))
-    on = checkpointing.recompute_as(model, checkpointing.Recompute(1), "on")
+                              recomputation.Recompute(1))
+    on = recomputation.recompute_as(model, recomputation.Recompute(1), "on")
     assert (on.layers, on.offload, on.message) == (None, False, "every layer recomputed") and flags(model) == [True, True]
     # offload needs a GPU: on a CPU every layer recomputes, nothing is copied
-    assert checkpointing.recompute_as(model, on, "offload") == on and flags(model) == [True, True]
+    assert recomputation.recompute_as(model, on, "offload") == on and flags(model) == [True, True]

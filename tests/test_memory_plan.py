@@ -1,5 +1,5 @@
 """The memory plan (model/memory_plan.py) against hand-computed parts and against what autograd actually holds on CPU;
-checkpointing chosen by it and applied layer by layer (model/checkpointing.py); `infopo plan` without a GPU."""
+checkpointing chosen by it and applied layer by layer (model/recompute.py); `infopo plan` without a GPU."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import infopo
 from infopo_cli.config import TrainConfig, merge
 from infopo_cli.data.batching import collate
 from infopo_cli.data.tokenization import TokenizedPair
 from infopo_cli.errors import ConfigError
-from infopo_cli.model import architectures, checkpointing, memory_plan as mp
+from infopo_cli.model import architectures, memory_plan as mp, recompute as recomputation
 
 # tests/conftest.py's tiny Llama: hidden 64, intermediate 128, 2 layers, 4 heads (2 key/value), untied
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -36,7 +37,7 @@ def training(**kw) -> mp.Training:
 def test_the_plan_chunks_the_output_layer_as_training_does():
     from infopo_cli.train.logps import CHUNK_TOKENS
 
-    assert checkpointing.training(TrainConfig(), "cuda", 2).lm_chunk == mp.LM_CHUNK == CHUNK_TOKENS
+    assert recomputation.training(TrainConfig(), "cuda", 2).lm_chunk == mp.LM_CHUNK == CHUNK_TOKENS
 
 
 def test_weights_lora_and_optimizer_of_a_tiny_config_by_hand():
@@ -168,7 +169,7 @@ def test_flex_and_flash_attention_hold_no_dense_mask():
     # flash-attention takes no shared prompt: the plan lays a micro-batch out in two rows
     flash = TrainConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", attn_implementation="flash_attention_2",
                         max_length=512)
-    assert not checkpointing.for_settings(flash, "cuda", 2, None).batch.shared
+    assert not recomputation.for_settings(flash, "cuda", 2, None).batch.shared
 
 
 def test_auto_in_infopo_plan_keeps_the_margin_free_and_says_how_much_it_keeps(monkeypatch):
@@ -176,7 +177,7 @@ def test_auto_in_infopo_plan_keeps_the_margin_free_and_says_how_much_it_keeps(mo
 
     from rich.console import Console
 
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
     from infopo_cli.reporting import memory_table
 
     chosen = []
@@ -185,7 +186,7 @@ def test_auto_in_infopo_plan_keeps_the_margin_free_and_says_how_much_it_keeps(mo
 
     def plan(margin: float | None) -> tuple[str, mp.Plan]:
         out, chosen[:] = StringIO(), []
-        cfg = merge(load("llama3-8b-qlora"), {"gpu_mem_margin": margin} if margin is not None else {}, "test")
+        cfg = merge(load_preset("llama3-8b-qlora"), {"gpu_mem_margin": margin} if margin is not None else {}, "test")
         memory_table.print_plan(Console(file=out, width=300), cfg, None, 24.0)
         return out.getvalue(), chosen[0].plan
 
@@ -241,15 +242,15 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _tiny_lora(folder: Path, dtype: str, recompute: checkpointing.Recompute, dropout: float = 0.0,
+def _tiny_lora(folder: Path, dtype: str, recompute: recomputation.Recompute, dropout: float = 0.0,
                attention: str = "auto"):
-    from infopo_cli.model import loading
+    from infopo_cli.model import stack
     from infopo_cli.model.precision import choose
 
     cfg = TrainConfig(dtype=dtype, lora_r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
                       attn_implementation=attention)
-    base = loading.load_base(str(folder), cfg, choose(dtype))
-    model = loading.attach_lora(base, cfg, recompute)
+    base = stack.load_base(str(folder), cfg, choose(dtype))
+    model = stack.attach_lora(base, cfg, recompute)
     model.train()
     return model, base
 
@@ -276,11 +277,11 @@ def test_a_layers_saved_activations_are_what_autograd_saves(tiny_model, dtype, d
     layer."""
     from infopo_cli.train.logps import batch_logps
 
-    model, base = _tiny_lora(tiny_model, dtype, checkpointing.Recompute(0), dropout, attention)
+    model, base = _tiny_lora(tiny_model, dtype, recomputation.Recompute(0), dropout, attention)
     batch, layout = _batch(shared)
     known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     inside, saved = [False], {}
-    last = checkpointing.decoder_layers(base)[-1]
+    last = recomputation.decoder_layers(base)[-1]
     last.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
     last.register_forward_hook(lambda *_: inside.__setitem__(0, False))
 
@@ -305,7 +306,7 @@ def test_a_steps_peak_on_cpu_is_the_plans(tiny_model, recomputed):
     errs on the safe side."""
     from infopo_cli.train.logps import batch_logps
 
-    model, base = _tiny_lora(tiny_model, "bf16", checkpointing.Recompute(recomputed))
+    model, base = _tiny_lora(tiny_model, "bf16", recomputation.Recompute(recomputed))
     batch, layout = _batch(shared=True)
     mode = LiveBytes()
     with mode:
@@ -336,15 +337,15 @@ def test_partial_checkpointing_gives_the_same_gradients_and_recomputes_only_the_
 
     def step(layers: int | None):
         torch.manual_seed(0)  # the same LoRA initialisation
-        model, base = _tiny_lora(folder, "fp32", checkpointing.Recompute(layers), dropout=0.1)
+        model, base = _tiny_lora(folder, "fp32", recomputation.Recompute(layers), dropout=0.1)
         calls = []
-        for i, layer in enumerate(checkpointing.decoder_layers(base)):
+        for i, layer in enumerate(recomputation.decoder_layers(base)):
             # module hooks do not run in a recompute; a layer's MLP forward itself does
             real = layer.mlp.forward
             layer.mlp.forward = lambda *a, real=real, i=i, **k: calls.append(i) or real(*a, **k)
         torch.manual_seed(1)  # the same dropout masks (a recompute replays them)
         batch_logps(model, batch).sums.sum().backward()
-        flags = [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(base)]
+        flags = [layer.gradient_checkpointing for layer in recomputation.decoder_layers(base)]
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, sorted(calls), flags
 
     whole, calls, flags = step(0)
@@ -364,12 +365,12 @@ def test_auto_picks_off_when_memory_is_ample_on_when_not_and_refuses_what_cannot
     cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512, gpu_mem_margin=0.0)
     train = _pairs(8, 64, 400)
     arch = architectures.find_architecture(str(tiny_model))[0]
-    run = checkpointing.training(cfg, "cuda", 2)
+    run = recomputation.training(cfg, "cuda", 2)
     layout = mp.worst_layout([(64, 400, 400)] * 8, 4, True)
     need = {n: mp.plan(arch, run, layout, n, eval_layout=layout).needed for n in (0, 2)}
 
-    def decide(free: int, device: str = "cuda", mode: str = "auto") -> checkpointing.Recompute:
-        return checkpointing.for_run(merge(cfg, {"gradient_checkpointing": mode}, "test"), str(tiny_model), train, [],
+    def decide(free: int, device: str = "cuda", mode: str = "auto") -> recomputation.Recompute:
+        return recomputation.for_run(merge(cfg, {"gradient_checkpointing": mode}, "test"), str(tiny_model), train, [],
                                      device, 2, share_prompt=True, free=free, card=24 * mp.GIB)
 
     ample = decide(10 * need[0])
@@ -392,11 +393,11 @@ def test_auto_on_a_gpu_keeps_its_margin_and_refuses_only_what_does_not_fit_witho
     train = _pairs(8, 64, 400)
     arch = architectures.find_architecture(str(tiny_model))[0]
     layout = mp.worst_layout([(64, 400, 400)] * 8, 4, True)
-    need = {n: mp.plan(arch, checkpointing.training(cfg, "cuda", 2), layout, n, eval_layout=layout).needed for n in (0, 2)}
+    need = {n: mp.plan(arch, recomputation.training(cfg, "cuda", 2), layout, n, eval_layout=layout).needed for n in (0, 2)}
     margin = mp.margin(16 * mp.GIB)  # 1.6 GiB
 
-    def decide(free: int, **settings) -> checkpointing.Recompute:
-        return checkpointing.for_run(merge(cfg, settings, "test"), str(tiny_model), train, [], "cuda", 2,
+    def decide(free: int, **settings) -> recomputation.Recompute:
+        return recomputation.for_run(merge(cfg, settings, "test"), str(tiny_model), train, [], "cuda", 2,
                                      share_prompt=True, free=free, card=16 * mp.GIB)
 
     assert decide(need[0] + margin).layers == 0
@@ -417,16 +418,16 @@ def test_auto_on_a_gpu_keeps_its_margin_and_refuses_only_what_does_not_fit_witho
 def test_a_given_setting_keeps_no_margin_it_is_measured_against_all_the_free_memory(tiny_model, mode):
     cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512,
                       gradient_checkpointing=mode)
-    memory = checkpointing.budget(cfg, "cuda", free=mp.GIB, card=16 * mp.GIB)
+    memory = recomputation.budget(cfg, "cuda", free=mp.GIB, card=16 * mp.GIB)
     assert (memory.free, memory.margin, memory.usable, memory.where) == (mp.GIB, 0, mp.GIB, "free GPU memory")
-    auto = checkpointing.budget(merge(cfg, {"gradient_checkpointing": "auto"}, "test"), "cuda", free=mp.GIB,
+    auto = recomputation.budget(merge(cfg, {"gradient_checkpointing": "auto"}, "test"), "cuda", free=mp.GIB,
                                 card=16 * mp.GIB)
     assert (auto.margin, auto.usable) == (mp.margin(16 * mp.GIB), 0)  # 1.6 GiB kept of 1 GiB free: none usable
     layout = mp.worst_layout([(64, 400, 400)] * 8, 4, True)
     arch = architectures.find_architecture(str(tiny_model))[0]
-    needed = mp.choose(arch, checkpointing.training(cfg, "cuda", 2), layout, mode, None, eval_layout=layout).plan.needed
+    needed = mp.choose(arch, recomputation.training(cfg, "cuda", 2), layout, mode, None, eval_layout=layout).plan.needed
     # it fits, but not with auto's margin: no warning (a margin of 1.6 GiB would have made one)
-    fits = checkpointing.for_run(cfg, str(tiny_model), _pairs(8, 64, 400), [], "cuda", 2, share_prompt=True,
+    fits = recomputation.for_run(cfg, str(tiny_model), _pairs(8, 64, 400), [], "cuda", 2, share_prompt=True,
                                  free=needed, card=16 * mp.GIB)
     assert "warning" not in fits.message and f"of {mp.gib(needed)} GiB free GPU memory)" in fits.message
 
@@ -435,7 +436,7 @@ def test_a_given_setting_keeps_no_margin_it_is_measured_against_all_the_free_mem
 
 def test_true_and_false_mean_on_and_off_in_files_flags_and_old_run_configs(tmp_path):
     from infopo_cli.cli import _fill_optional_values
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
     from infopo_cli.train.resume import resumed_config
 
     assert TrainConfig().gradient_checkpointing == "auto"
@@ -449,7 +450,7 @@ def test_true_and_false_mean_on_and_off_in_files_flags_and_old_run_configs(tmp_p
     assert _fill_optional_values(["train", "--no-gradient-checkpointing"]) == ["train", "--gradient-checkpointing", "off"]
     # a run folder written before auto existed resumes, and may change how much it recomputes
     (tmp_path / "config.toml").write_text('model = "x"\ngradient_checkpointing = true\n')
-    saved = load(str(tmp_path / "config.toml"))
+    saved = load_preset(str(tmp_path / "config.toml"))
     assert saved.gradient_checkpointing == "on"
     assert resumed_config(saved, {"gradient_checkpointing": "on"}, tmp_path).gradient_checkpointing == "on"
     assert resumed_config(saved, {"gradient_checkpointing": "auto"}, tmp_path).gradient_checkpointing == "auto"
@@ -457,11 +458,11 @@ def test_true_and_false_mean_on_and_off_in_files_flags_and_old_run_configs(tmp_p
 
 def test_gpu_mem_margin_is_a_setting_that_resume_may_change_and_a_negative_one_is_one_line(tmp_path):
     from infopo_cli.config import to_toml
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
     from infopo_cli.train.resume import resumed_config
 
     (tmp_path / "config.toml").write_text(to_toml({**TrainConfig(gpu_mem_margin=2.0).to_dict(), "model": "x"}))
-    saved = load(str(tmp_path / "config.toml"))
+    saved = load_preset(str(tmp_path / "config.toml"))
     assert saved.gpu_mem_margin == 2.0 and TrainConfig().gpu_mem_margin is None
     assert resumed_config(saved, {"gpu_mem_margin": 3.0}, tmp_path).gpu_mem_margin == 3.0
     with pytest.raises(ConfigError, match=r"^command line: gpu_mem_margin must be >= 0 \(got -1.0\)$"):
@@ -536,13 +537,9 @@ def test_expandable_segments_are_not_asked_of_a_rocm_build_read_off_torch_withou
 
 # --- 5. infopo plan -----------------------------------------------------------------------------------
 
-def infopo(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", **env})
-
-
 def test_plan_of_the_8b_preset_runs_without_a_gpu_or_a_download(tmp_path):
-    out = infopo("plan", "--preset", "llama3-8b-qlora", HF_HOME=str(tmp_path / "empty-hub"), HF_HUB_OFFLINE="1")
+    out = infopo("plan", "--preset", "llama3-8b-qlora",
+                 env={"HF_HOME": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "the published config of meta-llama/Meta-Llama-3-8B-Instruct" in text
@@ -566,12 +563,12 @@ def test_plan_of_a_given_setting_keeps_no_margin_and_refuses_only_a_card_under_t
 
     from rich.console import Console
 
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
     from infopo_cli.reporting.memory_table import print_plan
 
     def plan(gpu_mem: float, mode: str) -> str:
         out = StringIO()
-        print_plan(Console(file=out, width=400), merge(load("smollm2-135m"), {"gradient_checkpointing": mode}, "test"),
+        print_plan(Console(file=out, width=400), merge(load_preset("smollm2-135m"), {"gradient_checkpointing": mode}, "test"),
                    None, gpu_mem)
         return " ".join(out.getvalue().replace("│", " ").split())  # the table's rows as plain words
 
@@ -587,7 +584,7 @@ def test_plan_of_a_given_setting_keeps_no_margin_and_refuses_only_a_card_under_t
 
 
 def test_plan_errors_are_one_line(tmp_path):
-    out = infopo("plan", "--model", "nobody/no-such-model", HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    out = infopo("plan", "--model", "nobody/no-such-model", env={"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     lines = [line for line in out.stderr.splitlines() if "kernels" not in line]
     assert out.returncode != 0 and len(lines) == 1 and "no config.json for 'nobody/no-such-model'" in lines[0]
     out = infopo("plan", "--gradient-checkpointing", "sometimes")

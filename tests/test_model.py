@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from infopo_cli import files
-from infopo_cli.model import loading as stack
+from infopo_cli.model import stack
 from infopo_cli.data.batching import collate
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError

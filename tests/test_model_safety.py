@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model, write_pairs
+from conftest import infopo as run_infopo
 
 from infopo_cli import hub
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ExportError, ModelError, OutputError
-from infopo_cli.model import loading
+from infopo_cli.model import stack
 from infopo_cli.model.precision import Precision
 
 NEVER = "infopo never runs code from a model folder"
@@ -27,11 +28,9 @@ FP32 = Precision("cpu", torch.float32, "test")
 PLAIN = TrainConfig(dtype="fp32", load_in_4bit=False)
 
 
-def infopo(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-           timeout: float = 300) -> subprocess.CompletedProcess:
-    """The CLI with an empty stdin: a prompt for input would end at once rather than wait."""
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, input="",
-                          env={**os.environ, "COLUMNS": "300", **(env or {})}, cwd=cwd, timeout=timeout)
+def infopo(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    """The CLI 300 columns wide: the refusals here name long temporary paths and must stay one line."""
+    return run_infopo(*args, env={"COLUMNS": "300", **(env or {})}, **kw)
 
 
 def error_line(out: subprocess.CompletedProcess) -> str:
@@ -74,14 +73,14 @@ def _size_table(folder: Path) -> None:
 
 
 def _ask(folder: Path) -> None:
-    from infopo_cli.inference.models import find_target, load
+    from infopo_cli.inference.models import find_target, load_target
 
-    load(find_target(str(folder)), log=lambda _: None)
+    load_target(find_target(str(folder)), log=lambda _: None)
 
 
-LOADERS = {"resolve_source": lambda f: loading.resolve_source(str(f)),
-           "load_tokenizer": lambda f: loading.load_tokenizer(str(f)),
-           "load_base": lambda f: loading.load_base(str(f), PLAIN, FP32),
+LOADERS = {"resolve_source": lambda f: stack.resolve_source(str(f)),
+           "load_tokenizer": lambda f: stack.load_tokenizer(str(f)),
+           "load_base": lambda f: stack.load_base(str(f), PLAIN, FP32),
            "export --merged base": _merged, "export --quant list": _size_table, "generate / chat / eval": _ask}
 
 
@@ -109,21 +108,21 @@ def test_an_unknown_model_type_with_python_beside_it_and_a_tokenizer_auto_map_ar
     folder = evil_folder(tmp_path / "m", tmp_path / "MARKER", auto_map=False)
     with pytest.raises(ModelError, match=r"its config names a model type transformers does not have \('evil'\) and the "
                                          r"folder holds Python code \(modeling_evil\.py\); infopo never runs code"):
-        loading.load_base(str(folder), PLAIN, FP32)
+        stack.load_base(str(folder), PLAIN, FP32)
     tokenizer_folder = build_tiny_model(tmp_path / "t")
     settings = json.loads((tokenizer_folder / "tokenizer_config.json").read_text())
     settings.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
     (tokenizer_folder / "tokenizer_config.json").write_text(json.dumps(settings))
     with pytest.raises(ModelError, match=r"its tokenizer_config\.json asks to run the folder's own Python code"):
-        loading.load_tokenizer(str(tokenizer_folder))
+        stack.load_tokenizer(str(tokenizer_folder))
     assert not (tmp_path / "MARKER").exists()
 
 
 def test_an_auto_map_beside_a_type_transformers_has_loads_transformers_own_class(tmp_path):
     """Phi-3.5's config names its own code and model_type phi3: transformers' class is used, the folder's never."""
     folder = evil_folder(tmp_path / "m", tmp_path / "MARKER", model_type="llama")
-    model = loading.load_base(str(folder), PLAIN, FP32)
-    assert type(model).__module__.startswith("transformers.") and loading.load_tokenizer(str(folder)) is not None
+    model = stack.load_base(str(folder), PLAIN, FP32)
+    assert type(model).__module__.startswith("transformers.") and stack.load_tokenizer(str(folder)) is not None
     assert not (tmp_path / "MARKER").exists()
 
 
@@ -132,10 +131,10 @@ def test_an_auto_map_beside_a_type_transformers_has_loads_transformers_own_class
 def test_a_4bit_load_says_nothing_of_trust_remote_code_and_leaves_kernels_importable(tiny_model):
     """bitsandbytes 0.50 fetches a CPU kernel from the hub at import on AVX512-bf16 CPUs and, offline, tells the user
     to set trust_remote_code=True, on every run."""
-    code = (f"import torch\nfrom infopo_cli.model import loading\nfrom infopo_cli.config import TrainConfig\n"
+    code = (f"import torch\nfrom infopo_cli.model import stack\nfrom infopo_cli.config import TrainConfig\n"
             f"from infopo_cli.model.precision import Precision\n"
-            f"model = loading.load_base({str(tiny_model)!r}, TrainConfig(dtype='bf16'), Precision('cpu', torch.bfloat16, 't'))\n"
-            f"loading.attach_lora(model, TrainConfig(dtype='bf16'))\n"
+            f"model = stack.load_base({str(tiny_model)!r}, TrainConfig(dtype='bf16'), Precision('cpu', torch.bfloat16, 't'))\n"
+            f"stack.attach_lora(model, TrainConfig(dtype='bf16'))\n"
             f"print(sum(type(m).__name__ == 'Linear4bit' for m in model.modules()))\n"
             f"import kernels\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -152,7 +151,7 @@ def test_a_path_that_does_not_exist_is_refused_at_once(name, tmp_path, monkeypat
     (tmp_path / "data").mkdir()  # so data/prefs is a path here, not a hub id
     start = time.monotonic()
     with pytest.raises(ModelError, match=f"^no such model folder or file: {name}$"):
-        loading.resolve_source(name)
+        stack.resolve_source(name)
     assert time.monotonic() - start < 1
 
 
@@ -206,8 +205,8 @@ def test_a_cached_hub_model_loads_without_the_hub(tiny_model, tmp_path):
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.parent.mkdir()
     os.symlink(tiny_model, snapshot)
-    code = ("from infopo_cli.model import loading\nsource = loading.resolve_source('infopo-tests/tiny')\n"
-            "print(source, loading.load_tokenizer(source).eos_token)")
+    code = ("from infopo_cli.model import stack\nsource = stack.resolve_source('infopo-tests/tiny')\n"
+            "print(source, stack.load_tokenizer(source).eos_token)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
     assert out.returncode == 0 and out.stdout.split() == [str(snapshot), "<|im_end|>"], out.stderr[-2000:]
@@ -220,7 +219,7 @@ def adapter(tiny_model, tmp_path):
     from infopo_cli.export.merged import AdapterSource
 
     cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8)
-    loading.attach_lora(loading.load_base(str(tiny_model), cfg, FP32), cfg).save_pretrained(tmp_path / "adapter")
+    stack.attach_lora(stack.load_base(str(tiny_model), cfg, FP32), cfg).save_pretrained(tmp_path / "adapter")
     return AdapterSource(str(tiny_model), tmp_path / "adapter")
 
 
@@ -241,11 +240,11 @@ def test_export_outputs_are_claimed_before_the_model_loads(adapter, tmp_path, mo
     class Loaded(Exception):
         pass
 
-    def load(*args, **kwargs):
+    def merged_model(*args, **kwargs):
         raise Loaded
 
-    monkeypatch.setattr(merged, "merged_model", load)
-    monkeypatch.setattr(export_gguf, "merged_model", load)
+    monkeypatch.setattr(merged, "merged_model", merged_model)
+    monkeypatch.setattr(export_gguf, "merged_model", merged_model)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("the user's")
     with pytest.raises(OutputError, match=f"^{tmp_path / 'full'} already exists and is not empty; choose another folder "
@@ -266,8 +265,8 @@ def truncated_gguf(tiny_model, path: Path) -> Path:
     from infopo_cli.export.gguf import write_gguf
 
     whole = path.with_name("whole.gguf")
-    model = loading.load_base(str(tiny_model), PLAIN, FP32)
-    write_gguf(model, loading.load_tokenizer(str(tiny_model)), whole, "f32", "tiny")
+    model = stack.load_base(str(tiny_model), PLAIN, FP32)
+    write_gguf(model, stack.load_tokenizer(str(tiny_model)), whole, "f32", "tiny")
     path.write_bytes(whole.read_bytes()[:100])  # a download cut short
     return path
 
@@ -352,7 +351,7 @@ def test_a_chat_template_that_never_ends_stops_with_the_templates_name(tmp_path)
     tokenizer that spins forever (as it did) fails the test instead of hanging it."""
     folder = build_tiny_model(tmp_path / "spinning-model", chat_template=SPIN)
     code = (f"import threading, time\nfrom infopo_cli.data import tokenization\nfrom infopo_cli.data.formats import PreferencePair\n"
-            f"from infopo_cli.model.loading import load_tokenizer\n"
+            f"from infopo_cli.model.stack import load_tokenizer\n"
             f"tokenization.RENDER_LIMIT_S = 1.0\ntokenizer = load_tokenizer({str(folder)!r})\n"
             f"def encode():\n    start = time.monotonic()\n    try:\n"
             f"        tokenization.encode_pair(tokenizer, PreferencePair('Q?', 'A', 'B', where='p.jsonl:3'), 512, 256)\n"
@@ -370,4 +369,4 @@ def test_a_template_the_sandbox_refuses_names_the_template_not_the_row(tmp_path)
 
     folder = build_tiny_model(tmp_path / "prying-model", chat_template="{{ messages.__class__.__mro__ }}")
     with pytest.raises(ModelError, match=f"^the chat template of {folder} tries what jinja2's sandbox forbids .*__class__"):
-        encode_pair(loading.load_tokenizer(str(folder)), PreferencePair("Q?", "A", "B", where="p.jsonl:3"), 512, 256)
+        encode_pair(stack.load_tokenizer(str(folder)), PreferencePair("Q?", "A", "B", where="p.jsonl:3"), 512, 256)

@@ -5,25 +5,17 @@ that would name folders outside ./runs, and flags that were not given overriding
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import typer
 
-from conftest import write_pairs
+from conftest import infopo, tiny_cfg, write_pairs
 from infopo_cli import cli, presets
 from infopo_cli.errors import CheckpointError, ConfigError, OutputError
-from infopo_cli.inference.evaluate_run import EvalRequest, evaluate
+from infopo_cli.workflows.evaluation import EvalRequest, evaluate
 from infopo_cli.train import recipe
-from test_train import tiny_cfg
-
-
-def infopo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
 
 
 def one_line(out: subprocess.CompletedProcess) -> str:
@@ -36,7 +28,7 @@ def one_line(out: subprocess.CompletedProcess) -> str:
 def run(tiny_model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ow-run")
     pairs = write_pairs(folder / "pairs.jsonl", 8)
-    summary = recipe.train(tiny_cfg(tiny_model, pairs, folder / "run", max_steps=2, load_in_4bit=False))
+    summary = recipe.train(tiny_cfg(tiny_model, pairs, folder / "run", max_steps=2))
     assert summary.status == "completed"
     return Path(summary.output)
 
@@ -47,11 +39,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # --- eval --out, report --out ----------------------------------------------------------------------
 
+@pytest.mark.run
 def test_eval_out_refuses_existing_files_and_never_writes_over_its_data(run, tmp_path, monkeypatch):
     data = write_pairs(tmp_path / "prefs.jsonl", 6)
     before = data.read_bytes()
     loads = []
-    monkeypatch.setattr("infopo_cli.inference.evaluate_run.load", lambda *a, **k: loads.append(a) or 1 / 0)
+    monkeypatch.setattr("infopo_cli.workflows.evaluation.load_target", lambda *a, **k: loads.append(a) or 1 / 0)
     # the bug report's case: --out prefs.json beside the data prefs.jsonl; the .jsonl of the replies is the data
     with pytest.raises(ConfigError, match="the data this evaluation reads"):
         evaluate(EvalRequest(str(run), data=str(data), generate=True, out=str(tmp_path / "prefs.json"), overwrite=True))
@@ -62,6 +55,7 @@ def test_eval_out_refuses_existing_files_and_never_writes_over_its_data(run, tmp
     assert not (tmp_path / "mine.json").exists() and not loads  # refused before any model loaded
 
 
+@pytest.mark.run
 def test_eval_out_without_generate_claims_only_the_summary(run, tmp_path):
     data = write_pairs(tmp_path / "held.jsonl", 6)
     (tmp_path / "res.md").write_text("kept")
@@ -72,8 +66,9 @@ def test_eval_out_without_generate_claims_only_the_summary(run, tmp_path):
     evaluate(EvalRequest(str(run), data=str(data), out=str(tmp_path / "res.json"), overwrite=True), log=lambda _: None)
 
 
+@pytest.mark.run
 def test_eval_on_the_runs_own_training_data_says_so(run, tmp_path):
-    trained_on = presets.load(str(run / "config.toml")).data
+    trained_on = presets.load_preset(str(run / "config.toml")).data
     result = evaluate(EvalRequest(str(run), data=trained_on, out=str(tmp_path / "e.json")), log=lambda _: None)
     assert any("this run trained on it" in note for note in result.notes)
     held_out = write_pairs(tmp_path / "held.jsonl", 4, seed=3)
@@ -81,6 +76,7 @@ def test_eval_on_the_runs_own_training_data_says_so(run, tmp_path):
     assert not any("trained on it" in note for note in result.notes)
 
 
+@pytest.mark.run
 def test_report_out_refuses_an_existing_figure(run, tmp_path):
     figure = tmp_path / "fig.png"
     figure.write_bytes(b"my figure")
@@ -140,14 +136,14 @@ def test_an_existing_empty_output_folder_is_kept_when_the_run_fails(tmp_path, pa
 
 def test_a_refused_resume_changes_nothing_on_disk(tiny_model, tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
-    cfg = tiny_cfg(tiny_model, pairs, tmp_path / "run", max_steps=2, save_every=1, load_in_4bit=False, eval_data="")
+    cfg = tiny_cfg(tiny_model, pairs, tmp_path / "run", max_steps=2, save_every=1, eval_data="")
     recipe.train(cfg)
     run_dir = tmp_path / "run"
     write_pairs(pairs, 20, seed=1)  # the data changed since the checkpoint
     before = snapshot(run_dir)
     from infopo_cli.train.resume import resumed_config
 
-    resumed = resumed_config(presets.load(str(run_dir / "config.toml")), {"max_steps": 4}, run_dir)
+    resumed = resumed_config(presets.load_preset(str(run_dir / "config.toml")), {"max_steps": 4}, run_dir)
     with pytest.raises(CheckpointError, match="the training data changed"):
         recipe.train(resumed, resume=run_dir)
     assert snapshot(run_dir) == before
@@ -160,17 +156,17 @@ def test_a_presets_name_is_a_plain_name(tmp_path, name):
     preset = tmp_path / "p.toml"
     preset.write_text(f"preset = {json.dumps(name)}\n")
     if not name:  # empty: the file's own name
-        assert presets.load(str(preset)).preset == "p"
+        assert presets.load_preset(str(preset)).preset == "p"
         return
     with pytest.raises(ConfigError, match="'preset' must be a plain name"):
-        presets.load(str(preset))
+        presets.load_preset(str(preset))
 
 
 def test_a_preset_file_name_becomes_a_plain_run_name(tmp_path):
     preset = tmp_path / "my preset (v2).toml"
     preset.write_text("lr = 1e-4\n")
-    name = presets.load(str(preset)).preset
-    assert name == "my-preset--v2-" and recipe.default_output(presets.load(str(preset))).parent == Path("runs")
+    name = presets.load_preset(str(preset)).preset
+    assert name == "my-preset--v2-" and recipe.default_output(presets.load_preset(str(preset))).parent == Path("runs")
 
 
 def test_deeply_nested_toml_is_one_line(tmp_path):

@@ -18,6 +18,6 @@ def test_wheel_contains_presets_data_and_entry_point(tmp_path):
     presets = {p.name for p in (ROOT / "presets").glob("*.toml")}
     assert presets and {f"infopo_cli/presets/{p}" for p in presets} <= names
     assert {"infopo_cli/bundled/arith_train.jsonl", "infopo_cli/bundled/arith_eval.jsonl",
-            "infopo_cli/bundled/generate.py"} <= names
+            "infopo_cli/bundled/arithmetic.py"} <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "infopo = infopo_cli.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

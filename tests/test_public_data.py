@@ -6,9 +6,8 @@ import json
 import math
 
 import pytest
-from conftest import build_tokenizer
+from conftest import build_tokenizer, tiny_cfg
 from test_data_check import check
-from test_train import tiny_cfg
 
 from infopo_cli.data.loading import load_pairs
 from infopo_cli.data.tokenization import encode_pair
@@ -28,6 +27,7 @@ def jsonl(path, *rows) -> str:
     return str(path)
 
 
+@pytest.mark.run
 def test_an_empty_hh_reply_is_an_answer_trained_as_the_end_of_turn_token(tmp_path, tiny_model):
     loaded = load_pairs(jsonl(tmp_path / "hh.jsonl", EMPTY_CHOSEN))
     pair = loaded.pairs[0]
@@ -116,6 +116,7 @@ def test_mix_errors_name_their_dataset_and_weights_must_be_shares(tmp_path):
     assert parse_source("bundled:arith_train").weight is None and parse_source("C:\\data.jsonl").spec == "C:\\data.jsonl"
 
 
+@pytest.mark.run
 def test_train_mixes_two_datasets_and_says_what_each_gave(tmp_path, tiny_model, capsys):
     from infopo_cli.train.progress import Reporter
     from rich.console import Console
@@ -137,6 +138,7 @@ def test_auto_max_length_is_the_99th_percentile():
     assert auto_max_length(list(range(100, 0, -1))) == 99 and auto_max_length([7]) == 7
 
 
+@pytest.mark.run
 def test_max_length_auto_resolves_from_the_training_pairs_and_is_saved_as_a_number(tmp_path, tiny_model):
     import tomllib
 
@@ -179,6 +181,7 @@ def test_scored_ranked_and_labelled_rows_load_as_pairs_with_what_each_row_gave(t
     assert len(load_pairs(path, DataOptions(format="scored", skip_invalid=True)).pairs) == 1  # forced: the others fail
 
 
+@pytest.mark.run
 def test_data_check_and_train_flags_for_scored_data(tmp_path, tiny_model):
     from test_scored import NECTAR
 

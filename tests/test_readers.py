@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import infopo as run_infopo
 from infopo_cli.data import row_checks, sources, streams
 from infopo_cli.data.loading import DataOptions, load_pairs, read_pairs
 from infopo_cli.data.mixing import load_mix
@@ -31,8 +32,7 @@ def numbered(n: int, **extra) -> list[dict]:
 
 
 def infopo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+    return run_infopo(*args, timeout=timeout)
 
 
 def one_line_error(err: pytest.ExceptionInfo, start: str) -> str:

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, write_pairs
+from conftest import build_tiny_model, tiny_cfg, write_pairs
 from rich.console import Console
-from test_train import tiny_cfg
 
 from infopo_cli.data.batching import collate
 from infopo_cli.data.loading import read_pairs
 from infopo_cli.data.tokenization import encode_pair
 from infopo_cli.losses.types import Needs
-from infopo_cli.model import loading as stack
+from infopo_cli.model import stack
 from infopo_cli.model.precision import Precision
 from infopo_cli.config import TrainConfig
 from infopo_cli.train import recipe, reference_cache
@@ -57,6 +56,7 @@ def losses(out) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
+@pytest.mark.run
 def test_a_second_run_reads_the_cache_and_trains_as_the_online_reference_does(tiny_model, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
     _, first = run(tiny_model, data, tmp_path / "a", loss="dpo")
@@ -69,6 +69,7 @@ def test_a_second_run_reads_the_cache_and_trains_as_the_online_reference_does(ti
         abs(x - y) < 1e-4 for x, y in zip(losses(tmp_path / "a"), losses(tmp_path / "c")))
 
 
+@pytest.mark.run
 def test_each_change_the_reference_depends_on_misses_the_cache(tiny_model, tmp_path, monkeypatch):
     data = write_pairs(tmp_path / "pairs.jsonl", 8)
     keys = []
@@ -78,7 +79,7 @@ def test_each_change_the_reference_depends_on_misses_the_cache(tiny_model, tmp_p
     other_template = build_tiny_model(tmp_path / "other-template", chat_template=None)  # same weights, other tokens
     for i, (model, kw) in enumerate([(tiny_model, {}), (tiny_model, {"beta": 0.5}), (other_base, {}),
                                      (other_template, {}), (tiny_model, {"max_length": 96}),
-                                     (tiny_model, {"dtype": "bf16"}), (tiny_model, {"load_in_4bit": False})]):
+                                     (tiny_model, {"dtype": "bf16"}), (tiny_model, {"load_in_4bit": True})]):
         run(model, data, tmp_path / f"run{i}", loss="dpo", **kw)
     assert keys[0] == keys[1]  # a loss setting is not part of the reference
     assert len(set(keys[1:])) == 6, keys

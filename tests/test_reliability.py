@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import CheckpointError, ConfigError, OutputError
-from infopo_cli.presets import load
+from infopo_cli.presets import load_preset
 from infopo_cli.train import checkpoint, recipe
 from infopo_cli.train.recipe import TIMING_KEYS
 from infopo_cli.train.resume import resumed_config
@@ -172,7 +172,7 @@ def test_a_resume_that_extends_the_run_keeps_the_learning_rate_continuous(tiny_m
     assert stopped.status == "stopped" and stopped.exit_code == 130 and stopped.steps == 3
     monkeypatch.undo()
     run_dir = tmp_path / "run"
-    resumed = recipe.train(resumed_config(load(str(run_dir / "config.toml")), {"max_steps": 12}, run_dir), resume=run_dir)
+    resumed = recipe.train(resumed_config(load_preset(str(run_dir / "config.toml")), {"max_steps": 12}, run_dir), resume=run_dir)
     assert resumed.status == "completed" and resumed.steps == 12
     planned = [r["lr"] for r in train_records(Path(straight.output))]
     lrs = [r["lr"] for r in train_records(run_dir)]
@@ -195,7 +195,7 @@ def test_a_locked_run_folder_is_refused_and_a_stale_lock_is_taken_over(tiny_mode
 
     run_dir = tmp_path / "run"
     recipe.train(cfg_for(tiny_model, pairs_file, run_dir, max_steps=2, save_every=1))
-    cfg = resumed_config(load(str(run_dir / "config.toml")), {}, run_dir)  # a finished run: resuming only finishes it
+    cfg = resumed_config(load_preset(str(run_dir / "config.toml")), {}, run_dir)  # a finished run: resuming only finishes it
     with RunLock(run_dir), pytest.raises(OutputError, match="in use by another infopo run"):
         recipe.train(cfg, resume=run_dir)
     # a run killed with SIGKILL leaves its lock behind
@@ -250,7 +250,7 @@ def test_out_of_memory_saves_the_state_before_the_step_and_a_smaller_split_resum
     assert "--batch-size 1 --grad-accum 4" in summary.message
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
     monkeypatch.undo()
-    cfg = resumed_config(load(str(run_dir / "config.toml")), {"batch_size": 1, "grad_accum": 4}, run_dir)
+    cfg = resumed_config(load_preset(str(run_dir / "config.toml")), {"batch_size": 1, "grad_accum": 4}, run_dir)
     assert recipe.train(cfg, resume=run_dir).status == "completed"
     straight = recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "straight"))
     want, got = adapter(Path(straight.output)), adapter(run_dir)
@@ -275,7 +275,7 @@ def test_out_of_memory_while_evaluating_saves_the_step_and_the_evaluation_runs_o
     assert "evaluating at step 2" in summary.message and "--eval-batch-size 8" in summary.message
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
     monkeypatch.undo()
-    cfg = resumed_config(load(str(run_dir / "config.toml")), {"eval_batch_size": 8}, run_dir)
+    cfg = resumed_config(load_preset(str(run_dir / "config.toml")), {"eval_batch_size": 8}, run_dir)
     assert recipe.train(cfg, resume=run_dir).status == "completed"
     assert [r["step"] for r in metrics(run_dir) if r["kind"] == "eval"] == [0, 2, 4, 6]
 
@@ -305,7 +305,7 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_model
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["checkpoint-2"]
     assert not [p for p in run_dir.iterdir() if "infopo-tmp" in p.name] and not (run_dir / ".infopo.lock").exists()
     monkeypatch.undo()
-    assert recipe.train(resumed_config(load(str(run_dir / "config.toml")), {}, run_dir), resume=run_dir).steps == 6
+    assert recipe.train(resumed_config(load_preset(str(run_dir / "config.toml")), {}, run_dir), resume=run_dir).steps == 6
 
 
 def test_torch_s_own_full_disk_error_is_one_line_too(tiny_model, pairs_file, tmp_path, monkeypatch):
@@ -355,7 +355,7 @@ def test_checkpoints_load_without_running_pickled_code(checkpointed, tmp_path):
 
     state = checkpointed / "checkpoint-2" / "training_state.pt"
     torch.save({"step": 2, "payload": Payload()}, state)
-    cfg = resumed_config(load(str(checkpointed / "config.toml")), {"max_steps": 3}, checkpointed)
+    cfg = resumed_config(load_preset(str(checkpointed / "config.toml")), {"max_steps": 3}, checkpointed)
     with pytest.raises(CheckpointError, match="checkpoint-2: cannot read the checkpoint"):
         recipe.train(cfg, resume=checkpointed)
     assert not (tmp_path / "pwned").exists()
@@ -367,19 +367,19 @@ def test_an_adapter_that_does_not_match_is_one_line_naming_the_checkpoint(checkp
     first = sorted(tensors)[0]
     tensors[first.replace("lora_A", "lora_Z")] = tensors.pop(first)
     save_file(tensors, str(weights))
-    cfg = resumed_config(load(str(checkpointed / "config.toml")), {"max_steps": 3}, checkpointed)
+    cfg = resumed_config(load_preset(str(checkpointed / "config.toml")), {"max_steps": 3}, checkpointed)
     with pytest.raises(CheckpointError) as err:
         recipe.train(cfg, resume=checkpointed)
     assert "checkpoint-2" in str(err.value) and "do not match" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_resume_refuses_to_extend_a_finished_run_or_to_train_on_changed_data(checkpointed, pairs_file):
-    cfg = resumed_config(load(str(checkpointed / "config.toml")), {"max_steps": 5}, checkpointed)
+    cfg = resumed_config(load_preset(str(checkpointed / "config.toml")), {"max_steps": 5}, checkpointed)
     with pytest.raises(ConfigError, match="finished its 2 steps and its learning rate has decayed to zero"):
         recipe.train(cfg, resume=checkpointed)
     pairs_file.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:-2]))  # two rows fewer
     with pytest.raises(CheckpointError, match=r"training data changed since this checkpoint \(24 pairs then, 22 now\)"):
-        recipe.train(resumed_config(load(str(checkpointed / "config.toml")), {}, checkpointed), resume=checkpointed)
+        recipe.train(resumed_config(load_preset(str(checkpointed / "config.toml")), {}, checkpointed), resume=checkpointed)
 
 
 def test_resume_refuses_settings_that_change_the_maths(tmp_path):

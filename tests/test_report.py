@@ -20,12 +20,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_model, tmp_path_factory) -> list[Path]:
-    from conftest import write_pairs
-    from test_train import tiny_cfg
+    from conftest import tiny_cfg, write_pairs
 
     folder = tmp_path_factory.mktemp("report-runs")
     pairs = write_pairs(folder / "pairs.jsonl", 16)
-    fast = dict(max_steps=3, eval_every=2, load_in_4bit=False, gradient_checkpointing=False)  # 4-bit is slow on a CPU
+    fast = dict(max_steps=3, eval_every=2, gradient_checkpointing=False)
     return [Path(recipe.train(tiny_cfg(tiny_model, pairs, folder / loss, loss=loss, **fast)).output)
             for loss in ("infopo", "dpo")]
 
@@ -46,8 +45,9 @@ def cli(*args: str) -> int:
 # ---------------------------------------------------------------- what a run leaves
 
 
+@pytest.mark.run
 def test_run_folder_reads_back(two_runs):
-    run = runs.load(two_runs[1])
+    run = runs.read_run(two_runs[1])
     assert run.loss == "dpo" and run.loss_params == {"beta": 0.1} and run.steps == 3
     assert [r["step"] for r in run.evals] == [0, 2, 3]
     assert run.eval_before["step"] == 0 and run.eval_after["step"] == 3
@@ -55,6 +55,7 @@ def test_run_folder_reads_back(two_runs):
     assert "displacement" in run.summary  # the guard's verdict: a message or null
 
 
+@pytest.mark.run
 def test_torn_last_line_is_skipped_and_a_non_run_is_one_line(two_runs, tmp_path):
     copy = tmp_path / "run"
     copy.mkdir()
@@ -62,18 +63,19 @@ def test_torn_last_line_is_skipped_and_a_non_run_is_one_line(two_runs, tmp_path)
         (copy / name).write_bytes((two_runs[0] / name).read_bytes())
     with (copy / "metrics.jsonl").open("a") as fh:
         fh.write('{"kind": "train", "step": 5, "lo')  # killed mid-write
-    assert len(runs.load(copy).records) == len(runs.load(two_runs[0]).records)
+    assert len(runs.read_run(copy).records) == len(runs.read_run(two_runs[0]).records)
     with pytest.raises(runs.NotARunError) as err:
-        runs.load(tmp_path)
+        runs.read_run(tmp_path)
     assert "not a run folder" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.run
 def test_model_card_and_report_md(two_runs):
     for folder, paper in zip(two_runs, ("arXiv:2505.08507", "arXiv:2305.18290")):
         card = (folder / "README.md").read_text()
         front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
         assert "library_name: peft" in front and "- infopo" in front and "- lora" in front
-        assert f"- {runs.load(folder).loss}" in front and "base_model:" in front
+        assert f"- {runs.read_run(folder).loss}" in front and "base_model:" in front
         assert paper in body and "PeftModel.from_pretrained" in body and "--gguf" in body and "--merged" in body
         assert "![training curves](plot.png)" in body and "eval/logps/chosen" in body
         assert "More Information Needed" not in card  # peft's template is gone
@@ -81,6 +83,7 @@ def test_model_card_and_report_md(two_runs):
         assert report.startswith("# ") and paper in report and "plot.png" in report
 
 
+@pytest.mark.run
 def test_merged_export_card(two_runs, tmp_path):
     write_merged_card(tmp_path, two_runs[0], str(two_runs[0]), Path("out/merged"))
     card = (tmp_path / "README.md").read_text()
@@ -96,6 +99,7 @@ def test_merged_export_card(two_runs, tmp_path):
 # ---------------------------------------------------------------- infopo report
 
 
+@pytest.mark.run
 def test_report_two_runs_writes_one_png_and_a_markdown_row_each(two_runs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli("report", *map(str, two_runs), "--markdown") == 0
@@ -112,6 +116,7 @@ def test_report_two_runs_writes_one_png_and_a_markdown_row_each(two_runs, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.png"]  # nothing else, no temporaries
 
 
+@pytest.mark.run
 def test_report_one_run_rich_table_and_default_out(two_runs, capsys):
     assert cli("report", str(two_runs[1])) == 0
     out = capsys.readouterr().out
@@ -125,24 +130,26 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error:") and "not a run folder" in err and "\n" not in err
 
 
+@pytest.mark.run
 def test_without_matplotlib_the_table_is_still_printed(two_runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
-    assert figure.plot_runs([runs.load(two_runs[0])], tmp_path / "x.png") is False
+    assert figure.plot_runs([runs.read_run(two_runs[0])], tmp_path / "x.png") is False
     assert cli("report", str(two_runs[0]), "--out", str(tmp_path / "x.png")) == 0
     captured = capsys.readouterr()
     assert "infopo[plot]" in captured.out and "eval/logps/chosen" in captured.out
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.run
 def test_held_out_answer_accuracy_is_drawn_for_the_runs_that_scored_it(two_runs, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from infopo_cli.train import plot
+    from infopo_cli.reporting import plot
 
     drawn = []
     monkeypatch.setattr(figure, "save_figure", lambda fig, path: drawn.append(fig))
     monkeypatch.setattr(plot, "save_figure", lambda fig, path: drawn.append(fig))
-    plain, scored = runs.load(two_runs[0]), runs.load(two_runs[1])
+    plain, scored = runs.read_run(two_runs[0]), runs.read_run(two_runs[1])
     for i, record in enumerate(scored.evals):  # as --eval-generate-every logs them, at steps 0, 2, 3
         record["eval/answers/accuracy"] = 0.1 * (i + 1)
     assert figure.plot_runs([plain], tmp_path / "a.png") and figure.plot_runs([plain, scored], tmp_path / "b.png")
@@ -160,8 +167,9 @@ def test_held_out_answer_accuracy_is_drawn_for_the_runs_that_scored_it(two_runs,
         plt.close(fig)
 
 
+@pytest.mark.run
 def test_markdown_table_escapes_pipes(two_runs):
-    run = runs.load(two_runs[0])
+    run = runs.read_run(two_runs[0])
     run.settings["data"] = "a|b.jsonl"
     assert "a\\|b.jsonl" in table.markdown_table([run])
 
@@ -227,9 +235,10 @@ def test_guard_on_the_measured_default_runs(loss, fires):
     assert not fires or found.step == 10  # DPO: at its first evaluation
 
 
+@pytest.mark.run
 def test_summary_json_holds_the_verdict(two_runs):
     for folder in two_runs:
         summary = json.loads((folder / "summary.json").read_text())
-        run = runs.load(folder)
+        run = runs.read_run(folder)
         found = displacement.detect(run.records, run.loss)
         assert summary["displacement"] == (found.message if found else None)

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_pairs
+from conftest import tiny_cfg, write_pairs
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError
 from infopo_cli.train import recipe, trackers
 from infopo_cli.train.metrics import MetricsLog
-from test_train import tiny_cfg
 
 
 @pytest.fixture
@@ -38,6 +37,7 @@ def jsonl_scalars(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in records(run_dir) if r.get(key) is not None]
 
 
+@pytest.mark.run
 def test_tensorboard_logs_the_metrics_of_metrics_jsonl_at_their_steps(tiny_model, pairs, tmp_path):
     import tensorboard  # noqa: F401  (the test extra installs it: missing, this test must fail, not skip)
     run_dir = tmp_path / "run"
@@ -52,6 +52,7 @@ def test_tensorboard_logs_the_metrics_of_metrics_jsonl_at_their_steps(tiny_model
         assert logged[key] == [(s, pytest.approx(v, rel=1e-6)) for s, v in jsonl_scalars(run_dir, key)], key
 
 
+@pytest.mark.run
 def test_a_resumed_run_continues_the_same_tensorboard_folder(tiny_model, pairs, tmp_path):
     """Killed after step 2 was logged but before its checkpoint: the resume from checkpoint-1 hides the first
     step 2 (as metrics.jsonl cuts it back) and writes on in RUN/tensorboard."""
@@ -76,7 +77,7 @@ def test_a_missing_library_is_one_line_naming_the_extra_before_the_model_loads(t
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded")
 
-    monkeypatch.setattr(recipe.model_stack, "load_base", no_model)
+    monkeypatch.setattr(recipe.stack, "load_base", no_model)
     with pytest.raises(ConfigError) as err:
         recipe.train(tiny_cfg(tiny_model, pairs, tmp_path / "run", report_to="none,tensorboard"))
     assert "pip install 'infopo[tensorboard]'" in str(err.value) and "\n" not in str(err.value)
@@ -103,6 +104,7 @@ def test_an_unknown_tracker_on_the_command_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.run
 def test_none_writes_only_metrics_jsonl(tiny_model, pairs, tmp_path):
     run_dir = tmp_path / "run"
     recipe.train(tiny_cfg(tiny_model, pairs, run_dir, max_steps=1, eval_data=""))  # report_to defaults to none
@@ -167,6 +169,7 @@ def fake_libraries(tmp_path, monkeypatch):
     return opened
 
 
+@pytest.mark.run
 def test_wandb_and_trackio_get_every_metric_offline_and_a_resume_reopens_the_same_run(tiny_model, pairs, tmp_path,
                                                                                       fake_libraries):
     run_dir = tmp_path / "run"

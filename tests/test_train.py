@@ -10,39 +10,45 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from infopo_cli.model import loading as stack
-from infopo_cli.train import recipe
+from conftest import tiny_cfg, write_pairs
+from infopo_cli.model import stack
+from infopo_cli.train import recipe, reference_cache
 from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.config import TrainConfig
 from infopo_cli.data.loading import read_pairs
 from infopo_cli.errors import OutputError
 from infopo_cli.train.evaluate import Evaluator
-from infopo_cli.losses.registry import resolve
+from infopo_cli.losses.registry import LOSSES, PRIORS, resolve
 from infopo_cli.model.precision import Precision
-from infopo_cli.presets import load
+from infopo_cli.presets import load_preset
 from infopo_cli.data.tokenization import encode_pair
 
 
-def tiny_cfg(tiny_model, pairs_file, output, **kw) -> TrainConfig:
-    values = dict(model=str(tiny_model), data=str(pairs_file), eval_data=str(pairs_file), output=str(output),
-                  dtype="fp32", lora_r=4, lora_alpha=8, max_steps=3, batch_size=4, lr=1e-2, eval_batch_size=8,
-                  max_length=128, max_prompt_length=64)
-    values.update(kw)
-    return TrainConfig(**values)
+CPU = Precision("cpu", torch.float32, "test")
+
+
+def count_reference_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per `reference_mode` block entered (a forward with the adapter off), counted from now on."""
+    real, calls = stack.reference_mode, []
+    monkeypatch.setattr(stack, "reference_mode", lambda model: calls.append(1) or real(model))
+    return calls
 
 
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
-    from conftest import write_pairs
-
+    """InfoPO, 3 steps, evaluated before and after; and how many reference passes the whole run made."""
     folder = tmp_path_factory.mktemp("run")
     pairs = write_pairs(folder / "pairs.jsonl", 24)
     cfg = tiny_cfg(tiny_model, pairs, folder / "out")
-    return cfg, recipe.train(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        passes = count_reference_passes(mp)
+        summary = recipe.train(cfg)
+    return cfg, summary, len(passes)
 
 
+@pytest.mark.run
 def test_run_folder_contents(run):
-    cfg, summary = run
+    cfg, summary, reference_passes = run
     out = summary.output
     names = {p.name for p in __import__("pathlib").Path(out).iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.toml",
@@ -54,6 +60,9 @@ def test_run_folder_contents(run):
         assert all(key in r for r in records if r["kind"] == "train")
     assert summary.status == "completed" and summary.steps == 3 and summary.tokens_per_s > 0
     assert summary.eval_before["eval/loss"] == pytest.approx(1.0)  # InfoPO is exactly 1 at init
+    # --reference precompute: one pass over the training pairs before the first step, none in the steps; the
+    # evaluation at step 0 reads the untrained policy as the reference and keeps it for the last one
+    assert reference_passes == 1
 
 
 def test_held_out_evaluation_builds_no_autograd_graph(tiny_model, monkeypatch):
@@ -63,7 +72,7 @@ def test_held_out_evaluation_builds_no_autograd_graph(tiny_model, monkeypatch):
     from infopo_cli.data.tokenization import TokenizedPair
 
     cfg = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)
-    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg)
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, CPU), cfg)
     batch = collate([TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12])], 0)
     grad_enabled, real = [], evaluate.pair_logps
     monkeypatch.setattr(evaluate, "pair_logps", lambda *a, **k: grad_enabled.append(torch.is_grad_enabled()) or real(*a, **k))
@@ -73,20 +82,22 @@ def test_held_out_evaluation_builds_no_autograd_graph(tiny_model, monkeypatch):
     assert grad_enabled == [False, False] and totals is not None and model.training
 
 
+@pytest.mark.run
 def test_saved_config_reloads_as_a_preset(run):
-    cfg, summary = run
-    again = load(f"{summary.output}/config.toml")
+    cfg, summary, _ = run
+    again = load_preset(f"{summary.output}/config.toml")
     assert again.model == cfg.model and again.lora_r == 4 and again.beta == 1.0 and again.max_steps == 3
 
 
+@pytest.mark.run
 def test_only_lora_changed_and_reload_reproduces_training_logps(run, tiny_model):
     """PeftModel.from_pretrained on the run folder gives back the log-probs the run logged at its end."""
-    cfg, summary = run
+    cfg, summary, _ = run
     saved = load_file(f"{summary.output}/adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
     assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero
 
-    base = stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test"))
+    base = stack.load_base(str(tiny_model), cfg, CPU)
     reloaded = PeftModel.from_pretrained(base, summary.output)
     tokenizer = stack.load_tokenizer(summary.output)
     pairs = [encode_pair(tokenizer, p, cfg.max_length, cfg.max_prompt_length) for p in read_pairs(cfg.eval_data)]
@@ -97,8 +108,9 @@ def test_only_lora_changed_and_reload_reproduces_training_logps(run, tiny_model)
     assert metrics["eval/logps/chosen"] != pytest.approx(summary.eval_before["eval/logps/chosen"], abs=1e-3)
 
 
+@pytest.mark.run
 def test_refuses_to_overwrite_an_existing_folder(run, tiny_model, pairs_file):
-    _, summary = run
+    _, summary, _ = run
     before = sorted(p.name for p in __import__("pathlib").Path(summary.output).iterdir())
     with pytest.raises(OutputError, match="already exists"):
         recipe.train(tiny_cfg(tiny_model, pairs_file, summary.output))
@@ -116,10 +128,10 @@ def test_bad_data_stops_before_the_model_loads(tmp_path, pairs_file):
 
 @pytest.mark.parametrize("loss", ["infopo", "dpo", "rmipo", "orpo", "mi"])
 def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, pairs_file, loss):
-    """8 pairs as 1 x 8 or as 4 x 2 micro-batches, prompts read once or twice: same loss, same gradient."""
-    cfg = tiny_cfg(tiny_model, pairs_file, "unused")
-    precision = Precision("cpu", torch.float32, "test")
-    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, precision), cfg)
+    """8 pairs as 1 x 8 or as 4 x 2 micro-batches, prompts read once or twice: same loss, same gradient (on the 4-bit
+    base, as a QLoRA run reads it)."""
+    cfg = tiny_cfg(tiny_model, pairs_file, "unused", load_in_4bit=True)
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, CPU), cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -140,6 +152,7 @@ def test_split_of_the_global_batch_does_not_change_loss_or_gradient(tiny_model, 
     assert tokens[2] == tokens[0] - sum(len(p.prompt_ids) for p in pairs)  # each prompt read once
 
 
+@pytest.mark.run
 def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_and_the_adapter(tiny_model, pairs_file, tmp_path, monkeypatch):
     """SIGINT during step 3 (of 5) lets that step finish, then saves checkpoint-3 and the adapter."""
     from conftest import at_forward, ctrl_c
@@ -153,6 +166,7 @@ def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_and_the_adapter(tin
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.run
 def test_dpo_run_and_eval_every(tiny_model, pairs_file, tmp_path):
     summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", loss="dpo", max_steps=4, eval_every=2))
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
@@ -160,35 +174,54 @@ def test_dpo_run_and_eval_every(tiny_model, pairs_file, tmp_path):
     assert summary.eval_before["eval/loss"] == pytest.approx(0.693147, abs=1e-5)  # ln 2 at init
 
 
-LOSS_RUNS = [(name, {}) for name in ("infopo", "rmipo", "mi", "dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo")]
-LOSS_RUNS += [("mi", {"prior": prior}) for prior in ("simpo", "rdpo", "tdpo1", "tdpo2", "uniform")]
+# every loss, and the MI loss once per prior
+EVERY_LOSS = [(name, prior) for name in LOSSES for prior in (PRIORS if name == "mi" else [None])]
 
 
-@pytest.mark.parametrize("loss, extra", LOSS_RUNS, ids=[f"{n}-{e.get('prior', '')}" for n, e in LOSS_RUNS])
-def test_every_loss_trains_and_reference_free_ones_skip_the_reference(tiny_model, pairs_file, tmp_path, monkeypatch,
-                                                                      loss, extra):
-    from infopo_cli.model import loading as model_module
-    from infopo_cli.losses.registry import LOSSES
+@pytest.fixture(scope="module")
+def policy(tiny_model, tmp_path_factory):
+    """A LoRA policy on the tiny model (the adapter still zero, as at step 1) and 4 training pairs."""
+    cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8)
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, CPU), cfg)
+    tokenizer = stack.load_tokenizer(str(tiny_model))
+    data = write_pairs(tmp_path_factory.mktemp("policy") / "pairs.jsonl", 4)
+    return model, [encode_pair(tokenizer, p, 128, 64) for p in read_pairs(str(data))], tokenizer.pad_token_id
 
-    real, calls = model_module.reference_mode, []
 
-    def counting(model):
-        calls.append(1)
-        return real(model)
+@pytest.mark.parametrize("name, prior", EVERY_LOSS, ids=[f"{n}-{p}" if p else n for n, p in EVERY_LOSS])
+def test_every_loss_takes_a_step_with_only_the_reference_passes_it_declares(policy, monkeypatch, name, prior):
+    """A training step of each loss as the recipe runs it (--reference precompute, two micro-batches): a finite loss,
+    finite LoRA gradients that are not all zero, and reference passes exactly as the registry declares: none for a
+    reference-free loss, one before training for a cacheable reference, one per micro-batch for the TDPO KL."""
+    model, pairs, pad_id = policy
+    spec, params = resolve(name, {"prior": prior} if prior else {})
+    needs = spec.needs(params)
+    passes = count_reference_passes(monkeypatch)
+    reference = None
+    if reference_cache.applies("precompute", needs):
+        reference = reference_cache.ReferenceTable(pairs, reference_cache.compute(model, pairs, 8, pad_id, False, "cpu"))
+        assert len(passes) == 1
+        passes.clear()
+    model.zero_grad()
+    metrics, _ = recipe.accumulate_gradients(model, [pairs[:2], pairs[2:]], spec, params, pad_id, "cpu",
+                                             reference=reference)
+    assert math.isfinite(metrics.means()["loss"])
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(bool(g.any()) for g in grads)
+    assert len(passes) == (2 if needs.kl else 0)
+    assert (reference is not None) == (needs.reference and not needs.kl)  # a KL needs the reference's logits
 
-    monkeypatch.setattr(model_module, "reference_mode", counting)
-    summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", loss=loss, max_steps=2, **extra))
+
+@pytest.mark.run
+def test_a_reference_free_loss_trains_end_to_end_without_a_reference_pass(tiny_model, pairs_file, tmp_path, monkeypatch):
+    """The recipe's side of it: no reference pass before, during or after training (evaluation included)."""
+    passes = count_reference_passes(monkeypatch)
+    summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", loss="simpo", max_steps=2))
     assert summary.steps == 2 and all(math.isfinite(v) for v in summary.last_step.values() if isinstance(v, float))
-    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    spec = LOSSES[loss]
-    if spec.reference_free(extra):
-        assert calls == []
-    elif spec.needs({**spec.defaults, **extra}).kl:
-        assert len(calls) >= 2  # the full-vocabulary KL: a reference pass in every training step
-    else:
-        assert len(calls) == 1  # --reference precompute: one pass over the training pairs before the first step
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and passes == []
 
 
+@pytest.mark.run
 @pytest.mark.parametrize("kind", ["uf.parquet", "hh.jsonl", "explicit.csv", "messages.json"])
 def test_trains_on_each_source_and_format(tiny_model, tmp_path, kind):
     import pyarrow as pa

@@ -11,7 +11,6 @@ import dataclasses
 import importlib.util
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import infopo as run_infopo
 from infopo_cli.config import TrainConfig, merge
 from infopo_cli.errors import ConfigError
 from infopo_cli.model import unsloth_backend
@@ -28,11 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def infopo(*args: str, env: dict[str, str] | None = None, without_unsloth: bool = False) -> subprocess.CompletedProcess:
-    # a None in sys.modules is a package that is not there, even where unsloth is installed
-    start = ["-c", "import sys; sys.modules['unsloth'] = None; from infopo_cli.cli import main; main()"] \
-        if without_unsloth else ["-m", "infopo_cli"]
-    return subprocess.run([sys.executable, *start, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=900)
+    """Offline, from the repository root; `without_unsloth`: as where unsloth is not installed."""
+    return run_infopo(*args, cwd=ROOT, env={"HF_HUB_OFFLINE": "1", **(env or {})}, timeout=900,
+                      without=("unsloth",) if without_unsloth else ())
 
 
 def error_line(out: subprocess.CompletedProcess) -> str:
@@ -48,10 +46,10 @@ def test_backend_is_a_setting_with_transformers_the_default(tmp_path):
     cfg = merge(TrainConfig(), {"backend": "unsloth"}, source="command line")
     cfg.validate()
     from infopo_cli.config import to_toml
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
 
     (tmp_path / "run.toml").write_text(to_toml(cfg.to_dict()))
-    assert load(str(tmp_path / "run.toml")).backend == "unsloth"  # config.toml keeps it, so --resume uses it
+    assert load_preset(str(tmp_path / "run.toml")).backend == "unsloth"  # config.toml keeps it, so --resume uses it
     with pytest.raises(ConfigError, match=r"backend must be one of transformers, unsloth \(got 'tensorrt'\)"):
         merge(TrainConfig(), {"backend": "tensorrt"}, source="command line")
 
@@ -164,9 +162,9 @@ NO_DROPOUT = "--backend unsloth trains with lora_dropout 0 (not {}): its fused L
 
 
 def test_unsloth_trains_without_dropout_and_says_so():
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
 
-    cfg = merge(load("llama3-8b-qlora"), {"backend": "unsloth"}, source="command line")  # the preset's 0.05
+    cfg = merge(load_preset("llama3-8b-qlora"), {"backend": "unsloth"}, source="command line")  # the preset's 0.05
     notes: list[str] = []
     fast = unsloth_backend.without_dropout(cfg, notes.append)
     assert cfg.lora_dropout == 0.05 and fast == dataclasses.replace(cfg, lora_dropout=0.0)  # nothing else changes
@@ -174,13 +172,14 @@ def test_unsloth_trains_without_dropout_and_says_so():
     assert unsloth_backend.without_dropout(fast, notes.append) is fast and len(notes) == 1  # 0 already: no note
 
 
+@pytest.mark.run
 def test_a_run_records_the_dropout_it_trains_with_and_a_resume_keeps_its_own(tiny_model, pairs_file, tmp_path,
                                                                             monkeypatch):
     """The recipe's side, with transformers + peft standing in for Unsloth's model (the real run is below)."""
     from rich.console import Console
 
-    from infopo_cli.model import loading as stack
-    from infopo_cli.presets import load
+    from infopo_cli.model import stack
+    from infopo_cli.presets import load_preset
     from infopo_cli.train import recipe
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.resume import resumed_config
@@ -195,7 +194,7 @@ def test_a_run_records_the_dropout_it_trains_with_and_a_resume_keeps_its_own(tin
         return text.getvalue()
 
     def dropouts(run: Path) -> tuple[float, float]:
-        return load(str(run / "config.toml")).lora_dropout, json.loads((run / "adapter_config.json").read_text())["lora_dropout"]
+        return load_preset(str(run / "config.toml")).lora_dropout, json.loads((run / "adapter_config.json").read_text())["lora_dropout"]
 
     tiny = dict(model=str(tiny_model), data=str(pairs_file), eval_data="", dtype="fp32", load_in_4bit=False, lora_r=4,
                 lora_alpha=8, max_steps=2, batch_size=4, max_length=128, max_prompt_length=64, lora_dropout=0.1)
@@ -208,7 +207,7 @@ def test_a_run_records_the_dropout_it_trains_with_and_a_resume_keeps_its_own(tin
     shutil.rmtree(old / "checkpoint-4")  # as if it had stopped after step 2
     settings = old / "config.toml"
     settings.write_text(settings.read_text().replace('backend = "transformers"', 'backend = "unsloth"'))
-    out = train(resumed_config(load(str(settings)), {}, old), resume=old)
+    out = train(resumed_config(load_preset(str(settings)), {}, old), resume=old)
     assert "resuming after step 2 of 4" in out and "lora_dropout" not in out and dropouts(old) == (0.1, 0.1)
     assert (old / "checkpoint-4").is_dir()
 
@@ -230,6 +229,7 @@ TINY_RUN = ("--dtype", "fp32", "--lora-r", "4", "--lora-alpha", "8", "--max-step
             "--lr", "1e-2", "--eval-batch-size", "8", "--max-length", "128", "--max-prompt-length", "64")
 
 
+@pytest.mark.run
 def test_train_with_unsloth_on_cpu_saves_an_adapter_infopo_reloads_and_merges(tiny_model, pairs_file, tmp_path):
     pytest.importorskip("unsloth")
     from peft import PeftModel
@@ -240,9 +240,9 @@ def test_train_with_unsloth_on_cpu_saves_an_adapter_infopo_reloads_and_merges(ti
     from infopo_cli.data.tokenization import encode_pair
     from infopo_cli.export.merged import export_merged, from_run
     from infopo_cli.losses.registry import resolve
-    from infopo_cli.model import loading as stack
+    from infopo_cli.model import stack
     from infopo_cli.model.precision import Precision
-    from infopo_cli.presets import load
+    from infopo_cli.presets import load_preset
     from infopo_cli.train.evaluate import Evaluator
 
     run = tmp_path / "run"
@@ -253,7 +253,7 @@ def test_train_with_unsloth_on_cpu_saves_an_adapter_infopo_reloads_and_merges(ti
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Unsloth (CPU)" in out.stdout  # the model came from FastLanguageModel (its CPU fallback here)
     assert NO_DROPOUT.format("0.1") in " ".join(out.stdout.split())  # rich may wrap the line
-    cfg = load(str(run / "config.toml"))
+    cfg = load_preset(str(run / "config.toml"))
     assert cfg.backend == "unsloth" and cfg.gradient_checkpointing == "on" and cfg.load_in_4bit
     assert cfg.lora_dropout == 0.0
     summary = json.loads((run / "summary.json").read_text())

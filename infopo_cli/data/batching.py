@@ -43,6 +43,7 @@ class Targets:
         return Targets(self.rows.to(device), self.cols.to(device), self.tokens.to(device), self.seq.to(device), self.n_seqs)
 
     def counts(self) -> Tensor:
+        """The number of scored tokens of each sequence (length n_seqs)."""
         return torch.bincount(self.seq, minlength=self.n_seqs)
 
 
@@ -54,6 +55,9 @@ def targets_from_labels(labels: Tensor) -> Targets:
 
 @dataclass
 class PreferenceBatch:
+    """One micro-batch as the model reads it: chosen and rejected rows (plain) or one row per pair (shared prompt), and
+    which positions are scored."""
+
     input_ids: Tensor              # (R, T)
     attention_mask: Tensor         # (R, T): 1 on real tokens
     targets: Targets
@@ -73,6 +77,7 @@ class PreferenceBatch:
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = False) -> PreferenceBatch:
+    """Pad `pairs` into one batch: the chosen rows, then the rejected rows (or one row per pair with `share_prompt`)."""
     if share_prompt:
         return collate_shared(pairs, pad_id)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
@@ -165,6 +170,8 @@ def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, gro
 
 
 def epoch_batches(pairs: list[TokenizedPair], batch_size: int, rng: random.Random, group: int = 32) -> list[list[TokenizedPair]]:
+    """One epoch's batches: shuffled, then sorted by length inside windows of `group` batches (little padding), the
+    batches shuffled again."""
     order = list(range(len(pairs)))
     rng.shuffle(order)
     window = batch_size * group

@@ -13,6 +13,8 @@ from infopo_cli.data.tokenization import auto_max_length, encode_pairs, truncate
 
 @dataclass
 class DataReport:
+    """What `infopo data check` found in one source: rows, pairs, what was dropped, duplicates, token lengths."""
+
     source: str
     format: str
     rows: int
@@ -29,6 +31,7 @@ class DataReport:
     padding_random: float = 0.0
 
     def percentiles(self, name: str) -> dict[str, float]:
+        """min, p50, p90, p99, max and mean of one length series ("prompt", "chosen", ...)."""
         values = sorted(self.lengths[name])
         pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
         return {"min": values[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": values[-1],
@@ -37,6 +40,8 @@ class DataReport:
 
 def check(spec: str, options: DataOptions, tokenizer, max_length: int | str, max_prompt_length: int,
           batch_size: int) -> DataReport:
+    """Load and (with a tokenizer) tokenise `spec` as a run would, and report its shape: lengths, truncation,
+    duplicates."""
     loaded = load_pairs(spec, options)
     pairs, skipped, full = loaded.pairs, list(loaded.skipped), []
     if tokenizer is not None:  # a pair that cannot be tokenised is an invalid row like any other

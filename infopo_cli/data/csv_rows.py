@@ -14,6 +14,8 @@ from infopo_cli.errors import DataError
 
 
 def read_csv(path: Path) -> Iterator[streams.Row]:
+    """The rows of a CSV (or .tsv) file as (FILE:LINE, dict) keyed by its header; a record of the wrong width is a
+    DataError in the row's place, broken quoting stops the file."""
     if csv.field_size_limit() < streams.MAX_ROW_BYTES:  # csv's default (128 KiB per field) would refuse long replies
         csv.field_size_limit(streams.MAX_ROW_BYTES)
     lines = _CsvLines(path)

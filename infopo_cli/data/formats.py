@@ -31,6 +31,8 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 @dataclass(frozen=True)
 class Fields:
+    """The field names of the prompt, chosen and rejected texts in a row (--prompt-field etc.)."""
+
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
@@ -38,6 +40,8 @@ class Fields:
 
 @dataclass(frozen=True)
 class PreferencePair:
+    """One normalised preference pair: a prompt and two answers, each a string or a list of chat messages."""
+
     prompt: Text
     chosen: Text
     rejected: Text
@@ -98,6 +102,7 @@ def is_empty(text: Text) -> bool:
 
 
 def is_multi_turn(text: Text) -> bool:
+    """Whether `text` is a conversation of more than one message."""
     return not isinstance(text, str) and len(text) > 1
 
 

@@ -35,11 +35,13 @@ class JsonParser:
         return repeated
 
     def loads(self, text: str) -> Any:
+        """Parse a whole JSON text, noting whether `checked` must walk it (repeated keys, deep nesting, surrogates)."""
         value = self.decoder.decode(text)
         self._hint(text, 0, len(text))
         return value
 
     def raw(self, text: str, start: int) -> tuple[Any, int]:
+        """Parse one JSON value starting at `start`, noted like `loads`; returns it and the index after it."""
         value, end = self.decoder.raw_decode(text, start)
         self._hint(text, start, end)
         return value, end
@@ -57,6 +59,7 @@ class JsonParser:
 
 
 def read_jsonl(path: Path) -> Iterator[streams.Row]:
+    """The rows of a JSON Lines file as (FILE:LINE, value); a line that does not parse is a DataError in its place."""
     parser = JsonParser()
     for number, text in streams.decoded_lines(path):
         where = f"{path}:{number}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, DataError, InfopoError
 from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise, with_system
 from infopo_cli.data.scored import SCORED_FORMATS, ScoreOptions, detect_scored, scored_pairs
@@ -19,6 +20,8 @@ __all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "no_pairs", 
 
 @dataclass(frozen=True)
 class DataOptions:
+    """How rows are read: their format and field names, the split, the system prompt, bad rows, scored rows."""
+
     format: str = "auto"
     fields: Fields = field(default_factory=Fields)
     split: str = "train"
@@ -26,9 +29,18 @@ class DataOptions:
     skip_invalid: bool = False
     scores: ScoreOptions = field(default_factory=ScoreOptions)  # scored/ranked rows -> pairs (data/scored.py)
 
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, split: str | None = None) -> DataOptions:
+        """A run's data settings; `split` replaces cfg.split (held-out data passes cfg.eval_split)."""
+        return cls(cfg.data_format, Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
+                   split or cfg.split, cfg.system_prompt, cfg.skip_invalid,
+                   ScoreOptions(cfg.pairs, cfg.min_score_gap, cfg.min_score_ratio))
+
 
 @dataclass
 class Loaded:
+    """What loading a source gave: the pairs, the detected format and what was dropped or noted on the way."""
+
     pairs: list[PreferencePair]
     format: str                                        # the detected format ("mixed (...)" if rows differ)
     rows: int                                          # rows read, valid or not
@@ -42,6 +54,7 @@ ALL_FORMATS = FORMATS + SCORED_FORMATS
 
 
 def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
+    """Every row of `spec` checked and normalised into pairs; the first bad row raises unless `skip_invalid`."""
     if options.format not in ALL_FORMATS:
         raise ConfigError(f"unknown data format '{options.format}'; use one of {', '.join(ALL_FORMATS)}")
     opened = open_source(spec, options.split)
@@ -106,6 +119,7 @@ def given_info(given: Counter, options: DataOptions) -> list[str]:
 
 
 def dropped_notes(dropped: Counter) -> list[str]:
+    """One line per reason rows gave no pair, most frequent first."""
     return [f"{n} rows gave no pair: {reason}" for reason, n in dropped.most_common() if n]
 
 
@@ -129,4 +143,5 @@ def no_pairs(spec: str | list[str], skipped: list[str]) -> InfopoError:
 
 
 def read_pairs(spec: str, options: DataOptions = DataOptions()) -> list[PreferencePair]:
+    """The pairs of `spec`, without the report of how they were read."""
     return load_pairs(spec, options).pairs

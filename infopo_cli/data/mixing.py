@@ -23,6 +23,8 @@ from infopo_cli.errors import ConfigError
 
 @dataclass(frozen=True)
 class Source:
+    """One --data value: what to read and its weight in the mix."""
+
     spec: str              # what load_pairs reads: a file, a folder, a hub id, bundled:NAME
     weight: float | None   # share of the mix, or None: by size
 

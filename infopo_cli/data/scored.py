@@ -74,6 +74,8 @@ INVERTED = "rejected is rated above chosen"
 
 @dataclass(frozen=True)
 class ScoreOptions:
+    """How scored or ranked rows become pairs (--pairs, --min-score-gap, --min-score-ratio), checked on creation."""
+
     pairs: str = "best-worst"        # how a list of scored/ranked completions becomes pairs (one of PAIRINGS)
     min_score_gap: float = 0.0       # drop pairs whose score gap is below this (a gap of 0, a tie, is always dropped)
     min_score_ratio: float = 1.0     # labelled two-answer rows (SHP): drop when max(score)/min(score) < this

@@ -48,6 +48,7 @@ class Opened:
     unread: list[str] = field(default_factory=list)     # the folder's files left out, each with the reason
 
     def rows(self) -> Iterator[Row]:
+        """The rows of every file in turn."""
         return chain.from_iterable(rows for _, rows in self.files)
 
 
@@ -67,6 +68,7 @@ def resolve(spec: str) -> Path:
 
 
 def read_rows(spec: str, split: str = "train") -> Iterator[Row]:
+    """Every row of `spec` as (where, row); `split` picks the split of a hub or save_to_disk dataset."""
     return open_source(spec, split).rows()
 
 

@@ -20,10 +20,12 @@ CHUNK_BYTES = 2**20          # how much of a JSON array is read at a time
 
 
 def cannot_read(name: str | Path, err: OSError) -> InfopoError:
+    """The one-line error for a file the OS refused to read."""
     return InfopoError(f"{name}: cannot read ({err.strerror or err})")
 
 
 def open_file(path: Path) -> BinaryIO:
+    """`path` opened for binary reading; an OS error becomes a one-line InfopoError."""
     try:
         return path.open("rb")
     except OSError as err:
@@ -31,6 +33,7 @@ def open_file(path: Path) -> BinaryIO:
 
 
 def too_long() -> str:
+    """The reason given for a row over MAX_ROW_BYTES."""
     return f"row longer than {_size(MAX_ROW_BYTES)}"
 
 

@@ -21,12 +21,16 @@ VERSION = 2  # bump when tokenisation changes, so old entries are not reused
 
 @dataclass
 class TokenizedSet:
+    """Tokenised pairs, the pairs dropped on the way, and whether they came from the cache."""
+
     pairs: list[TokenizedPair]                          # the pairs that could be tokenised, in order
     skipped: list[str] = field(default_factory=list)    # one line per pair dropped (only with skip_invalid)
     cached: bool = False                                # whether they came from the cache
 
 
 def cache_key(pairs: list[PreferencePair], tokenizer, max_length: int, max_prompt_length: int) -> str:
+    """The cache file's key: the pairs' texts, the tokenizer's identity (incl. its chat template) and the length limits.
+    """
     digest = hashlib.sha256()
     identity = [VERSION, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer),
                 getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token,

@@ -20,6 +20,7 @@ from typing import Any
 
 from infopo_cli.data.formats import PreferencePair, Text
 from infopo_cli.errors import DataError, ModelError
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 
 # Stands in for the reply to find where the template puts it; plain letters, so no template escapes,
 # trims or splits it, and a rendering that holds it more than once (the data contains it) is refused.
@@ -28,6 +29,8 @@ SENTINEL = "INFOPOREPLYSENTINELd41f7c0e"
 
 @dataclass(frozen=True)
 class TokenizedPair:
+    """A pair as token ids: the prompt once, then each response's ids (without the prompt)."""
+
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
@@ -122,8 +125,6 @@ def _prompt_in_conversation(tokenizer, pair: PreferencePair, messages: list[dict
 
 
 def _render(tokenizer, pair: PreferencePair, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    from jinja2.exceptions import TemplateError  # rendering a chat template needs jinja2 anyway
-
     try:
         return render_chat(tokenizer, messages, add_generation_prompt)
     except TemplateError as err:  # the template refuses this conversation (roles out of order, no system role, ...)
@@ -201,8 +202,6 @@ def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt
     itself (it does not parse, breaks the sandbox's rules, fails, or does not finish) is a ModelError naming the
     template; a refusal of these messages (its raise_exception, an undefined field) is the jinja2 TemplateError,
     for the caller to name the row or the messages."""
-    from jinja2.exceptions import SecurityError, TemplateSyntaxError
-
     template = template_of(tokenizer)
     try:
         with _time_limit(RENDER_LIMIT_S):

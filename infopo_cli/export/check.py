@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from infopo_cli.errors import ExportCheckFailed
+from infopo_cli.errors import ExportCheckFailed, first_line
+from infopo_cli.inference.generation import stop_ids
 from infopo_cli.model.llama_runtime import load_llama
-from infopo_cli.errors import first_line
+from infopo_cli.data.tokenization import render_chat
+from infopo_cli.export.gguf import rope_scaling
 
 # Short-answer prompts: the check is about the export (layout, tokenizer, stopping).
 PROMPTS = ("What is 2 + 3?", "Name the capital of France.", "How many legs does a cat have?")
@@ -59,6 +61,8 @@ def agreement(reference: torch.Tensor, reader: torch.Tensor, tie: float = TIE) -
 
 @dataclass
 class PromptCheck:
+    """The check of one prompt: the file's greedy answer, whether it stops, and how each reader agreed."""
+
     prompt: str
     answer: str                          # the file's own greedy answer (the merged model's where transformers cannot read it)
     stops: bool                          # that answer ended with EOS or the end-of-turn token
@@ -69,6 +73,8 @@ class PromptCheck:
 
 @dataclass
 class CheckResult:
+    """The reload check of one exported file: every prompt's result, and what could be checked at all."""
+
     quant: str = "f16"
     lossy: bool = False                  # quantised: checked against itself, agreement with merged reported
     transformers_checked: bool = True    # False for rope-scaled models, which transformers reads unscaled
@@ -83,6 +89,7 @@ class CheckResult:
         return "transformers reading the same file" if self.lossy and self.transformers_checked else "the merged model"
 
     def problems(self) -> list[str]:
+        """What makes the file broken, one line each; empty when it passed."""
         found = []
         if not self.transformers_checked and not self.llama_cpp_checked:
             found.append("a rope-scaled export needs llama.cpp to be checked (pip install 'infopo[gguf-check]')")
@@ -104,6 +111,7 @@ class CheckResult:
         return not self.problems()
 
     def warnings(self) -> list[str]:
+        """What is worth saying about a lossy file that still passed (answers that no longer stop)."""
         rambling = sum(not p.stops for p in self.prompts)
         if self.lossy and rambling:
             return [f"{rambling} of {len(self.prompts)} answers of the {self.quant} file do not stop within "
@@ -130,31 +138,22 @@ class CheckResult:
         return out + [f"  warning: {w}" for w in self.warnings()]
 
 
-def stop_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return ids - {None}
-
-
 def prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
     """(text to tokenise, whether the tokenizer adds its special tokens such as BOS itself)."""
-    from infopo_cli.data.tokenization import render_chat
-
     if tokenizer.chat_template:  # the template writes BOS and the turn markers
         return render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True), False
     return prompt, True
 
 
-def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+def prompt_tensor(tokenizer, prompt: str) -> torch.Tensor:
+    """`prompt` as the check reads it: a (1, n) tensor of token ids, chat template applied where there is one."""
     text, add_special = prompt_text(tokenizer, prompt)
     return torch.tensor([tokenizer(text, add_special_tokens=add_special)["input_ids"]])
 
 
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, stops: set[int], max_new_tokens: int) -> list[int]:
+    """The greedy answer's token ids (the prompt cut off), ending at a stop token or after `max_new_tokens`."""
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=sorted(stops), pad_token_id=next(iter(stops)))
     return out[0, ids.shape[1]:].tolist()
@@ -167,6 +166,7 @@ def answer_logits(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
 
 
 def load_gguf(path: Path):
+    """transformers' own reading of the GGUF file (de-quantised to float32), for comparing with the merged model."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -178,8 +178,8 @@ def load_gguf(path: Path):
 @torch.no_grad()
 def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens: int = 48,
             lossy: bool = False, quant: str = "f16") -> CheckResult:
-    from infopo_cli.export.gguf import rope_scaling
-
+    """Check `gguf_path` against the merged model that was exported: the greedy answers to `prompts` read by
+    transformers and, where installed, by llama.cpp."""
     stops, merged = stop_ids(tokenizer), merged.float().eval()
     # transformers reads GGUF rope scaling for gpt-oss only, so a rope-scaled export can only be checked in llama.cpp
     result = CheckResult(quant=quant, lossy=lossy, max_new_tokens=max_new_tokens,
@@ -188,7 +188,7 @@ def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens:
     llama = LlamaCppReader(gguf_path, context_of(merged)) if importlib.util.find_spec("llama_cpp") is not None else None
     try:
         for prompt in prompts:
-            ids = prompt_ids(tokenizer, prompt)
+            ids = prompt_tensor(tokenizer, prompt)
             prompt_tokens, answer = ids[0].tolist(), greedy(merged, ids, stops, max_new_tokens)
             reference = merged_logits = answer_logits(merged, prompt_tokens, answer)
             own, check = answer, PromptCheck(prompt, "", False)
@@ -228,15 +228,18 @@ class LlamaCppReader:
                                     "kept for inspection") from None
 
     def tokenize(self, tokenizer, prompt: str) -> list[int]:
+        """`prompt` tokenised by llama.cpp, with the template and special tokens the tokenizer uses."""
         text, add_special = prompt_text(tokenizer, prompt)
         return self.llm.tokenize(text.encode(), add_bos=add_special, special=True)
 
     def answer_logits(self, prompt: list[int], answer: list[int]) -> torch.Tensor:
+        """[len(answer), vocab]: llama.cpp's logits that predict each answer token, reading prompt + answer."""
         self.llm.reset()
         self.llm.eval(prompt + answer)
         return torch.tensor(self.llm.scores[len(prompt) - 1:len(prompt) + len(answer) - 1], dtype=torch.float32)
 
     def eos(self) -> int:
+        """The file's end-of-sequence token id as llama.cpp reads it."""
         return self.llm.token_eos()
 
     def close(self) -> None:
@@ -250,7 +253,7 @@ def check_llama_cpp(reference, tokenizer, gguf_path: Path, prompts=PROMPTS, max_
     stops, llama, results = stop_ids(tokenizer), LlamaCppReader(gguf_path, context_of(reference)), []
     try:
         for prompt in prompts:
-            ids = prompt_ids(tokenizer, prompt)
+            ids = prompt_tensor(tokenizer, prompt)
             prompt_tokens, answer = ids[0].tolist(), greedy(reference, ids, stops, max_new_tokens)
             agreed = agreement(answer_logits(reference, prompt_tokens, answer), llama.answer_logits(prompt_tokens, answer))
             results.append(llama.tokenize(tokenizer, prompt) == prompt_tokens and agreed.within_ties)

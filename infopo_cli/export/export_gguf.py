@@ -11,6 +11,7 @@ from infopo_cli.export.gguf import QUANTS, check_quant, expected_bytes, write_gg
 from infopo_cli.export.merged import AdapterSource, merged_model
 from infopo_cli.export.modelfile import modelfile, write_modelfile
 from infopo_cli.export.outputs import claim_gguf
+from infopo_cli.config import EMBEDDED_MODEL
 
 LOSSLESS = ("f32", "f16", "bf16")  # a file of these must answer exactly as the merged model
 
@@ -41,7 +42,5 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
 
 def _model_name(source: AdapterSource) -> str:
     """The base's name (used for llama.cpp's pre-tokenizer choice) plus the adapter's folder."""
-    from infopo_cli.config import EMBEDDED_MODEL
-
     base = "SmolLM2-135M-Instruct" if source.base == EMBEDDED_MODEL else source.base.rstrip("/").split("/")[-1]
     return f"{base}-{source.adapter.name}"

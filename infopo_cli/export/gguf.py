@@ -23,10 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from infopo_cli.errors import ConfigError, ExportError
+from infopo_cli.model.source import resolve_source
+import ctypes
+from infopo_cli import files
 
 
 @dataclass(frozen=True)
 class Quant:
+    """A GGUF type of `--quant`: what the file says it is, its size per weight, and who writes its tensors."""
+
     file_type: int            # llama.cpp's LLAMA_FTYPE value, written into the file's metadata
     bytes_per_weight: float   # on average (K-quants: llama.cpp's mix); see expected_bytes
     tensor_type: str | None   # the gguf library's type for 2-D tensors; None: llama.cpp's quantiser writes it
@@ -59,6 +64,9 @@ PRE_TOKENIZERS = (("smollm", "smollm"), ("llama-3", "llama-bpe"), ("llama3", "ll
 
 @dataclass(frozen=True)
 class Arch:
+    """How an architecture is written: its GGUF name, and whether q/k rows are permuted for llama.cpp's rotary layout.
+    """
+
     gguf_name: str
     permute_qk: bool   # transformers' rotary halves -> GGML's interleaved pairs (Llama family)
 
@@ -96,8 +104,6 @@ def size_table(base: str) -> list[tuple[str, str, bool, int]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from infopo_cli.model.source import resolve_source
-
     config = AutoConfig.from_pretrained(resolve_source(base), trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
@@ -113,6 +119,8 @@ def _gguf():
 
 
 def arch_of(model) -> Arch:
+    """The GGUF architecture of a transformers model; a model or rope scaling the writer does not handle is an
+    ExportError."""
     name = type(model).__name__
     if name not in ARCHS:
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))}; {name} is not yet supported — "
@@ -125,6 +133,7 @@ def arch_of(model) -> Arch:
 
 
 def rope_scaling(config) -> dict:
+    """The model config's rope scaling parameters (transformers' new or old attribute), {} when there are none."""
     return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
 
 
@@ -157,6 +166,7 @@ def permute(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def pre_tokenizer(model_name: str) -> str:
+    """llama.cpp's pre-tokenizer name for a model, guessed from its name; "default" when none matches."""
     lowered = model_name.lower()
     return next((pre for fragment, pre in PRE_TOKENIZERS if fragment in lowered), "default")
 
@@ -253,8 +263,6 @@ FALLBACK = re.compile(r"warning: (\S+)\s+- ncols\s+\d+ not divisible by (\d+).*f
 def llama_cpp_quantize(source: Path, path: Path, quant: str) -> list[str]:
     """llama.cpp's own quantiser from `source` (an f16 GGUF) into `path`; returns its per-tensor fallbacks,
     one line per type it fell back to. Its log is captured instead of printed: a line per tensor."""
-    import ctypes
-
     llama_cpp = _llama_cpp()
     pieces: list[bytes] = []  # llama.cpp logs a line in several calls; levels differ between versions
 
@@ -293,8 +301,6 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> lis
     """
     check_quant(quant)
     if QUANTS[quant].by_llama_cpp:
-        from infopo_cli import files
-
         with files.staging(Path(path).parent) as scratch:
             write_gguf(model, tokenizer, scratch / "f16.gguf", "f16", model_name)
             return llama_cpp_quantize(scratch / "f16.gguf", Path(path), quant)

@@ -15,38 +15,27 @@ from infopo_cli import files
 from infopo_cli.config import DTYPES
 from infopo_cli.errors import ConfigError
 from infopo_cli.export.outputs import claim_folder
+from infopo_cli.presets import load_preset
+from infopo_cli.reporting.model_card import write_merged_card
 
 
 @dataclass(frozen=True)
 class AdapterSource:
+    """What an export merges: a base model and the adapter folder trained on it."""
+
     base: str      # what the run trained on: a folder, a hub id or the embedded default
     adapter: Path  # a folder with adapter_config.json
 
 
 def from_run(run_dir: str | Path) -> AdapterSource:
     """The base model and adapter of a run folder, from its config.toml."""
-    from infopo_cli.presets import load
-
     run = Path(run_dir)
     if not (run / "adapter_config.json").is_file():
         raise ConfigError(f"{run} has no adapter (adapter_config.json); pass a run folder written by `infopo train`, "
                           "or --base and --adapter")
     if not (run / "config.toml").is_file():
         raise ConfigError(f"{run} has no config.toml naming its base model; pass --base")
-    return AdapterSource(load(str(run / "config.toml")).model, run)
-
-
-def is_run(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file() and (folder / "config.toml").is_file()
-
-
-def newest_run(runs: Path = Path("runs")) -> Path:
-    """The most recently written run folder under ./runs (what `infopo export` alone exports)."""
-    found = [p for p in runs.iterdir() if p.is_dir() and is_run(p)] if runs.is_dir() else []
-    if not found:
-        raise ConfigError(f"no finished run under {runs}/ to export; pass a run folder, or --base and --adapter")
-    return max(found, key=lambda p: (p / "adapter_model.safetensors").stat().st_mtime
-               if (p / "adapter_model.safetensors").exists() else p.stat().st_mtime)
+    return AdapterSource(load_preset(str(run / "config.toml")).model, run)
 
 
 def default_output(source: AdapterSource, kind: str, quant: str = "") -> Path:
@@ -59,7 +48,7 @@ def merged_model(source: AdapterSource, dtype: str = "fp32"):
     """(merged transformers model, tokenizer), in memory."""
     import torch
 
-    from infopo_cli.model.loading import import_bitsandbytes, library_reading, load_tokenizer, quiet_peft, resolve_source
+    from infopo_cli.model.stack import import_bitsandbytes, library_reading, load_tokenizer, quiet_peft, resolve_source
 
     import_bitsandbytes()  # before peft imports it
     from peft import PeftModel
@@ -82,6 +71,8 @@ def merged_model(source: AdapterSource, dtype: str = "fp32"):
 
 def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwrite: bool = False,
                   log: Callable[[str], None] = print) -> Path:
+    """Write the merged model, its tokenizer and model card to `out`; an existing output is replaced only with
+    `overwrite`, and only once the new one is complete."""
     for line in files.clean_temporaries(out.parent):  # first: it may put back a folder a crash left aside
         log(line)
     claim_folder(out, source.adapter, overwrite)
@@ -93,7 +84,6 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
         tokenizer.save_pretrained(tmp)  # with its chat template
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        from infopo_cli.reporting.model_card import write_merged_card
 
         write_merged_card(tmp, source.adapter, source.base, out)  # README.md: the run's card, for the merged model
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infopo_cli.errors import ExportError
+from infopo_cli.files import write_text
 
 CHATML = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
           '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
@@ -55,12 +56,12 @@ def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) 
 
 
 def modelfile_path(gguf_path: Path) -> Path:
+    """The Modelfile written beside a GGUF file (`ollama create NAME -f` reads it)."""
     return gguf_path.with_suffix(".Modelfile")  # one per GGUF: `ollama create NAME -f model.Modelfile`
 
 
 def write_modelfile(gguf_path: Path, text: str) -> Path:
-    from infopo_cli.files import write_text
-
+    """Write `text` as the Modelfile of `gguf_path`, atomically; returns its path."""
     path = modelfile_path(gguf_path)
     write_text(path, text)
     return path

@@ -58,6 +58,7 @@ def reference_number(answer: Any) -> float | None:
 
 
 def normalise(text: str) -> str:
+    """`text` as answers are compared: stripped, case-folded, trailing punctuation dropped."""
     return text.strip().casefold().rstrip(TRAILING).strip()
 
 

@@ -20,6 +20,8 @@ HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it; Ctrl-C stops 
 
 @dataclass
 class ChatSession:
+    """The turns of one `infopo chat` session and its system message."""
+
     system: str | None = None
     history: Messages = field(default_factory=list)  # user and assistant turns, in order
 
@@ -28,9 +30,11 @@ class ChatSession:
         return as_messages([*self.history, {"role": "user", "content": user}], self.system)
 
     def add(self, user: str, reply: str) -> None:
+        """Record one exchange: the user's turn and the model's reply."""
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
     def reset(self) -> None:
+        """Forget every turn (the system message stays)."""
         self.history.clear()
 
 

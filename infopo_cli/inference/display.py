@@ -25,6 +25,7 @@ def _short(text: str) -> str:
 
 
 def print_eval(console: Console, result) -> None:
+    """The `infopo eval` summary: the held-out pair metrics and, with --generate, answer accuracy of base and tuned."""
     pref, gen = result.preference, result.generation
     if pref:
         table = Table(title=f"held-out pairs: {pref['pairs']} ({escape(result.data)}), loss {pref['loss_name']}, "
@@ -65,6 +66,8 @@ def print_eval(console: Console, result) -> None:
 
 
 def print_replies(console: Console, rows: list[dict[str, Any]]) -> None:
+    """The first replies side by side (prompt, reference answer, base, tuned), each marked right or wrong where scored.
+    """
     if not rows:
         return
     table = Table(title="replies (first ones)", show_lines=True)
@@ -85,6 +88,7 @@ def print_replies(console: Console, rows: list[dict[str, Any]]) -> None:
 
 
 def print_compare(console: Console, base_label: str, base_text: str, tuned_text: str) -> None:
+    """The base's and the tuned model's replies to one prompt, side by side (`infopo generate --compare`)."""
     table = Table(show_lines=True)
     table.add_column(base_label, overflow="fold")
     table.add_column("tuned", overflow="fold")

@@ -3,7 +3,7 @@
 Prompts are rendered by the tokenizer's chat template with the generation prompt; without a template a
 single user turn is its plain text with the tokenizer's special tokens (BOS), and a conversation is written
 in the Human:/Assistant: style, as training renders such data. A reply ends at EOS or an end-of-turn token
-(`export.check.stop_ids`) or after `max_new_tokens`. Greedy by default; `temperature` > 0 samples.
+(`stop_ids`) or after `max_new_tokens`. Greedy by default; `temperature` > 0 samples.
 
 Both go through one KV-cached loop (`decode`) in which a row leaves the batch at its stop token, so a batch
 of replies costs the tokens they have, not its longest reply times its size. Left padding with the attention
@@ -20,13 +20,17 @@ import torch
 
 from infopo_cli.model import attention
 from infopo_cli.errors import ConfigError
-from infopo_cli.export.check import stop_ids
+from infopo_cli.data.tokenization import _plain, render_chat, template_of
+from jinja2.exceptions import TemplateError
+import inspect
 
 Messages = list[dict[str, str]]
 
 
 @dataclass(frozen=True)
 class Sampling:
+    """How replies are generated: length limit, temperature (0: greedy), top-p, top-k and seed."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0   # 0: greedy (the same reply every time)
     top_p: float = 1.0         # 1: off
@@ -34,6 +38,7 @@ class Sampling:
     seed: int = 0              # for sampling
 
     def check(self) -> Sampling:
+        """Itself, or a ConfigError naming every setting out of range."""
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
@@ -54,9 +59,21 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Reply:
+    """One generated reply, how many tokens it took, and whether it stopped by itself."""
+
     text: str
     new_tokens: int   # tokens generated, the stop token included
     stopped: bool     # ended with EOS or end-of-turn (not cut at max_new_tokens)
+
+
+def stop_ids(tokenizer) -> set[int]:
+    """The token ids that end a reply: EOS and the chat templates' end-of-turn markers this tokenizer knows."""
+    ids = {tokenizer.eos_token_id}
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids - {None}
 
 
 def as_messages(prompt: str | Sequence[Any], system: str | None = None) -> Messages:
@@ -75,7 +92,6 @@ def prompt_ids(tokenizer, messages: Messages) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         text = _render(tokenizer, messages)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    from infopo_cli.data.tokenization import _plain  # training's rendering of turns without a template
 
     if len(messages) == 1 and messages[0]["role"] == "user":
         text = messages[0]["content"]
@@ -85,10 +101,6 @@ def prompt_ids(tokenizer, messages: Messages) -> list[int]:
 
 
 def _render(tokenizer, messages: Messages) -> str:
-    from jinja2.exceptions import TemplateError
-
-    from infopo_cli.data.tokenization import render_chat, template_of
-
     try:
         return render_chat(tokenizer, messages, add_generation_prompt=True)
     except TemplateError as err:  # e.g. a template without a system role, given --system
@@ -107,8 +119,6 @@ def to_reply(tokenizer, tokens: list[int], stopped: bool) -> Reply:
 
 
 def _takes(model, argument: str) -> bool:
-    import inspect
-
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return argument in inspect.signature(causal_lm.forward).parameters
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.inference.generation import Messages, Reply, Sampling
 from infopo_cli.model.llama_runtime import load_llama
+from infopo_cli.model.source import read_gguf
 
 EXTRA = "pip install 'infopo[gguf-check]'"
 
@@ -20,13 +21,13 @@ EXTRA = "pip install 'infopo[gguf-check]'"
 def trained_context(path: Path) -> int | None:
     """The context length the file's model was trained with (its `<arch>.context_length`), if it says. Read before
     llama.cpp loads the file, so a truncated or corrupt one is refused in one line naming it."""
-    from infopo_cli.model.source import read_gguf
-
     fields = read_gguf(path).fields.values()
     return next((int(f.contents()) for f in fields if f.name.endswith(".context_length")), None)
 
 
 class GgufModel:
+    """A GGUF file loaded in llama.cpp, answering chat messages as the transformers models do."""
+
     def __init__(self, path: Path, n_ctx: int = 4096) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise ConfigError(f"{path}: reading a GGUF file needs llama.cpp: {EXTRA}")
@@ -43,12 +44,14 @@ class GgufModel:
                 "top_k": sampling.top_k, "seed": sampling.seed}
 
     def reply(self, messages: Messages, sampling: Sampling = Sampling()) -> Reply:
+        """One whole reply to `messages`, with the file's chat template."""
         out = self.llm.create_chat_completion(messages=messages, **self._options(sampling))
         choice = out["choices"][0]
         return Reply(choice["message"]["content"] or "", int(out["usage"]["completion_tokens"]),
                      choice["finish_reason"] == "stop")
 
     def stream(self, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
+        """The reply to `messages` piece by piece, as llama.cpp produces it."""
         for chunk in self.llm.create_chat_completion(messages=messages, stream=True, **self._options(sampling)):
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
+from infopo_cli.presets import load_preset
+from infopo_cli.reporting.runs import newest_run
 
 RUNS = Path("runs")
 
@@ -46,8 +49,6 @@ class Target:
 
 def newest(runs: Path = RUNS) -> Path:
     """The newest run under ./runs, as `infopo export` picks it."""
-    from infopo_cli.export.merged import newest_run
-
     try:
         return newest_run(runs)
     except ConfigError:
@@ -57,8 +58,6 @@ def newest(runs: Path = RUNS) -> Path:
 
 def find_target(target: str | Path | None, base: str | None = None, log: Callable[[str], None] = print) -> Target:
     """What `target` is (the newest run when None), checked for what loading it needs. Torch-free."""
-    from infopo_cli.presets import load
-
     if target is None:
         path = newest(RUNS)
         log(f"the newest run: {path}")
@@ -78,7 +77,7 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
                           "or a .gguf file)")
     if (path / "adapter_config.json").is_file():
         run_config = next((p / "config.toml" for p in (path, path.parent) if (p / "config.toml").is_file()), None)
-        config = load(str(run_config)) if run_config else None  # a checkpoint-N folder: its run's settings
+        config = load_preset(str(run_config)) if run_config else None  # a checkpoint-N folder: its run's settings
         if base:
             return Target(path, "adapter", base, config)
         if config is None:
@@ -95,8 +94,6 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
 
 
 def _named_base(folder: Path) -> str:
-    import json
-
     try:
         named = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError):
@@ -126,13 +123,14 @@ class LoadedModel:
         return str(next(self.model.parameters()).device)
 
     def no_base_reason(self) -> str:
+        """Why this model cannot be compared with its base, and the flag that fixes it."""
         return (f"{self.name} is a {self.target.label} with no base inside it to compare with; pass --base BASE "
                 "(a second model is loaded)")
 
     @contextlib.contextmanager
     def base(self) -> Iterator[Any]:
         """The base (or the run's reference), under no-grad, for as long as the block runs."""
-        from infopo_cli.model.loading import reference_mode
+        from infopo_cli.model.stack import reference_mode
 
         if self.has_adapter:
             with reference_mode(self.model) as model:  # the adapter off, or a run's --init-adapter (its reference)
@@ -158,12 +156,12 @@ def inference_precision(dtype: str):
     return precision
 
 
-def load(target: Target, log: Callable[[str], None] = print) -> LoadedModel:
+def load_target(target: Target, log: Callable[[str], None] = print) -> LoadedModel:
     """Load what `find_target` found (not a GGUF file: see gguf_model)."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from infopo_cli.model import loading as model_stack
+    from infopo_cli.model import stack
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars are noise next to infopo's own lines
     if target.kind == "gguf":
@@ -177,8 +175,8 @@ def load(target: Target, log: Callable[[str], None] = print) -> LoadedModel:
         reference = None
         if target.base:  # a second model: the only way to compare a merged export with what it came from
             log(f"loading --base {target.base} to compare with (a second model)")
-            reference = _base(model_stack.resolve_source(target.base, log=log), dataclasses.replace(cfg, model=target.base), log)
-        return LoadedModel(model, model_stack.load_tokenizer(str(target.path)), str(target.path), False, target,
+            reference = _base(stack.resolve_source(target.base, log=log), dataclasses.replace(cfg, model=target.base), log)
+        return LoadedModel(model, stack.load_tokenizer(str(target.path)), str(target.path), False, target,
                            reference, "base (--base)", notes)
 
     cfg = target.config if target.kind == "run" else _adapter_config(target)
@@ -188,14 +186,16 @@ def load(target: Target, log: Callable[[str], None] = print) -> LoadedModel:
     if target.config is not None and target.config.load_in_4bit and not cuda:
         notes.append("the run trained on the 4-bit NF4 base; without CUDA the unquantised base is read, so its numbers "
                      "differ slightly from the run's own evaluation")
-    source = model_stack.resolve_source(cfg.model, log=log)
+    source = stack.resolve_source(cfg.model, log=log)
     base = _base(source, cfg, log)
     model = _attach(base, target.path)
     label = "base (adapter disabled)"
     if cfg.init_adapter:  # the run's reference was its init adapter: compare with that, as training did
         label = _attach_reference(model, Path(cfg.init_adapter), notes)
     tokenizer_dir = str(target.path) if (target.path / "tokenizer_config.json").is_file() else source
-    return LoadedModel(model, model_stack.load_tokenizer(tokenizer_dir), str(target.path), True, target, None, label, notes)
+    return LoadedModel(model, stack.load_tokenizer(tokenizer_dir), str(target.path), True, target, None, label, notes)
+
+
 
 
 def _adapter_config(target: Target) -> TrainConfig:
@@ -204,10 +204,10 @@ def _adapter_config(target: Target) -> TrainConfig:
 
 
 def _base(source: str, cfg: TrainConfig, log: Callable[[str], None]):
-    from infopo_cli.model import loading as model_stack
+    from infopo_cli.model import stack
 
     precision = inference_precision(cfg.dtype)
-    model = model_stack.load_base(source, cfg, precision)
+    model = stack.load_base(source, cfg, precision)
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     return model.eval()
 
@@ -215,7 +215,7 @@ def _base(source: str, cfg: TrainConfig, log: Callable[[str], None]):
 def _attach(base, adapter: Path):
     from peft import PeftModel
 
-    from infopo_cli.model.loading import quiet_peft
+    from infopo_cli.model.stack import quiet_peft
 
     try:
         with quiet_peft():
@@ -226,7 +226,7 @@ def _attach(base, adapter: Path):
 
 
 def _attach_reference(model, init_adapter: Path, notes: list[str]) -> str:
-    from infopo_cli.model.loading import REFERENCE, quiet_peft
+    from infopo_cli.model.stack import REFERENCE, quiet_peft
 
     if not (init_adapter / "adapter_config.json").is_file():
         notes.append(f"the run's --init-adapter {init_adapter} is gone: the base (adapter disabled) stands in for it")

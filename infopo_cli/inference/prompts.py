@@ -25,6 +25,8 @@ ANSWER = "answer"
 
 @dataclass(frozen=True)
 class PromptRow:
+    """One row to generate from: the messages the model reads and the reference answer, if any."""
+
     where: str                  # FILE:LINE of the row
     messages: Messages          # what the model reads
     answer: Any = None          # the reference answer, None when there is none

@@ -14,6 +14,7 @@ REF = Needs(reference=True)
 
 
 def lengths(p: PairLogps) -> tuple[Tensor, Tensor]:
+    """The chosen and rejected responses' token counts, at least 1 (the length priors divide by them)."""
     return p.chosen_counts.clamp(min=1), p.rejected_counts.clamp(min=1)
 
 
@@ -53,6 +54,8 @@ def _prior_uniform(p: PairLogps, q: dict) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class Prior:
+    """One prior of the MI objective: its log zeta for both responses, the passes it needs, and the loss it recovers."""
+
     log_zeta: Callable[[PairLogps, dict], tuple[Tensor, Tensor]]
     needs: Needs
     recovers: str

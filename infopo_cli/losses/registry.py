@@ -27,6 +27,8 @@ def _ref_args(p: PairLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class LossSpec:
+    """One loss of the registry: its name, one-line summary, paper, default parameters and formula."""
+
     name: str
     summary: str
     paper: str
@@ -35,9 +37,11 @@ class LossSpec:
     needs_fixed: Needs | None = None   # None: depends on the parameters (mi's prior)
 
     def needs(self, params: dict) -> Needs:
+        """The forward passes the loss needs with these parameters (mi's depend on its prior)."""
         return self.needs_fixed if self.needs_fixed is not None else PRIORS[params["prior"]].needs
 
     def reference_free(self, params: dict | None = None) -> bool:
+        """Whether the loss, with `params` over its defaults, needs no reference model."""
         return not self.needs({**self.defaults, **(params or {})}).reference
 
 

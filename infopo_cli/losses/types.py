@@ -35,6 +35,8 @@ class PairLogps:
 
 @dataclass
 class LossOutput:
+    """What a loss returns: the per-pair losses and the detached chosen and rejected rewards."""
+
     losses: Tensor            # (B,) per-pair loss; the training loss is their mean over the global batch
     chosen_rewards: Tensor    # (B,) detached
     rejected_rewards: Tensor  # (B,) detached

@@ -7,11 +7,8 @@ on a CPU makes and frees the same large tensors (a layer's activations and score
 cost about as much as the arithmetic on them. `keep_freed_memory` sets the mapping threshold to glibc's largest,
 32 MiB, and the trim threshold to 2 GiB (mallopt): blocks up to 32 MiB come from the heap and stay there for reuse.
 Larger ones are still mapped: serving those from the heap too (M_MMAP_MAX = 0) was as fast but fragmented the heap,
-+0.9 GiB of peak RSS on the default preset.
-
-Measured on the default preset (SmolLM2-135M, bf16, 2-core EPYC, 2026-12-02): the cold reference pass over 600
-pairs 52 s with glibc's defaults, 43 s with this; a 75-step run 138 s / 3.45 GiB peak with the defaults, 128-136 s
-/ 3.43-3.70 GiB with this. On a GPU run the host holds little, so this is for CPU compute only.
++0.9 GiB of peak RSS on the default preset. On a GPU run the host holds little, so this is for CPU compute only
+(benchmarks/train_throughput.py times a CPU run).
 """
 
 from __future__ import annotations

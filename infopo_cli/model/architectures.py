@@ -89,6 +89,7 @@ def find_config(model: str) -> tuple[dict, str]:
 
 
 def find_architecture(model: str) -> tuple[memory_plan.Architecture, str]:
+    """The memory plan's view of `model` and where its config came from; a config it cannot plan is a ModelError."""
     config, where = find_config(model)
     try:
         return memory_plan.architecture(config), where

@@ -1,6 +1,6 @@
 """The peak GPU memory of a training run, predicted from the model's config alone: no GPU, no weights.
 
-Pure arithmetic over what one LoRA step on a frozen 4-bit base holds as infopo runs it (model/loading.py,
+Pure arithmetic over what one LoRA step on a frozen 4-bit base holds as infopo runs it (model/stack.py,
 train/logps.py, data/batching.py) with transformers 5, peft and bitsandbytes:
 
 - **weights**: every decoder linear layer in NF4 with double quantisation (bitsandbytes: 4-bit codes, an
@@ -158,6 +158,7 @@ class Training:
     lm_chunk: int                   # output-layer chunk (train/logps.py CHUNK_TOKENS)
 
     def targeted(self, linear: Linear) -> bool:
+        """Whether LoRA is attached to this linear layer."""
         return self.targets is None or linear.name in self.targets
 
 
@@ -189,6 +190,8 @@ class Batch:
         return max(1, min(self.prompt, self.max_length - 1))
 
     def layout(self) -> Layout:
+        """The rows, padded width and scored tokens of this batch in its layout (shared prompt or chosen/rejected rows).
+        """
         response = self.max_length - self.prompt_tokens
         if self.shared:
             return Layout(self.pairs, padded_width(self.prompt_tokens + 2 * response), 2 * self.pairs * response, True)
@@ -212,6 +215,8 @@ def margin(card: int, given_gib: float | None = None) -> int:
 
 @dataclass(frozen=True)
 class Part:
+    """One line of the plan: what holds memory, how many bytes, and how that was counted."""
+
     name: str
     bytes: int
     note: str = ""
@@ -282,6 +287,7 @@ def optimizer_bytes(sizes: Sequence[int], optimizer: str) -> tuple[int, int]:
 
 
 def static_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
+    """What a run holds for its whole length: base weights, LoRA weights and gradients, optimizer states."""
     c = run.compute_bytes
     sizes = lora_tensors(arch, run)
     lora = sum(sizes)
@@ -470,6 +476,8 @@ def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, o
 
 @dataclass(frozen=True)
 class Choice:
+    """The checkpointing a budget picked, whether it fits, and the plan without recomputation to compare."""
+
     plan: Plan       # the checkpointing chosen
     fits: bool       # in the budget (True when the budget is unknown)
     without: Plan    # the same run with no recomputation, for the reason
@@ -556,4 +564,5 @@ def _last_true(fits, low: int, high: int) -> int:
 
 
 def gib(n: float) -> str:
+    """Bytes as GiB for tables: one decimal from 10 GiB up, two below."""
     return f"{n / GIB:.1f}" if n >= 10 * GIB else f"{n / GIB:.2f}"

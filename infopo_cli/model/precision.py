@@ -14,6 +14,8 @@ NAMES = {name: getattr(torch, attr) for name, attr in DTYPES.items()}
 
 @dataclass(frozen=True)
 class Precision:
+    """The device and compute dtype of a run, and the reason they were picked."""
+
     device: str
     dtype: torch.dtype
     reason: str
@@ -24,6 +26,7 @@ class Precision:
 
 
 def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo; empty where it cannot be read (not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -62,8 +65,8 @@ def choose(requested: str = "auto", cuda: bool | None = None, flags: set[str] | 
     """bf16 where it is native (CUDA compute capability 8.0+; CPUs with avx512_bf16 or AMX); else fp16 with loss scaling
     on a GPU, fp32 on a CPU. `gpu`: the CUDA device (default: the current one).
 
-    On a CPU without native bf16, bf16 matmuls are emulated and run ~25x slower than fp32 (measured
-    on this project's CI machines), so fp32 is the safe fallback there. An explicit `--dtype bf16` where bf16 is
+    On a CPU without native bf16, bf16 matmuls are emulated and run ~25x slower than fp32,
+    so fp32 is the safe fallback there. An explicit `--dtype bf16` where bf16 is
     emulated is kept, with a warning in the reason.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda

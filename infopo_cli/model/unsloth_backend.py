@@ -22,6 +22,8 @@ from torch import nn
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError, first_line
 from infopo_cli.model.precision import Precision
+from infopo_cli.model.stack import (POLICY, _keep_4bit_layout_trainable, _layer_names, import_bitsandbytes,
+                                    library_reading, loadable, quiet_peft)
 
 INSTALL = "pip install 'infopo[unsloth]'"
 MASKS_DROPPED = "infopo_drops_attention_masks"  # set on a model whose forward ignores 4-D masks (train/logps.py)
@@ -45,7 +47,6 @@ def check(cfg: TrainConfig) -> None:
     if cfg.dtype == "fp16" and not cuda:  # Unsloth's CPU fallback silently computes in bf16 or fp32 instead
         raise ConfigError("--backend unsloth computes in fp16 only on a CUDA GPU: use --dtype bf16 or fp32 on this CPU")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no usage ping to the hub from from_pretrained
-    from infopo_cli.model.loading import import_bitsandbytes
 
     import_bitsandbytes()  # unsloth imports it (imports no transformers itself)
     try:
@@ -105,8 +106,6 @@ def _linear_names(base: nn.Module) -> list[str]:
 def load_model(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
     """The frozen base (4-bit NF4 unless `load_in_4bit` is off) with a fresh LoRA adapter as the policy, both made
     by FastLanguageModel. `check(cfg)` ran first. Infopo keeps its own tokenizer (its token cache is keyed by it)."""
-    from infopo_cli.model.loading import (POLICY, _keep_4bit_layout_trainable, _layer_names, import_bitsandbytes,
-                                          library_reading, loadable, quiet_peft)
 
     import_bitsandbytes()  # before unsloth imports it
     from unsloth import FastLanguageModel

@@ -10,15 +10,13 @@ taught to prefer. The guard looks for that pattern in a run's metrics records:
   more than TRAIN_REWARD_DROP below its first-step value (0 with a reference) while the smoothed
   `rewards/margins` is above its first-step value.
 
-Thresholds, measured on the default preset (embedded SmolLM2-135M, bundled arithmetic pairs, 40 steps, lr 2e-4,
-150 held-out pairs, --eval-every 10). Held-out eval/logps/chosen at steps 0/10/20/30/40, and the margin:
-  dpo (beta 0.1):     -64.31 -67.24 -73.91 -78.51 -79.42   margin 0 -> 0.63: -2.93 nats by step 10, -15.1 at the end
-  infopo (beta 0.25): -64.31 -63.43 -62.88 -64.09 -63.82   margin 0 -> 0.65: never below its start
-HELD_OUT_DROP = 1 nat fires on DPO at its first evaluation (step 10) and leaves InfoPO alone; a fixed held-out set
-has no sampling noise, and one nat less on a summed log-prob makes the chosen answer e (~2.7) times less likely.
-The smoothed training rewards/chosen reached -0.07 at worst for InfoPO and -1.63 for DPO (-0.30 by step 14):
-TRAIN_REWARD_DROP = 0.25 fires on DPO at step 14 and not on InfoPO. Training rewards are scaled by beta, so a much
-larger beta makes the training check more sensitive; the held-out check is in nats, whatever beta is.
+Thresholds, chosen on the default preset (40 steps, --eval-every 10; benchmarks/likelihood_dynamics.py draws the
+curves): DPO's held-out chosen log-prob falls about 3 nats by its first evaluation while InfoPO's stays within one
+nat of its start, so HELD_OUT_DROP = 1 nat fires on DPO at once and leaves InfoPO alone (a fixed held-out set has no
+sampling noise, and one nat less on a summed log-prob makes the chosen answer e (~2.7) times less likely). DPO's
+smoothed training rewards/chosen passes -0.25 early while InfoPO's stays above it, hence TRAIN_REWARD_DROP = 0.25.
+Training rewards are scaled by beta, so a much larger beta makes the training check more sensitive; the held-out
+check is in nats, whatever beta is.
 """
 
 from __future__ import annotations
@@ -35,6 +33,9 @@ MIN_TRAIN_STEPS = 5      # the training check waits for this many steps, so the 
 
 @dataclass(frozen=True)
 class Displacement:
+    """A likelihood displacement found: where, from which figures, and the chosen log-prob and margin then and at the
+    start."""
+
     step: int
     source: str            # "held-out" (evaluations) or "training" (smoothed training rewards)
     chosen_start: float
@@ -78,10 +79,12 @@ class Guard:
         return self.found.message if self.found else None
 
     def log(self, record: dict[str, Any]) -> None:
+        """Look at one metrics record and warn once when it shows displacement."""
         if (message := self.see(record)) and self.warn:
             self.warn(message)
 
     def see(self, record: dict[str, Any]) -> str | None:
+        """The warning for the first record that shows displacement; None before, and after it (it is said once)."""
         if self.found is not None:
             return None
         self.found = self._check(record)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infopo_cli.reporting.displacement import smooth
 from infopo_cli.reporting.runs import Run
-from infopo_cli.train.plot import answer_curve, draw_answers, save_figure
+from infopo_cli.reporting.plot import answer_curve, draw_answers, save_figure
 
 SMOOTHING = 0.6  # light: the shape of a 40-step run survives
 # (title, [(metric, line style, marker)]): training metrics; their held-out values are eval/<metric>.

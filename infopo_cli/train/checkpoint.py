@@ -26,7 +26,8 @@ from torch import nn
 
 from infopo_cli import files
 from infopo_cli.errors import CheckpointError, OutputError, first_line
-from infopo_cli.model.loading import POLICY, load_adapter_weights  # only the trained adapter: a frozen reference would land in reference/
+from infopo_cli.model.stack import POLICY, load_adapter_weights  # only the trained adapter: a frozen reference would land in reference/
+from safetensors.torch import load_file
 
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,6 +44,7 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the Python, torch and (where there is one) CUDA random states that `capture_rng` took."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))  # weights_only loads tuples back as lists in places
     torch.set_rng_state(state["torch"])
@@ -99,6 +101,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer, state: dict[str,
 
 
 def step_of(folder: Path) -> int:
+    """The step of a checkpoint-N folder."""
     return int(folder.name[len(PREFIX):])
 
 
@@ -117,8 +120,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position)."""
-    from safetensors.torch import load_file
-
     try:
         weights = load_file(str(folder / WEIGHTS_FILE))
         state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")

@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from infopo_cli import files
-from infopo_cli.config import FIELDS, override
+from infopo_cli.config import FIELDS, from_flag, override
 from infopo_cli.errors import ConfigError
 
 PLAN = "compare.json"
-# what the comparison itself decides for each run; given among the train flags they would be ignored
+# what the comparison itself decides for each run: not among the train flags `infopo compare` takes
 OWN_FLAGS = ("loss", "output", "resume")
 
 
@@ -62,13 +63,42 @@ def plan(losses: list[str], sweep: tuple[str, list[str]] | None) -> list[Variant
     return out
 
 
+@dataclass(frozen=True)
+class Comparison:
+    variants: list[Variant]
+    configs: list[Any]      # each run's TrainConfig, checked
+    parent: Path
+    flags: dict[str, str]   # the train flags given, as the plan records them
+
+    def check(self) -> bool:
+        """Whether the parent holds this very comparison (it continues); writes nothing."""
+        return check_parent(self.parent, self.variants, self.flags)
+
+    def claim(self) -> bool:
+        """`check`, then the plan written into a new parent."""
+        return claim_parent(self.parent, self.variants, self.flags)
+
+
+def prepare(losses: str, sweep: str | None, output: str | None, flags: dict[str, Any], preset: str) -> Comparison:
+    """`infopo compare`'s command line as a checked plan: `losses` a comma list, `sweep` SETTING=V1,V2, `output` the
+    parent (default runs/compare-LOSSES-TIME), `flags` the train settings given. Every loss name and flag is checked
+    here, before anything is written."""
+    variants = plan([name.strip() for name in losses.split(",") if name.strip()], parse_sweep(sweep))
+    # the swept values typed as `infopo train` types them on its command line
+    variants = [replace(v, settings={k: value if k == "loss" else from_flag(k, value) for k, value in v.settings.items()})
+                for v in variants]
+    names = "-".join(v.settings["loss"] for v in variants[:3])
+    parent = Path(output) if output else Path("runs") / f"compare-{names}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Comparison(variants, configs(variants, flags, parent, preset), parent, {k: str(v) for k, v in flags.items()})
+
+
 def configs(variants: list[Variant], flags: dict[str, Any], parent: Path, preset: str) -> list[Any]:
     """Each run's settings, checked as `infopo train` checks them before its model loads (loss names and the flags
     each loss takes included): a mistake in the command is refused before the parent or its plan is written."""
     from infopo_cli import presets
     from infopo_cli.train import preflight
 
-    return [preflight.check_settings(override(presets.load(preset), {**flags, **v.settings, "output": str(parent / v.name)},
+    return [preflight.check_settings(override(presets.load_preset(preset), {**flags, **v.settings, "output": str(parent / v.name)},
                                               source="command line"))[0] for v in variants]
 
 
@@ -141,12 +171,34 @@ def run_all(variants: list[Variant], settings: list[Any], parent: Path,
         if state == "done":
             continue
         if state == "stopped":
-            summary = train(resumed_config(presets.load(str(folder / "config.toml")), {}, folder), resume=folder)
+            summary = train(resumed_config(presets.load_preset(str(folder / "config.toml")), {}, folder), resume=folder)
         else:
             summary = train(cfg)
         if summary.exit_code:
             return folders, summary
     return folders, None
+
+
+def report(parent: Path, folders: list[Path]) -> tuple[list[Any], list[Path]]:
+    """The finished runs side by side: PARENT/report.md and, with matplotlib, report.png. Returns (the loaded runs, the
+    files written)."""
+    from infopo_cli.reporting import figure, table
+    from infopo_cli.reporting.runs import read_run
+
+    runs = [read_run(folder) for folder in folders]
+    files.write_text(parent / "report.md", table.markdown_table(runs))
+    written = [parent / "report.md"]
+    if figure.plot_runs(runs, parent / "report.png"):
+        written.append(parent / "report.png")
+    return runs, written
+
+
+def evaluate_all(parent: Path, folders: list[Path], evaluate: Callable[[Path], Any]) -> tuple[str, Path]:
+    """`evaluate` (`infopo eval --generate`, given by the caller) on every run, one table of them in PARENT/eval.md.
+    Returns (the table, its path)."""
+    markdown = eval_markdown([(folder.name, evaluate(folder)) for folder in folders])
+    files.write_text(parent / "eval.md", markdown)
+    return markdown, parent / "eval.md"
 
 
 def eval_markdown(results: list[tuple[str, Any]]) -> str:

@@ -35,6 +35,8 @@ TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("INFOPO_DIST_TIMEOUT_M
 
 @dataclass(frozen=True)
 class World:
+    """This process's place among a run's processes: its rank, how many there are, its GPU on this host."""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -65,6 +67,7 @@ class World:
 
     # --- collectives (identity for one process) -----------------------------------------------
     def barrier(self) -> None:
+        """Wait until every process gets here (nothing to wait for in a one-process run)."""
         if self.active:
             torch.distributed.barrier()
 
@@ -77,6 +80,7 @@ class World:
         return bool(value.item())
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """`values` summed element by element over every process (unchanged in a one-process run)."""
         if not self.active:
             return list(values)
         tensor = _on_wire(torch.tensor(list(values), dtype=torch.float64))
@@ -168,10 +172,12 @@ def start(world: World, device: str) -> None:
 
 
 def stop(world: World) -> None:
+    """Leave the process group, if this run started one."""
     if world.active and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 def global_batch(batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Pairs per optimizer step over every process."""
     return batch_size * grad_accum * world_size
 

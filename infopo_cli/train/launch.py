@@ -18,6 +18,8 @@ STOP_CODES = range(128, 160)  # a process ended by a signal request: it said so 
 
 
 class LaunchError(InfopoError):
+    """The launcher or a training process failed: exit 1, the run's own failure rather than a usage error."""
+
     exit_code = 1
 
 

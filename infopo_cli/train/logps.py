@@ -17,8 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from infopo_cli.data.batching import PreferenceBatch, Targets, segment_bounds, shared_allowed, targets_from_labels
+from infopo_cli.data.batching import (PreferenceBatch, Targets, response_only, segment_bounds, shared_allowed,
+                                      targets_from_labels)
+from infopo_cli.errors import ConfigError
 from infopo_cli.losses.types import Needs, PairLogps
+from infopo_cli.model import stack
 from infopo_cli.train import output_layer
 
 CHUNK_TOKENS = 1024
@@ -57,6 +60,8 @@ def _token_logps_and_kl(hidden: Tensor, ref_hidden: Tensor, targets: Tensor, lm_
 
 @dataclass
 class SequenceLogps:
+    """Per-sequence log-prob sums and token counts of one forward, with the hidden states the KL priors read."""
+
     sums: Tensor                    # (N,) summed log-probs of the labelled tokens
     counts: Tensor                  # (N,) number of labelled tokens
     hidden: Tensor                  # (tokens, H) final hidden states at labelled positions
@@ -196,8 +201,6 @@ def response_only_logps(model: nn.Module, batch) -> Tensor:
     The first response token has no prefix and is not scored, so the average runs over n - 1 tokens;
     a one-token response gives 0 rather than 0/0.
     """
-    from infopo_cli.data.batching import response_only
-
     with torch.no_grad():
         out = batch_logps(model, response_only(batch))
     return out.sums / out.counts.clamp(min=1)
@@ -211,15 +214,11 @@ def pair_logps(model: nn.Module, batch, needs: Needs, reference: Tensor | None =
     graph is built. A precomputed `reference` (cached for evaluation) skips that pass, and so does
     `policy_is_reference` (an adapter that still adds exactly zero).
     """
-    from infopo_cli.model.loading import reference_mode
-
     if needs.kl and hasattr(_causal_lm(model).get_output_embeddings(), "lora_A"):
-        from infopo_cli.errors import ConfigError
-
         raise ConfigError("the tdpo priors need the output layer shared with the reference: remove lm_head from target_modules")
     ref_out = None
     if (needs.reference and reference is None and not policy_is_reference) or needs.kl:
-        with reference_mode(model):
+        with stack.reference_mode(model):
             ref_out = batch_logps(model, batch)
         reference = ref_out.sums
     policy = batch_logps(model, batch, ref_hidden=ref_out.hidden if needs.kl else None)

@@ -5,7 +5,7 @@ The memory plan that chose how many layers recompute (model/memory_plan.py) is a
 processes, or fragmentation it does not foresee, can still end a step out of memory. Then the step's partial
 gradients are dropped, the RNG goes back to the step's start and the same micro-batches run again with every layer
 recomputed, or where every one was already, with their saved inputs in pinned CPU memory (CUDA,
-model/checkpointing.py `recompute_more`). Recomputation changes no gradient, so the step, the data order and the
+model/recompute.py `recompute_more`). Recomputation changes no gradient, so the step, the data order and the
 run are those of a run that never ran out. The new setting holds for the rest of the run and is written to its
 config.toml, so a resume keeps it. A second out-of-memory in the step, or one with nothing more to recompute, is
 the recipe's out-of-memory stop (exit 3, the state before the step saved, the command that continues).
@@ -23,8 +23,8 @@ from typing import TypeVar
 
 import torch
 
-from infopo_cli.model import checkpointing
-from infopo_cli.model.checkpointing import Recompute
+from infopo_cli.model import recompute as recomputation
+from infopo_cli.model.recompute import Recompute
 from infopo_cli.train.checkpoint import restore_rng
 from infopo_cli.train.distributed import World
 
@@ -40,6 +40,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def free_accelerator_memory() -> None:
+    """Collect garbage and hand the CUDA cache back, so a retried step starts from what is really held."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -62,7 +63,7 @@ class Fallback:
         try:
             return step()
         except (RuntimeError, MemoryError) as err:
-            more = checkpointing.recompute_more(self.model, self.recompute) \
+            more = recomputation.recompute_more(self.model, self.recompute) \
                 if self.recompute is not None and is_out_of_memory(err) else None
             if more is None:
                 raise
@@ -87,7 +88,7 @@ class Fallback:
         mode = "offload" if world.any(self.mode == "offload") else "on"
         if self.mode in (mode, "offload"):  # this process went as far itself
             return
-        self.recompute, self.mode = checkpointing.recompute_as(self.model, self.recompute, mode), mode
+        self.recompute, self.mode = recomputation.recompute_as(self.model, self.recompute, mode), mode
         self.record(mode)
         self.note(f"out of memory at step {number} in another process, which ran the step again: "
                   f"{self.recompute.message} on every process from now on (--gradient-checkpointing {mode}; "

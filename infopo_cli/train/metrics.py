@@ -12,6 +12,7 @@ from typing import Protocol
 from infopo_cli import files
 from infopo_cli.errors import OutputError
 from infopo_cli.losses.types import LossOutput, PairLogps
+from infopo_cli.reporting.runs import read_records
 
 
 class PairMetrics:
@@ -25,6 +26,7 @@ class PairMetrics:
         self.pairs = 0
 
     def add(self, out: LossOutput, logps: PairLogps) -> None:
+        """Add one micro-batch's loss, rewards and log-probs to the sums."""
         margins = out.chosen_rewards - out.rejected_rewards
         self.sums["loss"] += float(out.losses.detach().sum())
         self.sums["rewards/chosen"] += float(out.chosen_rewards.sum())
@@ -38,24 +40,14 @@ class PairMetrics:
         self.pairs += int(out.losses.shape[0])
 
     def means(self, prefix: str = "") -> dict[str, float]:
+        """Every sum divided by the number of pairs, keys prefixed with `prefix` ("eval/")."""
         return {f"{prefix}{k}": v / max(self.pairs, 1) for k, v in self.sums.items()}
 
 
 class Sink(Protocol):
+    """Where metrics records go besides metrics.jsonl: an experiment tracker."""
+
     def log(self, record: dict) -> None: ...
-
-
-def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line torn by SIGKILL or a full disk is skipped."""
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 class MetricsLog:
@@ -77,6 +69,7 @@ class MetricsLog:
                 files.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
+        """Append `record` (non-finite values as null) and pass it to every sink."""
         record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         self.records.append(record)
         if not self.writes:
@@ -90,4 +83,5 @@ class MetricsLog:
             sink.log(record)
 
     def of_kind(self, kind: str) -> list[dict]:
+        """The records written so far of one kind ("train", "eval", ...)."""
         return [r for r in self.records if r.get("kind") == kind]

@@ -14,13 +14,13 @@ from typing import Any
 
 from infopo_cli import files
 from infopo_cli.config import TrainConfig
-from infopo_cli.data.loading import Loaded, PreferencePair
+from infopo_cli.data.loading import DataOptions, Loaded, PreferencePair
 from infopo_cli.data.mixing import as_list, load_mix
 from infopo_cli.data.overlap import eval_overlap_note
 from infopo_cli.errors import ConfigError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
-from infopo_cli.model import loading as model_stack, unsloth_backend
+from infopo_cli.model import stack, unsloth_backend
 from infopo_cli.model.source import check_source
 from infopo_cli.model.precision import choose
 from infopo_cli.train import trackers
@@ -49,15 +49,16 @@ def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, A
                           "backward on a CPU): use auto or sdpa")
     spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
     if cfg.init_adapter:  # cheap (one JSON file): its LoRA settings are checked against the run's here
-        cfg = model_stack.adopt_init_adapter(cfg)
+        cfg = stack.adopt_init_adapter(cfg)
     return cfg, spec, loss_params
 
 
 def load_data(cfg: TrainConfig) -> tuple[Loaded, list[PreferencePair]]:
     """The training mix and the held-out pairs, every row checked; held-out pairs that are also trained on are a
     warning among the mix's notes."""
-    loaded = load_mix(cfg.data, cfg.data_options(), cfg.seed)
-    eval_pairs = load_mix(cfg.eval_data, cfg.data_options(cfg.eval_split), cfg.seed).pairs if cfg.eval_data else []
+    loaded = load_mix(cfg.data, DataOptions.from_config(cfg), cfg.seed)
+    eval_options = DataOptions.from_config(cfg, cfg.eval_split)
+    eval_pairs = load_mix(cfg.eval_data, eval_options, cfg.seed).pairs if cfg.eval_data else []
     if note := eval_overlap_note(loaded.pairs, eval_pairs):
         loaded.notes.append(note)
     return loaded, eval_pairs

@@ -11,12 +11,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from infopo_cli.train.stops import NAMES
 
 SHOWN = [("loss", "loss"), ("rewards/chosen", "rewards/chosen"), ("rewards/margins", "margins"),
          ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected"), ("rewards/accuracies", "acc")]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
+    """The live metrics as one short line (TRL's names), with the count of skipped steps when there are any."""
     text = "  ".join(f"{label} {metrics[key]:.4g}" for key, label in SHOWN if key in metrics)
     if metrics.get("skipped_steps"):  # steps whose loss or gradient was NaN/inf (or overflowed in fp16)
         text += f"  skipped {metrics['skipped_steps']}"
@@ -48,6 +50,7 @@ class TrainProgress:
         self.bar.update(self.task, completed=step)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
+        """Move the bar to `step` with its metrics (a plain line when not on a terminal)."""
         text = format_metrics(metrics)
         self.bar.update(self.task, completed=step, metrics=text)
         if not self.live:
@@ -67,47 +70,57 @@ class Reporter:
         self.console.print(message, highlight=False)
 
     def note(self, message: str) -> None:
+        """Print a plain message (markup in it is shown as typed)."""
         self._say(escape(message))
 
     def skipped_rows(self, reasons: list[str], rows: int) -> None:
+        """Say how many invalid rows were skipped, with the first three reasons."""
         if reasons:
             self._say(f"[yellow]skipped {len(reasons)} invalid rows of {rows}[/]; the first ones:")
             for reason in reasons[:3]:
                 self._say(f"  {escape(reason)}")
 
     def start(self, loss: str, params: dict, n_train: int, fmt: str, data: str, n_eval: int, run_dir: Path) -> None:
+        """The run's first line: loss and parameters, pairs trained and held out, the run folder."""
         self._say(f"[bold]infopo[/] {loss} {escape(str(params))} on {n_train} {fmt} pairs ({escape(data)}), "
                   f"{n_eval} held out -> {escape(str(run_dir))}")
 
     def lock(self, took_over: str | None) -> None:
+        """Say whose stale run lock was taken over, if one was."""
         if took_over:
             self._say(f"[yellow]{escape(took_over)}[/]")
 
     def checkpointing(self, message: str) -> None:
-        """What --gradient-checkpointing recomputes and why (model/checkpointing.py), one line."""
+        """What --gradient-checkpointing recomputes and why (model/recompute.py), one line."""
         self._say(escape(message))
 
     def precision(self, precision) -> None:
+        """The device and compute dtype, and why they were picked."""
         self._say(f"device {precision.device}, compute dtype {precision.dtype_name}: {escape(precision.reason)}")
 
     def model(self, source: str, seconds: float, cfg, trainable: int, total: int) -> None:
+        """The model loaded: how long it took, its quantisation, and the LoRA's trainable share."""
         self._say(f"model {escape(source)} loaded in {seconds:.1f}s ({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); "
                   f"LoRA r={cfg.lora_r}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.0f}M parameters")
 
     def tokenised(self, n_train: int, n_eval: int, cached: bool, truncated: int, max_length: int) -> None:
+        """The pairs tokenised (or read from the cache), and how many were truncated."""
         self._say(f"tokenised{' (from cache)' if cached else ''}: {n_train} train / {n_eval} held-out pairs"
                   + (f", [yellow]{truncated} truncated to max_length {max_length}[/]" if truncated else ""))
 
     def fresh_resume(self, run_dir: Path) -> None:
+        """Say a resumed run had no checkpoint yet and starts over."""
         self._say(f"{escape(str(run_dir))} has no checkpoint yet (it stopped before its first step): starting from the beginning")
 
     def resumed(self, step: int, total: int, checkpoint: Path, schedule) -> None:
+        """The step and checkpoint a run resumes from, and the re-drawn decay when its length changed."""
         self._say(f"resuming after step {step} of {total} from {escape(str(checkpoint))}")
         if schedule.restart_factor is not None and schedule.restart == step:
             self._say(f"the run's length changed: the learning rate decays from {schedule.lr(step):.3g} "
                       f"(its value at step {step}) to zero at step {total}")
 
     def evaluation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        """One held-out evaluation's figures (and answer accuracy, when generated)."""
         self._say(f"eval @ step {step} ({seconds:.0f}s): loss {metrics['eval/loss']:.4f}  "
                   f"logps/chosen {metrics['eval/logps/chosen']:.2f}  logps/rejected {metrics['eval/logps/rejected']:.2f}  "
                   f"rewards/accuracies {metrics['eval/rewards/accuracies']:.3f}  "
@@ -116,6 +129,7 @@ class Reporter:
                      f"{metrics['eval/answers/stopped']:.0%})" if "eval/answers/accuracy" in metrics else ""))
 
     def progress(self, total: int, start: int) -> TrainProgress:
+        """The progress bar of a run of `total` steps, already at `start`."""
         bar = TrainProgress(self.console, total)
         bar.skip_to(start)
         return bar
@@ -129,13 +143,12 @@ class Reporter:
             yield lambda n: bar.advance(task, n)
 
     def saved(self, checkpoint: Path) -> None:
+        """Say a checkpoint was written (dimmed)."""
         self._say(f"[dim]saved {escape(str(checkpoint))}[/]")
 
     def stop_requested(self, signum: int) -> None:
         """Called from the signal handler, so written with os.write: the main thread may be inside a print,
         and buffered I/O entered again from a handler raises ("reentrant call")."""
-        from infopo_cli.train.stops import NAMES
-
         if self.console.quiet:
             return
         text = (f"{NAMES.get(signum, signum)}: stopping after the current step with a checkpoint "

@@ -7,6 +7,9 @@ evaluate and checkpoint only between steps) -> evaluate -> save -> summary.
 Every ordinary stop ends at a step boundary with a checkpoint from which `infopo train --resume RUN`
 continues exactly: Ctrl-C or SIGTERM (after the current step), CUDA out-of-memory (the state before the
 failed step), too many non-finite steps in a row. What the user sees is printed by a `Reporter`.
+
+`_train` reads top to bottom as setup -> loop -> finish. A `Run` holds what a step, an evaluation and a checkpoint
+share; its `TrainState` (train/state.py) is what moves from step to step and what a checkpoint's counters hold.
 """
 
 from __future__ import annotations
@@ -20,34 +23,45 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
-from infopo_cli.data.loading import no_pairs
+from infopo_cli.data.formats import PreferencePair
+from infopo_cli.data.loading import Loaded, no_pairs
 from infopo_cli.data.mixing import as_list
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, truncate
-from infopo_cli.errors import CheckpointError, ConfigError
+from infopo_cli.errors import ConfigError
+from infopo_cli.inference.prompts import PromptRow
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
-from infopo_cli.model import checkpointing as recomputation, loading as model_stack, unsloth_backend
-from infopo_cli.model.precision import choose
+from infopo_cli.model import recompute as recomputation, stack, unsloth_backend
+from infopo_cli.model.precision import Precision, choose
+from infopo_cli.model.recompute import Recompute
 from infopo_cli.model.source import check_source
 from infopo_cli.reporting import displacement
 from infopo_cli.reporting.model_card import write_run_documents
+from infopo_cli.reporting.plot import plot_run
+from infopo_cli.reporting.runs import read_records
 from infopo_cli.train import answer_eval, checkpoint, distributed, preflight, reference_cache, trackers
 from infopo_cli.train.memory_fallback import Fallback, free_accelerator_memory as _free_accelerator_memory, is_out_of_memory
 from infopo_cli.train.reference_cache import ReferenceTable
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
-from infopo_cli.train.metrics import MetricsLog, PairMetrics, read_records
-from infopo_cli.train.plot import plot_run
+from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.progress import Reporter
+from infopo_cli.train.resume import accepted_schedule, check_length
 from infopo_cli.train.schedule import WarmupCosine
-from infopo_cli.train.stops import NAMES, StopRequests, resume_hint
+from infopo_cli.train.state import TrainState
+from infopo_cli.train.stops import (Stop, StopRequests, diverged, eval_out_of_memory, not_started, out_of_memory,
+                                     stopped)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TIMING_KEYS = ("tokens_per_s", "step_seconds")  # the only metrics that differ between identical runs
 
@@ -98,8 +112,124 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
 
 
 def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distributed.World) -> RunSummary:
+    """One process's part of the run: setup -> loop -> finish."""
     report = report if world.is_main else report.silenced()  # rank 0 speaks for the run
-    # --- what can fail without a model fails now, before the run folder exists ----------------
+    cfg, spec, loss_params, loaded, eval_pairs, run_dir, created = _prepare(cfg, report, resume, world)
+    with contextlib.ExitStack() as held:
+        if created:  # pushed first, so it runs last: after the lock is released
+            held.push(lambda kind, error, trace: _remove_if_unstarted(run_dir, error))
+        # --- the run folder is ours alone; stops are requests the loop reads between steps ----------
+        if world.is_main:
+            report.lock(held.enter_context(files.RunLock(run_dir)).took_over)
+            for repair in files.clean_temporaries(run_dir):  # what a crashed run left behind
+                report.note(repair)
+        stops = held.enter_context(StopRequests(str(run_dir), report.stop_requested, same_within=2.0 if world.active else 0.0))
+        resume_from = checkpoint.latest_checkpoint(run_dir) if resume else None
+        if resume and not resume_from:
+            report.fresh_resume(run_dir)
+        if resume_from:  # before a long model load
+            check_length(run_dir, checkpoint.step_of(resume_from), cfg.max_steps)
+
+        # --- hardware, seed, tokens, recomputation, settings, model ------------------------------
+        precision = choose(cfg.dtype)
+        report.precision(precision)
+        if world.active:
+            report.note(f"data-parallel over {world.size} processes ({torch.distributed.get_backend()}): each trains on "
+                        f"its share of every global batch of {cfg.batch_size * cfg.grad_accum * world.size} pairs")
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world)
+        # which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run that
+        # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
+        recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
+            cfg, source, train_tok, eval_tok, precision.device, precision.dtype.itemsize, cfg.share_prompt)
+        if recompute:
+            report.checkpointing(recompute.message)
+        cfg = replace(cfg, nproc=world.size)  # the global batch counts every process
+        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
+        if world.is_main and not resume:  # on disk before anything long starts; a resume's once its checkpoint is accepted
+            write_settings(run_dir, resolved)
+        model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report)
+        if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
+            return unstarted(run_dir, precision, stops.signum)
+
+        # --- optimizer, schedule, gradient scaler; a resume's state ------------------------------
+        # A step is one global batch, split into micro-batches: the data order depends only on the
+        # global batch, so a resume may split it differently (after running out of memory).
+        global_batch = distributed.global_batch(cfg.batch_size, cfg.grad_accum, world.size)
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(cfg, params, precision.device)
+        schedule = WarmupCosine(cfg.lr, int(cfg.warmup_ratio * total_steps), total_steps)
+        # fp16 overflows where bf16 does not: scale the loss, skip steps whose gradients overflow
+        scaler = torch.amp.GradScaler(precision.device, enabled=precision.dtype == torch.float16)
+        state, saved_rng = TrainState(), None
+        if resume_from:
+            saved = checkpoint.load_checkpoint(resume_from, model, optimizer)
+            state, saved_rng = TrainState.from_state(saved), saved["rng"]
+            schedule = accepted_schedule(saved, resume_from, run_dir, cfg.init_adapter, init_sha256, global_batch,
+                                         len(train_tok), total_steps)
+            if saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            report.resumed(state.step, total_steps, resume_from, schedule)
+        if world.is_main and resume:
+            write_settings(run_dir, resolved)
+        log, guard = _open_log(cfg, run_dir, resolved, state.step if resume else None, report, world, held)
+        # each process evaluates its share of the held-out batches; the sums are added up
+        evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt)
+                               for b in world.shard(eval_batches(eval_tok, cfg.eval_batch_size))],
+                              spec, loss_params, precision.device) if eval_tok else None
+        reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
+                               share_prompt, init_sha256, report, world)
+        answers = _answers(cfg, eval_pairs, evaluator is not None, report)
+        # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
+        fallback = Fallback(model, params, recompute if cfg.gradient_checkpointing == "auto" else None, report.note,
+                            lambda mode: world.is_main and write_settings(run_dir, {**resolved, "gradient_checkpointing": mode}))
+        run = Run(cfg=cfg, spec=spec, loss_params=loss_params, world=world, report=report, stops=stops, run_dir=run_dir,
+                  precision=precision, model=model, tokenizer=tokenizer, params=params, optimizer=optimizer,
+                  schedule=schedule, scaler=scaler, fallback=fallback, log=log, evaluator=evaluator, answers=answers,
+                  reference=reference, share_prompt=share_prompt, train_pairs=len(train_tok), global_batch=global_batch,
+                  total_steps=total_steps, init_sha256=init_sha256, state=state)
+
+        # --- the loop: evaluate first, then step; evaluate, stop and checkpoint only between steps --
+        stop, stopping = None, world.any(stops.requested)  # agreed by every process, at each step boundary
+        if evaluator and (state.step == 0 or state.pending_eval) and not logged_eval(log, state.step) and not stopping:
+            stop = run.evaluate(state.step)
+            stopping = world.any(stops.requested)
+        batches = shuffled_batches(train_tok, global_batch, cfg.seed)
+        for _ in range(state.step):  # the same data order as an uninterrupted run
+            next(batches)
+        if saved_rng:
+            checkpoint.restore_rng(saved_rng)  # last, so nothing in the set-up above draws from it
+        if world.rank:  # other processes draw other LoRA dropout masks (rank 0 draws what one process would)
+            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + state.step)
+        model.train()
+        with report.progress(total_steps, state.step) as bar:
+            while state.step < total_steps and not stopping and not stop:
+                record = run.train_step(next(batches))  # the global batch, the same on every process
+                if isinstance(record, Stop):
+                    stop = record
+                    break
+                bar.step(state.step, record)
+                stop, stopping = run.between_steps()
+        if not stop and stopping:
+            stop = run.requested_stop()
+
+        # --- finish: evaluate, save, report ------------------------------------------------------
+        if evaluator and not stop and not logged_eval(log, state.step):
+            stop = run.evaluate(state.step) or (run.requested_stop() if state.pending_eval else None)
+        summary = summarise(log, run_dir, precision, stop, state.skipped_steps, state.step)
+        if not world.is_main:
+            return summary
+        _write_outputs(summary, cfg, loaded, len(train_tok), len(eval_tok), source, model, tokenizer, run_dir, log, guard,
+                       report)
+        return summary
+
+
+def _prepare(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distributed.World
+             ) -> tuple[TrainConfig, LossSpec, dict[str, float], Loaded, list[PreferencePair], Path, bool]:
+    """What can fail without a model fails now, before the run folder exists; then the run folder (the one rank 0
+    claimed: one set of outputs). Returns the checked settings, loss, data, run folder and whether this run made it."""
     cfg, spec, loss_params = preflight.check_settings(cfg)
     if cfg.backend == "unsloth" and not resume:  # a resume trains with the dropout its config.toml holds
         cfg = unsloth_backend.without_dropout(cfg, report.note)
@@ -117,287 +247,239 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
     run_dir = Path(world.broadcast(str(run_dir)))  # the folder rank 0 claimed: one set of outputs
     report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, ", ".join(as_list(cfg.data)), len(eval_pairs),
                  run_dir)
+    return cfg, spec, loss_params, loaded, eval_pairs, run_dir, created
 
-    with contextlib.ExitStack() as held:
-        if created:  # pushed first, so it runs last: after the lock is released
-            held.push(lambda kind, error, trace: _remove_if_unstarted(run_dir, error))
-        # --- the run folder is ours alone; stops are requests the loop reads between steps ----------
-        if world.is_main:
-            report.lock(held.enter_context(files.RunLock(run_dir)).took_over)
-            for repair in files.clean_temporaries(run_dir):  # what a crashed run left behind
-                report.note(repair)
-        stops = held.enter_context(StopRequests(str(run_dir), report.stop_requested, same_within=2.0 if world.active else 0.0))
-        resume_from = checkpoint.latest_checkpoint(run_dir) if resume else None
-        if resume and not resume_from:
-            report.fresh_resume(run_dir)
-        if resume_from and cfg.max_steps and cfg.max_steps < checkpoint.step_of(resume_from):  # before a long model load
-            raise ConfigError(f"{run_dir} is at step {checkpoint.step_of(resume_from)}; --max-steps must be at least that")
 
-        # --- hardware and seed -----------------------------------------------------------------
-        precision = choose(cfg.dtype)
-        report.precision(precision)
-        if world.active:
-            report.note(f"data-parallel over {world.size} processes ({torch.distributed.get_backend()}): each trains on "
-                        f"its share of every global batch of {cfg.batch_size * cfg.grad_accum * world.size} pairs")
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[PreferencePair], report: Reporter,
+            world: distributed.World) -> tuple[TrainConfig, str, PreTrainedTokenizerBase, list[TokenizedPair], list[TokenizedPair]]:
+    """The model's source and tokenizer, and the training and held-out pairs as tokens; --max-length auto becomes a number
+    in the returned settings. The tokenizer is quick to load, so rows it cannot encode fail before the model loads."""
+    with world.main_first():  # rank 0 converts the embedded model and fills the token cache; the others read them
+        source = stack.resolve_source(cfg.model, log=report.note)
+        tokenizer = stack.load_tokenizer(source)
+        limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
+        train_set, eval_set = (tokenize_cached(rows, tokenizer, *limits, cfg.skip_invalid) for rows in (pairs, eval_pairs))
+    report.skipped_rows(train_set.skipped + eval_set.skipped, len(pairs) + len(eval_pairs))
+    train_tok, eval_tok = train_set.pairs, eval_set.pairs
+    if not train_tok:
+        raise no_pairs(cfg.data, train_set.skipped)
+    if cfg.max_length == "auto":  # the training pairs' 99th percentile; config.toml keeps the number
+        cfg = replace(cfg, max_length=auto_max_length([p.length for p in train_tok]))
+        cfg = replace(cfg, max_prompt_length=min(cfg.max_prompt_length, cfg.max_length // 2))
+        report.note(f"max_length auto: {cfg.max_length} tokens keeps 99% of the training pairs whole "
+                    f"(max_prompt_length {cfg.max_prompt_length})")
+        train_tok, eval_tok = ([truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, cfg.max_length,
+                                         cfg.max_prompt_length) for p in tokenized] for tokenized in (train_tok, eval_tok))
+    report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
+                     sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
+    return cfg, source, tokenizer, train_tok, eval_tok
 
-        # --- tokens: the tokenizer is quick to load, so rows it cannot encode fail before the model loads
-        with world.main_first():  # rank 0 converts the embedded model and fills the token cache; the others read them
-            source = model_stack.resolve_source(cfg.model, log=report.note)
-            tokenizer = model_stack.load_tokenizer(source)
-            limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
-            train_set, eval_set = (tokenize_cached(pairs, tokenizer, *limits, cfg.skip_invalid) for pairs in (loaded.pairs, eval_pairs))
-        report.skipped_rows(train_set.skipped + eval_set.skipped, len(loaded.pairs) + len(eval_pairs))
-        train_tok, eval_tok = train_set.pairs, eval_set.pairs
-        if not train_tok:
-            raise no_pairs(cfg.data, train_set.skipped)
-        if cfg.max_length == "auto":  # the training pairs' 99th percentile; config.toml keeps the number
-            cfg = replace(cfg, max_length=auto_max_length([p.length for p in train_tok]))
-            cfg = replace(cfg, max_prompt_length=min(cfg.max_prompt_length, cfg.max_length // 2))
-            report.note(f"max_length auto: {cfg.max_length} tokens keeps 99% of the training pairs whole "
-                        f"(max_prompt_length {cfg.max_prompt_length})")
-            train_tok, eval_tok = ([truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, cfg.max_length,
-                                             cfg.max_prompt_length) for p in pairs] for pairs in (train_tok, eval_tok))
-        report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
-                         sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
-        # --- which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run
-        # that cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
-        recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
-            cfg, source, train_tok, eval_tok, precision.device, precision.dtype.itemsize, cfg.share_prompt)
-        if recompute:
-            report.checkpointing(recompute.message)
 
-        # --- the resolved settings are on disk before anything long starts ----------------------------
-        cfg = replace(cfg, nproc=world.size)  # the global batch counts every process
-        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
-        if world.is_main and not resume:  # a resume rewrites it only once its checkpoint is accepted
-            write_settings(run_dir, resolved)
+def _load_model(cfg: TrainConfig, source: str, precision: Precision, spec: LossSpec, loss_params: dict[str, float],
+                recompute: Recompute | None, report: Reporter) -> tuple[torch.nn.Module, str | None, bool]:
+    """4-bit base, LoRA policy; the reference is the same base with the adapter off (--init-adapter: the policy starts
+    from that adapter; the reference is a frozen copy of it, if the loss has one). Returns the model, the init
+    adapter's hash (None without one) and whether a prompt is read once for both replies."""
+    t_load = time.perf_counter()
+    if cfg.backend == "unsloth":  # Unsloth's FastLanguageModel makes the base and the LoRA (model/unsloth_backend.py)
+        model, init_sha256 = unsloth_backend.load_model(source, cfg, precision), None
+    elif cfg.init_adapter:
+        model, init_sha256 = stack.load_init_adapter(stack.load_base(source, cfg, precision), cfg,
+                                                     with_reference=spec.needs(loss_params).reference, recompute=recompute)
+    else:
+        model, init_sha256 = stack.attach_lora(stack.load_base(source, cfg, precision), cfg, recompute), None
+    report.model(source, time.perf_counter() - t_load, cfg, *stack.count_parameters(model))
+    share_prompt = cfg.share_prompt and takes_custom_masks(model)
+    if cfg.share_prompt and not share_prompt:
+        report.note("prompts are read twice per pair: " + ("Unsloth's CUDA forward drops 4-D masks" if cfg.backend == "unsloth"
+                    else "this attention kernel takes no 4-D mask (use sdpa or eager to share them)"))
+    return model, init_sha256, share_prompt
 
-        # --- model: 4-bit base, LoRA policy; the reference is the same base with the adapter off -
-        # (--init-adapter: the policy starts from that adapter; the reference is a frozen copy of it, if the loss has one)
-        t_load = time.perf_counter()
-        if cfg.backend == "unsloth":  # Unsloth's FastLanguageModel makes the base and the LoRA (model/unsloth_backend.py)
-            model, init_sha256 = unsloth_backend.load_model(source, cfg, precision), None
-        elif cfg.init_adapter:
-            model, init_sha256 = model_stack.load_init_adapter(model_stack.load_base(source, cfg, precision), cfg,
-                                                               with_reference=spec.needs(loss_params).reference,
-                                                               recompute=recompute)
-        else:
-            model, init_sha256 = model_stack.attach_lora(model_stack.load_base(source, cfg, precision), cfg, recompute), None
-        trainable_params = [p for p in model.parameters() if p.requires_grad]
-        report.model(source, time.perf_counter() - t_load, cfg, *model_stack.count_parameters(model))
-        share_prompt = cfg.share_prompt and takes_custom_masks(model)
-        if cfg.share_prompt and not share_prompt:
-            report.note("prompts are read twice per pair: " + ("Unsloth's CUDA forward drops 4-D masks" if cfg.backend == "unsloth"
-                        else "this attention kernel takes no 4-D mask (use sdpa or eager to share them)"))
-        if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
-            return not_started(run_dir, precision, stops.signum)
 
-        # --- optimizer, schedule, gradient scaler ------------------------------------------------
-        # A step is one global batch, split into micro-batches: the data order depends only on the
-        # global batch, so a resume may split it differently (after running out of memory).
-        global_batch = distributed.global_batch(cfg.batch_size, cfg.grad_accum, world.size)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
-        optimizer = make_optimizer(cfg, trainable_params, precision.device)
-        schedule = WarmupCosine(cfg.lr, int(cfg.warmup_ratio * total_steps), total_steps)
-        # fp16 overflows where bf16 does not: scale the loss, skip steps whose gradients overflow
-        scaler = torch.amp.GradScaler(precision.device, enabled=precision.dtype == torch.float16)
-        start, pairs_seen, skipped_steps, bad_streak, pending_eval, saved_rng = 0, 0, 0, 0, False, None
-        if resume_from:
-            saved = checkpoint.load_checkpoint(resume_from, model, optimizer)
-            start, pairs_seen = saved["step"], saved["pairs_seen"]
-            skipped_steps, bad_streak = saved["skipped_steps"], saved["bad_streak"]
-            pending_eval, saved_rng = saved["pending_eval"], saved["rng"]
-            if saved.get("init_adapter_sha256") != init_sha256:
-                raise CheckpointError(f"{cfg.init_adapter}: this run's init adapter changed since it started (its weights "
-                                      "are the reference); put the original back or start a new run")
-            if saved.get("global_batch", global_batch) != global_batch:
-                raise CheckpointError(f"{resume_from}: its steps are global batches of {saved['global_batch']} pairs, this "
-                                      f"resume's of {global_batch} (--batch-size x --grad-accum x processes); keep "
-                                      f"{saved['global_batch']}")
-            if saved["train_pairs"] != len(train_tok):
-                raise CheckpointError(f"{resume_from}: the training data changed since this checkpoint "
-                                      f"({saved['train_pairs']} pairs then, {len(train_tok)} now); start a new run")
-            if total_steps < start:
-                raise ConfigError(f"{run_dir} is at step {start}; --max-steps/--epochs must give at least that many "
-                                  f"steps (got {total_steps})")
-            planned = WarmupCosine.from_state_dict(saved["schedule"])
-            if start >= planned.total and total_steps > start:
-                raise ConfigError(f"{run_dir} finished its {start} steps and its learning rate has decayed to zero, so "
-                                  "more steps would not train; start a new run (extend a run before it ends)")
-            schedule = planned.resized(start, total_steps)
-            if saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
-            report.resumed(start, total_steps, resume_from, schedule)
-        if world.is_main and resume:
-            write_settings(run_dir, resolved)
-        # --report-to: each record of metrics.jsonl also goes to these; a resumed run continues their runs from its step
-        sinks = trackers.open_trackers(trackers.parse(cfg.report_to), run_dir, resolved, start if resume else None) \
-            if world.is_main else []
-        for tracker in sinks:
-            held.callback(tracker.close)  # closed on every way out
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None, sinks=sinks, writes=world.is_main)
-        # warns once if the chosen answers' likelihood falls while the margin grows; a resume's earlier records count
-        guard = displacement.Guard(cfg.loss, records=log.records, warn=lambda m: report.note(f"warning: {m}"))
-        log.sinks.append(guard)
-        # each process evaluates its share of the held-out batches; the sums are added up
-        evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt)
-                               for b in world.shard(eval_batches(eval_tok, cfg.eval_batch_size))],
-                              spec, loss_params, precision.device) if eval_tok else None
-        if not spec.needs(loss_params).reference:
-            report.note(f"{cfg.loss} is reference-free: no reference forward pass")
-        reference = None  # --reference precompute: one pass now (or the cache) instead of one in every step
-        if reference_cache.applies(cfg.reference, spec.needs(loss_params)):
-            reference = precomputed_reference(model, train_tok, cfg, source, precision, tokenizer.pad_token_id,
-                                              share_prompt, init_sha256, report, world)
+def _open_log(cfg: TrainConfig, run_dir: Path, resolved: dict, resume_step: int | None, report: Reporter,
+              world: distributed.World, held: contextlib.ExitStack) -> tuple[MetricsLog, displacement.Guard]:
+    """metrics.jsonl (a resume's continues from `resume_step`), with the --report-to trackers (closed by `held` on every
+    way out) and the likelihood-displacement guard, which warns once; a resume's earlier records count."""
+    sinks = trackers.open_trackers(trackers.parse(cfg.report_to), run_dir, resolved, resume_step) if world.is_main else []
+    for tracker in sinks:
+        held.callback(tracker.close)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step, sinks=sinks, writes=world.is_main)
+    guard = displacement.Guard(cfg.loss, records=log.records, warn=lambda m: report.note(f"warning: {m}"))
+    log.sinks.append(guard)
+    return log, guard
 
-        eval_failed: list[Stop] = []  # an evaluation that ran out of memory ends the run at this boundary
-        answers = answer_eval.answer_rows(eval_pairs, cfg.eval_data, cfg.eval_split or cfg.split) \
-            if evaluator and cfg.eval_generate_every else []
-        my_answers = world.shard(answers)
-        if evaluator and cfg.eval_generate_every and not answers:
-            report.note("--eval-generate-every: no held-out row carries an answer ('answer' field, or a chosen reply "
-                        "ending 'The answer is N.'); answers are not scored")
 
-        def evaluate(step: int) -> bool:
-            """Held-out metrics at `step`, logged; False if a stop request or a lack of memory cut it short."""
-            t, totals, short_of_memory = time.perf_counter(), None, False
-            try:  # an adapter that has not trained is the reference (zero, or the init adapter): one pass gives both
-                totals = evaluator.totals(model, policy_is_reference=step == 0, should_stop=lambda: stops.requested)
-            except (RuntimeError, MemoryError) as err:
-                if not is_out_of_memory(err):
-                    raise
-                short_of_memory = True
-            if world.any(short_of_memory):  # on any process: every process ends the run at this boundary
-                _free_accelerator_memory()
-                eval_failed.append(eval_out_of_memory(cfg, step, precision.device, run_dir))
-                return False
-            if world.any(totals is None):  # a stop request cut it short
-                return False
-            metrics = world.sum_metrics(totals).means(prefix="eval/")
-            if answers and (step in (0, total_steps) or step % cfg.eval_generate_every == 0):
-                mine = answer_eval.answer_metrics(model, tokenizer, my_answers, cfg.eval_max_new_tokens,
-                                                  cfg.eval_batch_size) if my_answers else {}
-                metrics.update(world.mean_over_ranks(mine, len(my_answers), answer_eval.KEYS))
-            log.write({"kind": "eval", "step": step, **metrics})
-            report.evaluation(step, metrics, time.perf_counter() - t)
-            return True
+def _reference(model: torch.nn.Module, train_tok: list[TokenizedPair], cfg: TrainConfig, spec: LossSpec,
+               loss_params: dict[str, float], source: str, precision: Precision, pad_id: int, share_prompt: bool,
+               init_sha256: str | None, report: Reporter, world: distributed.World) -> ReferenceTable | None:
+    """--reference precompute: the reference's log-probs from one pass now (or the cache) instead of one in every step."""
+    if not spec.needs(loss_params).reference:
+        report.note(f"{cfg.loss} is reference-free: no reference forward pass")
+    if not reference_cache.applies(cfg.reference, spec.needs(loss_params)):
+        return None
+    return precomputed_reference(model, train_tok, cfg, source, precision, pad_id, share_prompt, init_sha256, report, world)
 
-        def save(step: int, rng: dict, eval_due: bool = False) -> Path:
-            # pairs_seen: the data position in pairs, which a different split of the global batch keeps
-            state = {"step": step, "pairs_seen": pairs_seen, "train_pairs": len(train_tok), "global_batch": global_batch, "rng": rng,
-                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "skipped_steps": skipped_steps, "bad_streak": bad_streak, "pending_eval": eval_due,
-                     **({"init_adapter_sha256": init_sha256} if init_sha256 else {})}
-            if not world.is_main:  # the processes hold the same adapter and optimizer state: rank 0 saves it
-                return run_dir / f"{checkpoint.PREFIX}{step}"
-            return checkpoint.save_checkpoint(run_dir, model, tokenizer, state, cfg.keep_checkpoints)
 
-        stopping = world.any(stops.requested)  # agreed by every process, at each step boundary
-        if evaluator and (start == 0 or pending_eval) and not logged_eval(log, start) and not stopping:
-            pending_eval = not evaluate(start)
-            stopping = world.any(stops.requested)
+def _answers(cfg: TrainConfig, eval_pairs: list[PreferencePair], evaluating: bool, report: Reporter) -> list[PromptRow]:
+    """The held-out rows whose answers --eval-generate-every scores (none without it, or without held-out pairs)."""
+    if not (evaluating and cfg.eval_generate_every):
+        return []
+    answers = answer_eval.answer_rows(eval_pairs, cfg.eval_data, cfg.eval_split or cfg.split)
+    if not answers:
+        report.note("--eval-generate-every: no held-out row carries an answer ('answer' field, or a chosen reply "
+                    "ending 'The answer is N.'); answers are not scored")
+    return answers
 
-        # --- the loop ----------------------------------------------------------------------------
-        batches = shuffled_batches(train_tok, global_batch, cfg.seed)
-        for _ in range(start):  # the same data order as an uninterrupted run
-            next(batches)
-        if saved_rng:
-            checkpoint.restore_rng(saved_rng)  # last, so nothing in the set-up above draws from it
-        if world.rank:  # other processes draw other LoRA dropout masks (rank 0 draws what one process would)
-            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + start)
-        model.train()
-        step, stop = start, None
-        # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
-        fallback = Fallback(model, trainable_params, recompute if cfg.gradient_checkpointing == "auto" else None, report.note,
-                            lambda mode: world.is_main and write_settings(run_dir, {**resolved, "gradient_checkpointing": mode}))
-        with report.progress(total_steps, start) as bar:
-            while step < total_steps and not stopping and not eval_failed:
-                boundary_rng = checkpoint.capture_rng()
-                pairs = next(batches)  # the global batch, the same on every process; each trains on its share
-                mine = world.shard(pairs)
-                micro_batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-                t_step, updating, short_of_memory = time.perf_counter(), False, False
-                try:
-                    metrics, step_tokens = fallback.run(lambda: accumulate_gradients(
-                        model, micro_batches, spec, loss_params, tokenizer.pad_token_id, precision.device, share_prompt,
-                        scaler, reference, n_pairs=len(pairs)), boundary_rng, step + 1)
-                except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
-                    if not is_out_of_memory(err):
-                        raise
-                    short_of_memory = True
-                fallback.agree(world, step + 1)  # where one process had to recompute more, all do from now on
-                try:
-                    if world.any(short_of_memory):  # on any process: all of them stop before the update
-                        raise MemoryError("out of memory in a micro-batch")
-                    world.sum_gradients(trainable_params)
-                    metrics, step_tokens = world.sum_metrics(metrics), int(world.sum_floats([step_tokens])[0])
-                    updating = True
-                    grad_norm, finite = apply_update(optimizer, scaler, trainable_params, cfg.max_grad_norm,
-                                                     schedule.lr(step), metrics.sums["loss"])
-                except (RuntimeError, MemoryError) as err:
-                    if not is_out_of_memory(err):
-                        raise
-                    optimizer.zero_grad(set_to_none=True)
-                    _free_accelerator_memory()
-                    # before the update the weights, optimizer and schedule are those after `step`: an exact
-                    # boundary; an update cut short may have changed some weights, so only older checkpoints count
-                    saved = (run_dir / f"{checkpoint.PREFIX}{step}").is_dir()
-                    if not updating and not saved:
-                        report.saved(save(step, boundary_rng, pending_eval))
-                    stop = out_of_memory(replace(cfg, gradient_checkpointing=fallback.mode or cfg.gradient_checkpointing),
-                                         step + 1, micro_batches, precision.device, run_dir,
-                                         saved=saved or not updating)
-                    break
-                step += 1
-                pairs_seen += len(pairs)
-                skipped_steps += not finite
-                bad_streak = 0 if finite else bad_streak + 1
 
-                seconds = time.perf_counter() - t_step
-                record = {"kind": "train", "step": step, **metrics.means(), "grad_norm": grad_norm,
-                          "lr": schedule.lr(step - 1), "epoch": step * global_batch / len(train_tok),
-                          "tokens": step_tokens, "skipped": not finite, "skipped_steps": skipped_steps,
-                          "tokens_per_s": step_tokens / seconds, "step_seconds": seconds}
-                if scaler.is_enabled():
-                    record["grad_scale"] = float(scaler.get_scale())
-                log.write(record)
-                bar.step(step, record)
+def _write_outputs(summary: RunSummary, cfg: TrainConfig, loaded: Loaded, train_pairs: int, eval_pairs: int, source: str,
+                   model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path, log: MetricsLog,
+                   guard: displacement.Guard, report: Reporter) -> None:
+    """Rank 0, at the end: the adapter, summary.json, plot.png, README.md (the model card) and report.md."""
+    checkpoint.save_adapter(model, tokenizer, run_dir)
+    summary.displacement = guard.message
+    summary.data = {"train": as_list(cfg.data), "rows": loaded.rows, "pairs": train_pairs, "format": loaded.format,
+                    "eval": as_list(cfg.eval_data) if cfg.eval_data else [], "eval_pairs": eval_pairs}
+    files.write_json(run_dir / "summary.json", asdict(summary))
+    if not plot_run(log.records, run_dir / "plot.png", f"{cfg.loss} on {', '.join(Path(d).name for d in as_list(cfg.data))} ({source})"):
+        report.note("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
+    write_run_documents(run_dir)  # README.md (the model card, over peft's template) and report.md
 
-                # --- between steps: evaluate, stop, checkpoint ------------------------------------
-                stopping = world.any(stops.requested)
-                eval_due = bool(evaluator and step < total_steps and any(every and step % every == 0 for every in
-                                                                           (cfg.eval_every, cfg.eval_generate_every)))
-                pending_eval = eval_due and (stopping or not evaluate(step))
-                stopping = world.any(stops.requested)  # also a request that came during the evaluation
-                stop = eval_failed[0] if eval_failed else None
-                if bad_streak >= cfg.max_bad_steps:
-                    stop = diverged(step, bad_streak, run_dir)
-                if stop or stopping or step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
-                    report.saved(save(step, checkpoint.capture_rng(), pending_eval))
-                if stop:
-                    break
-        if not stop and (eval_failed or stopping):
-            stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
 
-        # --- finish: evaluate, save, report ------------------------------------------------------
-        if evaluator and not stop and not logged_eval(log, step):
-            if not evaluate(step):
-                stop = eval_failed[0] if eval_failed else stopped(stops.signum, step, total_steps, run_dir)
-        summary = summarise(log, run_dir, precision, stop, skipped_steps, step)
-        if not world.is_main:
-            return summary
-        checkpoint.save_adapter(model, tokenizer, run_dir)
-        summary.displacement = guard.message
-        summary.data = {"train": as_list(cfg.data), "rows": loaded.rows, "pairs": len(train_tok), "format": loaded.format,
-                        "eval": as_list(cfg.eval_data) if cfg.eval_data else [], "eval_pairs": len(eval_tok)}
-        files.write_json(run_dir / "summary.json", asdict(summary))
-        if not plot_run(log.records, run_dir / "plot.png", f"{cfg.loss} on {', '.join(Path(d).name for d in as_list(cfg.data))} ({source})"):
-            report.note("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")
-        write_run_documents(run_dir)  # README.md (the model card, over peft's template) and report.md
-        return summary
+@dataclass
+class Run:
+    """One process's part of a run once its model is loaded: what a step, an evaluation and a checkpoint share.
+
+    `_train` sets it up and drives it; its `state` is what moves from step to step."""
+
+    cfg: TrainConfig
+    spec: LossSpec
+    loss_params: dict[str, float]
+    world: distributed.World
+    report: Reporter
+    stops: StopRequests
+    run_dir: Path
+    precision: Precision
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    params: list[torch.nn.Parameter]   # the trainable ones: the adapter's
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler
+    fallback: Fallback
+    log: MetricsLog
+    evaluator: Evaluator | None
+    answers: list[PromptRow]            # the held-out rows whose answers are scored (each process scores its share)
+    reference: ReferenceTable | None    # precomputed reference log-probs, or None (a reference pass in every step)
+    share_prompt: bool
+    train_pairs: int
+    global_batch: int
+    total_steps: int
+    init_sha256: str | None
+    state: TrainState
+
+    def train_step(self, pairs: list[TokenizedPair]) -> dict[str, Any] | Stop:
+        """One optimizer step on the global batch `pairs` (this process trains on its share, in micro-batches, through
+        the out-of-memory fallback); returns its metrics record, logged, or the out-of-memory Stop."""
+        cfg, world, state = self.cfg, self.world, self.state
+        boundary_rng = checkpoint.capture_rng()
+        mine = world.shard(pairs)
+        micro_batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        t_step, updating, short_of_memory = time.perf_counter(), False, False
+        try:
+            metrics, step_tokens = self.fallback.run(lambda: accumulate_gradients(
+                self.model, micro_batches, self.spec, self.loss_params, self.tokenizer.pad_token_id, self.precision.device,
+                self.share_prompt, self.scaler, self.reference, n_pairs=len(pairs)), boundary_rng, state.step + 1)
+        except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
+                raise
+            short_of_memory = True
+        self.fallback.agree(world, state.step + 1)  # where one process had to recompute more, all do from now on
+        try:
+            if world.any(short_of_memory):  # on any process: all of them stop before the update
+                raise MemoryError("out of memory in a micro-batch")
+            world.sum_gradients(self.params)
+            metrics, step_tokens = world.sum_metrics(metrics), int(world.sum_floats([step_tokens])[0])
+            updating = True
+            grad_norm, finite = apply_update(self.optimizer, self.scaler, self.params, cfg.max_grad_norm,
+                                             self.schedule.lr(state.step), metrics.sums["loss"])
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            _free_accelerator_memory()
+            # before the update the weights, optimizer and schedule are those after `step`: an exact
+            # boundary; an update cut short may have changed some weights, so only older checkpoints count
+            saved = (self.run_dir / f"{checkpoint.PREFIX}{state.step}").is_dir()
+            if not updating and not saved:
+                self.save(boundary_rng)
+            return out_of_memory(replace(cfg, gradient_checkpointing=self.fallback.mode or cfg.gradient_checkpointing),
+                                 state.step + 1, micro_batches, self.precision.device, self.run_dir,
+                                 saved=saved or not updating)
+        state.advance(len(pairs), finite)
+        seconds = time.perf_counter() - t_step
+        record = {"kind": "train", "step": state.step, **metrics.means(), "grad_norm": grad_norm,
+                  "lr": self.schedule.lr(state.step - 1), "epoch": state.step * self.global_batch / self.train_pairs,
+                  "tokens": step_tokens, "skipped": not finite, "skipped_steps": state.skipped_steps,
+                  "tokens_per_s": step_tokens / seconds, "step_seconds": seconds}
+        if self.scaler.is_enabled():
+            record["grad_scale"] = float(self.scaler.get_scale())
+        self.log.write(record)
+        return record
+
+    def between_steps(self) -> tuple[Stop | None, bool]:
+        """At the boundary after a step: the evaluation due there (unless a stop was requested), then a checkpoint when
+        the run stops or one is due. Returns the Stop that ends the run here, if any, and whether a stop was requested."""
+        cfg, state, step = self.cfg, self.state, self.state.step
+        stopping = self.world.any(self.stops.requested)
+        state.pending_eval = bool(self.evaluator and step < self.total_steps and any(
+            every and step % every == 0 for every in (cfg.eval_every, cfg.eval_generate_every)))
+        stop = self.evaluate(step) if state.pending_eval and not stopping else None
+        stopping = self.world.any(self.stops.requested)  # also a request that came during the evaluation
+        if state.bad_streak >= cfg.max_bad_steps:
+            stop = diverged(step, state.bad_streak, self.run_dir)
+        if stop or stopping or step == self.total_steps or (cfg.save_every and step % cfg.save_every == 0):
+            self.save(checkpoint.capture_rng())
+        return stop, stopping
+
+    def evaluate(self, step: int) -> Stop | None:
+        """Held-out metrics at `step`, logged. Returns the out-of-memory Stop where any process ran out; an evaluation
+        that did not finish (that, or a stop request) leaves `state.pending_eval` set, so a resume runs it."""
+        t, totals, short_of_memory = time.perf_counter(), None, False
+        try:  # an adapter that has not trained is the reference (zero, or the init adapter): one pass gives both
+            totals = self.evaluator.totals(self.model, policy_is_reference=step == 0, should_stop=lambda: self.stops.requested)
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            short_of_memory = True
+        self.state.pending_eval = True
+        if self.world.any(short_of_memory):  # on any process: every process ends the run at this boundary
+            _free_accelerator_memory()
+            return eval_out_of_memory(self.cfg, step, self.precision.device, self.run_dir)
+        if self.world.any(totals is None):  # a stop request cut it short
+            return None
+        self.state.pending_eval = False
+        metrics = self.world.sum_metrics(totals).means(prefix="eval/")
+        if self.answers and (step in (0, self.total_steps) or step % self.cfg.eval_generate_every == 0):
+            mine = self.world.shard(self.answers)
+            scored = answer_eval.answer_metrics(self.model, self.tokenizer, mine, self.cfg.eval_max_new_tokens,
+                                                self.cfg.eval_batch_size) if mine else {}
+            metrics.update(self.world.mean_over_ranks(scored, len(mine), answer_eval.KEYS))
+        self.log.write({"kind": "eval", "step": step, **metrics})
+        self.report.evaluation(step, metrics, time.perf_counter() - t)
+        return None
+
+    def save(self, rng: dict[str, Any]) -> None:
+        """checkpoint-STEP of `state` and `rng` (the RNG states at this boundary), reported. Every process holds the same
+        adapter and optimizer state: rank 0 writes it."""
+        state = self.state.state_dict(rng=rng, train_pairs=self.train_pairs, global_batch=self.global_batch,
+                                      optimizer=self.optimizer, schedule=self.schedule, scaler=self.scaler,
+                                      init_sha256=self.init_sha256)
+        self.report.saved(checkpoint.save_checkpoint(self.run_dir, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
+                          if self.world.is_main else self.run_dir / f"{checkpoint.PREFIX}{self.state.step}")
+
+    def requested_stop(self) -> Stop:
+        """The Stop of a stop request, read at this boundary."""
+        return stopped(self.stops.signum, self.state.step, self.total_steps, self.run_dir)
 
 
 def write_settings(run_dir: Path, resolved: dict) -> None:
@@ -415,63 +497,18 @@ def _remove_if_unstarted(run_dir: Path, error: BaseException | None) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class Stop:
-    status: str
-    exit_code: int
-    message: str
-
-
 def logged_eval(log: MetricsLog, step: int) -> bool:
     return any(r["step"] == step for r in log.of_kind("eval"))
 
 
-def not_started(run_dir: Path, precision, signum: int | None) -> RunSummary:
-    stop = Stop("stopped", 128 + (signum or 2), f"stopped by {NAMES.get(signum, 'a signal')} before the first step; "
-                                                 f"start it again with: {resume_hint(run_dir)}")
+def unstarted(run_dir: Path, precision: Precision, signum: int | None) -> RunSummary:
+    """The summary of a run stopped while its model loaded: nothing trained, nothing saved."""
+    stop = not_started(signum, run_dir)
     return RunSummary(str(run_dir), stop.status, 0, 0.0, 0.0, peak_memory_gib(precision.device), precision.device,
                       precision.dtype_name, stop.exit_code, stop.message)
 
 
-def stopped(signum: int | None, step: int, total: int, run_dir: Path) -> Stop:
-    return Stop("stopped", 128 + (signum or 2), f"stopped by {NAMES.get(signum, 'a signal')} after step {step}/{total}; "
-                                                 f"continue with: {resume_hint(run_dir)}")
-
-
-def out_of_memory(cfg: TrainConfig, step: int, micro_batches: list[list[TokenizedPair]], device: str, run_dir: Path,
-                  saved: bool) -> Stop:
-    longest = max(p.length for b in micro_batches for p in b)
-    where = f"out of {'GPU ' if device == 'cuda' else ''}memory at step {step} (micro-batches of {cfg.batch_size} pairs, longest pair {longest} tokens)"
-    kept = f"the state before step {step} is saved" if saved else "the newest checkpoint is kept"
-    if cfg.batch_size == 1:  # recomputing more (it changes no gradient) may be the way on
-        more = "offload" if cfg.gradient_checkpointing == "on" and device == "cuda" else "on"
-        recompute = "" if cfg.gradient_checkpointing in ("offload", more) else (
-            f", or continue with: {resume_hint(run_dir)} --gradient-checkpointing {more}")
-        return Stop("out of memory", 3, f"{where}: lower --max-length ({cfg.max_length}) in a new run{recompute}; "
-                                        f"{kept} in {run_dir}")
-    smaller = next(b for b in range(cfg.batch_size // 2, 0, -1) if cfg.batch_size % b == 0)
-    return Stop("out of memory", 3,
-                f"{where}: lower --batch-size and raise --grad-accum by the same factor (the global batch stays "
-                f"{cfg.batch_size * cfg.grad_accum}), or lower --max-length ({cfg.max_length}) in a new run; {kept}; "
-                f"continue with: {resume_hint(run_dir)} --batch-size {smaller} "
-                f"--grad-accum {cfg.batch_size * cfg.grad_accum // smaller}")
-
-
-def eval_out_of_memory(cfg: TrainConfig, step: int, device: str, run_dir: Path) -> Stop:
-    smaller = max(1, cfg.eval_batch_size // 2)
-    kept = f"the state at step {step} is saved" if step else "nothing was trained yet"
-    return Stop("out of memory", 3, f"out of {'GPU ' if device == 'cuda' else ''}memory evaluating at step {step} "
-                                    f"(batches of {cfg.eval_batch_size} held-out pairs): lower --eval-batch-size; {kept}; "
-                                    f"continue with: {resume_hint(run_dir)} --eval-batch-size {smaller}")
-
-
-def diverged(step: int, streak: int, run_dir: Path) -> Stop:
-    return Stop("diverged", 4, f"{streak} steps in a row (up to step {step}) had a non-finite loss or gradient and were "
-                               f"skipped; stopped with the weights of step {step - streak} (saved): lower --lr, or check the "
-                               f"data; continue anyway with: {resume_hint(run_dir)} --max-bad-steps N")
-
-
-def summarise(log: MetricsLog, run_dir: Path, precision, stop: Stop | None, skipped_steps: int, step: int) -> RunSummary:
+def summarise(log: MetricsLog, run_dir: Path, precision: Precision, stop: Stop | None, skipped_steps: int, step: int) -> RunSummary:
     """The whole run's summary from its log, so a resumed run reports every part of it once."""
     steps, evals = log.of_kind("train"), log.of_kind("eval")
     seconds = sum(r.get("step_seconds") or 0.0 for r in steps)

@@ -26,6 +26,9 @@ from infopo_cli import files
 from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.data.tokenization import TokenizedPair
 from infopo_cli.losses.types import Needs
+from infopo_cli.model import stack
+from infopo_cli.train.checkpoint import capture_rng, restore_rng
+from infopo_cli.train.logps import batch_logps
 
 VERSION = 1  # bump when the way log-probs are computed changes, so old entries are not reused
 MODES = ("precompute", "online")
@@ -100,6 +103,7 @@ def model_identity(source: str) -> list[str] | None:
 
 
 def cache_key(identity: Sequence[str], settings: dict, pairs: Sequence[TokenizedPair]) -> str:
+    """The cache file's key: the model's identity, the settings the numbers depend on, and every pair's token ids."""
     digest = hashlib.sha256(json.dumps([VERSION, list(identity), settings], sort_keys=True, default=str).encode())
     for pair in pairs:
         digest.update(repr((pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)).encode())
@@ -107,6 +111,7 @@ def cache_key(identity: Sequence[str], settings: dict, pairs: Sequence[Tokenized
 
 
 def cache_path(key: str) -> Path:
+    """Where the reference log-probs of `key` are kept."""
     return files.infopo_home() / "cache" / "reference" / f"{key}.pt"
 
 
@@ -115,16 +120,12 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], batch_size: int,
             device: str, advance: Callable[[int], None] = lambda n: None) -> torch.Tensor:
     """(N, 2) float32: the reference's summed log-probs of each pair's chosen and rejected response, in `pairs`
     order; length-grouped batches (little padding), the model in eval mode with its adapter disabled."""
-    from infopo_cli.model.loading import reference_mode
-    from infopo_cli.train.checkpoint import capture_rng, restore_rng
-    from infopo_cli.train.logps import batch_logps
-
     row = {id(pair): i for i, pair in enumerate(pairs)}
     table = torch.empty((len(pairs), 2), dtype=torch.float32)
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:
-        with reference_mode(model):
+        with stack.reference_mode(model):
             for group in eval_batches(pairs, batch_size):
                 sums = batch_logps(model, collate(group, pad_id, share_prompt).to(device)).sums.float().cpu()
                 index = torch.tensor([row[id(p)] for p in group])
@@ -158,6 +159,8 @@ def load_cached(key: str | None, n_pairs: int) -> torch.Tensor | None:
 
 
 def store(key: str | None, table: torch.Tensor) -> None:
+    """Save `table` under `key` atomically; a cache that cannot be written is skipped (it costs speed, never the run).
+    """
     if key is None:
         return
     try:

@@ -6,6 +6,9 @@ processes may change when the global batch (their product) stays the same: the d
 gradient are those of the global batch, and a smaller micro-batch is the way out of an out-of-memory stop.
 A run resumed on another number of processes (`--nproc`, or torchrun's) keeps its global batch by changing
 `--grad-accum` itself, and says so.
+
+The checkpoint itself is checked too (`check_length` before the model loads, `accepted_schedule` once it is read):
+one that this run cannot continue exactly is refused with one line.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli.config import TrainConfig, flag as _flag, merge
-from infopo_cli.errors import ConfigError
+from infopo_cli.errors import CheckpointError, ConfigError
+from infopo_cli.train.schedule import WarmupCosine
 
 # the length of the run, and where and how often it saves or evaluates: the adapter stays the same
 MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "max_bad_steps",
@@ -63,3 +67,34 @@ def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,
     if "max_steps" not in flags and cfg.epochs != saved.epochs:
         cfg = merge(cfg, {"max_steps": None}, source="command line")  # a new --epochs sets the length; the saved max_steps must not win
     return cfg
+
+
+def check_length(run_dir: Path, at_step: int, max_steps: int | None) -> None:
+    """A --max-steps below the checkpoint's step fails before a long model load."""
+    if max_steps and max_steps < at_step:
+        raise ConfigError(f"{run_dir} is at step {at_step}; --max-steps must be at least that")
+
+
+def accepted_schedule(saved: dict[str, Any], folder: Path, run_dir: Path, init_adapter: str | None,
+                      init_sha256: str | None, global_batch: int, train_pairs: int, total_steps: int) -> WarmupCosine:
+    """The learning-rate schedule the checkpoint in `folder` (its training_state.pt `saved`) continues on, resized to
+    `total_steps`; refuses one whose init adapter, global batch or data changed, or whose rate already decayed to zero."""
+    start = saved["step"]
+    if saved.get("init_adapter_sha256") != init_sha256:
+        raise CheckpointError(f"{init_adapter}: this run's init adapter changed since it started (its weights "
+                              "are the reference); put the original back or start a new run")
+    if saved.get("global_batch", global_batch) != global_batch:
+        raise CheckpointError(f"{folder}: its steps are global batches of {saved['global_batch']} pairs, this "
+                              f"resume's of {global_batch} (--batch-size x --grad-accum x processes); keep "
+                              f"{saved['global_batch']}")
+    if saved["train_pairs"] != train_pairs:
+        raise CheckpointError(f"{folder}: the training data changed since this checkpoint "
+                              f"({saved['train_pairs']} pairs then, {train_pairs} now); start a new run")
+    if total_steps < start:
+        raise ConfigError(f"{run_dir} is at step {start}; --max-steps/--epochs must give at least that many "
+                          f"steps (got {total_steps})")
+    planned = WarmupCosine.from_state_dict(saved["schedule"])
+    if start >= planned.total and total_steps > start:
+        raise ConfigError(f"{run_dir} finished its {start} steps and its learning rate has decayed to zero, so "
+                          "more steps would not train; start a new run (extend a run before it ends)")
+    return planned.resized(start, total_steps)

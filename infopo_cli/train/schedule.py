@@ -15,6 +15,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class WarmupCosine:
+    """The learning rate at every step: linear warm-up to `peak`, then cosine to zero at `total` (re-drawn from
+    `restart` when a resume changed the length)."""
+
     peak: float
     warmup: int                     # steps of linear warm-up
     total: int                      # the rate reaches zero after this many steps
@@ -30,6 +33,7 @@ class WarmupCosine:
         return _cosine((done - self.warmup) / max(1, self.total - self.warmup))
 
     def lr(self, done: int) -> float:
+        """The learning rate of the step after `done` completed steps."""
         return self.peak * self.factor(done)
 
     def resized(self, done: int, total: int) -> WarmupCosine:
@@ -41,10 +45,12 @@ class WarmupCosine:
         return dataclasses.replace(self, total=total, restart=done, restart_factor=self.factor(done))
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule as plain values, for a checkpoint."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> WarmupCosine:
+        """The schedule a checkpoint saved."""
         return cls(**state)
 
 

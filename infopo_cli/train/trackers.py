@@ -34,6 +34,8 @@ LIBRARIES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio
 
 
 class Tracker(Protocol):
+    """An experiment tracker: it gets every metrics record, and is closed when the run ends."""
+
     def log(self, record: dict) -> None: ...
 
     def close(self) -> None: ...
@@ -79,6 +81,8 @@ def open_trackers(names: list[str], run_dir: Path, settings: dict[str, Any], res
 
 
 class TensorBoardTracker:
+    """TensorBoard event files under RUN/tensorboard (torch's SummaryWriter); the settings as a text entry."""
+
     def __init__(self, run_dir: Path, settings: dict[str, Any], resume: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -90,6 +94,7 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def log(self, record: dict) -> None:
+        """Write the record's numbers as scalars at its step, flushed at once."""
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, global_step=record["step"])
         self.writer.flush()  # a dashboard sees each step as it happens
@@ -113,6 +118,9 @@ class _RunTracker:
 
 
 class WandbTracker(_RunTracker):
+    """A wandb run under RUN/wandb, offline unless WANDB_MODE or WANDB_API_KEY says otherwise; a resume continues the
+    same run."""
+
     def __init__(self, run_dir: Path, settings: dict[str, Any], resume: int | None) -> None:
         import wandb
 
@@ -131,6 +139,8 @@ class WandbTracker(_RunTracker):
 
 
 class TrackioTracker(_RunTracker):
+    """A trackio run in the infopo project; a resume continues the run named in RUN/trackio.json."""
+
     def __init__(self, run_dir: Path, settings: dict[str, Any], resume: int | None) -> None:
         import trackio
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infopo_cli.config import TrainConfig
-from infopo_cli.errors import ConfigError
+from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.model import memory_plan as mp
+from infopo_cli.model.architectures import find_architecture
+from infopo_cli.model.source import loadable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,7 +49,7 @@ def training(cfg: TrainConfig, device: str, compute_bytes: int, softcapped: bool
         cfg.target_modules, str) else cfg.target_modules)
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw")
     attention = cfg.attn_implementation
-    if attention == "auto":  # as model/loading.py resolves it (model/attention.py)
+    if attention == "auto":  # as model/stack.py resolves it (model/attention.py)
         attention = "matmul" if device == "cpu" and compute_bytes == 2 and not softcapped else "sdpa"
     return mp.Training(cfg.lora_r, targets, cfg.lora_dropout, compute_bytes, cfg.load_in_4bit, optimizer, device,
                        attention, mp.LM_CHUNK)
@@ -71,10 +73,6 @@ def for_settings(cfg: TrainConfig, device: str, compute_bytes: int, budget: int 
                  prompt_length: int | None = None) -> SettingsPlan:
     """What `cfg.gradient_checkpointing` picks on `device` with `budget` bytes free, planned from the settings alone
     (`infopo plan`, `infopo doctor`; a run plans its own longest micro-batch, `for_run`). `cfg.max_length` is a number."""
-    from dataclasses import replace
-
-    from infopo_cli.model.architectures import find_architecture
-
     arch, where = find_architecture(cfg.model)
     run = training(cfg, device, compute_bytes, arch.attn_softcap)
     shared = cfg.share_prompt and run.attention not in mp.MASKLESS
@@ -206,16 +204,11 @@ def describe(choice: mp.Choice, mode: str, budget: int | None, where: str) -> st
 def _architecture(source: str) -> mp.Architecture | None:
     """The architecture of a resolved model source (a folder, or a hub id whose files the load downloads anyway: its
     config.json may be fetched first); None when there is none to plan from."""
-    from infopo_cli.errors import ModelError
-    from infopo_cli.model.architectures import find_architecture
-
     try:
         return find_architecture(source)[0]
     except ModelError:
         pass
     from transformers import AutoConfig
-
-    from infopo_cli.model.source import loadable
 
     where = loadable(source)  # a folder with code of its own is refused here, not planned from
     try:
@@ -225,6 +218,7 @@ def _architecture(source: str) -> mp.Architecture | None:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers: the modules transformers can checkpoint one by one."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -29,14 +29,14 @@ from infopo_cli import files
 from infopo_cli.config import TrainConfig
 from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.data.formats import PreferencePair
-from infopo_cli.data.loading import resolve
+from infopo_cli.data.loading import DataOptions, resolve
 from infopo_cli.data.overlap import identity
 from infopo_cli.data.mixing import as_list, load_mix, parse_source
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.errors import ConfigError
 from infopo_cli.inference.answers import matches
 from infopo_cli.inference.generation import Reply, Sampling, generate
-from infopo_cli.inference.models import LoadedModel, Target, find_target, load
+from infopo_cli.inference.models import LoadedModel, Target, find_target, load_target
 from infopo_cli.inference.prompts import PromptRow, answers_by_row, is_prompt_only, read_prompt_rows, rows_from_pairs
 from infopo_cli.losses import registry
 from infopo_cli.train.evaluate import Evaluator
@@ -48,6 +48,8 @@ ANSWERS_FROM_CHOSEN = ("reference answers for {n} rows without an 'answer' field
 
 @dataclass(frozen=True)
 class EvalRequest:
+    """What `infopo eval` was asked: the model, the data, whether to generate, and where to write."""
+
     target: str | None = None       # a run folder (default: the newest under ./runs), adapter folder or model folder
     data: str | None = None         # default: the run's eval_data
     generate: bool = False
@@ -61,6 +63,8 @@ class EvalRequest:
 
 @dataclass
 class EvalResult:
+    """What `infopo eval` found: the preference metrics, the generation scores and every reply."""
+
     target: Target
     data: str
     out: Path
@@ -78,6 +82,7 @@ class EvalResult:
         return self.out.with_suffix(".md")
 
     def summary(self) -> dict[str, Any]:
+        """eval.json's content: what was evaluated, on what, the figures and the notes."""
         return {"target": str(self.target.path), "kind": self.target.kind, "base": self.target.base, "data": self.data,
                 "preference": self.preference, "generation": self.generation, "notes": self.notes,
                 **({"replies": str(self.replies_path), "table": str(self.table_path)} if self.rows else {})}
@@ -103,7 +108,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         raise ConfigError(f"{target.path}: no held-out data to evaluate on: pass --data FILE"
                           + (" (its run had no eval_data)" if target.config is not None else ""))
     shown_spec = ", ".join(as_list(spec))
-    options = cfg.data_options(cfg.eval_split)
+    options = DataOptions.from_config(cfg, cfg.eval_split)
     claim_outputs(out, as_list(spec), request.generate, request.overwrite)
     result_notes = trained_on_note(target.config, spec) if request.data else []
 
@@ -118,7 +123,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         pairs = load_mix(spec, options, cfg.seed).pairs
     result = EvalResult(target, shown_spec, out, notes=result_notes)
 
-    loaded = load(target, log)
+    loaded = load_target(target, log)
     result.notes += loaded.notes
     if pairs and target.config is None and loaded.can_compare:
         result.notes.append(f"{target.path} is not a run folder: its pairs are scored with the default loss "
@@ -148,6 +153,7 @@ def trained_on_note(config: TrainConfig | None, data: str | list[str]) -> list[s
 
 
 def output_paths(out: Path, generate: bool) -> list[Path]:
+    """The files an eval writes: the summary, and with --generate the replies (.jsonl) and the table (.md) beside it."""
     return [out, out.with_suffix(".jsonl"), out.with_suffix(".md")] if generate else [out]
 
 
@@ -275,6 +281,7 @@ def _cell(text: Any) -> str:
 
 
 def markdown(result: EvalResult) -> str:
+    """The Markdown table of the replies, under the exact-match accuracies and the notes."""
     lines = [f"# infopo eval: {result.target.path}", "", f"data: {result.data}", ""]
     gen = result.generation or {}
     for name in ("base", "tuned"):
@@ -294,6 +301,7 @@ def markdown(result: EvalResult) -> str:
 
 
 def write_outputs(result: EvalResult) -> None:
+    """Write eval.json and, when there are replies, the .jsonl and .md beside it; each file atomically."""
     files.write_json(result.out, result.summary())
     if result.rows:
         files.write_text(result.replies_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows))

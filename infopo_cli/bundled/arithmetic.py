@@ -5,7 +5,7 @@ Every pair is objectively ordered: "chosen" is a short, correct worked solution 
 consistently to the end, or correct working with a wrong final result). That gives a
 preference-trained model a real signal that a test can verify.
 
-Run ``python -m infopo_cli.bundled.generate`` to rewrite arith_train.jsonl and
+Run ``python -m infopo_cli.bundled.arithmetic`` to rewrite arith_train.jsonl and
 arith_eval.jsonl next to this file. Stdlib only, and deterministic: all randomness comes
 from one ``random.Random(seed)``, so the files can be checked against the script.
 """
@@ -575,6 +575,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def main() -> None:
+    """Rewrite arith_train.jsonl and arith_eval.jsonl from the seeded generator."""
     train, evals = generate()
     _write_jsonl(TRAIN_FILE, train)
     _write_jsonl(EVAL_FILE, evals)

@@ -23,15 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopo_cli.model import allocator, attention, checkpointing, embedded, lora_inputs
-from infopo_cli.model.checkpointing import Recompute
-from infopo_cli.config import EMBEDDED_MODEL, TrainConfig
+from infopo_cli.model import allocator, attention, embedded, lora_inputs, recompute as recomputation
+from infopo_cli.model.recompute import Recompute
+from infopo_cli.config import EMBEDDED_MODEL, FIELDS, TrainConfig, flag
 from infopo_cli.errors import ConfigError, first_line
 from infopo_cli.model.precision import Precision
 from infopo_cli.model.source import library_reading, loadable, resolve_source  # noqa: F401 (resolve_source: for callers)
 
 
 def load_tokenizer(source: str):
+    """The tokenizer of `source` (no remote code), with a pad token and right padding as training needs."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -159,8 +160,8 @@ def quiet_peft() -> Iterator[None]:
 
 
 def _enable_checkpointing(base: nn.Module, cfg: TrainConfig, recompute: Recompute | None) -> None:
-    """`recompute`: what the run's memory plan chose (model/checkpointing.py); None: the setting as given."""
-    checkpointing.apply(base, recompute or checkpointing.given(cfg.gradient_checkpointing))
+    """`recompute`: what the run's memory plan chose (model/recompute.py); None: the setting as given."""
+    recomputation.apply(base, recompute or recomputation.given(cfg.gradient_checkpointing))
 
 
 def _layer_names(base: nn.Module) -> str:
@@ -229,8 +230,6 @@ def adopt_init_adapter(cfg: TrainConfig) -> TrainConfig:
     anywhere finds it). A setting left at its default takes the adapter's value; one set to anything else
     must equal it: the adapter's tensors fix r and target modules, and its alpha and dropout are part of
     what it learnt. Cheap (one JSON file), so it runs before the run folder is written."""
-    from infopo_cli.config import FIELDS, flag
-
     folder = Path(cfg.init_adapter).expanduser()
     settings = _read_init_adapter(folder)
     named = str(settings.get("base_model_name_or_path") or "")
@@ -330,8 +329,8 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     finally:
         model.set_adapter(POLICY)
-        for param, flag in flags:
-            param.requires_grad_(flag)
+        for param, was in flags:
+            param.requires_grad_(was)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
