@@ -67,6 +67,9 @@ def test_a_sweep_names_each_run_by_what_differs():
     for bad in ("beta", "beta=", "output=a,b", "nonsense=1,2"):
         with pytest.raises(ConfigError):
             compare.parse_sweep(bad)
+    with pytest.raises(ConfigError, match="presets are not swept"):  # the field only names a preset: nothing would load
+        compare.parse_sweep("preset=a,b")
+    assert compare.parse_sweep("weight_decay=0,0.1") == ("weight_decay", ["0", "0.1"])  # a preset-only setting sweeps
     with pytest.raises(ConfigError, match="name each loss once"):
         compare.plan(["dpo", "dpo"], None)
 

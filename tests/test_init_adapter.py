@@ -35,12 +35,14 @@ def sft(tiny_model, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("sft")
     pairs = write_pairs(folder / "pairs.jsonl", 24)
-    recipe.train(tiny_cfg(tiny_model, pairs, folder / "adapter", max_steps=2, lr=5e-2, lora_dropout=0.1, eval_data=""))
+    recipe.train(tiny_cfg(tiny_model, pairs, folder / "adapter", max_steps=2, lr=5e-2, lora_dropout=0.1, eval_data="",
+                           load_in_4bit=True))
     return folder / "adapter"
 
 
 def init_cfg(tiny_model, pairs_file, output, adapter, **kw):
-    return tiny_cfg(tiny_model, pairs_file, output, init_adapter=str(adapter), **{"eval_data": "", **kw})
+    """On the 4-bit base: the init adapter and its frozen reference copy sit on the quantised layers."""
+    return tiny_cfg(tiny_model, pairs_file, output, init_adapter=str(adapter), **{"eval_data": "", "load_in_4bit": True, **kw})
 
 
 def policy_and_reference(tiny_model, pairs_file, adapter):

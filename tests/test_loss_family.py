@@ -151,10 +151,11 @@ def g(loss_fn, pc, pr, rc=-12.0, rr=-14.0, **kw):
 
 
 def test_dpo_chosen_push_vanishes_with_the_margin_infopo_does_not():
-    """InfoPO's dL/dlog pi(y_w) is -beta at any margin, negative ones too: the chosen likelihood is always pushed up;
+    """InfoPO's dL/dlog pi(y_w) is -beta at any margin and any chosen log-prob: the chosen likelihood is always pushed up;
     DPO's is -beta*sigmoid(-beta*u) -> 0 (paper Sec. 4.3)."""
-    for margin in (-50.0, 0.0, 20.0, 80.0):
-        assert g(L.infopo, -10.0, -15.0 - margin, beta=0.5)[0] == pytest.approx(-0.5)
+    for chosen in (-60.0, -10.0, 40.0):  # whatever the chosen log-prob itself
+        for margin in (-50.0, 0.0, 20.0, 80.0):
+            assert g(L.infopo, chosen, chosen - 5.0 - margin, beta=0.5)[0] == pytest.approx(-0.5)
     dpo_push = [abs(g(L.dpo, -10.0, -15.0 - m, beta=0.5)[0]) for m in (0.0, 20.0, 80.0)]
     assert dpo_push[0] > dpo_push[1] > dpo_push[2] and dpo_push[2] < 1e-15
 

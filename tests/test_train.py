@@ -36,10 +36,10 @@ def count_reference_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
-    """InfoPO, 3 steps, evaluated before and after; and how many reference passes the whole run made."""
+    """InfoPO on the 4-bit base, 3 steps, evaluated before and after; and how many reference passes the whole run made."""
     folder = tmp_path_factory.mktemp("run")
     pairs = write_pairs(folder / "pairs.jsonl", 24)
-    cfg = tiny_cfg(tiny_model, pairs, folder / "out")
+    cfg = tiny_cfg(tiny_model, pairs, folder / "out", load_in_4bit=True)  # the adapter reloads onto a 4-bit base
     with pytest.MonkeyPatch.context() as mp:
         passes = count_reference_passes(mp)
         summary = recipe.train(cfg)
@@ -210,6 +210,11 @@ def test_every_loss_takes_a_step_with_only_the_reference_passes_it_declares(poli
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(bool(g.any()) for g in grads)
     assert len(passes) == (2 if needs.kl else 0)
     assert (reference is not None) == (needs.reference and not needs.kl)  # a KL needs the reference's logits
+    # held-out evaluation of the same loss, at step 0 (the policy is the reference) and later (KL losses included)
+    evaluator = Evaluator([collate(pairs, pad_id, False)], spec, params, "cpu")
+    for at_start in (True, False):
+        figures = evaluator(model, policy_is_reference=at_start)
+        assert figures and all(math.isfinite(v) for v in figures.values()), figures
 
 
 @pytest.mark.run

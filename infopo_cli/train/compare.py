@@ -41,6 +41,8 @@ def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
     items = [v.strip() for v in values.split(",") if v.strip()]
     if not equals or not items:
         raise ConfigError(f"--sweep {text}: write SETTING=V1,V2 (e.g. --sweep beta=0.1,0.3)")
+    if name == "preset":  # the field only records a run's preset name: sweeping it would load nothing
+        raise ConfigError(f"--sweep {text}: presets are not swept; run one comparison per preset (--preset NAME)")
     if name not in FIELDS or name in OWN_FLAGS:
         raise ConfigError(f"--sweep {text}: '{name}' is not a setting a comparison can sweep")
     return name, items

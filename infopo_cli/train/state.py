@@ -20,7 +20,7 @@ class TrainState:
     pairs_seen: int = 0          # the data position in pairs, which a different split of the global batch keeps
     skipped_steps: int = 0       # steps skipped for a non-finite loss or gradient
     bad_streak: int = 0          # of those, how many in a row up to `step`
-    pending_eval: bool = False   # the evaluation due at `step` did not run (a stop request cut it short)
+    pending_eval: bool = False   # the evaluation due at `step` did not finish (a stop request or a lack of memory)
 
     def advance(self, pairs: int, finite: bool) -> None:
         """One step over a global batch of `pairs` pairs, taken (`finite`) or skipped."""
