@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import tiny_cfg, write_pairs
+from conftest import make_home, tiny_cfg, write_pairs
 from infopo_cli.model import stack
 from infopo_cli.train import recipe, reference_cache
 from infopo_cli.data.batching import collate, eval_batches
@@ -35,12 +35,14 @@ def count_reference_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model, tmp_path_factory):
-    """InfoPO on the 4-bit base, 3 steps, evaluated before and after; and how many reference passes the whole run made."""
+def run(tiny_model, tmp_path_factory, shared_home):
+    """InfoPO on the 4-bit base, 3 steps, evaluated before and after; and how many reference passes the whole run made
+    (in a home of its own: another module's run on the same model and pairs would have filled the reference cache)."""
     folder = tmp_path_factory.mktemp("run")
     pairs = write_pairs(folder / "pairs.jsonl", 24)
     cfg = tiny_cfg(tiny_model, pairs, folder / "out", load_in_4bit=True)  # the adapter reloads onto a 4-bit base
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFOPO_HOME", str(make_home(tmp_path_factory, shared_home)))
         passes = count_reference_passes(mp)
         summary = recipe.train(cfg)
     return cfg, summary, len(passes)
