@@ -88,6 +88,23 @@ def test_two_processes_write_one_set_of_outputs(runs):
     assert runs["log"].count("infopo run: completed") == 1  # only rank 0 prints the run
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_finished_process_waits_for_the_others_before_it_leaves_the_group(monkeypatch, finished):
+    """Rank 1 finishes while rank 0 still writes the outputs: it waits at a barrier, then leaves; after an error it
+    leaves at once (a barrier there would wait for a process that may never come)."""
+    from infopo_cli.train import distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.stop(World(1, 2), finished)
+    assert calls == (["barrier", "destroy"] if finished else ["destroy"])
+    calls.clear()
+    distributed.stop(World(), finished)  # one process: no group to leave
+    assert calls == []
+
+
 @pytest.mark.parametrize("rank_count", [1, 2, 3, 4])
 def test_each_process_trains_on_a_disjoint_share_that_covers_the_batch(rank_count):
     for batch in (list(range(8)), list(range(7)), list(range(1))):  # the last batch of an epoch may be short

@@ -171,9 +171,14 @@ def start(world: World, device: str) -> None:
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", timeout=TIMEOUT)
 
 
-def stop(world: World) -> None:
-    """Leave the process group, if this run started one."""
+def stop(world: World, finished: bool) -> None:
+    """Leave the process group, if this run started one. A process that `finished` its part first waits for the
+    others (rank 0 still writes the outputs), so that no process tears its connections down under one still
+    working: torchrun counts a process that dies in that teardown as a failed run. After an error nobody waits
+    (torchrun stops the others when one fails)."""
     if world.active and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

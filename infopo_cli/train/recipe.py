@@ -105,10 +105,12 @@ def train(cfg: TrainConfig, report: Reporter | None = None, resume: Path | None 
     cfg.validate()
     world = distributed.from_environment()
     distributed.start(world, choose(cfg.dtype).device)
+    finished = False
     try:
-        return _train(cfg, report or Reporter(), resume, world)
+        summary, finished = _train(cfg, report or Reporter(), resume, world), True
+        return summary
     finally:
-        distributed.stop(world)
+        distributed.stop(world, finished)
 
 
 def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distributed.World) -> RunSummary:
