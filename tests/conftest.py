@@ -36,6 +36,32 @@ def build_tokenizer(chat_template: str | None = CHATML):
     return fast
 
 
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512)
+
+
+def build_architecture(arch: str, folder, tokenizer=None) -> str:
+    """A tiny random model of `arch` (the presets' architectures) with `tokenizer` (default: the byte-level one), saved
+    in `folder`; SMALL sets its sizes."""
+    import transformers as T
+
+    tokenizer = tokenizer or build_tokenizer()
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, **SMALL)
+    config = {
+        "llama": lambda: T.LlamaConfig(**common, tie_word_embeddings=False),
+        "mistral": lambda: T.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: T.Qwen2Config(**common, tie_word_embeddings=True),
+        "gemma2": lambda: T.Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256, final_logit_softcapping=30.0,
+                                         attn_logit_softcapping=50.0, sliding_window=64),  # Gemma-2's own caps
+        "phi3": lambda: T.Phi3Config(**common),
+    }[arch]()
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def build_tiny_model(folder: Path, chat_template: str | None = CHATML, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -191,6 +217,13 @@ def first_difference(want: list[dict], got: list[dict]) -> str:
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/runs/ (whole runs stopped, resumed, split over processes, compared; the real default end
+    to end) carries the `run` marker, as each test elsewhere that trains a run does by hand."""
+    for item in items:
+        if item.path.is_relative_to(ROOT / "tests" / "runs"):
+            item.add_marker(pytest.mark.run)
 
 def infopo(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str = "",
            timeout: float = 600, without: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

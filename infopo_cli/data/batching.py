@@ -169,6 +169,17 @@ def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, gro
         epoch += 1
 
 
+def pairs_read(pairs: list[TokenizedPair], batch_size: int, seed: int, steps: int) -> set[int]:
+    """Indices of the pairs that the first `steps` batches of `shuffled_batches(pairs, batch_size, seed)` hold."""
+    row, read = {id(pair): i for i, pair in enumerate(pairs)}, set()
+    batches = shuffled_batches(pairs, batch_size, seed)
+    for _ in range(steps):
+        read.update(row[id(pair)] for pair in next(batches))
+        if len(read) == len(pairs):
+            break
+    return read
+
+
 def epoch_batches(pairs: list[TokenizedPair], batch_size: int, rng: random.Random, group: int = 32) -> list[list[TokenizedPair]]:
     """One epoch's batches: shuffled, then sorted by length inside windows of `group` batches (little padding), the
     batches shuffled again."""

@@ -11,7 +11,7 @@ train/logps.py, data/batching.py) with transformers 5, peft and bitsandbytes:
   (2.03 bytes/weight; tensors under 4096 values keep float32 states), no float32 master copy (the LoRA
   weights are float32 already); torch's AdamW two float32 states.
 - **activations**, per decoder layer and token, as autograd saves them (read off the saved tensors in
-  tests/test_memory_plan.py): each RMSNorm its float32 input; the LoRA layers their 16-bit input, once per group of
+  tests/model/test_memory_plan.py): each RMSNorm its float32 input; the LoRA layers their 16-bit input, once per group of
   layers reading it (with dropout: each its dropped copy and the mask), their rank-r middle and the 16-bit copies
   of their weights (model/lora_inputs.py); attention its query,
   keys and values (repeated to every head: infopo's batches carry a mask, and with one transformers repeats
@@ -410,7 +410,7 @@ def _scores(arch: Architecture, run: Training, layout: Layout, tensors: int) -> 
 def _layer_backward(arch: Architecture, run: Training, layout: Layout) -> int:
     """The gradients a layer's backward makes beyond what it frees (at its largest, the down projection's: a float32
     LoRA gradient and one in the compute dtype; the residual stream's in and out), and the weight bitsandbytes
-    dequantises for it (measured on CPU, tests/test_memory_plan.py)."""
+    dequantises for it (measured on CPU, tests/model/test_memory_plan.py)."""
     c = run.compute_bytes
     dequantised = c * max(lin.fan_in * lin.fan_out for lin in arch.linears) if run.quantized else 0
     mlp = ((LORA_BYTES + c) * arch.intermediate + 2 * c * arch.hidden) * layout.tokens + dequantised

@@ -124,20 +124,14 @@ class World:
             param.grad = flat[offset:offset + n].view_as(grad).to(grad.dtype)
             offset += n
 
-    def gather_rows(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
-        """The rows each rank computed for its `shard` of `n_rows` items, put back in item order on every rank."""
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed element by element over every process, on the CPU (rows each process filled alone, zeros
+        elsewhere, add up to the whole table exactly)."""
         if not self.active:
-            return part
-        full = torch.empty((n_rows, *part.shape[1:]), dtype=part.dtype)
-        longest = -(-n_rows // self.size)
-        padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype)
-        padded[:len(part)] = part
-        padded = _on_wire(padded)
-        pieces = [torch.empty_like(padded) for _ in range(self.size)]
-        torch.distributed.all_gather(pieces, padded)
-        for rank, piece in enumerate(pieces):
-            full[rank::self.size] = piece[:len(range(rank, n_rows, self.size))].cpu()
-        return full
+            return tensor
+        out = _on_wire(tensor.clone())
+        torch.distributed.all_reduce(out)
+        return out.cpu()
 
     def broadcast_tensor(self, tensor: torch.Tensor | None, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """Rank 0's tensor (None elsewhere) on every rank."""

@@ -29,7 +29,7 @@ import torch
 
 from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
-from infopo_cli.data.batching import collate, eval_batches, shuffled_batches
+from infopo_cli.data.batching import collate, eval_batches, pairs_read, shuffled_batches
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.loading import Loaded, no_pairs
 from infopo_cli.data.mixing import as_list
@@ -182,7 +182,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                                for b in world.shard(eval_batches(eval_tok, cfg.eval_batch_size))],
                               spec, loss_params, precision.device) if eval_tok else None
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
-                               share_prompt, init_sha256, report, world)
+                               share_prompt, init_sha256, report, world, global_batch, total_steps)
         answers = _answers(cfg, eval_pairs, evaluator is not None, report)
         # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
         fallback = Fallback(model, params, recompute if cfg.gradient_checkpointing == "auto" else None, report.note,
@@ -313,13 +313,17 @@ def _open_log(cfg: TrainConfig, run_dir: Path, resolved: dict, resume_step: int 
 
 def _reference(model: torch.nn.Module, train_tok: list[TokenizedPair], cfg: TrainConfig, spec: LossSpec,
                loss_params: dict[str, float], source: str, precision: Precision, pad_id: int, share_prompt: bool,
-               init_sha256: str | None, report: Reporter, world: distributed.World) -> ReferenceTable | None:
-    """--reference precompute: the reference's log-probs from one pass now (or the cache) instead of one in every step."""
+               init_sha256: str | None, report: Reporter, world: distributed.World, global_batch: int, total_steps: int
+               ) -> ReferenceTable | None:
+    """--reference precompute: the reference's log-probs of the pairs the run's `total_steps` global batches read, from
+    one pass now (or the cache) instead of one in every step."""
     if not spec.needs(loss_params).reference:
         report.note(f"{cfg.loss} is reference-free: no reference forward pass")
     if not reference_cache.applies(cfg.reference, spec.needs(loss_params)):
         return None
-    return precomputed_reference(model, train_tok, cfg, source, precision, pad_id, share_prompt, init_sha256, report, world)
+    reads = pairs_read(train_tok, global_batch, cfg.seed, total_steps)
+    return precomputed_reference(model, train_tok, cfg, source, precision, pad_id, share_prompt, init_sha256, report, world,
+                                 reads, total_steps)
 
 
 def _answers(cfg: TrainConfig, eval_pairs: list[PreferencePair], evaluating: bool, report: Reporter) -> list[PromptRow]:
@@ -525,31 +529,44 @@ def summarise(log: MetricsLog, run_dir: Path, precision: Precision, stop: Stop |
 
 def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cfg: TrainConfig, source: str,
                           precision, pad_id: int, share_prompt: bool, init_sha256: str | None,
-                          report: Reporter, world: distributed.World = distributed.World()) -> ReferenceTable:
-    """The reference's log-probs of every training pair, from the cache or one no-grad pass (train/reference_cache.py);
-    several processes each compute their share of the pairs, and every process gets the whole table."""
+                          report: Reporter, world: distributed.World = distributed.World(), reads: set[int] | None = None,
+                          steps: int = 0) -> ReferenceTable:
+    """The reference's log-probs of the training pairs a run reads (`reads`, indices into `pairs`, in its `steps`
+    steps; None: every pair), from the cache or one no-grad pass (train/reference_cache.py). Only the batches that
+    hold a pair read and not cached are computed (a short run of a large set pays for its own pairs); several
+    processes each compute their share of those batches, and every process gets the whole table."""
     settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": attention_kernel(model) or cfg.attn_implementation,
                 "share_prompt": share_prompt, "init_adapter": init_sha256, "max_length": cfg.max_length,
-                "max_prompt_length": cfg.max_prompt_length,
+                "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.eval_batch_size,  # padding: the last bits
                 **({"backend": cfg.backend} if cfg.backend != "transformers" else {})}  # other kernels, other rounding
     identity = reference_cache.model_identity(source)
     key = reference_cache.cache_key(identity, settings, pairs) if identity is not None else None
     started = time.perf_counter()
-    table = reference_cache.load_cached(key, len(pairs)) if world.is_main else None
-    cached = world.broadcast(table is not None)
-    if cached:
-        table = world.broadcast_tensor(table, (len(pairs), 2), torch.float32)
-    else:
-        mine = world.shard(pairs)
-        with report.task("reference log-probs", len(mine)) as advance:
-            part = reference_cache.compute(model, mine, cfg.eval_batch_size, pad_id, share_prompt, precision.device, advance)
-        table = world.gather_rows(part, len(pairs))
+    reads = set(range(len(pairs))) if reads is None else reads
+    table, filled = reference_cache.load_cached(key, len(pairs)) if world.is_main else (None, None)
+    todo = world.broadcast([b for b in reference_cache.reference_batches(pairs, cfg.eval_batch_size)
+                            if not filled[b[0]] and reads.intersection(b)] if world.is_main else None)
+    which = f"{len(reads)} pairs" if len(reads) == len(pairs) else f"the {len(reads)} of {len(pairs)} pairs in {steps} steps"
+    if todo:
+        mine = world.shard(todo)
+        with report.task("reference log-probs", sum(map(len, mine))) as advance:
+            part = world.sum_tensor(reference_cache.compute_batches(model, pairs, mine, pad_id, share_prompt,
+                                                                    precision.device, advance))
         if world.is_main:
-            reference_cache.store(key, table)
-    report.note(f"reference log-probs of {len(pairs)} pairs " + ("read from the cache" if cached else
-                f"computed once ({time.perf_counter() - started:.0f}s)" + (", cached for later runs on this base and data"
-                if key else "; not cached: the base's files were not found to key them")))
-    return reference_cache.ReferenceTable(pairs, table)
+            done = torch.tensor([i for batch in todo for i in batch])
+            table[done], filled[done] = part[done], True
+            reference_cache.store(key, table, filled)
+        computed = sum(map(len, todo))
+        counted = (f"; {computed} with their batch-mates" if computed > len(reads) else
+                   f"; {computed} new, the others cached" if computed < len(reads) else "")
+        report.note(f"reference log-probs of {which} computed once ({time.perf_counter() - started:.0f}s{counted})"
+                    + (", cached for later runs on this base and data" if key else
+                       "; not cached: the base's files were not found to key them"))
+    else:
+        report.note(f"reference log-probs of {which} read from the cache")
+    table = world.broadcast_tensor(table, (len(pairs), 2), torch.float32)
+    filled = world.broadcast_tensor(filled, (len(pairs),), torch.bool)
+    return reference_cache.ReferenceTable(pairs, table, filled)
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[TokenizedPair]], spec: LossSpec,

@@ -3,10 +3,13 @@
 The reference is frozen, so its sequence log-probs of the training pairs never change during a run:
 one no-grad pass with the adapter disabled (or the frozen init adapter) before the first step replaces a
 reference forward in every step of every epoch, and later runs on the same base and data (a beta sweep,
-another loss, `infopo compare`, a resume) read them from `$INFOPO_HOME/cache/reference/`.
+another loss, `infopo compare`, a resume) read them from `$INFOPO_HOME/cache/reference/`. Only the batches holding a
+pair the run reads are computed (a 2-step try on a large set pays for its 2 steps' pairs); an entry keeps which rows
+it holds, and a longer run computes the rest. The batches are fixed by the pairs and the batch size alone, so a pair's
+log-probs are the same bits whichever run computed them.
 
 The key is everything the numbers depend on: the base model's files, the init adapter's weights, 4-bit or not,
-the compute dtype, the attention kernel, and the token ids of every pair (so the data, tokenizer, chat template,
+the compute dtype, the attention kernel, the batch size (padding moves the last bits), and the token ids of every pair (so the data, tokenizer, chat template,
 max_length and truncation are all in it). A loss that needs the reference's full-vocabulary KL (TDPO's priors)
 stays online. A local folder's files are keyed by size, mtime, inode, ctime and a hash of a few sampled blocks (a
 16 GB base in milliseconds, not a minute of reading); a hub snapshot's by the sha256 of each file, remembered by
@@ -23,14 +26,14 @@ from pathlib import Path
 import torch
 
 from infopo_cli import files
-from infopo_cli.data.batching import collate, eval_batches
+from infopo_cli.data.batching import collate
 from infopo_cli.data.tokenization import TokenizedPair
 from infopo_cli.losses.types import Needs
 from infopo_cli.model import stack
 from infopo_cli.train.checkpoint import capture_rng, restore_rng
 from infopo_cli.train.logps import batch_logps
 
-VERSION = 1  # bump when the way log-probs are computed changes, so old entries are not reused
+VERSION = 2  # bump when the way log-probs are computed changes, so old entries are not reused
 MODES = ("precompute", "online")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".json", ".model")
 SAMPLES, SAMPLE_BYTES = 8, 1 << 16  # a local file's fingerprint reads at most 512 KiB of it
@@ -115,20 +118,27 @@ def cache_path(key: str) -> Path:
     return files.infopo_home() / "cache" / "reference" / f"{key}.pt"
 
 
+def reference_batches(pairs: Sequence[TokenizedPair], batch_size: int) -> list[list[int]]:
+    """The batches the reference pass runs, as indices into `pairs`: length-sorted (little padding) and always the
+    same for the same pairs and batch size, so a pair's log-probs are the same bits whichever pairs a run reads."""
+    ordered = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
 @torch.no_grad()
-def compute(model: torch.nn.Module, pairs: list[TokenizedPair], batch_size: int, pad_id: int, share_prompt: bool,
-            device: str, advance: Callable[[int], None] = lambda n: None) -> torch.Tensor:
-    """(N, 2) float32: the reference's summed log-probs of each pair's chosen and rejected response, in `pairs`
-    order; length-grouped batches (little padding), the model in eval mode with its adapter disabled."""
-    row = {id(pair): i for i, pair in enumerate(pairs)}
-    table = torch.empty((len(pairs), 2), dtype=torch.float32)
+def compute_batches(model: torch.nn.Module, pairs: Sequence[TokenizedPair], batches: Sequence[Sequence[int]], pad_id: int,
+                    share_prompt: bool, device: str, advance: Callable[[int], None] = lambda n: None) -> torch.Tensor:
+    """(N, 2) float32: the reference's summed log-probs of the chosen and rejected response of each pair in `batches`
+    (one forward each, the model in eval mode with its adapter disabled), zeros in every other row."""
+    table = torch.zeros((len(pairs), 2), dtype=torch.float32)
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:
         with stack.reference_mode(model):
-            for group in eval_batches(pairs, batch_size):
+            for batch in batches:
+                group = [pairs[i] for i in batch]
                 sums = batch_logps(model, collate(group, pad_id, share_prompt).to(device)).sums.float().cpu()
-                index = torch.tensor([row[id(p)] for p in group])
+                index = torch.tensor(list(batch))
                 table[index, 0], table[index, 1] = sums[:len(group)], sums[len(group):]
                 advance(len(group))
     finally:
@@ -137,35 +147,35 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], batch_size: int,
     return table
 
 
-def load_or_compute(key: str | None, compute_table: Callable[[], torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, bool]:
-    """(the table, whether it came from the cache); a damaged or mismatched entry is recomputed; key None: no cache."""
-    table = load_cached(key, n_pairs)
-    if table is not None:
-        return table, True
-    table = compute_table()
-    store(key, table)
-    return table, False
+def compute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int, share_prompt: bool,
+            device: str, advance: Callable[[int], None] = lambda n: None) -> torch.Tensor:
+    """(N, 2) float32: the reference's log-probs of every pair (`reference_batches` of `batch_size`)."""
+    return compute_batches(model, pairs, reference_batches(pairs, batch_size), pad_id, share_prompt, device, advance)
 
 
-def load_cached(key: str | None, n_pairs: int) -> torch.Tensor | None:
-    """The cached (n_pairs, 2) table under `key`, or None (no key, no entry, or a damaged or mismatched one)."""
+def load_cached(key: str | None, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n_pairs, 2) table cached under `key` and which of its rows are computed (a run computes only the
+    batches holding the pairs it reads); nothing computed where there is no key, no entry, or a damaged one."""
+    empty = torch.zeros((n_pairs, 2), dtype=torch.float32), torch.zeros(n_pairs, dtype=torch.bool)
     if key is None or not cache_path(key).is_file():
-        return None
+        return empty
     try:
-        table = torch.load(cache_path(key), weights_only=True)
+        entry = torch.load(cache_path(key), weights_only=True)
     except Exception:  # noqa: BLE001  (any unreadable entry: compute it again)
-        return None
-    return table if isinstance(table, torch.Tensor) and table.shape == (n_pairs, 2) else None
+        return empty
+    table, filled = (entry.get("logps"), entry.get("filled")) if isinstance(entry, dict) else (None, None)
+    fits = (isinstance(table, torch.Tensor) and isinstance(filled, torch.Tensor) and table.shape == (n_pairs, 2)
+            and table.dtype == torch.float32 and filled.shape == (n_pairs,) and filled.dtype == torch.bool)
+    return (table, filled) if fits else empty
 
 
-def store(key: str | None, table: torch.Tensor) -> None:
-    """Save `table` under `key` atomically; a cache that cannot be written is skipped (it costs speed, never the run).
-    """
+def store(key: str | None, table: torch.Tensor, filled: torch.Tensor) -> None:
+    """Save `table` and which rows are computed under `key` atomically; a cache that cannot be written is skipped."""
     if key is None:
         return
     try:
         with files.replacing(cache_path(key)) as tmp:
-            torch.save(table, tmp)
+            torch.save({"logps": table, "filled": filled}, tmp)
     except Exception:  # noqa: BLE001  (a cache that cannot be written costs speed next time, never the run)
         pass
 
@@ -173,9 +183,12 @@ def store(key: str | None, table: torch.Tensor) -> None:
 class ReferenceTable:
     """Looks up the cached reference log-probs of a micro-batch, laid out as `pair_logps` takes them."""
 
-    def __init__(self, pairs: list[TokenizedPair], table: torch.Tensor) -> None:
+    def __init__(self, pairs: Sequence[TokenizedPair], table: torch.Tensor, filled: torch.Tensor | None = None) -> None:
         self.row, self.table = {id(pair): i for i, pair in enumerate(pairs)}, table
+        self.filled = filled
 
     def __call__(self, group: list[TokenizedPair]) -> torch.Tensor:
         index = torch.tensor([self.row[id(p)] for p in group])
+        if self.filled is not None and not bool(self.filled[index].all()):
+            raise RuntimeError("a batch holds a pair whose reference log-probs were not computed")  # a bug, not input
         return torch.cat([self.table[index, 0], self.table[index, 1]])

@@ -6,8 +6,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_contains_presets_data_and_entry_point(tmp_path):

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import benchmark_module, build_tokenizer
+from conftest import ROOT, benchmark_module, build_tokenizer
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_trl.py"
+SCRIPT = ROOT / "benchmarks" / "vs_trl.py"
 GPU_SH = SCRIPT.parent / "gpu.sh"
 
 
@@ -114,7 +114,7 @@ def test_child_result_line_round_trips(vs_trl):
 
 def test_read_memory_benchmark_reads_every_row_both_ways():
     """benchmarks/read_memory.py runs (its figures are its output, not asserted): each format's row count agrees."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "read_memory.py"
+    script = ROOT / "benchmarks" / "read_memory.py"
     out = subprocess.run([sys.executable, str(script), "--rows", "50"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [line.split()[0] for line in out.stdout.splitlines()[1:]] == ["pairs.jsonl", "pairs.json", "pairs.csv"]

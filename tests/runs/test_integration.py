@@ -70,20 +70,21 @@ def test_default_trains_end_to_end_from_the_command_line(default_run):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "What is 2 + 3?", "chosen": [{"role": "user", "content": "What is 2 + 3?"},
-                                             {"role": "assistant", "content": "2 + 3 = 5."}],
-     "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 6."}]},
-    {"chosen": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 5.", "rejected": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 6."},
-], ids=["ultrafeedback", "hh"])
 @pytest.mark.run
-def test_default_trains_on_other_formats(tmp_path, row):
+def test_default_trains_on_conversational_and_hh_rows_in_one_file(tmp_path):
+    """The real tokenizer's chat template on the two other common shapes, mixed in one file (detected per row)."""
+    conversational = {"prompt": "What is 2 + 3?",
+                      "chosen": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],
+                      "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 6."}]}
+    hh = {"chosen": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 5.",
+          "rejected": "\n\nHuman: What is 2 + 3?\n\nAssistant: 2 + 3 = 6."}
     data = tmp_path / "prefs.jsonl"
-    data.write_text((json.dumps(row) + "\n") * 4)
-    proc = infopo("train", "--data", str(data), "--eval-data", "", "--max-steps", "1", "--batch-size", "2",
+    data.write_text("".join(json.dumps(row) + "\n" for row in (conversational, hh, conversational, hh)))
+    proc = infopo("train", "--data", str(data), "--eval-data", "", "--max-steps", "1", "--batch-size", "4",
                   "--output", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["data"]["pairs"] == 4 and summary["data"]["format"].startswith("mixed (2 ")
 
 
 @pytest.mark.run
@@ -135,18 +136,3 @@ def test_q8_0_gguf_of_the_default_is_close_to_the_merged_logits_and_checked_agai
     _, _, result = export_gguf(from_run(trained_run), tmp_path / "smol-q8_0.gguf", "q8_0")
     assert result.lossy and result.max_logit_diff < 2.0 and result.ok, result
     assert result.llama_cpp_checked and all(p.llama_cpp.within_ties for p in result.prompts)  # as transformers reads it
-
-
-@pytest.mark.run
-def test_llama_cpp_loads_the_gguf_and_agrees_with_transformers(trained_run, tmp_path):
-    """llama.cpp (llama-cpp-python, the gguf-check extra) on our f16 GGUF: same top-1 next token, same answers."""
-    import llama_cpp  # noqa: F401  the extra CI installs: without it this test must fail (here), not skip
-
-    from infopo_cli.export.export_gguf import export_gguf
-    from infopo_cli.export.check import check_llama_cpp
-    from infopo_cli.export.merged import from_run, merged_model
-
-    path, _, _ = export_gguf(from_run(trained_run), tmp_path / "smol.gguf", "f16", check=False)
-    model, tokenizer = merged_model(from_run(trained_run))
-    prompts = ("What is 7 + 8?", "Name the largest planet.", "What color is grass?")
-    assert check_llama_cpp(model.float().eval(), tokenizer, path, prompts) == [True, True, True]

@@ -228,29 +228,6 @@ def test_a_reference_free_loss_trains_end_to_end_without_a_reference_pass(tiny_m
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and passes == []
 
 
-@pytest.mark.run
-@pytest.mark.parametrize("kind", ["uf.parquet", "hh.jsonl", "explicit.csv", "messages.json"])
-def test_trains_on_each_source_and_format(tiny_model, tmp_path, kind):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from test_formats import EXPLICIT, HH, UF
-
-    path = tmp_path / kind
-    rows = {"uf.parquet": [UF] * 4, "hh.jsonl": [HH] * 4, "explicit.csv": [EXPLICIT] * 4,
-            "messages.json": [{"chosen": UF["chosen"], "rejected": UF["rejected"]}] * 4}[kind]
-    if kind.endswith(".parquet"):
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    elif kind.endswith(".csv"):
-        path.write_text("prompt,chosen,rejected\n" + "".join(f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"\n' for r in rows))
-    elif kind.endswith(".json"):
-        path.write_text(json.dumps(rows))
-    else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = recipe.train(tiny_cfg(tiny_model, path, tmp_path / "out", eval_data="", max_steps=1, batch_size=2))
-    assert summary.steps == 1 and math.isfinite(summary.last_step["loss"])
-
-
 def test_progress_shows_the_metrics_trl_users_know(tmp_path):
     from io import StringIO
 

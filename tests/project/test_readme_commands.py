@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import typer
 
-from conftest import write_pairs
+from conftest import ROOT, write_pairs
 from infopo_cli import cli
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (ROOT / "README.md").read_text()
 RUN_FOR_REAL = ("losses", "presets", "plan", "data", "doctor")
 DRY_RUN = ("train", "compare")
 

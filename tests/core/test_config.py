@@ -4,12 +4,11 @@ read back exactly. Every message names the file (or the command line), the key a
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import types
 import typing
 
 import pytest
+from conftest import infopo
 
 from infopo_cli.config import FIELDS, HINTS, TrainConfig, merge, override, to_toml
 from infopo_cli.errors import ConfigError
@@ -107,7 +106,7 @@ def test_command_line_values_are_checked_with_source_command_line():
 
 def test_cli_prints_a_bad_preset_as_one_line_exit_2(preset):
     path = preset('length_normalize = "false"\n')
-    out = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--preset", path], capture_output=True, text=True)
+    out = infopo("train", "--preset", path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == """error: presets/mine.toml: 'length_normalize' must be true or false, got the string "false\""""
 
@@ -171,10 +170,12 @@ def round_trip(cfg: TrainConfig, tmp_path) -> TrainConfig:
 
 
 @pytest.mark.parametrize("name", sorted(available()))
-def test_every_shipped_preset_round_trips_through_config_toml(name, tmp_path):
+def test_every_shipped_preset_validates_and_round_trips_through_config_toml(name, tmp_path):
     from infopo_cli.losses.registry import resolve
 
     cfg = load_preset(name)
+    cfg.validate()
+    assert cfg.preset == name and cfg.model and cfg.target_modules
     assert round_trip(cfg, tmp_path) == cfg
     # what a run writes: the settings with the loss's resolved parameters (its defaults filled in)
     _, params = resolve(cfg.loss, cfg.loss_overrides())
@@ -200,3 +201,32 @@ def test_only_fields_defaulting_to_none_may_be_none():
             assert FIELDS[name].default is None, name
     assert all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
                for f in FIELDS.values())
+
+
+# --- 4. the shipped presets say what they are for; merging flags -----------------------------------------------
+
+def test_default_preset_trains_the_embedded_model_on_bundled_data():
+    cfg = load_preset("smollm2-135m")
+    assert cfg.model == "embedded:smollm2-135m-instruct" and cfg.data == "bundled:arith_train"
+    assert cfg.load_in_4bit and cfg.share_prompt
+    assert cfg.gradient_checkpointing == "off"  # a CPU demo: recomputing costs time and RAM is plentiful
+
+
+def test_llama3_preset_targets_a_24gb_gpu():
+    cfg = load_preset("llama3-8b-qlora")
+    assert cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.load_in_4bit and cfg.gradient_checkpointing == "auto"
+    assert cfg.max_length >= 1024 and cfg.optimizer == "auto"
+
+
+def test_unknown_setting_suggests_the_right_one(tmp_path):
+    bad = tmp_path / "p.toml"
+    bad.write_text("lora_rank = 8\n")
+    with pytest.raises(ConfigError, match="unknown setting 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
+        load_preset(str(bad))
+
+
+def test_merge_coerces_values_as_a_preset_file_would():
+    cfg = merge(TrainConfig(), {"lr": 1, "target_modules": "q_proj, v_proj"}, "test")
+    assert cfg.lr == 1.0 and cfg.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="'lora_r' must be a whole number"):
+        merge(TrainConfig(), {"lora_r": "big"}, "test")

@@ -163,13 +163,16 @@ def test_paths_and_hub_ids_are_told_apart(tmp_path, monkeypatch):
     assert hub.looks_like_path("org/name")
 
 
-def test_a_train_run_on_a_missing_path_fails_at_once_not_after_the_hubs_retries(tmp_path):
+def test_a_train_run_on_a_missing_path_fails_at_once_in_one_line_and_debug_shows_the_traceback(tmp_path):
+    """Not after the hub's retries: data/ exists here, so data/prefs is a path, not a hub id."""
     (tmp_path / "data").mkdir()
     pairs = write_pairs(tmp_path / "data" / "pairs.jsonl", 4)
+    args = ["train", "--model", "data/prefs", "--data", str(pairs), "--eval-data", "", "--output", "r"]
     start = time.monotonic()
-    out = infopo("train", "--model", "data/prefs", "--data", str(pairs), "--eval-data", "", "--output", "r", cwd=tmp_path,
-                 timeout=60)
+    out = infopo(*args, cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert error_line(out) == "error: no such model folder or file: data/prefs" and time.monotonic() - start < 15
+    assert "Traceback" in infopo(*args, "--debug", cwd=tmp_path, timeout=60).stderr
 
 
 @pytest.mark.parametrize("env, says", [({"HF_ENDPOINT": "http://127.0.0.1:9"}, "tried the hub at http://127.0.0.1:9: cannot "

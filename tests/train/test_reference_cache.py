@@ -47,7 +47,7 @@ def test_cached_reference_equals_the_online_reference_pass(tiny_model, pairs_fil
 
 def run(tiny_model, data, out, **kw):
     text = io.StringIO()
-    summary = recipe.train(tiny_cfg(tiny_model, data, out, eval_data="", max_steps=2, **kw),
+    summary = recipe.train(tiny_cfg(tiny_model, data, out, **{"eval_data": "", "max_steps": 2, **kw}),
                            Reporter(Console(file=text, width=300)))
     return summary, text.getvalue()
 
@@ -59,37 +59,88 @@ def losses(out) -> list[float]:
 @pytest.mark.run
 def test_a_second_run_reads_the_cache_and_trains_as_the_online_reference_does(tiny_model, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
-    _, first = run(tiny_model, data, tmp_path / "a", loss="dpo")
+    _, first = run(tiny_model, data, tmp_path / "a", loss="dpo", max_steps=4)  # 4 steps of 4: every pair
     assert "reference log-probs of 16 pairs computed once" in first
-    _, second = run(tiny_model, data, tmp_path / "b", loss="dpo", beta=0.3)  # a beta sweep: same reference
+    _, second = run(tiny_model, data, tmp_path / "b", loss="dpo", beta=0.3, max_steps=4)  # a beta sweep: same reference
     assert "reference log-probs of 16 pairs read from the cache" in second
-    _, online = run(tiny_model, data, tmp_path / "c", loss="dpo", reference="online")
+    _, online = run(tiny_model, data, tmp_path / "c", loss="dpo", reference="online", max_steps=4)
     assert "reference log-probs" not in online
     assert losses(tmp_path / "a") == losses(tmp_path / "c") or all(
         abs(x - y) < 1e-4 for x, y in zip(losses(tmp_path / "a"), losses(tmp_path / "c")))
 
 
 @pytest.mark.run
-def test_each_change_the_reference_depends_on_misses_the_cache(tiny_model, tmp_path, monkeypatch):
-    data = write_pairs(tmp_path / "pairs.jsonl", 8)
-    keys = []
-    real = reference_cache.cache_key
-    monkeypatch.setattr(reference_cache, "cache_key", lambda *a: keys.append(real(*a)) or keys[-1])
-    other_base = build_tiny_model(tmp_path / "other-base", seed=1)                      # other weights
-    other_template = build_tiny_model(tmp_path / "other-template", chat_template=None)  # same weights, other tokens
-    for i, (model, kw) in enumerate([(tiny_model, {}), (tiny_model, {"beta": 0.5}), (other_base, {}),
-                                     (other_template, {}), (tiny_model, {"max_length": 96}),
-                                     (tiny_model, {"dtype": "bf16"}), (tiny_model, {"load_in_4bit": True})]):
-        run(model, data, tmp_path / f"run{i}", loss="dpo", **kw)
-    assert keys[0] == keys[1]  # a loss setting is not part of the reference
-    assert len(set(keys[1:])) == 6, keys
+def test_a_short_run_computes_only_the_batches_it_reads_and_a_longer_one_the_rest(tiny_model, tmp_path, monkeypatch):
+    """2 steps of 4 read 8 of 24 pairs: only the reference batches (of 2) holding them are computed and cached; a
+    6-step run computes the rest and trains as a run that computed every pair at once does."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 24)
+    computed: list[int] = []
+    real = reference_cache.compute_batches
+    monkeypatch.setattr(reference_cache, "compute_batches",
+                        lambda model, pairs, batches, *a: computed.append(sum(map(len, batches))) or real(model, pairs, batches, *a))
+    _, short = run(tiny_model, data, tmp_path / "short", loss="dpo", eval_batch_size=2)
+    assert "reference log-probs of the 8 of 24 pairs in 2 steps computed once" in short
+    assert 8 <= computed[0] <= 16, computed  # each pair read, with its one batch-mate at most
+    _, again = run(tiny_model, data, tmp_path / "again", loss="dpo", eval_batch_size=2, beta=0.2)
+    assert "reference log-probs of the 8 of 24 pairs in 2 steps read from the cache" in again and len(computed) == 1
+    _, longer = run(tiny_model, data, tmp_path / "longer", loss="dpo", eval_batch_size=2, max_steps=6)
+    assert "reference log-probs of 24 pairs computed once" in longer and computed[1] == 24 - computed[0]
+    monkeypatch.setenv("INFOPO_HOME", str(tmp_path / "another-home"))  # an empty cache: every pair at once
+    _, whole = run(tiny_model, data, tmp_path / "whole", loss="dpo", eval_batch_size=2, max_steps=6)
+    assert computed[2] == 24
+    assert losses(tmp_path / "longer") == losses(tmp_path / "whole")  # the same bits, however they were computed
 
 
-def test_a_base_whose_files_cannot_be_found_is_computed_but_never_cached(tmp_path, monkeypatch):
+def test_a_pairs_log_probs_are_the_same_bits_whichever_batches_are_computed(tiny_model, pairs_file):
+    cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8)
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg)
+    tokenizer = stack.load_tokenizer(str(tiny_model))
+    pairs = [encode_pair(tokenizer, p, 128, 64) for p in read_pairs(str(pairs_file))]
+    whole = reference_cache.compute(model, pairs, 3, tokenizer.pad_token_id, False, "cpu")
+    batches = reference_cache.reference_batches(pairs, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(pairs))) and all(len(b) <= 3 for b in batches)
+    some = batches[1::3]
+    part = reference_cache.compute_batches(model, pairs, some, tokenizer.pad_token_id, False, "cpu")
+    rows = torch.tensor([i for b in some for i in b])
+    assert torch.equal(part[rows], whole[rows]) and not part[[i for i in range(len(pairs)) if i not in rows]].any()
+    filled = torch.zeros(len(pairs), dtype=torch.bool)
+    filled[rows] = True
+    lookup = reference_cache.ReferenceTable(pairs, part, filled)
+    assert torch.equal(lookup([pairs[i] for i in some[0]]), torch.cat([whole[some[0], 0], whole[some[0], 1]]))
+    with pytest.raises(RuntimeError, match="not computed"):  # a run never reads a row it did not compute
+        lookup([pairs[i] for i in batches[0]])
+
+
+def test_the_pairs_a_run_reads_are_those_of_its_first_batches(pairs_file, tiny_model):
+    from infopo_cli.data.batching import pairs_read, shuffled_batches
+
+    tokenizer = stack.load_tokenizer(str(tiny_model))
+    pairs = [encode_pair(tokenizer, p, 128, 64) for p in read_pairs(str(pairs_file))]
+    batches = shuffled_batches(pairs, 4, seed=3)
+    first = [next(batches) for _ in range(3)]
+    assert pairs_read(pairs, 4, 3, 3) == {pairs.index(p) for batch in first for p in batch}
+    assert pairs_read(pairs, 4, 3, 10_000) == set(range(len(pairs)))  # many epochs: every pair, found in the first
+    assert pairs_read(pairs, 4, 3, 0) == set()
+
+
+def test_a_base_whose_files_cannot_be_found_is_computed_but_never_cached(tmp_path):
     assert reference_cache.model_identity(str(tmp_path / "no-such-model")) is None  # not a folder, not in the hub cache
-    calls = []
-    table, cached = reference_cache.load_or_compute(None, lambda: calls.append(1) or torch.zeros((2, 2)), 2)
-    assert calls == [1] and not cached and not (reference_cache.cache_path("x").parent).exists()
+    table, filled = reference_cache.load_cached(None, 2)
+    assert not filled.any() and table.shape == (2, 2)
+    reference_cache.store(None, table, filled)
+    assert not reference_cache.cache_path("x").parent.exists()
+
+
+def test_a_damaged_or_mismatched_cache_entry_is_computed_again(tmp_path):
+    path = reference_cache.cache_path("k")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for entry in (b"not a torch file", {"logps": torch.zeros((3, 2)), "filled": torch.ones(3, dtype=torch.bool)},
+                  torch.zeros((2, 2))):  # damaged; another number of pairs; the format before rows were tracked
+        path.write_bytes(entry) if isinstance(entry, bytes) else torch.save(entry, path)
+        assert not reference_cache.load_cached("k", 2)[1].any()
+    table, filled = torch.ones((2, 2)), torch.tensor([True, False])
+    reference_cache.store("k", table, filled)
+    assert [torch.equal(a, b) for a, b in zip(reference_cache.load_cached("k", 2), (table, filled))] == [True, True]
 
 
 def _local_key(folder) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import infopo
+from conftest import ROOT, infopo
 from typer.testing import CliRunner
 
 from infopo_cli import cli
@@ -16,7 +16,7 @@ from infopo_cli.config import CLI_SETTINGS, FIELDS, cli_option, from_flag, merge
 from infopo_cli.errors import ConfigError
 from infopo_cli.presets import load_preset
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (ROOT / "README.md").read_text()
 COMMANDS = typer.main.get_command(cli.app).commands
 
 

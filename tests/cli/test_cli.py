@@ -7,15 +7,12 @@ import sys
 
 import pytest
 
+from conftest import infopo
+
 from infopo_cli import __version__
 from infopo_cli.config import TrainConfig, merge
 from infopo_cli.errors import ConfigError
 from infopo_cli.presets import available, load_preset
-
-
-def infopo(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**__import__("os").environ, "COLUMNS": "200"})
 
 
 def test_help_does_not_import_torch():
@@ -42,42 +39,6 @@ def test_presets_listed_and_shown():
     assert out.returncode == 0 and "meta-llama/Meta-Llama-3-8B-Instruct" in out.stdout
 
 
-@pytest.mark.parametrize("name", sorted(available()))
-def test_every_preset_loads_and_validates(name):
-    cfg = load_preset(name)
-    cfg.validate()
-    assert cfg.preset == name and cfg.model and cfg.target_modules
-
-
-def test_default_preset_trains_the_embedded_model_on_bundled_data():
-    cfg = load_preset("smollm2-135m")
-    assert cfg.model == "embedded:smollm2-135m-instruct" and cfg.data == "bundled:arith_train"
-    assert cfg.load_in_4bit and cfg.share_prompt
-    assert cfg.gradient_checkpointing == "off"  # a CPU demo: recomputing costs time and RAM is plentiful
-
-
-def test_llama3_preset_targets_a_24gb_gpu():
-    cfg = load_preset("llama3-8b-qlora")
-    assert cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.load_in_4bit and cfg.gradient_checkpointing == "auto"
-    assert cfg.max_length >= 1024 and cfg.optimizer == "auto"
-
-
-def test_unknown_setting_suggests_the_right_one(tmp_path):
-    bad = tmp_path / "p.toml"
-    bad.write_text("lora_rank = 8\n")
-    with pytest.raises(ConfigError, match="unknown setting 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
-        load_preset(str(bad))
-
-
-def test_merge_coerces_and_validation_gathers_every_problem():
-    cfg = merge(TrainConfig(), {"lr": 1, "target_modules": "q_proj, v_proj"}, "test")
-    assert cfg.lr == 1.0 and cfg.target_modules == ["q_proj", "v_proj"]
-    with pytest.raises(ConfigError, match="batch_size must be > 0.*lr must be > 0"):
-        TrainConfig(batch_size=0, lr=-1).validate()
-    with pytest.raises(ConfigError, match="'lora_r' must be a whole number"):
-        merge(TrainConfig(), {"lora_r": "big"}, "test")
-
-
 def test_bad_row_is_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "prefs.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "c"}\n')
@@ -93,14 +54,6 @@ def test_bad_flag_values_are_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
     out = infopo("train", "--loss", "nope", "--output", str(tmp_path / "o"))
     assert out.returncode == 2 and "unknown loss 'nope'" in out.stderr
-
-
-def test_missing_model_is_one_line_and_debug_shows_traceback(tmp_path, pairs_file):
-    args = ["train", "--data", str(pairs_file), "--eval-data", "", "--model", str(tmp_path / "missing-model"),
-            "--output", str(tmp_path / "o")]
-    out = infopo(*args)
-    assert out.returncode == 2 and out.stderr.startswith("error: no such model folder or file") and "Traceback" not in out.stderr
-    assert "Traceback" in infopo(*args[:-1], str(tmp_path / "o2"), "--debug").stderr
 
 
 def test_losses_lists_every_loss_with_paper_and_defaults():
@@ -158,6 +111,7 @@ def test_errors_with_brackets_in_user_content_stay_one_line(tmp_path):
     assert out.stderr.strip() == f"error: {bad}:1: field 'chosen': message 1: unknown role '[/]' (expected one of system, user, assistant, tool)"
 
 
+@pytest.mark.run
 def test_skip_invalid_trains_on_the_good_rows_and_reports_the_bad(tmp_path, tiny_model, pairs_file):
     data = tmp_path / "mixed.jsonl"
     data.write_text(pairs_file.read_text() + '{"prompt": "p", "chosen": "c"}\nnot json\n')

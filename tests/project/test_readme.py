@@ -10,9 +10,10 @@ import typer
 from infopo_cli.cli import app
 from infopo_cli.losses.registry import LOSSES
 from infopo_cli.presets import available
+from conftest import ROOT
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-CI = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+README = (ROOT / "README.md").read_text()
+CI = (ROOT / ".ci" / "run").read_text()
 
 
 def test_every_flag_of_every_command_is_documented():

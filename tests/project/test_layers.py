@@ -11,8 +11,8 @@ import ast
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "infopo_cli"
 README = ROOT / "README.md"
 

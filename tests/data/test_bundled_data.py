@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from infopo_cli.bundled import arithmetic as gen
+from conftest import ROOT
 
 KEYS = {"prompt", "chosen", "rejected"}
 
@@ -48,7 +49,7 @@ def test_independent_of_hash_seed(fresh: tuple[list[dict], list[dict]]) -> None:
     code = "import json; from infopo_cli.bundled.arithmetic import generate; print(json.dumps(generate()))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=ROOT)
     assert [list(s) for s in json.loads(out.stdout)] == [list(s) for s in fresh]
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tokenizer, write_pairs
+from conftest import build_architecture, write_pairs
 from safetensors.torch import load_file
 
 from infopo_cli.model import stack
@@ -20,10 +20,6 @@ from infopo_cli.train.logps import batch_logps, sequence_logps
 from infopo_cli.presets import available, load_preset
 from infopo_cli.data.tokenization import TokenizedPair
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=512)
-
-
 def arch_of(model_id: str) -> str:
     for prefix, arch in (("meta-llama/", "llama"), ("embedded:smollm2", "llama"), ("HuggingFaceTB/SmolLM2", "llama"),
                          ("mistralai/", "mistral"), ("Qwen/Qwen2", "qwen2"), ("google/gemma-2", "gemma2"),
@@ -31,26 +27,6 @@ def arch_of(model_id: str) -> str:
         if model_id.startswith(prefix):
             return arch
     raise AssertionError(f"no tiny test architecture for {model_id}: add one below")
-
-
-def build(arch: str, folder, tokenizer=None) -> str:
-    import transformers as T
-
-    tokenizer = tokenizer or build_tokenizer()
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, **SMALL)
-    config = {
-        "llama": lambda: T.LlamaConfig(**common, tie_word_embeddings=False),
-        "mistral": lambda: T.MistralConfig(**common, sliding_window=None),
-        "qwen2": lambda: T.Qwen2Config(**common, tie_word_embeddings=True),
-        "gemma2": lambda: T.Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256, final_logit_softcapping=30.0,
-                                         attn_logit_softcapping=50.0, sliding_window=64),  # Gemma-2's own caps
-        "phi3": lambda: T.Phi3Config(**common),
-    }[arch]()
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 ARCHS = sorted({arch_of(load_preset(name).model) for name in available()})
@@ -67,7 +43,7 @@ def tiny(tmp_path_factory):
 
     def get(arch: str) -> str:
         if arch not in folders:
-            folders[arch] = build(arch, tmp_path_factory.mktemp(arch))
+            folders[arch] = build_architecture(arch, tmp_path_factory.mktemp(arch))
         return folders[arch]
 
     return get

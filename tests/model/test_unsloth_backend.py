@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import infopo as run_infopo
+from conftest import ROOT, infopo as run_infopo
 from infopo_cli.config import TrainConfig, merge
 from infopo_cli.errors import ConfigError
 from infopo_cli.model import unsloth_backend
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def infopo(*args: str, env: dict[str, str] | None = None, without_unsloth: bool = False) -> subprocess.CompletedProcess:

@@ -2,7 +2,8 @@
 
 The subprocess tests run the real `infopo train` command. To stop it at a known point they start it
 through a small wrapper that pauses one training forward pass (after writing a marker file) so the test
-can send its signal from outside while the step is in progress; the wrapper changes nothing else.
+can send its signal from outside while the step is in progress, until the test says it has (a "go" file, or a few
+seconds); the wrapper changes nothing else.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def pausing(*args, **kwargs):
     calls[0] += 1
     out = real(*args, **kwargs)
     if calls[0] == int(os.environ["PAUSE_AT_CALL"]):
-        pathlib.Path(os.environ["PAUSE_MARKER"]).write_text("paused")
-        time.sleep(float(os.environ.get("PAUSE_SECONDS", "4")))
+        marker = pathlib.Path(os.environ["PAUSE_MARKER"])
+        marker.write_text("paused")
+        go, until = marker.with_name("go"), time.monotonic() + float(os.environ.get("PAUSE_SECONDS", "4"))
+        while not go.exists() and time.monotonic() < until:  # the test writes go once its signal is sent
+            time.sleep(0.02)
     return out
 recipe.pair_logps = pausing
 sys.argv = ["infopo", *sys.argv[1:]]
@@ -107,6 +111,7 @@ def test_stopped_and_resumed_equals_an_uninterrupted_run_bit_for_bit(straight, t
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.05)
     proc.send_signal(sig)
+    (tmp_path / "go").write_text("")  # delivered: the paused step goes on (a handler runs before the wrapper's next look)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == code, stderr[-2000:]
     if sig != signal.SIGKILL:  # stopped at the step boundary: a checkpoint of that step and the way back
@@ -243,7 +248,7 @@ def test_out_of_memory_saves_the_state_before_the_step_and_a_smaller_split_resum
 
     at_forward(monkeypatch, 5, oom)  # step 3
     run_dir = tmp_path / "run"
-    # a given setting (auto would run the step again first: tests/test_memory_fallback.py)
+    # a given setting (auto would run the step again first: tests/runs/test_memory_fallback.py)
     summary = recipe.train(cfg_for(tiny_model, pairs_file, run_dir, gradient_checkpointing="on"))
     assert summary.status == "out of memory" and summary.exit_code == 3
     assert "memory at step 3" in summary.message and "longest pair" in summary.message

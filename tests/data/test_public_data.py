@@ -160,7 +160,7 @@ def test_max_length_auto_resolves_from_the_training_pairs_and_is_saved_as_a_numb
         merge(cfg, {"max_length": "long"}, source="x")
 
 
-# --- scored and ranked data, through the loader and the command line (the shapes: tests/test_scored.py) -------
+# --- scored and ranked data, through the loader and the command line (the shapes: tests/data/test_scored.py) -------
 
 def test_scored_ranked_and_labelled_rows_load_as_pairs_with_what_each_row_gave(tmp_path):
     from test_scored import NECTAR, SHP, ULTRAFEEDBACK, UF_11, UF_12

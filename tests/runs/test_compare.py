@@ -28,8 +28,8 @@ def test_compare_trains_one_run_per_loss_and_writes_one_report(tmp_path, tiny_mo
         assert f'loss = "{loss}"' in (parent / loss / "config.toml").read_text()
     report = (parent / "report.md").read_text()
     assert report.count("| infopo") + report.count("| dpo") >= 2 and (parent / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert proc.stdout.count("reference log-probs of 16 pairs computed once") == 1  # infopo's run; dpo reads it
-    assert proc.stdout.count("reference log-probs of 16 pairs read from the cache") == 1
+    assert proc.stdout.count("reference log-probs of the 8 of 16 pairs in 2 steps computed once") == 1  # infopo's
+    assert proc.stdout.count("reference log-probs of the 8 of 16 pairs in 2 steps read from the cache") == 1  # dpo's
     again = infopo(*args)  # finished runs are kept, not retrained
     assert again.returncode == 0 and again.stdout.count("finished before, kept") == 2, again.stdout[-2000:]
     other = infopo(*[a if a != "infopo,dpo" else "infopo,simpo" for a in args])
@@ -74,11 +74,14 @@ def test_a_sweep_names_each_run_by_what_differs():
         compare.plan(["dpo", "dpo"], None)
 
 
-@pytest.mark.run
 def test_a_swept_value_is_typed_as_the_train_flag_is(tmp_path, tiny_model):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    flags = {"model": str(tiny_model), "data": str(pairs), "eval_data": "", "load_in_4bit": False}
+    planned = compare.prepare("dpo", "beta=0.05,0.5", str(tmp_path / "cmp"), flags, "smollm2-135m")
+    assert [(cfg.beta, type(cfg.beta), cfg.output) for cfg in planned.configs] == [
+        (0.05, float, str(tmp_path / "cmp" / "dpo-beta0.05")), (0.5, float, str(tmp_path / "cmp" / "dpo-beta0.5"))]
     proc = infopo("compare", "--loss", "dpo", "--sweep", "beta=0.05,0.5", "--output", str(tmp_path / "cmp"),
-                  "--model", str(tiny_model), "--data", str(pairs), "--eval-data", "", *TINY, "--max-steps", "1")
+                  "--model", str(tiny_model), "--data", str(pairs), "--eval-data", "", *TINY, "--dry-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for value in ("0.05", "0.5"):
-        assert f"beta = {value}" in (tmp_path / "cmp" / f"dpo-beta{value}" / "config.toml").read_text()
+    assert "2 runs under" in proc.stdout and "dpo-beta0.05, dpo-beta0.5" in proc.stdout
+    assert "loss dpo (beta=0.05" in proc.stdout and not (tmp_path / "cmp").exists()

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from test_architectures import build
 from transformers import AutoModelForCausalLM
+from conftest import build_architecture
 
 from infopo_cli.model import stack
 from infopo_cli.config import TrainConfig
@@ -29,7 +29,7 @@ IDS = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
 
 def adapter_for(arch: str, tmp_path, tokenizer=None):
     """A tiny model of `arch` and a LoRA adapter with non-zero weights on all its linear layers."""
-    base_dir = build(arch, tmp_path / f"{arch}-base", tokenizer)
+    base_dir = build_architecture(arch, tmp_path / f"{arch}-base", tokenizer)
     cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8)
     model = stack.attach_lora(stack.load_base(base_dir, cfg, Precision("cpu", torch.float32, "test")), cfg)
     with torch.no_grad():
@@ -92,13 +92,13 @@ def test_k_quant_export_runs_in_llama_cpp(tmp_path, monkeypatch):
     """
     import numpy as np
 
-    import test_architectures
+    import conftest
     from conftest import build_spm_tokenizer
     from infopo_cli.export import export_gguf as module
 
-    monkeypatch.setitem(test_architectures.SMALL, "hidden_size", 256)
-    monkeypatch.setitem(test_architectures.SMALL, "intermediate_size", 256)
-    monkeypatch.setitem(test_architectures.SMALL, "num_hidden_layers", 1)
+    monkeypatch.setitem(conftest.SMALL, "hidden_size", 256)
+    monkeypatch.setitem(conftest.SMALL, "intermediate_size", 256)
+    monkeypatch.setitem(conftest.SMALL, "num_hidden_layers", 1)
     source = adapter_for("llama", tmp_path, build_spm_tokenizer())
     notes = []
     path, _, result = module.export_gguf(source, tmp_path / "k.gguf", "q4_k_m", log=notes.append)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+from conftest import tiny_cfg
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from infopo_cli.data.loading import DataOptions, load_pairs
@@ -210,3 +212,26 @@ def test_fuzz_every_outcome_is_pairs_or_one_line(tmp_path, content):
         assert message.startswith(str(path))
     else:
         assert pairs and all(isinstance(p, PreferencePair) for p in pairs)
+
+
+@pytest.mark.run
+@pytest.mark.parametrize("kind", ["uf.parquet", "hh.jsonl", "explicit.csv", "messages.json"])
+def test_trains_on_each_source_and_format(tiny_model, tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / kind
+    rows = {"uf.parquet": [UF] * 4, "hh.jsonl": [HH] * 4, "explicit.csv": [EXPLICIT] * 4,
+            "messages.json": [{"chosen": UF["chosen"], "rejected": UF["rejected"]}] * 4}[kind]
+    if kind.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif kind.endswith(".csv"):
+        path.write_text("prompt,chosen,rejected\n" + "".join(f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"\n' for r in rows))
+    elif kind.endswith(".json"):
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from infopo_cli.train import recipe
+
+    summary = recipe.train(tiny_cfg(tiny_model, path, tmp_path / "out", eval_data="", max_steps=1, batch_size=2))
+    assert summary.steps == 1 and math.isfinite(summary.last_step["loss"])
