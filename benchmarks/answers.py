@@ -227,11 +227,19 @@ def percent(x: float) -> str:
 
 
 def cell(point: Point | None, seeds: Sequence[int]) -> str:
-    """'18.0 / 14.0 / 15.0 (mean 15.7)': each seed in the curve's order, then the mean ('–' for a seed without it)."""
+    """'18.0 / 14.0 / 15.0 (mean 15.7, 95% CI 10.5–20.8)': each seed in the curve's order ('–' for a seed without it),
+    then the mean and, over two or more seeds, the 95% interval of the mean (Student's t; within 0–100)."""
+    from infopo_cli.reporting.intervals import mean_interval
+
     if point is None:
         return ""
     values = " / ".join(percent(point.by_seed[s]) if s in point.by_seed else "–" for s in seeds)
-    return values if len(seeds) == 1 else f"{values} (mean {percent(point.mean)})"
+    if len(seeds) == 1:
+        return values
+    if len(point.by_seed) < 2:
+        return f"{values} (mean {percent(point.mean)})"
+    _, low, high = mean_interval(list(point.by_seed.values()))
+    return f"{values} (mean {percent(point.mean)}, 95% CI {percent(max(0.0, low))}–{percent(min(1.0, high))})"
 
 
 def markdown(curves: Sequence[Curve]) -> str:

@@ -89,9 +89,10 @@ def test_curves_gather_the_seeds_step_by_step(bench, curves):
 def test_the_table_has_a_row_per_evaluation_and_each_seed_in_each_cell(bench, curves):
     lines = bench.markdown(curves).splitlines()
     assert lines[0] == "| step | epoch | infopo (beta=0.25), seeds 42 / 1 / 7 | dpo (beta=0.1), seed 42 |"
-    assert lines[2] == "| 0 | 0.00 | 12.0 / 12.0 / 12.0 (mean 12.0) | 12.0 |"
-    assert lines[3] == "| 19 | 0.25 | 20.0 / 10.0 / 15.0 (mean 15.0) | 25.0 |"
-    assert lines[4] == "| 38 | 0.51 | 30.0 / 20.0 / – (mean 25.0) | 5.0 |"
+    assert lines[2] == "| 0 | 0.00 | 12.0 / 12.0 / 12.0 (mean 12.0, 95% CI 12.0–12.0) | 12.0 |"
+    # sd 5 points over 3 seeds: t(0.975, 2) * 5 / sqrt(3) = 12.4 points either side
+    assert lines[3] == "| 19 | 0.25 | 20.0 / 10.0 / 15.0 (mean 15.0, 95% CI 2.6–27.4) | 25.0 |"
+    assert lines[4] == "| 38 | 0.51 | 30.0 / 20.0 / – (mean 25.0, 95% CI 0.0–88.5) | 5.0 |"  # 2 seeds: t = 12.7
     assert lines[5] == "| best mean | | **25.0** at step 38 | **25.0** at step 19 |" and len(lines) == 6
 
 
