@@ -169,11 +169,13 @@ def shuffled_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, gro
         epoch += 1
 
 
-def pairs_read(pairs: list[TokenizedPair], batch_size: int, seed: int, steps: int) -> set[int]:
-    """Indices of the pairs that the first `steps` batches of `shuffled_batches(pairs, batch_size, seed)` hold."""
+def pairs_read(pairs: list[TokenizedPair], batch_size: int, seed: int, steps: int, start: int = 0) -> set[int]:
+    """Indices of the pairs that batches `start`..`steps` (from 0) of `shuffled_batches(pairs, batch_size, seed)` hold."""
     row, read = {id(pair): i for i, pair in enumerate(pairs)}, set()
     batches = shuffled_batches(pairs, batch_size, seed)
-    for _ in range(steps):
+    for _ in range(start):
+        next(batches)
+    for _ in range(steps - start):
         read.update(row[id(pair)] for pair in next(batches))
         if len(read) == len(pairs):
             break

@@ -182,7 +182,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                                for b in world.shard(eval_batches(eval_tok, cfg.eval_batch_size))],
                               spec, loss_params, precision.device) if eval_tok else None
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
-                               share_prompt, init_sha256, report, world, global_batch, total_steps)
+                               share_prompt, init_sha256, report, world, global_batch, total_steps, state.step)
         answers = _answers(cfg, eval_pairs, evaluator is not None, report)
         # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
         fallback = Fallback(model, params, recompute if cfg.gradient_checkpointing == "auto" else None, report.note,
@@ -313,17 +313,19 @@ def _open_log(cfg: TrainConfig, run_dir: Path, resolved: dict, resume_step: int 
 
 def _reference(model: torch.nn.Module, train_tok: list[TokenizedPair], cfg: TrainConfig, spec: LossSpec,
                loss_params: dict[str, float], source: str, precision: Precision, pad_id: int, share_prompt: bool,
-               init_sha256: str | None, report: Reporter, world: distributed.World, global_batch: int, total_steps: int
-               ) -> ReferenceTable | None:
-    """--reference precompute: the reference's log-probs of the pairs the run's `total_steps` global batches read, from
-    one pass now (or the cache) instead of one in every step."""
+               init_sha256: str | None, report: Reporter, world: distributed.World, global_batch: int, total_steps: int,
+               start: int) -> ReferenceTable | None:
+    """--reference precompute: the reference's log-probs of the pairs the run's global batches `start`..`total_steps`
+    read (a resume needs none of the steps done), from one pass now (or the cache) instead of one in every step."""
     if not spec.needs(loss_params).reference:
         report.note(f"{cfg.loss} is reference-free: no reference forward pass")
     if not reference_cache.applies(cfg.reference, spec.needs(loss_params)):
         return None
-    reads = pairs_read(train_tok, global_batch, cfg.seed, total_steps)
+    if start >= total_steps:  # resumed for the last evaluation only: no step left to read a reference
+        return None
+    reads = pairs_read(train_tok, global_batch, cfg.seed, total_steps, start)
     return precomputed_reference(model, train_tok, cfg, source, precision, pad_id, share_prompt, init_sha256, report, world,
-                                 reads, total_steps)
+                                 reads, total_steps - start)
 
 
 def _answers(cfg: TrainConfig, eval_pairs: list[PreferencePair], evaluating: bool, report: Reporter) -> list[PromptRow]:
@@ -545,9 +547,11 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
     reads = set(range(len(pairs))) if reads is None else reads
     table, filled = reference_cache.load_cached(key, len(pairs)) if world.is_main else (None, None)
     todo = world.broadcast([b for b in reference_cache.reference_batches(pairs, cfg.eval_batch_size)
-                            if not filled[b[0]] and reads.intersection(b)] if world.is_main else None)
-    which = f"{len(reads)} pairs" if len(reads) == len(pairs) else f"the {len(reads)} of {len(pairs)} pairs in {steps} steps"
+                            if reads.intersection(b) and not bool(filled[b].all())] if world.is_main else None)
+    which = (f"{len(reads)} pairs" if len(reads) == len(pairs) else
+             f"the {len(reads)} of {len(pairs)} pairs in {steps} step{'s' * (steps != 1)}")
     if todo:
+        cached = sum(1 for i in reads if filled[i]) if world.is_main else 0
         mine = world.shard(todo)
         with report.task("reference log-probs", sum(map(len, mine))) as advance:
             part = world.sum_tensor(reference_cache.compute_batches(model, pairs, mine, pad_id, share_prompt,
@@ -557,8 +561,8 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
             table[done], filled[done] = part[done], True
             reference_cache.store(key, table, filled)
         computed = sum(map(len, todo))
-        counted = (f"; {computed} with their batch-mates" if computed > len(reads) else
-                   f"; {computed} new, the others cached" if computed < len(reads) else "")
+        counted = "".join([f"; {cached} of them from the cache" if cached else "",
+                           f"; {computed} computed with their batch-mates" if computed != len(reads) - cached else ""])
         report.note(f"reference log-probs of {which} computed once ({time.perf_counter() - started:.0f}s{counted})"
                     + (", cached for later runs on this base and data" if key else
                        "; not cached: the base's files were not found to key them"))

@@ -134,6 +134,7 @@ def test_an_existing_empty_output_folder_is_kept_when_the_run_fails(tmp_path, pa
     assert out.returncode == 2 and (tmp_path / "o").is_dir() and not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.run
 def test_a_refused_resume_changes_nothing_on_disk(tiny_model, tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
     cfg = tiny_cfg(tiny_model, pairs, tmp_path / "run", max_steps=2, save_every=1, eval_data="")

@@ -222,3 +222,28 @@ def test_a_hub_snapshot_keeps_its_files_sha256_as_the_key(tmp_path):
     assert reference_cache.is_hub_snapshot(snapshot) and not reference_cache.is_hub_snapshot(tmp_path / "hub")
     assert reference_cache.model_identity(str(snapshot)) == [f"{name}={hashlib.sha256(data).hexdigest()}"
                                                              for name, data in sorted(files.items())]
+
+
+def test_a_cache_entry_with_a_batch_only_partly_filled_computes_that_batch_again(tiny_model, pairs_file):
+    """An entry that passes the shape checks but holds half a batch (damaged, or written by another release) is not
+    trusted for that batch: the run computes it whole instead of failing on a missing row mid-run."""
+    cfg = TrainConfig(dtype="fp32", load_in_4bit=False, lora_r=4, lora_alpha=8, eval_batch_size=4)
+    precision = Precision("cpu", torch.float32, "test")
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, precision), cfg)
+    tokenizer = stack.load_tokenizer(str(tiny_model))
+    pairs = [encode_pair(tokenizer, p, 128, 64) for p in read_pairs(str(pairs_file))]
+    full = recipe.precomputed_reference(model, pairs, cfg, str(tiny_model), precision, tokenizer.pad_token_id, False,
+                                        None, Reporter(Console(file=io.StringIO())))
+    key = next(reference_cache.cache_path("x").parent.glob("*.pt")).stem
+    table, filled = reference_cache.load_cached(key, len(pairs))
+    first = reference_cache.reference_batches(pairs, 4)[0]
+    filled[first[1:]] = False
+    table[first[1:]] = 0.0
+    reference_cache.store(key, table, filled)
+    text = io.StringIO()
+    again = recipe.precomputed_reference(model, pairs, cfg, str(tiny_model), precision, tokenizer.pad_token_id, False,
+                                         None, Reporter(Console(file=text, width=300)))
+    # the batch's one row still marked computed is counted as cached, and the whole batch is computed again
+    assert f"{len(pairs) - 3} of them from the cache; 4 computed with their batch-mates" in text.getvalue()
+    group = [pairs[i] for i in first]
+    assert torch.equal(again(group), full(group))
