@@ -24,6 +24,20 @@ def _short(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
 
 
+def accuracy_text(side: dict[str, Any], with_answer: int) -> str:
+    """'7.3% (11/150; 95% CI 4.1-12.7%)'."""
+    low, high = side.get("interval") or (None, None)
+    interval = f"; 95% CI {low:.1%}-{high:.1%}" if low is not None else ""
+    return f"{side['accuracy']:.1%} ({side['correct']}/{with_answer}{interval})"
+
+
+def paired_text(paired: dict[str, Any]) -> str:
+    """What the paired test says, in one sentence."""
+    verdict = "a real difference" if paired["real"] else "within chance"
+    return (f"right only after tuning: {paired['tuned_only']}, only before: {paired['base_only']} "
+            f"(McNemar p = {paired['p_value']:.3g}: {verdict})")
+
+
 def print_eval(console: Console, result) -> None:
     """The `infopo eval` summary: the held-out pair metrics and, with --generate, answer accuracy of base and tuned."""
     pref, gen = result.preference, result.generation
@@ -52,11 +66,15 @@ def print_eval(console: Console, result) -> None:
         if gen["with_answer"]:
             table.add_row("exact-match accuracy", *(f"{_number(s['accuracy'], True)} ({s['correct']}/{gen['with_answer']})"
                                                     for s in sides))
+            if all(s.get("interval") for s in sides):
+                table.add_row("95% interval (Wilson)", *(f"{s['interval'][0]:.1%}-{s['interval'][1]:.1%}" for s in sides))
         table.add_row("replies that stopped", *(_number(s["stopped"], True) for s in sides))
         table.add_row("mean new tokens", *(f"{s['mean_new_tokens']:.1f}" for s in sides))
         console.print(table)
         if gen["changed"] is not None:
             console.print(f"tuned replies that differ from the base's: {gen['changed']:.0%}", highlight=False)
+        if gen.get("paired"):
+            console.print(f"same problems, {paired_text(gen['paired'])}", highlight=False)
         print_replies(console, result.rows[:SHOWN_ROWS])
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -35,10 +35,12 @@ from infopo_cli.data.mixing import as_list, load_mix, parse_source
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.errors import ConfigError
 from infopo_cli.inference.answers import matches
+from infopo_cli.inference.display import accuracy_text, paired_text
 from infopo_cli.inference.generation import Reply, Sampling, generate
 from infopo_cli.inference.models import LoadedModel, Target, find_target, load_target
 from infopo_cli.inference.prompts import PromptRow, answers_by_row, is_prompt_only, read_prompt_rows, rows_from_pairs
 from infopo_cli.losses import registry
+from infopo_cli.reporting.intervals import mcnemar, wilson
 from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import batch_logps, takes_custom_masks
 
@@ -234,11 +236,26 @@ def preference_metrics(loaded: LoadedModel, pairs: list[PreferencePair], cfg: Tr
 
 # --- generation ------------------------------------------------------------------------------------
 
+def _scored(replies: list[Reply], rows: list[PromptRow]) -> list[bool]:
+    """Right or wrong, for each row that has a reference answer."""
+    return [matches(reply.text, row.answer) for reply, row in zip(replies, rows) if row.answer is not None]
+
+
 def _side(replies: list[Reply], rows: list[PromptRow]) -> dict[str, Any]:
-    scored = [(matches(reply.text, row.answer)) for reply, row in zip(replies, rows) if row.answer is not None]
+    scored = _scored(replies, rows)
     return {"accuracy": sum(scored) / len(scored) if scored else None, "correct": sum(scored),
+            "interval": list(wilson(sum(scored), len(scored))) if scored else None,  # 95%, Wilson
             "stopped": sum(r.stopped for r in replies) / len(replies),
             "mean_new_tokens": sum(r.new_tokens for r in replies) / len(replies)}
+
+
+def _paired(base: list[Reply], tuned: list[Reply], rows: list[PromptRow]) -> dict[str, Any] | None:
+    """Base and tuned on the same problems: how many only the tuned model gets right, how many only the base, and
+    McNemar's exact p-value (the difference is called real below 0.05)."""
+    if not any(row.answer is not None for row in rows):
+        return None
+    test = mcnemar(_scored(tuned, rows), _scored(base, rows))
+    return {"tuned_only": test.only_first, "base_only": test.only_second, "p_value": test.p_value, "real": test.real}
 
 
 def generation_metrics(loaded: LoadedModel, rows: list[PromptRow], sampling: Sampling, batch_size: int,
@@ -259,7 +276,8 @@ def generation_metrics(loaded: LoadedModel, rows: list[PromptRow], sampling: Sam
     summary = {"rows": len(rows), "with_answer": with_answer, "answers_from_chosen": derived,
                "sampling": dataclasses.asdict(sampling), "tuned": _side(tuned, rows),
                "base": _side(base, rows) if base is not None else None,
-               "changed": sum(b.text != t.text for b, t in zip(base, tuned)) / len(rows) if base is not None else None}
+               "changed": sum(b.text != t.text for b, t in zip(base, tuned)) / len(rows) if base is not None else None,
+               "paired": _paired(base, tuned, rows) if base is not None else None}
     records = []
     for i, row in enumerate(rows):
         record = {"where": row.where, "prompt": row.messages, "answer": row.answer, "answer_from": row.answer_from or None}
@@ -287,7 +305,9 @@ def markdown(result: EvalResult) -> str:
     for name in ("base", "tuned"):
         side = gen.get(name)
         if side and side["accuracy"] is not None:
-            lines.append(f"- {name} exact-match accuracy: {side['accuracy']:.1%} ({side['correct']}/{gen['with_answer']})")
+            lines.append(f"- {name} exact-match accuracy: {accuracy_text(side, gen['with_answer'])}")
+    if gen.get("paired"):
+        lines.append(f"- {paired_text(gen['paired'])}")
     lines += [f"- {note}" for note in result.notes] + ["", "| # | prompt | answer | base | tuned |", "|---|---|---|---|---|"]
     for i, row in enumerate(result.rows, start=1):
         def reply(side: dict | None) -> str:

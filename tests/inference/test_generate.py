@@ -22,6 +22,7 @@ from infopo_cli.inference.chat import ChatSession, run_chat
 from infopo_cli.workflows.evaluation import EvalRequest, evaluate
 from infopo_cli.inference.generation import Sampling, as_messages, generate, stream
 from infopo_cli.inference.models import find_target, load_target
+from infopo_cli.reporting.intervals import binomial_two_sided, wilson
 from infopo_cli.train import recipe
 
 PROMPTS = ["What is 12 + 30?", "hi", "Name a colour that is not red, please.", "What is 7 + 8?", "Say something."]
@@ -136,6 +137,15 @@ def test_generate_accuracy_equals_a_direct_greedy_loop(generated, direct):
         assert gen[side]["accuracy"] == pytest.approx(sum(expected) / 3) and gen[side]["correct"] == sum(expected)
         assert [row[side]["correct"] for row in result.rows] == expected
     assert gen["tuned"]["correct"] >= 1 and gen["with_answer"] == 3
+    right = {side: [matches(reply, answer) for reply, answer in zip(direct[side], answers)] for side in ("base", "tuned")}
+    for side in ("base", "tuned"):
+        assert gen[side]["interval"] == pytest.approx(list(wilson(sum(right[side]), 3)))
+    tuned_only = sum(t and not b for t, b in zip(right["tuned"], right["base"]))
+    base_only = sum(b and not t for t, b in zip(right["tuned"], right["base"]))
+    assert (gen["paired"]["tuned_only"], gen["paired"]["base_only"]) == (tuned_only, base_only)
+    assert gen["paired"]["p_value"] == pytest.approx(binomial_two_sided(min(tuned_only, base_only), tuned_only + base_only))
+    assert not gen["paired"]["real"]  # three problems can never show a real difference
+    assert "(McNemar p = " in result.table_path.read_text(encoding="utf-8")
     assert result.preference is None and any("no preference pairs" in note for note in result.notes)
     lines = result.replies_path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["tuned"]["text"] for line in lines] == direct["tuned"]
