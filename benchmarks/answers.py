@@ -2,6 +2,7 @@
 
     python benchmarks/answers.py [--losses infopo,dpo,simpo,rmipo] [--seeds 42,1,7] [--epochs 3] [--out DIR]
                                  [--set LOSS:KEY=V,KEY=V ...] [--evals-per-epoch 4] [--max-pairs N] [--max-eval N]
+                                 [--task word|columns|units [--split validation|test]]
 
 Every (loss, seed) is an ordinary `infopo train` run of the default preset (embedded SmolLM2-135M-Instruct,
 NF4 + LoRA, the bundled 600 training pairs and 150 held-out problems) in its own folder under OUT/runs/, trained
@@ -11,7 +12,8 @@ step 0 (the base model), every quarter epoch and at the end. Runs go seed by see
 already compares every loss. Rerunning the same command skips the finished runs and continues a stopped one
 exactly (`infopo train --resume`); `--seeds` and `--losses` run a part, and any part adds to the same OUT.
 
-`--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without
+`--task columns` trains on a bundled benchmark task's train split and scores its validation split (`--split test`
+to report; choose settings on validation only). `--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without
 `LOSS:` it applies to every loss); settings that differ from the preset are part of each run's folder name,
 so several settings live side by side in one OUT. `--max-pairs`/`--max-eval` train and score on the first
 rows only (a smoke run). Writes OUT/answers.png (accuracy against steps: the mean over seeds as a line, their
@@ -162,6 +164,18 @@ def check_folders(specs: Sequence[RunSpec], runs_dir: Path, preset: str) -> None
         if diff := differences(presets.load_preset(str(folder / "config.toml")), expected):
             raise SystemExit(f"error: {folder} was trained with other settings ({'; '.join(diff)}); move it away or "
                              "pass another --out")
+
+
+def task_sources(task: str, split: str) -> dict[str, str]:
+    """Training and held-out data of a bundled benchmark task (`infopo_cli/bundled/tasks.py`): its train split, and
+    its validation split (for choosing settings) or test split (only for reporting)."""
+    from infopo_cli.bundled.tasks import TASKS
+
+    if task not in TASKS:
+        raise SystemExit(f"error: --task {task}: one of {', '.join(TASKS)}")
+    if split not in ("validation", "test"):
+        raise SystemExit(f"error: --split {split}: validation (to choose settings) or test (to report)")
+    return {"data": f"bundled:{task}_train", "eval_data": f"bundled:{task}_{split}"}
 
 
 def slice_rows(spec: str, rows: int, folder: Path) -> str:
@@ -361,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[LOSS:]KEY=V[,KEY=V]",
                         help="train settings of one loss (or of all), e.g. infopo:beta=0.5,lr=1e-5; repeatable")
     parser.add_argument("--preset", default=None, help="preset (default: infopo's default, smollm2-135m)")
+    parser.add_argument("--task", default=None, help="a bundled benchmark task (word, columns, units): train on its "
+                        "train split, score on --split (default: the preset's data)")
+    parser.add_argument("--split", default="validation", help="with --task: validation (choose settings, the default) or "
+                        "test (report)")
     parser.add_argument("--max-pairs", type=int, default=None, help="train on the first N pairs only (smoke run)")
     parser.add_argument("--max-eval", type=int, default=None, help="score the first N held-out problems only (smoke run)")
     args = parser.parse_args(argv)
@@ -383,10 +401,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = parse_settings(args.settings)
         cfg = presets.load_preset(preset)
         data, suffix = {}, ""
+        sources = {"data": str(cfg.data), "eval_data": str(cfg.eval_data)}
+        if args.task:
+            sources = data = task_sources(args.task, args.split)
+            suffix = f"-{args.task}-{args.split}"
         if args.max_pairs:
-            data["data"], suffix = slice_rows(str(cfg.data), args.max_pairs, args.out / "data"), f"-{args.max_pairs}pairs"
+            data = {**data, "data": slice_rows(sources["data"], args.max_pairs, args.out / "data")}
+            suffix += f"-{args.max_pairs}pairs"
         if args.max_eval:
-            data["eval_data"] = slice_rows(str(cfg.eval_data), args.max_eval, args.out / "data")
+            data = {**data, "eval_data": slice_rows(sources["eval_data"], args.max_eval, args.out / "data")}
             suffix += f"-{args.max_eval}heldout"
         if args.evals_per_epoch < 1:
             raise SystemExit("error: --evals-per-epoch must be at least 1")

@@ -40,6 +40,19 @@ def test_plan_on_the_bundled_data(bench):
         bench.plan("smollm2-135m", ["dpo"], [42], 1.0, bench.parse_settings(["simpo:gamma=1"]))
 
 
+def test_a_task_trains_on_its_train_split_and_scores_validation_unless_told_test(bench):
+    sources = bench.task_sources("columns", "validation")
+    assert sources == {"data": "bundled:columns_train", "eval_data": "bundled:columns_validation"}
+    specs = bench.plan("smollm2-135m", ["infopo"], [42], 1.0, {}, sources, "-columns-validation")
+    assert specs[0].name == "infopo-1ep-columns-validation-seed42" and specs[0].settings["eval_data"].endswith("_validation")
+    assert specs[0].steps_per_epoch == 75  # 600 training pairs, batches of 8
+    assert bench.task_sources("units", "test")["eval_data"] == "bundled:units_test"
+    with pytest.raises(SystemExit, match="one of word, columns, units"):
+        bench.task_sources("arith", "validation")
+    with pytest.raises(SystemExit, match="validation .* or test"):
+        bench.task_sources("word", "train")
+
+
 def test_set_takes_toml_values_and_refuses_what_the_benchmark_decides(bench):
     assert bench.parse_settings(["infopo:beta=0.5,lr=1e-5", "eval_max_new_tokens=96", "infopo:beta=1",
                                  "dpo:reference=online"]) == {
