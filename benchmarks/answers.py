@@ -347,7 +347,7 @@ def run_plan(specs: Sequence[RunSpec], runs_dir: Path, preset: str, train: Calla
              say: Callable[[str], None]) -> tuple[Any, dict[str, float]]:
     """Train what is not done yet (`infopo compare`'s runner: finished runs kept, a stopped one resumed);
     (the summary of a run that stopped, or None; wall seconds of each run trained now)."""
-    from infopo_cli.train.compare import Variant, run_all
+    from infopo_cli.train.compare import Variant, configs, run_all
 
     seconds: dict[str, float] = {}
 
@@ -360,7 +360,8 @@ def run_plan(specs: Sequence[RunSpec], runs_dir: Path, preset: str, train: Calla
         return summary
 
     runs_dir.mkdir(parents=True, exist_ok=True)
-    _, stopped = run_all([Variant(s.name, s.settings) for s in specs], {}, runs_dir, preset, timed, say)
+    variants = [Variant(s.name, s.settings) for s in specs]
+    _, stopped = run_all(variants, configs(variants, {}, runs_dir, preset), runs_dir, timed, say)
     return stopped, seconds
 
 

@@ -53,6 +53,24 @@ def test_a_task_trains_on_its_train_split_and_scores_validation_unless_told_test
         bench.task_sources("word", "train")
 
 
+def test_the_plan_runs_each_spec_as_a_train_run_in_its_own_folder(bench, tmp_path):
+    from types import SimpleNamespace
+
+    specs = bench.plan("smollm2-135m", ["infopo", "dpo"], [42], 1.0, {}, bench.task_sources("units", "validation"))
+    trained, said = [], []
+
+    def train(cfg, resume=None):
+        trained.append(cfg)
+        return SimpleNamespace(status="completed", steps=cfg.max_steps, seconds=1.0, exit_code=0)
+
+    stopped, seconds = bench.run_plan(specs, tmp_path / "runs", "smollm2-135m", train, said.append)
+    assert stopped is None and set(seconds) == {s.name for s in specs}
+    assert [(c.loss, c.seed, c.max_steps, c.data, c.eval_data, c.output) for c in trained] == [
+        (s.loss, 42, s.settings["max_steps"], "bundled:units_train", "bundled:units_validation",
+         str(tmp_path / "runs" / s.name)) for s in specs]
+    assert said[0] == f"[1/2] {specs[0].name}: training"
+
+
 def test_set_takes_toml_values_and_refuses_what_the_benchmark_decides(bench):
     assert bench.parse_settings(["infopo:beta=0.5,lr=1e-5", "eval_max_new_tokens=96", "infopo:beta=1",
                                  "dpo:reference=online"]) == {
