@@ -256,8 +256,10 @@ def cell(point: Point | None, seeds: Sequence[int]) -> str:
     return f"{values} (mean {percent(point.mean)}, 95% CI {percent(max(0.0, low))}–{percent(min(1.0, high))})"
 
 
-def markdown(curves: Sequence[Curve]) -> str:
-    """One row per evaluation step, one column per loss; answer accuracy in % of the held-out problems."""
+def markdown(curves: Sequence[Curve], choose: bool = True) -> str:
+    """One row per evaluation step, one column per loss; answer accuracy in % of the held-out problems. The last row
+    is each curve's best mean (`choose`: on validation data, where settings are chosen) or its mean at the end of
+    training (on test data, which must not pick the step it is reported at)."""
     steps = sorted({p.step for c in curves for p in c.points})
     per_epoch = curves[0].steps_per_epoch if curves else 1
     head = ["step", "epoch", *(f"{c.label}, seed{'s' * (len(c.seeds) > 1)} {' / '.join(map(str, c.seeds))}"
@@ -267,9 +269,14 @@ def markdown(curves: Sequence[Curve]) -> str:
         points = [next((p for p in c.points if p.step == step), None) for c in curves]
         lines.append(f"| {step} | {step / per_epoch:.2f} | " + " | ".join(cell(p, c.seeds) for p, c in zip(points, curves))
                      + " |")
-    bests = [c.best() for c in curves]
-    lines.append("| best mean | | " + " | ".join("" if b is None else f"**{percent(b.mean)}** at step {b.step}"
-                                                 for b in bests) + " |")
+    if choose:
+        bests = [c.best() for c in curves]
+        lines.append("| best mean | | " + " | ".join("" if b is None else f"**{percent(b.mean)}** at step {b.step}"
+                                                     for b in bests) + " |")
+    else:
+        ends = [c.points[-1] if c.points else None for c in curves]
+        lines.append("| end of training | | " + " | ".join("" if e is None else f"**{percent(e.mean)}** at step {e.step}"
+                                                           for e in ends) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,8 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default=None, help="preset (default: infopo's default, smollm2-135m)")
     parser.add_argument("--task", default=None, help="a bundled benchmark task (word, columns, units): train on its "
                         "train split, score on --split (default: the preset's data)")
-    parser.add_argument("--split", default="validation", help="with --task: validation (choose settings, the default) or "
-                        "test (report)")
+    parser.add_argument("--split", default=None, help="with --task: validation (choose settings, the default) or test "
+                        "(report: the table gives each run's end of training, not its best step)")
     parser.add_argument("--max-pairs", type=int, default=None, help="train on the first N pairs only (smoke run)")
     parser.add_argument("--max-eval", type=int, default=None, help="score the first N held-out problems only (smoke run)")
     args = parser.parse_args(argv)
@@ -403,9 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = presets.load_preset(preset)
         data, suffix = {}, ""
         sources = {"data": str(cfg.data), "eval_data": str(cfg.eval_data)}
+        if args.split and not args.task:
+            raise SystemExit("error: --split picks a split of a --task; the preset's data has its own held-out set")
+        split = args.split or "validation"
         if args.task:
-            sources = data = task_sources(args.task, args.split)
-            suffix = f"-{args.task}-{args.split}"
+            sources = data = task_sources(args.task, split)
+            suffix = f"-{args.task}-{split}"
         if args.max_pairs:
             data = {**data, "data": slice_rows(sources["data"], args.max_pairs, args.out / "data")}
             suffix += f"-{args.max_pairs}pairs"
@@ -455,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = read_run(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
     title = (f"Held-out answer accuracy during training ({preset}, {problems} held-out problems; {len(seeds)} seed"
              f"{'s' * (len(seeds) > 1)}, {args.epochs:g} epoch{'s' * (args.epochs != 1)})")
-    table = f"{title}: answer accuracy in % of the held-out problems.\n\n" + markdown(curves)
+    table = (f"{title}: answer accuracy in % of the held-out problems.\n\n"
+             + markdown(curves, choose=not (args.task and split == "test")))
     (args.out / "answers.md").write_text(table, encoding="utf-8")
     drawn = plot(curves, args.out / "answers.png", title)
     sys.stdout.write("\n" + table + "\n")

@@ -9,9 +9,10 @@
   as 100) or forgets to add the remainder.
 
 Every reply ends "The answer is N." and every row carries its `answer`: a reply is right when the last number it
-writes equals the answer (`inference/answers.py`). No prompt appears twice anywhere: not in two splits, not in two
-tasks, and not in the default preset's `arith_train`/`arith_eval`, so the test splits are problems no setting was
-chosen on. Settings are chosen on `validation`; `test` is only for reporting.
+writes equals the answer (`inference/answers.py`). No problem appears twice anywhere — neither its prompt nor its
+worked solution (names aside), so a conversion asked in other words or a word problem about someone else is the same
+problem: not in two splits, not in two tasks, and not in the default preset's `arith_train`/`arith_eval`, so the
+test splits are problems no setting was chosen on. Settings are chosen on `validation`; `test` is only for reporting.
 
 Run ``python -m infopo_cli.bundled.tasks`` to rewrite the TASK_SPLIT.jsonl files next to this file; stdlib only
 and deterministic (one ``random.Random(SEED)``), so a test checks the files against the script.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +51,14 @@ UNITS = (
 )
 
 Row = dict[str, str]
+SINGULAR = {"centimeters": "centimeter", "meters": "meter", "grams": "gram", "milliliters": "milliliter",
+            "millimeters": "millimeter", "minutes": "minute", "seconds": "second", "hours": "hour", "days": "day",
+            "inches": "inch", "feet": "foot", "cents": "cent"}
+
+
+def _count(k: int, unit: str) -> str:
+    """'1 foot', '3 feet'."""
+    return f"{k} {SINGULAR.get(unit, unit) if k == 1 else unit}"
 
 
 def _row(prompt: str, working: str, answer: int, wrong_working: str, wrong: int, mistake: str) -> Row:
@@ -91,7 +101,10 @@ def _subtract_columns(a: int, b: int, forget: int | None = None) -> tuple[str, i
     for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
         top = x - borrow
         shown = f"{x} - 1 borrowed = {top}, and " if borrow else ""
-        if top < y:
+        if top < 0:  # a 0 that has lent: it borrows ten itself and is 9 after lending
+            d = 9 - y
+            steps.append(f"{PLACES[i].capitalize()}: 0 has lent 1, so borrow ten: 10 - 1 = 9, and 9 - {y} = {d}.")
+        elif top < y:
             d, borrow = top + 10 - y, 1
             steps.append(f"{PLACES[i].capitalize()}: {shown}{top} is less than {y}, so borrow ten: "
                          f"{top + 10} - {y} = {d}.")
@@ -170,17 +183,18 @@ def _units(rng: random.Random) -> Row:
         mistake = f"took 1 {one} as {wrong_factor} {small}"
     else:
         n, k = rng.randint(2, 12), rng.randint(1, factor - 1)
-        prompt = rng.choice(("How many {small} are in {n} {big} and {k} {small}?",
-                             "Write {n} {big} and {k} {small} in {small}.")).format(n=n, k=k, big=big, small=small)
+        rest = _count(k, small)
+        prompt = rng.choice(("How many {small} are in {n} {big} and {rest}?",
+                             "Write {n} {big} and {rest} in {small}.")).format(n=n, rest=rest, big=big, small=small)
 
         def say(f: int, add: bool = True) -> tuple[str, int]:
             head = f"1 {one} is {f} {small}, so {n} × {f} = {n * f} {small}."
-            return (f"{head} Add the {k} {small}: {n * f} + {k} = {n * f + k}.", n * f + k) if add else (head, n * f)
+            return (f"{head} Add the {rest}: {n * f} + {k} = {n * f + k}.", n * f + k) if add else (head, n * f)
         working, answer = say(factor)
         if rng.random() < 0.5:
             (wrong_working, wrong), mistake = say(wrong_factor), f"took 1 {one} as {wrong_factor} {small}"
         else:
-            (wrong_working, wrong), mistake = say(factor, add=False), f"left out the {k} {small}"
+            (wrong_working, wrong), mistake = say(factor, add=False), f"left out the {rest}"
     if answer == wrong:  # a confusion that changes nothing is no mistake: draw again
         return _units(rng)
     return _row(prompt, working, answer, wrong_working, wrong, mistake)
@@ -214,8 +228,11 @@ def _word_maker() -> Callable[[random.Random], Row]:
 def generate(seed: int = SEED) -> dict[tuple[str, str], list[Row]]:
     """{(task, split): rows}, each row with prompt, chosen, rejected, answer and the rejected reply's `mistake`."""
     rng = random.Random(seed)
-    seen = {json.loads(line)["prompt"] for name in ("arith_train", "arith_eval")
-            for line in (HERE / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()}
+    # a problem is its prompt and its worked solution: "Convert 24 weeks to days." and "How many days are in 24 weeks?"
+    # are one problem (the same chosen reply), as are two word problems that differ only in a name
+    arith = [json.loads(line) for name in ("arith_train", "arith_eval")
+             for line in (HERE / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+    seen = {row["prompt"] for row in arith} | {_solution(row) for row in arith}
     makers = {"word": _word_maker(), "columns": _columns, "units": _units}
     out: dict[tuple[str, str], list[Row]] = {}
     for task in TASKS:
@@ -225,13 +242,18 @@ def generate(seed: int = SEED) -> dict[tuple[str, str], list[Row]]:
                 if len(rows) == n:
                     break
                 row = makers[task](rng)
-                if row["prompt"] not in seen:
-                    seen.add(row["prompt"])
+                if row["prompt"] not in seen and _solution(row) not in seen:
+                    seen.update((row["prompt"], _solution(row)))
                     rows.append(row)
             else:
                 raise RuntimeError(f"{task}: too few distinct prompts for {split}; widen the templates")
             out[task, split] = rows
     return out
+
+
+def _solution(row: Row) -> str:
+    """The worked solution without the names in it: two word problems that differ only in who has the apples are one."""
+    return re.sub(r"\b(" + "|".join(arithmetic.NAMES) + r")\b", "NAME", row["chosen"])
 
 
 def main() -> None:

@@ -36,6 +36,28 @@ def test_three_tasks_with_at_least_500_problems_in_validation_and_test_and_no_pr
                 prompts[row["prompt"]] = (task, split)
 
 
+def test_no_problem_comes_back_in_other_words_or_with_other_names():
+    """'Convert 24 weeks to days.' and 'How many days are in 24 weeks?' are one problem (one worked solution), as are two
+    word problems that differ only in a name: each is in one split of one task at most, and not in the arith files."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name in ("arith_train", "arith_eval"):
+        for line in (tasks.HERE / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            seen[tasks._solution(json.loads(line))] = (name, "")
+    for task in tasks.TASKS:
+        for split in tasks.SPLITS:
+            for row in shipped(task, split):
+                solution = tasks._solution(row)
+                assert solution not in seen, (row["prompt"], seen.get(solution), task, split)
+                seen[solution] = (task, split)
+
+
+def test_a_count_of_one_is_singular():
+    assert (tasks._count(1, "feet"), tasks._count(3, "feet"), tasks._count(1, "inches")) == ("1 foot", "3 feet", "1 inch")
+    one = re.compile(r"\b1 (" + "|".join(tasks.SINGULAR) + r")\b")
+    assert not [row["prompt"] for split in tasks.SPLITS for row in shipped("units", split)
+                if one.search(row["prompt"] + row["chosen"] + row["rejected"])]
+
+
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_chosen_replies_are_right_and_rejected_ones_wrong_by_the_checker(task):
     for split in tasks.SPLITS:

@@ -125,6 +125,8 @@ def test_the_table_has_a_row_per_evaluation_and_each_seed_in_each_cell(bench, cu
     assert lines[3] == "| 19 | 0.25 | 20.0 / 10.0 / 15.0 (mean 15.0, 95% CI 2.6–27.4) | 25.0 |"
     assert lines[4] == "| 38 | 0.51 | 30.0 / 20.0 / – (mean 25.0, 95% CI 0.0–88.5) | 5.0 |"  # 2 seeds: t = 12.7
     assert lines[5] == "| best mean | | **25.0** at step 38 | **25.0** at step 19 |" and len(lines) == 6
+    reported = bench.markdown(curves, choose=False).splitlines()  # on test data: the end of training, not the best step
+    assert reported[:5] == lines[:5] and reported[5] == "| end of training | | **25.0** at step 38 | **5.0** at step 38 |"
 
 
 def test_the_figure_draws_each_mean_its_range_and_the_base_model(bench, curves, tmp_path, monkeypatch):
