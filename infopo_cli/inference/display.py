@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from infopo_cli.reporting.intervals import verdict
+
 SHOWN_ROWS = 5      # replies shown on screen; the .md/.jsonl files hold all
 SHOWN_CHARS = 160
 
@@ -33,9 +35,8 @@ def accuracy_text(side: dict[str, Any], with_answer: int) -> str:
 
 def paired_text(paired: dict[str, Any]) -> str:
     """What the paired test says, in one sentence."""
-    verdict = "a real difference" if paired["real"] else "within chance"
     return (f"right only after tuning: {paired['tuned_only']}, only before: {paired['base_only']} "
-            f"(McNemar p = {paired['p_value']:.3g}: {verdict})")
+            f"(McNemar p = {paired['p_value']:.3g}: {verdict(paired['real'])})")
 
 
 def print_eval(console: Console, result) -> None:

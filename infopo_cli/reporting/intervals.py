@@ -63,6 +63,11 @@ class Paired:
         return self.p_value < 0.05
 
 
+def verdict(real: bool) -> str:
+    """How a paired difference reads in a table or a sentence."""
+    return "a real difference" if real else "within chance"
+
+
 def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> Paired:
     """McNemar's exact test on per-problem right/wrong of two runs over the same problems, in the same order."""
     if len(first) != len(second):

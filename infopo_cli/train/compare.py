@@ -204,17 +204,33 @@ def evaluate_all(parent: Path, folders: list[Path], evaluate: Callable[[Path], A
 
 
 def eval_markdown(results: list[tuple[str, Any]]) -> str:
-    """One table over the runs' `infopo eval --generate` results: preference accuracy and answers, base vs tuned."""
+    """One table over the runs' `infopo eval --generate` results: preference accuracy and answers, base vs tuned (with
+    the tuned accuracy's 95% interval); then each two runs on the same problems: how many only one of them answers
+    right, and McNemar's exact p (below 0.05 the difference is real, else within chance)."""
+    from infopo_cli.reporting.intervals import mcnemar, verdict
+
     def percent(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.0%}"
 
-    lines = ["| run | chosen log-prob change | held-out reward accuracy | answers base | answers tuned | replies changed |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | chosen log-prob change | held-out reward accuracy | answers base | answers tuned (95% interval) "
+             "| replies changed |", "|---|---|---|---|---|---|"]
     for name, result in results:
         preference, generation = result.preference or {}, result.generation or {}
         base, tuned = generation.get("base") or {}, generation.get("tuned") or {}
         change = preference.get("logp_change_chosen")
+        interval = tuned.get("interval")
         lines.append(f"| {name} | {'n/a' if change is None else f'{change:+.2f}'} | "
                      f"{percent(preference.get('reward_accuracy'))} | {percent(base.get('accuracy'))} | "
-                     f"{percent(tuned.get('accuracy'))} | {percent(generation.get('changed'))} |")
+                     f"{percent(tuned.get('accuracy'))}" + (f" ({interval[0]:.0%}-{interval[1]:.0%})" if interval else "")
+                     + f" | {percent(generation.get('changed'))} |")
+    scored = {name: [row["tuned"]["correct"] for row in result.rows or []
+                     if row.get("tuned") and row["tuned"]["correct"] is not None] for name, result in results}
+    pairs = [(a, b) for i, (a, _) in enumerate(results) for b, _ in results[i + 1:]
+             if scored[a] and len(scored[a]) == len(scored[b])]
+    if pairs:
+        lines += ["", "| run | against | right only in run | right only against | McNemar p | |", "|---|---|---|---|---|---|"]
+        for a, b in pairs:
+            test = mcnemar(scored[a], scored[b])
+            lines.append(f"| {a} | {b} | {test.only_first} | {test.only_second} | {test.p_value:.3g} | "
+                         f"{verdict(test.real)} |")
     return "\n".join(lines) + "\n"

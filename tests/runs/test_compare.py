@@ -85,3 +85,24 @@ def test_a_swept_value_is_typed_as_the_train_flag_is(tmp_path, tiny_model):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 runs under" in proc.stdout and "dpo-beta0.05, dpo-beta0.5" in proc.stdout
     assert "loss dpo (beta=0.05" in proc.stdout and not (tmp_path / "cmp").exists()
+
+
+def test_the_eval_table_pairs_the_runs_on_the_same_problems():
+    """`compare --generate`'s eval.md: each run's tuned accuracy with its interval, then each two runs with the
+    problems only one of them gets right and McNemar's p."""
+    from types import SimpleNamespace
+
+    from infopo_cli.reporting.intervals import wilson
+
+    def result(right: list[bool]) -> SimpleNamespace:
+        rows = [{"tuned": {"correct": r}, "base": {"correct": False}} for r in right]
+        tuned = {"accuracy": sum(right) / len(right), "interval": list(wilson(sum(right), len(right)))}
+        return SimpleNamespace(preference=None, rows=rows,
+                               generation={"base": {"accuracy": 0.0}, "tuned": tuned, "changed": 1.0})
+
+    a, b = [True] * 10 + [False] * 10, [False] * 20  # a gets 10 problems b misses; b none that a misses
+    table = compare.eval_markdown([("infopo", result(a)), ("dpo", result(b)), ("simpo", result(a))])
+    assert "| infopo | n/a | n/a | 0% | 50% (30%-70%) | 100% |" in table
+    assert "| infopo | dpo | 10 | 0 | 0.00195 | a real difference |" in table      # 2 / 2**10
+    assert "| infopo | simpo | 0 | 0 | 1 | within chance |" in table
+    assert "| dpo | simpo | 0 | 10 | 0.00195 | a real difference |" in table
