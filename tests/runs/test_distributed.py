@@ -21,7 +21,8 @@ from infopo_cli.train.distributed import World
 from infopo_cli.train.launch import without_nproc
 from infopo_cli.train.resume import resumed_config
 
-from conftest import weight_differences, write_pairs
+from conftest import (METRICS_ACROSS_PROCESSES, WEIGHTS_ACROSS_PROCESSES, first_difference, weight_differences,
+                      write_pairs)
 
 TOLERANCE = 5e-5  # float32 sums in another order; the adapter itself moves by ~0.1 in these steps
 
@@ -199,8 +200,9 @@ def test_an_out_of_memory_in_one_process_makes_every_process_recompute_and_chang
     assert "infopo run: completed" in said
     assert load_preset(str(run_dir / "config.toml")).gradient_checkpointing == "on"
     want, got = _adapter(runs["two"]), _adapter(run_dir)
-    assert not weight_differences(want, got), weight_differences(want, got)
+    assert not weight_differences(want, got, WEIGHTS_ACROSS_PROCESSES), weight_differences(want, got)
 
     def untimed(folder: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in _records(folder)]
-    assert untimed(run_dir) == untimed(runs["two"])
+    assert not first_difference(untimed(runs["two"]), untimed(run_dir), METRICS_ACROSS_PROCESSES), \
+        first_difference(untimed(runs["two"]), untimed(run_dir))

@@ -28,7 +28,8 @@ from infopo_cli.train import checkpoint, recipe
 from infopo_cli.train.recipe import TIMING_KEYS
 from infopo_cli.train.resume import resumed_config
 
-from conftest import at_forward, ctrl_c, first_difference, weight_differences
+from conftest import (METRICS_ACROSS_PROCESSES, WEIGHTS_ACROSS_PROCESSES, at_forward, ctrl_c, first_difference,
+                      weight_differences)
 
 # One forward pass of the policy per micro-batch: with grad_accum 2, calls 2k-1 and 2k make step k.
 PAUSING = """
@@ -84,7 +85,8 @@ def metrics(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def straight(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
-    """An uninterrupted run: the yardstick every stopped-and-resumed run must equal bit for bit."""
+    """An uninterrupted run: the yardstick every stopped-and-resumed run must equal (to the bounds a new process is held
+    to: conftest.WEIGHTS_ACROSS_PROCESSES)."""
     from conftest import write_pairs
 
     folder = tmp_path_factory.mktemp("straight")
@@ -100,7 +102,7 @@ def straight(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     (signal.SIGINT, 5, 130),                # Ctrl-C between the two micro-batches of step 3
     (signal.SIGTERM, 7, 143),               # `kill` between the two micro-batches of step 4
 ], ids=["SIGKILL", "SIGINT", "SIGTERM"])
-def test_stopped_and_resumed_equals_an_uninterrupted_run_bit_for_bit(straight, tmp_path, sig, pause_at_call, code):
+def test_stopped_and_resumed_equals_an_uninterrupted_run(straight, tmp_path, sig, pause_at_call, code):
     preset, reference = straight
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
     proc = subprocess.Popen(infopo_cmd("train", "--preset", str(preset), "--output", str(run_dir), pause_at_call=pause_at_call),
@@ -121,10 +123,10 @@ def test_stopped_and_resumed_equals_an_uninterrupted_run_bit_for_bit(straight, t
     resumed = subprocess.run(infopo_cmd("train", "--resume", str(run_dir)), capture_output=True, text=True,
                              env=run_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    differences = weight_differences(adapter(reference), adapter(run_dir))
+    differences = weight_differences(adapter(reference), adapter(run_dir), WEIGHTS_ACROSS_PROCESSES)
     assert not differences, (f"{differences}; {first_difference(metrics(reference), metrics(run_dir))}\n"
                              f"stopped run:\n{stderr[-1500:]}\nresumed run:\n{resumed.stderr[-1500:]}")
-    assert metrics(run_dir) == metrics(reference)
+    assert not first_difference(metrics(reference), metrics(run_dir), METRICS_ACROSS_PROCESSES)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6 and summary["eval_before"] and summary["eval_after"]
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # --keep-checkpoints 2
@@ -150,8 +152,10 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_still_resumes_exa
     resumed = subprocess.run(infopo_cmd("train", "--resume", str(run_dir)), capture_output=True, text=True,
                              env=run_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert not weight_differences(adapter(reference), adapter(run_dir)), weight_differences(adapter(reference), adapter(run_dir))
-    assert metrics(run_dir) == metrics(reference), first_difference(metrics(reference), metrics(run_dir))
+    assert not weight_differences(adapter(reference), adapter(run_dir), WEIGHTS_ACROSS_PROCESSES), \
+        weight_differences(adapter(reference), adapter(run_dir))
+    assert not first_difference(metrics(reference), metrics(run_dir), METRICS_ACROSS_PROCESSES), \
+        first_difference(metrics(reference), metrics(run_dir))
 
 
 # --- in-process: the same recipe, with the failure injected at a known step ------------------------------
@@ -166,6 +170,31 @@ def cfg_for(tiny_model, pairs_file, output, **kw) -> TrainConfig:
 
 def train_records(run_dir: Path) -> list[dict]:
     return [r for r in metrics(run_dir) if r["kind"] == "train"]
+
+
+def test_in_one_process_a_resume_is_bit_for_bit_and_the_bounds_for_a_new_process_still_catch_a_lost_rng_state(
+        tiny_model, pairs_file, tmp_path, monkeypatch):
+    """Resumed in the process that stopped, the run is the uninterrupted one bit for bit. The looser bounds a resume
+    in a new process is held to (conftest) are no blind spot: a resume that does not restore the RNG state (other
+    LoRA dropout masks from step 4 on) lands far outside them."""
+    straight = Path(recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / "straight", lora_dropout=0.1)).output)
+
+    def stopped_and_resumed(name: str, restore_rng=checkpoint.restore_rng) -> Path:
+        at_forward(monkeypatch, 6, ctrl_c)  # during step 3
+        assert recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / name, lora_dropout=0.1)).steps == 3
+        monkeypatch.undo()
+        monkeypatch.setattr(checkpoint, "restore_rng", restore_rng)
+        run_dir = tmp_path / name
+        assert recipe.train(load_preset(str(run_dir / "config.toml")), resume=run_dir).status == "completed"
+        monkeypatch.undo()
+        return run_dir
+
+    exact = stopped_and_resumed("exact")
+    assert not weight_differences(adapter(straight), adapter(exact))
+    assert metrics(exact) == metrics(straight)
+    lost = stopped_and_resumed("lost", restore_rng=lambda state: None)
+    assert weight_differences(adapter(straight), adapter(lost), atol=10 * WEIGHTS_ACROSS_PROCESSES)
+    assert first_difference(metrics(straight), metrics(lost), 10 * METRICS_ACROSS_PROCESSES)
 
 
 def test_a_resume_that_extends_the_run_keeps_the_learning_rate_continuous(tiny_model, pairs_file, tmp_path, monkeypatch):
