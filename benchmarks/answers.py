@@ -13,7 +13,8 @@ already compares every loss. Rerunning the same command skips the finished runs 
 exactly (`infopo train --resume`); `--seeds` and `--losses` run a part, and any part adds to the same OUT.
 
 `--task columns` trains on a bundled benchmark task's train split and scores its validation split (`--split test`
-to report; choose settings on validation only). `--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without
+to report; choose settings on validation only), with a budget of new tokens of twice the split's longest chosen reply in
+the model's tokens (`--set eval_max_new_tokens=N` to choose another). `--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without
 `LOSS:` it applies to every loss); settings that differ from the preset are part of each run's folder name,
 so several settings live side by side in one OUT. `--max-pairs`/`--max-eval` train and score on the first
 rows only (a smoke run). Writes OUT/answers.png (accuracy against steps: the mean over seeds as a line, their
@@ -176,6 +177,19 @@ def task_sources(task: str, split: str) -> dict[str, str]:
     if split not in ("validation", "test"):
         raise SystemExit(f"error: --split {split}: validation (to choose settings) or test (to report)")
     return {"data": f"bundled:{task}_train", "eval_data": f"bundled:{task}_{split}"}
+
+
+def answer_budget(eval_source: str, tokenizer: Any) -> int:
+    """New tokens enough for every scored reply to finish: twice the longest chosen reply of `eval_source` in the
+    model's tokens, as the default preset sizes its own (the columns task's worked replies run past its 128)."""
+    from infopo_cli.data.sources import read_rows
+
+    longest = max((len(tokenizer(row["chosen"], add_special_tokens=False)["input_ids"])
+                   for _, row in read_rows(eval_source) if isinstance(row, dict) and isinstance(row.get("chosen"), str)),
+                  default=0)
+    if not longest:
+        raise SystemExit(f"error: {eval_source} has no chosen reply to size the answer budget by")
+    return 2 * longest
 
 
 def slice_rows(spec: str, rows: int, folder: Path) -> str:
@@ -416,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.task:
             sources = data = task_sources(args.task, split)
             suffix = f"-{args.task}-{split}"
+            if not any("eval_max_new_tokens" in given for given in overrides.values()):  # a --set budget wins
+                from infopo_cli.model.source import resolve_source
+                from infopo_cli.model.stack import load_tokenizer
+
+                tokenizer = load_tokenizer(resolve_source(str(cfg.model), log=lambda line: None))
+                data = {**data, "eval_max_new_tokens": answer_budget(sources["eval_data"], tokenizer)}
         if args.max_pairs:
             data = {**data, "data": slice_rows(sources["data"], args.max_pairs, args.out / "data")}
             suffix += f"-{args.max_pairs}pairs"
@@ -434,8 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec0 = specs[0]
     console.print(f"[bold]answers benchmark[/]: {len(specs)} runs ({', '.join(losses)} x seeds "
                   f"{', '.join(map(str, seeds))}), {args.epochs:g} epoch(s) = {spec0.settings['max_steps']} steps, answers "
-                  f"scored every {spec0.settings['eval_generate_every']} steps (an epoch is {spec0.steps_per_epoch}) "
-                  f"-> {escape(str(args.out))}", highlight=False)
+                  f"scored every {spec0.settings['eval_generate_every']} steps (an epoch is {spec0.steps_per_epoch})"
+                  + (f", replies of up to {spec0.settings['eval_max_new_tokens']} new tokens"
+                     if "eval_max_new_tokens" in spec0.settings else "")
+                  + f" -> {escape(str(args.out))}", highlight=False)
     done_before = [s.name for s in specs if state_of(runs_dir / s.name) == "done"]
 
     from infopo_cli.train.progress import Reporter

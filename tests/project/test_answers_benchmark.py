@@ -53,6 +53,21 @@ def test_a_task_trains_on_its_train_split_and_scores_validation_unless_told_test
         bench.task_sources("word", "train")
 
 
+def test_a_tasks_answer_budget_lets_its_longest_chosen_reply_finish_twice_over(bench, tmp_path):
+    def words(text, add_special_tokens=False):  # a tokenizer of whitespace-separated words
+        return {"input_ids": text.split()}
+
+    rows = tmp_path / "heldout.jsonl"
+    rows.write_text('{"prompt": "p", "chosen": "a b c", "rejected": "x"}\n'
+                    '{"prompt": "q", "chosen": "a b c d e f g", "rejected": "y z"}\n', encoding="utf-8")
+    assert bench.answer_budget(str(rows), words) == 14
+    # the bundled columns task: its worked replies need more than the default preset's 128 new tokens
+    assert bench.answer_budget("bundled:columns_validation", words) > 128 // 2
+    rows.write_text('{"prompt": "p", "messages": []}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match="no chosen reply"):
+        bench.answer_budget(str(rows), words)
+
+
 def test_the_plan_runs_each_spec_as_a_train_run_in_its_own_folder(bench, tmp_path):
     from types import SimpleNamespace
 
