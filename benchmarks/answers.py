@@ -15,7 +15,8 @@ exactly (`infopo train --resume`); `--seeds` and `--losses` run a part, and any 
 `--task columns` trains on a bundled benchmark task's train split and scores its validation split (`--split test`
 to report; choose settings on validation only), with a budget of new tokens of twice the split's longest chosen reply in
 the model's tokens (`--set eval_max_new_tokens=N` to choose another). `--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without
-`LOSS:` it applies to every loss); settings that differ from the preset are part of each run's folder name,
+`LOSS:` it applies to every loss); settings that differ from the preset are part of each run's folder name (a
+--task's reply budget aside: a folder trained with another budget is refused, not reused),
 so several settings live side by side in one OUT. `--max-pairs`/`--max-eval` train and score on the first
 rows only (a smoke run). Writes OUT/answers.png (accuracy against steps: the mean over seeds as a line, their
 range as a band, one colour per loss) and OUT/answers.md (per loss, per seed, per evaluation point), prints
@@ -177,6 +178,28 @@ def task_sources(task: str, split: str) -> dict[str, str]:
     if split not in ("validation", "test"):
         raise SystemExit(f"error: --split {split}: validation (to choose settings) or test (to report)")
     return {"data": f"bundled:{task}_train", "eval_data": f"bundled:{task}_{split}"}
+
+
+def reply_budgets(specs: Sequence[RunSpec]) -> str:
+    """', replies of up to N new tokens' for the header (per loss where they differ; '' where the preset decides)."""
+    budgets = {s.loss: s.settings["eval_max_new_tokens"] for s in specs if "eval_max_new_tokens" in s.settings}
+    if not budgets:
+        return ""
+    if len(set(budgets.values())) == 1:
+        return f", replies of up to {next(iter(budgets.values()))} new tokens"
+    return ", replies of up to " + ", ".join(f"{n} ({loss})" for loss, n in budgets.items()) + " new tokens"
+
+
+def task_tokenizer(model: str) -> Any:
+    """The tokenizer of the model a --task run trains (the embedded default is converted once, as `infopo train` does)."""
+    from infopo_cli.errors import InfopoError
+    from infopo_cli.model.source import resolve_source
+    from infopo_cli.model.stack import load_tokenizer
+
+    try:
+        return load_tokenizer(resolve_source(model, log=lambda line: None))
+    except (InfopoError, OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot read the tokenizer of {model}: {str(err).splitlines()[0]}") from None
 
 
 def answer_budget(eval_source: str, tokenizer: Any) -> int:
@@ -430,12 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.task:
             sources = data = task_sources(args.task, split)
             suffix = f"-{args.task}-{split}"
-            if not any("eval_max_new_tokens" in given for given in overrides.values()):  # a --set budget wins
-                from infopo_cli.model.source import resolve_source
-                from infopo_cli.model.stack import load_tokenizer
-
-                tokenizer = load_tokenizer(resolve_source(str(cfg.model), log=lambda line: None))
-                data = {**data, "eval_max_new_tokens": answer_budget(sources["eval_data"], tokenizer)}
+            # the task's budget; a loss's own --set eval_max_new_tokens wins over it in `plan`
+            model = str(overrides.get(ALL, {}).get("model", cfg.model))
+            data = {**data, "eval_max_new_tokens": answer_budget(sources["eval_data"], task_tokenizer(model))}
         if args.max_pairs:
             data = {**data, "data": slice_rows(sources["data"], args.max_pairs, args.out / "data")}
             suffix += f"-{args.max_pairs}pairs"
@@ -455,8 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"[bold]answers benchmark[/]: {len(specs)} runs ({', '.join(losses)} x seeds "
                   f"{', '.join(map(str, seeds))}), {args.epochs:g} epoch(s) = {spec0.settings['max_steps']} steps, answers "
                   f"scored every {spec0.settings['eval_generate_every']} steps (an epoch is {spec0.steps_per_epoch})"
-                  + (f", replies of up to {spec0.settings['eval_max_new_tokens']} new tokens"
-                     if "eval_max_new_tokens" in spec0.settings else "")
+                  + reply_budgets(specs)
                   + f" -> {escape(str(args.out))}", highlight=False)
     done_before = [s.name for s in specs if state_of(runs_dir / s.name) == "done"]
 

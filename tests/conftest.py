@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -194,43 +195,45 @@ def ctrl_c() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-# A run carried on in a new process is held to these bounds, not bit for bit: torch's CPU kernels now and then round
-# one forward pass of a new process differently (seen with torch 2.13 and MKL 2024.2, in about one resumed process in
-# four under pytest: one worker thread's rotary-embedding cosines off by up to 1.5e-4 in its first step), which moves
-# the tiny test model's adapter by ~3e-6. Within one process a resume is compared bit for bit. A resume that loses its
-# RNG state, optimizer state or place in the data misses these bounds by far (tests/runs/test_reliability.py shows it).
+# A run carried on in a new process is held to these bounds, not bit for bit: now and then torch's CPU kernels compute
+# one forward pass of a new process slightly differently (seen with torch 2.13 and MKL 2024.2 in about one resumed
+# process in four under pytest, never within one process: one worker thread's rotary-embedding cosines off by up to
+# 1.5e-4 in its first step; cause not found), which moves the tiny test model's adapter weights by up to ~3e-6. Within
+# one process a resume is compared bit for bit. A resume that loses its RNG state, optimizer state or place in the
+# data misses these bounds by far (test_reliability.py shows each).
 WEIGHTS_ACROSS_PROCESSES = 2e-5   # largest |difference| of an adapter weight
-METRICS_ACROSS_PROCESSES = 1e-4   # |a - b| <= this * (1 + |b|) for a float metric; everything else equal
+METRICS_ACROSS_PROCESSES = 1e-4   # |a - b| <= this * (1 + |b|) for a measured float; everything else equal
+EXACT_METRICS = ("lr", "epoch")   # floats the schedule computes, not the model: equal in any process
 
 
 def weight_differences(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], atol: float = 0.0) -> str:
-    """'' when both state dicts hold the same tensors (bit for bit, or within `atol`), else which keys differ and by
-    how much (a rare mismatch in CI is then a diagnosis, not a bare `assert False`)."""
+    """'' when both state dicts hold the same tensors (bit for bit, or within `atol`; a NaN is never within), else
+    which keys differ and by how much (a rare mismatch in CI is then a diagnosis, not a bare `assert False`)."""
     if want.keys() != got.keys():
         return f"keys differ: missing {sorted(want.keys() - got.keys())[:3]}, extra {sorted(got.keys() - want.keys())[:3]}"
-    gaps = {k: float((want[k].float() - got[k].float()).abs().max()) for k in want
-            if want[k].shape == got[k].shape and not torch.equal(want[k], got[k])}
     shapes = [k for k in want if want[k].shape != got[k].shape]
-    differ = shapes + [k for k, gap in gaps.items() if gap > atol]
-    if not differ:
-        return ""
     if shapes:
         return f"{len(shapes)} tensors change shape, e.g. {shapes[0]}"
-    worst = max(differ, key=gaps.__getitem__)
-    return f"{len(differ)} of {len(want)} tensors differ; largest |diff| {gaps[worst]:.3g} in {worst}"
+    gaps = {k: float((want[k].float() - got[k].float()).abs().max()) for k in want if not torch.equal(want[k], got[k])}
+    differ = [k for k, gap in gaps.items() if not gap <= atol]  # NaN compares false: never within
+    if not differ:
+        return ""
+    worst = max(differ, key=lambda k: (math.isnan(gaps[k]), gaps[k]))
+    return (f"{len(differ)} of {len(want)} tensors differ{f' by more than {atol:g}' if atol else ''}; largest |diff| "
+            f"{gaps[worst]:.3g} in {worst}")
 
 
 def first_difference(want: list[dict], got: list[dict], tolerance: float = 0.0) -> str:
-    """The first metrics row where two runs part, for a failure message ('' when the rows are equal: float values
-    within `tolerance` * (1 + |value|), everything else exactly)."""
-    def same(a, b) -> bool:
-        if isinstance(a, float) and isinstance(b, float):
+    """The first metrics row where two runs part, for a failure message ('' when the rows are equal: measured float
+    values within `tolerance` * (1 + |value|), everything else exactly)."""
+    def same(key: str, a, b) -> bool:
+        if isinstance(a, float) and isinstance(b, float) and key not in EXACT_METRICS:
             return a == b or abs(a - b) <= tolerance * (1 + abs(b))
         return a == b
 
     for a, b in zip(want, got):
-        if a.keys() != b.keys() or not all(same(a[k], b[k]) for k in a):
-            return f"first differing row: {a} vs {b}"
+        if a.keys() != b.keys() or not all(same(k, a[k], b[k]) for k in a):
+            return f"first differing row{f' (beyond {tolerance:g})' if tolerance else ''}: {a} vs {b}"
     return "" if len(want) == len(got) else f"{len(want)} rows vs {len(got)}"
 
 
