@@ -47,10 +47,11 @@ def resolve_source(model: str, log: Callable[[str], None] = print) -> str:
         return str(embedded.ensure_converted(log))
     if model.startswith("embedded:"):
         raise ConfigError(f"unknown embedded model '{model}'; the embedded default is '{EMBEDDED_MODEL}'")
-    local = _checked_local(model)
-    if local is None:
-        return _from_hub(model)
-    return str(embedded.gguf_folder(local, log)) if local.is_file() else str(local)
+    with embedded.one_reader_per_file():  # the check and the conversion of a .gguf parse it once
+        local = _checked_local(model)
+        if local is None:
+            return _from_hub(model)
+        return str(embedded.gguf_folder(local, log)) if local.is_file() else str(local)
 
 
 def check_source(model: str) -> None:
@@ -68,7 +69,8 @@ def _checked_local(model: str) -> Path | None:
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{model}: a file, not a model; pass a model folder (with config.json), a .gguf file or a "
                              "hub id")
-        read_gguf(path)
+        if not (embedded.gguf_target(path) / "config.json").is_file():  # else it was read whole when converted
+            read_gguf(path)
         return path
     if path.is_dir():
         if not (path / "config.json").is_file():

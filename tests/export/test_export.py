@@ -255,8 +255,19 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     merged, tokenizer = merged_model(adapter_for("llama", tmp_path))
     path = tmp_path / "mine.gguf"
     write_gguf(merged, tokenizer, path, "f32", model_name="tiny")
+    import gguf
+    parsed, reader = [], gguf.GGUFReader
+
+    def counted(*args, **kwargs):
+        parsed.append(args)
+        return reader(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
     folder = resolve_source(str(path), log=lambda _: None)
+    assert len(parsed) == 1, "the check and transformers' three reads (tokenizer, config, weights) share one parse"
+    assert gguf.GGUFReader is counted  # the sharing ends with the conversion
     assert resolve_source(str(path), log=lambda _: pytest.fail("converted twice")) == folder
+    assert len(parsed) == 1, "a file converted before is not parsed again on the next run"
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(IDS).logits, merged(IDS).logits,
                                    atol=1e-4, rtol=0)
