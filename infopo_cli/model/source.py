@@ -69,8 +69,9 @@ def _checked_local(model: str) -> Path | None:
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{model}: a file, not a model; pass a model folder (with config.json), a .gguf file or a "
                              "hub id")
-        if not (embedded.gguf_target(path) / "config.json").is_file():  # else it was read whole when converted
+        if not _parsed_before(path):
             read_gguf(path)
+            _PARSED.add(_identity(path))
         return path
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -165,6 +166,25 @@ def check_no_remote_code(folder: Path | str, name: str | None = None) -> None:
     if tokenizer.get("auto_map") and not (isinstance(tokenizer_class, str) and tokenizer_class_from_name(tokenizer_class)):
         raise ModelError(f"{name}: its tokenizer_config.json asks to run the folder's own Python code (auto_map); "
                          f"{NEVER}")
+
+
+_PARSED: set[tuple[str, int, int]] = set()  # .gguf files (as they are now) this process has parsed whole
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _parsed_before(path: Path) -> bool:
+    """Whether this .gguf, as it is now, parsed whole before: in this process (a run's early check, then its load) or
+    when its cached conversion was made."""
+    if _identity(path) in _PARSED:
+        return True
+    try:
+        return (embedded.gguf_target(path) / "config.json").is_file()
+    except OSError:  # an unreadable INFOPO_HOME: the load will say so; the check itself still runs
+        return False
 
 
 def read_gguf(path: Path):

@@ -256,18 +256,24 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     path = tmp_path / "mine.gguf"
     write_gguf(merged, tokenizer, path, "f32", model_name="tiny")
     import gguf
-    parsed, reader = [], gguf.GGUFReader
+    from infopo_cli.model import source
 
-    def counted(*args, **kwargs):
+    parsed, reader, parse = [], gguf.GGUFReader, gguf.GGUFReader.__init__
+
+    def counted(self, *args, **kwargs):  # every real parse, however a caller reaches the class
         parsed.append(args)
-        return reader(*args, **kwargs)
+        parse(self, *args, **kwargs)
 
-    monkeypatch.setattr(gguf, "GGUFReader", counted)
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counted)
+    monkeypatch.setattr(source, "_PARSED", set())
+    source.check_source(str(path))  # a run's early check, before its load
     folder = resolve_source(str(path), log=lambda _: None)
-    assert len(parsed) == 1, "the check and transformers' three reads (tokenizer, config, weights) share one parse"
-    assert gguf.GGUFReader is counted  # the sharing ends with the conversion
+    assert len(parsed) == 2, "the check parses it; the conversion's reads (config, weights, ...) share one more parse"
+    assert gguf.GGUFReader is reader  # the sharing ends with the conversion
+    monkeypatch.setattr(source, "_PARSED", set())  # a new process
     assert resolve_source(str(path), log=lambda _: pytest.fail("converted twice")) == folder
-    assert len(parsed) == 1, "a file converted before is not parsed again on the next run"
+    source.check_source(str(path))
+    assert len(parsed) == 2, "a file converted before is not parsed again by a later run"
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(IDS).logits, merged(IDS).logits,
                                    atol=1e-4, rtol=0)
@@ -450,3 +456,22 @@ def test_each_gguf_library_type_gives_the_merged_models_greedy_answers(quant, sh
         found = agreement(answer_logits(merged, ids[0].tolist(), answer), answer_logits(exported, ids[0].tolist(), answer))
         agreed, total = agreed + found.same + found.ties, total + found.total
     assert total == 72 and agreed >= share * total, (agreed, total)
+
+
+def test_a_gguf_replaced_while_it_converts_is_not_kept_under_the_new_files_key(tmp_path, monkeypatch):
+    from infopo_cli.errors import ModelError
+    from infopo_cli.model import embedded
+
+    monkeypatch.setenv("INFOPO_HOME", str(tmp_path / "home"))
+    path = tmp_path / "mine.gguf"
+    path.write_bytes(b"old")
+
+    def convert_while_replaced(gguf, out):
+        (out / "config.json").write_text("{}")
+        path.write_bytes(b"the new download")  # a download finishing meanwhile
+
+    monkeypatch.setattr(embedded, "_convert", convert_while_replaced)
+    with pytest.raises(ModelError, match="changed while it was being converted; run the command again"):
+        embedded.gguf_folder(path, log=lambda _: None)
+    assert not (embedded.gguf_target(path) / "config.json").exists()
+    assert [p.name for p in (tmp_path / "home" / "models").iterdir()] == []  # nothing kept, no temporary left
