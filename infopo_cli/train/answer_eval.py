@@ -3,12 +3,16 @@
 At the start, every N steps and at the end, the policy answers the held-out prompts that carry a reference
 answer (an `answer` field, or the chosen reply's closing "The answer is N.", as `infopo eval` reads them)
 greedily, in batches; `metrics.jsonl` gets `eval/answers/accuracy` (exact match, `inference/answers.py`),
-`eval/answers/stopped` (share of replies that ended before the budget) and `eval/answers/new_tokens`.
+`eval/answers/stopped` (share of replies that ended before the budget) and `eval/answers/new_tokens`, and
+`answers/step-N.jsonl` gets every problem's reply and whether it was right, so two runs (or two steps) can be
+compared problem by problem (McNemar's test) rather than by their accuracies alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,9 +33,10 @@ def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], s
 
 
 @torch.no_grad()
-def answer_metrics(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max_new_tokens: int,
-                   batch_size: int) -> dict[str, float]:
-    """Greedy replies of the policy to `rows`, scored; the model's mode and the RNG are left as they were."""
+def answer_records(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max_new_tokens: int,
+                   batch_size: int) -> list[dict[str, Any]]:
+    """Greedy replies of the policy to `rows`, each scored (one record per row, in order); the model's mode and the
+    RNG are left as they were."""
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:
@@ -40,6 +45,20 @@ def answer_metrics(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max
     finally:
         restore_rng(rng)
         model.train(was_training)
-    return {"eval/answers/accuracy": sum(matches(r.text, row.answer) for r, row in zip(replies, rows)) / len(rows),
-            "eval/answers/stopped": sum(r.stopped for r in replies) / len(replies),
-            "eval/answers/new_tokens": sum(r.new_tokens for r in replies) / len(replies)}
+    return [{"where": row.where, "prompt": row.question, "answer": row.answer, "reply": reply.text,
+             "right": matches(reply.text, row.answer), "stopped": reply.stopped, "new_tokens": reply.new_tokens}
+            for row, reply in zip(rows, replies)]
+
+
+def answer_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The metrics.jsonl means of scored records (none without records)."""
+    if not records:
+        return {}
+    return {"eval/answers/accuracy": sum(r["right"] for r in records) / len(records),
+            "eval/answers/stopped": sum(r["stopped"] for r in records) / len(records),
+            "eval/answers/new_tokens": sum(r["new_tokens"] for r in records) / len(records)}
+
+
+def answers_file(run_dir: Path, step: int) -> Path:
+    """Where the replies scored at `step` go."""
+    return run_dir / "answers" / f"step-{step}.jsonl"

@@ -102,6 +102,14 @@ class World:
         *sums, total = self.sum_floats([means.get(k, 0.0) * n for k in keys] + [n])
         return {k: s / total for k, s in zip(keys, sums)} if total else {}
 
+    def gather(self, items: list[T]) -> list[list[T]]:
+        """Every rank's `items`, by rank, on every rank (small picklable values; [items] in a one-process run)."""
+        if not self.active:
+            return [items]
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, items)
+        return out
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (small picklable values: a path, a flag)."""
         if not self.active:

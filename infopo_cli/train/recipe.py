@@ -15,6 +15,7 @@ share; its `TrainState` (train/state.py) is what moves from step to step and wha
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import resource
@@ -469,12 +470,23 @@ class Run:
         metrics = self.world.sum_metrics(totals).means(prefix="eval/")
         if self.answers and (step in (0, self.total_steps) or step % self.cfg.eval_generate_every == 0):
             mine = self.world.shard(self.answers)
-            scored = answer_eval.answer_metrics(self.model, self.tokenizer, mine, self.cfg.eval_max_new_tokens,
-                                                self.cfg.eval_batch_size) if mine else {}
-            metrics.update(self.world.mean_over_ranks(scored, len(mine), answer_eval.KEYS))
+            records = answer_eval.answer_records(self.model, self.tokenizer, mine, self.cfg.eval_max_new_tokens,
+                                                 self.cfg.eval_batch_size) if mine else []
+            metrics.update(self.world.mean_over_ranks(answer_eval.answer_metrics(records), len(mine), answer_eval.KEYS))
+            self._write_answers(step, records)
         self.log.write({"kind": "eval", "step": step, **metrics})
         self.report.evaluation(step, metrics, time.perf_counter() - t)
         return None
+
+    def _write_answers(self, step: int, records: list[dict[str, Any]]) -> None:
+        """answers/step-N.jsonl: every held-out problem's reply at `step`, in the held-out set's order (rank r scored
+        every size-th problem from r, so the ranks' shares interleave back)."""
+        shares = self.world.gather(records)
+        if not self.world.is_main:
+            return
+        ordered = [share[i] for i in range(max(map(len, shares))) for share in shares if i < len(share)]
+        files.write_text(answer_eval.answers_file(self.run_dir, step),
+                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
 
     def save(self, rng: dict[str, Any]) -> None:
         """checkpoint-STEP of `state` and `rng` (the RNG states at this boundary), reported. Every process holds the same

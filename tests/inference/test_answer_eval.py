@@ -31,6 +31,11 @@ def test_answers_are_scored_at_the_start_every_n_steps_and_at_the_end(tiny_model
     recipe.train(cfg)
     evals = [r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 3] and all("eval/answers/accuracy" in r for r in evals)
+    # every problem's reply at every evaluation, in the held-out file's order, agreeing with the logged accuracy
+    for record in evals:
+        scored = [json.loads(line) for line in answer_eval.answers_file(tmp_path / "out", record["step"]).read_text().splitlines()]
+        assert [r["where"] for r in scored] == [f"{held_out}:{i}" for i in range(1, 7)]
+        assert sum(r["right"] for r in scored) / 6 == record["eval/answers/accuracy"]
     # the last figures are the trained adapter's own greedy answers, as `infopo eval --generate` gives them
     from infopo_cli.workflows.evaluation import EvalRequest, evaluate
     from infopo_cli.inference.generation import Sampling
@@ -50,5 +55,27 @@ def test_the_scores_are_exact_match_stopped_share_and_reply_length(monkeypatch):
             PromptRow("f:3", [{"role": "user", "content": "q"}], "Paris", "answer")]
     replies = [Reply("So the answer is 42.", 6, True), Reply("It is 8", 3, False), Reply("paris.", 2, True)]
     monkeypatch.setattr(answer_eval, "generate", lambda *a, **k: replies)
-    got = answer_eval.answer_metrics(torch.nn.Linear(1, 1), None, rows, 8, 2)
+    records = answer_eval.answer_records(torch.nn.Linear(1, 1), None, rows, 8, 2)
+    assert [(r["where"], r["answer"], r["right"], r["stopped"]) for r in records] == [
+        ("f:1", 42, True, True), ("f:2", 7, False, False), ("f:3", "Paris", True, True)]
+    assert records[1]["reply"] == "It is 8" and records[0]["prompt"] == "q"
+    got = answer_eval.answer_metrics(records)
     assert got == {"eval/answers/accuracy": 2 / 3, "eval/answers/stopped": 2 / 3, "eval/answers/new_tokens": 11 / 3}
+    assert answer_eval.answer_metrics([]) == {}
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_the_ranks_shares_of_scored_answers_are_written_back_in_the_held_out_order(tmp_path, ranks):
+    from types import SimpleNamespace
+
+    from infopo_cli.train.distributed import World
+
+    records = [{"where": f"f:{i}", "right": i % 2 == 0} for i in range(1, 8)]
+    shares = [World(rank=r, size=ranks).shard(records) for r in range(ranks)]
+    world = SimpleNamespace(gather=lambda mine: shares, is_main=True)
+    recipe.Run._write_answers(SimpleNamespace(world=world, run_dir=tmp_path), 5, shares[0])
+    written = [json.loads(line) for line in answer_eval.answers_file(tmp_path, 5).read_text().splitlines()]
+    assert written == records
+    world.is_main = False  # only rank 0 writes
+    recipe.Run._write_answers(SimpleNamespace(world=world, run_dir=tmp_path), 6, shares[0])
+    assert not answer_eval.answers_file(tmp_path, 6).exists()

@@ -24,6 +24,7 @@ from infopo_cli.train.resume import resumed_config
 from conftest import (METRICS_ACROSS_PROCESSES, WEIGHTS_ACROSS_PROCESSES, first_difference, weight_differences,
                       write_pairs)
 
+ANSWERS = ["--eval-generate-every", "4", "--eval-max-new-tokens", "3"]  # the held-out answers scored, too
 TOLERANCE = 5e-5  # float32 sums in another order; the adapter itself moves by ~0.1 in these steps
 
 
@@ -57,11 +58,14 @@ def _records(folder: Path) -> list[dict]:
 def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """One torchrun run on 2 gloo processes (global batch 2 x 1 x 2) and one single-process run of 2 x 2."""
     folder = tmp_path_factory.mktemp("ddp")
-    data, eval_data = write_pairs(folder / "pairs.jsonl", 24), write_pairs(folder / "eval.jsonl", 12, seed=1)
+    data, eval_data = write_pairs(folder / "pairs.jsonl", 24), write_pairs(folder / "eval.jsonl", 11, seed=1)
+    with_answers = [{**row, "answer": row["chosen"].split(" = ")[1].rstrip(".")}
+                    for row in map(json.loads, eval_data.read_text().splitlines())]
+    eval_data.write_text("".join(json.dumps(row) + "\n" for row in with_answers))
     two, one = folder / "out-2" / "run", folder / "out-1" / "run"
     launched = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                     "-m", "infopo_cli", *_flags(tiny_model, data, eval_data, two)])
-    _run([sys.executable, "-m", "infopo_cli", *_flags(tiny_model, data, eval_data, one), "--grad-accum", "2"])
+                     "-m", "infopo_cli", *_flags(tiny_model, data, eval_data, two), *ANSWERS])
+    _run([sys.executable, "-m", "infopo_cli", *_flags(tiny_model, data, eval_data, one), "--grad-accum", "2", *ANSWERS])
     return {"two": two, "one": one, "data": data, "eval": eval_data, "model": tiny_model, "log": launched.stdout}
 
 
@@ -78,6 +82,14 @@ def test_two_processes_train_the_adapter_of_one_process_on_the_same_global_batch
         for key in ("loss", "eval/loss", "eval/logps/chosen", "rewards/margins"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_two_processes_score_every_held_out_answer_once_in_the_held_out_order(runs):
+    for step in (0, 4):
+        scored = [json.loads(line) for line in (runs["two"] / "answers" / f"step-{step}.jsonl").read_text().splitlines()]
+        assert [r["where"] for r in scored] == [f"{runs['eval']}:{i}" for i in range(1, 12)]  # 11: shares of 6 and 5
+        logged = next(r for r in _records(runs["two"]) if r["kind"] == "eval" and r["step"] == step)
+        assert logged["eval/answers/accuracy"] == pytest.approx(sum(r["right"] for r in scored) / 11)
 
 
 def test_two_processes_write_one_set_of_outputs(runs):
@@ -192,7 +204,7 @@ def test_an_out_of_memory_in_one_process_makes_every_process_recompute_and_chang
     script, run_dir = tmp_path / "out_of_memory_on_rank_1.py", tmp_path / "out" / "run"
     script.write_text(OUT_OF_MEMORY_ON_RANK_1)
     out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-                *_flags(runs["model"], runs["data"], runs["eval"], run_dir), "--gradient-checkpointing", "auto"])
+                *_flags(runs["model"], runs["data"], runs["eval"], run_dir), *ANSWERS, "--gradient-checkpointing", "auto"])
     said = " ".join(out.stdout.split())
     assert said.count("out of memory at step 3") == 1, said  # rank 1's own note is silenced: rank 0's, once
     assert ("out of memory at step 3 in another process, which ran the step again: every layer recomputed on every "
