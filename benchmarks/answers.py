@@ -2,7 +2,7 @@
 
     python benchmarks/answers.py [--losses infopo,dpo,simpo,rmipo] [--seeds 42,1,7] [--epochs 3] [--out DIR]
                                  [--set LOSS:KEY=V,KEY=V ...] [--evals-per-epoch 4] [--max-pairs N] [--max-eval N]
-                                 [--task word|columns|units [--split validation|test]]
+                                 [--task word,columns,units [--split validation|test]]
 
 Every (loss, seed) is an ordinary `infopo train` run of the default preset (embedded SmolLM2-135M-Instruct,
 NF4 + LoRA, the bundled 600 training pairs and 150 held-out problems) in its own folder under OUT/runs/, trained
@@ -13,9 +13,13 @@ already compares every loss. Rerunning the same command skips the finished runs 
 exactly (`infopo train --resume`); `--seeds` and `--losses` run a part, and any part adds to the same OUT.
 
 `--task columns` trains on a bundled benchmark task's train split and scores its validation split (`--split test`
-to report; choose settings on validation only), with a budget of new tokens of twice the split's longest chosen reply in
-the model's tokens (`--set eval_max_new_tokens=N` to choose another). `--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without
-`LOSS:` it applies to every loss); settings that differ from the preset are part of each run's folder name (a
+to report; choose settings on validation only); `--task word,columns,units` does each in OUT/TASK and pools them in
+OUT/answers.md. Each table ends problem by problem (from the runs' answers/step-N.jsonl): every run's accuracy with
+its 95% Wilson interval, and the first of --losses against each other one on the same problems, McNemar's exact
+test per seed and over all seeds; a difference counts as real only where p < 0.05. A task's replies may run to twice
+its split's longest chosen reply in the model's tokens (`--set eval_max_new_tokens=N` to choose another).
+`--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without `LOSS:`
+it applies to every loss); settings that differ from the preset are part of each run's folder name (a
 --task's reply budget aside: a folder trained with another budget is refused, not reused),
 so several settings live side by side in one OUT. `--max-pairs`/`--max-eval` train and score on the first
 rows only (a smoke run). Writes OUT/answers.png (accuracy against steps: the mean over seeds as a line, their
@@ -381,6 +385,86 @@ def curves_of(specs: Sequence[RunSpec], runs_dir: Path) -> list[Curve]:
     return out
 
 
+# ---------------------------------------------------------------- problem by problem
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One run's answers at the step it is reported at, each problem right or wrong, in the held-out order."""
+
+    loss: str
+    seed: int
+    task: str
+    step: int
+    right: list[bool]
+
+
+def scored(run_dir: Path, step: int) -> list[bool] | None:
+    """Each held-out problem right or wrong at `step` (the run's answers/step-N.jsonl); None where the run did not
+    write it (trained before infopo wrote them)."""
+    import json
+
+    path = run_dir / "answers" / f"step-{step}.jsonl"
+    if not path.is_file():
+        return None
+    return [bool(json.loads(line)["right"]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def scored_runs(specs: Sequence[RunSpec], curves: Sequence[Curve], runs_dir: Path, choose: bool,
+                task: str = "") -> list[Scored]:
+    """Every run's answers at its loss's reported step: the best mean step (`choose`, on validation) or the end of
+    training (on test)."""
+    out = []
+    for curve_, loss in zip(curves, dict.fromkeys(s.loss for s in specs)):
+        point = curve_.best() if choose else (curve_.points[-1] if curve_.points else None)
+        if point is None:
+            continue
+        for spec in specs:
+            if spec.loss == loss and (right := scored(runs_dir / spec.name, point.step)) is not None:
+                out.append(Scored(loss, spec.seed, task, point.step, right))
+    return out
+
+
+def problem_tables(runs: Sequence[Scored]) -> str:
+    """Each run's accuracy with its 95% Wilson interval; then the first loss against each other one on the same
+    problems (the same task and seed): how many only one of the two gets right and McNemar's exact p, per seed (its
+    tasks together) and over all seeds, each problem counted once per seed. A difference is real only where p < 0.05."""
+    from infopo_cli.reporting.intervals import mcnemar, verdict, wilson
+
+    tasks = any(r.task for r in runs)
+    lines = ["| loss |" + (" task |" if tasks else "") + " seed | step | right | accuracy, 95% CI |",
+             "|---|" + ("---|" if tasks else "") + "---:|---:|---:|---|"]
+    rows = [(r.loss, r.task, r.seed, str(r.step), r.right) for r in runs]
+    if len({r.task for r in runs}) > 1:  # each loss and seed over every task, too
+        for loss, seed in dict.fromkeys((r.loss, r.seed) for r in runs):
+            rows.append((loss, "all", seed, "", [x for r in runs if (r.loss, r.seed) == (loss, seed) for x in r.right]))
+    for loss, task, seed, step, right in rows:
+        k, n = sum(right), len(right)
+        low, high = wilson(k, n)
+        lines.append(f"| {loss} |" + (f" {task} |" if tasks else "") + f" {seed} | {step} | {k} / {n} | "
+                     f"{percent(k / n if n else 0.0)} ({percent(low)}–{percent(high)}) |")
+    losses = list(dict.fromkeys(r.loss for r in runs))
+    by = {(r.loss, r.task, r.seed): r.right for r in runs}
+    if len(losses) > 1:
+        first = losses[0]
+        lines += ["", f"| {first} against | seed | problems | only {first} right | only the other right | McNemar p | |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for other in losses[1:]:
+            shared = [key[1:] for key in by if key[0] == other and (first, *key[1:]) in by]  # in the runs' order
+            seeds = list(dict.fromkeys(key[1] for key in shared))
+            groups = [(str(seed), [key for key in shared if key[1] == seed]) for seed in seeds]
+            for label, keys in groups + ([("all", shared)] if len(seeds) > 1 else []):
+                a = [x for key in keys for x in by[(first, *key)]]
+                b = [x for key in keys for x in by[(other, *key)]]
+                if len(a) != len(b):
+                    raise SystemExit(f"error: {first} and {other} were scored on different problems; compare runs of "
+                                     "one held-out set")
+                pair = mcnemar(a, b)
+                lines.append(f"| {other} | {label} | {len(a)} | {pair.only_first} | {pair.only_second} | "
+                             f"{pair.p_value:.3g} | {verdict(pair.real)} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -412,7 +496,8 @@ def run_plan(specs: Sequence[RunSpec], runs_dir: Path, preset: str, train: Calla
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--losses", default=",".join(LOSSES), help="comma list (default %(default)s)")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="comma list (default %(default)s); the first is the "
+                        "one the others are compared with problem by problem")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list (default %(default)s)")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--evals-per-epoch", type=int, default=4,
@@ -421,8 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[LOSS:]KEY=V[,KEY=V]",
                         help="train settings of one loss (or of all), e.g. infopo:beta=0.5,lr=1e-5; repeatable")
     parser.add_argument("--preset", default=None, help="preset (default: infopo's default, smollm2-135m)")
-    parser.add_argument("--task", default=None, help="a bundled benchmark task (word, columns, units): train on its "
-                        "train split, score on --split (default: the preset's data)")
+    parser.add_argument("--task", default=None, help="bundled benchmark tasks, a comma list (word, columns, units): "
+                        "train on each one's train split, score on --split (default: the preset's data); several "
+                        "tasks go to OUT/TASK each, and OUT/answers.md pools them")
     parser.add_argument("--split", default=None, help="with --task: validation (choose settings, the default) or test "
                         "(report: the table gives each run's end of training, not its best step)")
     parser.add_argument("--max-pairs", type=int, default=None, help="train on the first N pairs only (smoke run)")
@@ -432,62 +518,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from infopo_cli import presets
-    from infopo_cli.errors import InfopoError
-    from infopo_cli.train.compare import state_of
-
     console = Console()
     t0 = time.perf_counter()
-    preset = args.preset or presets.DEFAULT_PRESET
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if not losses or not seeds or len(set(losses)) != len(losses) or len(set(seeds)) != len(seeds):
         raise SystemExit("error: name each loss and each seed once (--losses a,b --seeds 42,1)")
+    if args.split and not args.task:
+        raise SystemExit("error: --split picks a split of a --task; the preset's data has its own held-out set")
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()] if args.task else [None]
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise SystemExit("error: name each task once (--task word,columns,units)")
+    pooled: list[Scored] = []
+    for task in tasks:
+        out = args.out / task if task and len(tasks) > 1 else args.out
+        code, scored_here = benchmark(args, losses, seeds, task, out, console, t0)
+        if code:
+            return code
+        pooled += scored_here
+    if len(tasks) > 1:
+        title = (f"Answers of {', '.join(tasks)} pooled ({args.split or 'validation'} split; "
+                 f"{len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.epochs:g} epoch{'s' * (args.epochs != 1)})")
+        text = f"{title}: each task's table is in OUT/TASK/answers.md.\n\n" + problem_tables(pooled)
+        (args.out / "answers.md").write_text(text, encoding="utf-8")
+        sys.stdout.write("\n" + text + "\n")
+        console.print(f"pooled table -> {escape(str(args.out / 'answers.md'))}", highlight=False)
+    return 0
+
+
+def benchmark(args: argparse.Namespace, losses: list[str], seeds: list[int], task: str | None, out: Path, console,
+              t0: float) -> tuple[int, list[Scored]]:
+    """Plan, train what is not done, and tabulate one task (or the preset's data) into `out`; (exit code, the
+    runs' per-problem answers at the reported step)."""
+    from rich.markup import escape
+
+    from infopo_cli import presets
+    from infopo_cli.errors import InfopoError
+    from infopo_cli.train.compare import state_of
+
+    preset = args.preset or presets.DEFAULT_PRESET
+    split = args.split or "validation"
     try:
         overrides = parse_settings(args.settings)
         cfg = presets.load_preset(preset)
         data, suffix = {}, ""
         sources = {"data": str(cfg.data), "eval_data": str(cfg.eval_data)}
-        if args.split and not args.task:
-            raise SystemExit("error: --split picks a split of a --task; the preset's data has its own held-out set")
-        split = args.split or "validation"
-        if args.task:
-            sources = data = task_sources(args.task, split)
-            suffix = f"-{args.task}-{split}"
+        if task:
+            sources = data = task_sources(task, split)
+            suffix = f"-{task}-{split}"
             # the task's budget; a loss's own --set eval_max_new_tokens wins over it in `plan`
             model = str(overrides.get(ALL, {}).get("model", cfg.model))
             data = {**data, "eval_max_new_tokens": answer_budget(sources["eval_data"], task_tokenizer(model))}
         if args.max_pairs:
-            data = {**data, "data": slice_rows(sources["data"], args.max_pairs, args.out / "data")}
+            data = {**data, "data": slice_rows(sources["data"], args.max_pairs, out / "data")}
             suffix += f"-{args.max_pairs}pairs"
         if args.max_eval:
-            data = {**data, "eval_data": slice_rows(sources["eval_data"], args.max_eval, args.out / "data")}
+            data = {**data, "eval_data": slice_rows(sources["eval_data"], args.max_eval, out / "data")}
             suffix += f"-{args.max_eval}heldout"
         if args.evals_per_epoch < 1:
             raise SystemExit("error: --evals-per-epoch must be at least 1")
         if args.evals_per_epoch != 4:
             suffix += f"-{args.evals_per_epoch}evals"
         specs = plan(preset, losses, seeds, args.epochs, overrides, data, suffix, args.evals_per_epoch)
-        runs_dir = args.out / "runs"
+        runs_dir = out / "runs"
         check_folders(specs, runs_dir, preset)
     except InfopoError as err:
         raise SystemExit(f"error: {err}") from None
     spec0 = specs[0]
-    console.print(f"[bold]answers benchmark[/]: {len(specs)} runs ({', '.join(losses)} x seeds "
-                  f"{', '.join(map(str, seeds))}), {args.epochs:g} epoch(s) = {spec0.settings['max_steps']} steps, answers "
-                  f"scored every {spec0.settings['eval_generate_every']} steps (an epoch is {spec0.steps_per_epoch})"
-                  + reply_budgets(specs)
-                  + f" -> {escape(str(args.out))}", highlight=False)
+    console.print(f"[bold]answers benchmark[/]{f' ({task})' if task else ''}: {len(specs)} runs ({', '.join(losses)} x "
+                  f"seeds {', '.join(map(str, seeds))}), {args.epochs:g} epoch(s) = {spec0.settings['max_steps']} steps, "
+                  f"answers scored every {spec0.settings['eval_generate_every']} steps (an epoch is "
+                  f"{spec0.steps_per_epoch})" + reply_budgets(specs) + f" -> {escape(str(out))}", highlight=False)
     done_before = [s.name for s in specs if state_of(runs_dir / s.name) == "done"]
 
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train
     from infopo_cli.train.stops import StopNow
 
-    def halted(message: str, code: int) -> int:
+    def halted(message: str, code: int) -> tuple[int, list[Scored]]:
         console.print(f"[yellow]{escape(message)}[/]\n[yellow]rerun the same command to continue (finished runs are "
                       f"kept, the stopped one resumes)[/]; {minutes(time.perf_counter() - t0)} so far", highlight=False)
-        return code
+        return code, []
 
     try:
         stopped, seconds = run_plan(specs, runs_dir, preset,
@@ -497,28 +608,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return halted(str(stop), stop.exit_code)
     except InfopoError as err:
         return halted(f"error: {err}", err.exit_code)
-    total = time.perf_counter() - t0
     if stopped is not None:
         return halted(stopped.message, stopped.exit_code or 1)
 
     from infopo_cli.reporting.runs import read_run
 
+    choose = not (task and split == "test")
     curves = curves_of(specs, runs_dir)
+    answers = scored_runs(specs, curves, runs_dir, choose, task or "")
     problems = read_run(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
-    title = (f"Held-out answer accuracy during training ({preset}, {problems} held-out problems; {len(seeds)} seed"
-             f"{'s' * (len(seeds) > 1)}, {args.epochs:g} epoch{'s' * (args.epochs != 1)})")
-    table = (f"{title}: answer accuracy in % of the held-out problems.\n\n"
-             + markdown(curves, choose=not (args.task and split == "test")))
-    (args.out / "answers.md").write_text(table, encoding="utf-8")
-    drawn = plot(curves, args.out / "answers.png", title)
+    title = (f"Held-out answer accuracy during training ({preset}{f', {task} {split}' if task else ''}, {problems} "
+             f"held-out problems; {len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.epochs:g} "
+             f"epoch{'s' * (args.epochs != 1)})")
+    table = f"{title}: answer accuracy in % of the held-out problems.\n\n" + markdown(curves, choose=choose)
+    if answers:
+        table += ("\nProblem by problem, at each loss's " + ("best step" if choose else "end of training")
+                  + ":\n\n" + problem_tables(answers))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "answers.md").write_text(table, encoding="utf-8")
+    drawn = plot(curves, out / "answers.png", title)
     sys.stdout.write("\n" + table + "\n")
-    console.print(f"table -> {escape(str(args.out / 'answers.md'))}"
-                  + (f", figure -> {escape(str(args.out / 'answers.png'))}" if drawn
+    console.print(f"table -> {escape(str(out / 'answers.md'))}"
+                  + (f", figure -> {escape(str(out / 'answers.png'))}" if drawn
                      else " (figure skipped: matplotlib is not installed)"), highlight=False)
     trained = ", ".join(f"{name} {minutes(s)}" for name, s in seconds.items())
-    console.print(f"total {minutes(total)}: {len(seconds)} runs trained now ({trained or 'none'}), "
+    console.print(f"total {minutes(time.perf_counter() - t0)}: {len(seconds)} runs trained now ({trained or 'none'}), "
                   f"{len(done_before)} finished before and kept", highlight=False)
-    return 0
+    return 0, answers
 
 
 if __name__ == "__main__":

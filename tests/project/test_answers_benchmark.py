@@ -173,3 +173,41 @@ def test_the_figure_draws_each_mean_its_range_and_the_base_model(bench, curves, 
     base = means["base model (step 0): 12.0%"]
     assert list(base.get_xdata()) == [0] and list(base.get_ydata()) == pytest.approx([0.12])
     plt.close(drawn[0])
+
+
+def test_problem_by_problem_each_run_gets_its_interval_and_the_first_loss_a_paired_test_per_seed_and_pooled(bench):
+    infopo_42 = [True] * 10 + [False] * 10   # 10 / 20
+    dpo_42 = [True] * 2 + [False] * 18       # only infopo right on 8, only dpo on 0
+    infopo_1 = [True, False] * 10
+    dpo_1 = [False, True] * 10               # 10 each way
+    runs = [bench.Scored("infopo", 42, "units", 225, infopo_42), bench.Scored("dpo", 42, "units", 225, dpo_42),
+            bench.Scored("infopo", 1, "units", 225, infopo_1), bench.Scored("dpo", 1, "units", 225, dpo_1)]
+    lines = bench.problem_tables(runs).splitlines()
+    assert lines[0] == "| loss | task | seed | step | right | accuracy, 95% CI |"
+    assert lines[2] == "| infopo | units | 42 | 225 | 10 / 20 | 50.0 (29.9–70.1) |"  # Wilson, by hand below
+    assert lines[3] == "| dpo | units | 42 | 225 | 2 / 20 | 10.0 (2.8–30.1) |"
+    assert lines[9] == "| dpo | 42 | 20 | 8 | 0 | 0.00781 | a real difference |"  # 2 * 0.5**8
+    assert lines[10] == "| dpo | 1 | 20 | 10 | 10 | 1 | within chance |"
+    assert lines[11] == "| dpo | all | 40 | 18 | 10 | 0.185 | within chance |"  # 2 * P(X <= 10), X ~ B(28, 1/2)
+    pooled = bench.problem_tables([*runs, bench.Scored("infopo", 42, "word", 225, [True] * 5),
+                                   bench.Scored("dpo", 42, "word", 225, [False] * 5)]).splitlines()
+    assert "| infopo | all | 42 |  | 15 / 25 | 60.0 (40.7–76.6) |" in pooled  # each loss and seed over its tasks
+    assert "| dpo | 42 | 25 | 13 | 0 | 0.000244 | a real difference |" in pooled  # 2 * 0.5**13
+    with pytest.raises(SystemExit, match="different problems"):
+        bench.problem_tables([bench.Scored("infopo", 42, "", 5, [True]), bench.Scored("dpo", 42, "", 5, [True, False])])
+
+
+def test_the_reported_step_is_the_best_on_validation_and_the_end_on_test(bench, curves, tmp_path):
+    import json
+
+    infopo, dpo = curves
+    specs = [bench.RunSpec("infopo", 42, "i42", {}, 75), bench.RunSpec("dpo", 42, "d42", {}, 75)]
+    for name, step in (("i42", 38), ("d42", 19), ("d42", 38)):
+        (tmp_path / name / "answers").mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "answers" / f"step-{step}.jsonl").write_text(
+            "".join(json.dumps({"right": right}) + "\n" for right in (True, step == 38)))
+    chosen = bench.scored_runs(specs, curves, tmp_path, choose=True)
+    assert [(r.loss, r.step, r.right) for r in chosen] == [("infopo", 38, [True, True]), ("dpo", 19, [True, False])]
+    reported = bench.scored_runs(specs, curves, tmp_path, choose=False)
+    assert [(r.loss, r.step) for r in reported] == [("infopo", 38), ("dpo", 38)]
+    assert bench.scored(tmp_path / "i42", 19) is None  # a run without that file is left out, not counted wrong
