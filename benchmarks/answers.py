@@ -15,14 +15,15 @@ exactly (`infopo train --resume`); `--seeds` and `--losses` run a part, and any 
 `--task columns` trains on a bundled benchmark task's train split and scores its validation split (`--split test`
 to report; choose settings on validation only); `--task word,columns,units` does each in OUT/TASK and pools them in
 OUT/answers.md. Each table ends problem by problem (from the runs' answers/step-N.jsonl): every run's accuracy with
-its 95% Wilson interval, and the first of --losses against each other one on the same problems, McNemar's exact
-test per seed and over all seeds; a difference counts as real only where p < 0.05. A task's replies may run to twice
+its 95% Wilson interval, and the first of --losses against each other one on the same problems: McNemar's exact
+test per seed, and over all seeds a sign test counting each problem once; a difference counts as real only where
+p < 0.05 on the test split (on validation the step was chosen on those problems: exploratory). A task's replies may run to twice
 its split's longest chosen reply in the model's tokens (`--set eval_max_new_tokens=N` to choose another).
 `--set infopo:beta=0.5,lr=1e-5` changes a loss's settings (any `infopo train` setting, TOML values; without `LOSS:`
 it applies to every loss); settings that differ from the preset are part of each run's folder name (a
 --task's reply budget aside: a folder trained with another budget is refused, not reused),
 so several settings live side by side in one OUT. `--max-pairs`/`--max-eval` train and score on the first
-rows only (a smoke run). Writes OUT/answers.png (accuracy against steps: the mean over seeds as a line, their
+rows only (a smoke run). Writes (in OUT/TASK with several tasks) OUT/answers.png (accuracy against steps: the mean over seeds as a line, their
 range as a band, one colour per loss) and OUT/answers.md (per loss, per seed, per evaluation point), prints
 the table and the total time.
 
@@ -390,51 +391,62 @@ def curves_of(specs: Sequence[RunSpec], runs_dir: Path) -> list[Curve]:
 
 @dataclass(frozen=True)
 class Scored:
-    """One run's answers at the step it is reported at, each problem right or wrong, in the held-out order."""
+    """One run's answers at the step it is reported at, in the held-out order: each problem (FILE:LINE) and whether
+    the run got it right."""
 
     loss: str
     seed: int
     task: str
     step: int
-    right: list[bool]
+    problems: tuple[str, ...]
+    right: tuple[bool, ...]
 
 
-def scored(run_dir: Path, step: int) -> list[bool] | None:
-    """Each held-out problem right or wrong at `step` (the run's answers/step-N.jsonl); None where the run did not
-    write it (trained before infopo wrote them)."""
+def scored(run_dir: Path, step: int) -> tuple[tuple[str, ...], tuple[bool, ...]] | None:
+    """(problems, right or wrong) at `step` from the run's answers/step-N.jsonl; None where the run did not write it
+    (trained before infopo wrote them)."""
     import json
 
-    path = run_dir / "answers" / f"step-{step}.jsonl"
+    from infopo_cli.train.answer_eval import answers_file
+
+    path = answers_file(run_dir, step)
     if not path.is_file():
         return None
-    return [bool(json.loads(line)["right"]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tuple(r["where"] for r in records), tuple(bool(r["right"]) for r in records)
 
 
 def scored_runs(specs: Sequence[RunSpec], curves: Sequence[Curve], runs_dir: Path, choose: bool,
-                task: str = "") -> list[Scored]:
+                task: str = "") -> tuple[list[Scored], list[str]]:
     """Every run's answers at its loss's reported step: the best mean step (`choose`, on validation) or the end of
-    training (on test)."""
-    out = []
+    training (on test); and the runs without an answers file there, named."""
+    out, missing = [], []
     for curve_, loss in zip(curves, dict.fromkeys(s.loss for s in specs)):
         point = curve_.best() if choose else (curve_.points[-1] if curve_.points else None)
         if point is None:
             continue
         for spec in specs:
-            if spec.loss == loss and (right := scored(runs_dir / spec.name, point.step)) is not None:
-                out.append(Scored(loss, spec.seed, task, point.step, right))
-    return out
+            if spec.loss != loss:
+                continue
+            if (found := scored(runs_dir / spec.name, point.step)) is None:
+                missing.append(f"{spec.name} (step {point.step})")
+            else:
+                out.append(Scored(loss, spec.seed, task, point.step, *found))
+    return out, missing
 
 
-def problem_tables(runs: Sequence[Scored]) -> str:
-    """Each run's accuracy with its 95% Wilson interval; then the first loss against each other one on the same
-    problems (the same task and seed): how many only one of the two gets right and McNemar's exact p, per seed (its
-    tasks together) and over all seeds, each problem counted once per seed. A difference is real only where p < 0.05."""
-    from infopo_cli.reporting.intervals import mcnemar, verdict, wilson
+def problem_tables(runs: Sequence[Scored], first: str, choose: bool) -> str:
+    """Each run's accuracy with its 95% Wilson interval (and, over several tasks, each loss and seed over all of them);
+    then `first` against each other loss on the same problems: per seed (its tasks together) McNemar's exact test on
+    the problems only one of the two gets right, and over all seeds a sign test that counts each problem once (by how
+    many seeds each gets it right). A difference is real only where p < 0.05 on data no setting was chosen on: on
+    validation (`choose`) the reported step was picked on these very problems, so the p-values are exploratory."""
+    from infopo_cli.reporting.intervals import mcnemar, sign_test, verdict, wilson
 
     tasks = any(r.task for r in runs)
     lines = ["| loss |" + (" task |" if tasks else "") + " seed | step | right | accuracy, 95% CI |",
              "|---|" + ("---|" if tasks else "") + "---:|---:|---:|---|"]
-    rows = [(r.loss, r.task, r.seed, str(r.step), r.right) for r in runs]
+    rows = [(r.loss, r.task, r.seed, f"{r.step}{' (base model)' * (r.step == 0)}", r.right) for r in runs]
     if len({r.task for r in runs}) > 1:  # each loss and seed over every task, too
         for loss, seed in dict.fromkeys((r.loss, r.seed) for r in runs):
             rows.append((loss, "all", seed, "", [x for r in runs if (r.loss, r.seed) == (loss, seed) for x in r.right]))
@@ -443,26 +455,44 @@ def problem_tables(runs: Sequence[Scored]) -> str:
         low, high = wilson(k, n)
         lines.append(f"| {loss} |" + (f" {task} |" if tasks else "") + f" {seed} | {step} | {k} / {n} | "
                      f"{percent(k / n if n else 0.0)} ({percent(low)}–{percent(high)}) |")
-    losses = list(dict.fromkeys(r.loss for r in runs))
-    by = {(r.loss, r.task, r.seed): r.right for r in runs}
-    if len(losses) > 1:
-        first = losses[0]
-        lines += ["", f"| {first} against | seed | problems | only {first} right | only the other right | McNemar p | |",
-                  "|---|---|---:|---:|---:|---:|---|"]
-        for other in losses[1:]:
-            shared = [key[1:] for key in by if key[0] == other and (first, *key[1:]) in by]  # in the runs' order
-            seeds = list(dict.fromkeys(key[1] for key in shared))
-            groups = [(str(seed), [key for key in shared if key[1] == seed]) for seed in seeds]
-            for label, keys in groups + ([("all", shared)] if len(seeds) > 1 else []):
-                a = [x for key in keys for x in by[(first, *key)]]
-                b = [x for key in keys for x in by[(other, *key)]]
-                if len(a) != len(b):
-                    raise SystemExit(f"error: {first} and {other} were scored on different problems; compare runs of "
-                                     "one held-out set")
-                pair = mcnemar(a, b)
-                lines.append(f"| {other} | {label} | {len(a)} | {pair.only_first} | {pair.only_second} | "
-                             f"{pair.p_value:.3g} | {verdict(pair.real)} |")
+    by = {(r.loss, r.task, r.seed): r for r in runs}
+    others = [loss for loss in dict.fromkeys(r.loss for r in runs) if loss != first]
+    if not others or not any(r.loss == first for r in runs):
+        return "\n".join(lines) + "\n"
+    lines += ["", ("On validation the step was chosen on these problems: the p-values are exploratory, not tests. "
+                   if choose else "") + "Each p-value stands alone (no correction for the several comparisons).", "",
+              f"| {first} against | seeds | problems | only {first} right | only the other right | p | verdict |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for other in others:
+        shared = [key[1:] for key in by if key[0] == other and (first, *key[1:]) in by]  # (task, seed), runs' order
+        for key in shared:
+            if by[(first, *key)].problems != by[(other, *key)].problems:
+                raise SystemExit(f"error: {first} and {other} (seed {key[1]}) were scored on different problems; "
+                                 "compare runs of one held-out set")
+        seeds = list(dict.fromkeys(seed for _, seed in shared))
+        for seed in seeds:
+            keys = [key for key in shared if key[1] == seed]
+            pair = mcnemar([x for key in keys for x in by[(first, *key)].right],
+                           [x for key in keys for x in by[(other, *key)].right])
+            steps = {by[(loss, *key)].step for key in keys for loss in (first, other)}
+            lines.append(_paired_row(other, str(seed), sum(len(by[(first, *k)].right) for k in keys), pair, choose,
+                                     base_only=steps == {0}))
+        task_names = list(dict.fromkeys(task for task, _ in shared))
+        if len(seeds) > 1:  # the seeds every task has for both losses, each problem once
+            common = [seed for seed in seeds if all((task, seed) in shared for task in task_names)]
+            if len(common) > 1:
+                pair = sign_test(*[[[x for task in task_names for x in by[(loss, task, seed)].right] for seed in common]
+                                   for loss in (first, other)])
+                problems = sum(len(by[(first, task, common[0])].right) for task in task_names)
+                lines.append(_paired_row(other, f"{', '.join(map(str, common))} (sign test)", problems, pair, choose))
     return "\n".join(lines) + "\n"
+
+
+def _paired_row(other: str, seeds: str, problems: int, pair, choose: bool, base_only: bool = False) -> str:
+    from infopo_cli.reporting.intervals import verdict
+
+    said = ("both are the base model (step 0)" if base_only else "exploratory" if choose else verdict(pair.real))
+    return f"| {other} | {seeds} | {problems} | {pair.only_first} | {pair.only_second} | {pair.p_value:.3g} | {said} |"
 
 
 # ---------------------------------------------------------------- running
@@ -526,9 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: name each loss and each seed once (--losses a,b --seeds 42,1)")
     if args.split and not args.task:
         raise SystemExit("error: --split picks a split of a --task; the preset's data has its own held-out set")
-    tasks = [t.strip() for t in args.task.split(",") if t.strip()] if args.task else [None]
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()] if args.task is not None else [None]
     if not tasks or len(set(tasks)) != len(tasks):
         raise SystemExit("error: name each task once (--task word,columns,units)")
+    for task in tasks:  # every name and the split checked before hours of training on the first task
+        if task:
+            task_sources(task, args.split or "validation")
     pooled: list[Scored] = []
     for task in tasks:
         out = args.out / task if task and len(tasks) > 1 else args.out
@@ -537,9 +570,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         pooled += scored_here
     if len(tasks) > 1:
-        title = (f"Answers of {', '.join(tasks)} pooled ({args.split or 'validation'} split; "
+        split = args.split or "validation"
+        title = (f"Answers of {', '.join(tasks)} pooled ({split} split; "
                  f"{len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.epochs:g} epoch{'s' * (args.epochs != 1)})")
-        text = f"{title}: each task's table is in OUT/TASK/answers.md.\n\n" + problem_tables(pooled)
+        text = (f"{title}; each task's own table is in {', '.join(str(args.out / t / 'answers.md') for t in tasks)}.\n\n"
+                + (problem_tables(pooled, losses[0], split == "validation") if pooled
+                   else "No run has an answers file to pool.\n"))
         (args.out / "answers.md").write_text(text, encoding="utf-8")
         sys.stdout.write("\n" + text + "\n")
         console.print(f"pooled table -> {escape(str(args.out / 'answers.md'))}", highlight=False)
@@ -615,7 +651,7 @@ def benchmark(args: argparse.Namespace, losses: list[str], seeds: list[int], tas
 
     choose = not (task and split == "test")
     curves = curves_of(specs, runs_dir)
-    answers = scored_runs(specs, curves, runs_dir, choose, task or "")
+    answers, missing = scored_runs(specs, curves, runs_dir, choose, task or "")
     problems = read_run(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
     title = (f"Held-out answer accuracy during training ({preset}{f', {task} {split}' if task else ''}, {problems} "
              f"held-out problems; {len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.epochs:g} "
@@ -623,7 +659,10 @@ def benchmark(args: argparse.Namespace, losses: list[str], seeds: list[int], tas
     table = f"{title}: answer accuracy in % of the held-out problems.\n\n" + markdown(curves, choose=choose)
     if answers:
         table += ("\nProblem by problem, at each loss's " + ("best step" if choose else "end of training")
-                  + ":\n\n" + problem_tables(answers))
+                  + ":\n\n" + problem_tables(answers, losses[0], choose))
+    if missing:
+        table += ("\nNo answers file (runs trained before infopo wrote answers/step-N.jsonl), so left out problem by "
+                  "problem: " + ", ".join(missing) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "answers.md").write_text(table, encoding="utf-8")
     drawn = plot(curves, out / "answers.png", title)

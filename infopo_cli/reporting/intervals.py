@@ -78,6 +78,22 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> Paired:
     return Paired(b, c, both, len(first) - b - c - both, binomial_two_sided(min(b, c), b + c))
 
 
+def sign_test(first: Sequence[Sequence[bool]], second: Sequence[Sequence[bool]]) -> Paired:
+    """Two settings over several seeds on the same problems: `first[s][i]` is whether seed s of the first got problem i
+    right. Each problem counts once, by how many seeds each gets it right (more for the first, more for the second,
+    as many), and the exact two-sided sign test is over the problems that differ. Pooling McNemar over seeds instead
+    would count a problem once per seed, as if seeds of one problem were independent problems, and overstate.
+    `both`/`neither`: problems every seed of both settings gets right / wrong."""
+    if len(first) != len(second) or any(len(a) != len(first[0]) for a in (*first, *second)):
+        raise ValueError("a sign test over seeds needs each setting's seeds on the same problems")
+    by_problem = [(sum(a[i] for a in first), sum(b[i] for b in second)) for i in range(len(first[0]) if first else 0)]
+    more = sum(1 for x, y in by_problem if x > y)
+    fewer = sum(1 for x, y in by_problem if y > x)
+    both = sum(1 for x, y in by_problem if x == y == len(first))
+    neither = sum(1 for x, y in by_problem if x == y == 0)
+    return Paired(more, fewer, both, neither, binomial_two_sided(min(more, fewer), more + fewer))
+
+
 def binomial_two_sided(k: int, n: int) -> float:
     """P(X <= k or X >= n - k) for X ~ Binomial(n, 1/2), k <= n/2: the exact two-sided p-value (1 when n = 0)."""
     if n == 0:

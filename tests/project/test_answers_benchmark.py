@@ -175,39 +175,63 @@ def test_the_figure_draws_each_mean_its_range_and_the_base_model(bench, curves, 
     plt.close(drawn[0])
 
 
-def test_problem_by_problem_each_run_gets_its_interval_and_the_first_loss_a_paired_test_per_seed_and_pooled(bench):
+def scored_run(bench, loss, seed, task, right, step=225):
+    return bench.Scored(loss, seed, task, step, tuple(f"{task}:{i}" for i in range(len(right))), tuple(right))
+
+
+def test_problem_by_problem_each_run_gets_its_interval_and_the_first_loss_a_paired_test_per_seed_and_over_seeds(bench):
     infopo_42 = [True] * 10 + [False] * 10   # 10 / 20
     dpo_42 = [True] * 2 + [False] * 18       # only infopo right on 8, only dpo on 0
     infopo_1 = [True, False] * 10
     dpo_1 = [False, True] * 10               # 10 each way
-    runs = [bench.Scored("infopo", 42, "units", 225, infopo_42), bench.Scored("dpo", 42, "units", 225, dpo_42),
-            bench.Scored("infopo", 1, "units", 225, infopo_1), bench.Scored("dpo", 1, "units", 225, dpo_1)]
-    lines = bench.problem_tables(runs).splitlines()
+    runs = [scored_run(bench, "dpo", 42, "units", dpo_42), scored_run(bench, "infopo", 42, "units", infopo_42),
+            scored_run(bench, "dpo", 1, "units", dpo_1), scored_run(bench, "infopo", 1, "units", infopo_1)]
+    lines = bench.problem_tables(runs, "infopo", choose=False).splitlines()
     assert lines[0] == "| loss | task | seed | step | right | accuracy, 95% CI |"
-    assert lines[2] == "| infopo | units | 42 | 225 | 10 / 20 | 50.0 (29.9–70.1) |"  # Wilson, by hand below
-    assert lines[3] == "| dpo | units | 42 | 225 | 2 / 20 | 10.0 (2.8–30.1) |"
-    assert lines[9] == "| dpo | 42 | 20 | 8 | 0 | 0.00781 | a real difference |"  # 2 * 0.5**8
-    assert lines[10] == "| dpo | 1 | 20 | 10 | 10 | 1 | within chance |"
-    assert lines[11] == "| dpo | all | 40 | 18 | 10 | 0.185 | within chance |"  # 2 * P(X <= 10), X ~ B(28, 1/2)
-    pooled = bench.problem_tables([*runs, bench.Scored("infopo", 42, "word", 225, [True] * 5),
-                                   bench.Scored("dpo", 42, "word", 225, [False] * 5)]).splitlines()
+    assert lines[3] == "| infopo | units | 42 | 225 | 10 / 20 | 50.0 (29.9–70.1) |"  # Wilson, by hand in test_intervals
+    assert lines[2] == "| dpo | units | 42 | 225 | 2 / 20 | 10.0 (2.8–30.1) |"
+    table = lines[lines.index("| infopo against | seeds | problems | only infopo right | only the other right | p | verdict |"):]
+    assert table[2] == "| dpo | 42 | 20 | 8 | 0 | 0.00781 | a real difference |"  # 2 * 0.5**8
+    assert table[3] == "| dpo | 1 | 20 | 10 | 10 | 1 | within chance |"
+    # over both seeds, each problem once (seeds right, infopo vs dpo): problem 0 2-1 and 2, 4, 6, 8 2-0 -> infopo;
+    # 1 1-2 -> dpo; 3, 5, 7, 9 1-1 -> tie; 10..18 even 1-0 -> infopo; 11..19 odd 0-1 -> dpo: 10 against 6,
+    # 2 * P(X <= 6) for X ~ B(16, 1/2) = 0.454
+    assert table[4] == "| dpo | 42, 1 (sign test) | 20 | 10 | 6 | 0.454 | within chance |"
+    assert "exploratory" not in "\n".join(lines)
+    assert bench.problem_tables(runs, "infopo", choose=True).splitlines()[-3].endswith("| exploratory |")
+    pooled = bench.problem_tables([*runs, scored_run(bench, "infopo", 42, "word", [True] * 5),
+                                   scored_run(bench, "dpo", 42, "word", [False] * 5)], "infopo", False).splitlines()
     assert "| infopo | all | 42 |  | 15 / 25 | 60.0 (40.7–76.6) |" in pooled  # each loss and seed over its tasks
     assert "| dpo | 42 | 25 | 13 | 0 | 0.000244 | a real difference |" in pooled  # 2 * 0.5**13
-    with pytest.raises(SystemExit, match="different problems"):
-        bench.problem_tables([bench.Scored("infopo", 42, "", 5, [True]), bench.Scored("dpo", 42, "", 5, [True, False])])
+    assert not [line for line in pooled if "sign test" in line]  # seed 1 has no word run: no seeds over every task
+    base = [scored_run(bench, loss, 42, "", [True], step=0) for loss in ("infopo", "dpo")]
+    assert bench.problem_tables(base, "infopo", True).splitlines()[-1].endswith("| both are the base model (step 0) |")
+    with pytest.raises(SystemExit, match="different problems"):  # the same count of other problems is not a pair
+        bench.problem_tables([scored_run(bench, "infopo", 42, "a", [True]),
+                              bench.Scored("dpo", 42, "a", 225, ("other:0",), (True,))], "infopo", False)
 
 
 def test_the_reported_step_is_the_best_on_validation_and_the_end_on_test(bench, curves, tmp_path):
     import json
 
-    infopo, dpo = curves
     specs = [bench.RunSpec("infopo", 42, "i42", {}, 75), bench.RunSpec("dpo", 42, "d42", {}, 75)]
     for name, step in (("i42", 38), ("d42", 19), ("d42", 38)):
         (tmp_path / name / "answers").mkdir(parents=True, exist_ok=True)
         (tmp_path / name / "answers" / f"step-{step}.jsonl").write_text(
-            "".join(json.dumps({"right": right}) + "\n" for right in (True, step == 38)))
-    chosen = bench.scored_runs(specs, curves, tmp_path, choose=True)
-    assert [(r.loss, r.step, r.right) for r in chosen] == [("infopo", 38, [True, True]), ("dpo", 19, [True, False])]
-    reported = bench.scored_runs(specs, curves, tmp_path, choose=False)
+            "".join(json.dumps({"where": f"f:{i}", "right": right}) + "\n" for i, right in enumerate((True, step == 38))))
+    chosen, missing = bench.scored_runs(specs, curves, tmp_path, choose=True)
+    assert [(r.loss, r.step, r.right) for r in chosen] == [("infopo", 38, (True, True)), ("dpo", 19, (True, False))]
+    assert chosen[0].problems == ("f:0", "f:1") and missing == []
+    reported, _ = bench.scored_runs(specs, curves, tmp_path, choose=False)
     assert [(r.loss, r.step) for r in reported] == [("infopo", 38), ("dpo", 38)]
-    assert bench.scored(tmp_path / "i42", 19) is None  # a run without that file is left out, not counted wrong
+    (tmp_path / "d42" / "answers" / "step-38.jsonl").unlink()  # a run trained before infopo wrote them: named, not wrong
+    reported, missing = bench.scored_runs(specs, curves, tmp_path, choose=False)
+    assert [r.loss for r in reported] == ["infopo"] and missing == ["d42 (step 38)"]
+
+
+def test_an_unknown_task_in_a_list_is_refused_before_any_training(bench, monkeypatch):
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("trained before checking every task"))
+    with pytest.raises(SystemExit, match="--task bogus: one of word, columns, units"):
+        bench.main(["--task", "word,bogus"])
+    with pytest.raises(SystemExit, match="name each task once"):
+        bench.main(["--task", "word,word"])

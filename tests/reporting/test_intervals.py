@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infopo_cli.reporting.intervals import binomial_two_sided, mcnemar, mean_interval, wilson
+from infopo_cli.reporting.intervals import binomial_two_sided, mcnemar, mean_interval, sign_test, wilson
 
 
 def test_wilson_against_hand_values():
@@ -35,3 +35,16 @@ def test_mcnemar_counts_the_discordant_problems_and_tests_them_exactly():
     assert not mcnemar([True] * 5 + [False] * 5, [False] * 5 + [True] * 5).real
     with pytest.raises(ValueError, match="same problems"):
         mcnemar([True], [True, False])
+
+
+def test_the_sign_test_over_seeds_counts_each_problem_once():
+    # three seeds that agree problem by problem: 6 problems only the first gets right, 1 only the second, 3 ties
+    seed = ([True] * 6 + [False] + [True, False, False], [False] * 6 + [True] + [True, False, False])
+    paired = sign_test([seed[0]] * 3, [seed[1]] * 3)
+    assert (paired.only_first, paired.only_second, paired.both, paired.neither) == (6, 1, 1, 2)
+    assert paired.p_value == pytest.approx(2 * 8 / 2 ** 7)   # as one seed's McNemar: 0.125, not 3x the evidence
+    assert paired.p_value == mcnemar(*seed).p_value and not paired.real
+    # a problem the first gets on 2 of 3 seeds and the second on 1 counts for the first
+    assert sign_test([[True], [True], [False]], [[True], [False], [False]]).only_first == 1
+    with pytest.raises(ValueError, match="same problems"):
+        sign_test([[True, False]], [[True]])
