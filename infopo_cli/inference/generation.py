@@ -12,7 +12,7 @@ mask and mask-derived positions leaves every greedy answer as it is one prompt a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,8 +187,9 @@ def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | No
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling = Sampling(),
-             batch_size: int = 8) -> list[Reply]:
-    """One reply per prompt, `batch_size` prompts at a time, in the prompts' order."""
+             batch_size: int = 8, should_stop: Callable[[], bool] = lambda: False) -> list[Reply] | None:
+    """One reply per prompt, `batch_size` prompts at a time, in the prompts' order; None when `should_stop()` turns
+    true between batches (a training run's stop request: it should not wait for hundreds of replies)."""
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
     stops = stop_ids(tokenizer)
     pad, device = tokenizer.pad_token_id, _device(model)
@@ -196,6 +197,8 @@ def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling =
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
     replies: list[Reply | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
+        if should_stop():
+            return None
         chunk = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)

@@ -10,7 +10,7 @@ compared problem by problem (McNemar's test) rather than by their accuracies alo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,20 @@ def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], s
 
 @torch.no_grad()
 def answer_records(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max_new_tokens: int,
-                   batch_size: int) -> list[dict[str, Any]]:
-    """Greedy replies of the policy to `rows`, each scored (one record per row, in order); the model's mode and the
-    RNG are left as they were."""
+                   batch_size: int, should_stop: Callable[[], bool] = lambda: False) -> list[dict[str, Any]] | None:
+    """Greedy replies of the policy to `rows`, each scored (one record per row, in order); None when `should_stop()`
+    turns true between generation batches. The model's mode and the RNG are left as they were."""
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:
         with dequantised(model):  # a CPU's 4-bit layers would de-quantise at every generated token
-            replies = generate(model, tokenizer, [row.messages for row in rows], Sampling(max_new_tokens), batch_size)
+            replies = generate(model, tokenizer, [row.messages for row in rows], Sampling(max_new_tokens), batch_size,
+                               should_stop)
     finally:
         restore_rng(rng)
         model.train(was_training)
+    if replies is None:
+        return None
     return [{"where": row.where, "prompt": row.question, "answer": row.answer, "reply": reply.text,
              "right": matches(reply.text, row.answer), "stopped": reply.stopped, "new_tokens": reply.new_tokens}
             for row, reply in zip(rows, replies)]

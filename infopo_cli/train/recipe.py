@@ -466,14 +466,16 @@ class Run:
             return eval_out_of_memory(self.cfg, step, self.precision.device, self.run_dir)
         if self.world.any(totals is None):  # a stop request cut it short
             return None
-        self.state.pending_eval = False
         metrics = self.world.sum_metrics(totals).means(prefix="eval/")
         if self.answers and (step in (0, self.total_steps) or step % self.cfg.eval_generate_every == 0):
             mine = self.world.shard(self.answers)
             records = answer_eval.answer_records(self.model, self.tokenizer, mine, self.cfg.eval_max_new_tokens,
-                                                 self.cfg.eval_batch_size) if mine else []
+                                                 self.cfg.eval_batch_size, lambda: self.stops.requested) if mine else []
+            if self.world.any(records is None):  # a stop request cut the replies short: a resume scores them again
+                return None
             metrics.update(self.world.mean_over_ranks(answer_eval.answer_metrics(records), len(mine), answer_eval.KEYS))
             self._write_answers(step, records)
+        self.state.pending_eval = False
         self.log.write({"kind": "eval", "step": step, **metrics})
         self.report.evaluation(step, metrics, time.perf_counter() - t)
         return None

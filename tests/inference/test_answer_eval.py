@@ -79,3 +79,38 @@ def test_the_ranks_shares_of_scored_answers_are_written_back_in_the_held_out_ord
     world.is_main = False  # only rank 0 writes
     recipe.Run._write_answers(SimpleNamespace(world=world, run_dir=tmp_path), 6, shares[0])
     assert not answer_eval.answers_file(tmp_path, 6).exists()
+
+
+@pytest.mark.run
+def test_a_stop_during_the_replies_ends_the_run_at_once_and_the_resume_scores_that_step(tiny_model, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from infopo_cli.inference import generation
+
+    held_out = with_answers(tmp_path / "held-out.jsonl", 6)
+    cfg = tiny_cfg(tiny_model, write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "out", eval_data=str(held_out),
+                   max_steps=3, eval_generate_every=2, eval_max_new_tokens=6, eval_batch_size=2)
+    calls, batches = [], []
+
+    def generate(model, tokenizer, prompts, sampling, batch_size, should_stop=lambda: False):
+        calls.append(len(prompts))
+        if len(calls) == 2:  # step 2's replies: Ctrl-C arrives after the first batch
+            def stop_after_one() -> bool:
+                batches.append(1)
+                if len(batches) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return should_stop()
+            return generation.generate(model, tokenizer, prompts, sampling, batch_size, stop_after_one)
+        return generation.generate(model, tokenizer, prompts, sampling, batch_size, should_stop)
+
+    monkeypatch.setattr(answer_eval, "generate", generate)
+    summary = recipe.train(cfg)
+    assert summary.status != "completed" and summary.steps == 2 and len(batches) == 2  # not the other 2 batches
+    evals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert evals == [0] and not answer_eval.answers_file(tmp_path / "out", 2).exists()
+    recipe.train(cfg, resume=tmp_path / "out")
+    evals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert evals == [0, 2, 3] and answer_eval.answers_file(tmp_path / "out", 2).exists()
