@@ -222,7 +222,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         if evaluator and not stop and not logged_eval(log, state.step):
             stop = run.evaluate(state.step) or (run.requested_stop() if state.pending_eval else None)
         summary = summarise(log, run_dir, precision, stop, state.skipped_steps, state.step)
-        if not world.is_main:
+        if not world.is_main or not log.records:  # stopped in the step-0 evaluation: nothing logged to write up
             return summary
         _write_outputs(summary, cfg, loaded, len(train_tok), len(eval_tok), source, model, tokenizer, run_dir, log, guard,
                        report)

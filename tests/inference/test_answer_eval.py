@@ -114,3 +114,36 @@ def test_a_stop_during_the_replies_ends_the_run_at_once_and_the_resume_scores_th
     evals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "eval"]
     assert evals == [0, 2, 3] and answer_eval.answers_file(tmp_path / "out", 2).exists()
+
+
+@pytest.mark.run
+def test_a_stop_during_the_base_models_replies_keeps_the_run_folder_for_the_resume(tiny_model, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from infopo_cli.inference import generation
+
+    held_out = with_answers(tmp_path / "held-out.jsonl", 6)
+    cfg = tiny_cfg(tiny_model, write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "out", eval_data=str(held_out),
+                   max_steps=3, eval_generate_every=2, eval_max_new_tokens=6, eval_batch_size=2)
+    real = answer_eval.generate
+
+    def stopped_at_once(model, tokenizer, prompts, sampling, batch_size, should_stop=lambda: False):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the base model starts its replies
+        return generation.generate(model, tokenizer, prompts, sampling, batch_size, should_stop)
+
+    monkeypatch.setattr(answer_eval, "generate", stopped_at_once)
+    summary = recipe.train(cfg)
+    assert summary.status == "stopped" and summary.steps == 0 and summary.exit_code == 130
+    assert (tmp_path / "out" / "config.toml").is_file()  # kept, not removed as a run that never started
+    import typer
+
+    from infopo_cli import cli
+    with pytest.raises(typer.Exit) as stop:  # what `infopo train` prints and exits with
+        cli._finish(summary)
+    assert stop.value.exit_code == 130 and "--resume" in summary.message
+    monkeypatch.setattr(answer_eval, "generate", real)
+    recipe.train(cfg, resume=tmp_path / "out")
+    evals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert evals == [0, 2, 3]
