@@ -481,3 +481,19 @@ def test_a_run_whose_every_row_fails_to_tokenise_stops_with_one_line_not_a_hang(
     model = build_tiny_model(tmp_path / "refusing", chat_template="{{ raise_exception('System role not supported') }}")
     with pytest.raises(InfopoError, match="no preference pairs .*24 invalid rows.*the chat template of .* rejects"):
         recipe.train(cfg_for(model, pairs_file, tmp_path / "run", skip_invalid=True))
+
+
+def test_out_of_memory_in_the_first_evaluation_keeps_the_folder_and_says_what_to_do(tiny_model, pairs_file, tmp_path, monkeypatch):
+    class Failing(recipe.Evaluator):
+        def totals(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(recipe, "Evaluator", Failing)
+    run_dir = tmp_path / "run"
+    summary = recipe.train(cfg_for(tiny_model, pairs_file, run_dir, eval_data=str(pairs_file), eval_every=2))
+    assert summary.status == "out of memory" and summary.exit_code == 3 and summary.steps == 0
+    assert "evaluating at step 0" in summary.message and (run_dir / "config.toml").is_file()
+    monkeypatch.undo()
+    cfg = resumed_config(load_preset(str(run_dir / "config.toml")), {"eval_batch_size": 8}, run_dir)
+    assert recipe.train(cfg, resume=run_dir).status == "completed"
+    assert [r["step"] for r in metrics(run_dir) if r["kind"] == "eval"] == [0, 2, 4, 6]
