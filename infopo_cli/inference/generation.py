@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -183,6 +183,17 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
     return None if sampling.greedy else torch.Generator(device).manual_seed(sampling.seed)
+
+
+@overload
+def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling = ..., batch_size: int = ...) -> list[Reply]:
+    ...
+
+
+@overload
+def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling, batch_size: int,
+             should_stop: Callable[[], bool]) -> list[Reply] | None:
+    ...
 
 
 @torch.no_grad()
