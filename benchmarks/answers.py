@@ -441,7 +441,7 @@ def problem_tables(runs: Sequence[Scored], first: str, choose: bool) -> str:
     the problems only one of the two gets right, and over all seeds a sign test that counts each problem once (by how
     many seeds each gets it right). A difference is real only where p < 0.05 on data no setting was chosen on: on
     validation (`choose`) the reported step was picked on these very problems, so the p-values are exploratory."""
-    from infopo_cli.reporting.intervals import mcnemar, sign_test, verdict, wilson
+    from infopo_cli.reporting.intervals import mcnemar, sign_test, wilson
 
     tasks = any(r.task for r in runs)
     lines = ["| loss |" + (" task |" if tasks else "") + " seed | step | right | accuracy, 95% CI |",
