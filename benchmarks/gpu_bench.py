@@ -632,7 +632,7 @@ def cmd_infopo(args) -> None:
                                           "batch_size": BATCH, "grad_accum": 1, "max_length": length,
                                           "gradient_checkpointing": "on"}, "benchmark")
     cfg, spec, loss_params = preflight.check_settings(cfg)
-    loaded, _ = preflight.load_data(cfg)
+    loaded, _, loss_params = preflight.load_data(cfg, spec, loss_params)
     precision = choose(cfg.dtype)
     cuda = precision.device == "cuda"
     tokenizer = stack.load_tokenizer(source)

@@ -565,7 +565,8 @@ def compare(
 
 @data_app.command("check")
 @settings_options(("model", "data_format", "pairs", "min_score_gap", "min_score_ratio", "prompt_field", "chosen_field",
-                   "rejected_field", "split", "system_prompt", "skip_invalid", "max_length"),
+                   "rejected_field", "completion_field", "label_field", "split", "system_prompt", "skip_invalid",
+                   "max_length"),
                   {"skip_invalid": {"help": "Report every invalid row instead of stopping at the first.", "panel": None}})
 def data_check(
     paths: Annotated[list[str], typer.Argument(help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset; several (SOURCE:0.3 for a share) are checked one by one, then mixed as `train --data` would.", metavar="SOURCE...", show_default=False)],
@@ -602,6 +603,9 @@ def data_check(
 
         for note in repeated_source_notes([s.spec for s in sources], [r.pairs for r in reports], counts):
             console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+        if len({r.unpaired for r in reports}) > 1:
+            console.print("[yellow]warning:[/] these sources mix preference pairs and unpaired rows, which `infopo train` "
+                          "refuses (--unpair splits each pair into two unpaired rows)", highlight=False)
     if any(report.skipped for report in reports):
         raise typer.Exit(1)
 
@@ -609,8 +613,10 @@ def data_check(
 def _print_report(report, model: str) -> None:
     from rich.table import Table
 
-    console.print(f"[bold]{escape(report.source)}[/]: {report.format} format, {report.pairs} valid pairs of {report.rows} rows, "
-                  f"{report.duplicates} duplicate pairs", highlight=False)
+    console.print(f"[bold]{escape(report.source)}[/]: {report.format} format, {report.pairs} valid {report.unit} of {report.rows} rows, "
+                  f"{report.duplicates} duplicate {report.unit}", highlight=False)
+    if report.unpaired:
+        console.print(report.balance, highlight=False)
     for line in report.info:
         console.print(escape(line), highlight=False)
     for note in report.notes:
@@ -619,12 +625,12 @@ def _print_report(report, model: str) -> None:
         table = Table(title=f"tokens ({model})")
         for column in ("", "min", "p50", "p90", "p99", "max", "mean"):
             table.add_column(column, justify="right")
-        for name in ("prompt", "chosen", "rejected"):
+        for name in report.lengths:  # prompt, chosen, rejected; prompt, completion for unpaired rows
             stats = report.percentiles(name)
             table.add_row(name, *(f"{stats[k]:.0f}" for k in ("min", "p50", "p90", "p99", "max", "mean")))
         console.print(table)
-        console.print(f"max_length auto would be {report.auto_length} (keeps 99% of the pairs whole)", highlight=False)
-        console.print(f"{report.truncated} pairs longer than max_length {report.max_length} (would be truncated); "
+        console.print(f"max_length auto would be {report.auto_length} (keeps 99% of the {report.unit} whole)", highlight=False)
+        console.print(f"{report.truncated} {report.unit} longer than max_length {report.max_length} (would be truncated); "
                       f"padding {report.padding_grouped:.1%} with length-grouped batches "
                       f"({report.padding_random:.1%} if batched at random)", highlight=False)
     if report.skipped:

@@ -99,7 +99,8 @@ class TrainConfig:
     # str, not str | None: TOML has no null, so a None here could not survive the run's config.toml.
     eval_data: str | list[str] = _f(BUNDLED_EVAL, "Held-out pairs for evaluation ('' to skip); repeat to mix, like --data.",
                                     panel="Data", repeat=True, metavar="SOURCE")
-    data_format: str = _f("auto", "Row format: auto (detected per row), explicit, conversational, implicit; scored (completions "
+    data_format: str = _f("auto", "Row format: auto (detected per row), explicit, conversational, implicit; unpaired "
+                                  "(a completion and a thumbs up/down label, KTO-style); scored (completions "
                                   "with ratings, UltraFeedback), ranked (answers with rank, Nectar), labelled (two answers "
                                   "and a label or votes, SHP), rated (pairs with chosen/rejected scores).",
                           panel="Data", flag="--format")
@@ -112,6 +113,11 @@ class TrainConfig:
     prompt_field: str = _f("prompt", "Name of the prompt column.", panel="Data")
     chosen_field: str = _f("chosen", "Name of the chosen-response column.", panel="Data")
     rejected_field: str = _f("rejected", "Name of the rejected-response column.", panel="Data")
+    completion_field: str = _f("completion", "Name of the completion column of unpaired (thumbs up/down) rows.", panel="Data")
+    label_field: str = _f("label", "Name of the label column of unpaired rows (true/false, 1/0/-1, good/bad, up/down, ...).",
+                          panel="Data")
+    unpair: bool = _f(False, "Split each preference pair into two unpaired rows: chosen desirable, rejected undesirable "
+                             "(for kto and unpaired infopo comparisons).", panel="Data", flag="--unpair")
     split: str = _f("train", "Split of a hub dataset or a save_to_disk folder.", panel="Data")
     eval_split: str | None = _f(None, "Split for --eval-data (default: the same as --split).", panel="Data")
     skip_invalid: bool = _f(False, "Drop invalid rows (and report how many) instead of stopping at the first.",
@@ -138,6 +144,10 @@ class TrainConfig:
     gamma_max: float | None = _f(None, "Largest margin of rmipo (1.6 in the released code).", panel="Loss")
     sft_weight: float | None = _f(None, "Add this weight x the NLL of the chosen response to any loss (0: off).",
                                   panel="Loss")
+    desirable_weight: float | None = _f(None, "Unpaired rows: weight of a desirable row's term (kto: 1; infopo: "
+                                              "rows / desirable rows, which balances any mix).", panel="Loss")
+    undesirable_weight: float | None = _f(None, "Unpaired rows: weight of an undesirable row's term (kto: 1; infopo: "
+                                                "rows / undesirable rows).", panel="Loss")
     # --- optimisation ----------------------------------------------------------------------------
     lr: float = _f(2e-4, "Peak learning rate (AdamW).", panel="Optimisation")
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", panel="Optimisation")
@@ -201,7 +211,7 @@ class TrainConfig:
 
 
 LOSS_PARAMS = ("beta", "gamma", "label_smoothing", "length_normalize", "prior", "rdpo_alpha", "tdpo_alpha",
-               "gamma_min", "gamma_max", "sft_weight")
+               "gamma_min", "gamma_max", "sft_weight", "desirable_weight", "undesirable_weight")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -398,7 +408,8 @@ _FRACTION = (lambda v: 0 <= v < 1, "be in [0, 1)")
 LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # counts and sizes; keep_checkpoints 0 would delete the checkpoint a resume needs, max_bad_steps 0 stops at once
     **dict.fromkeys(("lora_r", "lora_alpha", "max_prompt_length", "batch_size", "grad_accum", "nproc",
-                     "eval_batch_size", "eval_max_new_tokens", "max_steps", "keep_checkpoints", "max_bad_steps", "epochs", "lr", "beta"),
+                     "eval_batch_size", "eval_max_new_tokens", "max_steps", "keep_checkpoints", "max_bad_steps", "epochs", "lr", "beta",
+                     "desirable_weight", "undesirable_weight"),
                     _POSITIVE),
     # 0 means off (save_every, eval_every, max_grad_norm, sft_weight); a negative value has no meaning
     **dict.fromkeys(("save_every", "eval_every", "eval_generate_every", "seed", "weight_decay", "max_grad_norm", "sft_weight", "gamma",

@@ -8,6 +8,10 @@ lengths, not its mask: the mask is built where the model runs, from those length
 
 Widths are padded to a multiple of 16 (data/widths.py says why). Padding is masked out and never
 scored, so it changes no log-prob.
+
+Unpaired feedback rows travel in the same layouts: the chosen slot holds the row's completion, the rejected slot
+another row's completion after this prompt (KTO's mismatched pairs) or nothing; an empty rejected slot costs no
+row and no position.
 """
 
 from __future__ import annotations
@@ -65,11 +69,13 @@ class PreferenceBatch:
     labels: Tensor | None = None   # plain layout: (2B, T) response tokens, IGNORE on prompt and padding
     position_ids: Tensor | None = None  # shared prompt: (R, T)
     segments: Tensor | None = None      # shared prompt: (R, 3) long, each row's prompt, chosen, rejected lengths
+    desirable: Tensor | None = None     # unpaired rows: (B,) bool labels; None for pairs
 
     def to(self, device: str) -> PreferenceBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
-                               self.n_pairs, move(self.labels), move(self.position_ids), move(self.segments))
+                               self.n_pairs, move(self.labels), move(self.position_ids), move(self.segments),
+                               move(self.desirable))
 
     @property
     def n_tokens(self) -> int:
@@ -78,19 +84,31 @@ class PreferenceBatch:
 
 def collate(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = False) -> PreferenceBatch:
     """Pad `pairs` into one batch: the chosen rows, then the rejected rows (or one row per pair with `share_prompt`)."""
-    if share_prompt:
-        return collate_shared(pairs, pad_id)
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = padded_width(max(len(prompt) + len(response) for prompt, response in rows))
+    batch = collate_shared(pairs, pad_id) if share_prompt else collate_plain(pairs, pad_id)
+    if pairs[0].label is not None:
+        batch.desirable = torch.tensor([bool(p.label) for p in pairs])
+    return batch
+
+
+def collate_plain(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
+    """Chosen rows, then rejected rows, each prompt + response; an empty response (an unpaired row's unused rejected
+    slot) gets no row, its sequence no tokens."""
+    b = len(pairs)
+    rows = [(p.prompt_ids, p.chosen_ids, i) for i, p in enumerate(pairs)] + \
+           [(p.prompt_ids, p.rejected_ids, b + i) for i, p in enumerate(pairs) if p.rejected_ids]
+    width = padded_width(max(len(prompt) + len(response) for prompt, response, _ in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prompt, response) in enumerate(rows):
+    for i, (prompt, response, _) in enumerate(rows):
         n = len(prompt) + len(response)
         input_ids[i, :n] = torch.tensor(prompt + response)
         labels[i, len(prompt):n] = torch.tensor(response)
         attention_mask[i, :n] = 1
-    return PreferenceBatch(input_ids, attention_mask, targets_from_labels(labels), len(pairs), labels=labels)
+    targets = targets_from_labels(labels)
+    if len(rows) < 2 * b:  # rows no longer number the sequences
+        targets.seq, targets.n_seqs = torch.tensor([s for _, _, s in rows], dtype=torch.long)[targets.seq], 2 * b
+    return PreferenceBatch(input_ids, attention_mask, targets, b, labels=labels)
 
 
 def collate_shared(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
@@ -110,7 +128,7 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int) -> PreferenceBatch:
         # chosen token k is predicted at position n_p + k - 1; rejected token k at the position of
         # rejected token k - 1, and its first token at the prompt's last position, as in the plain layout
         chosen_from = list(range(n_p - 1, n_p + n_c - 1))
-        rejected_from = [n_p - 1] + list(range(n_p + n_c, end - 1))
+        rejected_from = ([n_p - 1] + list(range(n_p + n_c, end - 1))) if n_r else []
         for predictors, response, s in ((chosen_from, p.chosen_ids, i), (rejected_from, p.rejected_ids, b + i)):
             rows += [i] * len(response)
             cols += predictors

@@ -7,6 +7,9 @@
 - implicit:       only chosen/rejected full transcripts (Anthropic HH): the prompt is their shared prefix
                   cut at the last turn boundary; where they differ before the last assistant turn, each
                   response holds every turn after that boundary.
+- unpaired:       one completion and a label (thumbs up/down feedback, as KTO reads it): prompt and completion are
+                  strings or message lists, the label true/false, 1/0/-1, good/bad, ... (`parse_label`). It becomes
+                  a PreferencePair with `label` set, the completion as `chosen` and an empty `rejected`.
 
 An empty reply is an answer (an assistant that prefers saying nothing): it is kept and trained as the
 end-of-turn token alone. Both replies empty, or identical, is an error: the pair prefers nothing.
@@ -20,7 +23,7 @@ from typing import Any
 
 from infopo_cli.errors import DataError
 
-FORMATS = ("auto", "explicit", "conversational", "implicit")
+FORMATS = ("auto", "explicit", "conversational", "implicit", "unpaired")
 ROLES = ("system", "user", "assistant", "tool")
 Message = tuple[str, str]          # (role, content): hashable, so duplicate pairs can be counted
 Text = str | tuple[Message, ...]   # a plain string, or messages
@@ -31,27 +34,77 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 @dataclass(frozen=True)
 class Fields:
-    """The field names of the prompt, chosen and rejected texts in a row (--prompt-field etc.)."""
+    """The field names of the prompt, chosen and rejected texts in a row, and of an unpaired row's completion and
+    label (--prompt-field etc.)."""
 
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    completion: str = "completion"
+    label: str = "label"
+
+    def flag(self, name: str) -> str:
+        """The option that names field `name`: 'chosen' -> '--chosen-field'."""
+        return "--" + next(flag for flag in ("prompt", "chosen", "rejected", "completion", "label")
+                           if getattr(self, flag) == name) + "-field"
 
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One normalised preference pair: a prompt and two answers, each a string or a list of chat messages."""
+    """One normalised preference pair: a prompt and two answers, each a string or a list of chat messages.
+
+    With `label` set it is one unpaired feedback row instead: `chosen` holds its completion, `label` says whether
+    it is desirable, and `rejected` is empty ("" or ()).
+    """
 
     prompt: Text
     chosen: Text
     rejected: Text
     where: str = field(default="", compare=False)  # FILE:LINE, for errors; not part of the pair's identity
+    label: bool | None = None                       # None: a pair; True/False: an unpaired row (desirable or not)
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether this is one unpaired feedback row (a completion and a label), not a pair."""
+        return self.label is not None
+
+
+def unpaired_row(prompt: Text, completion: Text, label: bool, where: str = "") -> PreferencePair:
+    """One unpaired feedback row: `rejected` is empty, of the completion's kind (a string or messages)."""
+    return PreferencePair(prompt, completion, "" if isinstance(completion, str) else (), where, label)
+
+
+LABELS = {**dict.fromkeys(("true", "yes", "1", "good", "up", "thumbs_up", "thumbsup", "thumbs up", "positive",
+                           "desirable", "accept", "accepted", "like", "\N{THUMBS UP SIGN}"), True),
+          **dict.fromkeys(("false", "no", "0", "-1", "bad", "down", "thumbs_down", "thumbsdown", "thumbs down",
+                           "negative", "undesirable", "reject", "rejected", "dislike", "\N{THUMBS DOWN SIGN}"), False)}
+
+
+def parse_label(value: Any, where: str, name: str) -> bool:
+    """An unpaired row's label as a bool (True: desirable). Only the spellings thumbs datasets use are read (1/-1
+    among them); anything else is a DataError, never a guess."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (1, 0, -1):
+        return value == 1
+    # the emoji variation selector is dropped: 👍️ is 👍
+    key = value.strip().lower().replace("\N{VARIATION SELECTOR-16}", "") if isinstance(value, str) else None
+    if key in LABELS:
+        return LABELS[key]
+    if isinstance(value, str):
+        got = repr(value[:40] + "..." * (len(value) > 40))  # repr escapes newlines: the message stays one line
+    else:
+        got = str(value) if isinstance(value, (int, float)) else _kind(value)
+    raise DataError(where, name, f"expected a label: true/false, 1/0/-1, good/bad, up/down (got {got})")
 
 
 def detect(row: Any, fields: Fields) -> str:
     """The format of a row, from its shape."""
     if not isinstance(row, dict):
         return "explicit"
+    # a row with a completion or a label and no chosen/rejected is unpaired feedback (one missing names itself then)
+    if (fields.completion in row or fields.label in row) and fields.chosen not in row and fields.rejected not in row:
+        return "unpaired"
     chosen = row.get(fields.chosen)
     if isinstance(chosen, list):
         return "conversational"
@@ -62,15 +115,19 @@ def detect(row: Any, fields: Fields) -> str:
 
 def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None = None) -> PreferencePair:
     """One row in the given format -> PreferencePair, or a DataError naming the field."""
+    names = (fields.prompt, fields.completion, fields.label) if fmt == "unpaired" else \
+        (fields.prompt, fields.chosen, fields.rejected)
     if not isinstance(row, dict):
-        raise DataError(where, None, f"expected an object with fields {fields.prompt!r}, {fields.chosen!r}, "
-                                     f"{fields.rejected!r}, got {_kind(row)}")
-    for name in (fields.chosen, fields.rejected) + ((fields.prompt,) if fmt == "explicit" else ()):
-        if name not in row or row[name] is None:
-            others = [k for k in row if k not in (fields.prompt, fields.chosen, fields.rejected)]
+        raise DataError(where, None, f"expected an object with fields {', '.join(map(repr, names))}, got {_kind(row)}")
+    for name in names[1:] + ((fields.prompt,) if fmt in ("explicit", "unpaired") else ()):
+        if name not in row or (row[name] is None and name != fields.label):  # a null label is a bad label
+            others = [k for k in row if k not in names]
             columns = ", ".join(repr(str(k))[1:-1] for k in list(row)[:12])  # escaped: the message stays one line
-            hint = f" (columns: {columns}; map yours with --{_flag(name, fields)}-field)" if name not in row and others else ""
+            hint = f" (columns: {columns}; map yours with {fields.flag(name)})" if name not in row and others else ""
             raise DataError(where, name, "missing" + hint)
+    if fmt == "unpaired":
+        pair = _unpaired(row, where, fields)
+        return replace(with_system(pair, system) if system else pair, where=where)
     if fmt == "conversational":
         pair = _conversational(row, where, fields)
     elif fmt == "implicit":
@@ -85,10 +142,6 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
     if system:
         pair = with_system(pair, system)
     return replace(pair, where=where)
-
-
-def _flag(name: str, fields: Fields) -> str:
-    return {fields.prompt: "prompt", fields.chosen: "chosen", fields.rejected: "rejected"}[name]
 
 
 def _kind(value: Any) -> str:
@@ -136,6 +189,39 @@ def _messages(value: Any, where: str, name: str) -> tuple[Message, ...]:
     return tuple(out)
 
 
+def _after_prompt(prompt: tuple[Message, ...], response: tuple[Message, ...]) -> tuple[Message, ...]:
+    """The response without the prompt's turns, where it repeats them at its start."""
+    return response[len(prompt):] if response[:len(prompt)] == prompt else response
+
+
+def _check_turns(prompt: tuple[Message, ...], replies: dict[str, tuple[Message, ...]], where: str,
+                 fields: Fields) -> None:
+    """Each reply starts with the assistant's turn; the prompt ends with someone else's."""
+    for name, response in replies.items():
+        if not response:
+            raise DataError(where, name, "has no reply after the prompt")
+        if response[0][0] != "assistant":
+            raise DataError(where, name, f"the reply after the prompt must be an assistant message, got role {response[0][0]!r}")
+    if not prompt:
+        raise DataError(where, fields.prompt, "empty")
+    if prompt[-1][0] == "assistant":
+        raise DataError(where, fields.prompt, "the prompt must end with a user (or tool) turn, not the assistant's")
+
+
+def _unpaired(row: dict, where: str, fields: Fields) -> PreferencePair:
+    """An unpaired row: explicit when prompt and completion are strings, else conversational (a string completion is
+    one assistant message, a string prompt one user message). An empty completion is an answer, as for pairs."""
+    label = parse_label(row[fields.label], where, fields.label)
+    if isinstance(row[fields.prompt], str) and isinstance(row[fields.completion], str):
+        return unpaired_row(_string(row, fields.prompt, where), row[fields.completion], label)
+    prompt = _messages(row[fields.prompt], where, fields.prompt)
+    value = row[fields.completion]
+    completion = (("assistant", value),) if isinstance(value, str) else _messages(value, where, fields.completion)
+    completion = _after_prompt(prompt, completion)
+    _check_turns(prompt, {fields.completion: completion}, where, fields)
+    return unpaired_row(prompt, completion, label)
+
+
 def _conversational(row: dict, where: str, fields: Fields) -> PreferencePair:
     chosen = _messages(row[fields.chosen], where, fields.chosen)
     rejected = _messages(row[fields.rejected], where, fields.rejected)
@@ -145,8 +231,7 @@ def _conversational(row: dict, where: str, fields: Fields) -> PreferencePair:
         rejected = (("assistant", row[fields.rejected]),)
     if row.get(fields.prompt) is not None:
         prompt = _messages(row[fields.prompt], where, fields.prompt)
-        chosen = chosen[len(prompt):] if chosen[:len(prompt)] == prompt else chosen    # prompt repeated inside
-        rejected = rejected[len(prompt):] if rejected[:len(prompt)] == prompt else rejected
+        chosen, rejected = _after_prompt(prompt, chosen), _after_prompt(prompt, rejected)  # prompt repeated inside
     else:
         shared = 0  # the turns both share, up to (not including) each one's final reply
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
@@ -154,13 +239,7 @@ def _conversational(row: dict, where: str, fields: Fields) -> PreferencePair:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if not prompt:
             raise DataError(where, fields.prompt, "missing, and chosen/rejected share no prompt turns")
-    for name, response in ((fields.chosen, chosen), (fields.rejected, rejected)):
-        if not response:
-            raise DataError(where, name, "has no reply after the prompt")
-        if response[0][0] != "assistant":
-            raise DataError(where, name, f"the reply after the prompt must be an assistant message, got role {response[0][0]!r}")
-    if prompt[-1][0] == "assistant":
-        raise DataError(where, fields.prompt, "the prompt must end with a user (or tool) turn, not the assistant's")
+    _check_turns(prompt, {fields.chosen: chosen, fields.rejected: rejected}, where, fields)
     return PreferencePair(prompt, chosen, rejected)
 
 
@@ -207,8 +286,9 @@ def _hh_reply(text: str) -> tuple[Message, ...]:
 
 
 def with_system(pair: PreferencePair, system: str) -> PreferencePair:
-    """The pair with `system` as its first message, unless it has a system message of its own."""
+    """The pair with `system` as its first message, unless it has a system message of its own. An unpaired row's
+    rejected stays empty (no reply, not an empty one)."""
     if isinstance(pair.prompt, str):
         return replace(pair, prompt=(("system", system), ("user", pair.prompt)), chosen=(("assistant", pair.chosen),),
-                       rejected=(("assistant", pair.rejected),))
+                       rejected=() if pair.unpaired else (("assistant", pair.rejected),))
     return pair if pair.prompt[0][0] == "system" else replace(pair, prompt=(("system", system),) + pair.prompt)

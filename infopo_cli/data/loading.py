@@ -2,6 +2,9 @@
 
 By default the first bad row stops the run with one line `FILE:LINE: field 'X': what is wrong`;
 with `skip_invalid` bad rows are dropped and counted instead.
+
+A source holds preference pairs or unpaired feedback rows (a completion and a label), not both: its first row
+fixes the kind. `unpair` splits pairs into such rows; `data_kind` names the kind of a list (of several sources).
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from dataclasses import dataclass, field
 
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, DataError, InfopoError
-from infopo_cli.data.formats import FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise, with_system
+from infopo_cli.data.formats import (FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise,
+                                     unpaired_row, with_system)
 from infopo_cli.data.scored import SCORED_FORMATS, ScoreOptions, detect_scored, scored_pairs
 from infopo_cli.data.sources import folder_info, open_source, resolve
 
-__all__ = ["DataOptions", "Loaded", "PreferencePair", "load_pairs", "no_pairs", "read_pairs", "resolve"]
+__all__ = ["DataOptions", "Loaded", "PreferencePair", "data_kind", "load_pairs", "no_pairs", "read_pairs", "resolve",
+           "unpair"]
+
+UNBALANCED = 4.0  # a note when desirable and undesirable rows differ in number by more than this factor
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class DataOptions:
     @classmethod
     def from_config(cls, cfg: TrainConfig, split: str | None = None) -> DataOptions:
         """A run's data settings; `split` replaces cfg.split (held-out data passes cfg.eval_split)."""
-        return cls(cfg.data_format, Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
+        return cls(cfg.data_format, Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.completion_field,
+                                           cfg.label_field),
                    split or cfg.split, cfg.system_prompt, cfg.skip_invalid,
                    ScoreOptions(cfg.pairs, cfg.min_score_gap, cfg.min_score_ratio))
 
@@ -68,7 +76,8 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     if not pairs:
         raise no_pairs(spec, skipped + [f"{n} rows gave no pair: {reason}" for reason, n in dropped.items() if n])
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
-    return Loaded(pairs, fmt, collected.rows, skipped, shape_notes(pairs) + dropped_notes(dropped),
+    notes = shape_notes(pairs) + feedback_notes(pairs) + dropped_notes(dropped)
+    return Loaded(pairs, fmt, collected.rows, skipped, notes,
                   info=folder_info(opened, per_file) + given_info(collected.given, options))
 
 
@@ -85,6 +94,7 @@ class _Collected:
         self.seen: Counter = Counter()
         self.given: Counter = Counter()    # scored/ranked rows: pairs given per row
         self.dropped: Counter = Counter()  # scored/ranked rows: rows dropped per reason
+        self.first: tuple[bool, str] | None = None  # (unpaired?, FILE:LINE) of the first valid row: it fixes the kind
 
     def add(self, where: str, row: object) -> None:
         options = self.options
@@ -96,16 +106,92 @@ class _Collected:
                 detect(row, options.fields) if options.format == "auto" else options.format)
             if fmt in SCORED_FORMATS:
                 found, reason = scored_pairs(row, where, fmt, options.scores)
+                self._same_kind(where, False)
                 self.pairs += [with_system(p, options.system) if options.system else p for p in found]
                 self.given[len(found)] += 1
                 self.dropped[reason] += reason is not None
             else:
-                self.pairs.append(normalise(row, where, fmt, options.fields, options.system))
+                pair = normalise(row, where, fmt, options.fields, options.system)
+                self._same_kind(where, pair.unpaired)
+                self.pairs.append(pair)
             self.seen[f"rated {detect(row, options.fields)}" if fmt == "rated" else fmt] += 1
         except DataError as err:
             if not options.skip_invalid:
                 raise
             self.skipped.append(str(err))
+
+    def _same_kind(self, where: str, unpaired: bool) -> None:
+        """A valid row of the other kind than the first valid row is an error at that row."""
+        if self.first is None:
+            self.first = (unpaired, where)
+        elif unpaired != self.first[0]:
+            fields = self.options.fields
+            what = (f"an unpaired row ({fields.completion}, {fields.label}) among preference pairs (first pair"
+                    if unpaired else
+                    f"a preference pair ({fields.chosen}, {fields.rejected}) among unpaired rows (first unpaired row")
+            raise DataError(where, None, f"{what} at {self.first[1]}): keep each kind in its own dataset")
+
+
+def data_kind(pairs: list[PreferencePair]) -> str:
+    """The kind of the data: "pairs" or "unpaired" (feedback rows). A list holding both (sources of different kinds
+    mixed) is a ConfigError."""
+    first_pair = next((p for p in pairs if not p.unpaired), None)
+    first_row = next((p for p in pairs if p.unpaired), None)
+    if first_pair is not None and first_row is not None:
+        raise ConfigError(f"the data mixes preference pairs ({_place(first_pair)}) and unpaired feedback rows "
+                          f"({_place(first_row)}): train on one kind (--unpair splits each pair into two unpaired rows)")
+    return "unpaired" if first_row is not None else "pairs"
+
+
+def _place(pair: PreferencePair) -> str:
+    return f"first at {pair.where}" if pair.where else "given in code"
+
+
+def unpair(pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """Each pair as two unpaired rows, its chosen reply desirable and its rejected one undesirable (same prompt and
+    FILE:LINE); unpaired rows are kept as they are."""
+    out = []
+    for pair in pairs:
+        if pair.unpaired:
+            out.append(pair)
+        else:
+            out += [unpaired_row(pair.prompt, pair.chosen, True, pair.where),
+                    unpaired_row(pair.prompt, pair.rejected, False, pair.where)]
+    return out
+
+
+def feedback_counts(pairs: list[PreferencePair]) -> tuple[int, int]:
+    """(desirable, undesirable) unpaired rows among `pairs`."""
+    labels = Counter(p.label for p in pairs if p.unpaired)
+    return labels[True], labels[False]
+
+
+def balance(desirable: int, undesirable: int) -> str:
+    """'412 desirable, 188 undesirable (2.19 : 1)': the counts and their ratio, the smaller side as 1."""
+    if not desirable or not undesirable:
+        ratio = "no undesirable rows" if desirable else "no desirable rows"
+    else:
+        ratio = (f"{desirable / undesirable:.2f} : 1" if desirable >= undesirable
+                 else f"1 : {undesirable / desirable:.2f}")
+    return f"{desirable} desirable, {undesirable} undesirable ({ratio})"
+
+
+def feedback_notes(pairs: list[PreferencePair]) -> list[str]:
+    """Warnings about unpaired rows: desirable and undesirable far from balanced, and the same completion of one
+    prompt labelled both ways."""
+    desirable, undesirable = feedback_counts(pairs)
+    if not desirable + undesirable:
+        return []
+    notes = []
+    if max(desirable, undesirable) > UNBALANCED * min(desirable, undesirable):
+        notes.append(f"unbalanced feedback: {balance(desirable, undesirable)}, beyond 1 : {UNBALANCED:g} either way")
+    labels: dict[tuple, set[bool]] = {}
+    for pair in pairs:
+        if pair.unpaired:
+            labels.setdefault((pair.prompt, pair.chosen), set()).add(pair.label)
+    if both := sum(len(seen) == 2 for seen in labels.values()):
+        notes.append(f"{both} prompt+completion pairs appear with both labels (contradictory feedback)")
+    return notes
 
 
 def given_info(given: Counter, options: DataOptions) -> list[str]:
@@ -124,15 +210,22 @@ def dropped_notes(dropped: Counter) -> list[str]:
 
 
 def shape_notes(pairs: list[PreferencePair]) -> list[str]:
-    """Warnings (not errors) about pairs that train differently from a plain one-reply pair."""
+    """Warnings (not errors) about pairs (and unpaired rows) that train differently from a plain one-reply pair."""
     notes = []
-    empty = {side: sum(is_empty(getattr(p, side)) for p in pairs) for side in ("chosen", "rejected")}
+    # an unpaired row's empty rejected is no reply: its rows are counted apart
+    rows, paired = [p for p in pairs if p.unpaired], [p for p in pairs if not p.unpaired]
+    empty = {side: sum(is_empty(getattr(p, side)) for p in paired) for side in ("chosen", "rejected")}
     if any(empty.values()):
         notes.append(f"{empty['chosen']} pairs have an empty chosen reply and {empty['rejected']} an empty rejected "
                      "one: each is trained as the end-of-turn token alone (the answer is to say nothing)")
-    if several := sum(is_multi_turn(p.chosen) or is_multi_turn(p.rejected) for p in pairs):
+    if several := sum(is_multi_turn(p.chosen) or is_multi_turn(p.rejected) for p in paired):
         notes.append(f"{several} pairs differ before their last assistant turn: the prompt is the turns they share, "
                      "and each response holds all the turns after it")
+    if empty_rows := sum(is_empty(p.chosen) for p in rows):
+        notes.append(f"{empty_rows} unpaired rows have an empty completion: each is trained as the end-of-turn token "
+                     "alone (the answer is to say nothing)")
+    if several := sum(is_multi_turn(p.chosen) for p in rows):
+        notes.append(f"{several} unpaired rows have a completion of several turns: it holds all of them")
     return notes
 
 

@@ -1,7 +1,7 @@
 """Tokenised pairs cached on disk, so a second run on the same data and tokenizer starts at once.
 
 The key covers the normalised pairs themselves (so any source or format, but not where they were read
-from), the tokenizer's identity (name, vocabulary size, special tokens, chat template) and the
+from; an unpaired row's label too), the tokenizer's identity (name, vocabulary size, special tokens, chat template) and the
 truncation lengths.
 """
 
@@ -36,8 +36,9 @@ def cache_key(pairs: list[PreferencePair], tokenizer, max_length: int, max_promp
                 getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token,
                 max_length, max_prompt_length]
     digest.update(json.dumps(identity, default=str).encode())
-    for pair in pairs:
-        digest.update(repr((pair.prompt, pair.chosen, pair.rejected)).encode())
+    for pair in pairs:  # a pair's key leaves out its label (None), so entries written before labels existed still match
+        texts = (pair.prompt, pair.chosen, pair.rejected)
+        digest.update(repr(texts + ((pair.label,) if pair.unpaired else ())).encode())
     return digest.hexdigest()[:32]
 
 
@@ -59,7 +60,8 @@ def tokenize_cached(pairs: list[PreferencePair], tokenizer, max_length: int, max
     tokenized, failed = encode_pairs(tokenizer, pairs, max_length, max_prompt_length, skip_invalid)
     # Failures are stored by index and rebuilt with the pairs' current `where`: the key does not cover it.
     try:  # a cache that cannot be written (read-only or full $INFOPO_HOME) only costs the next run time
-        write_text(path, json.dumps({"pairs": [[t.prompt_ids, t.chosen_ids, t.rejected_ids, t.truncated] for t in tokenized],
+        write_text(path, json.dumps({"pairs": [[t.prompt_ids, t.chosen_ids, t.rejected_ids, t.truncated, t.label]
+                                               for t in tokenized],
                                      "failed": [[i, err.field, err.problem] for i, err in failed.items()]}))
     except OutputError:
         pass

@@ -3,6 +3,7 @@
 With a chat template the response tokens are exactly the assistant turn's tokens as the template
 writes them (end-of-turn included); without one, the response is followed by EOS. A conversation whose
 reply tokens cannot be told apart from the prompt's is a `DataError` naming its row, never a guess.
+An unpaired feedback row is its prompt and its completion, tokenised as a chosen reply is, and no rejected tokens.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ SENTINEL = "INFOPOREPLYSENTINELd41f7c0e"
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """A pair as token ids: the prompt once, then each response's ids (without the prompt)."""
+    """A pair as token ids: the prompt once, then each response's ids (without the prompt). An unpaired row (`label`
+    set) holds its completion as `chosen_ids`, and `rejected_ids` is empty."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     truncated: bool = False
+    label: bool | None = None  # an unpaired row's label (True: desirable); None for a pair
 
     @property
     def length(self) -> int:
@@ -73,17 +76,19 @@ def _plain(text: Text, generation_prompt: bool) -> str:
 
 def encode_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int) -> TokenizedPair:
     """Token ids of one pair, truncated; raises DataError (naming the row) if the reply cannot be located."""
+    replies = {"completion": pair.chosen} if pair.unpaired else {"chosen": pair.chosen, "rejected": pair.rejected}
     if getattr(tokenizer, "chat_template", None):
-        prompt_ids, chosen_ids, rejected_ids = _chat_ids(tokenizer, pair)
+        prompt_ids, reply_ids = _chat_ids(tokenizer, pair, list(replies.values()))
     else:
         prompt_ids = list(tokenizer(_plain(pair.prompt, True))["input_ids"])  # adds BOS where the tokenizer does
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        chosen_ids, rejected_ids = ([*_ids(tokenizer, _response_text(r)), *eos] for r in (pair.chosen, pair.rejected))
-    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        reply_ids = [[*_ids(tokenizer, _response_text(r)), *eos] for r in replies.values()]
+    for name, ids in zip(replies, reply_ids):
         if not ids:  # an empty reply is its end-of-turn token; a template (or tokenizer) that writes none leaves nothing to score
             raise DataError(place_of(pair), name, "the reply is empty and the chat template writes no end-of-turn "
                                                  "token for it (and the tokenizer has no EOS)")
-    return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+    chosen_ids, rejected_ids = reply_ids if len(reply_ids) == 2 else (reply_ids[0], [])
+    return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, label=pair.label)
 
 
 def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int, max_prompt_length: int,
@@ -100,10 +105,11 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int, ma
     return encoded, failed
 
 
-def _chat_ids(tokenizer, pair: PreferencePair) -> tuple[list[int], list[int], list[int]]:
+def _chat_ids(tokenizer, pair: PreferencePair, replies: list[Text]) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each reply's ids) of the pair's prompt followed by each of `replies`."""
     messages = _as_messages(pair.prompt, "user")
     prompt_text = _render(tokenizer, pair, messages, add_generation_prompt=True)
-    fulls = [_render(tokenizer, pair, messages + _as_messages(r, "assistant")) for r in (pair.chosen, pair.rejected)]
+    fulls = [_render(tokenizer, pair, messages + _as_messages(r, "assistant")) for r in replies]
     if not all(full.startswith(prompt_text) for full in fulls):
         # The template writes the earlier turns differently once a reply follows them: the prompt is then
         # what it renders before a reply inside the whole conversation, shared by chosen and rejected.
@@ -111,8 +117,7 @@ def _chat_ids(tokenizer, pair: PreferencePair) -> tuple[list[int], list[int], li
         if not all(full.startswith(prompt_text) for full in fulls):
             raise DataError(place_of(pair), None, "the chat template renders the earlier turns differently depending "
                                                 "on the reply that follows them; cannot tell which tokens are the reply")
-    chosen_ids, rejected_ids = (_split_response(tokenizer, prompt_text, full) for full in fulls)
-    return _ids(tokenizer, prompt_text), chosen_ids, rejected_ids
+    return _ids(tokenizer, prompt_text), [_split_response(tokenizer, prompt_text, full) for full in fulls]
 
 
 def _prompt_in_conversation(tokenizer, pair: PreferencePair, messages: list[dict[str, str]]) -> str:
@@ -234,14 +239,14 @@ def _response_text(response: Text) -> str:
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
-             max_prompt_length: int) -> TokenizedPair:
-    """Keep the end of the prompt (the question) and the start of each response."""
+             max_prompt_length: int, label: bool | None = None) -> TokenizedPair:
+    """Keep the end of the prompt (the question) and the start of each response; `label` is kept as it is."""
     if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
-        return TokenizedPair(prompt, chosen, rejected)
+        return TokenizedPair(prompt, chosen, rejected, label=label)
     if len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:]
     room = max_length - len(prompt)
-    return TokenizedPair(prompt, chosen[:room], rejected[:room], truncated=True)
+    return TokenizedPair(prompt, chosen[:room], rejected[:room], truncated=True, label=label)
 
 
 def auto_max_length(lengths: Sequence[int], keep: float = 0.99) -> int:

@@ -3,13 +3,14 @@
 A prompt-only file is any source `data/sources.read_rows` reads (JSONL, JSON, CSV, Parquet, ...) whose rows
 have a prompt and no chosen/rejected reply; the preference loader refuses such rows, so they are read here,
 every bad row one line naming FILE:LINE and the field. A reference answer is the row's `answer`; a pair
-without one whose chosen reply ends "The answer is N." (the bundled arithmetic data) takes N.
+without one whose chosen reply ends "The answer is N." (the bundled arithmetic data) takes N; of unpaired feedback
+rows only a desirable completion may give it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from infopo_cli.data.formats import Fields, PreferencePair
@@ -39,11 +40,12 @@ class PromptRow:
 
 
 def is_prompt_only(spec: str, split: str = "train", fields: Fields = Fields()) -> bool:
-    """Whether no row of `spec` carries a chosen or rejected reply (then it is a prompt-only file). A row that cannot be
-    read is not evidence either way, so the first one is raised: its FILE:LINE message is the one to show."""
+    """Whether no row of `spec` carries a chosen or rejected reply or an unpaired completion (then it is a prompt-only
+    file). A row that cannot be read is not evidence either way, so the first one is raised: its FILE:LINE message is
+    the one to show."""
     first_error = None
     for _, row in read_rows(spec, split):
-        if isinstance(row, dict) and (fields.chosen in row or fields.rejected in row):
+        if isinstance(row, dict) and any(name in row for name in (fields.chosen, fields.rejected, fields.completion)):
             return False
         first_error = first_error or (row if isinstance(row, Exception) else None)
     if first_error is not None:
@@ -91,18 +93,20 @@ def answers_by_row(specs: str | Sequence[str], split: str = "train") -> dict[str
 
 
 def rows_from_pairs(pairs: Sequence[PreferencePair], answers: dict[str, Any]) -> list[PromptRow]:
-    """One row per distinct prompt (several pairs of one scored row share it), with its reference answer."""
-    rows, seen = [], set()
+    """One row per distinct prompt (several pairs of one scored row share it; unpaired rows of one prompt, wherever
+    they are, too), with its reference answer. An undesirable completion never gives one."""
+    rows, index = [], {}
     for pair in pairs:
-        key = (pair.where, pair.prompt)
-        if key in seen:
-            continue
-        seen.add(key)
+        key = pair.prompt if pair.unpaired else (pair.where, pair.prompt)
         answer, source = answers.get(pair.where), ANSWER if pair.where in answers else ""
-        if answer is None:
+        if answer is None and pair.label is not False:
             chosen = pair.chosen if isinstance(pair.chosen, str) else next(
                 (content for role, content in reversed(pair.chosen) if role == "assistant"), "")
             answer = stated_answer(chosen)
             source = "chosen" if answer is not None else ""
-        rows.append(PromptRow(pair.where, as_messages(pair.prompt), answer, source))
+        if key not in index:
+            index[key] = len(rows)
+            rows.append(PromptRow(pair.where, as_messages(pair.prompt), answer, source))
+        elif pair.unpaired and rows[index[key]].answer is None and answer is not None:  # a later desirable row's
+            rows[index[key]] = replace(rows[index[key]], answer=answer, answer_from=source)
     return rows

@@ -66,6 +66,54 @@ def infopo(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, r
     return _out(losses, beta * delta_w, beta * delta_l)
 
 
+def infopo_unpaired(policy: Tensor, ref: Tensor, desirable: Tensor, lengths: Tensor | None = None, *,
+                    beta: float = 1.0, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                    length_normalize: bool = False, max_exponent: float = 50.0) -> LossOutput:
+    """InfoPO on unpaired feedback: each row contributes its own term of the NWJ bound (arXiv 2505.08507).
+
+    The pair loss  -beta*delta_w + exp(beta*delta_l)  is a sum of a term for a preferred reply and one for a
+    dispreferred reply, the two expectations of the NWJ bound. Estimated from separate samples:
+
+        desirable row:    w_D * (-beta * delta)
+        undesirable row:  w_U * exp(beta * delta)
+
+    and the training loss is the mean over rows. With w_D = N / n_D and w_U = N / n_U (N rows, n_D desirable,
+    n_U undesirable: the default, set from the training data) that mean estimates E_D[-beta*delta] +
+    E_U[exp(beta*delta)] whatever the mix; on a balanced split of pairs (w = 2) a batch holding both rows of each
+    pair gives exactly the pair loss's mean and gradient. Value at initialisation: 0 per desirable row, w_U per
+    undesirable row. The exponential continues linearly above `max_exponent`, as in `infopo`.
+    Shapes: all (B,), `desirable` bool; outputs (B,) (both reward fields hold each row's beta * delta).
+    """
+    delta = policy - ref
+    if length_normalize:
+        delta = delta / lengths
+    losses = torch.where(desirable, -desirable_weight * beta * delta,
+                         undesirable_weight * _exp_linear_above(beta * delta, max_exponent))
+    return _out(losses, beta * delta, beta * delta)
+
+
+def kto(policy: Tensor, ref: Tensor, desirable: Tensor, policy_mismatched: Tensor, ref_mismatched: Tensor, *,
+        beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossOutput:
+    """KTO (Ethayarajh et al., arXiv 2402.01306, Sec. 4.1): a prospect-theoretic value of each reply against a
+    reference point, from unpaired desirable/undesirable rows.
+
+        r    = log pi(y|x) - log pi_ref(y|x)
+        z0   = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)])   y'_i: another row's completion
+        L    = lambda_D * (1 - sigmoid(beta * (r - z0)))   desirable
+               lambda_U * (1 - sigmoid(beta * (z0 - r)))   undesirable
+
+    i.e. E[lambda_y - v(x, y)]. z0 estimates KL(pi || pi_ref) from mismatched prompt/completion pairs of the
+    micro-batch and, as in the paper, no gradient flows through it. At initialisation (r = z0 = 0) every row's loss
+    is lambda / 2. The paper suggests lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
+    Shapes: all (B,), `desirable` bool; outputs (B,) plus the scalar z0 as `kl`.
+    """
+    z0 = (policy_mismatched - ref_mismatched).detach().mean().clamp(min=0)
+    r = policy - ref
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return LossOutput(losses, (beta * r).detach(), (beta * r).detach(), z0)
+
+
 def rmipo(policy_chosen_avg: Tensor, policy_rejected_avg: Tensor, marginal_chosen_avg: Tensor,
           marginal_rejected_avg: Tensor, *, beta: float = 2.0, gamma_min: float = 0.3, gamma_max: float = 1.6,
           label_smoothing: float = 0.0) -> LossOutput:

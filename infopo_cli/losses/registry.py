@@ -35,6 +35,7 @@ class LossSpec:
     defaults: dict
     call: Callable[[PairLogps, dict], LossOutput]
     needs_fixed: Needs | None = None   # None: depends on the parameters (mi's prior)
+    data: tuple[str, ...] = ("pairs",)  # the data it trains on: preference pairs, unpaired feedback rows
 
     def needs(self, params: dict) -> Needs:
         """The forward passes the loss needs with these parameters (mi's depend on its prior)."""
@@ -45,15 +46,27 @@ class LossSpec:
         return not self.needs({**self.defaults, **(params or {})}).reference
 
 
+def _infopo(p: PairLogps, q: dict) -> LossOutput:
+    if p.desirable is None:
+        return L.infopo(*_ref_args(p), *_lengths(p), beta=q["beta"], length_normalize=q["length_normalize"])
+    return L.infopo_unpaired(p.policy_chosen, p.ref_chosen, p.desirable, _lengths(p)[0], beta=q["beta"],
+                             desirable_weight=q["desirable_weight"], undesirable_weight=q["undesirable_weight"],
+                             length_normalize=q["length_normalize"])
+
+
+def _kto(p: PairLogps, q: dict) -> LossOutput:
+    return L.kto(p.policy_chosen, p.ref_chosen, p.desirable, p.policy_rejected, p.ref_rejected, beta=q["beta"],
+                 desirable_weight=q["desirable_weight"], undesirable_weight=q["undesirable_weight"])
+
+
 def _mi(p: PairLogps, q: dict) -> LossOutput:
     zeta_w, zeta_l = PRIORS[q["prior"]].log_zeta(p, q)
     return L.mi(p.policy_chosen, p.policy_rejected, zeta_w, zeta_l, alpha=q["beta"])
 
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
-    LossSpec("infopo", "NWJ mutual-information bound; chosen likelihood always pushed up", "arXiv 2505.08507",
-             {"beta": 1.0, "length_normalize": False},
-             lambda p, q: L.infopo(*_ref_args(p), *_lengths(p), beta=q["beta"], length_normalize=q["length_normalize"]), REF),
+    LossSpec("infopo", "NWJ mutual-information bound; chosen likelihood always pushed up; pairs or unpaired rows",
+             "arXiv 2505.08507", {"beta": 1.0, "length_normalize": False}, _infopo, REF, ("pairs", "unpaired")),
     LossSpec("rmipo", "SimPO margin modulated per pair by prompt-response mutual information; reference-free",
              "arXiv 2604.24804", {"beta": 2.0, "gamma_min": 0.3, "gamma_max": 1.6, "label_smoothing": 0.0},
              lambda p, q: L.rmipo(p.policy_chosen / _lengths(p)[0], p.policy_rejected / _lengths(p)[1],
@@ -80,10 +93,16 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
              {"beta": 2.0, "gamma": 1.0},
              lambda p, q: L.simpo(p.policy_chosen, p.policy_rejected, *_lengths(p), beta=q["beta"], gamma=q["gamma"]),
              Needs()),
+    LossSpec("kto", "Kahneman-Tversky: thumbs-up/down rows against a KL reference point", "arXiv 2402.01306",
+             {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}, _kto,
+             Needs(reference=True, mismatched=True), ("unpaired",)),
     LossSpec("orpo", "odds-ratio preference term plus NLL on the chosen answer; reference-free", "arXiv 2403.07691",
              {"beta": 0.1}, lambda p, q: L.orpo(p.policy_chosen, p.policy_rejected, *_lengths(p), beta=q["beta"]),
              Needs()),
 ]}
+
+
+WEIGHTS = ("desirable_weight", "undesirable_weight")  # unpaired rows: each label's weight
 
 
 def resolve(name: str, overrides: dict) -> tuple[LossSpec, dict]:
@@ -92,7 +111,7 @@ def resolve(name: str, overrides: dict) -> tuple[LossSpec, dict]:
         raise ConfigError(f"unknown loss '{name}'; available: {', '.join(LOSSES)} (see `infopo losses`)")
     spec = LOSSES[name]
     given = {k: v for k, v in overrides.items() if v is not None}
-    takes = set(spec.defaults) | {"sft_weight"}
+    takes = set(spec.defaults) | {"sft_weight"} | (set(WEIGHTS) if "unpaired" in spec.data else set())
     wrong = sorted(set(given) - takes)
     if wrong:
         raise ConfigError(f"{', '.join(map(flag, wrong))} does not apply to loss '{name}' (it takes: "
@@ -105,10 +124,33 @@ def resolve(name: str, overrides: dict) -> tuple[LossSpec, dict]:
     return spec, params
 
 
+def for_data(spec: LossSpec, params: dict, kind: str, desirable: int = 0, undesirable: int = 0) -> dict:
+    """The loss's parameters for data of `kind` ("pairs" or "unpaired", with its label counts), or a ConfigError when
+    the loss cannot train on it. InfoPO's unpaired weights default to N / n per label: its loss is then an unbiased
+    estimate of the NWJ objective whatever the mix (formulas.infopo_unpaired)."""
+    if kind not in spec.data:
+        hint = ("; use --loss infopo or kto, or train on pairs" if kind == "unpaired" else
+                "; pairs can be split into unpaired rows with --unpair")
+        what = "unpaired feedback rows (completion + label)" if kind == "unpaired" else "preference pairs"
+        raise ConfigError(f"loss '{spec.name}' cannot train on {what}{hint}")
+    if kind == "pairs":
+        if given := [w for w in WEIGHTS if params.get(w) is not None and w not in spec.defaults]:
+            raise ConfigError(f"{', '.join(map(flag, given))} applies to unpaired rows only; this data is pairs")
+        return {k: v for k, v in params.items() if k not in WEIGHTS or k in spec.defaults}
+    if not desirable or not undesirable:
+        missing = "undesirable" if desirable else "desirable"
+        raise ConfigError(f"the unpaired data has no {missing} rows: '{spec.name}' needs both labels")
+    total = desirable + undesirable
+    return {"desirable_weight": total / desirable, "undesirable_weight": total / undesirable, **params}
+
+
 def compute(spec: LossSpec, logps: PairLogps, params: dict) -> LossOutput:
-    """The loss per pair, plus `sft_weight` x the token-mean NLL of the chosen response when asked for."""
+    """The loss per pair, plus `sft_weight` x the token-mean NLL of the chosen response when asked for (of the
+    desirable completions, on unpaired rows)."""
     out = spec.call(logps, params)
     if params.get("sft_weight"):
         nll = -logps.policy_chosen / logps.chosen_counts.clamp(min=1)
-        out = LossOutput(out.losses + params["sft_weight"] * nll, out.chosen_rewards, out.rejected_rewards)
+        if logps.desirable is not None:
+            nll = nll * logps.desirable
+        out = LossOutput(out.losses + params["sft_weight"] * nll, out.chosen_rewards, out.rejected_rewards, out.kl)
     return out

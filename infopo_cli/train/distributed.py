@@ -93,7 +93,7 @@ class World:
             return metrics
         *sums, pairs = self.sum_floats([metrics.sums.get(k, 0.0) for k in PairMetrics.KEYS] + [metrics.pairs])
         total = PairMetrics()
-        total.sums.update(zip(PairMetrics.KEYS, sums))
+        total.sums.update((k, v) for k, v in zip(PairMetrics.KEYS, sums) if v or k in metrics.sums)
         total.pairs = int(pairs)
         return total
 

@@ -227,4 +227,5 @@ def pair_logps(model: nn.Module, batch, needs: Needs, reference: Tensor | None =
     n = batch.n_pairs
     marginal = response_only_logps(model, batch) if needs.marginal else None
     return PairLogps(policy.sums[:n], policy.sums[n:], policy.counts[:n], policy.counts[n:],
-                     *_halves(reference if needs.reference else None, n), *_halves(policy.kl, n), *_halves(marginal, n))
+                     *_halves(reference if needs.reference else None, n), *_halves(policy.kl, n), *_halves(marginal, n),
+                     batch.desirable)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from infopo_cli import files
 from infopo_cli.errors import OutputError
 from infopo_cli.losses.types import LossOutput, PairLogps
@@ -16,10 +18,16 @@ from infopo_cli.reporting.runs import read_records
 
 
 class PairMetrics:
-    """Sums per-pair quantities over micro-batches; `means()` divides by the number of pairs."""
+    """Sums per-pair quantities over micro-batches; `means()` divides by the number of pairs.
+
+    Unpaired rows (TRL's KTO names): rewards/ and logps/chosen are means over the desirable rows, /rejected over the
+    undesirable ones, margins their difference, rewards/accuracies the share of rows whose reward has the label's
+    sign, and kl KTO's reference point; `pairs` counts rows.
+    """
 
     KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected", "logps/accuracies")
+            "logps/rejected", "logps/accuracies", "count/chosen", "count/rejected", "kl")
+    UNPAIRED = ("count/chosen", "count/rejected")  # present only for unpaired rows: the per-label denominators
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
@@ -27,6 +35,8 @@ class PairMetrics:
 
     def add(self, out: LossOutput, logps: PairLogps) -> None:
         """Add one micro-batch's loss, rewards and log-probs to the sums."""
+        if logps.desirable is not None:
+            return self._add_rows(out, logps)
         margins = out.chosen_rewards - out.rejected_rewards
         self.sums["loss"] += float(out.losses.detach().sum())
         self.sums["rewards/chosen"] += float(out.chosen_rewards.sum())
@@ -39,9 +49,33 @@ class PairMetrics:
         self.sums["logps/accuracies"] += float((logps.policy_chosen > logps.policy_rejected).float().sum())
         self.pairs += int(out.losses.shape[0])
 
+    def _add_rows(self, out: LossOutput, logps: PairLogps) -> None:
+        good = logps.desirable
+        rewards, policy = out.chosen_rewards, logps.policy_chosen.detach()
+        self.sums["loss"] += float(out.losses.detach().sum())
+        for side, rows in (("chosen", good), ("rejected", ~good)):
+            self.sums[f"rewards/{side}"] += float(rewards[rows].sum())
+            self.sums[f"logps/{side}"] += float(policy[rows].sum())
+            self.sums[f"count/{side}"] += float(rows.sum())
+        self.sums["rewards/accuracies"] += float(torch.where(good, rewards > 0, rewards < 0).float().sum())
+        if out.kl is not None:
+            self.sums["kl"] += float(out.kl) * len(good)
+        self.pairs += len(good)
+
     def means(self, prefix: str = "") -> dict[str, float]:
-        """Every sum divided by the number of pairs, keys prefixed with `prefix` ("eval/")."""
-        return {f"{prefix}{k}": v / max(self.pairs, 1) for k, v in self.sums.items()}
+        """Every sum divided by the number of pairs (of rows per label, for unpaired rows' per-label keys), keys
+        prefixed with `prefix` ("eval/")."""
+        if not self.sums.get("count/chosen", 0) + self.sums.get("count/rejected", 0):
+            return {f"{prefix}{k}": v / max(self.pairs, 1) for k, v in self.sums.items() if k not in self.UNPAIRED}
+        means = {}
+        for key, value in self.sums.items():
+            side = key.rpartition("/")[2]
+            if key in self.UNPAIRED or key == "rewards/margins":
+                continue
+            count = self.sums[f"count/{side}"] if side in ("chosen", "rejected") else self.pairs
+            means[f"{prefix}{key}"] = value / count if count else math.nan
+        means[f"{prefix}rewards/margins"] = means[f"{prefix}rewards/chosen"] - means[f"{prefix}rewards/rejected"]
+        return means
 
 
 class Sink(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 
 from infopo_cli import files
 from infopo_cli.config import TrainConfig
-from infopo_cli.data.loading import DataOptions, Loaded, PreferencePair
+from infopo_cli.data.loading import DataOptions, Loaded, PreferencePair, balance, data_kind, feedback_counts, unpair
 from infopo_cli.data.mixing import as_list, load_mix
 from infopo_cli.data.overlap import eval_overlap_note
 from infopo_cli.errors import ConfigError
@@ -53,15 +53,42 @@ def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, A
     return cfg, spec, loss_params
 
 
-def load_data(cfg: TrainConfig) -> tuple[Loaded, list[PreferencePair]]:
-    """The training mix and the held-out pairs, every row checked; held-out pairs that are also trained on are a
-    warning among the mix's notes."""
+def load_data(cfg: TrainConfig, spec: LossSpec, loss_params: dict[str, Any]
+              ) -> tuple[Loaded, list[PreferencePair], dict[str, Any]]:
+    """The training mix and the held-out pairs, every row checked, in the shape the loss trains on, and the loss's
+    parameters for that data; held-out pairs that are also trained on are a warning among the mix's notes."""
     loaded = load_mix(cfg.data, DataOptions.from_config(cfg), cfg.seed)
     eval_options = DataOptions.from_config(cfg, cfg.eval_split)
     eval_pairs = load_mix(cfg.eval_data, eval_options, cfg.seed).pairs if cfg.eval_data else []
     if note := eval_overlap_note(loaded.pairs, eval_pairs):
         loaded.notes.append(note)
-    return loaded, eval_pairs
+    eval_pairs, loss_params = _shape_for_loss(cfg, spec, loss_params, loaded, eval_pairs)
+    return loaded, eval_pairs, loss_params
+
+
+def _shape_for_loss(cfg: TrainConfig, spec: LossSpec, loss_params: dict[str, Any], loaded: Loaded,
+                    eval_pairs: list[PreferencePair]) -> tuple[list[PreferencePair], dict[str, Any]]:
+    """Pairs split into unpaired rows where asked (--unpair) or where the loss takes only those (kto, as TRL's KTO
+    does); the held-out set in the same shape; the loss's parameters for the data (registry.for_data)."""
+    kind = data_kind(loaded.pairs)
+    if kind == "pairs" and (cfg.unpair or "pairs" not in spec.data):
+        if not cfg.unpair:
+            loaded.info.append(f"{spec.name} trains on unpaired rows: each pair becomes two, its chosen reply desirable "
+                               "and its rejected one undesirable (as --unpair does)")
+        loaded.pairs, kind = unpair(loaded.pairs), "unpaired"
+    if eval_pairs and data_kind(eval_pairs) != kind:
+        if kind == "pairs":
+            raise ConfigError("--eval-data holds unpaired rows (completion + label) but the training data is pairs")
+        eval_pairs = unpair(eval_pairs)
+    desirable, undesirable = feedback_counts(loaded.pairs)
+    loss_params = registry.for_data(spec, loss_params, kind, desirable, undesirable)
+    if kind == "unpaired" and spec.name == "kto":
+        weighted = loss_params["desirable_weight"] * desirable / (loss_params["undesirable_weight"] * undesirable)
+        if not 1 <= weighted <= 4 / 3:
+            loaded.notes.append(f"kto: desirable_weight x desirable rows / (undesirable_weight x undesirable rows) is "
+                                f"{weighted:.2f}; the KTO paper advises 1 to 4/3 (set --desirable-weight or "
+                                "--undesirable-weight)")
+    return eval_pairs, loss_params
 
 
 def check_output(run_dir: Path) -> None:
@@ -76,9 +103,17 @@ def check(cfg: TrainConfig, output: Path, fresh: bool = True) -> Checked:
     cfg, spec, loss_params = check_settings(cfg)
     if fresh:
         check_output(output)
-    loaded, eval_pairs = load_data(cfg)
+    loaded, eval_pairs, loss_params = load_data(cfg, spec, loss_params)
     check_source(cfg.model)  # after the data: every row is checked whatever the model
     return Checked(cfg, spec, loss_params, loaded, eval_pairs)
+
+
+def counted(loaded: Loaded) -> str:
+    """What a run trains on, counted: "600 explicit pairs", or "1200 unpaired rows: 600 desirable, 600 undesirable
+    (1.00 : 1)"."""
+    if data_kind(loaded.pairs) == "pairs":
+        return f"{len(loaded.pairs)} {loaded.format} pairs"
+    return f"{len(loaded.pairs)} unpaired rows: {balance(*feedback_counts(loaded.pairs))}"
 
 
 def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str]:
@@ -87,13 +122,14 @@ def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str
     global_batch = cfg.batch_size * cfg.grad_accum * cfg.nproc
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(loaded.pairs) / global_batch)))
     params = ", ".join(f"{k}={v}" for k, v in checked.loss_params.items())
+    unit = "pairs" if data_kind(loaded.pairs) == "pairs" else "rows"
     lines = [f"preset {cfg.preset or '(none)'}; model {cfg.model} ({cfg.backend}, "
              f"{'4-bit NF4' if cfg.load_in_4bit else 'unquantised'}, dtype {cfg.dtype})",
              f"loss {cfg.loss} ({params})",
-             f"data {', '.join(as_list(cfg.data))}: {len(loaded.pairs)} pairs from {loaded.rows} rows, {loaded.format} format"
+             f"data {', '.join(as_list(cfg.data))}: {counted(loaded)} from {loaded.rows} rows, {loaded.format} format"
              + (f", {len(loaded.skipped)} invalid rows skipped" if loaded.skipped else ""),
-             f"held out: {len(checked.eval_pairs)} pairs" + (f" from {', '.join(as_list(cfg.eval_data))}" if cfg.eval_data else ""),
-             f"{steps} optimizer steps of {global_batch} pairs (lr {cfg.lr:g}, max_length {cfg.max_length})",
+             f"held out: {len(checked.eval_pairs)} {unit}" + (f" from {', '.join(as_list(cfg.eval_data))}" if cfg.eval_data else ""),
+             f"{steps} optimizer steps of {global_batch} {unit} (lr {cfg.lr:g}, max_length {cfg.max_length})",
              f"run folder {output}" + (" (resumed from its newest checkpoint)" if resuming else " (new)")]
     lines += [f"mix: {loaded.mix}"] if loaded.mix else []
     lines += loaded.info + [f"warning: {note}" for note in loaded.notes]

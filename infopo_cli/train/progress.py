@@ -80,9 +80,10 @@ class Reporter:
             for reason in reasons[:3]:
                 self._say(f"  {escape(reason)}")
 
-    def start(self, loss: str, params: dict, n_train: int, fmt: str, data: str, n_eval: int, run_dir: Path) -> None:
-        """The run's first line: loss and parameters, pairs trained and held out, the run folder."""
-        self._say(f"[bold]infopo[/] {loss} {escape(str(params))} on {n_train} {fmt} pairs ({escape(data)}), "
+    def start(self, loss: str, params: dict, trained: str, data: str, n_eval: int, run_dir: Path) -> None:
+        """The run's first line: loss and parameters, what it trains on (`preflight.counted`) and how much is held out,
+        the run folder."""
+        self._say(f"[bold]infopo[/] {loss} {escape(str(params))} on {escape(trained)} ({escape(data)}), "
                   f"{n_eval} held out -> {escape(str(run_dir))}")
 
     def lock(self, took_over: str | None) -> None:
@@ -121,10 +122,10 @@ class Reporter:
 
     def evaluation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
         """One held-out evaluation's figures (and answer accuracy, when generated)."""
-        self._say(f"eval @ step {step} ({seconds:.0f}s): loss {metrics['eval/loss']:.4f}  "
-                  f"logps/chosen {metrics['eval/logps/chosen']:.2f}  logps/rejected {metrics['eval/logps/rejected']:.2f}  "
-                  f"rewards/accuracies {metrics['eval/rewards/accuracies']:.3f}  "
-                  f"logps/accuracies {metrics['eval/logps/accuracies']:.3f}"
+        shown = [("loss", 4), ("logps/chosen", 2), ("logps/rejected", 2), ("rewards/accuracies", 3),
+                 ("logps/accuracies", 3), ("kl", 3)]  # unpaired rows have no logps/accuracies; only kto a kl
+        self._say(f"eval @ step {step} ({seconds:.0f}s): "
+                  + "  ".join(f"{key} {metrics[f'eval/{key}']:.{digits}f}" for key, digits in shown if f"eval/{key}" in metrics)
                   + (f"  answers/accuracy {metrics['eval/answers/accuracy']:.3f} (stopped "
                      f"{metrics['eval/answers/stopped']:.0%})" if "eval/answers/accuracy" in metrics else ""))
 

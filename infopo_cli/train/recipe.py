@@ -32,8 +32,9 @@ from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, pairs_read, shuffled_batches
 from infopo_cli.data.formats import PreferencePair
-from infopo_cli.data.loading import Loaded, no_pairs
+from infopo_cli.data.loading import Loaded, data_kind, no_pairs
 from infopo_cli.data.mixing import as_list
+from infopo_cli.data.feedback import with_mismatches
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, truncate
 from infopo_cli.errors import ConfigError
@@ -142,6 +143,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world)
+        if spec.needs(loss_params).mismatched:  # KTO's reference point reads other rows' completions after each prompt
+            train_tok, eval_tok = with_mismatches(train_tok, cfg.max_length), with_mismatches(eval_tok, cfg.max_length)
         # which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run that
         # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
         recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
@@ -240,7 +243,7 @@ def _prepare(cfg: TrainConfig, report: Reporter, resume: Path | None, world: dis
     if not resume:
         preflight.check_output(output)
     with world.main_first():  # a hub dataset is downloaded once, by rank 0
-        loaded, eval_pairs = preflight.load_data(cfg)
+        loaded, eval_pairs, loss_params = preflight.load_data(cfg, spec, loss_params)
     check_source(cfg.model)  # a missing path, a folder that is no model or holds its own code: before the run folder
     report.skipped_rows(loaded.skipped, loaded.rows)
     for line in ([f"mix: {loaded.mix}"] if loaded.mix else []) + loaded.info + [f"warning: {n}" for n in loaded.notes]:
@@ -248,8 +251,7 @@ def _prepare(cfg: TrainConfig, report: Reporter, resume: Path | None, world: dis
     created = not resume and world.is_main and not output.exists()
     run_dir = resume or (files.claim_output_dir(output) if world.is_main else None)
     run_dir = Path(world.broadcast(str(run_dir)))  # the folder rank 0 claimed: one set of outputs
-    report.start(cfg.loss, loss_params, len(loaded.pairs), loaded.format, ", ".join(as_list(cfg.data)), len(eval_pairs),
-                 run_dir)
+    report.start(cfg.loss, loss_params, preflight.counted(loaded), ", ".join(as_list(cfg.data)), len(eval_pairs), run_dir)
     return cfg, spec, loss_params, loaded, eval_pairs, run_dir, created
 
 
@@ -272,7 +274,7 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
         report.note(f"max_length auto: {cfg.max_length} tokens keeps 99% of the training pairs whole "
                     f"(max_prompt_length {cfg.max_prompt_length})")
         train_tok, eval_tok = ([truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, cfg.max_length,
-                                         cfg.max_prompt_length) for p in tokenized] for tokenized in (train_tok, eval_tok))
+                                         cfg.max_prompt_length, p.label) for p in tokenized] for tokenized in (train_tok, eval_tok))
     report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
                      sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
     return cfg, source, tokenizer, train_tok, eval_tok
@@ -347,7 +349,8 @@ def _write_outputs(summary: RunSummary, cfg: TrainConfig, loaded: Loaded, train_
     checkpoint.save_adapter(model, tokenizer, run_dir)
     summary.displacement = guard.message
     summary.data = {"train": as_list(cfg.data), "rows": loaded.rows, "pairs": train_pairs, "format": loaded.format,
-                    "eval": as_list(cfg.eval_data) if cfg.eval_data else [], "eval_pairs": eval_pairs}
+                    "eval": as_list(cfg.eval_data) if cfg.eval_data else [], "eval_pairs": eval_pairs,
+                    "unit": "pairs" if data_kind(loaded.pairs) == "pairs" else "unpaired rows"}
     files.write_json(run_dir / "summary.json", asdict(summary))
     if not plot_run(log.records, run_dir / "plot.png", f"{cfg.loss} on {', '.join(Path(d).name for d in as_list(cfg.data))} ({source})"):
         report.note("plot.png skipped: matplotlib is not installed (pip install 'infopo[plot]')")

@@ -29,7 +29,7 @@ from infopo_cli import files
 from infopo_cli.config import TrainConfig
 from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.data.formats import PreferencePair
-from infopo_cli.data.loading import DataOptions, resolve
+from infopo_cli.data.loading import DataOptions, data_kind, resolve
 from infopo_cli.data.overlap import identity
 from infopo_cli.data.mixing import as_list, load_mix, parse_source
 from infopo_cli.data.token_cache import tokenize_cached
@@ -179,6 +179,10 @@ def preference_metrics(loaded: LoadedModel, pairs: list[PreferencePair], cfg: Tr
                      "skipped")
         return None
     spec, params = registry.resolve(cfg.loss, cfg.loss_overrides())
+    if data_kind(pairs) == "unpaired" or "pairs" not in spec.data:
+        notes.append("preference metrics compare a chosen and a rejected reply: skipped for unpaired feedback rows "
+                     "(a run's own held-out figures on them are in its metrics.jsonl)")
+        return None
     needs = spec.needs(params)
     if needs.kl and not loaded.has_adapter:
         notes.append(f"loss {cfg.loss} needs the tuned model and its reference in one model (an adapter): preference "

@@ -21,8 +21,8 @@ t = lambda v: torch.tensor([v], dtype=torch.float64, requires_grad=True)  # noqa
 
 P = {"policy_chosen": -10.0, "policy_rejected": -15.0, "ref_chosen": -12.0, "ref_rejected": -14.0,
      "kl_chosen": 0.5, "kl_rejected": 1.5, "marginal_chosen_avg": -2.5, "marginal_rejected_avg": -1.6}
-# every loss, and the MI loss once per prior
-EVERY_LOSS = [(name, prior) for name in LOSSES for prior in (PRIORS if name == "mi" else [None])]
+# every pair loss (unpaired-only ones: test_unpaired_losses.py), and the MI loss once per prior
+EVERY_LOSS = [(name, prior) for name in LOSSES if "pairs" in LOSSES[name].data for prior in (PRIORS if name == "mi" else [None])]
 
 
 def pair(values: dict[str, float], counts: tuple[int, int] = (5, 10), dtype: torch.dtype = torch.float64) -> PairLogps:
