@@ -225,6 +225,8 @@ def export(
     run_dir: Annotated[Optional[str], typer.Argument(help="A run folder written by `infopo train` (default: the newest under ./runs).", show_default=False)] = None,
     merged: Annotated[Optional[str], typer.Option("--merged", help="Write merged safetensors weights to this folder (default RUN/export/merged/).", show_default=False)] = None,
     gguf: Annotated[Optional[str], typer.Option("--gguf", help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
+    gguf_adapter: Annotated[Optional[str], typer.Option("--gguf-adapter", help="Write the LoRA alone as a llama.cpp adapter GGUF (llama-cli --lora, Ollama ADAPTER; default RUN/export/RUN-adapter-QUANT.gguf), with a Modelfile on --base-gguf.", show_default=False)] = None,
+    base_gguf: Annotated[Optional[str], typer.Option("--base-gguf", help="The base model's GGUF for --gguf-adapter's Modelfile and check (default: the GGUF the run's base came from, if any).", show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
     quant: Annotated[str, typer.Option("--quant", help=QUANT_HELP)] = "f16",
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id) instead of a run folder.")] = None,
@@ -237,13 +239,13 @@ def export(
     [dim]infopo export --gguf   (right after `infopo train`: the newest run, written to RUN/export/)[/]
     [dim]infopo export runs/my-run --gguf my-model.gguf --quant q8_0 && ollama create my-model -f my-model.Modelfile[/]
     """
-    from infopo_cli.errors import ExportCheckFailed
+    from infopo_cli.errors import ConfigError, ExportCheckFailed
     from infopo_cli.export.target import resolve
 
     if quant == "list":
         _quant_list(run_dir, base)
         return
-    target = resolve(run_dir, merged, gguf, quant, base, adapter)
+    target = resolve(run_dir, merged, gguf, quant, base, adapter, gguf_adapter)
     if target.newest is not None:
         console.print(f"exporting the newest run: [bold]{escape(str(target.newest))}[/]", highlight=False)
     if target.kind == "merged":
@@ -252,6 +254,11 @@ def export(
         out = export_merged(target.source, target.out, dtype, overwrite)
         console.print(f"merged model -> [bold]{escape(str(out))}[/] (AutoModelForCausalLM.from_pretrained)")
         return
+    if target.kind == "adapter":
+        _export_adapter(target, quant, base_gguf, overwrite, check)
+        return
+    if base_gguf is not None:
+        raise ConfigError("--base-gguf goes with --gguf-adapter (a merged GGUF holds its own base)")
     from infopo_cli.export.export_gguf import export_gguf
 
     path, modelfile, result = export_gguf(target.source, target.out, quant, overwrite, check)
@@ -264,6 +271,34 @@ def export(
             console.print(line, highlight=False, markup=False)
         if not result.ok:
             raise ExportCheckFailed(f"check failed: {'; '.join(result.problems())}; {path} is kept for inspection")
+
+
+def _export_adapter(target, quant: str, base_gguf: str | None, overwrite: bool, check: bool) -> None:
+    """`infopo export --gguf-adapter`: the adapter GGUF, its Modelfile on the base GGUF, the llama.cpp check."""
+    from pathlib import Path
+
+    from infopo_cli.errors import ExportCheckFailed
+    from infopo_cli.export.export_adapter import export_adapter
+
+    path, modelfile, result = export_adapter(target.source, target.out, quant, Path(base_gguf) if base_gguf else None,
+                                             overwrite, check, log=lambda line: console.print(escape(line), highlight=False))
+    console.print(f"LoRA adapter GGUF ({escape(quant)}) -> [bold]{escape(str(path))}[/]", highlight=False)
+    if modelfile is None:
+        console.print("  no base GGUF known for this run: pass --base-gguf BASE.gguf for an Ollama Modelfile and the "
+                      "llama.cpp check (llama-cli -m BASE.gguf --lora ADAPTER.gguf)", highlight=False)
+        return
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem.lower())
+    base = modelfile.read_text(encoding="utf-8").splitlines()[0].removeprefix("FROM ").strip('"')
+    console.print(f"  Ollama:    ollama create {name} -f {escape(str(modelfile))} && ollama run {name}\n"
+                  f"  llama.cpp: llama-cli -m {escape(base)} --lora {escape(str(path))} -cnv", highlight=False)
+    if result is None:
+        if check:
+            console.print("  llama.cpp check skipped: pip install 'infopo[gguf-check]'", highlight=False)
+        return
+    for line in result.lines():
+        console.print(line, highlight=False, markup=False)
+    if not result.ok:
+        raise ExportCheckFailed(f"check failed: {'; '.join(result.problems())}; {path} is kept for inspection")
 
 
 def _quant_list(run_dir: str | None, base: str | None) -> None:
@@ -280,6 +315,16 @@ def _quant_list(run_dir: str | None, base: str | None) -> None:
     for name, writer, available, size in size_table(model):
         table.add_row(name, writer, "yes" if available else "pip install 'infopo[gguf-check]'", f"{size / 2**20:,.0f} MiB")
     console.print(table)
+    if base is None:  # a run's adapter alone, beside the base GGUF the user already has
+        from pathlib import Path
+
+        from infopo_cli.export.adapter_gguf import adapter_file_bytes
+        from infopo_cli.reporting.runs import newest_run
+
+        run = Path(run_dir) if run_dir else newest_run()
+        if (run / "adapter_model.safetensors").is_file():
+            sizes = ", ".join(f"{quant} {adapter_file_bytes(run, quant) / 2**20:,.1f} MiB" for quant in ("f16", "f32"))
+            console.print(f"--gguf-adapter (the LoRA alone, on a base GGUF): {sizes}", highlight=False)
 
 
 ASK_TARGET_HELP = ("A run folder (default: the newest under ./runs), an adapter folder with --base, a merged export or "
@@ -526,6 +571,8 @@ def compare(
     from infopo_cli.train import compare as comparison
 
     planned = comparison.prepare(loss, sweep, output, settings, preset or presets.DEFAULT_PRESET)
+    if len({cfg.loss for cfg in planned.configs}) > 1:  # one loss over a sweep meets the data as its first run does
+        comparison.check_data(planned.configs)
     resuming = planned.check() if dry_run else planned.claim()
     head = (f"[bold]infopo compare[/]: {len(planned.variants)} runs under {escape(str(planned.parent))}"
             + (" (continuing)" if resuming else ""))
@@ -682,7 +729,7 @@ def doctor(
     checks.show(console, cfg, as_json, preset or presets.DEFAULT_PRESET)
 
 
-OPTIONAL_VALUES = {"--gguf": "", "--merged": "",  # options whose value may be left out (then: the default path)
+OPTIONAL_VALUES = {"--gguf": "", "--merged": "", "--gguf-adapter": "",  # options whose value may be left out (then: the default path)
                    "--gradient-checkpointing": "on"}  # (then: on, as the boolean flag it was meant)
 OLD_SPELLINGS = {"--no-gradient-checkpointing": ["--gradient-checkpointing", "off"]}  # flags that took no value before
 

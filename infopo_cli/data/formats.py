@@ -91,6 +91,8 @@ def parse_label(value: Any, where: str, name: str) -> bool:
     key = value.strip().lower().replace("\N{VARIATION SELECTOR-16}", "") if isinstance(value, str) else None
     if key in LABELS:
         return LABELS[key]
+    if key in ("1.0", "0.0", "-1.0"):  # a CSV column pandas wrote as floats (it does once the column has a gap)
+        return key == "1.0"
     if isinstance(value, str):
         got = repr(value[:40] + "..." * (len(value) > 40))  # repr escapes newlines: the message stays one line
     else:

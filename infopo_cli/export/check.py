@@ -220,9 +220,10 @@ class LlamaCppReader:
     """llama.cpp itself on the GGUF (llama-cpp-python), loaded as infopo loads it everywhere (model/llama_runtime.py:
     its weight repacking crashes on AMX CPUs). We check the file, not that kernel."""
 
-    def __init__(self, gguf_path: Path, n_ctx: int = 1024):
+    def __init__(self, gguf_path: Path, n_ctx: int = 1024, adapter: Path | None = None):
+        options = {"lora_path": str(adapter)} if adapter is not None else {}
         try:
-            self.llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+            self.llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, **options)
         except (ValueError, RuntimeError) as err:  # the file infopo just wrote: a failed check, not the user's doing
             raise ExportCheckFailed(f"check failed: llama.cpp cannot load {gguf_path} ({first_line(err)}); the file is "
                                     "kept for inspection") from None

@@ -121,11 +121,15 @@ def _gguf():
 def arch_of(model) -> Arch:
     """The GGUF architecture of a transformers model; a model or rope scaling the writer does not handle is an
     ExportError."""
-    name = type(model).__name__
+    return arch_for(type(model).__name__, model.config)
+
+
+def arch_for(name: str, config) -> Arch:
+    """`arch_of` from the model class's name (a config's `architectures[0]`) and its config."""
     if name not in ARCHS:
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))}; {name} is not yet supported — "
                           "use --merged and llama.cpp's convert_hf_to_gguf.py")
-    rope_type = rope_scaling(model.config).get("rope_type", "default")
+    rope_type = rope_scaling(config).get("rope_type", "default")
     supported = {"llama": "llama3", "phi3": "longrope"}.get(ARCHS[name].gguf_name)
     if rope_type not in ("default", None, supported):
         raise ExportError(f"GGUF export of rope scaling '{rope_type}' is not yet supported — use --merged")

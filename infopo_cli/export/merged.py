@@ -39,9 +39,11 @@ def from_run(run_dir: str | Path) -> AdapterSource:
 
 
 def default_output(source: AdapterSource, kind: str, quant: str = "") -> Path:
-    """RUN/export/<run>-<quant>.gguf or RUN/export/merged/: next to the adapter they come from."""
-    folder = source.adapter / "export"
-    return folder / f"{source.adapter.resolve().name}-{quant}.gguf" if kind == "gguf" else folder / "merged"
+    """RUN/export/<run>-<quant>.gguf, RUN/export/<run>-adapter-<quant>.gguf or RUN/export/merged/: next to the adapter
+    they come from."""
+    folder, name = source.adapter / "export", source.adapter.resolve().name
+    return {"gguf": folder / f"{name}-{quant}.gguf", "adapter": folder / f"{name}-adapter-{quant}.gguf"}.get(
+        kind, folder / "merged")
 
 
 def merged_model(source: AdapterSource, dtype: str = "fp32"):

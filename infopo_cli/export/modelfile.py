@@ -37,10 +37,11 @@ def quote(text: str, what: str) -> str:
     return f'"""{text}"""' if "\n" in text or "\r" in text or text.startswith('"') else f'"{text}"'
 
 
-def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) -> str:
-    """The Modelfile's text; an ExportError (before anything is written) for a stop string it cannot hold."""
+def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None, base: Path | None = None) -> str:
+    """The Modelfile's text; an ExportError (before anything is written) for a stop string it cannot hold. With `base`
+    (a base GGUF), `gguf_name` is a LoRA adapter: FROM the base, ADAPTER the file."""
     name = modelfile_path(Path(gguf_name)).name
-    lines = [f"FROM ./{gguf_name}"]
+    lines = [f"FROM {quote(str(base), f'{name}: the base path')}", f"ADAPTER ./{gguf_name}"] if base else [f"FROM ./{gguf_name}"]
     template = chat_template or ""
     family = next((f for f in FAMILIES if f[0] in template), None)
     stops = list(family[2]) if family else []

@@ -18,16 +18,19 @@ class ExportTarget:
 
     source: AdapterSource
     out: Path
-    kind: str                  # "merged" or "gguf"
+    kind: str                  # "merged", "gguf" or "adapter" (the LoRA alone as a llama.cpp adapter GGUF)
     newest: Path | None = None  # the run found under ./runs when none was named
 
 
 def resolve(run_dir: str | None, merged: str | None, gguf: str | None, quant: str, base: str | None,
-            adapter: str | None) -> ExportTarget:
-    """The export the flags ask for; `merged`/`gguf` is "" for the default path (the flag given without a value)."""
-    if (merged is None) == (gguf is None):
-        raise ConfigError("pass exactly one of --merged [OUT_DIR] or --gguf [OUT.gguf]")
-    kind, given = ("merged", merged) if merged is not None else ("gguf", gguf)
+            adapter: str | None, gguf_adapter: str | None = None) -> ExportTarget:
+    """The export the flags ask for; `merged`/`gguf`/`gguf_adapter` is "" for the default path (the flag given
+    without a value)."""
+    asked = [(kind, value) for kind, value in (("merged", merged), ("gguf", gguf), ("adapter", gguf_adapter))
+             if value is not None]
+    if len(asked) != 1:
+        raise ConfigError("pass exactly one of --merged [OUT_DIR], --gguf [OUT.gguf] or --gguf-adapter [OUT.gguf]")
+    kind, given = asked[0]
     if given and not run_dir and not base and Path(given).is_dir() and is_run(Path(given)):
         run_dir, given = given, ""  # `infopo export --gguf runs/my-run`: the folder is the run, not the output
     if run_dir and (base or adapter):

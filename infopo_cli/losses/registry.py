@@ -145,12 +145,12 @@ def for_data(spec: LossSpec, params: dict, kind: str, desirable: int = 0, undesi
 
 
 def compute(spec: LossSpec, logps: PairLogps, params: dict) -> LossOutput:
-    """The loss per pair, plus `sft_weight` x the token-mean NLL of the chosen response when asked for (of the
-    desirable completions, on unpaired rows)."""
+    """The loss per pair, plus `sft_weight` x the token-mean NLL of the chosen response when asked for (on unpaired
+    rows: of each desirable completion, times desirable_weight)."""
     out = spec.call(logps, params)
     if params.get("sft_weight"):
         nll = -logps.policy_chosen / logps.chosen_counts.clamp(min=1)
-        if logps.desirable is not None:
-            nll = nll * logps.desirable
+        if logps.desirable is not None:  # weighted like a desirable row's term: on --unpair'd pairs, the pair loss's
+            nll = nll * logps.desirable * params.get("desirable_weight", 1.0)
         out = LossOutput(out.losses + params["sft_weight"] * nll, out.chosen_rewards, out.rejected_rewards, out.kl)
     return out

@@ -104,6 +104,21 @@ def configs(variants: list[Variant], flags: dict[str, Any], parent: Path, preset
                                               source="command line"))[0] for v in variants]
 
 
+def check_data(configs: list[Any]) -> None:
+    """Every run's loss against the training data, read once: a loss that cannot train on it (a pair loss on thumbs
+    up/down rows) or a flag that does not apply to it is refused before the first run trains, not after it."""
+    from infopo_cli.data.loading import DataOptions
+    from infopo_cli.data.mixing import load_mix
+    from infopo_cli.losses import registry
+    from infopo_cli.train import preflight
+
+    first = configs[0]
+    pairs = load_mix(first.data, DataOptions.from_config(first), first.seed).pairs
+    for cfg in configs:
+        spec, params = registry.resolve(cfg.loss, cfg.loss_overrides())
+        preflight.fit_to_loss(cfg, spec, params, pairs)
+
+
 def _plan_of(variants: list[Variant], flags: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({"runs": [v.name for v in variants], "settings": [v.settings for v in variants],
                                   "flags": {k: v for k, v in sorted(flags.items())}}))

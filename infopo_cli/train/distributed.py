@@ -91,9 +91,11 @@ class World:
         """The global batch's (or the whole held-out set's) metrics from each rank's sums over its pairs."""
         if not self.active:
             return metrics
-        *sums, pairs = self.sum_floats([metrics.sums.get(k, 0.0) for k in PairMetrics.KEYS] + [metrics.pairs])
+        keys = PairMetrics.KEYS  # with how many ranks have each: a rank without held-out rows has no keys of its own
+        *sums, pairs = self.sum_floats([metrics.sums.get(k, 0.0) for k in keys] + [float(k in metrics.sums) for k in keys]
+                                       + [metrics.pairs])
         total = PairMetrics()
-        total.sums.update((k, v) for k, v in zip(PairMetrics.KEYS, sums) if v or k in metrics.sums)
+        total.sums.update((k, v) for k, v, held in zip(keys, sums[:len(keys)], sums[len(keys):]) if held)
         total.pairs = int(pairs)
         return total
 

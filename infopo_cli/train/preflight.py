@@ -68,27 +68,43 @@ def load_data(cfg: TrainConfig, spec: LossSpec, loss_params: dict[str, Any]
 
 def _shape_for_loss(cfg: TrainConfig, spec: LossSpec, loss_params: dict[str, Any], loaded: Loaded,
                     eval_pairs: list[PreferencePair]) -> tuple[list[PreferencePair], dict[str, Any]]:
-    """Pairs split into unpaired rows where asked (--unpair) or where the loss takes only those (kto, as TRL's KTO
-    does); the held-out set in the same shape; the loss's parameters for the data (registry.for_data)."""
+    """`fit_to_loss` on the training mix (its rows replaced, its notes extended) and the held-out set in the same
+    shape."""
+    loaded.pairs, loss_params, info, notes = fit_to_loss(cfg, spec, loss_params, loaded.pairs)
+    loaded.info += info
+    loaded.notes += notes
     kind = data_kind(loaded.pairs)
-    if kind == "pairs" and (cfg.unpair or "pairs" not in spec.data):
-        if not cfg.unpair:
-            loaded.info.append(f"{spec.name} trains on unpaired rows: each pair becomes two, its chosen reply desirable "
-                               "and its rejected one undesirable (as --unpair does)")
-        loaded.pairs, kind = unpair(loaded.pairs), "unpaired"
     if eval_pairs and data_kind(eval_pairs) != kind:
         if kind == "pairs":
             raise ConfigError("--eval-data holds unpaired rows (completion + label) but the training data is pairs")
         eval_pairs = unpair(eval_pairs)
-    desirable, undesirable = feedback_counts(loaded.pairs)
+    return eval_pairs, loss_params
+
+
+def fit_to_loss(cfg: TrainConfig, spec: LossSpec, loss_params: dict[str, Any], pairs: list[PreferencePair]
+                ) -> tuple[list[PreferencePair], dict[str, Any], list[str], list[str]]:
+    """The training rows in the shape the loss trains on: pairs split into unpaired rows where asked (--unpair) or
+    where the loss takes only those (kto, as TRL's KTO does); the loss's parameters for that data
+    (registry.for_data); and what to say about it (info lines, warnings). A loss that cannot train on the data is a
+    ConfigError, before any model loads."""
+    info, notes = [], []
+    kind = data_kind(pairs)
+    if kind == "pairs" and (cfg.unpair or "pairs" not in spec.data):
+        if not cfg.unpair:
+            info.append(f"{spec.name} trains on unpaired rows: each pair becomes two, its chosen reply desirable and its "
+                        "rejected one undesirable (as --unpair does)")
+        pairs, kind = unpair(pairs), "unpaired"
+    desirable, undesirable = feedback_counts(pairs)
     loss_params = registry.for_data(spec, loss_params, kind, desirable, undesirable)
+    if spec.needs(loss_params).mismatched and len({p.prompt for p in pairs}) < 2:
+        raise ConfigError(f"{spec.name} estimates its reference point from completions read after other prompts, but "
+                          f"every training row has the same prompt ({', '.join(as_list(cfg.data))})")
     if kind == "unpaired" and spec.name == "kto":
         weighted = loss_params["desirable_weight"] * desirable / (loss_params["undesirable_weight"] * undesirable)
         if not 1 <= weighted <= 4 / 3:
-            loaded.notes.append(f"kto: desirable_weight x desirable rows / (undesirable_weight x undesirable rows) is "
-                                f"{weighted:.2f}; the KTO paper advises 1 to 4/3 (set --desirable-weight or "
-                                "--undesirable-weight)")
-    return eval_pairs, loss_params
+            notes.append(f"kto: desirable_weight x desirable rows / (undesirable_weight x undesirable rows) is "
+                         f"{weighted:.2f}; the KTO paper advises 1 to 4/3 (set --desirable-weight or --undesirable-weight)")
+    return pairs, loss_params, info, notes
 
 
 def check_output(run_dir: Path) -> None:

@@ -34,7 +34,7 @@ from infopo_cli.data.batching import collate, eval_batches, pairs_read, shuffled
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.loading import Loaded, data_kind, no_pairs
 from infopo_cli.data.mixing import as_list
-from infopo_cli.data.feedback import with_mismatches
+from infopo_cli.data.feedback import mismatched
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, truncate
 from infopo_cli.errors import ConfigError
@@ -144,7 +144,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         torch.manual_seed(cfg.seed)
         cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world)
         if spec.needs(loss_params).mismatched:  # KTO's reference point reads other rows' completions after each prompt
-            train_tok, eval_tok = with_mismatches(train_tok, cfg.max_length), with_mismatches(eval_tok, cfg.max_length)
+            train_tok, eval_tok = mismatched(train_tok, eval_tok, cfg.max_length)
         # which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run that
         # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
         recompute = None if cfg.backend == "unsloth" else recomputation.for_run(

@@ -115,7 +115,7 @@ def test_sft_weight_on_unpaired_rows_reads_desirable_completions_only():
     logps = _rows([True, False])
     plain = registry.compute(spec, logps, {**params, "sft_weight": 0.0})
     with_sft = registry.compute(spec, logps, params)
-    assert (with_sft.losses - plain.losses).tolist() == pytest.approx([10.0 / 4, 0.0])
+    assert (with_sft.losses - plain.losses).tolist() == pytest.approx([2 * 10.0 / 4, 0.0])  # desirable_weight 2
 
 
 def test_metrics_split_unpaired_rows_by_label():

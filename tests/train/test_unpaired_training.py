@@ -94,3 +94,59 @@ def test_an_empty_rejected_slot_costs_nothing_and_scores_nothing(share_prompt):
     assert batch.targets.counts().tolist() == [2, 1, 0, 0]
     assert batch.desirable.tolist() == [True, False]
     assert torch.equal(batch.targets.tokens, torch.tensor([4, 5, 8]))
+
+
+def test_a_rank_without_held_out_rows_gets_the_same_metric_keys(monkeypatch):
+    """Two processes, one with every held-out row and one with none: both must compute the same means (a rank that
+    had no batch has no keys of its own, and step-0 rewards are all exactly 0)."""
+    from infopo_cli.losses import registry
+    from infopo_cli.losses.types import PairLogps
+    from infopo_cli.train.distributed import World
+    from infopo_cli.train.metrics import PairMetrics
+
+    spec, params = registry.resolve("kto", {})
+    zeros = torch.zeros(3, dtype=torch.float64)
+    logps = PairLogps(zeros - 5, zeros - 6, torch.full((3,), 2), torch.full((3,), 2), zeros - 5, zeros - 6,
+                      desirable=torch.tensor([True, False, True]))
+    full, empty = PairMetrics(), PairMetrics()
+    full.add(registry.compute(spec, logps, params), logps)
+    world = World(rank=1, size=2)
+    other = [full.sums.get(k, 0.0) for k in PairMetrics.KEYS] + [float(k in full.sums) for k in PairMetrics.KEYS] + [3]
+    monkeypatch.setattr(World, "sum_floats", lambda self, values: [a + b for a, b in zip(values, other)])
+    summed = world.sum_metrics(empty).means("eval/")
+    assert summed == pytest.approx(full.means("eval/"), nan_ok=True)
+    assert summed["eval/loss"] == pytest.approx(0.5) and "eval/logps/accuracies" not in summed
+
+
+def test_a_held_out_set_of_one_prompt_borrows_mismatches_from_training():
+    from infopo_cli.data.feedback import mismatched
+
+    train = [TokenizedPair([1, i], [10 + i], [], label=True) for i in range(4)]
+    held_out = [TokenizedPair([7, 7], [20 + i], [], label=i % 2 == 0) for i in range(3)]
+    train_out, held_out_out = mismatched(train, held_out, 16)
+    assert all(row.rejected_ids and row.rejected_ids[0] in (10, 11, 12, 13) for row in held_out_out)
+    assert len({tuple(row.rejected_ids) for row in held_out_out}) > 1  # not one partner for every row
+    assert all(row.rejected_ids != row.chosen_ids for row in train_out)
+
+
+def test_many_rows_of_one_prompt_are_matched_in_linear_time():
+    rows = [TokenizedPair([1], [5], [], label=True) for _ in range(20000)] + [TokenizedPair([2], [6], [], label=False)]
+    out = with_mismatches(rows, 8)
+    assert [row.rejected_ids for row in out[:3]] == [[6]] * 3 and out[-1].rejected_ids == [5]
+
+
+def test_dry_runs_refuse_what_a_run_would_refuse_midway(tmp_path):
+    import subprocess
+    import sys
+
+    feedback = write_feedback(tmp_path / "feedback.jsonl", 6)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "infopo_cli", *args, "--eval-data", "", "--dry-run"],  # noqa: E731
+                                       capture_output=True, text=True, cwd=tmp_path)
+    out = run("compare", "--loss", "kto,dpo", "--data", str(feedback), "--output", str(tmp_path / "cmp"))
+    assert out.returncode == 2 and "loss 'dpo' cannot train on unpaired" in out.stderr
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": "Hi?", "completion": f"Hello {i}.", "label": i % 2 == 0}) + "\n"
+                            for i in range(4)))
+    out = run("train", "--loss", "kto", "--data", str(same))
+    assert out.returncode == 2 and "every training row has the same prompt" in out.stderr
+    assert run("train", "--loss", "infopo", "--data", str(same)).returncode == 0  # infopo needs no mismatches
