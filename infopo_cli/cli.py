@@ -75,7 +75,12 @@ def train(
     from infopo_cli.config import override
 
     if resume:
-        return _resume(Path(resume), {**settings, **({"preset": preset} if preset else {})}, dry_run)
+        flags = {**settings, **({"preset": preset} if preset else {})}
+        from infopo_cli.bundles import is_bundle
+
+        if is_bundle(resume):
+            return _resume_bundle(Path(resume), flags, dry_run)
+        return _resume(Path(resume), flags, dry_run)
 
     cfg = override(presets.load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     if dry_run:  # every check below and more
@@ -128,6 +133,27 @@ def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
     from infopo_cli.train.recipe import train as run_training
 
     _finish(run_training(cfg, Reporter(console), resume=run_dir))
+
+
+def _resume_bundle(bundle, flags: dict, dry_run: bool) -> None:
+    """`--resume BUNDLE`: a bundle written with --with-checkpoint, unpacked (every file checked against its manifest)
+    into --output or ./runs/RUN, then resumed there."""
+    import tempfile
+    from pathlib import Path
+
+    from infopo_cli.bundles import BundleError, read_manifest, unpack
+
+    manifest = read_manifest(bundle)
+    if not manifest.get("checkpoint"):
+        raise BundleError(f"{bundle} holds no checkpoint to continue from: ask for one written with "
+                          "`infopo export RUN --bundle --with-checkpoint`")
+    into = Path(flags.pop("output", None) or Path("runs") / manifest["run"])
+    if dry_run:  # every file checked all the same, in a folder removed afterwards
+        with tempfile.TemporaryDirectory() as scratch:
+            return _resume(unpack(bundle, Path(scratch) / manifest["run"]), flags, dry_run)
+    console.print(f"unpacking {escape(str(bundle))} into [bold]{escape(str(unpack(bundle, into)))}[/] "
+                  f"(every file matches its manifest)", highlight=False)
+    return _resume(into, flags, dry_run)
 
 
 def _launch_if_asked(nproc: int) -> None:
@@ -227,6 +253,8 @@ def export(
     gguf: Annotated[Optional[str], typer.Option("--gguf", help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
     gguf_adapter: Annotated[Optional[str], typer.Option("--gguf-adapter", help="Write the LoRA alone as a llama.cpp adapter GGUF (llama-cli --lora, Ollama ADAPTER; default RUN/export/RUN-adapter-QUANT.gguf), with a Modelfile on --base-gguf.", show_default=False)] = None,
     base_gguf: Annotated[Optional[str], typer.Option("--base-gguf", help="The base model's GGUF for --gguf-adapter's Modelfile and check (default: the GGUF the run's base came from, if any).", show_default=False)] = None,
+    bundle: Annotated[Optional[str], typer.Option("--bundle", help="Pack the run to share as one .tar, .tar.gz or .zip with a manifest of hashes (default RUN/export/RUN.tar); `infopo generate BUNDLE` and `infopo train --resume BUNDLE` read it.", show_default=False)] = None,
+    with_checkpoint: Annotated[bool, typer.Option("--with-checkpoint", help="--bundle: include the latest checkpoint, so `train --resume BUNDLE` continues the run.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
     quant: Annotated[str, typer.Option("--quant", help=QUANT_HELP)] = "f16",
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id) instead of a run folder.")] = None,
@@ -245,7 +273,9 @@ def export(
     if quant == "list":
         _quant_list(run_dir, base)
         return
-    target = resolve(run_dir, merged, gguf, quant, base, adapter, gguf_adapter)
+    target = resolve(run_dir, merged, gguf, quant, base, adapter, gguf_adapter, bundle)
+    if with_checkpoint and target.kind != "bundle":
+        raise ConfigError("--with-checkpoint goes with --bundle")
     if target.newest is not None:
         console.print(f"exporting the newest run: [bold]{escape(str(target.newest))}[/]", highlight=False)
     if target.kind == "merged":
@@ -256,6 +286,17 @@ def export(
         return
     if target.kind == "adapter":
         _export_adapter(target, quant, base_gguf, overwrite, check)
+        return
+    if target.kind == "bundle":
+        from infopo_cli.export.bundle import export_bundle
+
+        manifest = export_bundle(target.source.adapter, target.out, with_checkpoint, overwrite)
+        size = sum(entry["bytes"] for entry in manifest["files"].values())
+        console.print(f"bundle of {len(manifest['files'])} files ({size / 2**20:,.1f} MiB"
+                      + (f", with {manifest['checkpoint']}" if manifest["checkpoint"] else "") + f") -> [bold]"
+                      f"{escape(str(target.out))}[/]\n  use it:      infopo generate {escape(str(target.out))} --prompt '...'"
+                      + (f"\n  continue it: infopo train --resume {escape(str(target.out))}" if manifest["checkpoint"] else ""),
+                      highlight=False)
         return
     if base_gguf is not None:
         raise ConfigError("--base-gguf goes with --gguf-adapter (a merged GGUF holds its own base)")
@@ -729,7 +770,7 @@ def doctor(
     checks.show(console, cfg, as_json, preset or presets.DEFAULT_PRESET)
 
 
-OPTIONAL_VALUES = {"--gguf": "", "--merged": "", "--gguf-adapter": "",  # options whose value may be left out (then: the default path)
+OPTIONAL_VALUES = {"--gguf": "", "--merged": "", "--gguf-adapter": "", "--bundle": "",  # options whose value may be left out (then: the default path)
                    "--gradient-checkpointing": "on"}  # (then: on, as the boolean flag it was meant)
 OLD_SPELLINGS = {"--no-gradient-checkpointing": ["--gradient-checkpointing", "off"]}  # flags that took no value before
 

@@ -42,8 +42,8 @@ def default_output(source: AdapterSource, kind: str, quant: str = "") -> Path:
     """RUN/export/<run>-<quant>.gguf, RUN/export/<run>-adapter-<quant>.gguf or RUN/export/merged/: next to the adapter
     they come from."""
     folder, name = source.adapter / "export", source.adapter.resolve().name
-    return {"gguf": folder / f"{name}-{quant}.gguf", "adapter": folder / f"{name}-adapter-{quant}.gguf"}.get(
-        kind, folder / "merged")
+    return {"gguf": folder / f"{name}-{quant}.gguf", "adapter": folder / f"{name}-adapter-{quant}.gguf",
+            "bundle": folder / f"{name}.tar"}.get(kind, folder / "merged")
 
 
 def merged_model(source: AdapterSource, dtype: str = "fp32"):

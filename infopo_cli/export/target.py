@@ -18,18 +18,21 @@ class ExportTarget:
 
     source: AdapterSource
     out: Path
-    kind: str                  # "merged", "gguf" or "adapter" (the LoRA alone as a llama.cpp adapter GGUF)
+    kind: str                  # "merged", "gguf", "adapter" (the LoRA alone as a llama.cpp adapter GGUF) or "bundle"
     newest: Path | None = None  # the run found under ./runs when none was named
 
 
 def resolve(run_dir: str | None, merged: str | None, gguf: str | None, quant: str, base: str | None,
-            adapter: str | None, gguf_adapter: str | None = None) -> ExportTarget:
+            adapter: str | None, gguf_adapter: str | None = None, bundle: str | None = None) -> ExportTarget:
     """The export the flags ask for; `merged`/`gguf`/`gguf_adapter` is "" for the default path (the flag given
     without a value)."""
-    asked = [(kind, value) for kind, value in (("merged", merged), ("gguf", gguf), ("adapter", gguf_adapter))
-             if value is not None]
+    asked = [(kind, value) for kind, value in (("merged", merged), ("gguf", gguf), ("adapter", gguf_adapter),
+                                               ("bundle", bundle)) if value is not None]
     if len(asked) != 1:
-        raise ConfigError("pass exactly one of --merged [OUT_DIR], --gguf [OUT.gguf] or --gguf-adapter [OUT.gguf]")
+        raise ConfigError("pass exactly one of --merged [OUT_DIR], --gguf [OUT.gguf], --gguf-adapter [OUT.gguf] or "
+                          "--bundle [OUT.tar]")
+    if asked[0][0] == "bundle" and (base or adapter):
+        raise ConfigError("--bundle packs a run folder: pass the run, not --base/--adapter")
     kind, given = asked[0]
     if given and not run_dir and not base and Path(given).is_dir() and is_run(Path(given)):
         run_dir, given = given, ""  # `infopo export --gguf runs/my-run`: the folder is the run, not the output

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infopo_cli.bundles import cached, is_bundle
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.presets import load_preset
@@ -63,6 +64,9 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
         log(f"the newest run: {path}")
     else:
         path = Path(target).expanduser()
+    if is_bundle(path):  # a shared run: unpacked once into the cache, every file checked against its manifest
+        path = cached(path)
+        log(f"the bundle's run, unpacked: {path}")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ConfigError(f"{path}: no such file")

@@ -9,6 +9,7 @@ a trained run (`eval`, `export`, `generate`, `chat`, `report`) are parsed here a
 from __future__ import annotations
 
 import json
+import shutil
 import shlex
 import sys
 from pathlib import Path
@@ -98,6 +99,15 @@ def readme_folder(tmp_path, tiny_model, monkeypatch) -> Path:
 
     base = AutoModelForCausalLM.from_pretrained("./my-base")  # an SFT adapter trained on the README's ./my-base
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).save_pretrained(tmp_path / "sft-adapter")
+    shared = tmp_path / "shared-run"  # `--resume my-run.tar`: a run shared with its checkpoint (no training needed)
+    for folder in (shared, shared / "checkpoint-2"):
+        shutil.copytree(tmp_path / "sft-adapter", folder, dirs_exist_ok=True)
+    from infopo_cli.bundles import write_bundle
+    from infopo_cli.config import TrainConfig
+    from infopo_cli.train.recipe import write_settings
+
+    write_settings(shared, TrainConfig(model="./my-base", data="my_prefs.jsonl", eval_data="", max_steps=4).to_dict())
+    write_bundle(shared, tmp_path / "my-run.tar", shared / "checkpoint-2")
     gguf = tmp_path / "home" / "models" / "some-model.Q8_0.gguf"
     gguf.parent.mkdir(parents=True)
     import gguf as gguf_library
