@@ -148,3 +148,11 @@ def test_cli_writes_the_adapter_and_needs_a_base_gguf_for_the_modelfile(tmp_path
     out = subprocess.run(run + ["--gguf", str(tmp_path / "m.gguf"), "--base-gguf", str(tmp_path / "a.gguf")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--base-gguf goes with --gguf-adapter" in out.stderr
+
+
+def test_quant_list_size_is_the_written_adapters(tmp_path):
+    source = adapter_for("llama", tmp_path)
+    for quant in ("f16", "f32"):
+        out, _, _ = export_adapter(source, tmp_path / f"a-{quant}.gguf", quant, check=False, log=lambda _: None)
+        tensor_bytes = sum(int(t.n_bytes) for t in read_gguf(out).tensors)
+        assert adapter_gguf.adapter_file_bytes(source.adapter, quant) == tensor_bytes
