@@ -13,19 +13,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
+import os
 import tarfile
+import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from infopo_cli import files
 from infopo_cli.errors import ConfigError, OutputError
 
 MANIFEST = "infopo-bundle.json"
+COMPLETE = ".complete"  # in a cache entry: unpacked whole
 FORMAT = 1
 SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -61,36 +64,61 @@ def _digest(stream: IO[bytes]) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
+class _Hashing(io.RawIOBase):
+    """A file read through: the SHA-256 and size of exactly the bytes the archive took."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read(n)
+        self.sha.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+
 def write_bundle(run: Path, out: Path, checkpoint: Path | None = None) -> dict:
-    """Pack `run` (and `checkpoint`) into `out`, the manifest first; the file appears whole or not at all. Returns
-    the manifest."""
+    """Pack `run` (and `checkpoint`) into `out`, the manifest last: each file's hash is of the very bytes archived, so
+    a file that grows meanwhile (a run resumed while it is bundled) still gives a bundle that reads back. Links are
+    followed: a bundle holds plain files. The file appears whole or not at all. Returns the manifest."""
     names = bundle_files(run, checkpoint)
     if "adapter_model.safetensors" not in names:
         raise ConfigError(f"{run} has no adapter yet (adapter_model.safetensors): bundle a finished run")
-    listed = {}
-    for name in names:
-        with (run / name).open("rb") as fh:
-            sha, size = _digest(fh)
-        listed[name] = {"sha256": sha, "bytes": size}
-    manifest = {"format": FORMAT, "run": run.resolve().name, "checkpoint": checkpoint.name if checkpoint else None,
-                "files": listed}
-    files.check_free_space(out.parent, sum(entry["bytes"] for entry in listed.values()))
-    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    files.check_free_space(out.parent, sum((run / name).stat().st_size for name in names))
+    listed: dict[str, dict] = {}
     with files.replacing(out) as tmp:
         if out.name.lower().endswith(".zip"):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-                archive.writestr(MANIFEST, data)
                 for name in names:
-                    archive.write(run / name, name)
+                    with (run / name).open("rb") as source, archive.open(name, "w", force_zip64=True) as sink:
+                        reader = _Hashing(source)
+                        while chunk := reader.read(CHUNK):
+                            sink.write(chunk)
+                    listed[name] = {"sha256": reader.sha.hexdigest(), "bytes": reader.size}
+                archive.writestr(MANIFEST, _manifest(run, checkpoint, listed))
         else:
             mode = "w:gz" if out.name.lower().endswith((".tar.gz", ".tgz")) else "w"
             with tarfile.open(tmp, mode) as archive:
-                info = tarfile.TarInfo(MANIFEST)
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
                 for name in names:
-                    archive.add(run / name, name, recursive=False)
-    return manifest
+                    with (run / name).open("rb") as source:
+                        info = tarfile.TarInfo(name)
+                        info.size, info.mtime, info.mode = os.fstat(source.fileno()).st_size, int(time.time()), 0o644
+                        reader = _Hashing(source)  # tar copies exactly info.size bytes
+                        archive.addfile(info, reader)
+                    listed[name] = {"sha256": reader.sha.hexdigest(), "bytes": reader.size}
+                data = _manifest(run, checkpoint, listed)
+                info = tarfile.TarInfo(MANIFEST)
+                info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+                archive.addfile(info, io.BytesIO(data))
+    return json.loads(_manifest(run, checkpoint, listed))
+
+
+def _manifest(run: Path, checkpoint: Path | None, listed: dict[str, dict]) -> bytes:
+    return (json.dumps({"format": FORMAT, "run": run.resolve().name, "checkpoint": checkpoint.name if checkpoint else None,
+                        "files": listed}, indent=2) + "\n").encode()
 
 
 @dataclass(frozen=True)
@@ -100,50 +128,81 @@ class _Member:
     open: object  # () -> binary stream
 
 
+# what a damaged or unusual archive raises while it is read (zlib.error for a broken deflate stream, RuntimeError for
+# an encrypted zip entry, NotImplementedError for an unknown compression method)
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError,
+                  ValueError, OSError)
+
+
+def _unreadable(path: Path, err: BaseException) -> BundleError:
+    text = str(err).splitlines()[0] if str(err) else "damaged"
+    return BundleError(f"{path}: not a readable bundle ({text})")
+
+
 @contextmanager
 def _members(path: Path) -> Iterator[list[_Member]]:
-    """The archive's entries as (name, is a regular file, opener); an unreadable archive is a BundleError."""
+    """The archive's entries as (name, is a regular file, opener); an archive that cannot be opened is a BundleError
+    (errors while reading a member are the reader's to word: `_read`)."""
+    if not path.is_file():
+        raise BundleError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     try:
-        if path.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(path) as archive:
-                yield [_Member(info.filename, not info.is_dir() and (info.external_attr >> 16) & 0o170000 in (0, 0o100000),
+        archive = zipfile.ZipFile(path) if path.name.lower().endswith(".zip") else tarfile.open(path, "r:*")
+        if isinstance(archive, zipfile.ZipFile):
+            members = [_Member(info.filename, not info.is_dir() and (info.external_attr >> 16) & 0o170000 in (0, 0o100000),
                                lambda info=info: archive.open(info)) for info in archive.infolist()]
         else:
-            with tarfile.open(path, "r:*") as archive:
-                yield [_Member(info.name, info.isreg(), lambda info=info: archive.extractfile(info))
+            members = [_Member(info.name, info.isreg(), lambda info=info: archive.extractfile(info))
                        for info in archive.getmembers()]
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
-        raise BundleError(f"{path}: not a readable bundle ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    except ARCHIVE_ERRORS as err:
+        raise _unreadable(path, err) from None
+    with archive:
+        yield members
+
+
+def _read(path: Path, stream: IO[bytes], n: int) -> bytes:
+    try:
+        return stream.read(n)
+    except ARCHIVE_ERRORS as err:
+        raise _unreadable(path, err) from None
 
 
 def _safe_name(name: str) -> bool:
-    parts = PurePosixPath(name).parts
-    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\\" not in name
+    """A plain relative POSIX path: no absolute path, `..`, `.`, backslash or drive colon; as the writer writes it."""
+    parts = name.split("/")
+    return all(part not in ("", ".", "..") for part in parts) and "\\" not in name and ":" not in name
 
 
 def read_manifest(path: Path) -> dict:
     """The bundle's manifest, checked for shape (its files are checked when unpacked)."""
-    if not path.is_file():
-        raise BundleError(f"{path}: no such file")
     with _members(path) as members:
         first = next((m for m in members if m.name == MANIFEST and m.regular), None)
         if first is None:
             raise BundleError(f"{path}: not an infopo bundle (no {MANIFEST}; write one with `infopo export RUN --bundle`)")
         try:
-            manifest = json.loads(first.open().read(CHUNK))
+            opened = first.open()
+        except ARCHIVE_ERRORS as err:
+            raise _unreadable(path, err) from None
+        try:
+            manifest = json.loads(_read(path, opened, CHUNK))
         except (ValueError, UnicodeDecodeError):
             raise BundleError(f"{path}: its {MANIFEST} is not valid JSON") from None
     listed = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT if isinstance(manifest, dict) else True:
+    if not isinstance(manifest, dict) or type(manifest.get("format")) is not int or manifest["format"] != FORMAT:
         raise BundleError(f"{path}: bundle format {manifest.get('format') if isinstance(manifest, dict) else '?'} "
                           f"(this infopo reads format {FORMAT})")
     if not isinstance(listed, dict) or not all(
             isinstance(name, str) and _safe_name(name) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-            and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0 for name, entry in listed.items()):
+            and type(entry.get("bytes")) is int and entry["bytes"] >= 0 for name, entry in listed.items()):
         raise BundleError(f"{path}: its {MANIFEST} lists files in a shape infopo does not write (refused)")
     if not isinstance(manifest.get("run"), str) or not _safe_name(manifest["run"]) or "/" in manifest["run"]:
         raise BundleError(f"{path}: its {MANIFEST} names no run")
     return manifest
+
+
+def check_target(into: Path) -> None:
+    """Where a bundle will be unpacked: a new folder (checked before anything is read or written)."""
+    if os.path.lexists(into):
+        raise OutputError(f"{into} already exists; move it away or resume it directly (nothing was unpacked)")
 
 
 def unpack(path: Path, into: Path) -> Path:
@@ -151,50 +210,83 @@ def unpack(path: Path, into: Path) -> Path:
     returns `into`. Any mismatch removes what was written and raises a BundleError naming the file."""
     manifest = read_manifest(path)
     listed = manifest["files"]
-    if into.exists():
-        raise OutputError(f"{into} already exists; move it away or resume it directly (nothing was unpacked)")
-    into.parent.mkdir(parents=True, exist_ok=True)
+    check_target(into)
+    _make_folder(into.parent)
+    files.check_free_space(into.parent, sum(entry["bytes"] for entry in listed.values()))
     with files.staging(into.parent) as scratch:
         seen: set[str] = set()
         with _members(path) as members:
             for member in members:
-                if member.name == MANIFEST:
-                    continue
-                if member.name.endswith("/") and not member.regular:
-                    continue  # a folder entry of a zip
+                if member.name == MANIFEST or (member.name.endswith("/") and not member.regular):
+                    continue  # the manifest itself; a folder entry of a zip
                 if member.name not in listed or not member.regular or member.name in seen:
                     raise BundleError(f"{path}: {member.name} is not a file its manifest lists (refused; nothing was kept)")
-                target = scratch / member.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                sha, size = hashlib.sha256(), 0
-                with member.open() as source, target.open("wb") as sink:
-                    while chunk := source.read(CHUNK):
-                        size += len(chunk)
-                        if size > listed[member.name]["bytes"]:
-                            break
-                        sha.update(chunk)
-                        sink.write(chunk)
-                if size != listed[member.name]["bytes"] or sha.hexdigest() != listed[member.name]["sha256"]:
-                    raise BundleError(f"{path}: {member.name} does not match its manifest (changed or damaged; refused, "
-                                      "nothing was kept)")
+                _copy_checked(path, member, listed[member.name], scratch / member.name)
                 seen.add(member.name)
         if missing := sorted(set(listed) - seen):
             raise BundleError(f"{path}: {missing[0]} is listed in its manifest but missing (refused; nothing was kept)")
-        scratch.rename(into)  # whole at once: a reader never sees half a run
+        files.move_into_place(scratch, into)  # whole at once, with the usual permissions
     return into
 
 
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create {folder}: {err.strerror or err}") from None
+
+
+@contextmanager
+def _writes(target: Path) -> Iterator[IO[bytes]]:
+    try:
+        sink = target.open("wb")
+    except OSError as err:
+        raise OutputError(f"cannot write {target}: {err.strerror or err}") from None
+    with sink:
+        yield sink
+
+
+def _copy_checked(path: Path, member: _Member, entry: dict, target: Path) -> None:
+    """One member written to `target` while its size and hash are checked against the manifest's `entry`."""
+    _make_folder(target.parent)
+    try:
+        source = member.open()
+    except ARCHIVE_ERRORS as err:
+        raise _unreadable(path, err) from None
+    sha, size = hashlib.sha256(), 0
+    with source, _writes(target) as sink:
+        while chunk := _read(path, source, CHUNK):
+            size += len(chunk)
+            if size > entry["bytes"]:
+                break
+            sha.update(chunk)
+            try:
+                sink.write(chunk)
+            except OSError as err:
+                raise OutputError(f"cannot write {target}: {err.strerror or err}") from None
+    if size != entry["bytes"] or sha.hexdigest() != entry["sha256"]:
+        raise BundleError(f"{path}: {member.name} does not match its manifest (changed or damaged; refused, nothing "
+                          "was kept)")
+
+
 def cached(path: Path) -> Path:
-    """The bundle unpacked once into infopo's cache (keyed by the bundle's own hash), for reading (`generate`)."""
+    """The bundle unpacked once into infopo's cache (keyed by the bundle's own hash), for reading (`generate`). Each
+    reader unpacks into a folder of its own and renames it into place, so two first readers never meet half a copy."""
+    manifest = read_manifest(path)
     with path.open("rb") as fh:
         key, _ = _digest(fh)
     folder = files.infopo_home() / "bundles" / key[:16]
-    run = folder / read_manifest(path)["run"]
-    if (run / "adapter_config.json").is_file() and (folder / ".complete").is_file():
+    run = folder / manifest["run"]
+    if (folder / COMPLETE).is_file():
         return run
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    unpack(path, run)
-    (folder / ".complete").write_text("")
+    _make_folder(folder.parent)
+    with files.staging(folder.parent) as scratch:
+        unpack(path, scratch / "entry" / manifest["run"])
+        (scratch / "entry" / COMPLETE).write_text("")
+        try:
+            os.rename(scratch / "entry", folder)
+        except OSError:  # another reader won (its copy is complete), or a crashed one left a partial folder
+            if not (folder / COMPLETE).is_file():
+                files.remove_tree(folder)
+                os.rename(scratch / "entry", folder)
     return run

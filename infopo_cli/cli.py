@@ -141,14 +141,16 @@ def _resume_bundle(bundle, flags: dict, dry_run: bool) -> None:
     import tempfile
     from pathlib import Path
 
-    from infopo_cli.bundles import BundleError, read_manifest, unpack
+    from infopo_cli.bundles import BundleError, check_target, read_manifest, unpack
 
     manifest = read_manifest(bundle)
     if not manifest.get("checkpoint"):
         raise BundleError(f"{bundle} holds no checkpoint to continue from: ask for one written with "
                           "`infopo export RUN --bundle --with-checkpoint`")
     into = Path(flags.pop("output", None) or Path("runs") / manifest["run"])
+    check_target(into)
     if dry_run:  # every file checked all the same, in a folder removed afterwards
+        console.print(f"would unpack {escape(str(bundle))} into {escape(str(into))} and resume it there", highlight=False)
         with tempfile.TemporaryDirectory() as scratch:
             return _resume(unpack(bundle, Path(scratch) / manifest["run"]), flags, dry_run)
     console.print(f"unpacking {escape(str(bundle))} into [bold]{escape(str(unpack(bundle, into)))}[/] "
@@ -276,6 +278,8 @@ def export(
     target = resolve(run_dir, merged, gguf, quant, base, adapter, gguf_adapter, bundle)
     if with_checkpoint and target.kind != "bundle":
         raise ConfigError("--with-checkpoint goes with --bundle")
+    if base_gguf is not None and target.kind != "adapter":
+        raise ConfigError("--base-gguf goes with --gguf-adapter (a merged GGUF holds its own base)")
     if target.newest is not None:
         console.print(f"exporting the newest run: [bold]{escape(str(target.newest))}[/]", highlight=False)
     if target.kind == "merged":
@@ -298,8 +302,6 @@ def export(
                       + (f"\n  continue it: infopo train --resume {escape(str(target.out))}" if manifest["checkpoint"] else ""),
                       highlight=False)
         return
-    if base_gguf is not None:
-        raise ConfigError("--base-gguf goes with --gguf-adapter (a merged GGUF holds its own base)")
     from infopo_cli.export.export_gguf import export_gguf
 
     path, modelfile, result = export_gguf(target.source, target.out, quant, overwrite, check)

@@ -53,8 +53,9 @@ def lora_settings(adapter: Path) -> dict:
 def peft_scale(module: str, rank: int, settings: dict) -> float:
     """The factor peft multiplies B A by for `module`: alpha / rank, or alpha / sqrt(rank) with rsLoRA, where alpha may
     come from the per-module `alpha_pattern`."""
+    # a pattern key is a regular expression for the end of the module's dotted name, as peft matches it
     alpha = next((value for key, value in (settings.get("alpha_pattern") or {}).items()
-                  if module == key or module.endswith("." + key)), settings["lora_alpha"])
+                  if re.match(rf"(.*\.)?({key})$", module)), settings["lora_alpha"])
     return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
 
 
@@ -67,8 +68,8 @@ def adapter_tensors(state: dict, settings: dict, config, arch: Arch) -> list[Ada
     for key, tensor in state.items():
         match = LORA_KEY.fullmatch(key)
         if match is None:
-            raise ExportError(f"adapter tensor {key} is not a LoRA A/B matrix of a linear layer (an embedding LoRA or a "
-                              "trained copy), which a llama.cpp adapter cannot hold: use --gguf (merged)")
+            raise ExportError(f"adapter tensor {key} is not a LoRA A/B matrix of a linear layer (an embedding LoRA, a "
+                              "trained bias or copy), which a llama.cpp adapter cannot hold: use --gguf (merged)")
         pairs.setdefault(match["module"], {})[match["side"]] = tensor.float().numpy()
     alpha, out = float(settings["lora_alpha"]), []
     for module, sides in sorted(pairs.items()):

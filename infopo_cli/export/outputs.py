@@ -12,18 +12,18 @@ from infopo_cli.errors import ConfigError, OutputError
 from infopo_cli.export.modelfile import modelfile_path
 
 
-def claim_gguf(out: Path, overwrite: bool) -> Path:
+def claim_gguf(out: Path, overwrite: bool, flag: str = "--gguf") -> Path:
     """Claim OUT.gguf and its OUT.Modelfile; returns the Modelfile's path."""
     if not out.name or out.is_dir():
-        raise OutputError(f"--gguf {out}: a folder; name the file to write, e.g. {out / 'model.gguf'}")
+        raise OutputError(f"{flag} {out}: a folder; name the file to write, e.g. {out / 'model.gguf'}")
     if out.suffix.lower() != ".gguf":  # also keeps --overwrite off a run's own adapter_model.safetensors or config.toml
-        raise ConfigError(f"--gguf {out}: name the file NAME.gguf (llama.cpp and Ollama go by the extension)")
+        raise ConfigError(f"{flag} {out}: name the file NAME.gguf (llama.cpp and Ollama go by the extension)")
     modelfile = modelfile_path(out)
     for path in (out, modelfile):
         if path.is_dir():
-            raise OutputError(f"{path} is a folder; choose another name for --gguf (nothing was written)")
+            raise OutputError(f"{path} is a folder; choose another name for {flag} (nothing was written)")
         files.claim_target(path, overwrite)
-    files.check_writable(out, "--gguf")
+    files.check_writable(out, flag)
     return modelfile
 
 

@@ -156,3 +156,19 @@ def test_quant_list_size_is_the_written_adapters(tmp_path):
         out, _, _ = export_adapter(source, tmp_path / f"a-{quant}.gguf", quant, check=False, log=lambda _: None)
         tensor_bytes = sum(int(t.n_bytes) for t in read_gguf(out).tensors)
         assert adapter_gguf.adapter_file_bytes(source.adapter, quant) == tensor_bytes
+
+
+def test_alpha_patterns_match_as_peft_matches_them():
+    settings = {"lora_alpha": 16, "alpha_pattern": {"q_proj|k_proj": 64, r"layers\.1\.self_attn\.v_proj": 32}}
+    assert adapter_gguf.peft_scale("model.layers.0.self_attn.k_proj", 8, settings) == 8.0
+    assert adapter_gguf.peft_scale("model.layers.1.self_attn.v_proj", 8, settings) == 4.0
+    assert adapter_gguf.peft_scale("model.layers.0.self_attn.v_proj", 8, settings) == 2.0
+    assert adapter_gguf.peft_scale("model.layers.0.self_attn.xq_proj", 8, settings) == 2.0  # a name's end, not any end
+
+
+def test_base_gguf_with_another_export_is_refused(tmp_path):
+    source = adapter_for("llama", tmp_path)
+    out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter",
+                          str(source.adapter), "--merged", str(tmp_path / "m"), "--base-gguf", "nope.gguf"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--base-gguf goes with --gguf-adapter" in out.stderr and not (tmp_path / "m").exists()

@@ -129,3 +129,55 @@ def test_train_resumes_a_bundle_with_its_checkpoint(tiny_model, tmp_path):
     assert (resumed / "checkpoint-4").is_dir() and "resuming after step 2 of 4" in out.stdout
     with pytest.raises(ConfigError, match="name the file"):
         export_bundle(stopped, tmp_path / "shared.rar")
+
+
+def test_linked_run_files_are_bundled_as_plain_files_and_unpacked_readable(run, tmp_path):
+    import shutil
+
+    linked = tmp_path / "linked"
+    shutil.copytree(run, linked)
+    (linked / "report.md").unlink()
+    (linked / "report.md").symlink_to(run / "report.md")  # as DVC or git-annex leave a run folder
+    out = tmp_path / "linked.tar"
+    export_bundle(linked, out)
+    back = unpack(out, tmp_path / "back" / "run")
+    assert (back / "report.md").read_bytes() == (run / "report.md").read_bytes()
+    assert not (back / "report.md").is_symlink() and back.stat().st_mode & 0o755 == 0o755  # not mkdtemp's 0700
+
+
+def test_damaged_archives_and_bad_places_are_one_line(run, tmp_path):
+    good = tmp_path / "good.tar.gz"
+    export_bundle(run, good)
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # a broken deflate stream in the middle
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="broken.tar.gz"):
+        unpack(broken, tmp_path / "out" / "run")
+    with pytest.raises(BundleError, match="no such file"):
+        read_manifest(tmp_path / "missing.tar")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputError, match="cannot create"):
+        unpack(good, tmp_path / "afile" / "run")
+
+
+def test_a_partial_cache_entry_is_replaced(run, tmp_path, monkeypatch):
+    from infopo_cli.bundles import cached
+
+    monkeypatch.setenv("INFOPO_HOME", str(tmp_path / "home"))
+    out = tmp_path / "shared.tar"
+    export_bundle(run, out)
+    first = cached(out)
+    (first.parent / ".complete").unlink()  # as a reader that crashed half-way would leave it
+    (first / "adapter_model.safetensors").unlink()
+    again = cached(out)
+    assert again == first and (again / "adapter_model.safetensors").is_file() and (again.parent / ".complete").is_file()
+
+
+def test_resume_dry_run_refuses_what_the_run_would(run, tmp_path):
+    out = tmp_path / "full.tar"
+    export_bundle(run, out, with_checkpoint=True)
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--resume", str(out), "--dry-run"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "runs/run already exists" in done.stderr
