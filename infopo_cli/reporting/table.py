@@ -29,11 +29,11 @@ def params_text(run: Run) -> str:
 
 
 def data_text(run: Run) -> str:
-    """The run's training data, with its pair count and format where recorded."""
+    """The run's training data, with its pair (or unpaired row) count and format where recorded."""
     info = run.data_info
     text = ", ".join(run.data)
     if info.get("pairs") is not None:
-        text += f" ({info['pairs']} pairs, {info.get('format', '?')})"
+        text += f" ({info['pairs']} {run.unit}, {info.get('format', '?')})"
     return text
 
 

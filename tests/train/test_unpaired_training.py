@@ -50,6 +50,8 @@ def test_unpaired_rows_train_and_evaluate(tiny_model, tmp_path, loss):
     settings = (tmp_path / "out" / "config.toml").read_text()
     assert "desirable_weight = 1.5" in settings if loss == "infopo" else "desirable_weight = 1.0" in settings
     assert summary.exit_code == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "trained on unpaired feedback rows" in card and "18 unpaired rows from 18 rows" in card
 
 
 def test_kto_on_pairs_splits_them_and_pair_losses_refuse_feedback(tiny_model, tmp_path):
