@@ -77,6 +77,9 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
         raise no_pairs(spec, skipped + [f"{n} rows gave no pair: {reason}" for reason, n in dropped.items() if n])
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
     notes = shape_notes(pairs) + feedback_notes(pairs) + dropped_notes(dropped)
+    if collected.both_shapes:
+        notes.append(f"{collected.both_shapes} rows have chosen/rejected and also {options.fields.completion}/"
+                     f"{options.fields.label}: read as pairs (--format unpaired reads them as feedback rows)")
     return Loaded(pairs, fmt, collected.rows, skipped, notes,
                   info=folder_info(opened, per_file) + given_info(collected.given, options))
 
@@ -95,6 +98,7 @@ class _Collected:
         self.given: Counter = Counter()    # scored/ranked rows: pairs given per row
         self.dropped: Counter = Counter()  # scored/ranked rows: rows dropped per reason
         self.first: tuple[bool, str] | None = None  # (unpaired?, FILE:LINE) of the first valid row: it fixes the kind
+        self.both_shapes = 0  # pairs whose rows also carry a completion and a label (read as pairs: a warning says so)
 
     def add(self, where: str, row: object) -> None:
         options = self.options
@@ -114,6 +118,7 @@ class _Collected:
                 pair = normalise(row, where, fmt, options.fields, options.system)
                 self._same_kind(where, pair.unpaired)
                 self.pairs.append(pair)
+                self.both_shapes += not pair.unpaired and options.fields.completion in row and options.fields.label in row
             self.seen[f"rated {detect(row, options.fields)}" if fmt == "rated" else fmt] += 1
         except DataError as err:
             if not options.skip_invalid:

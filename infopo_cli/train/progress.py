@@ -104,9 +104,10 @@ class Reporter:
         self._say(f"model {escape(source)} loaded in {seconds:.1f}s ({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); "
                   f"LoRA r={cfg.lora_r}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.0f}M parameters")
 
-    def tokenised(self, n_train: int, n_eval: int, cached: bool, truncated: int, max_length: int) -> None:
-        """The pairs tokenised (or read from the cache), and how many were truncated."""
-        self._say(f"tokenised{' (from cache)' if cached else ''}: {n_train} train / {n_eval} held-out pairs"
+    def tokenised(self, n_train: int, n_eval: int, cached: bool, truncated: int, max_length: int,
+                  unit: str = "pairs") -> None:
+        """The pairs (or unpaired rows) tokenised (or read from the cache), and how many were truncated."""
+        self._say(f"tokenised{' (from cache)' if cached else ''}: {n_train} train / {n_eval} held-out {unit}"
                   + (f", [yellow]{truncated} truncated to max_length {max_length}[/]" if truncated else ""))
 
     def fresh_resume(self, run_dir: Path) -> None:

@@ -276,7 +276,8 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
         train_tok, eval_tok = ([truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, cfg.max_length,
                                          cfg.max_prompt_length, p.label) for p in tokenized] for tokenized in (train_tok, eval_tok))
     report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
-                     sum(p.truncated for p in train_tok + eval_tok), cfg.max_length)
+                     sum(p.truncated for p in train_tok + eval_tok), cfg.max_length,
+                     "pairs" if train_tok[0].label is None else "rows")
     return cfg, source, tokenizer, train_tok, eval_tok
 
 

@@ -152,3 +152,14 @@ def test_dry_runs_refuse_what_a_run_would_refuse_midway(tmp_path):
     out = run("train", "--loss", "kto", "--data", str(same))
     assert out.returncode == 2 and "every training row has the same prompt" in out.stderr
     assert run("train", "--loss", "infopo", "--data", str(same)).returncode == 0  # infopo needs no mismatches
+
+
+def test_a_row_of_both_shapes_is_read_as_a_pair_with_a_warning(tmp_path):
+    from infopo_cli.data.loading import load_pairs
+
+    path = tmp_path / "both.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "completion": "Hey.",
+                                "label": True}) + "\n")
+    loaded = load_pairs(str(path))
+    assert not loaded.pairs[0].unpaired and any("1 rows have chosen/rejected and also completion/label" in n
+                                                for n in loaded.notes)
