@@ -121,12 +121,13 @@ def plan(preset: str, losses: Sequence[str], seeds: Sequence[int], epochs: float
          overrides: dict[str, dict[str, Any]], data: dict[str, str] | None = None,
          suffix: str = "", evals_per_epoch: int = 4) -> list[RunSpec]:
     """One run per seed and loss, seed by seed; the length and evaluation interval come from each run's own
-    pairs and global batch. A loss name or setting `infopo train` would refuse is an error before any training."""
+    pairs (or unpaired rows) and global batch. A loss name or setting `infopo train` would refuse is an error before any training."""
     from infopo_cli import presets
     from infopo_cli.config import override
     from infopo_cli.data.loading import DataOptions
     from infopo_cli.data.mixing import load_mix
     from infopo_cli.losses.registry import resolve
+    from infopo_cli.train import preflight
 
     if unknown := sorted(set(overrides) - {ALL, *losses}):
         raise SystemExit(f"error: --set {unknown[0]}:...: {unknown[0]} is not among --losses {','.join(losses)}")
@@ -138,11 +139,13 @@ def plan(preset: str, losses: Sequence[str], seeds: Sequence[int], epochs: float
             settings = {**(data or {}), **given, "loss": loss, "seed": seed, "epochs": epochs}
             cfg = override(base, settings, source="benchmark")
             cfg.validate()
-            resolve(cfg.loss, cfg.loss_overrides())
+            spec, params = resolve(cfg.loss, cfg.loss_overrides())
             key = str(cfg.data)
             if key not in counted:  # the pairs `infopo train` will read (a mix's size depends on the seed: rare here)
-                counted[key] = len(load_mix(cfg.data, DataOptions.from_config(cfg), cfg.seed).pairs)
-            per_epoch, total, every = schedule(counted[key], cfg.batch_size * cfg.grad_accum, epochs, evals_per_epoch)
+                counted[key] = load_mix(cfg.data, DataOptions.from_config(cfg), cfg.seed).pairs
+            # what it trains on: pairs, or unpaired rows where the loss or --unpair splits them (twice as many)
+            trained = preflight.fit_to_loss(cfg, spec, params, counted[key])[0]
+            per_epoch, total, every = schedule(len(trained), cfg.batch_size * cfg.grad_accum, epochs, evals_per_epoch)
             name = f"{loss}{tag(given)}-{epochs:g}ep{suffix}-seed{seed}"
             specs.append(RunSpec(loss, seed, name, {**settings, "max_steps": total, "eval_generate_every": every},
                                  per_epoch))

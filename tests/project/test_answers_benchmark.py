@@ -40,6 +40,14 @@ def test_plan_on_the_bundled_data(bench):
         bench.plan("smollm2-135m", ["dpo"], [42], 1.0, bench.parse_settings(["simpo:gamma=1"]))
 
 
+def test_an_epoch_of_unpaired_rows_is_twice_the_steps(bench):
+    """kto and --unpair train on rows: 1200 of the bundled 600 pairs, 150 steps of 8 an epoch."""
+    specs = bench.plan("smollm2-135m", ["infopo", "kto"], [42], 1.0, bench.parse_settings(["infopo:unpair=true"]))
+    assert [(s.name, s.settings["max_steps"], s.steps_per_epoch) for s in specs] == [
+        ("infopo-unpairTrue-1ep-seed42", 150, 150), ("kto-1ep-seed42", 150, 150)]
+    assert bench.plan("smollm2-135m", ["infopo"], [42], 1.0, {})[0].settings["max_steps"] == 75
+
+
 def test_a_task_trains_on_its_train_split_and_scores_validation_unless_told_test(bench):
     sources = bench.task_sources("columns", "validation")
     assert sources == {"data": "bundled:columns_train", "eval_data": "bundled:columns_validation"}
