@@ -163,3 +163,16 @@ def test_a_row_of_both_shapes_is_read_as_a_pair_with_a_warning(tmp_path):
     loaded = load_pairs(str(path))
     assert not loaded.pairs[0].unpaired and any("1 rows have chosen/rejected and also completion/label" in n
                                                 for n in loaded.notes)
+
+
+@pytest.mark.parametrize("loss", ["kto", "infopo"])
+def test_cached_reference_shared_prompts_and_online_reference_agree(tiny_model, tmp_path, loss):
+    """The mismatched completions ride in the reference cache and both layouts: the same losses step by step."""
+    data = write_feedback(tmp_path / "feedback.jsonl", 12)
+    losses = {}
+    for name, settings in {"cached": {}, "online": {"reference": "online"},
+                           "plain": {"share_prompt": False, "reference": "online"}}.items():
+        recipe.train(tiny_cfg(tiny_model, data, tmp_path / name, loss=loss, eval_data="", **settings))
+        losses[name] = [r["loss"] for r in _records(tmp_path / name) if r["kind"] == "train"]
+    assert losses["cached"] == pytest.approx(losses["online"], abs=1e-5)
+    assert losses["plain"] == pytest.approx(losses["online"], abs=1e-5)
