@@ -128,6 +128,24 @@ def write_adapter_gguf(tensors: list[AdapterTensor], alpha: float, arch: Arch, p
     writer.close()
 
 
+def read_back(path: Path, tensors: list[AdapterTensor], quant: str) -> None:
+    """The written file read with the gguf library: every matrix there, at its shape, holding what was meant (to
+    the type's rounding). llama.cpp cannot tell a lightly trained adapter's small change from its own noise, so the
+    file itself is checked."""
+    found = {t.name: t for t in read_gguf(path).tensors}
+    tolerance = {"f32": 1e-7, "f16": 1e-3, "bf16": 1e-2}[quant]
+    for tensor in tensors:
+        for suffix, matrix in ((".lora_a", tensor.a), (".lora_b", tensor.b)):
+            stored = found.get(tensor.name + suffix)
+            data = None if stored is None else np.asarray(stored.data)
+            if stored is not None and stored.tensor_type.name == "BF16":  # stored as raw 16-bit words
+                data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            if data is None or data.shape != matrix.shape or not np.allclose(
+                    data.astype(np.float32), matrix, rtol=tolerance, atol=tolerance * float(np.abs(matrix).max())):
+                raise ExportError(f"the adapter GGUF written does not hold {tensor.name + suffix} as meant "
+                                  "(an export bug: please report it)")
+
+
 def adapter_file_bytes(adapter: Path, quant: str) -> int:
     """What `adapter_bytes` will be for the adapter folder's LoRA matrices, from the safetensors header alone."""
     from safetensors import safe_open

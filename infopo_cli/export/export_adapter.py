@@ -22,7 +22,7 @@ from infopo_cli import files
 from infopo_cli.config import EMBEDDED_MODEL
 from infopo_cli.errors import ConfigError
 from infopo_cli.export.adapter_gguf import (LOSSLESS, adapter_bytes, adapter_tensors, check_base, lora_settings,
-                                            write_adapter_gguf)
+                                            read_back, write_adapter_gguf)
 from infopo_cli.export.check import (PROMPTS, Agreement, LlamaCppReader, agreement, answer_logits, context_of, greedy,
                                      load_gguf, prompt_tensor)
 from infopo_cli.export.merged import AdapterSource
@@ -114,6 +114,7 @@ def export_adapter(source: AdapterSource, out: Path, quant: str = "f16", base_gg
     log(f"writing the {quant} adapter GGUF, {len(tensors)} adapted weights, about {size / 2**20:,.1f} MiB")
     with files.replacing(out) as tmp:
         write_adapter_gguf(tensors, float(settings["lora_alpha"]), arch, tmp, quant, source.adapter.resolve().name)
+        read_back(tmp, tensors, quant)  # before it takes the name: a file that does not hold them is never left
     written = None
     if base_gguf is not None:
         from infopo_cli.model.stack import load_tokenizer

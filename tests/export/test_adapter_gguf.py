@@ -172,3 +172,15 @@ def test_base_gguf_with_another_export_is_refused(tmp_path):
                           str(source.adapter), "--merged", str(tmp_path / "m"), "--base-gguf", "nope.gguf"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--base-gguf goes with --gguf-adapter" in out.stderr and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16"])
+def test_the_written_file_is_read_back_and_a_wrong_one_is_not_kept(tmp_path, monkeypatch, quant):
+    source = adapter_for("qwen2", tmp_path)
+    export_adapter(source, tmp_path / f"ok-{quant}.gguf", quant, check=False, log=lambda _: None)  # read back: passes
+    real = adapter_gguf.write_adapter_gguf
+    zeroed = lambda tensors, *args: real([adapter_gguf.AdapterTensor(t.name, t.a, t.b * 0) for t in tensors], *args)  # noqa: E731
+    monkeypatch.setattr("infopo_cli.export.export_adapter.write_adapter_gguf", zeroed)
+    with pytest.raises(ExportError, match="does not hold"):
+        export_adapter(source, tmp_path / "zero.gguf", quant, check=False, log=lambda _: None)
+    assert not (tmp_path / "zero.gguf").exists()
