@@ -93,17 +93,20 @@ def write_bundle(run: Path, out: Path, checkpoint: Path | None = None) -> dict:
         if out.name.lower().endswith(".zip"):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
                 for name in names:
-                    with (run / name).open("rb") as source, archive.open(name, "w", force_zip64=True) as sink:
-                        reader = _Hashing(source)
-                        while chunk := reader.read(CHUNK):
-                            sink.write(chunk)
+                    with _changed_while_bundled(run, name), (run / name).open("rb") as source:
+                        info = zipfile.ZipInfo(name, time.localtime(os.fstat(source.fileno()).st_mtime)[:6])
+                        info.external_attr, info.compress_type = 0o100644 << 16, zipfile.ZIP_DEFLATED
+                        with archive.open(info, "w", force_zip64=True) as sink:
+                            reader = _Hashing(source)
+                            while chunk := reader.read(CHUNK):
+                                sink.write(chunk)
                     listed[name] = {"sha256": reader.sha.hexdigest(), "bytes": reader.size}
                 archive.writestr(MANIFEST, _manifest(run, checkpoint, listed))
         else:
             mode = "w:gz" if out.name.lower().endswith((".tar.gz", ".tgz")) else "w"
             with tarfile.open(tmp, mode) as archive:
                 for name in names:
-                    with (run / name).open("rb") as source:
+                    with _changed_while_bundled(run, name), (run / name).open("rb") as source:
                         info = tarfile.TarInfo(name)
                         info.size, info.mtime, info.mode = os.fstat(source.fileno()).st_size, int(time.time()), 0o644
                         reader = _Hashing(source)  # tar copies exactly info.size bytes
@@ -114,6 +117,18 @@ def write_bundle(run: Path, out: Path, checkpoint: Path | None = None) -> dict:
                 info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
                 archive.addfile(info, io.BytesIO(data))
     return json.loads(_manifest(run, checkpoint, listed))
+
+
+@contextmanager
+def _changed_while_bundled(run: Path, name: str) -> Iterator[None]:
+    """A run file that vanishes or shrinks while it is archived (a resumed run rotating its checkpoints): one line."""
+    try:
+        yield
+    except (OSError, tarfile.TarError) as err:
+        if isinstance(err, OSError) and err.errno is not None and err.errno in files.DISK_ERRNOS:
+            raise  # a full disk is the output's problem: `replacing` words it
+        raise ConfigError(f"{run / name} changed while it was bundled ({err.strerror or err if isinstance(err, OSError) else err}); "
+                          "bundle again once the run is not being written") from None
 
 
 def _manifest(run: Path, checkpoint: Path | None, listed: dict[str, dict]) -> bytes:
@@ -194,7 +209,8 @@ def read_manifest(path: Path) -> dict:
             isinstance(name, str) and _safe_name(name) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
             and type(entry.get("bytes")) is int and entry["bytes"] >= 0 for name, entry in listed.items()):
         raise BundleError(f"{path}: its {MANIFEST} lists files in a shape infopo does not write (refused)")
-    if not isinstance(manifest.get("run"), str) or not _safe_name(manifest["run"]) or "/" in manifest["run"]:
+    if not isinstance(manifest.get("run"), str) or not _safe_name(manifest["run"]) or "/" in manifest["run"] \
+            or manifest["run"].startswith("."):
         raise BundleError(f"{path}: its {MANIFEST} names no run")
     return manifest
 
@@ -203,6 +219,7 @@ def check_target(into: Path) -> None:
     """Where a bundle will be unpacked: a new folder (checked before anything is read or written)."""
     if os.path.lexists(into):
         raise OutputError(f"{into} already exists; move it away or resume it directly (nothing was unpacked)")
+    files.check_writable(into, "unpacking into")
 
 
 def unpack(path: Path, into: Path) -> Path:
@@ -283,10 +300,15 @@ def cached(path: Path) -> Path:
     with files.staging(folder.parent) as scratch:
         unpack(path, scratch / "entry" / manifest["run"])
         (scratch / "entry" / COMPLETE).write_text("")
-        try:
-            os.rename(scratch / "entry", folder)
-        except OSError:  # another reader won (its copy is complete), or a crashed one left a partial folder
-            if not (folder / COMPLETE).is_file():
-                files.remove_tree(folder)
+        for _ in range(3):  # another reader may win (its copy is complete), or a crashed one left a partial folder
+            try:
                 os.rename(scratch / "entry", folder)
-    return run
+                return run
+            except OSError:
+                if (folder / COMPLETE).is_file():
+                    return run
+                try:
+                    files.remove_tree(folder)  # a partial entry: moved aside first, so no reader sees it half gone
+                except OutputError:
+                    pass  # another reader removed it first
+        raise OutputError(f"cannot place the unpacked bundle at {folder}; remove that folder and try again")

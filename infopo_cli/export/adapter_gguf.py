@@ -44,6 +44,9 @@ def lora_settings(adapter: Path) -> dict:
     settings = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     if settings.get("use_dora"):
         raise ExportError(f"{adapter} is a DoRA adapter, which llama.cpp's LoRA format cannot hold: use --gguf (merged)")
+    if not settings.get("lora_alpha"):
+        raise ExportError(f"{adapter}/adapter_config.json: lora_alpha is {settings.get('lora_alpha')!r}; llama.cpp "
+                          "scales by alpha / rank, so an adapter without one cannot be written")
     if settings.get("modules_to_save"):
         raise ExportError(f"{adapter} trains whole copies of {', '.join(settings['modules_to_save'])}, which a llama.cpp "
                           "adapter cannot hold: use --gguf (merged)")
@@ -54,8 +57,11 @@ def peft_scale(module: str, rank: int, settings: dict) -> float:
     """The factor peft multiplies B A by for `module`: alpha / rank, or alpha / sqrt(rank) with rsLoRA, where alpha may
     come from the per-module `alpha_pattern`."""
     # a pattern key is a regular expression for the end of the module's dotted name, as peft matches it
-    alpha = next((value for key, value in (settings.get("alpha_pattern") or {}).items()
-                  if re.match(rf"(.*\.)?({key})$", module)), settings["lora_alpha"])
+    try:
+        alpha = next((value for key, value in (settings.get("alpha_pattern") or {}).items()
+                      if re.match(rf"(.*\.)?({key})$", module)), settings["lora_alpha"])
+    except re.error as err:
+        raise ExportError(f"adapter_config.json: alpha_pattern holds a key that is no regular expression ({err})") from None
     return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
 
 

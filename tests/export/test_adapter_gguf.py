@@ -184,3 +184,16 @@ def test_the_written_file_is_read_back_and_a_wrong_one_is_not_kept(tmp_path, mon
     with pytest.raises(ExportError, match="does not hold"):
         export_adapter(source, tmp_path / "zero.gguf", quant, check=False, log=lambda _: None)
     assert not (tmp_path / "zero.gguf").exists()
+
+
+def test_the_slope_is_judged_below_the_cosines_noise_floor():
+    from infopo_cli.export.export_adapter import AdapterCheck
+    from infopo_cli.export.check import Agreement
+
+    quiet = dict(agreements=[Agreement(8, 0, 8)], tokens_same=[True], answers=["x"])
+    assert AdapterCheck(**quiet, slope=0.93, signal=2.3).ok  # a light adapter on a quantised base: right
+    assert not AdapterCheck(**quiet, slope=1.95, signal=0.8).ok  # scaled twice over
+    assert not AdapterCheck(**quiet, slope=0.0, signal=0.8).ok  # read as zero
+    assert not AdapterCheck(**quiet, slope=float("nan"), signal=float("nan")).ok  # non-finite logits
+    assert AdapterCheck(**quiet, slope=None, signal=0.05).ok  # too small to say anything
+    assert not AdapterCheck(**quiet, effect=0.5, slope=1.0, signal=5.0).ok  # high signal: the cosine judges too

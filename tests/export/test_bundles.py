@@ -157,7 +157,7 @@ def test_damaged_archives_and_bad_places_are_one_line(run, tmp_path):
     with pytest.raises(BundleError, match="no such file"):
         read_manifest(tmp_path / "missing.tar")
     (tmp_path / "afile").write_text("")
-    with pytest.raises(OutputError, match="cannot create"):
+    with pytest.raises(OutputError, match="is a file, not a folder"):
         unpack(good, tmp_path / "afile" / "run")
 
 
@@ -181,3 +181,44 @@ def test_resume_dry_run_refuses_what_the_run_would(run, tmp_path):
     done = subprocess.run([sys.executable, "-m", "infopo_cli", "train", "--resume", str(out), "--dry-run"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "runs/run already exists" in done.stderr
+
+
+def test_a_run_file_vanishing_while_bundled_is_one_line_and_leaves_no_bundle(run, tmp_path, monkeypatch):
+    import shutil
+
+    from infopo_cli import bundles
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    real = bundles._Hashing.read
+
+    def vanish(self, n=-1):  # the checkpoint rotated away mid-read, as a resumed run does
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(bundles._Hashing, "read", vanish)
+    with pytest.raises(ConfigError, match="changed while it was bundled"):
+        export_bundle(copy, tmp_path / "x.tar")
+    monkeypatch.setattr(bundles._Hashing, "read", real)
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_odd_run_names_and_unwritable_targets_are_refused(run, tmp_path):
+    good = tmp_path / "good.zip"
+    export_bundle(run, good)
+    manifest = read_manifest(good)
+    with zipfile.ZipFile(good) as archive:
+        members = {name: archive.read(name) for name in archive.namelist() if name != MANIFEST}
+    bad = tmp_path / "dot.zip"
+    with zipfile.ZipFile(bad, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        archive.writestr(MANIFEST, json.dumps({**manifest, "run": ".complete"}))
+    with pytest.raises(BundleError, match="names no run"):
+        read_manifest(bad)
+    (tmp_path / "afile").write_text("")
+    from infopo_cli.bundles import check_target
+
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_target(tmp_path / "afile" / "sub")
+    with zipfile.ZipFile(good) as archive:
+        assert all(info.external_attr >> 16 == 0o100644 for info in archive.infolist() if info.filename != MANIFEST)
