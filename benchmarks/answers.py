@@ -655,7 +655,8 @@ def benchmark(args: argparse.Namespace, losses: list[str], seeds: list[int], tas
     choose = not (task and split == "test")
     curves = curves_of(specs, runs_dir)
     answers, missing = scored_runs(specs, curves, runs_dir, choose, task or "")
-    problems = read_run(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
+    # the problems scored (an unpaired run holds two held-out rows per problem, its data_info counts rows)
+    problems = len(answers[0].problems) if answers else read_run(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
     title = (f"Held-out answer accuracy during training ({preset}{f', {task} {split}' if task else ''}, {problems} "
              f"held-out problems; {len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.epochs:g} "
              f"epoch{'s' * (args.epochs != 1)})")
