@@ -101,7 +101,7 @@ def write_bundle(run: Path, out: Path, checkpoint: Path | None = None) -> dict:
                             while chunk := reader.read(CHUNK):
                                 sink.write(chunk)
                     listed[name] = {"sha256": reader.sha.hexdigest(), "bytes": reader.size}
-                archive.writestr(MANIFEST, _manifest(run, checkpoint, listed))
+                archive.writestr(MANIFEST, _encoded(_manifest(run, checkpoint, listed)))
         else:
             mode = "w:gz" if out.name.lower().endswith((".tar.gz", ".tgz")) else "w"
             with tarfile.open(tmp, mode) as archive:
@@ -112,11 +112,11 @@ def write_bundle(run: Path, out: Path, checkpoint: Path | None = None) -> dict:
                         reader = _Hashing(source)  # tar copies exactly info.size bytes
                         archive.addfile(info, reader)
                     listed[name] = {"sha256": reader.sha.hexdigest(), "bytes": reader.size}
-                data = _manifest(run, checkpoint, listed)
+                data = _encoded(_manifest(run, checkpoint, listed))
                 info = tarfile.TarInfo(MANIFEST)
                 info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
                 archive.addfile(info, io.BytesIO(data))
-    return json.loads(_manifest(run, checkpoint, listed))
+    return _manifest(run, checkpoint, listed)
 
 
 @contextmanager
@@ -127,13 +127,18 @@ def _changed_while_bundled(run: Path, name: str) -> Iterator[None]:
     except (OSError, tarfile.TarError) as err:
         if isinstance(err, OSError) and err.errno is not None and err.errno in files.DISK_ERRNOS:
             raise  # a full disk is the output's problem: `replacing` words it
-        raise ConfigError(f"{run / name} changed while it was bundled ({err.strerror or err if isinstance(err, OSError) else err}); "
-                          "bundle again once the run is not being written") from None
+        why = (err.strerror or err) if isinstance(err, OSError) else err
+        raise ConfigError(f"{run / name} changed while it was bundled ({why}); bundle again once the run is not being "
+                          "written") from None
 
 
-def _manifest(run: Path, checkpoint: Path | None, listed: dict[str, dict]) -> bytes:
-    return (json.dumps({"format": FORMAT, "run": run.resolve().name, "checkpoint": checkpoint.name if checkpoint else None,
-                        "files": listed}, indent=2) + "\n").encode()
+def _manifest(run: Path, checkpoint: Path | None, listed: dict[str, dict]) -> dict:
+    return {"format": FORMAT, "run": run.resolve().name, "checkpoint": checkpoint.name if checkpoint else None,
+            "files": listed}
+
+
+def _encoded(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2) + "\n").encode()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from infopo_cli.errors import ConfigError, ExportError
-from infopo_cli.export.gguf import Arch, _gguf, _tensor, arch_for, permute
+from infopo_cli.export.gguf import Arch, _gguf, _tensor, permute
 from infopo_cli.model.source import read_gguf
 
 LOSSLESS = ("f32", "f16", "bf16")  # adapter matrices are small; their rank rows do not divide into quant blocks
@@ -114,10 +114,8 @@ def check_base(base_gguf: Path, tensors: list[AdapterTensor], arch: Arch) -> Non
 
 def write_adapter_gguf(tensors: list[AdapterTensor], alpha: float, arch: Arch, path: Path, quant: str,
                        name: str) -> None:
-    """The adapter GGUF at `path`: llama.cpp's metadata, then A and B of every adapted weight in `quant`."""
-    if quant not in LOSSLESS:
-        raise ConfigError(f"--gguf-adapter writes {', '.join(LOSSLESS)} (got --quant {quant}): its matrices are a few "
-                          "MiB and their rank-wide rows do not divide into quantisation blocks")
+    """The adapter GGUF at `path`: llama.cpp's metadata, then A and B of every adapted weight in `quant` (one of
+    LOSSLESS, checked by the caller before anything is read)."""
     gguf = _gguf()
     writer = gguf.GGUFWriter(str(path), arch.gguf_name)
     writer.add_name(name)
@@ -153,15 +151,11 @@ def read_back(path: Path, tensors: list[AdapterTensor], quant: str) -> None:
 
 
 def adapter_file_bytes(adapter: Path, quant: str) -> int:
-    """What `adapter_bytes` will be for the adapter folder's LoRA matrices, from the safetensors header alone."""
+    """The adapter GGUF's tensor bytes in `quant` (metadata aside), from the adapter folder's safetensors header
+    alone (every tensor there is a LoRA matrix the GGUF holds: `adapter_tensors` refuses any other)."""
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "np") as weights:
         count = sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
     return count * (4 if quant == "f32" else 2)
 
-
-def adapter_bytes(tensors: list[AdapterTensor], quant: str) -> int:
-    """The adapter GGUF's tensor bytes in `quant` (metadata aside)."""
-    width = 4 if quant == "f32" else 2
-    return sum((t.a.size + t.b.size) * width for t in tensors)

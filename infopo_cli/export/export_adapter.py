@@ -21,8 +21,8 @@ import torch
 from infopo_cli import files
 from infopo_cli.config import EMBEDDED_MODEL
 from infopo_cli.errors import ConfigError
-from infopo_cli.export.adapter_gguf import (LOSSLESS, adapter_bytes, adapter_tensors, check_base, lora_settings,
-                                            read_back, write_adapter_gguf)
+from infopo_cli.export.adapter_gguf import (LOSSLESS, adapter_file_bytes, adapter_tensors, check_base,
+                                            lora_settings, read_back, write_adapter_gguf)
 from infopo_cli.export.check import (PROMPTS, Agreement, LlamaCppReader, agreement, answer_logits, context_of, greedy,
                                      load_gguf, prompt_tensor)
 from infopo_cli.export.merged import AdapterSource
@@ -109,7 +109,8 @@ def export_adapter(source: AdapterSource, out: Path, quant: str = "f16", base_gg
     from infopo_cli.model.stack import resolve_source
 
     if quant not in LOSSLESS:
-        raise ConfigError(f"--gguf-adapter writes {', '.join(LOSSLESS)} (got --quant {quant})")
+        raise ConfigError(f"--gguf-adapter writes {', '.join(LOSSLESS)} (got --quant {quant}): its matrices are a few "
+                          "MiB and their rank-wide rows do not divide into quantisation blocks")
     base_gguf = base_gguf or default_base_gguf(source.base)
     if base_gguf is not None and not base_gguf.is_file():
         raise ConfigError(f"--base-gguf {base_gguf}: no such file")
@@ -120,7 +121,7 @@ def export_adapter(source: AdapterSource, out: Path, quant: str = "f16", base_gg
     tensors = adapter_tensors(load_file(str(source.adapter / "adapter_model.safetensors")), settings, config, arch)
     if base_gguf is not None:
         check_base(base_gguf, tensors, arch)
-    size = adapter_bytes(tensors, quant)
+    size = adapter_file_bytes(source.adapter, quant)
     files.check_free_space(out.parent, size)
     log(f"writing the {quant} adapter GGUF, {len(tensors)} adapted weights, about {size / 2**20:,.1f} MiB")
     with files.replacing(out) as tmp:
