@@ -157,6 +157,9 @@ class TrainConfig:
                          panel="Optimisation")
     nproc: int = _f(1, "Processes (GPUs) to train on, data-parallel: infopo starts torchrun for N > 1 (under torchrun or "
                        "accelerate launch it is the launcher's world size).", panel="Optimisation")
+    fsdp: bool = _f(False, "Shard the frozen base over the processes (FSDP2) instead of a whole copy on each: for a model "
+                           "that does not fit one GPU (with --nproc N; infopo plan --fsdp N says how many).",
+                    panel="Optimisation")
     warmup_ratio: float = _f(0.1, "Fraction of steps with linear warm-up before the cosine decay.",
                              panel="Optimisation", cli=False)
     weight_decay: float = _f(0.0, "AdamW weight decay.", panel="Optimisation", cli=False)
@@ -197,6 +200,9 @@ class TrainConfig:
         if not any(value is _REJECT for value in values.values()):  # the combinations compare right-typed values
             if self.max_length != "auto" and self.max_prompt_length >= self.max_length:
                 problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+            if self.fsdp and self.backend == "unsloth":
+                problems.append("fsdp shards the transformers backend's model; Unsloth's kernels run on one GPU "
+                                "(use --backend transformers)")
             if self.gamma_min is not None and self.gamma_max is not None and self.gamma_min > self.gamma_max:
                 problems.append(f"gamma_min ({self.gamma_min}) must be <= gamma_max ({self.gamma_max})")
         if problems:

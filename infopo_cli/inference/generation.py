@@ -125,12 +125,15 @@ def _takes(model, argument: str) -> bool:
 
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, stops: set[int],
-           generator: torch.Generator | None = None) -> Iterator[tuple[list[int], list[int]]]:
+           generator: torch.Generator | None = None, any_going: Callable[[bool], bool] = bool
+           ) -> Iterator[tuple[list[int], list[int]]]:
     """A KV-cached loop over a left-padded batch: per step, the rows still going and the token each chose.
 
     A row leaves the batch (and the KV cache) at its stop token, so a batch costs the tokens its replies
     have rather than its longest reply times its size; where a model's cache cannot drop rows, finished
     rows ride along unseen. Positions count only real tokens, as transformers derives them from the mask.
+    `any_going(going)`: whether to go on, given whether any row here does (processes whose passes must match, a
+    sharded run's, decode until all of theirs are done: rows that stopped ride along unseen).
     """
     cache_name = "cache" if _takes(model, "cache") else "past_key_values"  # the name changed within transformers 5
     last_only = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}  # no logits for prompt tokens
@@ -149,9 +152,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
         live = going.nonzero().squeeze(1).tolist()
         yield [rows[i] for i in live], tokens[live].tolist()
         going &= ~torch.isin(tokens, stop)
-        if not going.any():
+        if not any_going(bool(going.any())):
             return
-        if prune and not going.all():
+        if prune and going.any() and not going.all():
             keep = going.nonzero().squeeze(1)
             try:
                 cache.batch_select_indices(keep)
@@ -192,15 +195,17 @@ def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling =
 
 @overload
 def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling, batch_size: int,
-             should_stop: Callable[[], bool]) -> list[Reply] | None:
+             should_stop: Callable[[], bool], any_going: Callable[[bool], bool] = ...) -> list[Reply] | None:
     ...
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling = Sampling(),
-             batch_size: int = 8, should_stop: Callable[[], bool] = lambda: False) -> list[Reply] | None:
+             batch_size: int = 8, should_stop: Callable[[], bool] = lambda: False,
+             any_going: Callable[[bool], bool] = bool) -> list[Reply] | None:
     """One reply per prompt, `batch_size` prompts at a time, in the prompts' order; None when `should_stop()` turns
-    true between batches (a training run's stop request: it should not wait for hundreds of replies)."""
+    true between batches (a training run's stop request: it should not wait for hundreds of replies). `any_going`:
+    as `decode` takes it."""
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
     stops = stop_ids(tokenizer)
     pad, device = tokenizer.pad_token_id, _device(model)
@@ -218,7 +223,7 @@ def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling =
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
         made: list[list[int]] = [[] for _ in chunk]
-        for rows, tokens in decode(model, ids.to(device), mask.to(device), sampling, stops, generator):
+        for rows, tokens in decode(model, ids.to(device), mask.to(device), sampling, stops, generator, any_going):
             for row, token in zip(rows, tokens):
                 made[row].append(token)
         for row, i in enumerate(chunk):

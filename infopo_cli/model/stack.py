@@ -75,8 +75,10 @@ def import_bitsandbytes():
     return sys.modules["bitsandbytes"]
 
 
-def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
-    """The frozen base, 4-bit NF4 with double quantisation unless `load_in_4bit` is off."""
+def load_base(source: str, cfg: TrainConfig, precision: Precision, sharded: bool = False) -> nn.Module:
+    """The frozen base, 4-bit NF4 with double quantisation unless `load_in_4bit` is off. `sharded` (--fsdp over
+    several processes): loaded into host memory, to be sharded onto the device (model/sharding.py), with the 4-bit
+    codes stored in the compute dtype so FSDP2 can split them."""
     import_bitsandbytes()  # before transformers' quantizer imports it
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -87,14 +89,15 @@ def load_base(source: str, cfg: TrainConfig, precision: Precision) -> nn.Module:
     if cfg.load_in_4bit:
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=precision.dtype,
+            bnb_4bit_compute_dtype=precision.dtype, **({"bnb_4bit_quant_storage": precision.dtype} if sharded else {}),
         )
+    device = "cpu" if sharded else torch.cuda.current_device() if precision.device == "cuda" else precision.device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with library_reading(source):
             model = AutoModelForCausalLM.from_pretrained(
                 loadable(source), trust_remote_code=False, quantization_config=quantization, dtype=precision.dtype,
-                device_map={"": torch.cuda.current_device() if precision.device == "cuda" else precision.device},  # the rank's GPU
+                device_map={"": device},  # the rank's GPU
                 **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
             )
     model.config.use_cache = False
@@ -136,7 +139,8 @@ def dequantised(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if not isinstance(child, bnb.nn.Linear4bit) or child.weight.device.type != "cpu":
+                if not isinstance(child, bnb.nn.Linear4bit) or child.weight.device.type != "cpu" or \
+                        not isinstance(child.weight, bnb.nn.Params4bit):  # a shard (--fsdp): gathered at each call
                     continue
                 weight = child.weight
                 values = dequantize_4bit(weight.data, weight.quant_state).to(child.compute_dtype or torch.float32)

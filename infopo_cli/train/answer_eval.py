@@ -34,15 +34,18 @@ def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], s
 
 @torch.no_grad()
 def answer_records(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max_new_tokens: int,
-                   batch_size: int, should_stop: Callable[[], bool] = lambda: False) -> list[dict[str, Any]] | None:
+                   batch_size: int, should_stop: Callable[[], bool] = lambda: False,
+                   any_going: Callable[[bool], bool] = bool) -> list[dict[str, Any]] | None:
     """Greedy replies of the policy to `rows`, each scored (one record per row, in order); None when `should_stop()`
-    turns true between generation batches. The model's mode and the RNG are left as they were."""
+    turns true between generation batches. `any_going`: whether a batch goes on, given whether this process's rows
+    do (a sharded run's processes decode until every one is done). The model's mode and the RNG are left as they
+    were."""
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:
         with dequantised(model):  # a CPU's 4-bit layers would de-quantise at every generated token
             replies = generate(model, tokenizer, [row.messages for row in rows], Sampling(max_new_tokens), batch_size,
-                               should_stop)
+                               should_stop, any_going)
     finally:
         restore_rng(rng)
         model.train(was_training)

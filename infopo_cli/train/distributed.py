@@ -13,6 +13,11 @@ step boundary, so no rank waits in a collective that the others have left. Only 
 folder, metrics, checkpoints, the adapter, the report) and prints.
 
 A single process is a `World` of size 1, where every collective is the identity: the recipe has one path.
+
+With `--fsdp` the frozen base is sharded over the processes instead (model/sharding.py): every forward pass is then a
+collective (each layer's weights are gathered from every rank), so every rank must run the same passes in the same
+order. A `sharded` world pads each rank's share of a step, a held-out evaluation, the reference pass and the answers
+to the longest rank's with passes whose results are discarded (`lacking`), and agrees on stops at every batch.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,6 +45,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    sharded: bool = False  # the base is sharded over the ranks: they run every forward pass together
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +60,29 @@ class World:
         """This rank's share of `items`: every size-th item from its rank, so shares are disjoint, cover
         everything, and differ in size by at most one (a short last batch of an epoch still splits)."""
         return list(items[self.rank::self.size])
+
+    def longest_share(self, total: int) -> int:
+        """The size of the largest of the shares `shard` makes of `total` items."""
+        return -(-total // self.size)
+
+    def lacking(self, own: int, most: int) -> int:
+        """How many passes this rank runs beyond its `own` to keep in step with the rank that runs `most` (sharded
+        weights; otherwise none: each rank runs only its own)."""
+        return most - own if self.sharded else 0
+
+    def agreed(self, flag: Callable[[], bool]) -> Callable[[], bool]:
+        """`flag`, asked between batches: with sharded weights true on every rank as soon as on any (a rank that left
+        a loop early would leave the others waiting in the next layer's gather); otherwise each rank's own."""
+        return (lambda: self.any(flag())) if self.sharded else flag
+
+    @contextlib.contextmanager
+    def one_at_a_time(self) -> Iterator[None]:
+        """The ranks run the block in turn, rank 0 first (loading a model each: one copy in host memory at a time)."""
+        for _ in range(self.rank):
+            self.barrier()
+        yield
+        for _ in range(self.size - self.rank):
+            self.barrier()
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:

@@ -17,8 +17,11 @@ from infopo_cli.train.metrics import PairMetrics
 class Evaluator:
     """Evaluates the policy on fixed batches; the reference log-probs are computed once and cached."""
 
-    def __init__(self, batches: list[PreferenceBatch], spec: LossSpec, params: dict, device: str) -> None:
+    def __init__(self, batches: list[PreferenceBatch], spec: LossSpec, params: dict, device: str,
+                 counted: int | None = None) -> None:
+        """`counted`: only the first so many batches count (the others keep a rank of a sharded run in step)."""
         self.batches, self.spec, self.params, self.device = batches, spec, params, device
+        self.counted = len(batches) if counted is None else counted
         self.reference: list[Tensor] | None = None
 
     @torch.no_grad()
@@ -56,6 +59,7 @@ class Evaluator:
                                policy_is_reference=policy_is_reference)
             if logps.ref_chosen is not None:
                 reference.append(torch.cat([logps.ref_chosen, logps.ref_rejected]))
-            metrics.add(compute(self.spec, logps, self.params), logps)
+            if i < self.counted:
+                metrics.add(compute(self.spec, logps, self.params), logps)
         self.reference = reference or None
         return metrics

@@ -41,7 +41,7 @@ from infopo_cli.errors import ConfigError
 from infopo_cli.inference.prompts import PromptRow
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
-from infopo_cli.model import recompute as recomputation, stack, unsloth_backend
+from infopo_cli.model import recompute as recomputation, sharding, stack, unsloth_backend
 from infopo_cli.model.precision import Precision, choose
 from infopo_cli.model.recompute import Recompute
 from infopo_cli.model.source import check_source
@@ -59,8 +59,8 @@ from infopo_cli.train.progress import Reporter
 from infopo_cli.train.resume import accepted_schedule, check_length
 from infopo_cli.train.schedule import WarmupCosine
 from infopo_cli.train.state import TrainState
-from infopo_cli.train.stops import (Stop, StopRequests, diverged, eval_out_of_memory, not_started, out_of_memory,
-                                     stopped)
+from infopo_cli.train.stops import (ShardedOutOfMemory, Stop, StopRequests, diverged, eval_out_of_memory, not_started,
+                                     out_of_memory, stopped)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -119,6 +119,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
     """One process's part of the run: setup -> loop -> finish."""
     report = report if world.is_main else report.silenced()  # rank 0 speaks for the run
     cfg, spec, loss_params, loaded, eval_pairs, run_dir, created = _prepare(cfg, report, resume, world)
+    world = replace(world, sharded=cfg.fsdp and world.active)  # every forward pass together (train/distributed.py)
     with contextlib.ExitStack() as held:
         if created:  # pushed first, so it runs last: after the lock is released
             held.push(lambda kind, error, trace: _remove_if_unstarted(run_dir, error))
@@ -138,8 +139,11 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         precision = choose(cfg.dtype)
         report.precision(precision)
         if world.active:
-            report.note(f"data-parallel over {world.size} processes ({torch.distributed.get_backend()}): each trains on "
-                        f"its share of every global batch of {cfg.batch_size * cfg.grad_accum * world.size} pairs")
+            report.note(f"{'sharded (FSDP2) ' if world.sharded else ''}data-parallel over {world.size} processes "
+                        f"({torch.distributed.get_backend()}): each trains on its share of every global batch of "
+                        f"{cfg.batch_size * cfg.grad_accum * world.size} pairs")
+        elif cfg.fsdp:
+            report.note("fsdp: one process, nothing to shard: the whole base is on this device")
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world)
@@ -149,13 +153,15 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
         recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
             cfg, source, train_tok, eval_tok, precision.device, precision.dtype.itemsize, cfg.share_prompt)
+        if world.sharded:  # the same layers recompute on every rank: the same passes, the same gathers
+            recompute = world.broadcast(recompute)
         if recompute:
             report.checkpointing(recompute.message)
         cfg = replace(cfg, nproc=world.size)  # the global batch counts every process
         resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
         if world.is_main and not resume:  # on disk before anything long starts; a resume's once its checkpoint is accepted
             write_settings(run_dir, resolved)
-        model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report)
+        model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report, world)
         if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
             return unstarted(run_dir, precision, stops.signum)
 
@@ -181,15 +187,14 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         if world.is_main and resume:
             write_settings(run_dir, resolved)
         log, guard = _open_log(cfg, run_dir, resolved, state.step if resume else None, report, world, held)
-        # each process evaluates its share of the held-out batches; the sums are added up
-        evaluator = Evaluator([collate(b, tokenizer.pad_token_id, share_prompt)
-                               for b in world.shard(eval_batches(eval_tok, cfg.eval_batch_size))],
-                              spec, loss_params, precision.device) if eval_tok else None
+        evaluator = _evaluator(eval_tok, cfg, spec, loss_params, tokenizer.pad_token_id, share_prompt, precision, world)
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
                                share_prompt, init_sha256, report, world, global_batch, total_steps, state.step)
         answers = _answers(cfg, eval_pairs, evaluator is not None, report)
         # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
-        fallback = Fallback(model, params, recompute if cfg.gradient_checkpointing == "auto" else None, report.note,
+        # (sharded weights: a rank out of memory inside a pass cannot wait for the others, see `train_step`)
+        fallback = Fallback(model, params, recompute if cfg.gradient_checkpointing == "auto" and not world.sharded else None,
+                            report.note,
                             lambda mode: world.is_main and write_settings(run_dir, {**resolved, "gradient_checkpointing": mode}))
         run = Run(cfg=cfg, spec=spec, loss_params=loss_params, world=world, report=report, stops=stops, run_dir=run_dir,
                   precision=precision, model=model, tokenizer=tokenizer, params=params, optimizer=optimizer,
@@ -282,24 +287,52 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
 
 
 def _load_model(cfg: TrainConfig, source: str, precision: Precision, spec: LossSpec, loss_params: dict[str, float],
-                recompute: Recompute | None, report: Reporter) -> tuple[torch.nn.Module, str | None, bool]:
+                recompute: Recompute | None, report: Reporter, world: distributed.World
+                ) -> tuple[torch.nn.Module, str | None, bool]:
     """4-bit base, LoRA policy; the reference is the same base with the adapter off (--init-adapter: the policy starts
-    from that adapter; the reference is a frozen copy of it, if the loss has one). Returns the model, the init
-    adapter's hash (None without one) and whether a prompt is read once for both replies."""
+    from that adapter; the reference is a frozen copy of it, if the loss has one). Sharded (--fsdp), the processes load
+    in turn, each into host memory, and keep their shard on the device. Returns the model, the init adapter's hash
+    (None without one) and whether a prompt is read once for both replies."""
     t_load = time.perf_counter()
-    if cfg.backend == "unsloth":  # Unsloth's FastLanguageModel makes the base and the LoRA (model/unsloth_backend.py)
-        model, init_sha256 = unsloth_backend.load_model(source, cfg, precision), None
-    elif cfg.init_adapter:
-        model, init_sha256 = stack.load_init_adapter(stack.load_base(source, cfg, precision), cfg,
-                                                     with_reference=spec.needs(loss_params).reference, recompute=recompute)
-    else:
-        model, init_sha256 = stack.attach_lora(stack.load_base(source, cfg, precision), cfg, recompute), None
+    mesh = sharding.device_mesh(precision.device, world.size) if world.sharded else None
+    with world.one_at_a_time() if world.sharded else contextlib.nullcontext():
+        if cfg.backend == "unsloth":  # Unsloth's FastLanguageModel makes the base and the LoRA (model/unsloth_backend.py)
+            model, init_sha256 = unsloth_backend.load_model(source, cfg, precision), None
+        elif cfg.init_adapter:
+            model, init_sha256 = stack.load_init_adapter(stack.load_base(source, cfg, precision, world.sharded), cfg,
+                                                         with_reference=spec.needs(loss_params).reference,
+                                                         recompute=recompute)
+        else:
+            model, init_sha256 = stack.attach_lora(stack.load_base(source, cfg, precision, world.sharded), cfg,
+                                                   recompute), None
+        if mesh is not None:
+            sharding.shard_base(model, mesh, precision.device)
     report.model(source, time.perf_counter() - t_load, cfg, *stack.count_parameters(model))
+    if mesh is not None:
+        held = world.gather([sharding.held_bytes(model)])
+        mib = ", ".join(f"{share[0].codes_held / 2**20:.2f}" for share in held)
+        report.note(f"fsdp: the base's weights split {world.size} ways: each process holds {mib} MiB of its "
+                    f"{held[0][0].codes_whole / 2**20:.2f} MiB of 4-bit codes ({held[0][0].held / 2**20:.2f} of "
+                    f"{held[0][0].whole / 2**20:.2f} MiB of sharded weights on rank 0); the adapter and the output layer "
+                    "are whole on each")
     share_prompt = cfg.share_prompt and takes_custom_masks(model)
     if cfg.share_prompt and not share_prompt:
         report.note("prompts are read twice per pair: " + ("Unsloth's CUDA forward drops 4-D masks" if cfg.backend == "unsloth"
                     else "this attention kernel takes no 4-D mask (use sdpa or eager to share them)"))
     return model, init_sha256, share_prompt
+
+
+def _evaluator(eval_tok: list[TokenizedPair], cfg: TrainConfig, spec: LossSpec, loss_params: dict[str, float], pad_id: int,
+               share_prompt: bool, precision: Precision, world: distributed.World) -> Evaluator | None:
+    """Each process evaluates its share of the held-out batches (the sums are added up); with sharded weights a rank
+    with fewer batches runs the first batch again, uncounted, to keep in step."""
+    if not eval_tok:
+        return None
+    batches = eval_batches(eval_tok, cfg.eval_batch_size)
+    mine = world.shard(batches)
+    extra = batches[:1] * world.lacking(len(mine), world.longest_share(len(batches)))
+    return Evaluator([collate(b, pad_id, share_prompt) for b in mine + extra], spec, loss_params, precision.device,
+                     counted=len(mine))
 
 
 def _open_log(cfg: TrainConfig, run_dir: Path, resolved: dict, resume_step: int | None, report: Reporter,
@@ -397,14 +430,21 @@ class Run:
         boundary_rng = checkpoint.capture_rng()
         mine = world.shard(pairs)
         micro_batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        # sharded weights: as many passes as the rank with the most micro-batches, the extra ones uncounted
+        extra = [pairs[:cfg.batch_size]] * world.lacking(len(micro_batches),
+                                                         -(-world.longest_share(len(pairs)) // cfg.batch_size))
         t_step, updating, short_of_memory = time.perf_counter(), False, False
         try:
             metrics, step_tokens = self.fallback.run(lambda: accumulate_gradients(
-                self.model, micro_batches, self.spec, self.loss_params, self.tokenizer.pad_token_id, self.precision.device,
-                self.share_prompt, self.scaler, self.reference, n_pairs=len(pairs)), boundary_rng, state.step + 1)
+                self.model, micro_batches + extra, self.spec, self.loss_params, self.tokenizer.pad_token_id,
+                self.precision.device, self.share_prompt, self.scaler, self.reference, n_pairs=len(pairs),
+                counted=len(micro_batches)), boundary_rng, state.step + 1)
         except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(err):
                 raise
+            if world.sharded:
+                raise ShardedOutOfMemory(out_of_memory(cfg, state.step + 1, micro_batches or [pairs], self.precision.device,
+                                                       self.run_dir, saved=False), world.rank) from None
             short_of_memory = True
         self.fallback.agree(world, state.step + 1)  # where one process had to recompute more, all do from now on
         try:
@@ -458,11 +498,15 @@ class Run:
         """Held-out metrics at `step`, logged. Returns the out-of-memory Stop where any process ran out; an evaluation
         that did not finish (that, or a stop request) leaves `state.pending_eval` set, so a resume runs it."""
         t, totals, short_of_memory = time.perf_counter(), None, False
+        requested = self.world.agreed(lambda: self.stops.requested)
         try:  # an adapter that has not trained is the reference (zero, or the init adapter): one pass gives both
-            totals = self.evaluator.totals(self.model, policy_is_reference=step == 0, should_stop=lambda: self.stops.requested)
+            totals = self.evaluator.totals(self.model, policy_is_reference=step == 0, should_stop=requested)
         except (RuntimeError, MemoryError) as err:
             if not is_out_of_memory(err):
                 raise
+            if self.world.sharded:
+                raise ShardedOutOfMemory(eval_out_of_memory(self.cfg, step, self.precision.device, self.run_dir),
+                                         self.world.rank) from None
             short_of_memory = True
         self.state.pending_eval = True
         if self.world.any(short_of_memory):  # on any process: every process ends the run at this boundary
@@ -473,8 +517,11 @@ class Run:
         metrics = self.world.sum_metrics(totals).means(prefix="eval/")
         if self.answers and (step in (0, self.total_steps) or step % self.cfg.eval_generate_every == 0):
             mine = self.world.shard(self.answers)
-            records = answer_eval.answer_records(self.model, self.tokenizer, mine, self.cfg.eval_max_new_tokens,
-                                                 self.cfg.eval_batch_size, lambda: self.stops.requested) if mine else []
+            extra = self.answers[:1] * self.world.lacking(len(mine), self.world.longest_share(len(self.answers)))
+            records = answer_eval.answer_records(self.model, self.tokenizer, mine + extra, self.cfg.eval_max_new_tokens,
+                                                 self.cfg.eval_batch_size, requested,
+                                                 self.world.any if self.world.sharded else bool) if mine or extra else []
+            records = records[:len(mine)] if records is not None else None
             if self.world.any(records is None):  # a stop request cut the replies short: a resume scores them again
                 return None
             metrics.update(self.world.mean_over_ranks(answer_eval.answer_metrics(records), len(mine), answer_eval.KEYS))
@@ -571,9 +618,10 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
     if todo:
         cached = sum(1 for i in reads if filled[i]) if world.is_main else 0
         mine = world.shard(todo)
+        extra = todo[:1] * world.lacking(len(mine), world.longest_share(len(todo)))  # sharded: uncounted, in step
         with report.task("reference log-probs", sum(map(len, mine))) as advance:
-            part = world.sum_tensor(reference_cache.compute_batches(model, pairs, mine, pad_id, share_prompt,
-                                                                    precision.device, advance))
+            part = world.sum_tensor(reference_cache.compute_batches(model, pairs, mine + extra, pad_id, share_prompt,
+                                                                    precision.device, advance, counted=len(mine)))
         if world.is_main:
             done = torch.tensor([i for batch in todo for i in batch])
             table[done], filled[done] = part[done], True
@@ -594,23 +642,27 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[TokenizedPair]], spec: LossSpec,
                          loss_params: dict[str, float], pad_id: int, device: str, share_prompt: bool = False,
                          scaler: torch.amp.GradScaler | None = None, reference: ReferenceTable | None = None,
-                         n_pairs: int | None = None) -> tuple[PairMetrics, int]:
+                         n_pairs: int | None = None, counted: int | None = None) -> tuple[PairMetrics, int]:
     """Forward and backward over the micro-batches of one optimizer step; returns metrics and tokens read.
     With `reference` (precomputed log-probs) the step runs no reference forward. `n_pairs`: the pairs of the
-    global batch, when these micro-batches are one process's share of it (default: these micro-batches' pairs)."""
-    n_pairs = n_pairs or sum(len(pairs) for pairs in micro_batches)
+    global batch, when these micro-batches are one process's share of it (default: these micro-batches' pairs).
+    `counted`: only the first so many micro-batches count; the others run forward and backward with no weight (a
+    rank of a sharded run keeping in step with the others: train/distributed.py)."""
+    counted = len(micro_batches) if counted is None else counted
+    n_pairs = n_pairs or sum(len(pairs) for pairs in micro_batches[:counted])
     metrics, tokens = PairMetrics(), 0
-    for pairs in micro_batches:
+    for i, pairs in enumerate(micro_batches):
         batch = collate(pairs, pad_id, share_prompt).to(device)
         cached = reference(pairs).to(device) if reference is not None else None
         logps = pair_logps(model, batch, spec.needs(loss_params), reference=cached)
         out = registry.compute(spec, logps, loss_params)
         # Sum over pairs / pairs in the global batch: the same loss and gradient however the global
         # batch is split into micro-batches (a mean per micro-batch would weight small ones more).
-        loss = out.losses.sum() / n_pairs
+        loss = out.losses.sum() / n_pairs * (i < counted)
         (scaler.scale(loss) if scaler else loss).backward()
-        metrics.add(out, logps)
-        tokens += batch.n_tokens
+        if i < counted:
+            metrics.add(out, logps)
+            tokens += batch.n_tokens
     return metrics, tokens
 
 

@@ -127,17 +127,22 @@ def reference_batches(pairs: Sequence[TokenizedPair], batch_size: int) -> list[l
 
 @torch.no_grad()
 def compute_batches(model: torch.nn.Module, pairs: Sequence[TokenizedPair], batches: Sequence[Sequence[int]], pad_id: int,
-                    share_prompt: bool, device: str, advance: Callable[[int], None] = lambda n: None) -> torch.Tensor:
+                    share_prompt: bool, device: str, advance: Callable[[int], None] = lambda n: None,
+                    counted: int | None = None) -> torch.Tensor:
     """(N, 2) float32: the reference's summed log-probs of the chosen and rejected response of each pair in `batches`
-    (one forward each, the model in eval mode with its adapter disabled), zeros in every other row."""
+    (one forward each, the model in eval mode with its adapter disabled), zeros in every other row. `counted`: only
+    the first so many batches are written (the others keep a rank of a sharded run in step)."""
+    counted = len(batches) if counted is None else counted
     table = torch.zeros((len(pairs), 2), dtype=torch.float32)
     was_training, rng = model.training, capture_rng()
     model.eval()
     try:
         with stack.reference_mode(model):
-            for batch in batches:
+            for n, batch in enumerate(batches):
                 group = [pairs[i] for i in batch]
                 sums = batch_logps(model, collate(group, pad_id, share_prompt).to(device)).sums.float().cpu()
+                if n >= counted:
+                    continue
                 index = torch.tensor(list(batch))
                 table[index, 0], table[index, 1] = sums[:len(group)], sums[len(group):]
                 advance(len(group))

@@ -25,7 +25,8 @@ from infopo_cli.train.schedule import WarmupCosine
 # the length of the run, and where and how often it saves or evaluates: the adapter stays the same
 MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "max_bad_steps",
               "report_to", "reference", "eval_generate_every", "eval_max_new_tokens",
-              "gradient_checkpointing", "gpu_mem_margin")  # recomputation gives the same gradients (tests/model/test_memory_plan.py)
+              "gradient_checkpointing", "gpu_mem_margin",  # recomputation gives the same gradients (tests/model/test_memory_plan.py)
+              "fsdp")  # where the weights live, not what they compute (tests/runs/test_fsdp.py)
 
 
 def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,

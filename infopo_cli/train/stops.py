@@ -21,6 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from infopo_cli.errors import InfopoError
+
 if TYPE_CHECKING:  # at run time this module is standard library only: the CLI imports it before torch
     from infopo_cli.config import TrainConfig
     from infopo_cli.data.tokenization import TokenizedPair
@@ -129,3 +131,14 @@ def diverged(step: int, streak: int, run_dir: Path) -> Stop:
     return Stop("diverged", 4, f"{streak} steps in a row (up to step {step}) had a non-finite loss or gradient and were "
                                f"skipped; stopped with the weights of step {step - streak} (saved): lower --lr, or check the "
                                f"data; continue anyway with: {resume_hint(run_dir)} --max-bad-steps N")
+
+
+class ShardedOutOfMemory(InfopoError):
+    """Out of memory inside a pass of a sharded (--fsdp) run. The other processes wait in that pass's gathers for this
+    one, so it cannot agree a stop with them at the step boundary as a data-parallel run does: it ends, with the
+    out-of-memory exit code, and torchrun stops the others. The newest checkpoint is what a resume continues from."""
+
+    exit_code = 3
+
+    def __init__(self, stop: Stop, rank: int) -> None:
+        super().__init__(f"process {rank}: {stop.message}")

@@ -93,7 +93,7 @@ def test_a_stop_during_the_replies_ends_the_run_at_once_and_the_resume_scores_th
                    max_steps=3, eval_generate_every=2, eval_max_new_tokens=6, eval_batch_size=2)
     calls, batches = [], []
 
-    def generate(model, tokenizer, prompts, sampling, batch_size, should_stop=lambda: False):
+    def generate(model, tokenizer, prompts, sampling, batch_size, should_stop=lambda: False, *more):
         calls.append(len(prompts))
         if len(calls) == 2:  # step 2's replies: Ctrl-C arrives after the first batch
             def stop_after_one() -> bool:
@@ -101,8 +101,8 @@ def test_a_stop_during_the_replies_ends_the_run_at_once_and_the_resume_scores_th
                 if len(batches) == 2:
                     os.kill(os.getpid(), signal.SIGINT)
                 return should_stop()
-            return generation.generate(model, tokenizer, prompts, sampling, batch_size, stop_after_one)
-        return generation.generate(model, tokenizer, prompts, sampling, batch_size, should_stop)
+            return generation.generate(model, tokenizer, prompts, sampling, batch_size, stop_after_one, *more)
+        return generation.generate(model, tokenizer, prompts, sampling, batch_size, should_stop, *more)
 
     monkeypatch.setattr(answer_eval, "generate", generate)
     summary = recipe.train(cfg)
@@ -128,9 +128,9 @@ def test_a_stop_during_the_base_models_replies_keeps_the_run_folder_for_the_resu
                    max_steps=3, eval_generate_every=2, eval_max_new_tokens=6, eval_batch_size=2)
     real = answer_eval.generate
 
-    def stopped_at_once(model, tokenizer, prompts, sampling, batch_size, should_stop=lambda: False):
+    def stopped_at_once(model, tokenizer, prompts, sampling, batch_size, should_stop=lambda: False, *more):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the base model starts its replies
-        return generation.generate(model, tokenizer, prompts, sampling, batch_size, should_stop)
+        return generation.generate(model, tokenizer, prompts, sampling, batch_size, should_stop, *more)
 
     monkeypatch.setattr(answer_eval, "generate", stopped_at_once)
     summary = recipe.train(cfg)

@@ -1,0 +1,101 @@
+"""`--fsdp`: the frozen base sharded over the processes with FSDP2, for a model that does not fit one GPU.
+
+Each decoder layer is one FSDP2 unit and the decoder (embedding, final norm) another: between passes every rank
+holds 1/N of each of their weights, and a layer's whole weights exist only while it runs (gathered from every
+rank, the next layer's gathered ahead). The 4-bit codes are stored in the compute dtype (bitsandbytes'
+`quant_storage`), so FSDP2 splits them like any 16-bit tensor; their quantisation statistics stay whole on every
+rank with their module, where bitsandbytes finds them again after each gather.
+
+Whole on every rank, never sharded: the LoRA adapter (trained in float32, its gradients summed over ranks in
+one all-reduce as in data-parallel training, so checkpoints and resume are those of one process) and the output
+layer, which infopo's fused output layer reads chunk by chunk outside any module call (train/output_layer.py).
+The reference is the same sharded base with the adapter off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from infopo_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Held:
+    """The bytes of the base's sharded weights this rank holds, of their whole size (`whole`)."""
+
+    held: int
+    whole: int
+    codes_held: int   # of those, the 4-bit codes of the quantised linear layers
+    codes_whole: int
+
+
+def device_mesh(device: str, size: int):
+    """The one-dimensional mesh of every process, made by every rank together before any of them loads."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device, (size,))
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
+    """The decoder's stack of layers: its `layers`, else its largest module list."""
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        return layers
+    lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError(f"--fsdp: cannot find the decoder layers of {type(decoder).__name__} to shard")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def kept_whole(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters every rank keeps whole: the adapters' (trained, or a frozen reference copy) and the output
+    layer's (with the embedding, where the two are one tensor)."""
+    whole = {p for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
+    return whole | set(causal_lm(model).get_output_embeddings().parameters())
+
+
+def shard_base(model: nn.Module, mesh, device: str) -> None:
+    """Shard `model`'s base over `mesh` in place: each decoder layer, then the decoder. On a GPU each unit's weights
+    move there as it is sharded (one layer whole at a time) and what stays whole moves after."""
+    from torch.distributed.fsdp import fully_shard
+
+    whole = kept_whole(model)
+    decoder = causal_lm(model).get_decoder()
+    for layer in decoder_layers(decoder):
+        fully_shard(layer, mesh=mesh, ignored_params=whole)
+    # the decoder's own weights (the embedding) are gathered for its whole pass: freed again after it, not kept
+    fully_shard(decoder, mesh=mesh, ignored_params=whole, reshard_after_forward=True)
+    if device != "cpu":
+        with torch.no_grad():
+            for param in whole:
+                param.data = param.data.to(device)
+
+
+def held_bytes(model: nn.Module) -> Held:
+    """What this rank holds of the sharded weights (FSDP2's DTensors), and of their 4-bit codes."""
+    from torch.distributed.tensor import DTensor
+
+    held = whole = codes_held = codes_whole = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not isinstance(param, DTensor):
+                continue
+            mine, size = param.to_local().numel() * param.element_size(), param.numel() * param.element_size()
+            held, whole = held + mine, whole + size
+            if name == "weight" and "Linear4bit" in type(module).__name__:
+                codes_held, codes_whole = codes_held + mine, codes_whole + size
+    return Held(held, whole, codes_held, codes_whole)
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether `param` is one rank's shard (gathered whole only inside its module's pass)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)

@@ -1,0 +1,167 @@
+"""`--fsdp`: the frozen 4-bit base sharded over two CPU processes (gloo, FSDP2) trains the adapter one process trains
+on the same global batches, each process holding half the base; a sharded checkpoint resumes on one process; SIGTERM
+saves. Shares that differ in size (a short last batch, odd numbers of held-out batches and answers) exercise the
+uncounted passes that keep the processes in step."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infopo_cli.config import TrainConfig
+from infopo_cli.errors import ConfigError
+from infopo_cli.train.distributed import World
+
+from conftest import write_pairs
+from test_distributed import TOLERANCE, _adapter, _largest_difference, _records, _run
+
+ANSWERS = ["--eval-generate-every", "3", "--eval-max-new-tokens", "4"]
+
+
+def _flags(model: Path, data: Path, eval_data: Path | str, out: Path, *extra: str) -> list[str]:
+    """23 pairs, global batches of 4: the sixth step has 3 (2 on rank 0, 1 on rank 1: one micro-batch more on rank 0);
+    11 held-out pairs in batches of 4 (2 batches on rank 0, 1 on rank 1) and 11 answers (6 and 5)."""
+    return ["train", "--model", str(model), "--data", str(data), "--eval-data", str(eval_data), "--dtype", "fp32",
+            "--epochs", "1", "--save-every", "2", "--keep-checkpoints", "3", "--lr", "1e-3", "--batch-size", "1",
+            "--eval-batch-size", "4", "--output", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("fsdp")
+    data, eval_data = write_pairs(folder / "pairs.jsonl", 23), write_pairs(folder / "eval.jsonl", 11, seed=1)
+    rows = [{**row, "answer": row["chosen"].split(" = ")[1].rstrip(".")} for row in map(json.loads, eval_data.read_text().splitlines())]
+    eval_data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = {"data": data, "eval": eval_data, "model": tiny_model}
+    for name, extra in {"two": ["--nproc", "2", "--fsdp", "--grad-accum", "2"], "one": ["--grad-accum", "4"],
+                        # the reference pass in every step, and every layer recomputed in the backward (its own gathers)
+                        "two-online": ["--nproc", "2", "--fsdp", "--grad-accum", "2", "--reference", "online",
+                                       "--gradient-checkpointing", "on", "--max-steps", "3"],
+                        "one-online": ["--grad-accum", "4", "--reference", "online", "--max-steps", "3"]}.items():
+        run_dir = folder / name / "run"
+        done = _run([sys.executable, "-m", "infopo_cli", *_flags(tiny_model, data, eval_data, run_dir, *extra), *ANSWERS])
+        out[name], out[f"{name}-log"] = run_dir, done.stdout
+    return out
+
+
+def _same_run(a: Path, b: Path) -> None:
+    assert _largest_difference(a, b) < TOLERANCE
+    assert max(float(t.abs().max()) for t in _adapter(a).values()) > 100 * TOLERANCE  # it did train
+    ra, rb = _records(a), _records(b)
+    assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
+    for x, y in zip(ra, rb):
+        assert x.get("tokens") == y.get("tokens")  # the uncounted passes read no counted token
+        for key in ("loss", "eval/loss", "eval/logps/chosen", "rewards/margins", "eval/answers/accuracy"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], abs=1e-5), key
+
+
+def test_two_sharded_processes_train_the_adapter_of_one_process(runs):
+    assert "sharded (FSDP2) data-parallel over 2 processes (gloo)" in runs["two-log"]
+    _same_run(runs["two"], runs["one"])
+    assert [r["step"] for r in _records(runs["two"]) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    for step in (0, 6):  # every held-out answer once, in order, the same replies as one process gives
+        two, one = ((runs[k] / "answers" / f"step-{step}.jsonl").read_text() for k in ("two", "one"))
+        assert two == one and len(two.splitlines()) == 11
+
+
+def test_the_reference_pass_and_recomputation_run_sharded(runs):
+    assert "every layer recomputes" in runs["two-online-log"]
+    assert "reference log-probs" not in runs["two-online-log"]  # none precomputed: a reference pass in every step
+    _same_run(runs["two-online"], runs["one-online"])
+
+
+def test_each_process_holds_half_the_4bit_codes(runs):
+    found = re.search(r"each process holds ([\d.]+), ([\d.]+) MiB of its ([\d.]+) MiB of 4-bit codes",
+                      " ".join(runs["two-log"].split()))
+    assert found, runs["two-log"]
+    held = [float(found[1]), float(found[2])]
+    whole = float(found[3])
+    assert whole > 0 and all(abs(h - whole / 2) <= 0.01 * whole for h in held)  # half each, but for FSDP's padding
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_to_the_same_adapter(runs, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(runs["two"], copy)
+    for late in ("checkpoint-6", "checkpoint-4"):
+        shutil.rmtree(copy / late)  # as if it had stopped after step 2
+    out = _run([sys.executable, "-m", "infopo_cli", "train", "--resume", str(copy), "--nproc", "1"])
+    assert "resuming after step 2 of 6" in out.stdout
+    assert "fsdp: one process, nothing to shard" in " ".join(out.stdout.split())
+    assert _largest_difference(copy, runs["two"]) < TOLERANCE
+    assert [(r["kind"], r["step"]) for r in _records(copy)] == [(r["kind"], r["step"]) for r in _records(runs["two"])]
+
+
+def test_sigterm_to_a_sharded_run_saves_a_checkpoint_on_rank_0(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "infopo_cli", *_flags(runs["model"], runs["data"], "", run_dir, "--epochs", "1000"),
+           "--nproc", "2", "--fsdp", "--grad-accum", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout[-1500:] + stderr[-1500:]
+    assert "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    saved = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert saved and saved[-1] >= 2
+    assert len([r for r in _records(run_dir) if r["kind"] == "train"]) == saved[-1]
+
+
+def test_ranks_keep_in_step_only_when_sharded(monkeypatch):
+    plain, sharded = World(1, 2), World(1, 2, sharded=True)
+    assert [World(r, 2).longest_share(11) for r in (0, 1)] == [6, 6] and World(0, 3).longest_share(1) == 1
+    assert plain.lacking(5, 6) == 0 and sharded.lacking(5, 6) == 1 and sharded.lacking(0, 1) == 1
+    asked: list[bool] = []
+    monkeypatch.setattr(World, "any", lambda self, flag: asked.append(flag) or True)
+    assert plain.agreed(lambda: False)() is False and asked == []  # each rank's own request
+    assert sharded.agreed(lambda: False)() is True and asked == [False]  # any rank's
+
+
+def test_processes_load_one_at_a_time(monkeypatch):
+    """Rank r waits for the r before it, loads, then releases the ones after it: every rank passes `size` barriers."""
+    events: list[str] = []
+    monkeypatch.setattr(World, "barrier", lambda self: events.append("barrier"))
+    for rank in range(3):
+        events.clear()
+        with World(rank, 3).one_at_a_time():
+            events.append("load")
+        assert events == ["barrier"] * rank + ["load"] + ["barrier"] * (3 - rank)
+
+
+def test_fsdp_needs_the_transformers_backend():
+    with pytest.raises(ConfigError, match="fsdp shards the transformers backend"):
+        TrainConfig(fsdp=True, backend="unsloth").validate()
+
+
+def test_decoding_goes_on_while_another_process_does(tiny_model):
+    """A process whose rows all stopped keeps passing (its replies unchanged) while `any_going` says another goes on."""
+    from infopo_cli.inference.generation import Sampling, generate
+    from infopo_cli.model.stack import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model), load_tokenizer(str(tiny_model))
+    passes = []
+    model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    prompts = [[{"role": "user", "content": "What is 2 + 2?"}]]
+    ends = torch.full((model.config.vocab_size,), -1e9)
+    ends[tokenizer.eos_token_id] = 0
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias = torch.nn.Parameter(ends)  # every reply ends at its first token
+    alone = generate(model, tokenizer, prompts, Sampling(max_new_tokens=6))
+    assert len(passes) == 1 and alone[0].stopped
+    passes.clear()
+    together = generate(model, tokenizer, prompts, Sampling(max_new_tokens=6), any_going=lambda going: True)
+    assert len(passes) == 6 and together == alone
