@@ -738,6 +738,7 @@ def plan(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml file (default smollm2-135m).", show_default=False)] = None,
     prompt_length: Annotated[Optional[int], typer.Option("--prompt-length", help="Prompt tokens per pair (default: the preset's max_prompt_length); with a shared prompt a shorter prompt leaves longer responses, so longer rows.", show_default=False)] = None,
     gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="The GPU's memory in GiB.")] = 24.0,
+    fsdp: Annotated[int, typer.Option("--fsdp", help="GPUs the base is sharded over (infopo train --fsdp --nproc N): plan one card of them; 1: one GPU, no sharding.")] = 1,
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -752,7 +753,7 @@ def plan(
 
     cfg = merge(presets.load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     cfg.validate()
-    print_plan(console, cfg, prompt_length, gpu_mem)
+    print_plan(console, cfg, prompt_length, gpu_mem, fsdp=fsdp, preset=preset or presets.DEFAULT_PRESET)
 
 
 @app.command()

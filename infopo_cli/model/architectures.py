@@ -23,6 +23,11 @@ PUBLISHED: dict[str, dict] = {
     "meta-llama/Meta-Llama-3-8B-Instruct": {**_LLAMA3_8B, "max_position_embeddings": 8192},
     # https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/config.json
     "meta-llama/Llama-3.1-8B-Instruct": {**_LLAMA3_8B, "max_position_embeddings": 131072},
+    # https://huggingface.co/meta-llama/Meta-Llama-3-70B-Instruct/blob/main/config.json
+    "meta-llama/Meta-Llama-3-70B-Instruct": {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+                                             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                                             "vocab_size": 128256, "tie_word_embeddings": False,
+                                             "max_position_embeddings": 8192},
     # https://huggingface.co/meta-llama/Llama-3.2-3B-Instruct/blob/main/config.json
     "meta-llama/Llama-3.2-3B-Instruct": {"model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
                                          "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
@@ -45,6 +50,10 @@ PUBLISHED: dict[str, dict] = {
     "Qwen/Qwen2.5-7B-Instruct": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
                                  "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                                  "vocab_size": 152064, "tie_word_embeddings": False, "max_position_embeddings": 32768},
+    # https://huggingface.co/Qwen/Qwen2.5-32B-Instruct/blob/main/config.json
+    "Qwen/Qwen2.5-32B-Instruct": {"model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 27648,
+                                  "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,
+                                  "vocab_size": 152064, "tie_word_embeddings": False, "max_position_embeddings": 32768},
     # https://huggingface.co/google/gemma-2-2b-it/blob/main/config.json
     "google/gemma-2-2b-it": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
                              "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,

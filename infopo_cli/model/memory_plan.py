@@ -25,6 +25,13 @@ train/logps.py, data/batching.py) with transformers 5, peft and bitsandbytes:
 - **the sequence layout**: `batch_size` pairs are 2 rows of prompt + response each, or with prompt sharing
   one row of prompt + chosen + rejected (and a (T x T) mask per row), each row padded to a multiple of 16
   positions as data/batching.py pads them.
+- **sharded (`--fsdp` over N processes, model/sharding.py)**: FSDP2 splits each decoder layer's and the decoder's
+  own parameters along dim 0, every rank holding ceil(rows / N) of each tensor (it pads the last shards): the 4-bit
+  codes (stored in the compute dtype, bitsandbytes' `quant_storage`, as a (numel / 2 bytes, 1) tensor), norms,
+  biases, an untied input embedding. Whole on every rank: the NF4 statistics (not parameters), the output layer
+  (with a tied embedding), the adapter, its gradients and optimizer states. Gathered on top: the layer that runs
+  and the one prefetched, and the final norm for the whole pass (an untied embedding is its own unit, gathered
+  only for its lookup at the start of a pass, when no layer is).
 - **what a CUDA process holds besides**: cuBLAS and cuBLASLt workspaces (in torch's allocator), the allocator's
   rounding and fragmentation, the CUDA context (outside it).
 
@@ -65,6 +72,8 @@ MARGIN_MIN = 3 * GIB // 2
 MIN_8BIT = 4096            # bitsandbytes' min_8bit_size: smaller tensors keep float32 optimizer states
 PAGED_MIN = 100_000        # bitsandbytes pages (cudaMallocManaged) states of tensors this large, outside torch's allocator
 MODES = ("auto", "on", "off", "offload")
+MOST_CARDS = 16            # the most processes `fewest_cards` tries
+GATHERED_LAYERS = 2        # FSDP2 gathers the layer that runs and prefetches the next
 MASKLESS = ("flash_attention_2", "flash_attention_3")  # kernels that take no 4-D mask (so no shared prompt either)
 LM_CHUNK = 1024             # tokens per output-layer chunk: train/logps.py CHUNK_TOKENS (a test checks they agree)
 
@@ -156,6 +165,7 @@ class Training:
     device: str                     # cuda or cpu
     attention: str                  # sdpa, eager, matmul or flash_attention_2
     lm_chunk: int                   # output-layer chunk (train/logps.py CHUNK_TOKENS)
+    fsdp: int = 1                   # processes the frozen base is sharded over (FSDP2); 1: whole on the one card
 
     def targeted(self, linear: Linear) -> bool:
         """Whether LoRA is attached to this linear layer."""
@@ -286,30 +296,106 @@ def optimizer_bytes(sizes: Sequence[int], optimizer: str) -> tuple[int, int]:
     return held, paged
 
 
-def static_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
-    """What a run holds for its whole length: base weights, LoRA weights and gradients, optimizer states."""
+def _bias_sizes(arch: Architecture) -> list[int]:
+    """One decoder layer's bias tensors: the q/k/v projections' (Qwen2), else one of all `bias_params`."""
+    if not arch.bias_params:
+        return []
+    qkv = [lin.fan_out for lin in arch.linears if lin.reads == "attn_in"]
+    return qkv if sum(qkv) == arch.bias_params else [arch.bias_params]
+
+
+def _layer_tensors(arch: Architecture, run: Training) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(linear weights, norms and biases) of one decoder layer as (rows, bytes per row): what FSDP2 splits along
+    dim 0. The 4-bit codes are a ((numel + 1) // (2 * storage bytes), 1) tensor in the compute dtype (bitsandbytes'
+    `quant_storage`); a 16-bit weight is (fan_out, fan_in)."""
     c = run.compute_bytes
-    sizes = lora_tensors(arch, run)
-    lora = sum(sizes)
-    held, paged = optimizer_bytes(sizes, run.optimizer)
+    weights = [((lin.fan_in * lin.fan_out + 1) // (2 * c), c) if run.quantized else (lin.fan_out, lin.fan_in * c)
+               for lin in arch.linears]
+    return weights, [(n, c) for n in _bias_sizes(arch)] + [(arch.hidden, c)] * arch.norms_per_layer
+
+
+def _decoder_tensors(arch: Architecture, run: Training) -> list[tuple[int, int]]:
+    """The decoder's own sharded parameters as (rows, bytes per row): the final norm, and the input embedding unless
+    it is the output layer's matrix too (that one stays whole)."""
+    c = run.compute_bytes
+    return [(arch.hidden, c)] + ([] if arch.tied_embeddings else [(arch.vocab, arch.hidden * c)])
+
+
+def _shard(tensors: Sequence[tuple[int, int]], n: int) -> int:
+    """Bytes one of `n` ranks holds of `tensors`: FSDP2 gives each ceil(rows / n) rows of each, padding the last."""
+    return sum(-(-rows // n) * row for rows, row in tensors)
+
+
+def fsdp_shard_bytes(arch: Architecture, run: Training, n: int) -> int:
+    """Bytes one rank of `n` holds of the base's sharded parameters (FSDP2, model/sharding.py): every decoder layer's
+    linear weights (4-bit codes), norms and biases, the final norm and an untied input embedding, each tensor padded
+    to ceil(rows / n) rows. `n` = 1: those parameters whole."""
+    weights, small = _layer_tensors(arch, run)
+    return arch.layers * _shard(weights + small, n) + _shard(_decoder_tensors(arch, run), n)
+
+
+def _base_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
+    """The frozen base on one card: quantised linear layers, embeddings and output layer, norms and biases."""
+    c = run.compute_bytes
     base = (Part("base weights, 4-bit NF4", round(arch.linear_params * NF4_BYTES),
                  f"{arch.linear_params / 1e9:.2f}B weights x {NF4_BYTES:.3f} bytes (double quantisation)")
             if run.quantized else
             Part(f"base weights, {8 * c}-bit", arch.linear_params * c, f"{arch.linear_params / 1e9:.2f}B weights, unquantised"))
+    return (base,
+            Part("embeddings and output layer, 16-bit" if c == 2 else "embeddings and output layer",
+                 arch.embedding_params * c, "tied: one matrix" if arch.tied_embeddings else "two vocab x hidden matrices"),
+            Part("norms and biases", (arch.layers * (arch.norms_per_layer * arch.hidden + arch.bias_params) + arch.hidden) * c))
+
+
+def _sharded_base_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
+    """The frozen base on one of `run.fsdp` cards (FSDP2): the split parts, the whole ones, and what is gathered."""
+    c, n = run.compute_bytes, run.fsdp
+    bits = "16-bit" if c == 2 else f"{8 * c}-bit"
+    split, whole = f"split {n} ways", "whole on every card"
+    weights, small = _layer_tensors(arch, run)
+    decoder = _decoder_tensors(arch, run)
+    billions = f"{arch.linear_params / 1e9:.2f}B weights"
+    gathered = min(GATHERED_LAYERS, arch.layers)
+    parts = [Part("base weights, 4-bit codes", arch.layers * _shard(weights, n), f"{billions} x 0.5 bytes, {split}")
+             if run.quantized else Part(f"base weights, {bits}", arch.layers * _shard(weights, n), f"{billions}, {split}")]
+    if run.quantized:  # absmax per block and their own absmax: bitsandbytes' quant_state, no parameter FSDP sees
+        parts.append(Part("base weights, NF4 statistics", round(arch.linear_params * (NF4_BYTES - 0.5)),
+                          f"{NF4_BYTES - 0.5:.4f} bytes/weight (absmax), {whole}"))
+    matrix = arch.vocab * arch.hidden * c
+    if arch.tied_embeddings:
+        parts.append(Part(f"embedding and output layer, {bits}", matrix, f"tied: one matrix, {whole}"))
+    else:
+        parts += [Part(f"input embedding, {bits}", _shard(decoder[1:], n), split),
+                  Part(f"output layer, {bits}", matrix, whole)]
+    parts += [Part("norms and biases", arch.layers * _shard(small, n) + _shard(decoder[:1], n), split),
+              Part(f"gathered: {gathered} decoder layer{'s' if gathered > 1 else ''}",
+                   gathered * n * _shard(weights + small, n), "the layer that runs and the next, prefetched, whole"),
+              Part("gathered: the final norm", n * _shard(decoder[:1], n), "whole for the forward and the backward")]
+    return tuple(parts)
+
+
+def static_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
+    """What a run holds for its whole length: base weights (`run.fsdp` > 1: one card's share and what it gathers),
+    LoRA weights and gradients, optimizer states."""
+    sizes = lora_tensors(arch, run)
+    lora = sum(sizes)
+    held, paged = optimizer_bytes(sizes, run.optimizer)
     optimizer = ("paged 8-bit AdamW" if run.optimizer == "paged_adamw_8bit" else "AdamW, float32 states")
     note = (f"2 bytes/weight + absmax; {paged / GIB:.2f} GiB of it paged (outside torch's allocator)"
             if run.optimizer == "paged_adamw_8bit" else "8 bytes/weight")
+    whole = "whole on every card" if run.fsdp > 1 else ""  # the adapter is replicated, its gradients all-reduced
+
+    def also(note: str) -> str:
+        return f"{note}, {whole}" if whole else note
+
     workspaces = ((Part("cuBLAS and cuBLASLt workspaces", BLAS_HANDLES * (CUBLAS_WORKSPACE + CUBLASLT_WORKSPACE),
                         f"{BLAS_HANDLES} handles (forward, autograd) x ({CUBLAS_WORKSPACE >> 20} + "
                         f"{CUBLASLT_WORKSPACE >> 20} MiB), torch's defaults on Hopper"),)
                   if run.device == "cuda" else ())
-    return (base,
-            Part("embeddings and output layer, 16-bit" if c == 2 else "embeddings and output layer",
-                 arch.embedding_params * c, "tied: one matrix" if arch.tied_embeddings else "two vocab x hidden matrices"),
-            Part("norms and biases", (arch.layers * (arch.norms_per_layer * arch.hidden + arch.bias_params) + arch.hidden) * c),
-            Part("LoRA weights, float32", lora * LORA_BYTES, f"{lora / 1e6:.1f}M weights, r={run.lora_r}"),
-            Part("LoRA gradients, float32", lora * LORA_BYTES),
-            Part(f"optimizer: {optimizer}", held + paged, note), *workspaces)
+    return (*(_sharded_base_parts(arch, run) if run.fsdp > 1 else _base_parts(arch, run)),
+            Part("LoRA weights, float32", lora * LORA_BYTES, also(f"{lora / 1e6:.1f}M weights, r={run.lora_r}")),
+            Part("LoRA gradients, float32", lora * LORA_BYTES, whole),
+            Part(f"optimizer: {optimizer}", held + paged, also(note)), *workspaces)
 
 
 def layer_saved_per_token(arch: Architecture, run: Training, layout: Layout) -> float:
@@ -502,6 +588,14 @@ def choose(arch: Architecture, run: Training, layout: Layout, mode: str, budget:
     else:
         chosen = next((p for p in map(at, range(arch.layers + 1)) if fits(p)), None) or at(arch.layers)
     return Choice(chosen, fits(chosen), without)
+
+
+def fewest_cards(arch: Architecture, run: Training, layout: Layout, mode: str, budget: int, eval_layout: Layout | None
+                 = None, start: int = 2) -> int | None:
+    """The fewest processes from `start` to MOST_CARDS, each with `budget` bytes free, over which the base sharded
+    (`--fsdp`) fits with checkpointing `mode`; None: not even MOST_CARDS."""
+    return next((n for n in range(max(2, start), MOST_CARDS + 1)
+                 if choose(arch, replace(run, fsdp=n), layout, mode, budget, eval_layout).fits), None)
 
 
 def largest_batch(arch: Architecture, run: Training, batch: Batch, checkpointed: bool, budget: int,

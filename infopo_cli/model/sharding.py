@@ -1,8 +1,8 @@
 """`--fsdp`: the frozen base sharded over the processes with FSDP2, for a model that does not fit one GPU.
 
-Each decoder layer is one FSDP2 unit and the decoder (embedding, final norm) another: between passes every rank
-holds 1/N of each of their weights, and a layer's whole weights exist only while it runs (gathered from every
-rank, the next layer's gathered ahead). The 4-bit codes are stored in the compute dtype (bitsandbytes'
+Each decoder layer is one FSDP2 unit, the input embedding another and the decoder (its final norm) a third: between
+passes every rank holds 1/N of each of their weights, and a unit's whole weights exist only while it runs (gathered
+from every rank, the next layer's gathered ahead; the embedding's only for its lookup). The 4-bit codes are stored in the compute dtype (bitsandbytes'
 `quant_storage`), so FSDP2 splits them like any 16-bit tensor; their quantisation statistics stay whole on every
 rank with their module, where bitsandbytes finds them again after each gather.
 
@@ -70,8 +70,10 @@ def shard_base(model: nn.Module, mesh, device: str) -> None:
     decoder = causal_lm(model).get_decoder()
     for layer in decoder_layers(decoder):
         fully_shard(layer, mesh=mesh, ignored_params=whole)
-    # the decoder's own weights (the embedding) are gathered for its whole pass: freed again after it, not kept
-    fully_shard(decoder, mesh=mesh, ignored_params=whole, reshard_after_forward=True)
+    embedding = decoder.get_input_embeddings()
+    if not whole.intersection(embedding.parameters()):  # untied: its own unit, or it would stay whole for the pass
+        fully_shard(embedding, mesh=mesh, ignored_params=whole)
+    fully_shard(decoder, mesh=mesh, ignored_params=whole, reshard_after_forward=True)  # not kept after the pass
     if device != "cpu":
         with torch.no_grad():
             for param in whole:

@@ -15,9 +15,13 @@ from infopo_cli.errors import ConfigError
 from infopo_cli.model import memory_plan as mp, recompute as recomputation
 
 
-def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gpu_mem_gib: float) -> None:
+def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gpu_mem_gib: float, fsdp: int = 1,
+               preset: str | None = None) -> None:
     """Print `infopo plan` for `cfg` on a card of `gpu_mem_gib`: each part of the peak, whether it fits in each
-    checkpointing mode, and what would."""
+    checkpointing mode, and what would. `fsdp` > 1: the base sharded over that many cards, each planned (1: one card);
+    a run that does not fit is told how many cards would do (`preset`: the one its `infopo train` command names)."""
+    if fsdp < 1:
+        raise ConfigError(f"--fsdp must be the number of GPUs to shard the base over, 1 or more (got {fsdp})")
     if cfg.max_length == "auto":
         raise ConfigError("infopo plan needs --max-length as a number (auto depends on the data)")
     if not math.isfinite(gpu_mem_gib):
@@ -36,9 +40,10 @@ def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gp
     mode = cfg.gradient_checkpointing
     margin, budget = budget_of(mode)
     planned = recomputation.for_settings(cfg, "cuda", compute, budget, prompt_length)
-    arch, where, run, batch, layout, no_grad = (planned.arch, planned.where, planned.run, planned.batch, planned.layout,
-                                                planned.eval_layout)
-    shared, choice = batch.shared, planned.choice
+    arch, where, batch, layout, no_grad = planned.arch, planned.where, planned.batch, planned.layout, planned.eval_layout
+    run = replace(planned.run, fsdp=fsdp)
+    shared = batch.shared
+    choice = planned.choice if fsdp == 1 else mp.choose(arch, run, layout, mode, budget, eval_layout=no_grad)
     chosen = choice.plan
 
     response = cfg.max_length - batch.prompt_tokens
@@ -51,10 +56,14 @@ def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gp
                   f"{'fp32' if compute == 4 else 'bf16' if cfg.dtype != 'fp16' else 'fp16'} compute"
                   f"{' (what auto picks on a GPU with bf16)' if cfg.dtype == 'auto' else ''}, {run.attention} attention, "
                   f"LoRA r={cfg.lora_r}, {run.optimizer}", highlight=False)
+    if fsdp > 1:
+        console.print(f"the base sharded over {fsdp} GPUs (--fsdp), each card planned: its share of the split weights, "
+                      "the adapter, output layer and NF4 statistics whole, one micro-batch's activations", highlight=False)
 
     where = f"usable on a {gpu_mem_gib:g} GiB GPU once its CUDA context" + (
         f" and a {_gib(margin)} GiB margin are kept" if margin else " is made")
-    table = Table(title=f"predicted peak GPU memory, gradient checkpointing {mode}: {recomputation.describe(choice, mode, budget, where)}",
+    per_card = f" per card of {fsdp}" if fsdp > 1 else ""
+    table = Table(title=f"predicted peak GPU memory{per_card}, gradient checkpointing {mode}: {recomputation.describe(choice, mode, budget, where)}",
                   title_justify="left")
     table.add_column("part")
     table.add_column("GiB", justify="right")
@@ -81,7 +90,13 @@ def print_plan(console: Console, cfg: TrainConfig, prompt_length: int | None, gp
     console.print("[dim]other moments of the step: " + "; ".join(f"{name} {_gib(peak)} GiB" for name, peak in others.items())
                   + (f"; the saved inputs in pinned CPU memory: {_gib(chosen.host_bytes)} GiB" if chosen.host_bytes else "")
                   + "[/]", highlight=False)
-    console.print(verdict(gpu_mem_gib, card, chosen.card, margin), highlight=False)
+    console.print((f"each of {fsdp} cards: " if fsdp > 1 else "") + verdict(gpu_mem_gib, card, chosen.card, margin),
+                  highlight=False)
+    if not choice.fits:
+        cards = mp.fewest_cards(arch, run, layout, mode, budget, no_grad, start=fsdp + 1)
+        console.print(more_cards(gpu_mem_gib, fsdp, cards, preset, tight=chosen.card <= card), highlight=False)
+    elif fsdp > 1:
+        console.print(f"train it so: {escape(_train_command(fsdp, preset))}", highlight=False)
 
     options = Table("--gradient-checkpointing", "recomputes", "peak allocated GiB", "needed GiB", "fits", title_justify="left",
                     title="the choices")
@@ -114,6 +129,24 @@ def verdict(gpu_mem_gib: float, card: int, needed: int, margin: int) -> str:
         return (f"[yellow]fits in {gpu_mem_gib:g} GiB with only {_gib(spare)} GiB margin[/]: {_gib(needed)} GiB needed, "
                 f"less than the {_gib(margin)} GiB margin kept free")
     return f"[red]does not fit in {gpu_mem_gib:g} GiB[/]: {_gib(needed)} GiB needed"
+
+
+def more_cards(gpu_mem_gib: float, fsdp: int, cards: int | None, preset: str | None, tight: bool = False) -> str:
+    """What a run that does not fit `fsdp` cards (1: one card) of `gpu_mem_gib` needs (`tight`: it fits, but inside
+    the margin auto keeps free): the fewest cards `--fsdp` fits on (`cards`; None: none up to mp.MOST_CARDS), and the
+    command, in one line."""
+    gpus = f"one {gpu_mem_gib:g} GiB GPU" if fsdp == 1 else f"{fsdp} GPUs of {gpu_mem_gib:g} GiB"
+    head = f"fits {gpus} only inside the margin" if tight else f"does not fit {gpus}"
+    if cards is not None:
+        return f"{head}; with --fsdp it fits on {cards} cards: {escape(_train_command(cards, preset))}"
+    if fsdp >= mp.MOST_CARDS:
+        return head
+    return (f"{head}, nor {mp.MOST_CARDS} with --fsdp (the adapter, the output layer and the NF4 statistics are whole on "
+            "every card)")
+
+
+def _train_command(cards: int, preset: str | None) -> str:
+    return f"infopo train{f' --preset {preset}' if preset else ''} --fsdp --nproc {cards} --data ..."
 
 
 def _gib(n: float) -> str:

@@ -165,3 +165,16 @@ def test_decoding_goes_on_while_another_process_does(tiny_model):
     passes.clear()
     together = generate(model, tokenizer, prompts, Sampling(max_new_tokens=6), any_going=lambda going: True)
     assert len(passes) == 6 and together == alone
+
+
+def test_a_sharded_run_exports_as_any_run(runs, tmp_path):
+    """The merge happens on one CPU process from the saved adapter: the sharded run's merged weights are the
+    one-process run's."""
+    from safetensors.torch import load_file
+
+    merged = {}
+    for name in ("two", "one"):
+        _run([sys.executable, "-m", "infopo_cli", "export", str(runs[name]), "--merged", str(tmp_path / name)])
+        merged[name] = {k: v for f in sorted((tmp_path / name).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert merged["two"].keys() == merged["one"].keys() and merged["two"]
+    assert max(float((merged["two"][k].float() - merged["one"][k].float()).abs().max()) for k in merged["two"]) < 1e-3
