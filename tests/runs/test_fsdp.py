@@ -178,3 +178,41 @@ def test_a_sharded_run_exports_as_any_run(runs, tmp_path):
         merged[name] = {k: v for f in sorted((tmp_path / name).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     assert merged["two"].keys() == merged["one"].keys() and merged["two"]
     assert max(float((merged["two"][k].float() - merged["one"][k].float()).abs().max()) for k in merged["two"]) < 1e-3
+
+
+HELD_BYTES = """\
+import dataclasses
+import sys
+
+from infopo_cli.config import TrainConfig
+from infopo_cli.model import memory_plan, recompute, sharding, stack
+from infopo_cli.model.architectures import find_architecture
+from infopo_cli.model.precision import choose
+from infopo_cli.train import distributed
+
+world = dataclasses.replace(distributed.from_environment(), sharded=True)
+cfg = TrainConfig(model=sys.argv[1], dtype=sys.argv[2], fsdp=True, nproc=world.size)
+precision = choose(cfg.dtype)
+distributed.start(world, "cpu")
+mesh = sharding.device_mesh("cpu", world.size)
+model = stack.attach_lora(stack.load_base(sys.argv[1], cfg, precision, sharded=True), cfg)
+sharding.shard_base(model, mesh, "cpu")
+held = sum(p.to_local().untyped_storage().nbytes() for p in model.parameters() if sharding.is_sharded(p))
+arch = find_architecture(sys.argv[1])[0]
+planned = memory_plan.fsdp_shard_bytes(arch, recompute.training(cfg, "cpu", precision.dtype.itemsize), world.size)
+print(f"rank {world.rank}: held {held} planned {planned} codes {sharding.held_bytes(model).codes_held}")
+distributed.stop(world, True)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_plan_counts_the_bytes_each_sharded_process_holds(tiny_model, tmp_path, dtype):
+    """`infopo plan --fsdp N`'s split parts are what FSDP2 leaves each process of the real 4-bit model (its padded
+    shards), in either storage width."""
+    script = tmp_path / "held.py"
+    script.write_text(HELD_BYTES)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tiny_model), dtype], capture_output=True, text=True, timeout=300)
+    found = re.findall(r"rank (\d): held (\d+) planned (\d+) codes (\d+)", out.stdout)
+    assert len(found) == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    assert all(held == planned and int(codes) > 0 for _, held, planned, codes in found)
