@@ -585,7 +585,8 @@ def report(
 
 
 # the train settings a comparison passes to every run; --loss and --output are its own
-COMPARE_SETTINGS = tuple(name for name in CLI_SETTINGS if name not in OWN_FLAGS)
+COMPARE_SETTINGS = tuple(name for name in CLI_SETTINGS if name not in OWN_FLAGS
+                         and name not in ("nproc", "fsdp"))  # its runs train one after another in this process
 
 
 @app.command()
@@ -806,7 +807,9 @@ def _rank() -> int:
 
 def _is_collective_failure(err: BaseException) -> bool:
     """A collective that failed because another process of the run stopped (its own error is printed by it)."""
-    return _rank() > 0 and (type(err).__module__.startswith("torch.distributed") or "Connection closed by peer" in str(err))
+    # rank 0 too: with sharded weights (--fsdp) it may be the one waiting in a pass when another process ends
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        type(err).__module__.startswith("torch.distributed") or "Connection closed by peer" in str(err))
 
 
 def expandable_segments_by_default() -> None:

@@ -232,7 +232,10 @@ def apply(base: nn.Module, recompute: Recompute) -> None:
         return
     kwargs = {"use_reentrant": False}
     enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-    offload = recompute.offload and next(base.parameters()).device.type == "cuda"
+    # a base loaded to be sharded (--fsdp) is still in host memory here: it trains on the GPU all the same
+    import torch
+
+    offload = recompute.offload and (next(base.parameters()).device.type == "cuda" or torch.cuda.is_available())
     if offload and not _can_offload(base):
         raise ConfigError("--gradient-checkpointing offload needs a newer transformers (pip install -U transformers)")
     if enable is None:  # transformers <= 5.17: the older name, which offloads too

@@ -94,10 +94,3 @@ def held_bytes(model: nn.Module) -> Held:
             if name == "weight" and "Linear4bit" in type(module).__name__:
                 codes_held, codes_whole = codes_held + mine, codes_whole + size
     return Held(held, whole, codes_held, codes_whole)
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    """Whether `param` is one rank's shard (gathered whole only inside its module's pass)."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(param, DTensor)

@@ -338,10 +338,13 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); 4-bit weights count as the number of values they store."""
+    """(trainable, total); 4-bit weights count as the number of values they store (two a byte, whatever dtype holds
+    them: uint8, or the compute dtype when sharded)."""
     trainable = total = 0
-    for param in model.parameters():
-        n = param.numel() * (2 if param.dtype == torch.uint8 else 1)  # two NF4 values per byte
-        total += n
-        trainable += n if param.requires_grad else 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            packed = name == "weight" and "Linear4bit" in type(module).__name__
+            n = param.numel() * (2 * param.element_size() if packed else 1)
+            total += n
+            trainable += n if param.requires_grad else 0
     return trainable, total

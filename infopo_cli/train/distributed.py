@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -210,6 +211,9 @@ def stop(world: World, finished: bool) -> None:
     working: torchrun counts a process that dies in that teardown as a failed run. After an error nobody waits
     (torchrun stops the others when one fails)."""
     if world.active and torch.distributed.is_initialized():
+        # the run's model and FSDP2's state (collective handles holding tensors) go now, while the interpreter is whole:
+        # freed only at its exit, a gloo worker's last tensor could abort the process after a completed run
+        gc.collect()
         if finished:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -44,9 +44,12 @@ def launch(nproc: int, argv: list[str]) -> int:
         return 128 + int(err.sigval)
     except ChildFailedError as err:
         failures = dict(sorted(err.failures.items()))  # global rank -> ProcessFailure(exitcode, ...)
-        first = failures.get(0) or next(iter(failures.values()))
+        # the run's own reason (a stop, out of memory, bad input: it said so), rank 0's first; then any real failure;
+        # a process the launcher ended (negative code) because another failed is not the reason
+        said = [f for f in failures.values() if f.exitcode in STOP_CODES or f.exitcode in (2, 3, 4)]
+        first = (said or [f for f in failures.values() if f.exitcode > 0] or list(failures.values()))[0]
         for rank, failure in failures.items():
-            if failure.exitcode not in STOP_CODES and failure.exitcode not in (2, 3, 4):
+            if failure.exitcode not in STOP_CODES and failure.exitcode not in (2, 3, 4) and (failure.exitcode > 0 or not said):
                 print(f"error: process {rank} of {nproc} exited with code {failure.exitcode}", file=sys.stderr)
         return first.exitcode if first.exitcode > 0 else 1
     return 0

@@ -120,6 +120,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
     report = report if world.is_main else report.silenced()  # rank 0 speaks for the run
     cfg, spec, loss_params, loaded, eval_pairs, run_dir, created = _prepare(cfg, report, resume, world)
     world = replace(world, sharded=cfg.fsdp and world.active)  # every forward pass together (train/distributed.py)
+    cfg = replace(cfg, nproc=world.size)  # the global batch counts every process; the memory plan shards over them
     with contextlib.ExitStack() as held:
         if created:  # pushed first, so it runs last: after the lock is released
             held.push(lambda kind, error, trace: _remove_if_unstarted(run_dir, error))
@@ -157,7 +158,6 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             recompute = world.broadcast(recompute)
         if recompute:
             report.checkpointing(recompute.message)
-        cfg = replace(cfg, nproc=world.size)  # the global batch counts every process
         resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
         if world.is_main and not resume:  # on disk before anything long starts; a resume's once its checkpoint is accepted
             write_settings(run_dir, resolved)
@@ -431,8 +431,8 @@ class Run:
         mine = world.shard(pairs)
         micro_batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
         # sharded weights: as many passes as the rank with the most micro-batches, the extra ones uncounted
-        extra = [pairs[:cfg.batch_size]] * world.lacking(len(micro_batches),
-                                                         -(-world.longest_share(len(pairs)) // cfg.batch_size))
+        extra = (micro_batches[-1:] or [pairs[:cfg.batch_size]]) * world.lacking(
+            len(micro_batches), -(-world.longest_share(len(pairs)) // cfg.batch_size))
         t_step, updating, short_of_memory = time.perf_counter(), False, False
         try:
             metrics, step_tokens = self.fallback.run(lambda: accumulate_gradients(
@@ -443,8 +443,9 @@ class Run:
             if not is_out_of_memory(err):
                 raise
             if world.sharded:
+                saved = self.save_alone(boundary_rng)
                 raise ShardedOutOfMemory(out_of_memory(cfg, state.step + 1, micro_batches or [pairs], self.precision.device,
-                                                       self.run_dir, saved=False), world.rank) from None
+                                                       self.run_dir, saved=saved)) from None
             short_of_memory = True
         self.fallback.agree(world, state.step + 1)  # where one process had to recompute more, all do from now on
         try:
@@ -505,8 +506,9 @@ class Run:
             if not is_out_of_memory(err):
                 raise
             if self.world.sharded:
-                raise ShardedOutOfMemory(eval_out_of_memory(self.cfg, step, self.precision.device, self.run_dir),
-                                         self.world.rank) from None
+                saved = self.save_alone(checkpoint.capture_rng())  # the evaluation put the RNG back as it was
+                raise ShardedOutOfMemory(eval_out_of_memory(self.cfg, step, self.precision.device, self.run_dir,
+                                                            saved)) from None
             short_of_memory = True
         self.state.pending_eval = True
         if self.world.any(short_of_memory):  # on any process: every process ends the run at this boundary
@@ -549,6 +551,18 @@ class Run:
                                       init_sha256=self.init_sha256)
         self.report.saved(checkpoint.save_checkpoint(self.run_dir, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
                           if self.world.is_main else self.run_dir / f"{checkpoint.PREFIX}{self.state.step}")
+
+    def save_alone(self, rng: dict[str, Any]) -> bool:
+        """Out of memory in a pass of a sharded run, which ends without the other processes (they wait in that pass):
+        rank 0 saves the state at this boundary, unless it is saved already (the adapter and optimizer are whole on
+        every rank; the RNG is rank 0's own). Returns whether that state is on disk."""
+        self.optimizer.zero_grad(set_to_none=True)  # a partial step's gradients
+        if (self.run_dir / f"{checkpoint.PREFIX}{self.state.step}").is_dir():
+            return True
+        if self.world.is_main:
+            _free_accelerator_memory()
+            self.save(rng)
+        return self.world.is_main
 
     def requested_stop(self) -> Stop:
         """The Stop of a stop request, read at this boundary."""

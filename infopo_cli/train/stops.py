@@ -117,10 +117,11 @@ def out_of_memory(cfg: TrainConfig, step: int, micro_batches: list[list[Tokenize
                 f"--grad-accum {cfg.batch_size * cfg.grad_accum // smaller}")
 
 
-def eval_out_of_memory(cfg: TrainConfig, step: int, device: str, run_dir: Path) -> Stop:
-    """Out of memory in the held-out evaluation at `step` (the state at `step` is saved)."""
+def eval_out_of_memory(cfg: TrainConfig, step: int, device: str, run_dir: Path, saved: bool = True) -> Stop:
+    """Out of memory in the held-out evaluation at `step`; `saved`: the state at `step` is on disk."""
     smaller = max(1, cfg.eval_batch_size // 2)
-    kept = f"the state at step {step} is saved" if step else "nothing was trained yet"
+    kept = ("nothing was trained yet" if not step else f"the state at step {step} is saved" if saved else
+            "the newest checkpoint is kept")
     return Stop("out of memory", 3, f"out of {'GPU ' if device == 'cuda' else ''}memory evaluating at step {step} "
                                     f"(batches of {cfg.eval_batch_size} held-out pairs): lower --eval-batch-size; {kept}; "
                                     f"continue with: {resume_hint(run_dir)} --eval-batch-size {smaller}")
@@ -140,5 +141,5 @@ class ShardedOutOfMemory(InfopoError):
 
     exit_code = 3
 
-    def __init__(self, stop: Stop, rank: int) -> None:
-        super().__init__(f"process {rank}: {stop.message}")
+    def __init__(self, stop: Stop) -> None:
+        super().__init__(stop.message)

@@ -27,7 +27,8 @@ def flat(text: str) -> str:
 
 @pytest.mark.parametrize("command, names", [
     (("train",), CLI_SETTINGS),
-    (("compare",), [n for n in CLI_SETTINGS if n not in ("loss", "output")]),  # its --loss and --output are its own
+    # its --loss and --output are its own; its runs train one after another in one process (no --nproc, --fsdp)
+    (("compare",), [n for n in CLI_SETTINGS if n not in ("loss", "output", "nproc", "fsdp")]),
 ])
 def test_every_setting_flag_is_in_the_help_with_its_fields_text(command, names):
     out = infopo(*command, "--help")
@@ -38,6 +39,12 @@ def test_every_setting_flag_is_in_the_help_with_its_fields_text(command, names):
         for flag in option.decls[0].split("/"):
             assert re.search(rf"(^|\s){re.escape(flag)}(\s|$)", text), (name, flag)
         assert flat(FIELDS[name].metadata["help"]) in text, name  # unchanged, [unsloth] included
+
+
+def test_compare_refuses_the_flags_of_several_processes():
+    for flag in ("--nproc", "--fsdp"):
+        out = infopo("compare", "--loss", "dpo", flag, *(["2"] if flag == "--nproc" else []), "--dry-run")
+        assert out.returncode == 2 and f"No such option: {flag}" in flat(out.stderr), out.stderr
 
 
 def test_options_are_typed_as_their_fields():
@@ -98,7 +105,7 @@ def test_a_flag_not_given_leaves_the_presets_value(preset_file, monkeypatch):
 
     from infopo_cli.reporting import memory_table
 
-    monkeypatch.setattr(memory_table, "print_plan", lambda console, cfg, prompt_length, gpu_mem: seen.setdefault("plan", cfg))
+    monkeypatch.setattr(memory_table, "print_plan", lambda console, cfg, prompt_length, gpu_mem, **kw: seen.setdefault("plan", cfg))
     result = CliRunner().invoke(cli.app, ["plan", "--preset", str(preset_file), "--batch-size", "2", "--no-4bit"])
     assert result.exit_code == 0, result.output
     assert seen["plan"] == merge(load_preset(str(preset_file)), {"batch_size": 2, "load_in_4bit": False}, "test")

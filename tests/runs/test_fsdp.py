@@ -197,7 +197,7 @@ distributed.start(world, "cpu")
 mesh = sharding.device_mesh("cpu", world.size)
 model = stack.attach_lora(stack.load_base(sys.argv[1], cfg, precision, sharded=True), cfg)
 sharding.shard_base(model, mesh, "cpu")
-held = sum(p.to_local().untyped_storage().nbytes() for p in model.parameters() if sharding.is_sharded(p))
+held = sum(p.to_local().untyped_storage().nbytes() for p in model.parameters() if hasattr(p, "to_local"))
 arch = find_architecture(sys.argv[1])[0]
 planned = memory_plan.fsdp_shard_bytes(arch, recompute.training(cfg, "cpu", precision.dtype.itemsize), world.size)
 print(f"rank {world.rank}: held {held} planned {planned} codes {sharding.held_bytes(model).codes_held}")
@@ -216,3 +216,88 @@ def test_the_plan_counts_the_bytes_each_sharded_process_holds(tiny_model, tmp_pa
     found = re.findall(r"rank (\d): held (\d+) planned (\d+) codes (\d+)", out.stdout)
     assert len(found) == 2, out.stdout[-2000:] + out.stderr[-3000:]
     assert all(held == planned and int(codes) > 0 for _, held, planned, codes in found)
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_an_out_of_memory_in_a_sharded_pass_ends_the_run_and_rank_0_saves_the_state_before_it(runs, tmp_path, rank):
+    """With sharded weights the other process waits inside the pass, so the run cannot agree to recompute more as a
+    data-parallel run does: it ends (exit 3 from the process that ran out). Rank 0 holds the whole adapter, optimizer
+    and its own RNG: where it ran out it saves the state before the step; elsewhere the newest checkpoint is kept."""
+    from test_distributed import OUT_OF_MEMORY_ON_RANK_1
+
+    script, run_dir = tmp_path / "out_of_memory.py", tmp_path / "run"
+    script.write_text(OUT_OF_MEMORY_ON_RANK_1.replace('os.environ["RANK"] == "1"', f'os.environ["RANK"] == "{rank}"'))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), *_flags(runs["model"], runs["data"], "", run_dir, "--max-steps", "4"), "--fsdp",
+                          "--grad-accum", "2", "--save-every", "1"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    said = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode != 0 and "error: RuntimeError" not in said and "Connection closed" not in said, said[-3000:]  # (torchrun's
+    # own traceback follows: this test runs it directly; `infopo train --nproc` runs it in-process and exits 3, below)
+    # rank `rank`'s third training pass is step 2's second micro-batch: the state before step 2 is checkpoint-1
+    assert "out of memory at step 2" in said and "resume" in said, said[-3000:]
+    assert ("the state before step 2 is saved" if rank == 0 else "the newest checkpoint is kept") in said
+    # rank 0, left waiting in the pass, says why it stops (unless torchrun ends it first)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("error:", "rank 1: error:"))]
+    assert len(errors) == 1 and "out of memory at step 2" in errors[0], errors  # the one that ran out, alone
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [r["step"] for r in _records(run_dir) if r["kind"] == "train"] == [1]
+
+
+def test_the_launcher_exits_with_the_reason_a_process_gave_not_with_the_one_it_ended(monkeypatch, capsys):
+    """Rank 1 ran out of memory (exit 3); torchrun then ended rank 0 (-15): `infopo train --nproc 2` exits 3."""
+    from types import SimpleNamespace
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from infopo_cli.train import launch
+
+    def failed(codes: dict[int, int]):
+        def run(args):
+            err = ChildFailedError.__new__(ChildFailedError)
+            err.failures = {rank: SimpleNamespace(exitcode=code) for rank, code in codes.items()}
+            raise err
+        return run
+
+    for codes, want, printed in (({0: -15, 1: 3}, 3, ""), ({0: 143, 1: 143}, 143, ""), ({0: -15, 1: 1}, 1, "process 1"),
+                                 ({0: 1, 1: -15}, 1, "process 0"), ({0: -9}, 1, "process 0")):
+        monkeypatch.setattr(torchrun, "run", failed(codes))
+        assert launch.launch(2, ["train"]) == want, codes
+        assert printed in capsys.readouterr().err
+
+
+PLANNED = """\
+from infopo_cli.cli import main
+from infopo_cli.train import recipe
+
+real = recipe.recomputation.for_run
+
+
+def planned(cfg, *args, **kwargs):
+    print(f"PLANNED nproc={cfg.nproc} fsdp={cfg.fsdp} shards={recipe.recomputation.training(cfg, 'cpu', 4).fsdp}", flush=True)
+    return real(cfg, *args, **kwargs)
+
+
+recipe.recomputation.for_run = planned
+main()
+"""
+
+
+def test_each_sharded_process_plans_its_memory_with_the_base_split_over_all(runs, tmp_path):
+    """torchrun's processes are started without --nproc: the plan must count the world they find, or a run that fits
+    N cards is refused for not fitting one."""
+    script = tmp_path / "planned.py"
+    script.write_text(PLANNED)
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                *_flags(runs["model"], runs["data"], "", tmp_path / "run", "--max-steps", "1"), "--fsdp"])
+    assert out.stdout.count("PLANNED nproc=2 fsdp=True shards=2") == 2, out.stdout
+
+
+def test_4bit_values_are_counted_whatever_dtype_stores_them(tiny_model):
+    from infopo_cli.model import stack
+    from infopo_cli.model.precision import choose
+
+    counts = {sharded: stack.count_parameters(stack.load_base(str(tiny_model), TrainConfig(model=str(tiny_model), dtype="bf16"),
+                                                              choose("bf16"), sharded=sharded)) for sharded in (False, True)}
+    assert counts[False] == counts[True] and counts[False][1] > 100_000  # uint8 codes, or the same codes in bf16
