@@ -137,10 +137,9 @@ def test_a_two_process_checkpoint_resumes_on_one_process_to_the_same_adapter(run
     assert [(r["kind"], r["step"]) for r in _records(copy)] == [(r["kind"], r["step"]) for r in _records(runs["two"])]
 
 
-def test_sigterm_to_infopo_nproc_saves_a_checkpoint_on_rank_0(runs, tmp_path):
-    """`infopo train --nproc 2` starts torch's launcher in-process; `kill` reaches every process through it."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "infopo_cli", *_flags(runs["model"], runs["data"], "", run_dir, steps=100000), "--nproc", "2"]
+def sigterm_after_step_2_saves(cmd: list[str], run_dir: Path) -> None:
+    """`cmd` (an `infopo train --nproc N` run into `run_dir`) gets SIGTERM after its second step: it exits 143 with
+    one line saying so, and its newest checkpoint holds every step it logged."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     for line in proc.stdout:  # one plain line per step when not on a terminal
@@ -150,9 +149,16 @@ def test_sigterm_to_infopo_nproc_saves_a_checkpoint_on_rank_0(runs, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stdout[-1500:] + stderr[-1500:]
     assert "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
-    saved = sorted(p.name for p in run_dir.glob("checkpoint-*"))
-    assert saved and int(saved[-1].split("-")[1]) >= 2
-    assert len([r for r in _records(run_dir) if r["kind"] == "train"]) == int(saved[-1].split("-")[1])
+    saved = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert saved and saved[-1] >= 2
+    assert len([r for r in _records(run_dir) if r["kind"] == "train"]) == saved[-1]
+
+
+def test_sigterm_to_infopo_nproc_saves_a_checkpoint_on_rank_0(runs, tmp_path):
+    """`infopo train --nproc 2` starts torch's launcher in-process; `kill` reaches every process through it."""
+    run_dir = tmp_path / "run"
+    sigterm_after_step_2_saves([sys.executable, "-m", "infopo_cli", *_flags(runs["model"], runs["data"], "", run_dir,
+                                                                            steps=100000), "--nproc", "2"], run_dir)
 
 
 def test_resume_on_another_process_count_keeps_the_global_batch(tmp_path):

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from infopo_cli.errors import ConfigError
 from infopo_cli.train.distributed import World
 
 from conftest import write_pairs
-from test_distributed import TOLERANCE, _adapter, _largest_difference, _records, _run
+from test_distributed import TOLERANCE, _adapter, _largest_difference, _records, _run, sigterm_after_step_2_saves
 
 ANSWERS = ["--eval-generate-every", "3", "--eval-max-new-tokens", "4"]
 
@@ -103,20 +102,9 @@ def test_a_sharded_checkpoint_resumes_on_one_process_to_the_same_adapter(runs, t
 
 def test_sigterm_to_a_sharded_run_saves_a_checkpoint_on_rank_0(runs, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "infopo_cli", *_flags(runs["model"], runs["data"], "", run_dir, "--epochs", "1000"),
-           "--nproc", "2", "--fsdp", "--grad-accum", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
-    for line in proc.stdout:
-        if line.startswith("step 2/"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stdout[-1500:] + stderr[-1500:]
-    assert "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
-    saved = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
-    assert saved and saved[-1] >= 2
-    assert len([r for r in _records(run_dir) if r["kind"] == "train"]) == saved[-1]
+    sigterm_after_step_2_saves([sys.executable, "-m", "infopo_cli", *_flags(runs["model"], runs["data"], "", run_dir,
+                                                                            "--epochs", "1000"),
+                                "--nproc", "2", "--fsdp", "--grad-accum", "2"], run_dir)
 
 
 def test_ranks_keep_in_step_only_when_sharded(monkeypatch):
