@@ -258,7 +258,7 @@ def recompute_more(model: nn.Module, recompute: Recompute) -> Recompute | None:
     """After a step ran out of memory: every decoder layer of `model` (a peft model or its base) recomputes, or where
     every one does already, their saved inputs go to pinned CPU memory (CUDA). Applied to the model at once; None when
     there is nothing more to do."""
-    base = _base(model)
+    base = causal_lm(model)
     if not _every_layer(base, recompute):
         return recompute_as(model, recompute, "on")
     if not recompute.offload and next(base.parameters()).device.type == "cuda" and _can_offload(base):
@@ -270,7 +270,7 @@ def recompute_as(model: nn.Module, recompute: Recompute, mode: str) -> Recompute
     """`model`, which recomputes as `recompute` says, recomputing at least as `--gradient-checkpointing mode` (on or
     offload; offload only on CUDA) does: what another process of the run went on with after running out of memory.
     Applied to the model at once where it does less."""
-    base = _base(model)
+    base = causal_lm(model)
     offload = recompute.offload or (mode == "offload" and next(base.parameters()).device.type == "cuda")
     more = Recompute(None, offload, "every layer recomputed" + (", its saved input in pinned CPU memory" if offload else ""))
     if not _every_layer(base, recompute) or offload != recompute.offload:
@@ -278,7 +278,8 @@ def recompute_as(model: nn.Module, recompute: Recompute, mode: str) -> Recompute
     return more
 
 
-def _base(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

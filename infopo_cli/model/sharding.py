@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from infopo_cli.errors import ConfigError
+from infopo_cli.model.recompute import causal_lm, decoder_layers
+from infopo_cli.model.stack import holds_4bit_codes
 
 
 @dataclass(frozen=True)
@@ -39,21 +41,6 @@ def device_mesh(device: str, size: int):
     return init_device_mesh(device, (size,))
 
 
-def causal_lm(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
-    """The decoder's stack of layers: its `layers`, else its largest module list."""
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers):
-        return layers
-    lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ConfigError(f"--fsdp: cannot find the decoder layers of {type(decoder).__name__} to shard")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-
-
 def kept_whole(model: nn.Module) -> set[nn.Parameter]:
     """The parameters every rank keeps whole: the adapters' (trained, or a frozen reference copy) and the output
     layer's (with the embedding, where the two are one tensor)."""
@@ -68,7 +55,10 @@ def shard_base(model: nn.Module, mesh, device: str) -> None:
 
     whole = kept_whole(model)
     decoder = causal_lm(model).get_decoder()
-    for layer in decoder_layers(decoder):
+    layers = decoder_layers(decoder)
+    if not layers:
+        raise ConfigError(f"--fsdp: cannot find the decoder layers of {type(decoder).__name__} to shard")
+    for layer in layers:
         fully_shard(layer, mesh=mesh, ignored_params=whole)
     embedding = decoder.get_input_embeddings()
     if not whole.intersection(embedding.parameters()):  # untied: its own unit, or it would stay whole for the pass
@@ -91,6 +81,6 @@ def held_bytes(model: nn.Module) -> Held:
                 continue
             mine, size = param.to_local().numel() * param.element_size(), param.numel() * param.element_size()
             held, whole = held + mine, whole + size
-            if name == "weight" and "Linear4bit" in type(module).__name__:
+            if holds_4bit_codes(module, name):
                 codes_held, codes_whole = codes_held + mine, codes_whole + size
     return Held(held, whole, codes_held, codes_whole)

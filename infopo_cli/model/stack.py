@@ -337,14 +337,18 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
             param.requires_grad_(was)
 
 
+def holds_4bit_codes(module: nn.Module, name: str) -> bool:
+    """Whether `module`'s parameter `name` is packed 4-bit codes (a bitsandbytes 4-bit layer's weight)."""
+    return name == "weight" and "Linear4bit" in type(module).__name__
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); 4-bit weights count as the number of values they store (two a byte, whatever dtype holds
     them: uint8, or the compute dtype when sharded)."""
     trainable = total = 0
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            packed = name == "weight" and "Linear4bit" in type(module).__name__
-            n = param.numel() * (2 * param.element_size() if packed else 1)
+            n = param.numel() * (2 * param.element_size() if holds_4bit_codes(module, name) else 1)
             total += n
             trainable += n if param.requires_grad else 0
     return trainable, total
