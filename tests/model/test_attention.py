@@ -44,9 +44,11 @@ def _ours(q, k, v, mask):
     return matmul_attention_forward(_Module(), q, k, v, mask)[0]
 
 
+@pytest.mark.parametrize("query_block", [64, 2])  # 64: one block of 7 queries; 2: three blocks, each its own keys
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("form", ["bool", "additive", "none", "per-row-blocks"])
-def test_values_and_gradients_are_sdpas(dtype, tol, form, monkeypatch):
+def test_values_and_gradients_are_sdpas(dtype, tol, form, query_block, monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     q, k, v = _inputs(dtype)
     allowed = torch.ones(7, 7, dtype=torch.bool).tril()
     allowed[5:, 2:4] = False  # a shared prompt's pattern: later queries skip a block of keys
@@ -62,6 +64,35 @@ def test_values_and_gradients_are_sdpas(dtype, tol, form, monkeypatch):
     want = _values_and_grads(lambda *a: _sdpa(*a[:3], reference_mask), q, k, v, None, weights)
     for got, ref in zip(ours, want, strict=True):
         torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_query_blocks_stop_at_the_last_key_any_of_their_queries_sees():
+    from infopo_cli.model.attention import _blocks
+
+    causal = torch.zeros(1, 1, 256, 256).masked_fill(~torch.ones(256, 256, dtype=torch.bool).tril(), float("-inf"))
+    assert _blocks(causal, 256, 256) == [(0, 64, 64), (64, 128, 128), (128, 192, 192), (192, 256, 256)]
+    padded = torch.full((2, 1, 256, 256), torch.finfo(torch.float32).min)
+    padded[0, :, :, :100] = 0  # row 0 sees 100 keys, row 1 only 30: the blocks stop at 100 however late their queries
+    padded[1, :, :, :30] = 0
+    assert [end for _, _, end in _blocks(padded, 256, 256)] == [100] * 4
+    assert _blocks(causal[..., :100, :], 100, 256) == [(0, 100, 256)]  # too few queries to split: one block
+    assert _blocks(None, 256, 256) == [(0, 256, 256)]
+
+
+def test_query_blocks_of_a_long_shared_prompt_row_equal_one_block(monkeypatch):
+    """Real lengths (3 rows of 200 positions, 4 blocks): the blocked products against the same kernel in one block."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(3, h, 200, 16, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    allowed = torch.ones(200, 200, dtype=torch.bool).tril().expand(3, 1, 200, 200).clone()
+    allowed[:, :, 120:, 40:110] = False  # the rejected answer skips the chosen one
+    allowed[1, :, 150:, :] = torch.eye(200, dtype=torch.bool)[150:]  # padding after 150
+    weights = torch.randn(3, 200, 4, 16)
+    blocked = _values_and_grads(_ours, q, k, v, allowed, weights)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 1000)
+    whole = _values_and_grads(_ours, q, k, v, allowed, weights)
+    for got, want in zip(blocked, whole, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert blocked[0].float().sub(whole[0].float()).abs().max() < 1e-2  # same bf16 values but for rounding
 
 
 def test_a_cached_decode_step_sees_every_key():
