@@ -146,3 +146,41 @@ def test_table_shows_the_achieved_rate_and_its_share_of_the_measured_peak(vs_trl
     args = vs_trl.parse_args(["--profile"])
     assert args.profile == "." and not args.probe and vs_trl.parse_args(["--probe"]).probe
     assert vs_trl.parse_args([]).profile is None
+
+
+def test_the_peak_is_the_faster_of_a_probe_before_and_one_after_the_runs(vs_trl, tmp_path, monkeypatch, capsys):
+    """A shared VM slow for the seconds of the first probe (it once read half the rate, and a run then 113% of it)."""
+    import importlib.util
+
+    from infopo_cli.model import embedded
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2, "hidden_size": 4, "intermediate_size": 8, '
+                                       '"num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10}')
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "trl" else real_find_spec(name, *a))
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "1.16.0" if d == "trl" else real_version(d))
+    monkeypatch.setattr(embedded, "ensure_converted", lambda log=print: model)
+    monkeypatch.setattr(vs_trl, "plain_text_model", lambda source, target: model)
+    monkeypatch.setattr(vs_trl, "synthetic_pairs", lambda tokenizer, n: [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    monkeypatch.setattr("infopo_cli.model.stack.load_tokenizer", lambda path: None)
+    peaks = iter([50.0, 100.0])
+    monkeypatch.setattr(vs_trl, "measured_peak", lambda *a: (vs_trl.ModelDims.from_config(TINY), next(peaks)))
+
+    def run_child(spec, work, i, threads):
+        tool, loss = spec["variant"]["tool"], spec["variant"]["loss"]
+        return vs_trl.Result(f"{tool} {loss} {i}", tool, loss, "fp32", 10.0, 20.0, None, 1.0, 1.0)
+
+    monkeypatch.setattr(vs_trl, "run_child", run_child)
+    monkeypatch.setattr(vs_trl, "flops_per_token", lambda dims, checkpointing: 1e9)
+    assert vs_trl.main(["--quick", "--skip-trl-variants"]) == 0
+    out = capsys.readouterr().out
+    assert "the probe again, after the runs:" in out
+    tokens = vs_trl.yardstick_tokens(vs_trl.QUICK_PAIRS)
+    share = 100 * (tokens / 10.0) / 100.0  # tokens/s x 1 GFLOP per token against the faster probe's 100 GFLOP/s
+    row = next(line for line in out.splitlines() if line.startswith("trl dpo 0"))
+    assert f"{share:.1f}" in row.split() and f"{2 * share:.1f}" not in row.split()
