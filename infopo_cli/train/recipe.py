@@ -705,4 +705,7 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: s
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # torch's fused kernel: on a CPU its default is a loop of small ops per tensor (a LoRA of 420 tensors,
+    # 4.9M values: 275 ms a step against 32 ms fused, 2-core Xeon), and `foreach` is slower still there
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)

@@ -243,3 +243,26 @@ def test_progress_shows_the_metrics_trl_users_know(tmp_path):
     assert line.startswith("step 1/3") and "grad_norm" not in line
     for text in ("loss 0.69", "rewards/chosen 0.1", "margins 0.2", "logps/chosen -50", "logps/rejected -55", "acc 0.75"):
         assert text in line, text
+
+
+def test_the_optimizer_is_torchs_fused_adamw_with_the_plain_loops_updates():
+    """On a CPU torch's default AdamW is a loop of small ops per tensor; the fused kernel takes the same steps."""
+    torch.manual_seed(0)
+    shapes = [(16, 24), (24, 16), (8, 24), (24, 8)]
+    fused_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused = recipe.make_optimizer(cfg, fused_params, "cpu")
+    plain = torch.optim.AdamW(plain_params, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.param_groups[0]["fused"] is True
+    for step in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for params, opt in ((fused_params, fused), (plain_params, plain)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_params, plain_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert not torch.equal(a, torch.zeros_like(a))
+    half = [torch.nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))]  # not float32: torch's own default
+    assert not recipe.make_optimizer(cfg, half, "cpu").param_groups[0]["fused"]
