@@ -13,7 +13,7 @@ train/logps.py, data/batching.py) with transformers 5, peft and bitsandbytes:
 - **activations**, per decoder layer and token, as autograd saves them (read off the saved tensors in
   tests/model/test_memory_plan.py): each RMSNorm its float32 input; the LoRA layers their 16-bit input, once per group of
   layers reading it (with dropout: each its dropped copy and the mask), their rank-r middle and the 16-bit copies
-  of their weights (model/lora_inputs.py); attention its query,
+  of their weights (model/lora_layers.py); attention its query,
   keys and values (repeated to every head: infopo's batches carry a mask, and with one transformers repeats
   them), output and log-sum-exp (eager attention: the float32 probabilities and their 16-bit copy, T per
   token); the gated MLP its gate, activation and up outputs. The frozen 4-bit matmuls save no input.
@@ -166,6 +166,7 @@ class Training:
     attention: str                  # sdpa, eager, matmul or flash_attention_2
     lm_chunk: int                   # output-layer chunk (train/logps.py CHUNK_TOKENS)
     fsdp: int = 1                   # processes the frozen base is sharded over (FSDP2); 1: whole on the one card
+    dequantised: bool = False       # a CPU run's 4-bit base also held de-quantised, for speed (model/stack.py)
 
     def targeted(self, linear: Linear) -> bool:
         """Whether LoRA is attached to this linear layer."""
@@ -341,7 +342,12 @@ def _base_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
                  f"{arch.linear_params / 1e9:.2f}B weights x {NF4_BYTES:.3f} bytes (double quantisation)")
             if run.quantized else
             Part(f"base weights, {8 * c}-bit", arch.linear_params * c, f"{arch.linear_params / 1e9:.2f}B weights, unquantised"))
-    return (base,
+    if run.quantized and run.dequantised:
+        base = (base, Part(f"base weights de-quantised, {8 * c}-bit", arch.linear_params * c,
+                           "held for the run: no de-quantisation at each call (CPU)"))
+    else:
+        base = (base,)
+    return (*base,
             Part("embeddings and output layer, 16-bit" if c == 2 else "embeddings and output layer",
                  arch.embedding_params * c, "tied: one matrix" if arch.tied_embeddings else "two vocab x hidden matrices"),
             Part("norms and biases", (arch.layers * (arch.norms_per_layer * arch.hidden + arch.bias_params) + arch.hidden) * c))
@@ -407,7 +413,7 @@ def layer_saved_per_token(arch: Architecture, run: Training, layout: Layout) -> 
         if not targeted:
             continue  # a frozen 4-bit (or 16-bit) matmul saves no input
         fan_in = targeted[0].fan_in
-        # LoRA's down-projection saves its input as it comes, not a float32 copy (model/lora_inputs.py)
+        # LoRA's down-projection saves its input as it comes, not a float32 copy (model/lora_layers.py)
         if run.lora_dropout > 0:  # each its own dropped copy, and the mask (bool on CUDA; CPU: the input's dtype)
             total += len(targeted) * fan_in * (c + (1 if run.device == "cuda" else c))
         elif not (group == "attn_out" and run.attention not in ("eager", "matmul")):  # the input, saved once for the group
@@ -434,7 +440,7 @@ def layer_bytes(arch: Architecture, run: Training, layout: Layout) -> int:
     """One decoder layer kept whole: its saved activations, and the additive copy sdpa makes (and keeps for the
     backward) of a two-row batch's boolean mask."""
     mask_copy = run.compute_bytes * layout.rows * layout.width ** 2 if run.attention == "sdpa" and not layout.shared else 0
-    # the 16-bit copies of the layer's LoRA weights its products saved (model/lora_inputs.py)
+    # the 16-bit copies of the layer's LoRA weights its products saved (model/lora_layers.py)
     weight_copies = run.compute_bytes * sum(lora_tensors(arch, run)) // arch.layers if run.compute_bytes != LORA_BYTES else 0
     return round(layer_saved_per_token(arch, run, layout) * layout.tokens) + mask_copy + weight_copies
 
@@ -496,9 +502,9 @@ def _scores(arch: Architecture, run: Training, layout: Layout, tensors: int) -> 
 def _layer_backward(arch: Architecture, run: Training, layout: Layout) -> int:
     """The gradients a layer's backward makes beyond what it frees (at its largest, the down projection's: a float32
     LoRA gradient and one in the compute dtype; the residual stream's in and out), and the weight bitsandbytes
-    dequantises for it (measured on CPU, tests/model/test_memory_plan.py)."""
+    dequantises for it unless the base is held de-quantised (measured on CPU, tests/model/test_memory_plan.py)."""
     c = run.compute_bytes
-    dequantised = c * max(lin.fan_in * lin.fan_out for lin in arch.linears) if run.quantized else 0
+    dequantised = c * max(lin.fan_in * lin.fan_out for lin in arch.linears) if run.quantized and not run.dequantised else 0
     mlp = ((LORA_BYTES + c) * arch.intermediate + 2 * c * arch.hidden) * layout.tokens + dequantised
     # matmul attention's backward, later: probabilities, their gradient, the scores', and q, k, v's; by then the
     # MLP's saved gate, activation and up outputs are freed

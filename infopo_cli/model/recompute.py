@@ -36,6 +36,21 @@ class Recompute:
     layers: int | None
     offload: bool = False
     message: str = ""
+    dequantised: int = 0  # bytes of the de-quantised copy of a CPU run's 4-bit base held for speed; 0: none
+
+
+def _dequantised(arch: mp.Architecture, run: mp.Training, layout: mp.Layout, mode: str, usable: int | None,
+                 no_grad: mp.Layout, choice: mp.Choice) -> tuple[mp.Training, mp.Choice]:
+    """On a CPU, the run with its 4-bit base also held de-quantised where that fits the free RAM without recomputing
+    more layers: bitsandbytes has no CPU training kernel and otherwise de-quantises every weight at each call, twice
+    a step (forward and backward; three times for a recomputed layer). Else the run and choice as they are."""
+    if run.device != "cpu" or not run.quantized or run.fsdp > 1 or usable is None:
+        return run, choice
+    held = replace(run, dequantised=True)
+    faster = mp.choose(arch, held, layout, mode, usable, eval_layout=no_grad)
+    if faster.fits and faster.plan.checkpointed <= choice.plan.checkpointed:
+        return held, faster
+    return run, choice
 
 
 def given(mode: str) -> Recompute:
@@ -80,6 +95,7 @@ def for_settings(cfg: TrainConfig, device: str, compute_bytes: int, budget: int 
                      shared)
     layout, no_grad = batch.layout(), replace(batch, pairs=cfg.eval_batch_size).layout()
     choice = mp.choose(arch, run, layout, cfg.gradient_checkpointing, budget, eval_layout=no_grad)
+    run, choice = _dequantised(arch, run, layout, cfg.gradient_checkpointing, budget, no_grad, choice)
     return SettingsPlan(arch, where, run, batch, layout, no_grad, choice)
 
 
@@ -163,6 +179,7 @@ def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_
     no_grad = mp.worst_layout(held, cfg.eval_batch_size, shared)
     memory = budget(cfg, device, free, card)
     choice = mp.choose(arch, run, layout, mode, memory.usable, eval_layout=no_grad)
+    run, choice = _dequantised(arch, run, layout, mode, memory.usable, no_grad, choice)
     if device == "cuda" and memory.free is not None:
         least = mp.plan(arch, run, layout, arch.layers, offload=mode == "offload", eval_layout=no_grad)
         # refused past what is free: inside the margin it may still fit (and a step out of memory recomputes more)
@@ -174,7 +191,8 @@ def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_
                               f"and {mp.gib(memory.free)} GiB are free (the memory plan of its longest micro-batch; "
                               f"`infopo plan` shows the parts): try {'; or '.join(tips)}")
     return Recompute(choice.plan.checkpointed, choice.plan.offload,
-                     f"gradient checkpointing {mode}: {describe(choice, mode, memory.usable, memory.where)}")
+                     f"gradient checkpointing {mode}: {describe(choice, mode, memory.usable, memory.where)}",
+                     arch.linear_params * compute_bytes if run.dequantised else 0)
 
 
 def describe(choice: mp.Choice, mode: str, budget: int | None, where: str) -> str:

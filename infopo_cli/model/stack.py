@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopo_cli.model import allocator, attention, embedded, lora_inputs, recompute as recomputation
+from infopo_cli.model import allocator, attention, embedded, lora_layers, recompute as recomputation
 from infopo_cli.model.recompute import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, FIELDS, TrainConfig, flag
 from infopo_cli.errors import ConfigError, first_line
@@ -187,7 +187,7 @@ def attach_lora(base: nn.Module, cfg: TrainConfig, recompute: Recompute | None =
     except ValueError:
         raise ConfigError(f"target_modules {cfg.target_modules} do not match this model's layers "
                           f"(it has: {_layer_names(base)})") from None
-    lora_inputs.keep_inputs(model)  # no float32 copy of each layer's input held for the backward
+    lora_layers.adapt(model)  # 16-bit products, no float32 input copies, fused sums
     return model
 
 
@@ -312,7 +312,7 @@ def load_init_adapter(base: nn.Module, cfg: TrainConfig, with_reference: bool,
     for adapter in (POLICY, REFERENCE) if with_reference else (POLICY,):
         if problem := load_adapter_weights(model, weights, adapter):
             raise ConfigError(f"--init-adapter {folder}: {problem}")
-    lora_inputs.keep_inputs(model)
+    lora_layers.adapt(model)
     return model, hashlib.sha256(raw).hexdigest()
 
 

@@ -164,6 +164,11 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report, world)
         if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
             return unstarted(run_dir, precision, stops.signum)
+        if recompute and recompute.dequantised:  # the plan found room (model/recompute.py)
+            held.enter_context(stack.dequantised(model))
+            report.note(f"4-bit base held de-quantised for the run as well ({recompute.dequantised / 2**30:.2f} GiB of "
+                        f"{precision.dtype_name} in RAM): bitsandbytes has no CPU training kernel and would de-quantise "
+                        "each weight at every call")
 
         # --- optimizer, schedule, gradient scaler; a resume's state ------------------------------
         # A step is one global batch, split into micro-batches: the data order depends only on the

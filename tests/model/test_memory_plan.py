@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -412,6 +413,67 @@ def test_auto_on_a_gpu_keeps_its_margin_and_refuses_only_what_does_not_fit_witho
     assert decide(need[0] + mp.GIB - 1, gpu_mem_margin=1.0).layers in (1, 2)
     # free memory under the margin: nothing usable, not a negative amount
     assert "more than the 0.00 GiB free GPU memory once a 1.60 GiB margin is kept" in inside.message
+
+
+def test_a_cpu_run_holds_its_4bit_base_dequantised_where_that_fits_without_recomputing_more(tiny_model):
+    """model/recompute.py: on a CPU the de-quantised copy (the linear weights in the compute dtype) is planned as a
+    part of its own and taken only where it fits the free RAM with no more layers recomputed; never on CUDA, nor for
+    an unquantised base."""
+    cfg = TrainConfig(model=str(tiny_model), batch_size=4, eval_batch_size=4, lora_r=4, max_length=512)
+    train = _pairs(8, 64, 400)
+    arch = architectures.find_architecture(str(tiny_model))[0]
+    layout = mp.worst_layout([(64, 400, 400)] * 8, 4, True)
+    run = recomputation.training(cfg, "cpu", 2)
+    need = {held: mp.plan(arch, replace(run, dequantised=held), layout, 0, eval_layout=layout).needed
+            for held in (False, True)}
+    copy = arch.linear_params * 2
+    parts = dict((p.name, p.bytes) for p in mp.static_parts(arch, replace(run, dequantised=True)))
+    assert parts["base weights de-quantised, 16-bit"] == copy and "base weights de-quantised, 16-bit" not in dict(
+        (p.name, p.bytes) for p in mp.static_parts(arch, run))
+    # the copy's bytes, less the one weight per layer the per-call path de-quantises at a time
+    assert copy - 2 * max(lin.fan_in * lin.fan_out for lin in arch.linears) <= need[True] - need[False] <= copy
+
+    def decide(free: int, device: str = "cpu", **settings) -> recomputation.Recompute:
+        return recomputation.for_run(merge(cfg, settings, "test"), str(tiny_model), train, [], device, 2,
+                                     share_prompt=True, free=free, card=24 * mp.GIB)
+
+    assert decide(need[True]).dequantised == copy and decide(need[True]).layers == 0
+    short = decide(need[True] - 1)  # the copy would cost recomputation: the weights de-quantise at each call
+    assert short.dequantised == 0 and short.layers == 0
+    assert decide(need[True], gradient_checkpointing="on").dequantised == copy  # fits beside every layer recomputing
+    assert decide(10 * need[True], device="cuda").dequantised == 0
+    assert decide(10 * need[True], load_in_4bit=False).dequantised == 0
+
+
+def test_training_with_the_base_held_dequantised_gives_the_same_gradients(tiny_model):
+    """The copy holds the weights bitsandbytes de-quantises at each call: the same loss and LoRA gradients."""
+    from infopo_cli.losses.types import Needs
+    from infopo_cli.model import stack
+    from infopo_cli.model.precision import Precision
+    from infopo_cli.train.logps import pair_logps
+
+    cfg = TrainConfig(dtype="fp32", lora_r=4, lora_alpha=8)
+    model = stack.attach_lora(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    b = collate([TokenizedPair([5, 6, 7], [8, 9, 10], [11, 12]), TokenizedPair([13, 14], [15], [16, 17, 18])], 0)
+
+    def grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logps = pair_logps(model, b, Needs())
+        (logps.policy_chosen.sum() - 2 * logps.policy_rejected.sum()).backward()
+        return logps.policy_chosen.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    per_call = grads()
+    with stack.dequantised(model):
+        held = grads()
+    torch.testing.assert_close(held[0], per_call[0], rtol=1e-5, atol=1e-5)
+    assert len(held[1]) == 28
+    for ours, theirs in zip(held[1], per_call[1], strict=True):
+        assert theirs.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["on", "off", "offload"])

@@ -86,11 +86,11 @@ def _saved_bytes_and_grads(model, b) -> tuple[int, list[torch.Tensor]]:
 
 
 def test_lora_computes_in_16_bits_saves_no_float32_copy_and_keeps_float32_gradients(tiny_model):
-    """model/lora_inputs.py: A and B run in the base's bf16 (weights cast, not the input), saving less than peft's
+    """model/lora_layers.py: A and B run in the base's bf16 (weights cast, not the input), saving less than peft's
     float32 path; the weights and gradients stay float32 and equal peft's to bf16 rounding."""
     from torch import nn
 
-    from infopo_cli.model.lora_inputs import AdapterLinear
+    from infopo_cli.model.lora_layers import AdapterLinear
 
     cfg = TrainConfig(dtype="bf16", lora_r=4, lora_alpha=8)
     model = policy(tiny_model, cfg, Precision("cpu", torch.bfloat16, "test"))
@@ -104,6 +104,7 @@ def test_lora_computes_in_16_bits_saves_no_float32_copy_and_keeps_float32_gradie
     kept, grads = _saved_bytes_and_grads(model, b)
     for adapter in adapters:  # back to peft's own: a float32 copy of the input, made and saved by each LoRA layer
         adapter.__class__ = nn.Linear
+    unfuse(model)
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = True
@@ -112,6 +113,51 @@ def test_lora_computes_in_16_bits_saves_no_float32_copy_and_keeps_float32_gradie
         assert ours.dtype == torch.float32 and ours.abs().sum() > 0
         assert (ours - theirs).norm() <= 0.03 * theirs.norm(), ((ours - theirs).norm(), theirs.norm())
     assert kept < 0.8 * copied, (kept, copied)
+
+
+def unfuse(model) -> int:
+    """Back to peft's own LoRA forward (`base + B(A(x)) * scaling`) for every fused layer; how many there were."""
+    from infopo_cli.model.lora_layers import FusedSum
+
+    fused = [m for m in model.modules() if isinstance(m, FusedSum)]
+    for module in fused:
+        module.__class__ = type(module).__bases__[1]
+    return len(fused)
+
+
+def _logits_and_grads(model, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same LoRA dropout masks in both runs
+    logits = model(input_ids=ids).logits
+    (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.float32, 0.2), (torch.bfloat16, 0.0)])
+def test_fused_lora_sums_equal_pefts(tiny_model, dtype, dropout):
+    """model/lora_layers.py: the adapter's term summed into the base output by the B product (one addmm) gives peft's
+    logits and LoRA gradients (float32: to rounding; bf16: peft rounds the term and the sum, the fused sum once), with
+    dropout drawing the same masks; with the adapter off both give the base's."""
+    from peft.tuners.lora import LoraLayer
+
+    cfg = TrainConfig(dtype="bf16" if dtype == torch.bfloat16 else "fp32", lora_r=4, lora_alpha=8, lora_dropout=dropout)
+    model = policy(tiny_model, cfg, Precision("cpu", dtype, "test"))
+    model.train()
+    assert len([m for m in model.modules() if isinstance(m, LoraLayer)]) == 14
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    logits, grads = _logits_and_grads(model, ids)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    assert unfuse(model) == 14
+    peft_logits, peft_grads = _logits_and_grads(model, ids)
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=0)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    assert (logits - peft_logits).float().norm() <= tolerance * peft_logits.float().norm()
+    assert (logits - base).float().norm() > 0.1 * base.float().norm()  # the adapter's term is not negligible
+    for ours, theirs in zip(grads, peft_grads, strict=True):
+        assert ours.dtype == torch.float32 and theirs.abs().sum() > 0
+        assert (ours - theirs).norm() <= 10 * tolerance * theirs.norm(), ((ours - theirs).norm(), theirs.norm())
 
 
 def test_dequantised_layers_give_the_4bit_models_logits_and_go_back(tiny_model):
@@ -216,7 +262,7 @@ def test_with_fp16_inputs_the_adapter_products_stay_float32():
     the 16-bit input saved."""
     from torch import nn
 
-    from infopo_cli.model.lora_inputs import AdapterLinear
+    from infopo_cli.model.lora_layers import AdapterLinear
 
     torch.manual_seed(0)
     layer = nn.Linear(8, 4, bias=False)
