@@ -60,8 +60,9 @@ class AdapterLinear(nn.Linear):
 def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """peft's LoRA forward for plain adapters (`FusedSum`) with each adapter's term summed into the base output by
     its B product; peft's own forward for whatever else it handles (adapters off or merged, per-row adapters, DoRA)."""
-    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+    if self.disable_adapters or self.merged or any(kwargs.get(key) is not None for key in _PEFT_KWARGS):
         return self.unfused_forward(x, *args, **kwargs)
+    kwargs = {key: value for key, value in kwargs.items() if key not in _PEFT_KWARGS}  # not the base layer's
     active = [name for name in self.active_adapters if name in self.lora_A]
     if any(name in self.lora_variant or self.lora_B[name].bias is not None for name in active):
         return self.unfused_forward(x, *args, **kwargs)
@@ -75,6 +76,9 @@ def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight,
                              alpha=self.scaling[name]).view(result.shape)
     return result
+
+
+_PEFT_KWARGS = ("adapter_names", "alora_offsets")  # peft's own: per-row adapters, aLoRA offsets
 
 
 class FusedSum:
@@ -92,11 +96,22 @@ def _fused_class(cls: type) -> type:
     return _FUSED[cls]
 
 
+def _summable() -> tuple[type, ...]:
+    """The peft layer classes whose forward is `base_layer(x) + B(A(x)) * scaling` (others, such as a LoRA on
+    parameters or on attention, compute another way)."""
+    from peft.tuners.lora import Linear
+    from peft.tuners.lora.bnb import Linear4bit
+
+    return Linear, Linear4bit
+
+
 def adapt(model: nn.Module) -> int:
     """Switch every plain LoRA layer of `model` (not DoRA or other variants, whose forward reads A's weight itself)
-    to 16-bit products (`AdapterLinear`, peft's input cast off) and fused sums; the number of layers switched."""
+    to 16-bit products (`AdapterLinear`, peft's input cast off), and those of a linear layer to fused sums; the
+    number of layers switched."""
     from peft.tuners.lora import LoraLayer
 
+    summable = _summable()
     switched = 0
     for module in model.modules():
         if not isinstance(module, LoraLayer) or getattr(module, "lora_variant", None):
@@ -107,7 +122,7 @@ def adapt(model: nn.Module) -> int:
         for adapter in adapters:
             adapter.__class__ = AdapterLinear
         module.cast_input_dtype_enabled = False
-        if not isinstance(module, FusedSum):
+        if type(module) in summable:
             module.__class__ = _fused_class(type(module))
         switched += 1
     return switched

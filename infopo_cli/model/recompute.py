@@ -39,15 +39,20 @@ class Recompute:
     dequantised: int = 0  # bytes of the de-quantised copy of a CPU run's 4-bit base held for speed; 0: none
 
 
+CPU_HEADROOM = mp.GIB // 2  # free RAM the de-quantised copy leaves beside the plan: it only saves time
+
+
 def _dequantised(arch: mp.Architecture, run: mp.Training, layout: mp.Layout, mode: str, usable: int | None,
-                 no_grad: mp.Layout, choice: mp.Choice) -> tuple[mp.Training, mp.Choice]:
-    """On a CPU, the run with its 4-bit base also held de-quantised where that fits the free RAM without recomputing
-    more layers: bitsandbytes has no CPU training kernel and otherwise de-quantises every weight at each call, twice
-    a step (forward and backward; three times for a recomputed layer). Else the run and choice as they are."""
-    if run.device != "cpu" or not run.quantized or run.fsdp > 1 or usable is None:
+                 no_grad: mp.Layout, choice: mp.Choice, processes: int) -> tuple[mp.Training, mp.Choice]:
+    """On a CPU, the run with its 4-bit base also held de-quantised where that fits the free RAM (with
+    `CPU_HEADROOM` to spare) without recomputing more layers: bitsandbytes has no CPU training kernel and otherwise
+    de-quantises every weight at each call, twice a step (forward and backward; three times for a recomputed layer).
+    Not for several processes on one machine, which each measured the same free RAM. Else the run and choice as
+    they are."""
+    if run.device != "cpu" or not run.quantized or processes > 1 or usable is None:
         return run, choice
     held = replace(run, dequantised=True)
-    faster = mp.choose(arch, held, layout, mode, usable, eval_layout=no_grad)
+    faster = mp.choose(arch, held, layout, mode, usable - CPU_HEADROOM, eval_layout=no_grad)
     if faster.fits and faster.plan.checkpointed <= choice.plan.checkpointed:
         return held, faster
     return run, choice
@@ -95,7 +100,7 @@ def for_settings(cfg: TrainConfig, device: str, compute_bytes: int, budget: int 
                      shared)
     layout, no_grad = batch.layout(), replace(batch, pairs=cfg.eval_batch_size).layout()
     choice = mp.choose(arch, run, layout, cfg.gradient_checkpointing, budget, eval_layout=no_grad)
-    run, choice = _dequantised(arch, run, layout, cfg.gradient_checkpointing, budget, no_grad, choice)
+    run, choice = _dequantised(arch, run, layout, cfg.gradient_checkpointing, budget, no_grad, choice, cfg.nproc)
     return SettingsPlan(arch, where, run, batch, layout, no_grad, choice)
 
 
@@ -179,7 +184,7 @@ def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_
     no_grad = mp.worst_layout(held, cfg.eval_batch_size, shared)
     memory = budget(cfg, device, free, card)
     choice = mp.choose(arch, run, layout, mode, memory.usable, eval_layout=no_grad)
-    run, choice = _dequantised(arch, run, layout, mode, memory.usable, no_grad, choice)
+    run, choice = _dequantised(arch, run, layout, mode, memory.usable, no_grad, choice, cfg.nproc)
     if device == "cuda" and memory.free is not None:
         least = mp.plan(arch, run, layout, arch.layers, offload=mode == "offload", eval_layout=no_grad)
         # refused past what is free: inside the margin it may still fit (and a step out of memory recomputes more)

@@ -134,7 +134,7 @@ def _logits_and_grads(model, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Te
 
 
 @pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.float32, 0.2), (torch.bfloat16, 0.0)])
-def test_fused_lora_sums_equal_pefts(tiny_model, dtype, dropout):
+def test_fused_lora_sums_equal_pefts(tiny_model, dtype, dropout, monkeypatch):
     """model/lora_layers.py: the adapter's term summed into the base output by the B product (one addmm) gives peft's
     logits and LoRA gradients (float32: to rounding; bf16: peft rounds the term and the sum, the fused sum once), with
     dropout drawing the same masks; with the adapter off both give the base's."""
@@ -145,19 +145,22 @@ def test_fused_lora_sums_equal_pefts(tiny_model, dtype, dropout):
     model.train()
     assert len([m for m in model.modules() if isinstance(m, LoraLayer)]) == 14
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
-    logits, grads = _logits_and_grads(model, ids)
+    with monkeypatch.context() as patched:  # the policy's pass is the fused one, not peft's
+        for cls in {type(m) for m in model.modules() if isinstance(m, LoraLayer)}:
+            patched.setattr(cls, "unfused_forward", lambda *a, **k: pytest.fail("peft's forward ran"))
+        logits, grads = _logits_and_grads(model, ids)
     with torch.no_grad(), model.disable_adapter():
         base = model(input_ids=ids).logits
     assert unfuse(model) == 14
     peft_logits, peft_grads = _logits_and_grads(model, ids)
     with torch.no_grad(), model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=0)
-    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    tolerance = 1e-5 if dtype == torch.float32 else 0.03  # bf16: roundings of 2 ** -8 through two layers
     assert (logits - peft_logits).float().norm() <= tolerance * peft_logits.float().norm()
     assert (logits - base).float().norm() > 0.1 * base.float().norm()  # the adapter's term is not negligible
     for ours, theirs in zip(grads, peft_grads, strict=True):
         assert ours.dtype == torch.float32 and theirs.abs().sum() > 0
-        assert (ours - theirs).norm() <= 10 * tolerance * theirs.norm(), ((ours - theirs).norm(), theirs.norm())
+        assert (ours - theirs).norm() <= 3 * tolerance * theirs.norm(), ((ours - theirs).norm(), theirs.norm())
 
 
 def test_dequantised_layers_give_the_4bit_models_logits_and_go_back(tiny_model):
