@@ -28,6 +28,7 @@ from rich.table import Table
 from infopo_cli import __version__, compat
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import first_line
+from infopo_cli.model import memory_plan as mp
 from infopo_cli.model import recompute as recomputation
 
 GIB = 2**30
@@ -257,6 +258,9 @@ def _checkpointing(cfg: TrainConfig, given: str) -> list[Finding]:
         planned = recomputation.for_settings(settings, precision.device, precision.dtype.itemsize, memory.usable)
         value = (f"{recomputation.describe(planned.choice, mode, memory.usable, memory.where)}; micro-batches of "
                  f"{cfg.batch_size} pairs x {cfg.max_length} tokens")
+        if planned.run.dequantised:
+            value += (f"; the 4-bit base also held de-quantised "
+                      f"({mp.gib(mp.dequantised_bytes(planned.arch, planned.run))} GiB of RAM, for speed)")
         problem = "" if planned.choice.fits or precision.device != "cuda" or mode != cfg.gradient_checkpointing else (
             f"preset {given}: the memory plan does not fit in the {memory.where}: `infopo plan --preset "
             f"{shlex.quote(given)}` shows what to change")

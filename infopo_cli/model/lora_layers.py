@@ -57,6 +57,9 @@ class AdapterLinear(nn.Linear):
         return _Float32Product.apply(x, self.weight)
 
 
+_PEFT_KWARGS = ("adapter_names", "alora_offsets")  # peft's own: per-row adapters, aLoRA offsets
+
+
 def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """peft's LoRA forward for plain adapters (`FusedSum`) with each adapter's term summed into the base output by
     its B product; peft's own forward for whatever else it handles (adapters off or merged, per-row adapters, DoRA)."""
@@ -76,9 +79,6 @@ def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight,
                              alpha=self.scaling[name]).view(result.shape)
     return result
-
-
-_PEFT_KWARGS = ("adapter_names", "alora_offsets")  # peft's own: per-row adapters, aLoRA offsets
 
 
 class FusedSum:

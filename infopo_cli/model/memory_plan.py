@@ -335,6 +335,12 @@ def fsdp_shard_bytes(arch: Architecture, run: Training, n: int) -> int:
     return arch.layers * _shard(weights + small, n) + _shard(_decoder_tensors(arch, run), n)
 
 
+def dequantised_bytes(arch: Architecture, run: Training) -> int:
+    """What a CPU run's 4-bit base takes held de-quantised beside its NF4 weights: every linear weight in the
+    compute dtype."""
+    return arch.linear_params * run.compute_bytes
+
+
 def _base_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
     """The frozen base on one card: quantised linear layers, embeddings and output layer, norms and biases."""
     c = run.compute_bytes
@@ -343,7 +349,7 @@ def _base_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
             if run.quantized else
             Part(f"base weights, {8 * c}-bit", arch.linear_params * c, f"{arch.linear_params / 1e9:.2f}B weights, unquantised"))
     if run.quantized and run.dequantised:
-        base = (base, Part(f"base weights de-quantised, {8 * c}-bit", arch.linear_params * c,
+        base = (base, Part(f"base weights de-quantised, {8 * c}-bit", dequantised_bytes(arch, run),
                            "held for the run: no de-quantisation at each call (CPU)"))
     else:
         base = (base,)

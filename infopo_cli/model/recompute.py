@@ -197,7 +197,7 @@ def for_run(cfg: TrainConfig, source: str, train: Sequence[TokenizedPair], held_
                               f"`infopo plan` shows the parts): try {'; or '.join(tips)}")
     return Recompute(choice.plan.checkpointed, choice.plan.offload,
                      f"gradient checkpointing {mode}: {describe(choice, mode, memory.usable, memory.where)}",
-                     arch.linear_params * compute_bytes if run.dequantised else 0)
+                     mp.dequantised_bytes(arch, run) if run.dequantised else 0)
 
 
 def describe(choice: mp.Choice, mode: str, budget: int | None, where: str) -> str:

@@ -77,6 +77,24 @@ def test_on_this_cpu_machine(doctor):
         [found["CPU"]["problem"]] if found["CPU"]["problem"] else []))
 
 
+@pytest.mark.parametrize("free_gib, held", [(20.0, True), (4.0, False)])
+def test_the_cpu_plan_says_when_the_4bit_base_is_held_dequantised(doctor, monkeypatch, free_gib, held):
+    from infopo_cli import presets
+    from infopo_cli.model import memory_plan as mp
+    from infopo_cli.model import recompute
+    from infopo_cli.model.precision import choose
+
+    monkeypatch.setattr(recompute, "free_memory", lambda device: int(free_gib * GIB))
+    code, out = doctor("--json")
+    value = checks(out)["gradient checkpointing off (smollm2-135m)"]["value"]
+    cfg = presets.load_preset("smollm2-135m")
+    planned = recompute.for_settings(cfg, "cpu", choose("auto").dtype.itemsize,
+                                     recompute.budget(cfg, "cpu", free=int(free_gib * GIB)).usable)
+    assert code == 0 and planned.run.dequantised is held
+    said = f"the 4-bit base also held de-quantised ({mp.gib(mp.dequantised_bytes(planned.arch, planned.run))} GiB"
+    assert (said in value) is held, value
+
+
 def test_a_turing_card_trains_in_fp16(doctor, monkeypatch):
     fake_cuda(monkeypatch, "NVIDIA GeForce RTX 2080 Ti", (7, 5), 10.6, 11.0)
     code, out = doctor("--preset", "llama3-8b-qlora")
