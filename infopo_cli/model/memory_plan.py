@@ -412,7 +412,7 @@ def static_parts(arch: Architecture, run: Training) -> tuple[Part, ...]:
 
 def layer_saved_per_token(arch: Architecture, run: Training, layout: Layout) -> float:
     """Bytes autograd saves per token in one decoder layer that is not recomputed."""
-    c, f, h, width = run.compute_bytes, LORA_BYTES, arch.hidden, layout.width
+    c, h, width = run.compute_bytes, arch.hidden, layout.width
     total = arch.norms_per_layer * (4 * h + 4)  # RMSNorm: the float32 input and 1/rms
     for group in dict.fromkeys(lin.reads for lin in arch.linears):
         targeted = [lin for lin in arch.linears if lin.reads == group and run.targeted(lin)]
