@@ -31,7 +31,8 @@ Cost, measured on a 2-core CPU with bf16 (2026-12-02): scoring the answers domin
 150 held-out pairs' log-probs and 150 greedy replies in batches of 64 with the default preset's 128-token budget
 (about half the base model's replies never stop before it; a reply that stops leaves its batch): about 2 minutes.
 A 3-epoch run has 13 of them next to ~14 minutes of training (225 steps): infopo seed 42 took 39.7 minutes
-(13.6 of them training), so 4 losses x 3 seeds take about 8 hours. Cheaper: `--max-eval 100`,
+(13.6 of them training), so 4 losses x 3 seeds take about 8 hours. The base model's replies (step 0) are generated
+once per task and budget and read from infopo's answers cache by every later run. Cheaper: `--max-eval 100`,
 `--evals-per-epoch 2`, or `--set eval_max_new_tokens=96`. A --task's budget can be longer: on 100 columns problems
 (292 new tokens, about half the replies stopping before it) one evaluation took 90-98 s (2026-12-05, 2-core Xeon).
 """

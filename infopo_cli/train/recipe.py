@@ -196,6 +196,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
                                share_prompt, init_sha256, report, world, global_batch, total_steps, state.step)
         answers = _answers(cfg, eval_pairs, evaluator is not None, report)
+        base_answers = _base_answers_key(cfg, model, tokenizer, answers, source, precision, init_sha256, world) \
+            if state.step == 0 else None
         # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
         # (sharded weights: a rank out of memory inside a pass cannot wait for the others, see `train_step`)
         fallback = Fallback(model, params, recompute if cfg.gradient_checkpointing == "auto" and not world.sharded else None,
@@ -204,6 +206,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         run = Run(cfg=cfg, spec=spec, loss_params=loss_params, world=world, report=report, stops=stops, run_dir=run_dir,
                   precision=precision, model=model, tokenizer=tokenizer, params=params, optimizer=optimizer,
                   schedule=schedule, scaler=scaler, fallback=fallback, log=log, evaluator=evaluator, answers=answers,
+                  base_answers=base_answers,
                   reference=reference, share_prompt=share_prompt, train_pairs=len(train_tok), global_batch=global_batch,
                   total_steps=total_steps, init_sha256=init_sha256, state=state)
 
@@ -381,6 +384,20 @@ def _answers(cfg: TrainConfig, eval_pairs: list[PreferencePair], evaluating: boo
     return answers
 
 
+def _base_answers_key(cfg: TrainConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[PromptRow],
+                      source: str, precision: Precision, init_sha256: str | None,
+                      world: distributed.World) -> str | None:
+    """The cache key of the step-0 replies to `rows` (train/answer_eval.py); None where they are not cached: no rows,
+    sharded weights (every process must decode together), or base files that cannot be found to key them."""
+    if not rows or world.sharded:
+        return None
+    identity = reference_cache.model_identity(source)
+    if identity is None:
+        return None
+    return answer_eval.cache_key(identity, _numerics(cfg, model, precision, init_sha256), tokenizer, world.shard(rows),
+                                 cfg.eval_max_new_tokens, cfg.eval_batch_size)
+
+
 def _write_outputs(summary: RunSummary, cfg: TrainConfig, loaded: Loaded, train_pairs: int, eval_pairs: int, source: str,
                    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path, log: MetricsLog,
                    guard: displacement.Guard, report: Reporter) -> None:
@@ -420,6 +437,7 @@ class Run:
     log: MetricsLog
     evaluator: Evaluator | None
     answers: list[PromptRow]            # the held-out rows whose answers are scored (each process scores its share)
+    base_answers: str | None            # the cache key of the step-0 replies (the base model's), or None
     reference: ReferenceTable | None    # precomputed reference log-probs, or None (a reference pass in every step)
     share_prompt: bool
     train_pairs: int
@@ -524,10 +542,13 @@ class Run:
         metrics = self.world.sum_metrics(totals).means(prefix="eval/")
         if self.answers and (step in (0, self.total_steps) or step % self.cfg.eval_generate_every == 0):
             mine = self.world.shard(self.answers)
+            if step == 0 and self.base_answers and answer_eval.cache_path(self.base_answers).is_file():
+                self.report.note("the base model's answers (step 0) read from the cache of an earlier run")
             extra = self.answers[:1] * self.world.lacking(len(mine), self.world.longest_share(len(self.answers)))
             records = answer_eval.answer_records(self.model, self.tokenizer, mine + extra, self.cfg.eval_max_new_tokens,
                                                  self.cfg.eval_batch_size, requested,
-                                                 self.world.any if self.world.sharded else bool) if mine or extra else []
+                                                 self.world.any if self.world.sharded else bool,
+                                                 self.base_answers if step == 0 else None) if mine or extra else []
             records = records[:len(mine)] if records is not None else None
             if self.world.any(records is None):  # a stop request cut the replies short: a resume scores them again
                 return None
@@ -613,6 +634,13 @@ def summarise(log: MetricsLog, run_dir: Path, precision: Precision, stop: Stop |
                       evals[-1] if evals and not stop and evals[-1]["step"] == step else {})
 
 
+def _numerics(cfg: TrainConfig, model: torch.nn.Module, precision: Precision, init_sha256: str | None) -> dict[str, Any]:
+    """What the frozen model's outputs depend on besides its files, for the caches' keys."""
+    return {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name,
+            "attn": attention_kernel(model) or cfg.attn_implementation, "init_adapter": init_sha256,
+            **({"backend": cfg.backend} if cfg.backend != "transformers" else {})}  # other kernels, other rounding
+
+
 def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cfg: TrainConfig, source: str,
                           precision, pad_id: int, share_prompt: bool, init_sha256: str | None,
                           report: Reporter, world: distributed.World = distributed.World(), reads: set[int] | None = None,
@@ -621,10 +649,8 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
     steps; None: every pair), from the cache or one no-grad pass (train/reference_cache.py). Only the batches that
     hold a pair read and not cached are computed (a short run of a large set pays for its own pairs); several
     processes each compute their share of those batches, and every process gets the whole table."""
-    settings = {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name, "attn": attention_kernel(model) or cfg.attn_implementation,
-                "share_prompt": share_prompt, "init_adapter": init_sha256, "max_length": cfg.max_length,
-                "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.eval_batch_size,  # padding: the last bits
-                **({"backend": cfg.backend} if cfg.backend != "transformers" else {})}  # other kernels, other rounding
+    settings = {**_numerics(cfg, model, precision, init_sha256), "share_prompt": share_prompt, "max_length": cfg.max_length,
+                "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.eval_batch_size}  # padding: the last bits
     identity = reference_cache.model_identity(source)
     key = reference_cache.cache_key(identity, settings, pairs) if identity is not None else None
     started = time.perf_counter()

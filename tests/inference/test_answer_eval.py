@@ -147,3 +147,50 @@ def test_a_stop_during_the_base_models_replies_keeps_the_run_folder_for_the_resu
     evals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "eval"]
     assert evals == [0, 2, 3]
+
+
+@pytest.mark.run
+def test_the_base_models_answers_are_generated_once_and_read_by_later_runs(tiny_model, tmp_path, monkeypatch, capsys):
+    held_out = with_answers(tmp_path / "held-out.jsonl", 6)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
+    real, asked = answer_eval.generate, []
+
+    def generate(model, tokenizer, prompts, *more):
+        asked.append(len(prompts))
+        return real(model, tokenizer, prompts, *more)
+
+    monkeypatch.setattr(answer_eval, "generate", generate)
+
+    def run(name: str, **kw) -> list[int]:
+        asked.clear()
+        settings = {"eval_data": str(held_out), "eval_max_new_tokens": 6, **kw}
+        recipe.train(tiny_cfg(tiny_model, pairs, tmp_path / name, max_steps=1, eval_generate_every=1, **settings))
+        return list(asked)
+
+    assert run("first") == [6, 6]  # the base model's replies (step 0), then the trained adapter's (step 1)
+    assert "read from the cache" not in capsys.readouterr().out
+    # another loss and seed on the same base and prompts: step 0 comes from the cache, the same replies
+    assert run("second", loss="ipo", seed=7) == [6]
+    assert "the base model's answers (step 0) read from the cache" in capsys.readouterr().out
+    step0 = [answer_eval.answers_file(tmp_path / name, 0).read_bytes() for name in ("first", "second")]
+    assert step0[0] == step0[1]
+    # anything the replies depend on changes the key: the budget, the batch (padding), the prompts
+    assert run("budget", eval_max_new_tokens=5) == [6, 6]
+    assert run("batch", eval_batch_size=3) == [6, 6]
+    assert run("prompts", eval_data=str(with_answers(tmp_path / "other.jsonl", 5))) == [5, 5]
+
+
+def test_a_damaged_or_mismatched_cache_entry_is_generated_again(tmp_path, monkeypatch):
+    from infopo_cli.inference.prompts import PromptRow
+
+    rows = [PromptRow(f"f:{i}", [{"role": "user", "content": "q"}], 1, "answer") for i in range(2)]
+    made = [Reply("The answer is 1.", 5, True), Reply("2", 1, False)]
+    calls = []
+    monkeypatch.setattr(answer_eval, "generate", lambda *a, **k: calls.append(1) or made)
+    model = torch.nn.Linear(1, 1)
+    first = answer_eval.answer_records(model, None, rows, 8, 2, cache_key="k")
+    assert answer_eval.answer_records(model, None, rows, 8, 2, cache_key="k") == first and len(calls) == 1
+    for damaged in ("{not json", json.dumps({"replies": [{"text": "x"}]}), json.dumps({"replies": []})):
+        answer_eval.cache_path("k").write_text(damaged)
+        assert answer_eval.answer_records(model, None, rows, 8, 2, cache_key="k") == first
+    assert len(calls) == 4 and [r["right"] for r in first] == [True, False]
