@@ -9,6 +9,7 @@ An unpaired feedback row is its prompt and its completion, tokenised as a chosen
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import signal
 import sys
@@ -42,6 +43,14 @@ class TokenizedPair:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 of every pair's token ids and label, in order: what a run trains on, as a resume checks it."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(repr((pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.label)).encode())
+    return digest.hexdigest()
 
 
 def _ids(tokenizer, text: str) -> list[int]:

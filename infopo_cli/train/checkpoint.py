@@ -118,20 +118,30 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position)."""
+def read_state(folder: Path) -> dict[str, Any]:
+    """The checkpoint's training_state.pt, checked to hold every key of STATE_KEYS (a resume reads it before the
+    model loads, to refuse early)."""
     try:
-        weights = load_file(str(folder / WEIGHTS_FILE))
         state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         raise CheckpointError(f"{folder}: cannot read the checkpoint: {STATE_FILE} holds more than tensors and plain "
                               "values, and infopo never runs code from a checkpoint") from None
-    except (OSError, SafetensorError, RuntimeError, EOFError) as err:
+    except (OSError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"{folder}: cannot read the checkpoint ({first_line(err, 'unreadable')})") from None
     missing_state = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
     if missing_state:
         raise CheckpointError(f"{folder}: not a checkpoint this version of infopo can resume (it lacks "
                               f"{', '.join(missing_state)}); start a new run")
+    return state
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position)."""
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except (OSError, SafetensorError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{folder}: cannot read the checkpoint ({first_line(err, 'unreadable')})") from None
+    state = read_state(folder)
     if problem := load_adapter_weights(model, weights):
         raise CheckpointError(f"{folder}: {problem}")
     try:

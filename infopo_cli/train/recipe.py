@@ -36,7 +36,7 @@ from infopo_cli.data.loading import Loaded, data_kind, no_pairs
 from infopo_cli.data.mixing import as_list
 from infopo_cli.data.feedback import mismatched
 from infopo_cli.data.token_cache import tokenize_cached
-from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, truncate
+from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, pairs_digest, truncate
 from infopo_cli.errors import ConfigError
 from infopo_cli.inference.prompts import PromptRow
 from infopo_cli.losses import registry
@@ -56,7 +56,7 @@ from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.progress import Reporter
-from infopo_cli.train.resume import accepted_schedule, check_length
+from infopo_cli.train.resume import accepted_schedule, check_data, check_length
 from infopo_cli.train.schedule import WarmupCosine
 from infopo_cli.train.state import TrainState
 from infopo_cli.train.stops import (ShardedOutOfMemory, Stop, StopRequests, diverged, eval_out_of_memory, not_started,
@@ -150,6 +150,9 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world)
         if spec.needs(loss_params).mismatched:  # KTO's reference point reads other rows' completions after each prompt
             train_tok, eval_tok = mismatched(train_tok, eval_tok, cfg.max_length)
+        data_sha256 = pairs_digest(train_tok)
+        if resume_from:  # the same pairs, or no resume: before the long model load
+            check_data(checkpoint.read_state(resume_from), resume_from, len(train_tok), data_sha256)
         # which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run that
         # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
         recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
@@ -185,7 +188,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             saved = checkpoint.load_checkpoint(resume_from, model, optimizer)
             state, saved_rng = TrainState.from_state(saved), saved["rng"]
             schedule = accepted_schedule(saved, resume_from, run_dir, cfg.init_adapter, init_sha256, global_batch,
-                                         len(train_tok), total_steps)
+                                         len(train_tok), total_steps, data_sha256)
             if saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             report.resumed(state.step, total_steps, resume_from, schedule)
@@ -208,7 +211,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                   schedule=schedule, scaler=scaler, fallback=fallback, log=log, evaluator=evaluator, answers=answers,
                   base_answers=base_answers,
                   reference=reference, share_prompt=share_prompt, train_pairs=len(train_tok), global_batch=global_batch,
-                  total_steps=total_steps, init_sha256=init_sha256, state=state)
+                  total_steps=total_steps, init_sha256=init_sha256, data_sha256=data_sha256, state=state)
 
         # --- the loop: evaluate first, then step; evaluate, stop and checkpoint only between steps --
         stop, stopping = None, world.any(stops.requested)  # agreed by every process, at each step boundary
@@ -444,6 +447,7 @@ class Run:
     global_batch: int
     total_steps: int
     init_sha256: str | None
+    data_sha256: str                    # the training pairs' hash, kept in each checkpoint for --resume to check
     state: TrainState
 
     def train_step(self, pairs: list[TokenizedPair]) -> dict[str, Any] | Stop:
@@ -574,7 +578,7 @@ class Run:
         adapter and optimizer state: rank 0 writes it."""
         state = self.state.state_dict(rng=rng, train_pairs=self.train_pairs, global_batch=self.global_batch,
                                       optimizer=self.optimizer, schedule=self.schedule, scaler=self.scaler,
-                                      init_sha256=self.init_sha256)
+                                      init_sha256=self.init_sha256, data_sha256=self.data_sha256)
         self.report.saved(checkpoint.save_checkpoint(self.run_dir, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
                           if self.world.is_main else self.run_dir / f"{checkpoint.PREFIX}{self.state.step}")
 

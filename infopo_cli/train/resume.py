@@ -76,10 +76,25 @@ def check_length(run_dir: Path, at_step: int, max_steps: int | None) -> None:
         raise ConfigError(f"{run_dir} is at step {at_step}; --max-steps must be at least that")
 
 
+def check_data(saved: dict[str, Any], folder: Path, train_pairs: int, data_sha256: str | None) -> None:
+    """Refuses a checkpoint (its training_state.pt `saved`) whose training pairs were other than these: their number,
+    and their hash (data/tokenization.py `pairs_digest`) where the checkpoint has one (earlier releases' have only the
+    number). A swapped chosen and rejected, an edited reply or a reordered file all change the hash."""
+    if saved["train_pairs"] != train_pairs:
+        raise CheckpointError(f"{folder}: the training data changed since this checkpoint "
+                              f"({saved['train_pairs']} pairs then, {train_pairs} now); start a new run")
+    if data_sha256 and saved.get("data_sha256", data_sha256) != data_sha256:
+        raise CheckpointError(f"{folder}: the training data changed since this checkpoint (as many pairs, "
+                              f"{train_pairs}, but not the same ones); put the original data back or start a new run")
+
+
 def accepted_schedule(saved: dict[str, Any], folder: Path, run_dir: Path, init_adapter: str | None,
-                      init_sha256: str | None, global_batch: int, train_pairs: int, total_steps: int) -> WarmupCosine:
+                      init_sha256: str | None, global_batch: int, train_pairs: int, total_steps: int,
+                      data_sha256: str | None = None) -> WarmupCosine:
     """The learning-rate schedule the checkpoint in `folder` (its training_state.pt `saved`) continues on, resized to
-    `total_steps`; refuses one whose init adapter, global batch or data changed, or whose rate already decayed to zero."""
+    `total_steps`; refuses one whose init adapter, global batch or data changed, or whose rate already decayed to zero.
+    `data_sha256`: the training pairs' hash (data/tokenization.py `pairs_digest`), compared where the checkpoint has one
+    (checkpoints of earlier releases have only the count)."""
     start = saved["step"]
     if saved.get("init_adapter_sha256") != init_sha256:
         raise CheckpointError(f"{init_adapter}: this run's init adapter changed since it started (its weights "
@@ -88,9 +103,7 @@ def accepted_schedule(saved: dict[str, Any], folder: Path, run_dir: Path, init_a
         raise CheckpointError(f"{folder}: its steps are global batches of {saved['global_batch']} pairs, this "
                               f"resume's of {global_batch} (--batch-size x --grad-accum x processes); keep "
                               f"{saved['global_batch']}")
-    if saved["train_pairs"] != train_pairs:
-        raise CheckpointError(f"{folder}: the training data changed since this checkpoint "
-                              f"({saved['train_pairs']} pairs then, {train_pairs} now); start a new run")
+    check_data(saved, folder, train_pairs, data_sha256)
     if total_steps < start:
         raise ConfigError(f"{run_dir} is at step {start}; --max-steps/--epochs must give at least that many "
                           f"steps (got {total_steps})")

@@ -30,14 +30,17 @@ class TrainState:
         self.bad_streak = 0 if finite else self.bad_streak + 1
 
     def state_dict(self, *, rng: dict[str, Any], train_pairs: int, global_batch: int, optimizer: torch.optim.Optimizer,
-                   schedule: WarmupCosine, scaler: torch.amp.GradScaler, init_sha256: str | None) -> dict[str, Any]:
-        """training_state.pt: every key of checkpoint.STATE_KEYS, plus the global batch and the init adapter's hash
-        that a resume checks (train/resume.py). The key order is that of every checkpoint written so far."""
+                   schedule: WarmupCosine, scaler: torch.amp.GradScaler, init_sha256: str | None,
+                   data_sha256: str | None = None) -> dict[str, Any]:
+        """training_state.pt: every key of checkpoint.STATE_KEYS, plus the global batch, the init adapter's hash and the
+        training pairs' hash that a resume checks (train/resume.py). The key order is that of every checkpoint written
+        so far."""
         return {"step": self.step, "pairs_seen": self.pairs_seen, "train_pairs": train_pairs, "global_batch": global_batch,
                 "rng": rng, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak, "pending_eval": self.pending_eval,
-                **({"init_adapter_sha256": init_sha256} if init_sha256 else {})}
+                **({"init_adapter_sha256": init_sha256} if init_sha256 else {}),
+                **({"data_sha256": data_sha256} if data_sha256 else {})}
 
     @classmethod
     def from_state(cls, saved: Mapping[str, Any]) -> TrainState:

@@ -451,6 +451,30 @@ def test_resume_refuses_to_extend_a_finished_run_or_to_train_on_changed_data(che
         recipe.train(resumed_config(load_preset(str(checkpointed / "config.toml")), {}, checkpointed), resume=checkpointed)
 
 
+def test_resume_refuses_the_same_number_of_other_pairs_before_the_model_loads(checkpointed, pairs_file, monkeypatch):
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    rows[3]["chosen"], rows[3]["rejected"] = rows[3]["rejected"], rows[3]["chosen"]  # one preference flipped
+    original = pairs_file.read_text()
+    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    from infopo_cli.model import stack
+
+    loads, real = [], stack.load_base
+    monkeypatch.setattr(stack, "load_base", lambda *a, **k: loads.append(1) or 1 / 0)
+    cfg = resumed_config(load_preset(str(checkpointed / "config.toml")), {}, checkpointed)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: the training data changed since this checkpoint \(as "
+                                              r"many pairs, 24, but not the same ones\)"):
+        recipe.train(cfg, resume=checkpointed)
+    assert not loads
+    # a checkpoint of an earlier release, without the hash, is checked by the number of pairs alone
+    state = checkpointed / "checkpoint-2" / "training_state.pt"
+    saved = torch.load(state, weights_only=True)
+    assert len(saved.pop("data_sha256")) == 64
+    torch.save(saved, state)
+    pairs_file.write_text(original)
+    monkeypatch.setattr(stack, "load_base", real)
+    assert recipe.train(cfg, resume=checkpointed).status == "completed"
+
+
 def test_resume_refuses_settings_that_change_the_maths(tmp_path):
     saved = TrainConfig(batch_size=2, grad_accum=2, lr=2e-4, preset="smollm2-135m")
     run_dir = tmp_path / "run"
