@@ -256,6 +256,9 @@ def _implicit(row: dict, where: str, fields: Fields) -> PreferencePair:
         cut += len(HH_ASSISTANT)
         prompt = _hh_messages(chosen[:cut], where, fields.chosen)
         return PreferencePair(prompt, _hh_reply(chosen[cut:]), _hh_reply(rejected[cut:]))
+    if HH_TURN.search(chosen) and HH_TURN.search(rejected):  # a word boundary inside a turn is no prompt
+        raise DataError(where, f"{fields.chosen}/{fields.rejected}", "the transcripts differ before their first "
+                        "'\\n\\nAssistant:' turn (in the human's turn): they share no prompt to prefer a reply to")
     cut = max(prefix.rfind("\n"), prefix.rfind(" "))  # no turn markers: the last line or word boundary
     if cut <= 0:
         raise DataError(where, fields.prompt, "missing, and chosen/rejected share no prompt prefix")

@@ -59,6 +59,16 @@ def test_anthropic_hh_implicit_prompt(tmp_path):
     assert loaded.format == "implicit" and loaded.pairs[0] == PreferencePair(*MULTI_TURN)
 
 
+def test_hh_transcripts_that_differ_in_the_human_turn_are_refused_not_cut_mid_turn(tmp_path):
+    row = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: What is 3+3?\n\nAssistant: 4"}
+    path = jsonl(tmp_path, HH, row)
+    with pytest.raises(DataError) as err:
+        load_pairs(path)
+    assert str(err.value).startswith(f"{path}:2: field 'chosen/rejected': the transcripts differ before their first")
+    kept = load_pairs(path, DataOptions(skip_invalid=True))
+    assert kept.pairs == [PreferencePair(*MULTI_TURN)] and len(kept.skipped) == 1
+
+
 def test_implicit_plain_text_cuts_at_a_line_boundary(tmp_path):
     row = {"chosen": "Question: 2 + 3?\nAnswer: 5", "rejected": "Question: 2 + 3?\nAnswer: 6"}
     pair = load_pairs(jsonl(tmp_path, row)).pairs[0]
