@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from infopo_cli.data.batching import epoch_batches, padding_fraction
 from infopo_cli.data.loading import DataOptions, balance, feedback_counts, load_pairs, no_pairs
-from infopo_cli.data.tokenization import auto_max_length, encode_pairs, truncate
+from infopo_cli.data.tokenization import auto_max_length, encode_pairs, same_once_truncated, truncate
 
 
 @dataclass
@@ -86,6 +86,9 @@ def check(spec: str, options: DataOptions, tokenizer, max_length: int | str, max
     report.max_length = max_length
     report.truncated = sum(t.length > max_length for t in full)
     kept = [truncate(t.prompt_ids, t.chosen_ids, t.rejected_ids, max_length, max_prompt_length, t.label) for t in full]
+    if same := same_once_truncated(kept):
+        report.notes.append(f"{len(same)} pairs are the same once truncated to max_length {max_length} (their replies "
+                            "differ only past it): a run leaves them out; raise --max-length to keep them")
     if report.unpaired:  # the completion rows' padding: a copy in the (empty) rejected slot keeps the share as it is
         kept = [replace(t, rejected_ids=t.chosen_ids) for t in kept]
     report.padding_grouped = padding_fraction(epoch_batches(kept, batch_size, random.Random(0)))

@@ -45,6 +45,13 @@ class TokenizedPair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
+def same_once_truncated(pairs: Sequence[TokenizedPair]) -> list[int]:
+    """Indices of the pairs whose chosen and rejected tokens are the same (their replies differed only past the cut
+    of max_length): such a pair prefers nothing, yet a loss that is not a difference of the two (InfoPO's, an SFT
+    term) would still train on it."""
+    return [i for i, p in enumerate(pairs) if p.label is None and p.truncated and p.chosen_ids == p.rejected_ids]
+
+
 def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     """sha256 of every pair's token ids and label, in order: what a run trains on, as a resume checks it."""
     digest = hashlib.sha256()

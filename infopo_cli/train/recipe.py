@@ -36,7 +36,7 @@ from infopo_cli.data.loading import Loaded, data_kind, no_pairs
 from infopo_cli.data.mixing import as_list
 from infopo_cli.data.feedback import mismatched
 from infopo_cli.data.token_cache import tokenize_cached
-from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, pairs_digest, truncate
+from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, pairs_digest, same_once_truncated, truncate
 from infopo_cli.errors import ConfigError
 from infopo_cli.inference.prompts import PromptRow
 from infopo_cli.losses import registry
@@ -291,6 +291,14 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
                     f"(max_prompt_length {cfg.max_prompt_length})")
         train_tok, eval_tok = ([truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, cfg.max_length,
                                          cfg.max_prompt_length, p.label) for p in tokenized] for tokenized in (train_tok, eval_tok))
+    for name, tokenized in (("training", train_tok), ("held-out", eval_tok)):
+        if same := set(same_once_truncated(tokenized)):
+            report.note(f"warning: {len(same)} {name} pairs are the same once truncated to max_length {cfg.max_length} "
+                        "(their replies differ only past it): left out, they prefer nothing; raise --max-length to keep them")
+            tokenized[:] = [p for i, p in enumerate(tokenized) if i not in same]
+    if not train_tok:
+        raise ConfigError(f"every training pair is the same once truncated to max_length {cfg.max_length}: raise "
+                          "--max-length")
     report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
                      sum(p.truncated for p in train_tok + eval_tok), cfg.max_length,
                      "pairs" if train_tok[0].label is None else "rows")

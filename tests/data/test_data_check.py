@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import build_tokenizer, infopo
+from conftest import build_tokenizer, infopo, tiny_cfg
 from test_formats import HH, UF
 from test_tokenization import APOLOGISES, APOLOGY_NOTE, FITS, rows_file
 
@@ -117,3 +117,20 @@ def test_data_check_reports_pairs_that_cannot_be_tokenised_as_invalid_rows(tmp_p
     assert len(report.lengths["prompt"]) == 2
     with pytest.raises(InfopoError, match=r"no preference pairs \(1 invalid rows"):
         data_check(rows_file(tmp_path, APOLOGISES), DataOptions(skip_invalid=True), tok, 128, 64, 2)
+
+
+@pytest.mark.run
+def test_pairs_that_truncation_makes_the_same_are_named_and_left_out(tmp_path, tiny_model, capsys):
+    from infopo_cli.train import recipe
+
+    long = " ".join(["word"] * 300)
+    rows = [{"prompt": f"Q{i}?", "chosen": f"{long} good", "rejected": f"{long} bad"} for i in range(2)]
+    rows += [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(6)]
+    data = write(tmp_path / "long.jsonl", rows)
+    out = check(data, "--model", str(tiny_model), "--max-length", "128")
+    assert out.returncode == 0, out.stderr
+    assert "2 pairs are the same once truncated to max_length 128" in " ".join(out.stdout.split())
+    recipe.train(tiny_cfg(tiny_model, data, tmp_path / "run", eval_data="", max_steps=1))  # max_length 128
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warning: 2 training pairs are the same once truncated to max_length 128" in said
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["data"]["pairs"] == 6
