@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from infopo_cli.errors import DataError
+from infopo_cli.errors import ConfigError, DataError
 
 FORMATS = ("auto", "explicit", "conversational", "implicit", "unpaired")
 ROLES = ("system", "user", "assistant", "tool")
@@ -42,6 +42,15 @@ class Fields:
     rejected: str = "rejected"
     completion: str = "completion"
     label: str = "label"
+
+    def __post_init__(self) -> None:
+        for roles in (("prompt", "chosen", "rejected"), ("prompt", "completion", "label")):
+            named = [(role, getattr(self, role)) for role in roles]
+            for i, (role, name) in enumerate(named):
+                for other, same in named[i + 1:]:
+                    if name == same:
+                        raise ConfigError(f"--{role}-field and --{other}-field both name the column '{name}': each "
+                                          "role needs its own")
 
     def flag(self, name: str) -> str:
         """The option that names field `name`: 'chosen' -> '--chosen-field'."""
@@ -133,6 +142,9 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
     if fmt == "conversational":
         pair = _conversational(row, where, fields)
     elif fmt == "implicit":
+        if row.get(fields.prompt) is not None:  # --format implicit given for rows that have their prompt apart
+            raise DataError(where, fields.prompt, "present, but --format implicit reads the prompt off the start that "
+                            "chosen and rejected share; use --format explicit (or auto)")
         pair = _implicit(row, where, fields)
     else:
         pair = PreferencePair(_string(row, fields.prompt, where), _string(row, fields.chosen, where, reply=True),

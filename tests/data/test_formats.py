@@ -69,6 +69,19 @@ def test_hh_transcripts_that_differ_in_the_human_turn_are_refused_not_cut_mid_tu
     assert kept.pairs == [PreferencePair(*MULTI_TURN)] and len(kept.skipped) == 1
 
 
+def test_implicit_format_given_for_rows_with_a_prompt_is_refused_not_dropped(tmp_path):
+    path = jsonl(tmp_path, EXPLICIT)
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt': present, but --format implicit"):
+        load_pairs(path, DataOptions(format="implicit"))
+
+
+@pytest.mark.parametrize("mapped", [dict(chosen="prompt"), dict(prompt="chosen"), dict(rejected="chosen"),
+                                    dict(completion="prompt"), dict(label="completion")])
+def test_one_column_for_two_roles_is_refused(mapped):
+    with pytest.raises(InfopoError, match=r"^--\w+-field and --\w+-field both name the column '\w+': each role"):
+        Fields(**mapped)
+
+
 def test_implicit_plain_text_cuts_at_a_line_boundary(tmp_path):
     row = {"chosen": "Question: 2 + 3?\nAnswer: 5", "rejected": "Question: 2 + 3?\nAnswer: 6"}
     pair = load_pairs(jsonl(tmp_path, row)).pairs[0]
