@@ -56,7 +56,7 @@ from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.progress import Reporter
-from infopo_cli.train.resume import accepted_schedule, check_data, check_length
+from infopo_cli.train.resume import accepted_schedule, check_length, check_resumable
 from infopo_cli.train.schedule import WarmupCosine
 from infopo_cli.train.state import TrainState
 from infopo_cli.train.stops import (ShardedOutOfMemory, Stop, StopRequests, diverged, eval_out_of_memory, not_started,
@@ -150,9 +150,14 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world)
         if spec.needs(loss_params).mismatched:  # KTO's reference point reads other rows' completions after each prompt
             train_tok, eval_tok = mismatched(train_tok, eval_tok, cfg.max_length)
+        # A step is one global batch, split into micro-batches: the data order depends only on the
+        # global batch, so a resume may split it differently (after running out of memory).
+        global_batch = distributed.global_batch(cfg.batch_size, cfg.grad_accum, world.size)
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
         data_sha256 = pairs_digest(train_tok)
-        if resume_from:  # the same pairs, or no resume: before the long model load
-            check_data(checkpoint.read_state(resume_from), resume_from, len(train_tok), data_sha256)
+        if resume_from:  # a checkpoint this run cannot continue is refused before the long model load
+            check_resumable(checkpoint.read_state(resume_from), resume_from, run_dir, global_batch, len(train_tok),
+                            total_steps, data_sha256)
         # which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run that
         # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
         recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
@@ -174,10 +179,6 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                         "each weight at every call")
 
         # --- optimizer, schedule, gradient scaler; a resume's state ------------------------------
-        # A step is one global batch, split into micro-batches: the data order depends only on the
-        # global batch, so a resume may split it differently (after running out of memory).
-        global_batch = distributed.global_batch(cfg.batch_size, cfg.grad_accum, world.size)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params, precision.device)
         schedule = WarmupCosine(cfg.lr, int(cfg.warmup_ratio * total_steps), total_steps)

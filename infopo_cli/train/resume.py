@@ -88,17 +88,12 @@ def check_data(saved: dict[str, Any], folder: Path, train_pairs: int, data_sha25
                               f"{train_pairs}, but not the same ones); put the original data back or start a new run")
 
 
-def accepted_schedule(saved: dict[str, Any], folder: Path, run_dir: Path, init_adapter: str | None,
-                      init_sha256: str | None, global_batch: int, train_pairs: int, total_steps: int,
-                      data_sha256: str | None = None) -> WarmupCosine:
-    """The learning-rate schedule the checkpoint in `folder` (its training_state.pt `saved`) continues on, resized to
-    `total_steps`; refuses one whose init adapter, global batch or data changed, or whose rate already decayed to zero.
-    `data_sha256`: the training pairs' hash (data/tokenization.py `pairs_digest`), compared where the checkpoint has one
-    (checkpoints of earlier releases have only the count)."""
+def check_resumable(saved: dict[str, Any], folder: Path, run_dir: Path, global_batch: int, train_pairs: int,
+                    total_steps: int, data_sha256: str | None = None) -> None:
+    """Refuses the checkpoint in `folder` (its training_state.pt `saved`) where this run cannot continue it exactly:
+    another global batch or other data, fewer steps than it took, or a run that finished with its rate at zero.
+    Checked before the model loads, and again on the loaded checkpoint (`accepted_schedule`)."""
     start = saved["step"]
-    if saved.get("init_adapter_sha256") != init_sha256:
-        raise CheckpointError(f"{init_adapter}: this run's init adapter changed since it started (its weights "
-                              "are the reference); put the original back or start a new run")
     if saved.get("global_batch", global_batch) != global_batch:
         raise CheckpointError(f"{folder}: its steps are global batches of {saved['global_batch']} pairs, this "
                               f"resume's of {global_batch} (--batch-size x --grad-accum x processes); keep "
@@ -111,4 +106,15 @@ def accepted_schedule(saved: dict[str, Any], folder: Path, run_dir: Path, init_a
     if start >= planned.total and total_steps > start:
         raise ConfigError(f"{run_dir} finished its {start} steps and its learning rate has decayed to zero, so "
                           "more steps would not train; start a new run (extend a run before it ends)")
-    return planned.resized(start, total_steps)
+
+
+def accepted_schedule(saved: dict[str, Any], folder: Path, run_dir: Path, init_adapter: str | None,
+                      init_sha256: str | None, global_batch: int, train_pairs: int, total_steps: int,
+                      data_sha256: str | None = None) -> WarmupCosine:
+    """The learning-rate schedule the checkpoint in `folder` (its training_state.pt `saved`) continues on, resized to
+    `total_steps`; refuses one whose init adapter changed, or that `check_resumable` refuses."""
+    if saved.get("init_adapter_sha256") != init_sha256:
+        raise CheckpointError(f"{init_adapter}: this run's init adapter changed since it started (its weights "
+                              "are the reference); put the original back or start a new run")
+    check_resumable(saved, folder, run_dir, global_batch, train_pairs, total_steps, data_sha256)
+    return WarmupCosine.from_state_dict(saved["schedule"]).resized(saved["step"], total_steps)

@@ -436,16 +436,21 @@ def test_an_adapter_that_does_not_match_is_one_line_naming_the_checkpoint(checkp
     first = sorted(tensors)[0]
     tensors[first.replace("lora_A", "lora_Z")] = tensors.pop(first)
     save_file(tensors, str(weights))
-    cfg = resumed_config(load_preset(str(checkpointed / "config.toml")), {"max_steps": 3}, checkpointed)
+    cfg = resumed_config(load_preset(str(checkpointed / "config.toml")), {}, checkpointed)
     with pytest.raises(CheckpointError) as err:
         recipe.train(cfg, resume=checkpointed)
     assert "checkpoint-2" in str(err.value) and "do not match" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_resume_refuses_to_extend_a_finished_run_or_to_train_on_changed_data(checkpointed, pairs_file):
+def test_resume_refuses_to_extend_a_finished_run_or_to_train_on_changed_data(checkpointed, pairs_file, monkeypatch):
+    from infopo_cli.model import stack
+
+    real = stack.load_base
+    monkeypatch.setattr(stack, "load_base", lambda *a, **k: 1 / 0)  # refused before the model loads
     cfg = resumed_config(load_preset(str(checkpointed / "config.toml")), {"max_steps": 5}, checkpointed)
     with pytest.raises(ConfigError, match="finished its 2 steps and its learning rate has decayed to zero"):
         recipe.train(cfg, resume=checkpointed)
+    monkeypatch.setattr(stack, "load_base", real)
     pairs_file.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:-2]))  # two rows fewer
     with pytest.raises(CheckpointError, match=r"training data changed since this checkpoint \(24 pairs then, 22 now\)"):
         recipe.train(resumed_config(load_preset(str(checkpointed / "config.toml")), {}, checkpointed), resume=checkpointed)
