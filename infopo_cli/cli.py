@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from infopo_cli import __version__
-from infopo_cli.cli_options import given, settings_options
+from infopo_cli.cli_options import check_text, given, settings_options
 from infopo_cli.config import CLI_SETTINGS, help_for
 from infopo_cli.errors import InfopoError
 from infopo_cli.inference.answers import RULE as ANSWER_RULE  # standard library only: --help stays instant
@@ -233,12 +233,16 @@ def presets_list(ctx: typer.Context) -> None:
 
 @presets_app.command("show")
 def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .toml file.")]) -> None:
-    """Print one preset's settings with what each one means."""
+    """Print one preset's settings with what each one means, as TOML (lines may be copied into a preset file)."""
     from infopo_cli import presets
+    from infopo_cli.config import to_toml
 
     cfg = presets.load_preset(name)
     for key, value in cfg.to_dict().items():
-        console.print(f"[bold]{key}[/] = {escape(repr(value))}  [dim]# {escape(help_for(key))}[/]", highlight=False)
+        # to_toml: true/false, quoted strings, lists; an unset value is a comment, as config.toml writes it.
+        # soft_wrap: a line wrapped at the terminal's width would not be TOML
+        line = to_toml({key: value}).rstrip("\n")
+        console.print(f"[bold]{escape(line)}[/]  [dim]# {escape(help_for(key))}[/]", highlight=False, soft_wrap=True)
 
 
 # GB per billion parameters = the type's bytes per weight (export/gguf.py QUANTS; a test keeps them equal).
@@ -386,8 +390,12 @@ SamplingSeed = Annotated[int, typer.Option("--seed", help="Seed for sampling.")]
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int = 0):
+    from infopo_cli.config import SEED_MAX
+    from infopo_cli.errors import ConfigError
     from infopo_cli.inference.generation import Sampling
 
+    if not 0 <= seed <= SEED_MAX:  # torch's range; outside it sampling would fail only after the model loaded
+        raise ConfigError(f"--seed must be from 0 to {SEED_MAX} (got {seed})")
     return Sampling(max_new_tokens, temperature, top_p, top_k, seed).check()
 
 
@@ -468,6 +476,8 @@ def generate(
 
     if not prompt:
         raise ConfigError("--prompt TEXT is required")
+    check_text("--prompt", prompt)
+    check_text("--system", system)
     target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     from infopo_cli.inference.generation import as_messages, generate as replies_to
@@ -510,6 +520,7 @@ def chat(
     """
     from infopo_cli.inference.models import find_target
 
+    check_text("--system", system)
     target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     from infopo_cli.inference.chat import HELP, ChatSession, run_chat
@@ -531,8 +542,10 @@ def chat(
         _note(f"chatting with {gguf.name if gguf else loaded.name}{' (base)' if base_model else ''}: {HELP}")
 
     def read_line() -> str | None:
-        if not interactive:
-            return sys.stdin.readline() or None
+        if not interactive:  # bytes, decoded a line at a time: a line that is not UTF-8 spoils no other line
+            stdin = getattr(sys.stdin, "buffer", None)
+            line = stdin.readline().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.readline()
+            return line or None
         try:
             return console.input("[bold]you>[/] ")
         except EOFError:
@@ -593,7 +606,7 @@ COMPARE_SETTINGS = tuple(name for name in CLI_SETTINGS if name not in OWN_FLAGS
 @settings_options(COMPARE_SETTINGS)
 def compare(
     loss: Annotated[str, typer.Option("--loss", help="The losses to train, a comma list (see `infopo losses`).")] = "infopo,dpo",
-    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Also sweep one setting: SETTING=V1,V2 (e.g. beta=0.1,0.3): one run per loss and value.", show_default=False)] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="Also sweep one setting: SETTING=V1,V2 (e.g. beta=0.1,0.3): one run per loss and value.", metavar="SETTING=V1,V2", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Parent folder of the runs (default runs/compare-LOSSES-TIME); the same command with it continues a stopped comparison.", show_default=False)] = None,
     generate: Annotated[bool, typer.Option("--generate", help="Then `infopo eval --generate` every run: one table of base and tuned answers.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply with --generate.")] = 256,
@@ -612,9 +625,12 @@ def compare(
     from pathlib import Path
 
     from infopo_cli import presets
+    from infopo_cli.errors import ConfigError
     from infopo_cli.train import compare as comparison
 
-    planned = comparison.prepare(loss, sweep, output, settings, preset or presets.DEFAULT_PRESET)
+    if sweep and len(sweep) > 1:  # a list only to see a repeat: typer would keep the last one silently
+        raise ConfigError(f"--sweep given {len(sweep)} times: give one --sweep (a comparison sweeps one setting)")
+    planned = comparison.prepare(loss, sweep[0] if sweep else None, output, settings, preset or presets.DEFAULT_PRESET)
     if len({cfg.loss for cfg in planned.configs}) > 1:  # one loss over a sweep meets the data as its first run does
         comparison.check_data(planned.configs)
     resuming = planned.check() if dry_run else planned.claim()
@@ -754,6 +770,13 @@ def plan(
 
     cfg = merge(presets.load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     cfg.validate()
+    if prompt_length is not None:  # the bounds `infopo train` holds max_prompt_length to (out of them the plan clamps)
+        from infopo_cli.errors import ConfigError
+
+        if prompt_length <= 0:
+            raise ConfigError(f"--prompt-length must be > 0 (got {prompt_length})")
+        if isinstance(cfg.max_length, int) and prompt_length >= cfg.max_length:
+            raise ConfigError(f"--prompt-length ({prompt_length}) must be < max_length ({cfg.max_length})")
     print_plan(console, cfg, prompt_length, gpu_mem, fsdp=fsdp, preset=preset or presets.DEFAULT_PRESET)
 
 
@@ -851,9 +874,11 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except InfopoError as err:
+        if debug:  # the traceback, but the exit code stays the error's (2 for bad input)
+            import traceback
+
+            traceback.print_exc()
         err_console.print(f"{who}[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        if debug:
-            raise
         sys.exit(err.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

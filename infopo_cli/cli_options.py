@@ -14,7 +14,20 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from infopo_cli.config import cli_option
+from infopo_cli.config import cli_option, flag
+from infopo_cli.errors import ConfigError
+
+# settings that are free text for a tokenizer (paths, names and ids may be any bytes the system allows)
+TEXT_SETTINGS = ("system_prompt",)
+
+
+def check_text(option: str, value: str | None) -> None:
+    """A text option must be UTF-8: Python passes the bytes of one that is not as lone surrogates (surrogateescape),
+    which a tokenizer refuses only once the model has loaded, with a TypeError."""
+    try:
+        (value or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{option} is not valid UTF-8") from None
 
 
 def given(params: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
@@ -56,6 +69,9 @@ def settings_options(names: Iterable[str], changes: Mapping[str, Mapping[str, An
         @functools.wraps(command)
         def wrapper(**params: Any) -> Any:
             settings = given(params, names)
+            for name in TEXT_SETTINGS:
+                if isinstance(settings.get(name), str):
+                    check_text(flag(name), settings[name])
             return command(**{k: v for k, v in params.items() if k not in names}, settings=settings)
 
         wrapper.__signature__ = inspect.Signature(parameters)  # what typer reads instead of **params

@@ -33,6 +33,8 @@ TRACKERS = ("tensorboard", "wandb", "trackio")  # train/trackers.py; --report-to
 
 
 REFERENCES = ("precompute", "online")
+# the largest seed torch.manual_seed takes (an unsigned 64-bit number): a larger one fails only once training starts
+SEED_MAX = 2**64 - 1
 
 
 def _f(default: Any, help: str, *, panel: str | None = None, flag: str | None = None, metavar: str | None = None,
@@ -438,6 +440,10 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# upper bounds, beside LIMITS' lower ones: the largest value a library downstream takes
+MOST: dict[str, tuple[int, str]] = {"seed": (SEED_MAX, "the largest seed torch takes")}
+
+
 def tracker_names(report_to: str, known_only: bool = True) -> list[str]:
     """`--report-to`'s comma list as names, each once, in order; `none` (alone or in the list) adds nothing."""
     names = list(dict.fromkeys(n.strip().lower() for n in report_to.split(",") if n.strip()))
@@ -453,6 +459,8 @@ def _limit_problem(name: str, value: Any) -> str | None:
         return f"{name} must be a finite number (got {value})"
     if name in LIMITS and not LIMITS[name][0](value):
         return f"{name} must {LIMITS[name][1]} (got {value!r})"
+    if name in MOST and value > MOST[name][0]:
+        return f"{name} must be <= {MOST[name][0]}, {MOST[name][1]} (got {value!r})"
     return None
 
 

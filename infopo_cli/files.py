@@ -94,6 +94,16 @@ def usual_permissions(path: Path | str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
+def _usual_permissions_tree(root: Path | str) -> None:
+    """`usual_permissions` for `root` and, for a folder, everything in it: libraries write files there as mkstemp does
+    (safetensors saves through an owner-only temporary of its own), which a plain open() would not."""
+    usual_permissions(root)
+    for here, folders, names in os.walk(root):
+        for name in folders + names:
+            if not os.path.islink(os.path.join(here, name)):  # chmod would change the link's target
+                usual_permissions(os.path.join(here, name))
+
+
 def _fsync_path(path: Path | str) -> None:
     """Flush a file or folder to the disk. A folder's fsync makes the names in it (a rename) durable."""
     if os.name == "nt" and os.path.isdir(path):
@@ -233,7 +243,7 @@ def move_into_place(src: Path | str, dst: Path | str) -> None:
     """
     src, dst = Path(src), Path(dst)
     with _writing(dst):
-        usual_permissions(src)
+        _usual_permissions_tree(src)
         if src.is_dir():
             _fsync_tree(src)
         else:
@@ -288,7 +298,7 @@ def folder(target: Path | str, replace: bool = True) -> Iterator[Path]:
         with _writing(target, disk_only=True):
             yield tmp
         with _writing(target):
-            usual_permissions(tmp)
+            _usual_permissions_tree(tmp)
             _fsync_tree(tmp)
             if replace:
                 _swap_in(tmp, target)

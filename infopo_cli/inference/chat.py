@@ -16,6 +16,16 @@ from infopo_cli.inference.generation import Messages, as_messages
 EXIT = ("/exit", "/quit")
 RESET = "/reset"
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it; Ctrl-C stops a reply"
+NOT_UTF8 = "(that line is not valid UTF-8; skipped)"
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding bytes that were not UTF-8 (Python's surrogateescape gives them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -40,7 +50,8 @@ class ChatSession:
 
 def run_chat(session: ChatSession, reply: Callable[[Messages], Iterable[str]], read_line: Callable[[], str | None],
              write: Callable[[str], None], note: Callable[[str], None]) -> int:
-    """Answer lines from `read_line` (None at the end of input) until /exit; returns the number of replies."""
+    """Answer lines from `read_line` (None at the end of input) until /exit; returns the number of replies. A line
+    that is not UTF-8 is skipped with a note."""
     replies = 0
     while True:
         try:
@@ -48,8 +59,14 @@ def run_chat(session: ChatSession, reply: Callable[[Messages], Iterable[str]], r
         except KeyboardInterrupt:  # at the prompt, not in a reply: the user wants out
             note("")
             return replies
+        except UnicodeDecodeError:  # a reader that decodes strictly (input() on a terminal)
+            note(NOT_UTF8)
+            continue
         if line is None:
             return replies
+        if not _is_utf8(line):  # a tokenizer would refuse it and end the session
+            note(NOT_UTF8)
+            continue
         user = line.strip()
         if not user:
             continue

@@ -85,13 +85,32 @@ def prepare(losses: str, sweep: str | None, output: str | None, flags: dict[str,
     """`infopo compare`'s command line as a checked plan: `losses` a comma list, `sweep` SETTING=V1,V2, `output` the
     parent (default runs/compare-LOSSES-TIME), `flags` the train settings given. Every loss name and flag is checked
     here, before anything is written."""
-    variants = plan([name.strip() for name in losses.split(",") if name.strip()], parse_sweep(sweep))
+    swept = parse_sweep(sweep)
+    variants = plan([name.strip() for name in losses.split(",") if name.strip()], swept)
     # the swept values typed as `infopo train` types them on its command line
     variants = [replace(v, settings={k: value if k == "loss" else from_flag(k, value) for k, value in v.settings.items()})
                 for v in variants]
     names = "-".join(v.settings["loss"] for v in variants[:3])
     parent = Path(output) if output else Path("runs") / f"compare-{names}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Comparison(variants, configs(variants, flags, parent, preset), parent, {k: str(v) for k, v in flags.items()})
+    checked = configs(variants, flags, parent, preset)
+    if swept:  # the first loss's runs, one per value, in order
+        each_value_once(sweep, swept[1], [getattr(cfg, swept[0]) for cfg in checked[:len(swept[1])]])
+        if len({v.name for v in variants}) < len(variants):  # distinct values the folder names spell alike ("a b", "a_b")
+            raise ConfigError(f"--sweep {sweep}: two values give the same run folder name; give values that differ "
+                              "in letters, digits or . + -")
+    return Comparison(variants, checked, parent, {k: str(v) for k, v in flags.items()})
+
+
+def each_value_once(text: str, items: list[str], values: list[Any]) -> None:
+    """Refuse a swept value given twice, compared as the run reads it (0.1 and 0.10 are one value): it would train the
+    same run twice."""
+    first: dict[str, str] = {}
+    for item, value in zip(items, values):
+        key = json.dumps(value, sort_keys=True, default=str)  # lists (target_modules) too
+        if key in first:
+            again = "is given twice" if item == first[key] else f"is the same value as {first[key]}"
+            raise ConfigError(f"--sweep {text}: {item} {again}; give each value once")
+        first[key] = item
 
 
 def configs(variants: list[Variant], flags: dict[str, Any], parent: Path, preset: str) -> list[Any]:

@@ -225,7 +225,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         if saved_rng:
             checkpoint.restore_rng(saved_rng)  # last, so nothing in the set-up above draws from it
         if world.rank:  # other processes draw other LoRA dropout masks (rank 0 draws what one process would)
-            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + state.step)
+            torch.manual_seed((cfg.seed + 1_000_003 * world.rank + state.step) % 2**64)  # torch takes 64 bits
         model.train()
         with report.progress(total_steps, state.step) as bar:
             while state.step < total_steps and not stopping and not stop:
