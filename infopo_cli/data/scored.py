@@ -258,6 +258,8 @@ def _ranked_items(row: dict, where: str) -> list[_Item]:
         label = f"item {i + 1}"
         text = _text(answer, where, "answers", label, ("answer",) + TEXT_KEYS)
         rank = _number(answer.get("rank"), where, "answers", f"{label}: 'rank'") if isinstance(answer, dict) else None
+        if rank is not None and rank < 1:
+            raise DataError(where, "answers", f"{label}: 'rank' must be 1 or more (1 is best), got {_show(answer['rank'])}")
         if rank is not None:
             items.append(_Item(text, -rank, "answers", label))
     return items
@@ -286,6 +288,10 @@ def _labelled(row: dict, where: str, options: ScoreOptions) -> tuple[list[Prefer
     if scored and score_a == score_b:
         return [], TIE
     a_wins = label == 1 if label is not None else score_a > score_b
+    if label is not None and scored and a_wins != (score_a > score_b):  # SHP's label is the higher vote count
+        raise DataError(where, "labels", f"{_show(row['labels'])} prefers human_ref_{'A' if a_wins else 'B'}, but its "
+                                         f"votes prefer the other (score_A {_show(row['score_A'])}, score_B "
+                                         f"{_show(row['score_B'])})")
 
     ratio = _number(row.get("score_ratio"), where, "score_ratio")
     if ratio is None and scored and options.min_score_ratio > 1:

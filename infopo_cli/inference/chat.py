@@ -8,6 +8,7 @@ function from messages to text pieces (transformers or llama.cpp).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -75,6 +76,9 @@ def run_chat(session: ChatSession, reply: Callable[[Messages], Iterable[str]], r
         if user == RESET:
             session.reset()
             note("(conversation cleared)")
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", user):  # a mistyped command, not a message for the model
+            note(f"(unknown command {user}: {HELP})")
             continue
         pieces: list[str] = []
         stream = iter(reply(session.messages(user)))

@@ -238,6 +238,13 @@ def test_nectar_tied_ranks():
     assert run(row) == ([], "all completions tie")
 
 
+@pytest.mark.parametrize("rank", [0, -1])
+def test_nectar_ranks_below_one_are_refused(rank):
+    row = {**NECTAR, "answers": [{**NECTAR["answers"][0], "rank": rank}, *NECTAR["answers"][1:]]}
+    with pytest.raises(DataError, match=rf"field 'answers': item 1: 'rank' must be 1 or more \(1 is best\), got {rank}"):
+        run(row)
+
+
 # --- labelled: SHP ------------------------------------------------------------------------------------------------
 
 def test_shp_labels_choose():
@@ -245,6 +252,13 @@ def test_shp_labels_choose():
     flipped = {**SHP, "labels": 0, "score_A": 12, "score_B": 52}
     assert triples(run(flipped)[0]) == [("Why is the sky blue?", SHP_B, SHP_A)]
     assert run(SHP)[0][0].where == WHERE
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_an_shp_label_that_contradicts_its_votes_is_refused(label):
+    row = {**SHP, "labels": label, "score_A": 10, "score_B": 2} if label == 0 else {**SHP, "score_A": 2, "score_B": 10}
+    with pytest.raises(DataError, match=r"field 'labels': [01] prefers human_ref_[AB], but its votes prefer the other"):
+        run(row)
 
 
 def test_shp_min_score_ratio_uses_the_given_ratio_else_the_scores():

@@ -234,7 +234,7 @@ def test_generate_and_chat_commands(run, loaded):
 def test_chat_keeps_the_history_and_reset_and_ctrl_c_end_a_reply_only(loaded):
     model, tokenizer = loaded.model, loaded.tokenizer
     seen, written = [], []
-    lines = iter(["hi", "what now?", "/reset", "boom", "after", "/exit", "never read"])
+    lines = iter(["hi", "what now?", "/reset", "/rest", "boom", "after", "/exit", "never read"])
 
     def reply(messages):
         seen.append(messages)
@@ -245,8 +245,10 @@ def test_chat_keeps_the_history_and_reset_and_ctrl_c_end_a_reply_only(loaded):
             return interrupted()
         return stream(model, tokenizer, messages, SHORT)
 
-    session = ChatSession(system="Be brief.")
-    count = run_chat(session, reply, lambda: next(lines, None), written.append, lambda _: None)
+    session, notes = ChatSession(system="Be brief."), []
+    count = run_chat(session, reply, lambda: next(lines, None), written.append, notes.append)
+    assert notes[:2] == ["(conversation cleared)", "(unknown command /rest: /reset clears the conversation, /exit (or "
+                         "Ctrl-D) ends it; Ctrl-C stops a reply)"]  # a mistyped command never reaches the model
     first = generate(model, tokenizer, [as_messages("hi", "Be brief.")], SHORT)[0].text
     assert count == 4
     assert seen[1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
