@@ -154,6 +154,9 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         # global batch, so a resume may split it differently (after running out of memory).
         global_batch = distributed.global_batch(cfg.batch_size, cfg.grad_accum, world.size)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
+        if global_batch > len(train_tok):
+            report.note(f"warning: a step's global batch of {global_batch} pairs is more than the {len(train_tok)} "
+                        "training pairs, so each step repeats some of them; lower --batch-size or --grad-accum")
         data_sha256 = pairs_digest(train_tok)
         if resume_from:  # a checkpoint this run cannot continue is refused before the long model load
             check_resumable(checkpoint.read_state(resume_from), resume_from, run_dir, global_batch, len(train_tok),

@@ -167,6 +167,7 @@ def claim_outputs(out: Path, data: list[str], generate: bool, overwrite: bool) -
         if path.resolve() in sources:
             raise ConfigError(f"--out {out} would write {path}, the data this evaluation reads; choose another --out")
     files.claim_targets(paths, overwrite)
+    files.check_writable(out, "--out")
 
 
 # --- preference metrics ----------------------------------------------------------------------------

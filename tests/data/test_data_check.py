@@ -134,3 +134,15 @@ def test_pairs_that_truncation_makes_the_same_are_named_and_left_out(tmp_path, t
     said = " ".join(capsys.readouterr().out.split())
     assert "warning: 2 training pairs are the same once truncated to max_length 128" in said
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["data"]["pairs"] == 6
+
+
+@pytest.mark.run
+def test_a_global_batch_larger_than_the_data_is_said(tmp_path, tiny_model, capsys):
+    from conftest import write_pairs
+
+    from infopo_cli.train import recipe
+
+    recipe.train(tiny_cfg(tiny_model, write_pairs(tmp_path / "five.jsonl", 5), tmp_path / "run", eval_data="",
+                          max_steps=1, batch_size=4, grad_accum=2))
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warning: a step's global batch of 8 pairs is more than the 5 training pairs" in said
