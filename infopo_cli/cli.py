@@ -123,7 +123,8 @@ def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
     from infopo_cli.train.resume import resumed_config
 
     if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
+        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)" if run_dir.exists() else
+                          f"--resume {run_dir}: no such run folder")
     cfg = resumed_config(presets.load_preset(str(run_dir / "config.toml")), flags, run_dir,
                          console.print if not _rank() else lambda message: None)
     if dry_run:

@@ -434,7 +434,9 @@ def infopo_home() -> Path:
 
 def check_output_dir(path: Path) -> None:
     """A run folder must be new or empty (but for a lock: take the lock before or after claiming it)."""
-    if path.exists() and (not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} is a file, not a folder; choose another --output (nothing was overwritten)")
+    if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise OutputError(f"{path} already exists and is not empty; choose another --output (nothing was overwritten)")
 
 

@@ -215,6 +215,10 @@ def _model_names(model: str) -> set[str]:
 
 
 def _read_init_adapter(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise ConfigError(f"--init-adapter {folder}: " + ("a file, not an adapter folder" if folder.exists() else
+                                                          "no such folder") + " (a peft adapter folder, as "
+                          "save_pretrained writes it)")
     try:
         settings = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:

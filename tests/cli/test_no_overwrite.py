@@ -179,3 +179,20 @@ def test_deeply_nested_toml_is_one_line(tmp_path):
     preset.write_text("x = " + "[" * 10000 + "]" * 10000 + "\n")
     out = infopo("train", "--preset", str(preset), "--dry-run")
     assert out.returncode == 2 and str(preset) in one_line(out)
+
+
+def test_wrong_kinds_of_path_are_named_as_they_are(tmp_path):
+    from infopo_cli import files
+    from infopo_cli.model import stack
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"afile is a file, not a folder; choose another --output"):
+        files.check_output_dir(tmp_path / "afile")
+    with pytest.raises(ConfigError, match=r"--init-adapter .*afile: a file, not an adapter folder"):
+        stack._read_init_adapter(tmp_path / "afile")
+    with pytest.raises(ConfigError, match=r"--init-adapter .*nope: no such folder"):
+        stack._read_init_adapter(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"^--resume .*nope: no such run folder$"):
+        cli._resume(tmp_path / "nope", {})
+    with pytest.raises(ConfigError, match=r"tmp.* is not a run folder \(no config.toml\)$"):
+        cli._resume(tmp_path, {})
