@@ -545,7 +545,8 @@ def chat(
     def read_line() -> str | None:
         if not interactive:  # bytes, decoded a line at a time: a line that is not UTF-8 spoils no other line
             stdin = getattr(sys.stdin, "buffer", None)
-            line = stdin.readline().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.readline()
+            encoding = getattr(sys.stdin, "encoding", None) or "utf-8"  # the locale's, as a text stdin would read it
+            line = stdin.readline().decode(encoding, "surrogateescape") if stdin is not None else sys.stdin.readline()
             return line or None
         try:
             return console.input("[bold]you>[/] ")

@@ -44,13 +44,15 @@ class Fields:
     label: str = "label"
 
     def __post_init__(self) -> None:
-        for roles in (("prompt", "chosen", "rejected"), ("prompt", "completion", "label")):
-            named = [(role, getattr(self, role)) for role in roles]
-            for i, (role, name) in enumerate(named):
-                for other, same in named[i + 1:]:
-                    if name == same:
-                        raise ConfigError(f"--{role}-field and --{other}-field both name the column '{name}': each "
-                                          "role needs its own")
+        # a pair's three columns must differ; an unpaired row's completion and label only where the user named them
+        # (paired data never reads them, so a prompt column called "label" is no clash)
+        named = [("prompt", self.prompt), ("chosen", self.chosen), ("rejected", self.rejected)]
+        named += [(role, getattr(self, role)) for role in ("completion", "label") if getattr(self, role) != role]
+        for i, (role, name) in enumerate(named):
+            for other, same in named[i + 1:]:
+                if name == same:
+                    raise ConfigError(f"--{role}-field and --{other}-field both name the column '{name}': each role "
+                                      "needs its own")
 
     def flag(self, name: str) -> str:
         """The option that names field `name`: 'chosen' -> '--chosen-field'."""

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -56,7 +57,10 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     """sha256 of every pair's token ids and label, in order: what a run trains on, as a resume checks it."""
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(repr((pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.label)).encode())
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(len(ids).to_bytes(4, "little"))  # lengths first: no two splits of the ids hash alike
+            digest.update(array("q", ids).tobytes())
+        digest.update(b"n" if pair.label is None else b"1" if pair.label else b"0")
     return digest.hexdigest()
 
 

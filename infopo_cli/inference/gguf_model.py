@@ -40,6 +40,8 @@ class GgufModel:
         self.name = str(path)
 
     def _options(self, sampling: Sampling) -> dict:
+        if sampling.seed >= 2**32 - 1:  # llama.cpp's seed is 32 bits, and 2**32 - 1 means "a random one"
+            raise ConfigError(f"--seed {sampling.seed}: llama.cpp takes seeds below {2**32 - 1} for a GGUF model")
         return {"max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "top_k": sampling.top_k, "seed": sampling.seed}
 

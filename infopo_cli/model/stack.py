@@ -214,6 +214,15 @@ def _model_names(model: str) -> set[str]:
     return {name, embedded.FOLDER_NAME.lower()} if model == EMBEDDED_MODEL else {name}
 
 
+def init_adapter_config_digest(folder: str) -> str:
+    """sha256 of the init adapter's adapter_config.json: its alpha and variants (rsLoRA, DoRA) change the model as
+    much as its weights do ('' where it cannot be read)."""
+    try:
+        return hashlib.sha256((Path(folder) / "adapter_config.json").read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
 def _read_init_adapter(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise ConfigError(f"--init-adapter {folder}: " + ("a file, not an adapter folder" if folder.exists() else

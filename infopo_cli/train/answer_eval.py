@@ -17,6 +17,7 @@ last bits) and every prompt's token ids; whether a reply is right is scored agai
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,7 +52,7 @@ def answer_records(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max
     do (a sharded run's processes decode until every one is done). `cache_key`: the replies are the cached ones
     under it where there are any, else kept there (the base model's, at step 0). The model's mode and the RNG are
     left as they were."""
-    replies = _cached(cache_key, len(rows)) if cache_key else None
+    replies = cached_replies(cache_key, len(rows)) if cache_key else None
     if replies is None:
         was_training, rng = model.training, capture_rng()
         model.eval()
@@ -72,9 +73,12 @@ def answer_records(model: torch.nn.Module, tokenizer, rows: list[PromptRow], max
 
 
 def cache_key(identity: Sequence[str], settings: dict, tokenizer, rows: Sequence[PromptRow], max_new_tokens: int,
-              batch_size: int) -> str:
-    """The key of the replies to `rows` of a model whose files are `identity` run with `settings` (its numerics)."""
-    digest = hashlib.sha256(json.dumps([VERSION, list(identity), settings, max_new_tokens, batch_size,
+              batch_size: int, device: str) -> str:
+    """The key of the replies to `rows` of a model whose files are `identity` run with `settings` (its numerics) on
+    `device`. Greedy decoding carries a last-bit difference into other tokens, so the device and the versions of
+    the libraries that compute the replies are part of it."""
+    versions = {name: _version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")}
+    digest = hashlib.sha256(json.dumps([VERSION, list(identity), settings, max_new_tokens, batch_size, device, versions,
                                         sorted(stop_ids(tokenizer)), tokenizer.pad_token_id], sort_keys=True,
                                        default=str).encode())
     for row in rows:
@@ -82,12 +86,19 @@ def cache_key(identity: Sequence[str], settings: dict, tokenizer, rows: Sequence
     return digest.hexdigest()[:32]
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def cache_path(key: str) -> Path:
     """Where the replies keyed `key` are kept."""
     return files.infopo_home() / "cache" / "answers" / f"{key}.json"
 
 
-def _cached(key: str, n: int) -> list[Reply] | None:
+def cached_replies(key: str, n: int) -> list[Reply] | None:
     """The `n` replies kept under `key`; None where there is no entry, or a damaged or mismatched one."""
     try:
         entry = json.loads(cache_path(key).read_text(encoding="utf-8"))

@@ -147,7 +147,10 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             report.note("fsdp: one process, nothing to shard: the whole base is on this device")
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world)
+        saved_state = checkpoint.read_state(resume_from) if resume_from else None
+        # a checkpoint of a release before pairs made the same by truncation were left out trained on them too
+        cfg, source, tokenizer, train_tok, eval_tok = _tokens(cfg, loaded.pairs, eval_pairs, report, world,
+                                                              drop_same=not saved_state or "data_sha256" in saved_state)
         if spec.needs(loss_params).mismatched:  # KTO's reference point reads other rows' completions after each prompt
             train_tok, eval_tok = mismatched(train_tok, eval_tok, cfg.max_length)
         # A step is one global batch, split into micro-batches: the data order depends only on the
@@ -158,9 +161,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             report.note(f"warning: a step's global batch of {global_batch} pairs is more than the {len(train_tok)} "
                         "training pairs, so each step repeats some of them; lower --batch-size or --grad-accum")
         data_sha256 = pairs_digest(train_tok)
-        if resume_from:  # a checkpoint this run cannot continue is refused before the long model load
-            check_resumable(checkpoint.read_state(resume_from), resume_from, run_dir, global_batch, len(train_tok),
-                            total_steps, data_sha256)
+        if saved_state:  # a checkpoint this run cannot continue is refused before the long model load
+            check_resumable(saved_state, resume_from, run_dir, global_batch, len(train_tok), total_steps, data_sha256)
         # which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run that
         # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
         recompute = None if cfg.backend == "unsloth" else recomputation.for_run(
@@ -276,9 +278,11 @@ def _prepare(cfg: TrainConfig, report: Reporter, resume: Path | None, world: dis
 
 
 def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[PreferencePair], report: Reporter,
-            world: distributed.World) -> tuple[TrainConfig, str, PreTrainedTokenizerBase, list[TokenizedPair], list[TokenizedPair]]:
+            world: distributed.World, drop_same: bool = True
+            ) -> tuple[TrainConfig, str, PreTrainedTokenizerBase, list[TokenizedPair], list[TokenizedPair]]:
     """The model's source and tokenizer, and the training and held-out pairs as tokens; --max-length auto becomes a number
-    in the returned settings. The tokenizer is quick to load, so rows it cannot encode fail before the model loads."""
+    in the returned settings. The tokenizer is quick to load, so rows it cannot encode fail before the model loads.
+    `drop_same`: pairs that truncation makes the same are left out (not for a run that kept them from its start)."""
     with world.main_first():  # rank 0 converts the embedded model and fills the token cache; the others read them
         source = stack.resolve_source(cfg.model, log=report.note)
         tokenizer = stack.load_tokenizer(source)
@@ -295,7 +299,7 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
                     f"(max_prompt_length {cfg.max_prompt_length})")
         train_tok, eval_tok = ([truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, cfg.max_length,
                                          cfg.max_prompt_length, p.label) for p in tokenized] for tokenized in (train_tok, eval_tok))
-    for name, tokenized in (("training", train_tok), ("held-out", eval_tok)):
+    for name, tokenized in (("training", train_tok), ("held-out", eval_tok)) if drop_same else ():
         if same := set(same_once_truncated(tokenized)):
             report.note(f"warning: {len(same)} {name} pairs are the same once truncated to max_length {cfg.max_length} "
                         "(their replies differ only past it): left out, they prefer nothing; raise --max-length to keep them")
@@ -410,7 +414,7 @@ def _base_answers_key(cfg: TrainConfig, model: torch.nn.Module, tokenizer: PreTr
     if identity is None:
         return None
     return answer_eval.cache_key(identity, _numerics(cfg, model, precision, init_sha256), tokenizer, world.shard(rows),
-                                 cfg.eval_max_new_tokens, cfg.eval_batch_size)
+                                 cfg.eval_max_new_tokens, cfg.eval_batch_size, precision.device)
 
 
 def _write_outputs(summary: RunSummary, cfg: TrainConfig, loaded: Loaded, train_pairs: int, eval_pairs: int, source: str,
@@ -558,7 +562,7 @@ class Run:
         metrics = self.world.sum_metrics(totals).means(prefix="eval/")
         if self.answers and (step in (0, self.total_steps) or step % self.cfg.eval_generate_every == 0):
             mine = self.world.shard(self.answers)
-            if step == 0 and self.base_answers and answer_eval.cache_path(self.base_answers).is_file():
+            if step == 0 and self.base_answers and answer_eval.cached_replies(self.base_answers, len(mine)) is not None:
                 self.report.note("the base model's answers (step 0) read from the cache of an earlier run")
             extra = self.answers[:1] * self.world.lacking(len(mine), self.world.longest_share(len(self.answers)))
             records = answer_eval.answer_records(self.model, self.tokenizer, mine + extra, self.cfg.eval_max_new_tokens,
@@ -654,6 +658,7 @@ def _numerics(cfg: TrainConfig, model: torch.nn.Module, precision: Precision, in
     """What the frozen model's outputs depend on besides its files, for the caches' keys."""
     return {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name,
             "attn": attention_kernel(model) or cfg.attn_implementation, "init_adapter": init_sha256,
+            **({"init_adapter_config": stack.init_adapter_config_digest(cfg.init_adapter)} if cfg.init_adapter else {}),
             **({"backend": cfg.backend} if cfg.backend != "transformers" else {})}  # other kernels, other rounding
 
 

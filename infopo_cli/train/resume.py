@@ -84,8 +84,9 @@ def check_data(saved: dict[str, Any], folder: Path, train_pairs: int, data_sha25
         raise CheckpointError(f"{folder}: the training data changed since this checkpoint "
                               f"({saved['train_pairs']} pairs then, {train_pairs} now); start a new run")
     if data_sha256 and saved.get("data_sha256", data_sha256) != data_sha256:
-        raise CheckpointError(f"{folder}: the training data changed since this checkpoint (as many pairs, "
-                              f"{train_pairs}, but not the same ones); put the original data back or start a new run")
+        raise CheckpointError(f"{folder}: the training pairs changed since this checkpoint (as many, {train_pairs}, but "
+                              "not the same tokens: the data, the tokenizer or its chat template changed); put them back "
+                              "or start a new run")
 
 
 def check_resumable(saved: dict[str, Any], folder: Path, run_dir: Path, global_batch: int, train_pairs: int,

@@ -144,3 +144,14 @@ def test_the_chat_command_reads_past_a_line_that_is_not_utf8(tiny_model):
     assert out.returncode == 0 and "error" not in err and "Traceback" not in err, err
     assert err.count("(that line is not valid UTF-8; skipped)") == 1
     assert out.stdout == chat(b"hi\nthere\n").stdout  # the same (greedy) replies to both good lines
+
+
+def test_a_gguf_model_refuses_a_seed_llama_cpp_cannot_take():
+    from infopo_cli.errors import ConfigError
+    from infopo_cli.inference.generation import Sampling
+    from infopo_cli.inference.gguf_model import GgufModel
+
+    model = GgufModel.__new__(GgufModel)  # _options reads no state of a loaded file
+    assert model._options(Sampling(8, 0.7, seed=2**32 - 2))["seed"] == 2**32 - 2
+    with pytest.raises(ConfigError, match=r"^--seed 4294967295: llama.cpp takes seeds below 4294967295"):
+        model._options(Sampling(8, 0.7, seed=2**32 - 1))

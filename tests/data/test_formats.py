@@ -76,10 +76,16 @@ def test_implicit_format_given_for_rows_with_a_prompt_is_refused_not_dropped(tmp
 
 
 @pytest.mark.parametrize("mapped", [dict(chosen="prompt"), dict(prompt="chosen"), dict(rejected="chosen"),
-                                    dict(completion="prompt"), dict(label="completion")])
+                                    dict(completion="prompt"), dict(completion="chosen"),
+                                    dict(completion="answer", label="answer")])
 def test_one_column_for_two_roles_is_refused(mapped):
     with pytest.raises(InfopoError, match=r"^--\w+-field and --\w+-field both name the column '\w+': each role"):
         Fields(**mapped)
+
+
+@pytest.mark.parametrize("mapped", [dict(prompt="label"), dict(prompt="completion"), dict(chosen="completion")])
+def test_a_pair_column_named_like_an_unused_unpaired_default_is_no_clash(mapped):
+    assert getattr(Fields(**mapped), next(iter(mapped))) == next(iter(mapped.values()))
 
 
 def test_implicit_plain_text_cuts_at_a_line_boundary(tmp_path):
