@@ -480,6 +480,27 @@ def test_resume_refuses_the_same_number_of_other_pairs_before_the_model_loads(ch
     pairs_file.write_text(original)
 
 
+@pytest.mark.run
+def test_a_checkpoint_of_an_earlier_release_resumes_with_the_pairs_it_trained_on(tiny_model, tmp_path, capsys):
+    long = " ".join(["word"] * 300)
+    rows = [{"prompt": f"Q{i}?", "chosen": f"{long} good", "rejected": f"{long} bad"} for i in range(2)]
+    rows += [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(10)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_dir = tmp_path / "run"
+    recipe.train(cfg_for(tiny_model, data, run_dir, max_steps=2, save_every=1, batch_size=4, grad_accum=1))
+    assert "warning: 2 training pairs are the same once truncated" in " ".join(capsys.readouterr().out.split())
+    # as the release before wrote it: no hash, and the 12 pairs counted (truncation's same pairs kept)
+    state = run_dir / "checkpoint-1" / "training_state.pt"
+    saved = torch.load(state, weights_only=True)
+    saved.pop("data_sha256")
+    torch.save({**saved, "train_pairs": 12}, state)
+    shutil.rmtree(run_dir / "checkpoint-2")
+    cfg = resumed_config(load_preset(str(run_dir / "config.toml")), {}, run_dir)
+    assert recipe.train(cfg, resume=run_dir).status == "completed"
+    assert "are the same once truncated" not in capsys.readouterr().out
+
+
 def test_resume_refuses_settings_that_change_the_maths(tmp_path):
     saved = TrainConfig(batch_size=2, grad_accum=2, lr=2e-4, preset="smollm2-135m")
     run_dir = tmp_path / "run"
