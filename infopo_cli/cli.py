@@ -822,7 +822,8 @@ def _usage_error(err: Exception) -> str | None:
         return None
     ctx = getattr(err, "ctx", None)
     where = f" (see `{ctx.command_path} --help`)" if ctx is not None and getattr(ctx, "command_path", "") else ""
-    return " ".join(err.format_message().split()) + where
+    # a group called without its command (`infopo data`) raises one with no message, after printing its help
+    return (" ".join(err.format_message().split()) or "missing a command") + where
 
 
 def _rank() -> int:

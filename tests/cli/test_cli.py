@@ -141,7 +141,8 @@ def test_resume_needs_a_run_folder_and_refuses_settings_that_differ(tmp_path):
 def test_usage_errors_are_one_line_without_class_names():
     for args, start in ((("train", "--bogus"), "error: No such option: --bogus"),
                         (("train", "--lr", "abc"), "error: Invalid value for '--lr'"),
-                        (("presets", "show"), "error: Missing argument 'name'")):
+                        (("presets", "show"), "error: Missing argument 'name'"),
+                        (("data",), "error: missing a command (see `infopo data --help`)")):
         out = infopo(*args)
         lines = [line for line in out.stderr.splitlines() if "kernels" not in line]
         assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), out.stderr
