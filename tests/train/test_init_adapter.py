@@ -154,7 +154,7 @@ def test_resume_reloads_both_adapters_and_continues_exactly(tiny_model, pairs_fi
     assert "\n" not in str(changed.value)
 
     shutil.rmtree(adapter)
-    with pytest.raises(ConfigError, match=f"--init-adapter {adapter}: no adapter_config.json"):
+    with pytest.raises(ConfigError, match=f"--init-adapter {adapter}: no such folder"):
         recipe.train(again, resume=run)
 
 
