@@ -10,8 +10,9 @@ compared problem by problem (McNemar's test) rather than by their accuracies alo
 The step-0 replies are the base model's (or the init adapter's): the same for every run on that base and those
 held-out prompts, so they are kept in `$INFOPO_HOME/cache/answers/` and a later run (another loss, β or seed)
 reads them instead of generating them again. The key is everything the replies depend on: the base's files, the
-numerics (4-bit, dtype, attention kernel, init adapter, backend), the budget, the batch size (padding moves the
-last bits) and every prompt's token ids; whether a reply is right is scored again on reading.
+numerics (4-bit, dtype, attention kernel, init adapter weights and config, backend), the device and library
+versions, the budget, the batch size (padding moves the last bits) and every prompt's token ids; whether a reply is
+right is scored again on reading.
 """
 
 from __future__ import annotations
