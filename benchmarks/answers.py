@@ -59,6 +59,7 @@ ALL = "*"  # --set without LOSS: every loss
 OWN = ("loss", "seed", "epochs", "max_steps", "eval_generate_every", "output", "preset")
 # config.toml holds what `auto` and the defaults resolved to, and where the run lives: not compared
 RESOLVED = ("output", "preset", "dtype")
+NOT_RESULTS = ("save_every",)  # settings that leave the numbers as they are: a folder that differs only there is the same run
 
 
 # ---------------------------------------------------------------- planning
@@ -148,8 +149,9 @@ def plan(preset: str, losses: Sequence[str], seeds: Sequence[int], epochs: float
             trained = preflight.fit_to_loss(cfg, spec, params, counted[key])[0]
             per_epoch, total, every = schedule(len(trained), cfg.batch_size * cfg.grad_accum, epochs, evals_per_epoch)
             name = f"{loss}{tag(given)}-{epochs:g}ep{suffix}-seed{seed}"
-            specs.append(RunSpec(loss, seed, name, {**settings, "max_steps": total, "eval_generate_every": every},
-                                 per_epoch))
+            # a checkpoint every quarter epoch: a run killed by the machine (not stopped) loses at most that much
+            specs.append(RunSpec(loss, seed, name, {**settings, "max_steps": total, "eval_generate_every": every,
+                                                    "save_every": math.ceil(per_epoch / 4)}, per_epoch))
     return specs
 
 
@@ -159,7 +161,7 @@ def differences(saved, expected) -> list[str]:
     from infopo_cli.config import FIELDS
 
     return [f"{k} {getattr(saved, k)!r} there, {getattr(expected, k)!r} now" for k in FIELDS
-            if k not in RESOLVED and getattr(expected, k) not in (None, "auto") and getattr(saved, k) != getattr(expected, k)]
+            if k not in RESOLVED + NOT_RESULTS and getattr(expected, k) not in (None, "auto") and getattr(saved, k) != getattr(expected, k)]
 
 
 def check_folders(specs: Sequence[RunSpec], runs_dir: Path, preset: str) -> None:

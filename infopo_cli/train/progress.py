@@ -111,8 +111,9 @@ class Reporter:
                   + (f", [yellow]{truncated} truncated to max_length {max_length}[/]" if truncated else ""))
 
     def fresh_resume(self, run_dir: Path) -> None:
-        """Say a resumed run had no checkpoint yet and starts over."""
-        self._say(f"{escape(str(run_dir))} has no checkpoint yet (it stopped before its first step): starting from the beginning")
+        """Say a resumed run had no checkpoint yet and starts over (killed before its first save, or before its first step)."""
+        self._say(f"{escape(str(run_dir))} has no checkpoint yet (it was stopped before it saved one; `--save-every N` "
+                  "keeps the steps a kill would lose): starting from the beginning")
 
     def resumed(self, step: int, total: int, checkpoint: Path, schedule) -> None:
         """The step and checkpoint a run resumes from, and the re-drawn decay when its length changed."""

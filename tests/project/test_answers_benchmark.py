@@ -32,6 +32,7 @@ def test_plan_on_the_bundled_data(bench):
                                        "infopo-beta0.5-lr1e-05-3ep-seed1", "dpo-3ep-seed1"]  # seed by seed
     assert all(s.settings["max_steps"] == 225 and s.settings["eval_generate_every"] == 19 and s.steps_per_epoch == 75
                for s in specs)
+    assert all(s.settings["save_every"] == 19 for s in specs)  # a killed run loses at most a quarter epoch
     assert specs[0].settings["beta"] == 0.5 and specs[0].settings["lr"] == 1e-5
     assert "beta" not in specs[1].settings and "lr" not in specs[1].settings  # dpo keeps its own defaults
     with pytest.raises(ConfigError, match="does not apply to loss 'dpo'"):  # refused before any run starts
@@ -125,6 +126,8 @@ def test_a_folder_trained_with_other_settings_is_not_taken_for_the_planned_run(b
     assert bench.differences(saved, override(base, planned, "benchmark")) == []  # the loss's default is not compared
     assert bench.differences(saved, override(base, {**planned, "lr": 1e-5}, "benchmark")) == [
         "lr 0.0002 there, 1e-05 now"]
+    # how often it saved leaves its numbers as they are: a folder saved at other steps is still this run
+    assert bench.differences(saved, override(base, {**planned, "save_every": 19}, "benchmark")) == []
 
 
 def records(accuracies: dict[int, float], extra_eval_at: int = 10) -> list[dict]:
