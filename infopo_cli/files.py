@@ -263,6 +263,15 @@ def remove_tree(path: Path | str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def sha256_file(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces (an adapter or a weights shard need not fit in memory)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while piece := stream.read(1 << 20):
+            sha.update(piece)
+    return sha.hexdigest()
+
+
 def write_bytes(path: Path | str, data: bytes) -> None:
     """Atomic and durable: a reader, even after a power cut, sees the old file or the new one, never a torn one."""
     with replacing(path) as tmp:

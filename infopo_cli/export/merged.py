@@ -15,6 +15,7 @@ from infopo_cli import files
 from infopo_cli.config import DTYPES
 from infopo_cli.errors import ConfigError
 from infopo_cli.export.outputs import claim_folder
+from infopo_cli.model.source import mark_merged
 from infopo_cli.presets import load_preset
 from infopo_cli.reporting.model_card import write_merged_card
 
@@ -88,4 +89,5 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
             model.generation_config.save_pretrained(tmp)
 
         write_merged_card(tmp, source.adapter, source.base, out)  # README.md: the run's card, for the merged model
+        mark_merged(tmp, source.adapter, source.base)  # so `--base OUT` with this adapter is refused, not applied twice
     return out

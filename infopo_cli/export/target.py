@@ -9,6 +9,7 @@ from pathlib import Path
 
 from infopo_cli.errors import ConfigError
 from infopo_cli.export.merged import AdapterSource, default_output, from_run
+from infopo_cli.model.source import check_not_merged_in
 from infopo_cli.reporting.runs import is_run, newest_run
 
 
@@ -45,6 +46,7 @@ def resolve(run_dir: str | None, merged: str | None, gguf: str | None, quant: st
         source = AdapterSource(base, Path(adapter))
         if not (source.adapter / "adapter_config.json").is_file():
             raise ConfigError(f"{adapter} has no adapter_config.json")
+        check_not_merged_in(base, source.adapter, "--base")
     else:
         if not run_dir:
             newest = newest_run()

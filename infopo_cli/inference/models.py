@@ -23,6 +23,7 @@ from typing import Any
 from infopo_cli.bundles import cached, is_bundle
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
+from infopo_cli.model.source import check_not_merged_in
 from infopo_cli.presets import load_preset
 from infopo_cli.reporting.runs import newest_run
 
@@ -83,6 +84,7 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
         run_config = next((p / "config.toml" for p in (path, path.parent) if (p / "config.toml").is_file()), None)
         config = load_preset(str(run_config)) if run_config else None  # a checkpoint-N folder: its run's settings
         if base:
+            check_not_merged_in(base, path, "--base")
             return Target(path, "adapter", base, config)
         if config is None:
             raise ConfigError(f"{path} is an adapter folder without a run's config.toml: pass --base BASE (the model "

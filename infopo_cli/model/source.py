@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from infopo_cli import hub
+from infopo_cli import files, hub
 from infopo_cli.config import EMBEDDED_MODEL
 from infopo_cli.errors import ConfigError, InfopoError, ModelError, first_line
 from infopo_cli.model import embedded
 
 NEVER = "infopo never runs code from a model folder"
+MERGED_MARK = "infopo_merged.json"  # in a merged export: which adapter it holds, so that adapter is not applied again
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @contextlib.contextmanager
@@ -80,6 +82,28 @@ def _checked_local(model: str) -> Path | None:
         return path
     check_local(model)
     return None
+
+
+def known_folder(model: str) -> Path | None:
+    """The transformers folder `model` would load from, where it is already here: a local folder, a GGUF's (or the
+    embedded default's) earlier conversion, a hub id's cached snapshot. None otherwise; nothing is converted or
+    downloaded (for checks of a model's layer names before it loads)."""
+    if model == EMBEDDED_MODEL:
+        folder: Path | None = files.infopo_home() / "models" / embedded.FOLDER_NAME
+    elif model.startswith("embedded:"):
+        return None
+    else:
+        path = Path(model).expanduser()
+        if path.is_file():
+            folder = embedded.gguf_target(path)
+        elif path.is_dir():
+            folder = path
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json") if model.count("/") == 1 else None
+            folder = Path(cached).parent if isinstance(cached, str) else None
+    return folder if folder is not None and (folder / "config.json").is_file() else None
 
 
 def check_local(model: str) -> None:
@@ -196,3 +220,26 @@ def read_gguf(path: Path):
         return GGUFReader(str(path))
     except (ValueError, OSError, struct.error, KeyError, IndexError, EOFError) as err:
         raise ModelError(f"{path}: not a readable GGUF file, truncated or corrupt ({first_line(err)})") from None
+
+
+def mark_merged(folder: Path, adapter: Path, base: str) -> None:
+    """Note in a merged export being written which adapter (by its weights' SHA-256) and base it holds."""
+    files.write_json(folder / MERGED_MARK, {"base": base, "adapter": str(adapter.resolve()),
+                                            "adapter_sha256": files.sha256_file(adapter / ADAPTER_WEIGHTS)})
+
+
+def check_not_merged_in(model: str, adapter: Path, flag: str) -> None:
+    """Refuse to put `adapter` on `model` when `model` is an `infopo export --merged` of that very adapter: its change
+    would count twice, and every answer and score would be of a model no one trained. A merged model with another
+    adapter on top is a real use (a second round on an SFT merge) and passes."""
+    mark = Path(model).expanduser() / MERGED_MARK
+    try:
+        held = json.loads(mark.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no mark (any other model), or one that cannot be read: nothing to compare
+        return
+    weights = Path(adapter) / ADAPTER_WEIGHTS
+    if not isinstance(held, dict) or not weights.is_file() or held.get("adapter_sha256") != files.sha256_file(weights):
+        return
+    raise ConfigError(f"{flag} {model} is a merged export that already holds the adapter {adapter}: putting it on "
+                      f"again would apply it twice; pass the model it was trained on ({held.get('base', 'its base')}), "
+                      f"or use {model} alone")

@@ -173,10 +173,48 @@ def _layer_names(base: nn.Module) -> str:
                              if isinstance(m, nn.Linear) or "Linear" in type(m).__name__}))
 
 
+def unmatched_targets(module_names: Iterator[str] | list[str], targets: list[str] | str) -> list[str]:
+    """The names in --target-modules that match no module, as peft matches a list (the whole name, or its last
+    dotted parts). peft raises only when none matches and silently drops the rest, so `q_proj,v_projj` would train
+    q_proj alone."""
+    if isinstance(targets, str):  # "all-linear" (a list otherwise: config.py splits any other string)
+        return []
+    names = list(module_names)
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def check_targets(base: nn.Module, targets: list[str] | str, label: str = "target_modules") -> None:
+    """--target-modules against the base's modules: every name must match one (see `unmatched_targets`)."""
+    if missing := unmatched_targets([n for n, _ in base.named_modules()], targets):
+        raise ConfigError(f"{label} {', '.join(missing)}: no such layer in this model (it has: {_layer_names(base)})")
+
+
+def check_targets_before_loading(model: str, targets: list[str] | str, label: str = "target_modules") -> None:
+    """`check_targets` on the model's architecture built on the meta device (no weights read), where its folder is
+    already here (source.known_folder); a model that is not, or that transformers cannot build so, is checked when
+    it loads."""
+    from infopo_cli.model.source import known_folder
+
+    folder = known_folder(model) if not isinstance(targets, str) else None
+    if folder is None:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False),
+                                                        trust_remote_code=False)
+    except Exception:  # an architecture this transformers cannot build bare: the load says what is wrong
+        return
+    check_targets(skeleton, targets, label)
+
+
 def attach_lora(base: nn.Module, cfg: TrainConfig, recompute: Recompute | None = None) -> nn.Module:
     """Wrap the base with a fresh LoRA adapter (the policy) and turn on gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
+    check_targets(base, cfg.target_modules)
     _enable_checkpointing(base, cfg, recompute)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),

@@ -21,7 +21,7 @@ from infopo_cli.errors import ConfigError
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
 from infopo_cli.model import stack, unsloth_backend
-from infopo_cli.model.source import check_source
+from infopo_cli.model.source import check_not_merged_in, check_source
 from infopo_cli.model.precision import choose
 from infopo_cli.train import trackers
 
@@ -49,6 +49,7 @@ def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, A
                           "backward on a CPU): use auto or sdpa")
     spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
     if cfg.init_adapter:  # cheap (one JSON file): its LoRA settings are checked against the run's here
+        check_not_merged_in(cfg.model, Path(cfg.init_adapter), "--model")  # before the name check: the precise reason
         cfg = stack.adopt_init_adapter(cfg)
     return cfg, spec, loss_params
 
@@ -121,6 +122,9 @@ def check(cfg: TrainConfig, output: Path, fresh: bool = True) -> Checked:
         check_output(output)
     loaded, eval_pairs, loss_params = load_data(cfg, spec, loss_params)
     check_source(cfg.model)  # after the data: every row is checked whatever the model
+    stack.check_targets_before_loading(  # a typo in a layer name: before the load
+        cfg.model, cfg.target_modules,
+        f"--init-adapter {cfg.init_adapter}: its target modules" if cfg.init_adapter else "target_modules")
     return Checked(cfg, spec, loss_params, loaded, eval_pairs)
 
 

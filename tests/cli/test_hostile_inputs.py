@@ -84,6 +84,9 @@ def test_dry_run_checks_the_model_folder_and_the_output_place(tiny_model, tmp_pa
     (tmp_path / "a-file").write_text("x")
     refused(infopo("train", "--data", str(pairs_file), "--model", str(tiny_model), "--output",
                    str(tmp_path / "a-file" / "run"), "--dry-run"), "a-file is a file, not a folder")
+    # a typo in one layer name (peft would train the others and drop it): the dry run names it, nothing loaded
+    refused(infopo("train", "--data", str(pairs_file), "--model", str(tiny_model), "--target-modules",
+                   "q_proj,v_projj", "--dry-run"), "target_modules v_projj: no such layer in this model", "q_proj")
 
 
 def test_compare_output_that_is_a_file_or_a_broken_plan(tmp_path):

@@ -5,18 +5,22 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from conftest import build_architecture
 
 from infopo_cli.model import stack
 from infopo_cli.config import TrainConfig
-from infopo_cli.errors import ExportError, OutputError
+from infopo_cli.errors import ConfigError, ExportError, OutputError
+from infopo_cli.inference.models import find_target
+from infopo_cli.train import preflight
 from infopo_cli.model.llama_runtime import load_llama
 from infopo_cli.export.check import load_gguf
 from infopo_cli.export.gguf import permute, write_gguf
@@ -390,6 +394,25 @@ def test_export_from_base_and_adapter_on_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter", str(source.adapter),
                           "--merged", str(tmp_path / "merged"), "--overwrite"], capture_output=True, text=True)
     assert out.returncode == 0
+
+
+def test_a_merged_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_path):
+    source = adapter_for("llama", tmp_path)
+    merged = export_merged(source, tmp_path / "merged")
+    for args in (["generate", str(source.adapter), "--base", str(merged), "--prompt", "hi"],
+                 ["export", "--base", str(merged), "--adapter", str(source.adapter), "--merged", str(tmp_path / "twice")]):
+        out = subprocess.run([sys.executable, "-m", "infopo_cli", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and "already holds the adapter" in out.stderr and "would apply it twice" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "twice").exists()
+    with pytest.raises(ConfigError, match="already holds the adapter"):  # nor started from in training
+        preflight.check_settings(TrainConfig(model=str(merged), init_adapter=str(source.adapter), dtype="fp32",
+                                             load_in_4bit=False, lora_r=4, lora_alpha=8))
+    # another adapter on the merged model (a second round on top of a merge) is a model someone trained: it passes
+    other = tmp_path / "other"
+    shutil.copytree(source.adapter, other)
+    weights = load_file(other / "adapter_model.safetensors")
+    save_file({k: v + 1 for k, v in weights.items()}, other / "adapter_model.safetensors")
+    assert find_target(other, str(merged)).kind == "adapter"
 
 
 def test_free_space_is_checked_before_writing(tmp_path):

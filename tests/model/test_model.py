@@ -236,10 +236,20 @@ def test_unquantised_base_and_gradient_checkpointing_flags(tiny_model):
     assert on(checkpointed)
 
 
-def test_wrong_target_modules_name_the_real_ones(tiny_model):
-    cfg = TrainConfig(dtype="fp32", target_modules=["qkv_proj"])
-    with pytest.raises(ConfigError, match=r"do not match this model's layers \(it has: .*q_proj"):
+@pytest.mark.parametrize("targets", [["qkv_proj"], ["q_proj", "v_projj"]])  # none, or one of two (peft would drop it)
+def test_wrong_target_modules_name_the_real_ones(tiny_model, targets):
+    cfg = TrainConfig(dtype="fp32", target_modules=targets)
+    with pytest.raises(ConfigError, match=rf"^target_modules {targets[-1]}: no such layer in this model \(it has: .*q_proj"):
         stack.attach_lora(stack.load_base(str(tiny_model), cfg, FP32), cfg)
+    with pytest.raises(ConfigError, match=rf"^target_modules {targets[-1]}: no such layer"):  # and before any load
+        stack.check_targets_before_loading(str(tiny_model), targets)
+
+
+def test_target_modules_match_as_peft_matches_them():
+    names = ["", "model", "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+    assert stack.unmatched_targets(names, ["q_proj", "mlp.down_proj", "lm_head", "all-linear"]) == ["all-linear"]
+    assert stack.unmatched_targets(names, ["proj", "self_attn.q"]) == ["proj", "self_attn.q"]  # whole dotted parts only
+    assert stack.unmatched_targets(names, "all-linear") == []
 
 
 def test_missing_model_is_one_line(tmp_path):
