@@ -68,9 +68,10 @@ NOT_RESULTS = ("save_every",)  # settings that leave the numbers as they are: a 
 def schedule(pairs: int, global_batch: int, epochs: float, evals_per_epoch: int = 4) -> tuple[int, int, int]:
     """(steps per epoch, total steps, steps between answer evaluations) for `pairs` training pairs: `infopo
     train`'s count (a last partial batch is a step), evaluated every quarter epoch by default, rounded to whole
-    steps (the bundled data's 75 steps an epoch: every 19)."""
+    steps (the bundled data's 75 steps an epoch: every 19); `evals_per_epoch` 0: at the start and the end only."""
     per_epoch = math.ceil(pairs / global_batch)
-    return per_epoch, max(1, math.ceil(epochs * per_epoch)), max(1, round(per_epoch / evals_per_epoch))
+    total = max(1, math.ceil(epochs * per_epoch))
+    return per_epoch, total, max(1, round(per_epoch / evals_per_epoch)) if evals_per_epoch else total
 
 
 def value(text: str) -> Any:
@@ -537,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list (default %(default)s)")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--evals-per-epoch", type=int, default=4,
-                        help="answer evaluations per epoch (default 4: every quarter epoch; fewer is faster)")
+                        help="answer evaluations per epoch (default 4: every quarter epoch; fewer is faster; 0: the "
+                        "base model and the end only, for a test split whose length was chosen on validation)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default benchmarks/results/answers)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[LOSS:]KEY=V[,KEY=V]",
                         help="train settings of one loss (or of all), e.g. infopo:beta=0.5,lr=1e-5; repeatable")
@@ -617,8 +619,8 @@ def benchmark(args: argparse.Namespace, losses: list[str], seeds: list[int], tas
         if args.max_eval:
             data = {**data, "eval_data": slice_rows(sources["eval_data"], args.max_eval, out / "data")}
             suffix += f"-{args.max_eval}heldout"
-        if args.evals_per_epoch < 1:
-            raise SystemExit("error: --evals-per-epoch must be at least 1")
+        if args.evals_per_epoch < 0:
+            raise SystemExit("error: --evals-per-epoch must be 0 (the start and the end only) or more")
         if args.evals_per_epoch != 4:
             suffix += f"-{args.evals_per_epoch}evals"
         specs = plan(preset, losses, seeds, args.epochs, overrides, data, suffix, args.evals_per_epoch)

@@ -23,6 +23,7 @@ def test_schedule_counts_steps_as_infopo_train_does(bench):
     assert bench.schedule(64, 8, 0.5) == (8, 4, 2)
     assert bench.schedule(3, 8, 1) == (1, 1, 1)         # never zero steps, never "every 0 steps" (that is off)
     assert bench.schedule(600, 8, 3, evals_per_epoch=2) == (75, 225, 38)
+    assert bench.schedule(600, 8, 2, evals_per_epoch=0) == (75, 150, 150)  # the start and the end only
 
 
 def test_plan_on_the_bundled_data(bench):
