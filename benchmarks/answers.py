@@ -103,12 +103,18 @@ def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def model_name(model: Any) -> str:
+    """A --set model's name in folders and titles: a file's or folder's name (its path is noise)."""
+    return Path(str(model)).name.removesuffix(".gguf") or str(model)
+
+
 def tag(settings: dict[str, Any]) -> str:
     """'-beta0.5-lr1e-05' for a run's folder name."""
-    def text(v: Any) -> str:
+    def text(k: str, v: Any) -> str:
+        v = model_name(v) if k == "model" else v
         return f"{v:g}" if isinstance(v, float) else re.sub(r"[^A-Za-z0-9.+-]", "_", str(v))
 
-    return "".join(f"-{k.replace('_', '-')}{text(v)}" for k, v in sorted(settings.items()))
+    return "".join(f"-{k.replace('_', '-')}{text(k, v)}" for k, v in sorted(settings.items()))
 
 
 @dataclass(frozen=True)
@@ -662,7 +668,9 @@ def benchmark(args: argparse.Namespace, losses: list[str], seeds: list[int], tas
     answers, missing = scored_runs(specs, curves, runs_dir, choose, task or "")
     # the problems scored (an unpaired run holds two held-out rows per problem, its data_info counts rows)
     problems = len(answers[0].problems) if answers else read_run(runs_dir / spec0.name).data_info.get("eval_pairs", "?")
-    title = (f"Held-out answer accuracy during training ({preset}{f', {task} {split}' if task else ''}, {problems} "
+    model = overrides.get(ALL, {}).get("model")
+    title = (f"Held-out answer accuracy during training ({preset}{f', model {model_name(model)}' if model else ''}"
+             f"{f', {task} {split}' if task else ''}, {problems} "
              f"held-out problems; {len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.epochs:g} "
              f"epoch{'s' * (args.epochs != 1)})")
     table = f"{title}: answer accuracy in % of the held-out problems.\n\n" + markdown(curves, choose=choose)

@@ -26,6 +26,12 @@ def test_schedule_counts_steps_as_infopo_train_does(bench):
     assert bench.schedule(600, 8, 2, evals_per_epoch=0) == (75, 150, 150)  # the start and the end only
 
 
+def test_a_model_setting_names_the_run_by_the_models_name_not_its_path(bench):
+    assert bench.tag({"model": "/home/me/models/gemma-3-270m-q4_k_m.gguf", "lr": 1e-4}) == \
+        "-lr0.0001-modelgemma-3-270m-q4_k_m"
+    assert bench.model_name("org/name") == "name" and bench.model_name("./my model/") == "my model"
+
+
 def test_plan_on_the_bundled_data(bench):
     specs = bench.plan("smollm2-135m", ["infopo", "dpo"], [42, 1], 3.0,
                        bench.parse_settings(["infopo:beta=0.5,lr=1e-5"]))
