@@ -101,7 +101,10 @@ def known_folder(model: str) -> Path | None:
         else:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(model, "config.json") if model.count("/") == 1 else None
+            try:
+                cached = try_to_load_from_cache(model, "config.json")
+            except ValueError:  # not a valid hub id either: the load says so
+                cached = None
             folder = Path(cached).parent if isinstance(cached, str) else None
     return folder if folder is not None and (folder / "config.json").is_file() else None
 

@@ -245,6 +245,18 @@ def test_wrong_target_modules_name_the_real_ones(tiny_model, targets):
         stack.check_targets_before_loading(str(tiny_model), targets)
 
 
+def test_the_folder_a_model_would_load_from_is_found_only_where_it_is_here(tiny_model, tmp_path):
+    from infopo_cli.model.source import known_folder
+
+    assert known_folder(str(tiny_model)) == tiny_model
+    assert known_folder(str(tmp_path)) is None                       # no config.json
+    assert known_folder("no-such-org/no-such-model") is None         # a hub id not in the cache: nothing downloaded
+    assert known_folder("not a hub id/at all") is None               # nor an error: the load names the problem
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert known_folder(str(gguf)) is None                           # not converted yet: nothing converted here
+
+
 def test_target_modules_match_as_peft_matches_them():
     names = ["", "model", "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
     assert stack.unmatched_targets(names, ["q_proj", "mlp.down_proj", "lm_head", "all-linear"]) == ["all-linear"]
