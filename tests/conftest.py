@@ -56,6 +56,12 @@ def build_architecture(arch: str, folder, tokenizer=None) -> str:
         "gemma2": lambda: T.Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256, final_logit_softcapping=30.0,
                                          attn_logit_softcapping=50.0, sliding_window=64),  # Gemma-2's own caps
         "phi3": lambda: T.Phi3Config(**common),
+        # six layers: five sliding-window ones (rope base 1e4) and a global one (1e6), as Gemma 3 alternates them;
+        # head_dim 256 as in Gemma 3 up to 12B (transformers reads a gemma3 GGUF's query scale as 1/sqrt(256))
+        "gemma3": lambda: T.Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=256, query_pre_attn_scalar=256,
+                                             sliding_window=64, rope_parameters={
+                                                 "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     }[arch]()
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)

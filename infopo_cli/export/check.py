@@ -8,7 +8,8 @@ differently in llama.cpp/Ollama. We load the GGUF back (transformers reads GGUF;
 Rules. At each answer token the reader's top-1 must be the reference's, or a near tie: a token the reference
 rates within `TIE` standard deviations of its logits below its own best (measured on the default model:
 llama.cpp and transformers on the same quantised file differ at most by 0.36 logits at such ties, the margin
-is ~0.9). A lossless file (f32, f16, bf16) must agree so with the merged model and its answers must stop.
+is ~0.9). A lossless file (f32, f16, bf16) must agree so with the merged model and its answers must stop where the merged
+model's do (a base model without a chat template may run on: its file then may too).
 A quantised one (q8_0 and below) is checked against itself: llama.cpp must tokenise like the tokenizer and
 agree with transformers reading the same file; its agreement with the merged model is reported, and answers
 that no longer stop are a warning (a coarse type for the model's size), not a broken file.
@@ -24,6 +25,7 @@ import torch
 
 from infopo_cli.errors import ExportCheckFailed, first_line
 from infopo_cli.inference.generation import stop_ids
+from infopo_cli.model.embedded import quiet_gguf_loading
 from infopo_cli.model.llama_runtime import load_llama
 from infopo_cli.data.tokenization import render_chat
 from infopo_cli.export.gguf import rope_scaling
@@ -69,6 +71,7 @@ class PromptCheck:
     vs_merged: Agreement | None = None   # transformers reading the file, on the merged model's answer
     llama_cpp: Agreement | None = None   # llama.cpp on the same tokens, against the reference (see module docstring)
     llama_cpp_tokens: bool = True        # llama.cpp tokenised the prompt as the tokenizer does
+    merged_stops: bool = True            # the merged model's own answer did (a base model's may run on: not the file's fault)
 
 
 @dataclass
@@ -95,7 +98,7 @@ class CheckResult:
             found.append("a rope-scaled export needs llama.cpp to be checked (pip install 'infopo[gguf-check]')")
         if not self.lossy and not all(p.vs_merged is None or p.vs_merged.within_ties for p in self.prompts):
             found.append("answers differently from the merged model")
-        if not self.lossy and not all(p.stops for p in self.prompts):
+        if not self.lossy and not all(p.stops or not p.merged_stops for p in self.prompts):
             found.append("generation does not stop")
         if self.llama_cpp_checked:
             if not all(p.llama_cpp_tokens for p in self.prompts):
@@ -112,7 +115,7 @@ class CheckResult:
 
     def warnings(self) -> list[str]:
         """What is worth saying about a lossy file that still passed (answers that no longer stop)."""
-        rambling = sum(not p.stops for p in self.prompts)
+        rambling = sum(not p.stops and p.merged_stops for p in self.prompts)
         if self.lossy and rambling:
             return [f"{rambling} of {len(self.prompts)} answers of the {self.quant} file do not stop within "
                     f"{self.max_new_tokens} tokens: {self.quant} is coarse for a model of this size (a larger type keeps more)"]
@@ -123,7 +126,8 @@ class CheckResult:
         out = []
         for p in self.prompts:
             vs = f"top-1 as merged {p.vs_merged}, " if p.vs_merged is not None else "merged model, "
-            out.append(f"  {p.prompt!r} -> {p.answer!r}  [{vs}{'stops' if p.stops else 'DOES NOT STOP'}]")
+            ending = "stops" if p.stops else "DOES NOT STOP" if p.merged_stops else "runs on, as the merged model does"
+            out.append(f"  {p.prompt!r} -> {p.answer!r}  [{vs}{ending}]")
         if self.transformers_checked:
             out.append(f"  max logit difference vs merged over the answers: {self.max_logit_diff:.4f}")
         else:
@@ -171,8 +175,9 @@ def load_gguf(path: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                trust_remote_code=False).eval()
+    with quiet_gguf_loading():
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                    trust_remote_code=False).eval()
 
 
 @torch.no_grad()
@@ -191,7 +196,7 @@ def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens:
             ids = prompt_tensor(tokenizer, prompt)
             prompt_tokens, answer = ids[0].tolist(), greedy(merged, ids, stops, max_new_tokens)
             reference = merged_logits = answer_logits(merged, prompt_tokens, answer)
-            own, check = answer, PromptCheck(prompt, "", False)
+            own, check = answer, PromptCheck(prompt, "", False, merged_stops=bool(answer) and answer[-1] in stops)
             if exported is not None:
                 file_logits = answer_logits(exported, prompt_tokens, answer)
                 result.max_logit_diff = max(result.max_logit_diff, float((file_logits - merged_logits).abs().max()))

@@ -4,7 +4,7 @@ Architecture metadata, the tokenizer (tokens, types, merges, special ids, chat t
 tensors under llama.cpp's names and layouts: Llama-family q/k projections are permuted from the
 half-split rotary layout of transformers to the interleaved one GGML uses (without it llama.cpp
 produces garbage; measured). Supported: the `llama` architecture (Llama 2/3, Mistral, SmolLM2), `qwen2`,
-`phi3` and `gemma2` (rope scaling: Llama 3.1's `llama3`, Phi-3.5's `longrope`), with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
+`phi3`, `gemma2` and `gemma3` (text; rope scaling: Llama 3.1's `llama3`, Phi-3.5's `longrope`, Gemma 3's `linear`), with byte-level BPE (Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE tokenizers (Llama 2,
 Mistral); other architectures are a clear error that points to the merged export.
 
 Tensor types: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 and q4_0 are written by the `gguf` library itself; the
@@ -73,7 +73,9 @@ class Arch:
 
 ARCHS = {"LlamaForCausalLM": Arch("llama", True), "MistralForCausalLM": Arch("llama", True),
          "Qwen2ForCausalLM": Arch("qwen2", False), "Phi3ForCausalLM": Arch("phi3", False),
-         "Gemma2ForCausalLM": Arch("gemma2", False)}
+         "Gemma2ForCausalLM": Arch("gemma2", False), "Gemma3ForCausalLM": Arch("gemma3", False)}
+# llama.cpp's gemma3 fixes what the config states: every 6th layer global, the others sliding-window with rope base 1e4
+GEMMA3_PATTERN, GEMMA3_SLIDING_THETA = 6, 10000.0
 
 
 def expected_bytes(model, quant: str) -> int:
@@ -130,15 +132,40 @@ def arch_for(name: str, config) -> Arch:
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))}; {name} is not yet supported — "
                           "use --merged and llama.cpp's convert_hf_to_gguf.py")
     rope_type = rope_scaling(config).get("rope_type", "default")
-    supported = {"llama": "llama3", "phi3": "longrope"}.get(ARCHS[name].gguf_name)
+    supported = {"llama": "llama3", "phi3": "longrope", "gemma3": "linear"}.get(ARCHS[name].gguf_name)
     if rope_type not in ("default", None, supported):
         raise ExportError(f"GGUF export of rope scaling '{rope_type}' is not yet supported — use --merged")
+    if ARCHS[name].gguf_name == "gemma3":
+        _check_gemma3(config)
     return ARCHS[name]
 
 
+def _check_gemma3(config) -> None:
+    """What llama.cpp's gemma3 takes as given, checked against this config: otherwise its answers would differ."""
+    layers = config.num_hidden_layers
+    wanted = ["full_attention" if i % GEMMA3_PATTERN == GEMMA3_PATTERN - 1 else "sliding_attention" for i in range(layers)]
+    sliding = dict(getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    problems = []
+    if list(getattr(config, "layer_types", None) or wanted) != wanted:
+        problems.append(f"its layers are not global every {GEMMA3_PATTERN}th and sliding-window otherwise")
+    if float(sliding.get("rope_theta", GEMMA3_SLIDING_THETA)) != GEMMA3_SLIDING_THETA:
+        problems.append(f"its sliding-window layers' rope base is {sliding['rope_theta']}, not {GEMMA3_SLIDING_THETA:g}")
+    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+    if scalar != head_dim and not (layers == 62 and scalar == config.hidden_size // config.num_attention_heads):
+        problems.append(f"its query scale 1/sqrt({scalar}) is not 1/sqrt(head_dim {head_dim})")
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
+        problems.append("it caps its logits (llama.cpp's gemma3 does not)")
+    if problems:
+        raise ExportError(f"GGUF export of this Gemma 3 model: llama.cpp would read it otherwise ({'; '.join(problems)}) — "
+                          "use --merged")
+
+
 def rope_scaling(config) -> dict:
-    """The model config's rope scaling parameters (transformers' new or old attribute), {} when there are none."""
-    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    """The model config's rope scaling parameters (transformers' new or old attribute), {} when there are none; for a
+    model with parameters per layer type (Gemma 3), those of its global (full-attention) layers."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    return dict(params.get("full_attention") or {}) if "full_attention" in params else params
 
 
 def llama3_rope_factors(config, head_dim: int) -> np.ndarray:
@@ -159,8 +186,7 @@ def llama3_rope_factors(config, head_dim: int) -> np.ndarray:
 
 
 def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(rope_scaling(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def permute(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -322,11 +348,12 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> lis
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if arch.gguf_name in ("phi3", "gemma2") and getattr(config, "sliding_window", None):
+    if arch.gguf_name in ("phi3", "gemma2", "gemma3") and getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
-    if arch.gguf_name == "gemma2":
+    if arch.gguf_name in ("gemma2", "gemma3"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch.gguf_name == "gemma2":
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_vocab_size(config.vocab_size)
@@ -341,6 +368,9 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> lis
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config, head_dim),
                           raw_dtype=gguf.GGMLQuantizationType.F32)
+    if scaling.get("rope_type") == "linear":  # Gemma 3 4B and larger: positions of the global layers divided
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
     if scaling.get("rope_type") == "longrope":  # Phi-3.5: per-frequency factors for short and long contexts
         original = scaling.get("original_max_position_embeddings") or config.original_max_position_embeddings
         scale = config.max_position_embeddings / original
@@ -356,7 +386,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str) -> lis
         if target is None:
             raise ExportError(f"no GGUF name for tensor {name}")
         data = tensor.detach().float().cpu().numpy()
-        if arch.gguf_name == "gemma2" and name.endswith("norm.weight"):
+        if arch.gguf_name in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             data = data + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp multiplies by the stored weight
         if arch.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = permute(data, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)

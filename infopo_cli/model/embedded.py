@@ -94,7 +94,7 @@ def _convert(gguf: Path, out: Path) -> None:
 
     hf_logging.disable_progress_bar()
 
-    with one_reader_per_file():
+    with one_reader_per_file(), quiet_gguf_loading():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                      trust_remote_code=False)
@@ -107,6 +107,23 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def quiet_gguf_loading() -> Iterator[None]:
+    """transformers' GGUF loading without its per-tensor progress bar, which `disable_progress_bar` does not reach (a
+    plain tqdm there): infopo says what it converts in one line. Main thread only: it swaps a module attribute."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as reading
+
+    original = reading.tqdm
+    with _SWAPPING:
+        reading.tqdm = functools.partial(original, disable=True)
+        try:
+            yield
+        finally:
+            reading.tqdm = original
 
 
 @contextlib.contextmanager

@@ -108,8 +108,9 @@ def test_a_base_gguf_of_another_model_is_refused_before_writing(tmp_path):
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="needs llama.cpp: pip install 'infopo[gguf-check]' (CI installs it)")
-def test_base_plus_adapter_in_llama_cpp_answers_as_transformers(tmp_path):
-    source = adapter_for("mistral", tmp_path, build_spm_tokenizer())  # llama.cpp reads a tokenizer with merges/scores
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_base_plus_adapter_in_llama_cpp_answers_as_transformers(arch, tmp_path):
+    source = adapter_for(arch, tmp_path, build_spm_tokenizer())  # llama.cpp reads a tokenizer with merges/scores
     base, _ = base_gguf(source, tmp_path)
     _, _, result = export_adapter(source, tmp_path / "adapter.gguf", "f32", base, log=lambda _: None)
     assert result is not None and result.ok, result.lines()

@@ -45,7 +45,7 @@ def adapter_for(arch: str, tmp_path, tokenizer=None):
     return AdapterSource(base_dir, tmp_path / f"{arch}-adapter")
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma2", "phi3", "gemma3"])
 def test_merged_folder_equals_adapter_on_base(arch, tmp_path):
     source = adapter_for(arch, tmp_path)
     out = export_merged(source, tmp_path / "merged")
@@ -67,7 +67,7 @@ def tensor_types(path) -> set[str]:
 
 # The 4/5-bit types of the gguf library on the tiny Llama only: its quantisers do not depend on the architecture.
 # Tolerances: about 1.5x the error measured here (q5_1 0.036, q5_0 0.066, q4_1 0.11, q4_0 0.074; logits up to 0.5).
-GGUF_LIB_CASES = ([(arch, quant, atol) for arch in ("llama", "mistral", "qwen2", "phi3", "gemma2")
+GGUF_LIB_CASES = ([(arch, quant, atol) for arch in ("llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3")
                    for quant, atol in (("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1))]
                   + [("llama", "q5_1", 1e-1), ("llama", "q5_0", 1e-1), ("llama", "q4_1", 1.6e-1), ("llama", "q4_0", 1.6e-1)])
 
@@ -285,7 +285,7 @@ def test_a_gguf_file_trains_as_the_model(tmp_path, monkeypatch):
     assert recipe.train(cfg).steps == 1
 
 
-@pytest.mark.parametrize("arch", ["mistral", "phi3", "gemma2"])
+@pytest.mark.parametrize("arch", ["mistral", "phi3", "gemma2", "gemma3"])
 def test_sentencepiece_gguf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     """Llama 2 / Mistral / Phi-3 layout: llama.cpp's SentencePiece tokenizer on our tokens, scores and types,
     and its forward pass on our tensors (Phi-3's fused qkv and gate/up included)."""
@@ -382,6 +382,54 @@ def test_phi3_longrope_matches_in_llama_cpp(tmp_path):
     assert np.abs(got - want).max() < 2e-4
 
 
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 8.0}])
+def test_gemma3_matches_in_llama_cpp_sliding_window_and_global_layers(scaling, tmp_path):
+    """Gemma 3 alternates five sliding-window layers (rope base 1e4) with a global one (1e6, linearly scaled from 4B
+    up): over 40 tokens and a window of 16, llama.cpp's logits equal the model's; a config llama.cpp would read
+    otherwise is refused."""
+    import numpy as np
+
+    import transformers as T
+    from conftest import build_spm_tokenizer
+
+    tokenizer = build_spm_tokenizer()
+    full = {"rope_type": "default", "rope_theta": 1e6, **(scaling or {})}
+    config = T.Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256,
+                                max_position_embeddings=512, sliding_window=16,
+                                rope_parameters={"full_attention": full,
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = T.Gemma3ForCausalLM(config).eval()
+    ids = list(range(20, 60))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    write_gguf(model, tokenizer, tmp_path / "gemma3.gguf", "f32", "tiny")
+    llm = load_llama(str(tmp_path / "gemma3.gguf"), n_ctx=128, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    error = np.abs(got - want).max()  # logits here are O(0.3); llama.cpp keeps its KV cache in f16
+
+    def logits_if(**changes):  # the same weights read as a model without the window, or without the scaling
+        other = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**{**config.to_dict(), **changes})).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            return other(torch.tensor([ids])).logits[0].numpy()
+
+    unwindowed = np.abs(got - logits_if(sliding_window=512)).max()
+    unscaled = np.abs(got - logits_if(rope_parameters={**config.rope_parameters, "full_attention": {
+        "rope_type": "default", "rope_theta": 1e6}})).max()
+    assert error < 1e-3 and unwindowed > 10 * error and (scaling is None or unscaled > 10 * error), \
+        (error, unwindowed, unscaled)
+    model.config.rope_parameters["sliding_attention"]["rope_theta"] = 1e5
+    with pytest.raises(ExportError, match="sliding-window layers' rope base is 100000.0"):
+        write_gguf(model, tokenizer, tmp_path / "other.gguf", "f32", "tiny")
+
+
 def test_export_from_base_and_adapter_on_the_command_line(tmp_path):
     source = adapter_for("llama", tmp_path)
     out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter", str(source.adapter),
@@ -429,9 +477,10 @@ def test_a_quantised_file_is_checked_against_itself_a_lossless_one_against_the_m
     tokenises and answers as transformers reading the same file, and stops on the model's own stop token."""
     from infopo_cli.export.check import Agreement, CheckResult, PromptCheck
 
-    def result(lossy, vs_merged=Agreement(8, 0, 8), stops=True, llama=Agreement(8, 0, 8), tokens=True, eos=True):
+    def result(lossy, vs_merged=Agreement(8, 0, 8), stops=True, llama=Agreement(8, 0, 8), tokens=True, eos=True,
+               merged_stops=True):
         prompts = [PromptCheck("p", "a", True, Agreement(8, 0, 8), Agreement(8, 0, 8)),
-                   PromptCheck("q", "b", stops, vs_merged, llama, tokens)]
+                   PromptCheck("q", "b", stops, vs_merged, llama, tokens, merged_stops)]
         return CheckResult(quant="q4_0" if lossy else "f16", lossy=lossy, prompts=prompts, llama_cpp_checked=True,
                            llama_cpp_stop=eos)
 
@@ -443,6 +492,10 @@ def test_a_quantised_file_is_checked_against_itself_a_lossless_one_against_the_m
     rambles = result(True, stops=False)
     assert rambles.ok and rambles.warnings() and "q4_0 is coarse" in rambles.lines()[-1]
     assert result(False, stops=False).problems() == ["generation does not stop"]
+    # a base model without a chat template runs on in transformers too: the file is not at fault, for any type
+    for lossy in (False, True):
+        runs_on = result(lossy, stops=False, merged_stops=False)
+        assert runs_on.ok and not runs_on.warnings() and "runs on, as the merged model does" in runs_on.lines()[1]
     assert result(True, llama=Agreement(7, 0, 8)).problems() == [
         "llama.cpp answers differently from transformers reading the same file"]
     assert result(True, tokens=False).problems() == ["llama.cpp tokenises the prompts differently"]
