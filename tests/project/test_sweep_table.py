@@ -1,0 +1,41 @@
+"""benchmarks/sweep_table.py on a synthetic sweep folder: one row per setting over every task, the counts at each
+step, the pooled last common step and the paired test against a chosen run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    with benchmark_module("sweep_table.py") as module:
+        yield module
+
+
+def write_run(out, task: str, name: str, answers: dict[int, list[bool]]) -> None:
+    folder = out / task / "runs" / f"{name.split('|')[0]}-{task}-validation{name.split('|')[1]}" / "answers"
+    folder.mkdir(parents=True)
+    for step, right in answers.items():
+        (folder / f"step-{step}.jsonl").write_text(
+            "".join(json.dumps({"where": f"f:{i}", "right": r}) + "\n" for i, r in enumerate(right)))
+
+
+def test_a_sweep_is_one_row_per_setting_over_every_task(sweep, tmp_path):
+    write_run(tmp_path, "units", "infopo-2ep|-100heldout-seed42", {0: [False] * 4, 150: [True, True, False, False]})
+    write_run(tmp_path, "word", "infopo-2ep|-100heldout-seed42", {0: [False] * 4, 150: [True, False, False, False]})
+    write_run(tmp_path, "units", "dpo-2ep|-100heldout-seed42", {0: [False] * 4, 75: [True] * 4, 150: [True] * 4})
+    table = sweep.collect(tmp_path)
+    assert set(table) == {"infopo-2ep-100heldout-seed42", "dpo-2ep-100heldout-seed42"}  # the task left the name
+    assert table["infopo-2ep-100heldout-seed42"]["word"][150] == [True, False, False, False]
+    text = sweep.markdown(table, against="infopo-2ep")
+    infopo_row = next(line for line in text.splitlines() if line.startswith("| infopo"))
+    dpo_row = next(line for line in text.splitlines() if line.startswith("| dpo"))
+    assert "0 → 2 of 4 (steps 0, 150)" in infopo_row and "3 / 8 at step 150" in infopo_row
+    assert "+0 / −0, p = 1.000" in infopo_row                     # itself
+    assert "0 → 4 → 4 of 4" in dpo_row and dpo_row.count("–") >= 2  # no word run: no pooled count, no paired test
+    with pytest.raises(SystemExit, match="no run with answers"):
+        sweep.main([str(tmp_path / "empty")])
