@@ -6,8 +6,9 @@
 into the same OUT, with OUT/TASK/runs/ per task. This reads every finished or stopped run there (its answers/step-N.jsonl
 files) and prints, per run name (the loss and the settings that differ from the preset) and task, the right answers at
 each evaluated step, the last one with its 95% Wilson interval, and over all tasks the pooled count at the last step
-every task reached. With `--against`, each run's pooled last-step answers are compared problem by problem with that
-run's (McNemar's exact test): on a validation split this is exploratory, the settings were chosen on those problems.
+every task reached. With `--against RUN` (a row's name, or the start of exactly one), each run's pooled last-step
+answers are compared problem by problem with that run's (McNemar's exact test, problems matched by where they come
+from): on a validation split this is exploratory, the settings were chosen on those problems.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from infopo_cli.reporting.intervals import mcnemar, wilson  # noqa: E402
 STEP_FILE = re.compile(r"step-(\d+)\.jsonl$")
 
 
-def read_answers(run: Path) -> dict[int, list[bool]]:
-    """step -> whether each held-out problem was answered right, in the file's order."""
+Answers = dict[str, bool]  # where a held-out problem comes from (file:line) -> whether it was answered right
+
+
+def read_answers(run: Path) -> dict[int, Answers]:
+    """step -> each held-out problem's result."""
     out = {}
     for path in (run / "answers").glob("step-*.jsonl"):
         if match := STEP_FILE.search(path.name):
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            out[int(match[1])] = [bool(r["right"]) for r in rows]
+            out[int(match[1])] = {str(r["where"]): bool(r["right"]) for r in rows}
     return dict(sorted(out.items()))
 
 
@@ -42,9 +46,12 @@ def setting_of(run_name: str, task: str) -> str:
     return re.sub(rf"-{re.escape(task)}-(validation|test)", "", run_name)
 
 
-def collect(out: Path) -> dict[str, dict[str, dict[int, list[bool]]]]:
-    """setting -> task -> step -> right per problem, for every run under OUT/TASK/runs."""
-    table: dict[str, dict[str, dict[int, list[bool]]]] = {}
+Table = dict[str, dict[str, dict[int, Answers]]]  # setting -> task -> step -> answers
+
+
+def collect(out: Path) -> Table:
+    """Every run under OUT/TASK/runs with answers, by setting, task and step."""
+    table: Table = {}
     for runs in sorted(out.glob("*/runs")):
         task = runs.parent.name
         for run in sorted(p for p in runs.iterdir() if p.is_dir()):
@@ -53,12 +60,12 @@ def collect(out: Path) -> dict[str, dict[str, dict[int, list[bool]]]]:
     return table
 
 
-def interval(right: Sequence[bool]) -> str:
-    low, high = wilson(sum(right), len(right))
+def interval(answers: Answers) -> str:
+    low, high = wilson(sum(answers.values()), len(answers))
     return f"{100 * low:.1f}–{100 * high:.1f}"
 
 
-def pooled_last(by_task: dict[str, dict[int, list[bool]]], tasks: Sequence[str]) -> tuple[int, list[bool]] | None:
+def pooled_last(by_task: dict[str, dict[int, Answers]], tasks: Sequence[str]) -> tuple[int, Answers] | None:
     """The last step every task of `tasks` evaluated, and the answers there over all of them; None if a task is missing."""
     if any(task not in by_task for task in tasks):
         return None
@@ -66,14 +73,33 @@ def pooled_last(by_task: dict[str, dict[int, list[bool]]], tasks: Sequence[str])
     if not common:
         return None
     step = max(common)
-    return step, [x for task in tasks for x in by_task[task][step]]
+    return step, {f"{task}|{where}": right for task in tasks for where, right in by_task[task][step].items()}
 
 
-def markdown(table: dict[str, dict[str, dict[int, list[bool]]]], against: str | None = None) -> str:
+def reference_of(table: Table, against: str) -> str:
+    """The setting `--against` names: itself, or the only one that starts with it."""
+    if against in table:
+        return against
+    matches = [setting for setting in table if setting.startswith(against)]
+    if len(matches) != 1:
+        raise SystemExit(f"error: --against {against}: " + (f"{len(matches)} runs start so ({', '.join(matches)}): name "
+                         "one whole" if matches else f"no such run (there are: {', '.join(table)})"))
+    return matches[0]
+
+
+def paired(answers: Answers, reference: Answers) -> str:
+    if set(answers) != set(reference):
+        return "other problems"
+    keys = sorted(answers)
+    result = mcnemar([answers[k] for k in keys], [reference[k] for k in keys])
+    return f"+{result.only_first} / −{result.only_second}, p = {result.p_value:.3f}"
+
+
+def markdown(table: Table, against: str | None = None) -> str:
     tasks = sorted({task for by_task in table.values() for task in by_task})
     head = ["run (settings beyond the preset)", *(f"{task}: right at each step, last (95% CI)" for task in tasks),
             "all tasks at the last common step"]
-    reference = next((pooled_last(table[s], tasks) for s in table if against and s.startswith(against)), None)
+    reference = pooled_last(table[reference_of(table, against)], tasks) if against else None
     if against:
         head.append(f"vs {against} (McNemar)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -84,17 +110,14 @@ def markdown(table: dict[str, dict[str, dict[int, list[bool]]]], against: str | 
             if not answers:
                 cells.append("–")
                 continue
-            counts = " → ".join(f"{sum(r)}" for r in answers.values())
+            counts = " → ".join(f"{sum(r.values())}" for r in answers.values())
             last = list(answers.values())[-1]
             cells.append(f"{counts} of {len(last)} (steps {', '.join(map(str, answers))}); {interval(last)}")
         pooled = pooled_last(by_task, tasks)
-        cells.append(f"{sum(pooled[1])} / {len(pooled[1])} at step {pooled[0]} ({interval(pooled[1])})" if pooled else "–")
+        cells.append(f"{sum(pooled[1].values())} / {len(pooled[1])} at step {pooled[0]} ({interval(pooled[1])})"
+                     if pooled else "–")
         if against:
-            if pooled and reference and len(pooled[1]) == len(reference[1]):
-                paired = mcnemar(pooled[1], reference[1])
-                cells.append(f"+{paired.only_first} / −{paired.only_second}, p = {paired.p_value:.3f}")
-            else:
-                cells.append("–")
+            cells.append(paired(pooled[1], reference[1]) if pooled and reference else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -228,7 +228,11 @@ class LlamaCppReader:
     def __init__(self, gguf_path: Path, n_ctx: int = 1024, adapter: Path | None = None):
         options = {"lora_path": str(adapter)} if adapter is not None else {}
         try:
-            self.llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, **options)
+            # swa_full=False: a sliding-window model's (Gemma's) cache sized to its window, which is right here as
+            # every read starts from a reset (chat reuses a prefix: it keeps llama-cpp-python's full-size cache);
+            # the full-size cache also prints a note past verbose=False
+            self.llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, swa_full=False,
+                                  **options)
         except (ValueError, RuntimeError) as err:  # the file infopo just wrote: a failed check, not the user's doing
             raise ExportCheckFailed(f"check failed: llama.cpp cannot load {gguf_path} ({first_line(err)}); the file is "
                                     "kept for inspection") from None

@@ -151,9 +151,14 @@ def _check_gemma3(config) -> None:
         problems.append(f"its layers are not global every {GEMMA3_PATTERN}th and sliding-window otherwise")
     if float(sliding.get("rope_theta", GEMMA3_SLIDING_THETA)) != GEMMA3_SLIDING_THETA:
         problems.append(f"its sliding-window layers' rope base is {sliding['rope_theta']}, not {GEMMA3_SLIDING_THETA:g}")
-    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
-    if scalar != head_dim and not (layers == 62 and scalar == config.hidden_size // config.num_attention_heads):
-        problems.append(f"its query scale 1/sqrt({scalar}) is not 1/sqrt(head_dim {head_dim})")
+    if (sliding.get("rope_type") or "default") != "default":
+        problems.append(f"its sliding-window layers' rope is scaled ({sliding['rope_type']}; llama.cpp scales only "
+                        "the global layers')")
+    # llama.cpp scales queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) for the 27B model (62 layers)
+    expected = config.hidden_size // config.num_attention_heads if layers == 62 else head_dim
+    scalar = getattr(config, "query_pre_attn_scalar", expected)
+    if scalar != expected:
+        problems.append(f"its query scale 1/sqrt({scalar}) is not llama.cpp's 1/sqrt({expected}) for {layers} layers")
     if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
         problems.append("it caps its logits (llama.cpp's gemma3 does not)")
     if problems:

@@ -27,9 +27,6 @@ def load_llama(path: Path | str, **options: Any) -> Any:
         return params
 
     high_level.llama_cpp.llama_model_default_params = without_repacking
-    # a sliding-window model's (Gemma's) cache sized to its window, as llama.cpp's own tools do: llama-cpp-python's
-    # full-size default also prints a note past verbose=False
-    options = {"swa_full": False, **options}
     try:
         return llama_cpp.Llama(model_path=str(path), **options)
     finally:

@@ -23,7 +23,7 @@ from infopo_cli.model import embedded
 
 NEVER = "infopo never runs code from a model folder"
 MERGED_MARK = "infopo_merged.json"  # in a merged export: which adapter it holds, so that adapter is not applied again
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newest format first
 
 
 @contextlib.contextmanager
@@ -225,23 +225,29 @@ def read_gguf(path: Path):
         raise ModelError(f"{path}: not a readable GGUF file, truncated or corrupt ({first_line(err)})") from None
 
 
+def adapter_weights(adapter: Path) -> Path | None:
+    """The weights file of a peft adapter folder (safetensors, or the older .bin); None when it has neither."""
+    return next((adapter / name for name in ADAPTER_WEIGHTS if (adapter / name).is_file()), None)
+
+
 def mark_merged(folder: Path, adapter: Path, base: str) -> None:
     """Note in a merged export being written which adapter (by its weights' SHA-256) and base it holds."""
-    files.write_json(folder / MERGED_MARK, {"base": base, "adapter": str(adapter.resolve()),
-                                            "adapter_sha256": files.sha256_file(adapter / ADAPTER_WEIGHTS)})
+    if (weights := adapter_weights(adapter)) is not None:
+        files.write_json(folder / MERGED_MARK, {"base": base, "adapter": str(adapter.resolve()),
+                                                "adapter_sha256": files.sha256_file(weights)})
 
 
 def check_not_merged_in(model: str, adapter: Path, flag: str) -> None:
     """Refuse to put `adapter` on `model` when `model` is an `infopo export --merged` of that very adapter: its change
     would count twice, and every answer and score would be of a model no one trained. A merged model with another
     adapter on top is a real use (a second round on an SFT merge) and passes."""
-    mark = Path(model).expanduser() / MERGED_MARK
+    folder = known_folder(model)  # a local folder, or a merged export pushed to the hub, from its cached snapshot
     try:
-        held = json.loads(mark.read_text(encoding="utf-8"))
+        held = json.loads((folder / MERGED_MARK).read_text(encoding="utf-8")) if folder is not None else None
     except (OSError, ValueError):  # no mark (any other model), or one that cannot be read: nothing to compare
         return
-    weights = Path(adapter) / ADAPTER_WEIGHTS
-    if not isinstance(held, dict) or not weights.is_file() or held.get("adapter_sha256") != files.sha256_file(weights):
+    weights = adapter_weights(Path(adapter).expanduser())
+    if not isinstance(held, dict) or weights is None or held.get("adapter_sha256") != files.sha256_file(weights):
         return
     raise ConfigError(f"{flag} {model} is a merged export that already holds the adapter {adapter}: putting it on "
                       f"again would apply it twice; pass the model it was trained on ({held.get('base', 'its base')}), "

@@ -28,7 +28,7 @@ from infopo_cli.model.recompute import Recompute
 from infopo_cli.config import EMBEDDED_MODEL, FIELDS, TrainConfig, flag
 from infopo_cli.errors import ConfigError, first_line
 from infopo_cli.model.precision import Precision
-from infopo_cli.model.source import library_reading, loadable, resolve_source  # noqa: F401 (resolve_source: for callers)
+from infopo_cli.model.source import ADAPTER_WEIGHTS, library_reading, loadable, resolve_source  # noqa: F401 (resolve_source: for callers)
 
 
 def load_tokenizer(source: str):
@@ -235,7 +235,7 @@ POLICY = "default"        # peft's name for the first adapter: the one trained, 
 REFERENCE = "reference"   # a frozen second copy of the init adapter on the same base (never a second base)
 _ADAPTER_SETTINGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
                      "target_modules": "target_modules"}  # TrainConfig field -> adapter_config.json key
-_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_WEIGHTS = ADAPTER_WEIGHTS
 
 
 def _show(value: Any) -> str:

@@ -49,7 +49,7 @@ def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, A
                           "backward on a CPU): use auto or sdpa")
     spec, loss_params = registry.resolve(cfg.loss, cfg.loss_overrides())
     if cfg.init_adapter:  # cheap (one JSON file): its LoRA settings are checked against the run's here
-        check_not_merged_in(cfg.model, Path(cfg.init_adapter), "--model")  # before the name check: the precise reason
+        check_not_merged_in(cfg.model, Path(cfg.init_adapter).expanduser(), "--model")  # before the name check: the precise reason
         cfg = stack.adopt_init_adapter(cfg)
     return cfg, spec, loss_params
 

@@ -430,6 +430,29 @@ def test_gemma3_matches_in_llama_cpp_sliding_window_and_global_layers(scaling, t
         write_gguf(model, tokenizer, tmp_path / "other.gguf", "f32", "tiny")
 
 
+@pytest.mark.parametrize("changes, says", [
+    ({"layer_types": ["full_attention"] * 6}, "not global every 6th"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}},
+     "sliding-window layers' rope is scaled"),
+    ({"query_pre_attn_scalar": 64}, "query scale 1/sqrt(64) is not llama.cpp's 1/sqrt(256)"),
+    ({"final_logit_softcapping": 30.0}, "caps its logits"),
+    ({"num_hidden_layers": 62, "hidden_size": 5376, "num_attention_heads": 32, "layer_types": None, "head_dim": 128,
+      "query_pre_attn_scalar": 128}, "1/sqrt(128) is not llama.cpp's 1/sqrt(168) for 62 layers")])  # the 27B rule
+def test_a_gemma3_config_llama_cpp_would_read_otherwise_is_refused(changes, says):
+    import transformers as T
+
+    from infopo_cli.export.gguf import arch_for
+
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256)
+    assert arch_for("Gemma3ForCausalLM", T.Gemma3TextConfig(**base)).gguf_name == "gemma3"
+    with pytest.raises(ExportError, match=re.escape(says)):
+        arch_for("Gemma3ForCausalLM", T.Gemma3TextConfig(**{**base, **changes}))
+    if changes.get("num_hidden_layers") == 62:  # and 27B with its own scale passes
+        arch_for("Gemma3ForCausalLM", T.Gemma3TextConfig(**{**base, **changes, "query_pre_attn_scalar": 168}))
+
+
 def test_export_from_base_and_adapter_on_the_command_line(tmp_path):
     source = adapter_for("llama", tmp_path)
     out = subprocess.run([sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter", str(source.adapter),
@@ -461,6 +484,14 @@ def test_a_merged_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_pa
     weights = load_file(other / "adapter_model.safetensors")
     save_file({k: v + 1 for k, v in weights.items()}, other / "adapter_model.safetensors")
     assert find_target(other, str(merged)).kind == "adapter"
+    # an adapter saved in peft's older .bin format merges, is marked and is recognised the same way
+    old = tmp_path / "old-format"
+    shutil.copytree(source.adapter, old)
+    torch.save(load_file(old / "adapter_model.safetensors"), old / "adapter_model.bin")
+    (old / "adapter_model.safetensors").unlink()
+    merged_old = export_merged(AdapterSource(source.base, old), tmp_path / "merged-old")
+    with pytest.raises(ConfigError, match="already holds the adapter"):
+        find_target(old, str(merged_old))
 
 
 def test_free_space_is_checked_before_writing(tmp_path):

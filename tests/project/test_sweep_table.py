@@ -30,8 +30,8 @@ def test_a_sweep_is_one_row_per_setting_over_every_task(sweep, tmp_path):
     write_run(tmp_path, "units", "dpo-2ep|-100heldout-seed42", {0: [False] * 4, 75: [True] * 4, 150: [True] * 4})
     table = sweep.collect(tmp_path)
     assert set(table) == {"infopo-2ep-100heldout-seed42", "dpo-2ep-100heldout-seed42"}  # the task left the name
-    assert table["infopo-2ep-100heldout-seed42"]["word"][150] == [True, False, False, False]
-    text = sweep.markdown(table, against="infopo-2ep")
+    assert list(table["infopo-2ep-100heldout-seed42"]["word"][150].values()) == [True, False, False, False]
+    text = sweep.markdown(table, against="infopo-2ep")  # the only setting that starts so
     infopo_row = next(line for line in text.splitlines() if line.startswith("| infopo"))
     dpo_row = next(line for line in text.splitlines() if line.startswith("| dpo"))
     assert "0 → 2 of 4 (steps 0, 150)" in infopo_row and "3 / 8 at step 150" in infopo_row
@@ -39,3 +39,18 @@ def test_a_sweep_is_one_row_per_setting_over_every_task(sweep, tmp_path):
     assert "0 → 4 → 4 of 4" in dpo_row and dpo_row.count("–") >= 2  # no word run: no pooled count, no paired test
     with pytest.raises(SystemExit, match="no run with answers"):
         sweep.main([str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="no such run"):
+        sweep.markdown(table, against="ipo")
+
+
+def test_the_run_compared_with_is_named_once_and_problems_pair_by_where_they_come_from(sweep, tmp_path):
+    write_run(tmp_path, "units", "infopo-2ep|-seed42", {150: [True, False, False, False]})
+    write_run(tmp_path, "units", "infopo-2ep|-seed1", {150: [False, True, False, False]})
+    table = sweep.collect(tmp_path)
+    with pytest.raises(SystemExit, match="2 runs start so"):  # a prefix of two seeds: which one was meant?
+        sweep.markdown(table, against="infopo-2ep")
+    seed1 = next(line for line in sweep.markdown(table, against="infopo-2ep-seed42").splitlines() if "seed1 " in line)
+    assert "+1 / −1, p = 1.000" in seed1  # problem 0 right only in seed 42, problem 1 only in seed 1
+    write_run(tmp_path, "units", "dpo-2ep|-seed42", {150: [True, True, True]})  # another problem set
+    other = sweep.markdown(sweep.collect(tmp_path), against="infopo-2ep-seed42")
+    assert "other problems" in next(line for line in other.splitlines() if line.startswith("| dpo"))
