@@ -10,7 +10,7 @@ import pytest
 from conftest import infopo
 
 from infopo_cli import __version__
-from infopo_cli.config import TrainConfig, merge
+from infopo_cli.config import merge
 from infopo_cli.errors import ConfigError
 from infopo_cli.presets import available, load_preset
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, tiny_cfg, write_pairs
+from conftest import tiny_cfg, write_pairs
 from rich.console import Console
 
 from infopo_cli.data.batching import collate
