@@ -10,9 +10,8 @@ import pytest
 from conftest import infopo
 
 from infopo_cli import __version__
-from infopo_cli.config import merge
 from infopo_cli.errors import ConfigError
-from infopo_cli.presets import available, load_preset
+from infopo_cli.presets import load_preset
 
 
 def test_help_does_not_import_torch():
