@@ -31,6 +31,18 @@ from infopo_cli.model.precision import Precision
 IDS = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
 
 
+def llama_cpp_logits(path, ids: list[int]):
+    """llama.cpp's logits at every position of `ids` read from the GGUF at `path` (a numpy array)."""
+    import numpy as np
+
+    llm = load_llama(str(path), n_ctx=128, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+
+
 def adapter_for(arch: str, tmp_path, tokenizer=None):
     """A tiny model of `arch` and a LoRA adapter with non-zero weights on all its linear layers."""
     base_dir = build_architecture(arch, tmp_path / f"{arch}-base", tokenizer)
@@ -335,19 +347,11 @@ def test_llama3_rope_scaling_matches_in_llama_cpp(tmp_path):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
 
-    def llama_cpp_logits(path):
-        llm = load_llama(str(path), n_ctx=128, logits_all=True, verbose=False)
-        try:
-            llm.eval(ids)
-            return np.array(llm.scores[:len(ids)])
-        finally:
-            llm.close()
-
     write_gguf(model, tokenizer, tmp_path / "scaled.gguf", "f32", "tiny")
-    scaled = np.abs(llama_cpp_logits(tmp_path / "scaled.gguf") - want).max()
+    scaled = np.abs(llama_cpp_logits(tmp_path / "scaled.gguf", ids) - want).max()
     model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}  # same weights, no rope_freqs
     write_gguf(model, tokenizer, tmp_path / "unscaled.gguf", "f32", "tiny")
-    unscaled = np.abs(llama_cpp_logits(tmp_path / "unscaled.gguf") - want).max()
+    unscaled = np.abs(llama_cpp_logits(tmp_path / "unscaled.gguf", ids) - want).max()
     assert scaled < 2e-4 and unscaled > 10 * scaled, (scaled, unscaled)  # logits here are O(0.1)
 
 
@@ -373,13 +377,7 @@ def test_phi3_longrope_matches_in_llama_cpp(tmp_path):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     write_gguf(model, tokenizer, tmp_path / "phi.gguf", "f32", "tiny-phi3")
-    llm = load_llama(str(tmp_path / "phi.gguf"), n_ctx=128, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
-    finally:
-        llm.close()
-    assert np.abs(got - want).max() < 2e-4
+    assert np.abs(llama_cpp_logits(tmp_path / "phi.gguf", ids) - want).max() < 2e-4
 
 
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 8.0}])
@@ -406,12 +404,7 @@ def test_gemma3_matches_in_llama_cpp_sliding_window_and_global_layers(scaling, t
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     write_gguf(model, tokenizer, tmp_path / "gemma3.gguf", "f32", "tiny")
-    llm = load_llama(str(tmp_path / "gemma3.gguf"), n_ctx=128, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
-    finally:
-        llm.close()
+    got = llama_cpp_logits(tmp_path / "gemma3.gguf", ids)
     error = np.abs(got - want).max()  # logits here are O(0.3); llama.cpp keeps its KV cache in f16
 
     def logits_if(**changes):  # the same weights read as a model without the window, or without the scaling
