@@ -135,13 +135,15 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position)."""
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the adapter weights and optimizer; return the rest of the saved state (schedule, RNG, position).
+    `state`: what `read_state(folder)` gave already (it holds the optimizer state: not read twice)."""
     try:
         weights = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, SafetensorError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"{folder}: cannot read the checkpoint ({first_line(err, 'unreadable')})") from None
-    state = read_state(folder)
+    state = read_state(folder) if state is None else state
     if problem := load_adapter_weights(model, weights):
         raise CheckpointError(f"{folder}: {problem}")
     try:

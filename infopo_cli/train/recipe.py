@@ -191,7 +191,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         scaler = torch.amp.GradScaler(precision.device, enabled=precision.dtype == torch.float16)
         state, saved_rng = TrainState(), None
         if resume_from:
-            saved = checkpoint.load_checkpoint(resume_from, model, optimizer)
+            saved = checkpoint.load_checkpoint(resume_from, model, optimizer, saved_state)
             state, saved_rng = TrainState.from_state(saved), saved["rng"]
             schedule = accepted_schedule(saved, resume_from, run_dir, cfg.init_adapter, init_sha256, global_batch,
                                          len(train_tok), total_steps, data_sha256)
