@@ -12,6 +12,7 @@ from infopo_cli.export.merged import AdapterSource, merged_model
 from infopo_cli.export.modelfile import modelfile, write_modelfile
 from infopo_cli.export.outputs import claim_gguf
 from infopo_cli.config import EMBEDDED_MODEL
+from infopo_cli.model.source import merged_mark
 
 LOSSLESS = ("f32", "f16", "bf16")  # a file of these must answer exactly as the merged model
 
@@ -34,7 +35,8 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     files.check_free_space(out.parent, size + intermediate)
     log(f"writing {quant} GGUF, about {size / 2**20:,.0f} MiB" if size >= 2**20 else f"writing {quant} GGUF, about {size / 2**10:,.0f} KiB")
     with files.replacing(out) as tmp:  # K-quants too: llama.cpp's quantiser writes the temporary, renamed when whole
-        for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source)):
+        for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source),
+                               merged=merged_mark(source.adapter, source.base)):
             log(line)
     write_modelfile(out, text)
     return out, modelfile_path, compare(model, tokenizer, out, lossy=quant not in LOSSLESS, quant=quant) if check else None

@@ -23,6 +23,8 @@ from infopo_cli.model import embedded
 
 NEVER = "infopo never runs code from a model folder"
 MERGED_MARK = "infopo_merged.json"  # in a merged export: which adapter it holds, so that adapter is not applied again
+# the same, as metadata of a GGUF `infopo export --gguf` writes (llama.cpp's quantiser keeps a file's metadata)
+GGUF_MERGED_PREFIX, GGUF_MERGED_KEYS = "infopo.merged.", ("base", "adapter", "adapter_sha256")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newest format first
 
 
@@ -230,22 +232,45 @@ def adapter_weights(adapter: Path) -> Path | None:
     return next((adapter / name for name in ADAPTER_WEIGHTS if (adapter / name).is_file()), None)
 
 
+def merged_mark(adapter: Path, base: str) -> dict[str, str] | None:
+    """What a merged export records of what it holds: the base, the adapter, its weights' SHA-256 (None: no weights)."""
+    if (weights := adapter_weights(adapter)) is None:
+        return None
+    return {"base": base, "adapter": str(adapter.resolve()), "adapter_sha256": files.sha256_file(weights)}
+
+
 def mark_merged(folder: Path, adapter: Path, base: str) -> None:
-    """Note in a merged export being written which adapter (by its weights' SHA-256) and base it holds."""
-    if (weights := adapter_weights(adapter)) is not None:
-        files.write_json(folder / MERGED_MARK, {"base": base, "adapter": str(adapter.resolve()),
-                                                "adapter_sha256": files.sha256_file(weights)})
+    """Note in a merged export being written which adapter and base it holds (MERGED_MARK)."""
+    if (mark := merged_mark(adapter, base)) is not None:
+        files.write_json(folder / MERGED_MARK, mark)
+
+
+def _held_adapter(model: str) -> dict | None:
+    """The merged mark of `model`: a merged export's MERGED_MARK, or the GGUF_MERGED_KEYS of a GGUF that `infopo
+    export --gguf` wrote (a GGUF is always the adapter merged into its base)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            return None
+        try:
+            fields = read_gguf(path).fields
+        except ModelError:  # the model's own check says so
+            return None
+        held = {key: str(fields[f"{GGUF_MERGED_PREFIX}{key}"].contents()) for key in GGUF_MERGED_KEYS
+                if f"{GGUF_MERGED_PREFIX}{key}" in fields}
+        return held or None
+    folder = known_folder(model)  # a local folder, or a merged export pushed to the hub, from its cached snapshot
+    try:
+        return json.loads((folder / MERGED_MARK).read_text(encoding="utf-8")) if folder is not None else None
+    except (OSError, ValueError):  # no mark (any other model), or one that cannot be read: nothing to compare
+        return None
 
 
 def check_not_merged_in(model: str, adapter: Path, flag: str) -> None:
-    """Refuse to put `adapter` on `model` when `model` is an `infopo export --merged` of that very adapter: its change
+    """Refuse to put `adapter` on `model` when `model` is an `infopo export --merged` (or `--gguf`) of that very adapter: its change
     would count twice, and every answer and score would be of a model no one trained. A merged model with another
     adapter on top is a real use (a second round on an SFT merge) and passes."""
-    folder = known_folder(model)  # a local folder, or a merged export pushed to the hub, from its cached snapshot
-    try:
-        held = json.loads((folder / MERGED_MARK).read_text(encoding="utf-8")) if folder is not None else None
-    except (OSError, ValueError):  # no mark (any other model), or one that cannot be read: nothing to compare
-        return
+    held = _held_adapter(model)
     weights = adapter_weights(Path(adapter).expanduser())
     if not isinstance(held, dict) or weights is None or held.get("adapter_sha256") != files.sha256_file(weights):
         return

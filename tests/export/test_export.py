@@ -27,6 +27,7 @@ from infopo_cli.export.gguf import permute, write_gguf
 from infopo_cli.export.merged import AdapterSource, export_merged, merged_model
 from infopo_cli.export.modelfile import modelfile
 from infopo_cli.model.precision import Precision
+from infopo_cli.model.source import check_not_merged_in
 
 IDS = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
 
@@ -135,6 +136,9 @@ def test_k_quant_export_runs_in_llama_cpp(tmp_path, monkeypatch):
         llm.close()
     assert np.abs(got - want).max() < 0.4 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.7
     assert np.abs(got - transformers_reads).max() < 0.1
+    # llama.cpp's quantiser kept the metadata naming the adapter the file holds
+    with pytest.raises(ConfigError, match="already holds the adapter"):
+        check_not_merged_in(str(path), source.adapter, "--model")
 
 
 def test_k_quant_of_narrow_tensors_says_what_llama_cpp_kept(tmp_path):
@@ -485,6 +489,28 @@ def test_a_merged_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_pa
     merged_old = export_merged(AdapterSource(source.base, old), tmp_path / "merged-old")
     with pytest.raises(ConfigError, match="already holds the adapter"):
         find_target(old, str(merged_old))
+
+
+def test_a_gguf_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_path):
+    """A GGUF is always the adapter merged into its base: training from it (`--model FILE.gguf --init-adapter`) or
+    exporting onto it with that adapter would apply it twice."""
+    from infopo_cli.export.export_gguf import export_gguf
+
+    source = adapter_for("llama", tmp_path)
+    path, _, _ = export_gguf(source, tmp_path / "m.gguf", "f16", check=False)
+    with pytest.raises(ConfigError, match=r"--model .*m\.gguf is a merged export that already holds the adapter"):
+        preflight.check_settings(TrainConfig(model=str(path), init_adapter=str(source.adapter), dtype="fp32",
+                                             load_in_4bit=False, lora_r=4, lora_alpha=8))
+    with pytest.raises(ConfigError, match="already holds the adapter"):
+        find_target(source.adapter, str(path))
+    other = tmp_path / "other"  # another adapter on top of it passes
+    shutil.copytree(source.adapter, other)
+    save_file({k: v + 1 for k, v in load_file(other / "adapter_model.safetensors").items()}, other / "adapter_model.safetensors")
+    check_not_merged_in(str(path), other, "--model")
+    # and a GGUF no infopo export wrote (no such metadata) passes with any adapter
+    merged, tokenizer = merged_model(source)
+    write_gguf(merged, tokenizer, tmp_path / "plain.gguf", "f16", model_name="tiny")
+    check_not_merged_in(str(tmp_path / "plain.gguf"), source.adapter, "--model")
 
 
 def test_free_space_is_checked_before_writing(tmp_path):
