@@ -5,8 +5,8 @@
 `answers.py` tabulates the runs of one command; a sweep is many commands (a loss, then its β, its learning rate...)
 into the same OUT, with OUT/TASK/runs/ per task. This reads every finished or stopped run there (its answers/step-N.jsonl
 files) and prints, per run name (the loss and the settings that differ from the preset) and task, the right answers at
-each evaluated step, the last one with its 95% Wilson interval, and over all tasks the pooled count at the last step
-every task reached. With `--against RUN` (a row's name, or the start of exactly one), each run's pooled last-step
+each evaluated step, the last one with its 95% Wilson interval, and over all tasks the pooled count at each step every
+task reached; under the table, each loss's best row and step (the settings and length to take to the test split). With `--against RUN` (a row's name, or the start of exactly one), each run's pooled last-step
 answers are compared problem by problem with that run's (McNemar's exact test, problems matched by where they come
 from): on a validation split this is exploratory, the settings were chosen on those problems.
 """
@@ -65,15 +65,34 @@ def interval(answers: Answers) -> str:
     return f"{100 * low:.1f}–{100 * high:.1f}"
 
 
-def pooled_last(by_task: dict[str, dict[int, Answers]], tasks: Sequence[str]) -> tuple[int, Answers] | None:
-    """The last step every task of `tasks` evaluated, and the answers there over all of them; None if a task is missing."""
+def pooled(by_task: dict[str, dict[int, Answers]], tasks: Sequence[str]) -> dict[int, Answers]:
+    """step -> the answers over all of `tasks` there, at each step every task evaluated; {} if a task is missing."""
     if any(task not in by_task for task in tasks):
-        return None
-    common = set.intersection(*(set(by_task[task]) for task in tasks))
-    if not common:
-        return None
-    step = max(common)
-    return step, {f"{task}|{where}": right for task in tasks for where, right in by_task[task][step].items()}
+        return {}
+    common = sorted(set.intersection(*(set(by_task[task]) for task in tasks)))
+    return {step: {f"{task}|{where}": right for task in tasks for where, right in by_task[task][step].items()}
+            for step in common}
+
+
+def pooled_last(by_task: dict[str, dict[int, Answers]], tasks: Sequence[str]) -> tuple[int, Answers] | None:
+    """The last step every task of `tasks` evaluated, and the answers there over all of them; None if there is none."""
+    steps = pooled(by_task, tasks)
+    return (max(steps), steps[max(steps)]) if steps else None
+
+
+def best_per_loss(table: Table, tasks: Sequence[str]) -> dict[str, tuple[str, int, int, int]]:
+    """loss -> (setting, step, right, problems): the row and evaluated step (step 0, the base, excluded) with the
+    most right answers pooled over every task; a tie goes to the earlier step (less training), then to the shorter
+    name (fewer settings changed)."""
+    best: dict[str, tuple[str, int, int, int]] = {}
+    for setting, by_task in table.items():
+        loss = setting.split("-", 1)[0]
+        for step, answers in pooled(by_task, tasks).items():
+            candidate = (setting, step, sum(answers.values()), len(answers))
+            held = best.get(loss)
+            if step and (held is None or (-candidate[2], step, len(setting)) < (-held[2], held[1], len(held[0]))):
+                best[loss] = candidate
+    return best
 
 
 def reference_of(table: Table, against: str) -> str:
@@ -113,12 +132,18 @@ def markdown(table: Table, against: str | None = None) -> str:
             counts = " → ".join(f"{sum(r.values())}" for r in answers.values())
             last = list(answers.values())[-1]
             cells.append(f"{counts} of {len(last)} (steps {', '.join(map(str, answers))}); {interval(last)}")
-        pooled = pooled_last(by_task, tasks)
-        cells.append(f"{sum(pooled[1].values())} / {len(pooled[1])} at step {pooled[0]} ({interval(pooled[1])})"
-                     if pooled else "–")
+        steps = pooled(by_task, tasks)
+        last = steps[max(steps)] if steps else None
+        cells.append(f"{' → '.join(str(sum(a.values())) for a in steps.values())} / {len(last)} at steps "
+                     f"{', '.join(map(str, steps))} ({interval(last)})" if last else "–")
         if against:
-            cells.append(paired(pooled[1], reference[1]) if pooled and reference else "–")
+            cells.append(paired(last, reference[1]) if last and reference else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    if best := best_per_loss(table, tasks):
+        lines += ["", "Best per loss (most right answers over all tasks at one evaluated step; a tie goes to the earlier "
+                  "step, then to fewer settings):"]
+        lines += [f"- {loss}: {setting} at step {step}, {right} / {problems}"
+                  for loss, (setting, step, right, problems) in sorted(best.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -34,9 +34,11 @@ def test_a_sweep_is_one_row_per_setting_over_every_task(sweep, tmp_path):
     text = sweep.markdown(table, against="infopo-2ep")  # the only setting that starts so
     infopo_row = next(line for line in text.splitlines() if line.startswith("| infopo"))
     dpo_row = next(line for line in text.splitlines() if line.startswith("| dpo"))
-    assert "0 → 2 of 4 (steps 0, 150)" in infopo_row and "3 / 8 at step 150" in infopo_row
+    assert "0 → 2 of 4 (steps 0, 150)" in infopo_row and "0 → 3 / 8 at steps 0, 150" in infopo_row
     assert "+0 / −0, p = 1.000" in infopo_row                     # itself
     assert "0 → 4 → 4 of 4" in dpo_row and dpo_row.count("–") >= 2  # no word run: no pooled count, no paired test
+    # infopo's only row; dpo has no word run, so no pooled count and no pick
+    assert text.splitlines()[-1] == "- infopo: infopo-2ep-100heldout-seed42 at step 150, 3 / 8"
     with pytest.raises(SystemExit, match="no run with answers"):
         sweep.main([str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="no such run"):
@@ -54,3 +56,12 @@ def test_the_run_compared_with_is_named_once_and_problems_pair_by_where_they_com
     write_run(tmp_path, "units", "dpo-2ep|-seed42", {150: [True, True, True]})  # another problem set
     other = sweep.markdown(sweep.collect(tmp_path), against="infopo-2ep-seed42")
     assert "other problems" in next(line for line in other.splitlines() if line.startswith("| dpo"))
+
+
+def test_the_best_row_of_each_loss_is_the_most_right_answers_at_any_step_ties_to_the_shorter_run(sweep, tmp_path):
+    write_run(tmp_path, "units", "infopo-2ep|-seed42", {0: [True] * 4, 75: [True, True, False, False], 150: [True] * 3 + [False]})
+    write_run(tmp_path, "units", "infopo-beta2-2ep|-seed42", {75: [True] * 3 + [False], 150: [True] * 3 + [False]})
+    write_run(tmp_path, "units", "dpo-2ep|-seed42", {0: [True] * 4, 75: [False] * 4, 150: [True] + [False] * 3})
+    best = sweep.best_per_loss(sweep.collect(tmp_path), ["units"])
+    # step 0 (the base, 4 right) never counts; 3 right at step 75 beats 3 at step 150 and the default's name is no help
+    assert best == {"infopo": ("infopo-beta2-2ep-seed42", 75, 3, 4), "dpo": ("dpo-2ep-seed42", 150, 1, 4)}
