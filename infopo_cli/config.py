@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -302,6 +303,7 @@ def merge(base: TrainConfig, overrides: dict[str, Any], source: str) -> TrainCon
     for key, value in overrides.items():
         try:
             values[key] = _coerce(key, value)
+            values[key] = expand_home(values[key]) if key in PATH_SETTINGS else values[key]
         except ConfigError as err:
             problems.append(str(err))
             continue
@@ -310,6 +312,19 @@ def merge(base: TrainConfig, overrides: dict[str, Any], source: str) -> TrainCon
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return TrainConfig(**values)
+
+
+# settings that name files or folders: a leading `~` is the user's home wherever the value comes from (a flag typed as
+# --output=~/runs or quoted, a preset), never a folder named `~` (no hub id or bundled name starts with it)
+PATH_SETTINGS = ("model", "init_adapter", "data", "eval_data", "output", "preset")
+
+
+def expand_home(value: Any) -> Any:
+    """A path's leading `~` or `~user` expanded (the shell leaves it as typed in `--out=~/x` and inside quotes); lists
+    item by item; anything else as it is."""
+    if isinstance(value, (list, tuple)):
+        return [expand_home(v) for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
 def override(preset: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,29 @@ def test_resume_needs_a_run_folder_and_refuses_settings_that_differ(tmp_path):
     (tmp_path / "config.toml").write_text('model = "x"\nlr = 0.0002\n')
     out = infopo("train", "--resume", str(tmp_path), "--lr", "0.1")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: --lr 0.1 differs from this run's 0.0002")
+
+
+def test_a_tilde_in_a_path_is_the_home_folder_however_the_shell_passed_it(tmp_path):
+    """bash leaves `--output=~/x` (and a quoted "~/x") as typed: a run folder named `~` in the working directory
+    would be a trap (`rm -rf ~`). Flags, arguments and preset values alike."""
+    from conftest import write_pairs
+    from infopo_cli.config import TrainConfig, merge
+
+    home = tmp_path / "home"
+    home.mkdir()
+    write_pairs(home / "pairs.jsonl", 8)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = infopo("train", "--output=~/runs/x", "--data=~/pairs.jsonl", "--dry-run", cwd=work, env={"HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert f"run folder {home / 'runs' / 'x'} (new)" in out.stdout and not list(work.iterdir())
+    out = infopo("data", "check", "~/pairs.jsonl", cwd=work, env={"HOME": str(home)})  # an argument, as if quoted
+    assert out.returncode == 0, out.stderr
+    out = infopo("eval", "--out=~/e.json", "--base=~/nowhere", "~/no-adapter", cwd=work, env={"HOME": str(home)})
+    assert out.returncode == 2 and str(home / "no-adapter") in out.stderr and not list(work.iterdir())
+    cfg = merge(TrainConfig(), {"output": "~/r", "data": ["~/a.jsonl", "bundled:arith_train"], "system_prompt": "~hi"}, "preset")
+    assert cfg.output == str(Path.home() / "r") and cfg.data == [str(Path.home() / "a.jsonl"), "bundled:arith_train"]
+    assert cfg.system_prompt == "~hi"  # text, not a path
 
 
 def test_usage_errors_are_one_line_without_class_names():
