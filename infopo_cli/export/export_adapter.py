@@ -115,7 +115,7 @@ def export_adapter(source: AdapterSource, out: Path, quant: str = "f16", base_gg
     base_gguf = base_gguf or default_base_gguf(source.base)
     if base_gguf is not None and not base_gguf.is_file():
         raise ConfigError(f"--base-gguf {base_gguf}: no such file")
-    claim_gguf(out, overwrite, "--gguf-adapter")
+    claim_gguf(out, overwrite, "--gguf-adapter", reads=[base_gguf] if base_gguf is not None else [])
     settings = lora_settings(source.adapter)
     config = AutoConfig.from_pretrained(resolve_source(source.base, log=log), trust_remote_code=False)
     arch = arch_for((config.architectures or [type(config).__name__])[0], config)

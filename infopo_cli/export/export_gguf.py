@@ -10,7 +10,7 @@ from infopo_cli.export.check import CheckResult, compare
 from infopo_cli.export.gguf import QUANTS, check_quant, expected_bytes, write_gguf
 from infopo_cli.export.merged import AdapterSource, merged_model
 from infopo_cli.export.modelfile import modelfile, write_modelfile
-from infopo_cli.export.outputs import claim_gguf
+from infopo_cli.export.outputs import claim_gguf, local_model
 from infopo_cli.config import EMBEDDED_MODEL
 from infopo_cli.model.source import merged_mark
 
@@ -27,7 +27,7 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     check_quant(quant)
     for line in files.clean_temporaries(out.parent):
         log(line)
-    modelfile_path = claim_gguf(out, overwrite)
+    modelfile_path = claim_gguf(out, overwrite, reads=[base] if (base := local_model(source.base)) else [])
     model, tokenizer = merged_model(source, "fp32")
     text = modelfile(out.name, tokenizer.chat_template, tokenizer.eos_token)
     size = expected_bytes(model, quant)
@@ -36,7 +36,7 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
     log(f"writing {quant} GGUF, about {size / 2**20:,.0f} MiB" if size >= 2**20 else f"writing {quant} GGUF, about {size / 2**10:,.0f} KiB")
     with files.replacing(out) as tmp:  # K-quants too: llama.cpp's quantiser writes the temporary, renamed when whole
         for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source),
-                               merged=merged_mark(source.adapter, source.base)):
+                               merged=merged_mark(source.adapter, source.base, source.related)):
             log(line)
     write_modelfile(out, text)
     return out, modelfile_path, compare(model, tokenizer, out, lossy=quant not in LOSSLESS, quant=quant) if check else None

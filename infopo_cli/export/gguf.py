@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from infopo_cli.errors import ConfigError, ExportError
-from infopo_cli.model.source import GGUF_MERGED_PREFIX, resolve_source
+from infopo_cli.model.source import GGUF_MERGED_KEY, resolve_source
 import ctypes
 from infopo_cli import files
 
@@ -327,7 +327,7 @@ def llama_cpp_quantize(source: Path, path: Path, quant: str) -> list[str]:
             for (kind, block), names in fallbacks.items()]
 
 
-def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str, merged: dict[str, str] | None = None) -> list[str]:
+def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str, merged: dict | None = None) -> list[str]:
     """Write `model` (a merged transformers causal LM) and its tokenizer to `path`; returns notes for the user
     (tensors llama.cpp's quantiser kept at another type). `merged`: the adapter it holds (`source.merged_mark`),
     written as metadata so that adapter is not put on this file again.
@@ -366,8 +366,8 @@ def write_gguf(model, tokenizer, path: Path, quant: str, model_name: str, merged
     writer.add_file_type(QUANTS[quant].file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, model_name)
-    for key, text in (merged or {}).items():
-        writer.add_string(GGUF_MERGED_PREFIX + key, text)
+    if merged:
+        writer.add_string(GGUF_MERGED_KEY, json.dumps(merged))
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)

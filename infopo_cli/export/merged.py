@@ -15,7 +15,7 @@ from infopo_cli import files
 from infopo_cli.config import DTYPES
 from infopo_cli.errors import ConfigError
 from infopo_cli.export.outputs import claim_folder
-from infopo_cli.model.source import mark_merged
+from infopo_cli.model.source import adapter_weights, mark_merged
 from infopo_cli.presets import load_preset
 from infopo_cli.reporting.model_card import write_merged_card
 
@@ -26,6 +26,9 @@ class AdapterSource:
 
     base: str      # what the run trained on: a folder, a hub id or the embedded default
     adapter: Path  # a folder with adapter_config.json
+    # adapters whose change is also in it (the one its run started from, the run's checkpoints): the merged model
+    # holds them too, and refuses them as a base with them on top
+    related: tuple[Path, ...] = ()
 
 
 def from_run(run_dir: str | Path) -> AdapterSource:
@@ -36,7 +39,9 @@ def from_run(run_dir: str | Path) -> AdapterSource:
                           "or --base and --adapter")
     if not (run / "config.toml").is_file():
         raise ConfigError(f"{run} has no config.toml naming its base model; pass --base")
-    return AdapterSource(load_preset(str(run / "config.toml")).model, run)
+    cfg = load_preset(str(run / "config.toml"))
+    started = [Path(cfg.init_adapter).expanduser()] if cfg.init_adapter else []
+    return AdapterSource(cfg.model, run, tuple(started + sorted(p for p in run.glob("checkpoint-*") if adapter_weights(p))))
 
 
 def default_output(source: AdapterSource, kind: str, quant: str = "") -> Path:
@@ -78,7 +83,7 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
     `overwrite`, and only once the new one is complete."""
     for line in files.clean_temporaries(out.parent):  # first: it may put back a folder a crash left aside
         log(line)
-    claim_folder(out, source.adapter, overwrite)
+    claim_folder(out, source.adapter, overwrite, source.base)
     model, tokenizer = merged_model(source, dtype)
     files.check_free_space(out.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
     with files.folder(out) as tmp:  # with --overwrite, the old folder goes only once the new one is complete
@@ -89,5 +94,5 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
             model.generation_config.save_pretrained(tmp)
 
         write_merged_card(tmp, source.adapter, source.base, out)  # README.md: the run's card, for the merged model
-        mark_merged(tmp, source.adapter, source.base)  # so `--base OUT` with this adapter is refused, not applied twice
+        mark_merged(tmp, source.adapter, source.base, source.related)  # so `--base OUT` with this adapter is refused, not applied twice
     return out

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from infopo_cli.model import embedded
 
 NEVER = "infopo never runs code from a model folder"
 MERGED_MARK = "infopo_merged.json"  # in a merged export: which adapter it holds, so that adapter is not applied again
-# the same, as metadata of a GGUF `infopo export --gguf` writes (llama.cpp's quantiser keeps a file's metadata)
-GGUF_MERGED_PREFIX, GGUF_MERGED_KEYS = "infopo.merged.", ("base", "adapter", "adapter_sha256")
+# the same JSON, as metadata of a GGUF `infopo export --gguf` writes (llama.cpp's quantiser keeps a file's metadata)
+GGUF_MERGED_KEY = "infopo.merged"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newest format first
 
 
@@ -232,47 +232,87 @@ def adapter_weights(adapter: Path) -> Path | None:
     return next((adapter / name for name in ADAPTER_WEIGHTS if (adapter / name).is_file()), None)
 
 
-def merged_mark(adapter: Path, base: str) -> dict[str, str] | None:
-    """What a merged export records of what it holds: the base, the adapter, its weights' SHA-256 (None: no weights)."""
+def adapter_digest(adapter: Path) -> str | None:
+    """SHA-256 of an adapter's tensors (names, dtypes, shapes, values), whichever file holds them: the same weights
+    re-saved (as peft's older .bin, or with other metadata) give the same digest. None: no weights, or unreadable."""
+    import hashlib
+
+    import torch
+
     if (weights := adapter_weights(adapter)) is None:
         return None
-    return {"base": base, "adapter": str(adapter.resolve()), "adapter_sha256": files.sha256_file(weights)}
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(weights))
+        else:
+            tensors = torch.load(weights, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - any unreadable file: nothing to compare; loading it says why
+        return None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def mark_merged(folder: Path, adapter: Path, base: str) -> None:
-    """Note in a merged export being written which adapter and base it holds (MERGED_MARK)."""
-    if (mark := merged_mark(adapter, base)) is not None:
+def merged_mark(adapter: Path, base: str, related: Sequence[Path] = ()) -> dict[str, Any] | None:
+    """What a merged export records of what it holds (MERGED_MARK; None: the adapter has no weights): the base (its
+    full path where it is here), the adapter, and under `holds` every adapter whose change is in the weights: this
+    one, the `related` ones (the adapter its run started from, the run's checkpoints) and whatever the base's own mark
+    holds (a merge of a merge)."""
+    if (weights := adapter_weights(adapter)) is None:
+        return None
+    holds = [{"adapter": str(folder.resolve()), "tensors_sha256": digest}
+             for folder in (adapter, *related) if (digest := adapter_digest(folder))]
+    inherited = held_adapters(base)
+    holds += [entry for entry in inherited.get("holds", []) if isinstance(entry, dict)] if inherited else []
+    here = Path(base).expanduser()
+    return {"base": str(here.resolve()) if here.exists() else base, "adapter": str(adapter.resolve()),
+            "adapter_sha256": files.sha256_file(weights), "holds": holds}
+
+
+def mark_merged(folder: Path, adapter: Path, base: str, related: Sequence[Path] = ()) -> None:
+    """Note in a merged export being written which adapters and base it holds (MERGED_MARK)."""
+    if (mark := merged_mark(adapter, base, related)) is not None:
         files.write_json(folder / MERGED_MARK, mark)
 
 
-def _held_adapter(model: str) -> dict | None:
-    """The merged mark of `model`: a merged export's MERGED_MARK, or the GGUF_MERGED_KEYS of a GGUF that `infopo
-    export --gguf` wrote (a GGUF is always the adapter merged into its base)."""
+def held_adapters(model: str) -> dict[str, Any] | None:
+    """The merged mark of `model`: a merged export's MERGED_MARK, or the GGUF_MERGED_KEY of a GGUF that `infopo export
+    --gguf` wrote (a GGUF is always the adapter merged into its base); None for any other model."""
     path = Path(model).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            return None
-        try:
-            fields = read_gguf(path).fields
-        except ModelError:  # the model's own check says so
-            return None
-        held = {key: str(fields[f"{GGUF_MERGED_PREFIX}{key}"].contents()) for key in GGUF_MERGED_KEYS
-                if f"{GGUF_MERGED_PREFIX}{key}" in fields}
-        return held or None
-    folder = known_folder(model)  # a local folder, or a merged export pushed to the hub, from its cached snapshot
     try:
-        return json.loads((folder / MERGED_MARK).read_text(encoding="utf-8")) if folder is not None else None
-    except (OSError, ValueError):  # no mark (any other model), or one that cannot be read: nothing to compare
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                return None
+            field = read_gguf(path).fields.get(GGUF_MERGED_KEY)
+            held = json.loads(str(field.contents())) if field is not None else None
+        else:
+            folder = known_folder(model)  # a local folder, or a merged export pushed to the hub, from its cached snapshot
+            held = json.loads((folder / MERGED_MARK).read_text(encoding="utf-8")) if folder is not None else None
+    except (OSError, ValueError, ModelError):  # no mark, or one that cannot be read: nothing to compare
         return None
+    return held if isinstance(held, dict) else None
 
 
 def check_not_merged_in(model: str, adapter: Path, flag: str) -> None:
-    """Refuse to put `adapter` on `model` when `model` is an `infopo export --merged` (or `--gguf`) of that very adapter: its change
-    would count twice, and every answer and score would be of a model no one trained. A merged model with another
-    adapter on top is a real use (a second round on an SFT merge) and passes."""
-    held = _held_adapter(model)
-    weights = adapter_weights(Path(adapter).expanduser())
-    if not isinstance(held, dict) or weights is None or held.get("adapter_sha256") != files.sha256_file(weights):
+    """Refuse to put `adapter` on `model` when `model` is an `infopo export --merged` (or `--gguf`) that already holds
+    that very adapter (by its tensors; by its weights file for a mark of an earlier release): its change would count
+    twice, and every answer and score would be of a model no one trained. A merged model with another adapter on top
+    is a real use (a second round on an SFT merge) and passes."""
+    held = held_adapters(model)
+    adapter = Path(adapter).expanduser()
+    if not held or (weights := adapter_weights(adapter)) is None:
+        return
+    digest = adapter_digest(adapter)
+    entries = [entry for entry in held.get("holds", []) if isinstance(entry, dict)]
+    if held.get("adapter_sha256") != files.sha256_file(weights) and not (
+            digest and any(entry.get("tensors_sha256") == digest for entry in entries)):
         return
     raise ConfigError(f"{flag} {model} is a merged export that already holds the adapter {adapter}: putting it on "
                       f"again would apply it twice; pass the model it was trained on ({held.get('base', 'its base')}), "

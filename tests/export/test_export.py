@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from infopo_cli.train import preflight
 from infopo_cli.model.llama_runtime import load_llama
 from infopo_cli.export.check import load_gguf
 from infopo_cli.export.gguf import permute, write_gguf
-from infopo_cli.export.merged import AdapterSource, export_merged, merged_model
+from infopo_cli.export.merged import AdapterSource, export_merged, from_run, merged_model
 from infopo_cli.export.modelfile import modelfile
 from infopo_cli.model.precision import Precision
 from infopo_cli.model.source import check_not_merged_in
@@ -489,6 +490,22 @@ def test_a_merged_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_pa
     merged_old = export_merged(AdapterSource(source.base, old), tmp_path / "merged-old")
     with pytest.raises(ConfigError, match="already holds the adapter"):
         find_target(old, str(merged_old))
+    # the same tensors re-saved as .bin (other bytes) are the same adapter
+    with pytest.raises(ConfigError, match="already holds the adapter"):
+        find_target(old, str(merged))
+    # a merge of a merge holds both adapters; so does a merge of an adapter whose run started from another
+    # (`related`: its init adapter and checkpoints, which `from_run` lists)
+    twice = export_merged(AdapterSource(str(merged), other), tmp_path / "merge-of-merge")
+    started = export_merged(AdapterSource(source.base, other, related=(source.adapter,)), tmp_path / "started")
+    for model in (twice, started):
+        for adapter in (source.adapter, other):
+            with pytest.raises(ConfigError, match="already holds the adapter"):
+                check_not_merged_in(str(model), adapter, "--base")
+    assert json.loads((twice / "infopo_merged.json").read_text())["base"] == str(merged.resolve())  # a full path
+    run = shutil.copytree(other, tmp_path / "run")
+    shutil.copytree(source.adapter, run / "checkpoint-1")
+    (run / "config.toml").write_text(f'model = "{source.base}"\ninit_adapter = "{source.adapter}"\n')
+    assert from_run(run).related == (source.adapter, run / "checkpoint-1")
 
 
 def test_a_gguf_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_path):

@@ -262,6 +262,21 @@ def test_export_outputs_are_claimed_before_the_model_loads(adapter, tmp_path, mo
     with pytest.raises(OutputError, match=f"^{tmp_path / 'm.Modelfile'} already exists"):
         export_gguf.export_gguf(adapter, tmp_path / "m.gguf", check=False)
     assert (tmp_path / "m.Modelfile").read_text() == "the user's" and not (tmp_path / "m.gguf").exists()
+    # nor does --overwrite replace the base model the export reads: a folder, or a GGUF file
+    import shutil
+
+    base = merged.AdapterSource(str(shutil.copytree(adapter.base, tmp_path / "base")), adapter.adapter)
+    with pytest.raises(OutputError, match="holds the base model the adapter is merged into"):
+        merged.export_merged(base, Path(base.base), overwrite=True)
+    (tmp_path / "base.gguf").write_bytes(b"GGUF the user's")
+    on_gguf = merged.AdapterSource(str(tmp_path / "base.gguf"), adapter.adapter)
+    with pytest.raises(OutputError, match=r"--gguf .*base\.gguf is the base model this export reads"):
+        export_gguf.export_gguf(on_gguf, tmp_path / "base.gguf", overwrite=True, check=False)
+    from infopo_cli.export.export_adapter import export_adapter
+
+    with pytest.raises(OutputError, match=r"--gguf-adapter .*base\.gguf is the base model this export reads"):
+        export_adapter(adapter, tmp_path / "base.gguf", base_gguf=tmp_path / "base.gguf", overwrite=True)
+    assert (tmp_path / "base.gguf").read_bytes() == b"GGUF the user's" and (tmp_path / "base" / "config.json").is_file()
 
 
 def truncated_gguf(tiny_model, path: Path) -> Path:
