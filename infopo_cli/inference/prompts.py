@@ -9,6 +9,7 @@ rows only a desirable completion may give it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,7 +55,12 @@ def is_prompt_only(spec: str, split: str = "train", fields: Fields = Fields()) -
 
 
 def check_answer(value: Any, where: str) -> Any:
-    """A reference answer is a number or a string (null: none)."""
+    """A reference answer is a number or a string. None for none: null, and what files write for a missing value (an
+    empty CSV cell, a blank string, pandas' NaN), which no reply can match: it would be scored wrong, not left out."""
+    if isinstance(value, float) and math.isnan(value) or isinstance(value, str) and not value.strip():
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        raise DataError(where, ANSWER, "not a finite number")
     if value is None or (isinstance(value, (int, float, str)) and not isinstance(value, bool)):
         return value
     raise DataError(where, ANSWER, f"expected a number or a string, got {_kind(value)}")
@@ -87,8 +93,8 @@ def answers_by_row(specs: str | Sequence[str], split: str = "train") -> dict[str
     found = {}
     for text in as_list(specs):
         for where, row in read_rows(parse_source(text).spec, split):
-            if isinstance(row, dict) and row.get(ANSWER) is not None:
-                found[where] = check_answer(row[ANSWER], where)
+            if isinstance(row, dict) and (answer := check_answer(row.get(ANSWER), where)) is not None:
+                found[where] = answer
     return found
 
 

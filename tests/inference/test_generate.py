@@ -338,6 +338,25 @@ def test_gguf_file_answers_through_llama_cpp(tmp_path):
 
 
 @pytest.mark.run
+def test_a_missing_answer_is_no_answer_whichever_way_the_file_writes_it(tmp_path):
+    """An empty CSV cell, a blank string or pandas' NaN would otherwise be a reference no reply matches: scored wrong
+    for both models instead of left out, as a null is."""
+    from infopo_cli.inference.prompts import answers_by_row, read_prompt_rows
+
+    (tmp_path / "q.csv").write_text("prompt,answer\nWhat is 2 + 2?,4\nWhat is 3 + 3?,\n")
+    assert [row.answer for row in read_prompt_rows(str(tmp_path / "q.csv"))] == ["4", None]
+    (tmp_path / "q.jsonl").write_text('{"prompt": "a", "answer": NaN}\n{"prompt": "b", "answer": "  "}\n'
+                                      '{"prompt": "c", "answer": null}\n{"prompt": "d", "answer": 0}\n')
+    rows = read_prompt_rows(str(tmp_path / "q.jsonl"))
+    assert [(row.answer, row.answer_from) for row in rows] == [(None, ""), (None, ""), (None, ""), (0, "answer")]
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "x", "rejected": "y", "answer": ""},
+                                               {"prompt": "b", "chosen": "x", "rejected": "y", "answer": 7}])
+    assert answers_by_row(str(pairs)) == {f"{pairs}:2": 7}
+    (tmp_path / "inf.jsonl").write_text('{"prompt": "a", "answer": Infinity}\n')
+    with pytest.raises(DataError, match=r"inf.jsonl:1: field 'answer': not a finite number"):
+        read_prompt_rows(str(tmp_path / "inf.jsonl"))
+
+
 def test_bad_inputs_are_one_line(run, tmp_path, monkeypatch):
     out = infopo("eval", str(tmp_path / "no-such-run"))
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "no such folder" in out.stderr, out.stderr
