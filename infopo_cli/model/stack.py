@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 import sys
 import warnings
@@ -261,6 +262,24 @@ def init_adapter_config_digest(folder: str) -> str:
         return ""
 
 
+def _setting_problems(settings: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(key, what is wrong) for the LoRA settings of an adapter_config.json that peft would trip over with a
+    TypeError once the model has loaded."""
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    r, alpha, dropout = settings.get("r"), settings.get("lora_alpha"), settings.get("lora_dropout", 0.0)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        yield "r", f"expected a whole number of at least 1, got {r!r}"
+    if not (number(alpha) and alpha > 0):
+        yield "lora_alpha", f"expected a number above 0, got {alpha!r}"
+    if not (number(dropout) and 0 <= dropout < 1):
+        yield "lora_dropout", f"expected a number from 0 to below 1, got {dropout!r}"
+    modules = settings.get("target_modules")
+    if not (isinstance(modules, str) or isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules)):
+        yield "target_modules", f"expected a name, a pattern or a list of names, got {modules!r}"
+
+
 def _read_init_adapter(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise ConfigError(f"--init-adapter {folder}: " + ("a file, not an adapter folder" if folder.exists() else
@@ -273,6 +292,11 @@ def _read_init_adapter(folder: Path) -> dict[str, Any]:
                           "save_pretrained writes it)") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"--init-adapter {folder}: cannot read adapter_config.json ({err})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--init-adapter {folder}/adapter_config.json: expected an object of settings, got "
+                          f"{type(settings).__name__}")
+    if wrong := next(_setting_problems(settings), None):
+        raise ConfigError(f"--init-adapter {folder}/adapter_config.json: field {wrong[0]!r}: {wrong[1]}")
     if settings.get("peft_type") != "LORA":
         raise ConfigError(f"--init-adapter {folder}: a {settings.get('peft_type')} adapter; infopo trains LoRA adapters")
     if not any((folder / name).is_file() for name in _WEIGHTS):

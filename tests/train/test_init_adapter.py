@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -187,6 +188,17 @@ def test_an_adapter_for_other_layers_or_another_model_is_one_line(tiny_model, pa
         stack.adopt_init_adapter(init_cfg(tiny_model, pairs_file, "unused", other))
     with pytest.raises(ConfigError, match="no adapter_config.json"):
         stack.adopt_init_adapter(init_cfg(tiny_model, pairs_file, "unused", tmp_path))
+    for key, value, says in (("r", "x", "expected a whole number of at least 1, got 'x'"),
+                             ("lora_alpha", "big", "expected a number above 0, got 'big'"),
+                             ("lora_dropout", 1.5, "expected a number from 0 to below 1, got 1.5"),
+                             ("target_modules", 5, "expected a name, a pattern or a list of names, got 5")):
+        broken = _edited(sft, tmp_path / f"bad-{key}", **{key: value})  # peft would fail with a TypeError after loading
+        with pytest.raises(ConfigError, match=re.escape(f"--init-adapter {broken}/adapter_config.json: field '{key}': {says}")):
+            stack.adopt_init_adapter(init_cfg(tiny_model, pairs_file, "unused", broken))
+    listed = _edited(sft, tmp_path / "a-list")
+    (listed / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="adapter_config.json: expected an object of settings, got list"):
+        stack.adopt_init_adapter(init_cfg(tiny_model, pairs_file, "unused", listed))
     torn = _edited(sft, tmp_path / "torn")
     (torn / WEIGHTS).write_bytes((torn / WEIGHTS).read_bytes()[:100])
     cfg = stack.adopt_init_adapter(init_cfg(tiny_model, pairs_file, "unused", torn))
