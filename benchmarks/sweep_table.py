@@ -41,9 +41,11 @@ def read_answers(run: Path) -> dict[int, Answers]:
 
 
 def setting_of(run_name: str, task: str) -> str:
-    """'infopo-sft-weight1-2ep-units-validation-100heldout-1evals-seed42' -> 'infopo-sft-weight1-2ep ... seed42'
-    without the task's part, so one setting's runs on every task share a row."""
-    return re.sub(rf"-{re.escape(task)}-(validation|test)", "", run_name)
+    """'infopo-sft-weight1-2ep-units-validation-100heldout-1evals-seed42' -> 'infopo-sft-weight1-2ep-100heldout-1evals-
+    seed42 (validation)': without the task's part, so one setting's runs on every task share a row, and with the
+    split, so a validation run and a test run of one setting never share one."""
+    split = re.search(rf"-{re.escape(task)}-(validation|test)", run_name)
+    return f"{run_name[:split.start()]}{run_name[split.end():]} ({split[1]})" if split else run_name
 
 
 Table = dict[str, dict[str, dict[int, Answers]]]  # setting -> task -> step -> answers
@@ -81,16 +83,17 @@ def pooled_last(by_task: dict[str, dict[int, Answers]], tasks: Sequence[str]) ->
 
 
 def best_per_loss(table: Table, tasks: Sequence[str]) -> dict[str, tuple[str, int, int, int]]:
-    """loss -> (setting, step, right, problems): the row and evaluated step (step 0, the base, excluded) with the
-    most right answers pooled over every task; a tie goes to the earlier step (less training), then to the shorter
-    name (fewer settings changed)."""
+    """loss -> (setting, step, right, problems): among the rows with a run on every one of `tasks`, the row and
+    evaluated step (step 0, the base, excluded) with the highest share of right answers pooled over the tasks; a tie
+    goes to the earlier step (less training), then to the shorter name (fewer settings changed)."""
     best: dict[str, tuple[str, int, int, int]] = {}
     for setting, by_task in table.items():
         loss = setting.split("-", 1)[0]
         for step, answers in pooled(by_task, tasks).items():
             candidate = (setting, step, sum(answers.values()), len(answers))
             held = best.get(loss)
-            if step and (held is None or (-candidate[2], step, len(setting)) < (-held[2], held[1], len(held[0]))):
+            if step and (held is None or (-candidate[2] / candidate[3], step, len(setting))
+                         < (-held[2] / held[3], held[1], len(held[0]))):
                 best[loss] = candidate
     return best
 
@@ -117,8 +120,9 @@ def paired(answers: Answers, reference: Answers) -> str:
 def markdown(table: Table, against: str | None = None) -> str:
     tasks = sorted({task for by_task in table.values() for task in by_task})
     head = ["run (settings beyond the preset)", *(f"{task}: right at each step, last (95% CI)" for task in tasks),
-            "all tasks at the last common step"]
-    reference = pooled_last(table[reference_of(table, against)], tasks) if against else None
+            "its tasks pooled at each common step"]
+    # each row pools the tasks it has (named where they are not all); rows over other tasks are not paired
+    reference = pooled_last(table[name], sorted(table[name])) if against and (name := reference_of(table, against)) else None
     if against:
         head.append(f"vs {against} (McNemar)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,16 +136,17 @@ def markdown(table: Table, against: str | None = None) -> str:
             counts = " → ".join(f"{sum(r.values())}" for r in answers.values())
             last = list(answers.values())[-1]
             cells.append(f"{counts} of {len(last)} (steps {', '.join(map(str, answers))}); {interval(last)}")
-        steps = pooled(by_task, tasks)
+        steps = pooled(by_task, sorted(by_task))
         last = steps[max(steps)] if steps else None
+        some = "" if len(by_task) == len(tasks) else f" over {', '.join(sorted(by_task))} only"
         cells.append(f"{' → '.join(str(sum(a.values())) for a in steps.values())} / {len(last)} at steps "
-                     f"{', '.join(map(str, steps))} ({interval(last)})" if last else "–")
+                     f"{', '.join(map(str, steps))} ({interval(last)}){some}" if last else "–")
         if against:
             cells.append(paired(last, reference[1]) if last and reference else "–")
         lines.append("| " + " | ".join(cells) + " |")
     if best := best_per_loss(table, tasks):
-        lines += ["", "Best per loss (most right answers over all tasks at one evaluated step; a tie goes to the earlier "
-                  "step, then to fewer settings):"]
+        lines += ["", "Best per loss (the highest share right over all tasks at one evaluated step, rows with every task; "
+                  "a tie goes to the earlier step, then to fewer settings):"]
         lines += [f"- {loss}: {setting} at step {step}, {right} / {problems}"
                   for loss, (setting, step, right, problems) in sorted(best.items())]
     return "\n".join(lines) + "\n"
