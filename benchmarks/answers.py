@@ -565,7 +565,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     t0 = time.perf_counter()
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {args.seeds}: whole numbers, comma-separated (--seeds 42,1,7)") from None
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out}: a file is there; --out is the folder the runs and tables go in")
     if not losses or not seeds or len(set(losses)) != len(losses) or len(set(seeds)) != len(seeds):
         raise SystemExit("error: name each loss and each seed once (--losses a,b --seeds 42,1)")
     if args.split and not args.task:

@@ -69,6 +69,15 @@ def test_a_task_trains_on_its_train_split_and_scores_validation_unless_told_test
         bench.task_sources("word", "train")
 
 
+def test_careless_seeds_and_an_out_that_is_a_file_are_one_line(bench, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --seeds abc: whole numbers"):
+        bench.main(["--seeds", "abc"])
+    (tmp_path / "a-file").write_text("the user's")
+    with pytest.raises(SystemExit, match="a file is there"):
+        bench.main(["--out", str(tmp_path / "a-file"), "--max-pairs", "2"])
+    assert (tmp_path / "a-file").read_text() == "the user's"
+
+
 def test_a_tasks_answer_budget_lets_its_longest_chosen_reply_finish_twice_over(bench, tmp_path):
     def words(text, add_special_tokens=False):  # a tokenizer of whitespace-separated words
         return {"input_ids": text.split()}
