@@ -21,7 +21,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +87,22 @@ class RunSummary:
     eval_after: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # sources, rows read, pairs, format: for the report and model card
     displacement: str | None = None           # the likelihood-displacement warning (reporting/displacement.py)
+
+
+def _finished(run_dir: Path, total_steps: int) -> RunSummary | None:
+    """The summary of a run that completed `total_steps` and wrote its outputs (None: a run stopped after its last
+    checkpoint but before them, which the resume finishes)."""
+    try:
+        saved = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("status") != "completed" or saved.get("steps") != total_steps:
+        return None
+    known = {f.name for f in fields(RunSummary)}
+    try:
+        return RunSummary(**{k: v for k, v in saved.items() if k in known})
+    except TypeError:  # a summary missing a field: write the outputs again
+        return None
 
 
 def default_output(cfg: TrainConfig) -> Path:
@@ -163,6 +179,10 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         data_sha256 = pairs_digest(train_tok)
         if saved_state:  # a checkpoint this run cannot continue is refused before the long model load
             check_resumable(saved_state, resume_from, run_dir, global_batch, len(train_tok), total_steps, data_sha256)
+            if saved_state["step"] >= total_steps and (done := _finished(run_dir, total_steps)):
+                report.note(f"{run_dir} finished its {total_steps} steps already: nothing to do, its outputs are "
+                            "left as they are")
+                return done
         # which layers recompute: the memory plan of the longest micro-batch against the free memory; on CUDA a run that
         # cannot fit stops here, before its settings are written and the model loads (Unsloth checkpoints its own way)
         recompute = None if cfg.backend == "unsloth" else recomputation.for_run(

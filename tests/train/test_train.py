@@ -169,6 +169,25 @@ def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_and_the_adapter(tin
 
 
 @pytest.mark.run
+def test_resuming_a_finished_run_changes_nothing_and_loads_no_model(tiny_model, pairs_file, tmp_path, monkeypatch):
+    """It wrote the outputs again from a fresh process: summary.json's peak memory became the idle resume's."""
+    import io
+
+    from rich.console import Console
+
+    from infopo_cli.train.progress import Reporter
+
+    cfg = tiny_cfg(tiny_model, pairs_file, tmp_path / "out", max_steps=2, eval_data="", save_every=1)
+    first = recipe.train(cfg)
+    outputs = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").iterdir() if p.is_file()}
+    monkeypatch.setattr(recipe, "_load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    said = io.StringIO()
+    again = recipe.train(cfg, Reporter(Console(file=said, width=200)), resume=tmp_path / "out")
+    assert again == first and "finished its 2 steps already: nothing to do" in said.getvalue()
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").iterdir() if p.is_file()} == outputs
+
+
+@pytest.mark.run
 def test_dpo_run_and_eval_every(tiny_model, pairs_file, tmp_path):
     summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", loss="dpo", max_steps=4, eval_every=2))
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
