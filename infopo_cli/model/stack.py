@@ -169,6 +169,11 @@ def _enable_checkpointing(base: nn.Module, cfg: TrainConfig, recompute: Recomput
     recomputation.apply(base, recompute or recomputation.given(cfg.gradient_checkpointing))
 
 
+def _linear(module: nn.Module) -> bool:
+    """A layer LoRA can adapt: a linear layer (also bitsandbytes' 4-bit one, GPT-2's Conv1D) or an embedding."""
+    return isinstance(module, nn.Linear | nn.Embedding) or "Linear" in type(module).__name__ or type(module).__name__ == "Conv1D"
+
+
 def _layer_names(base: nn.Module) -> str:
     return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
                              if isinstance(m, nn.Linear) or "Linear" in type(m).__name__}))
@@ -186,8 +191,12 @@ def unmatched_targets(module_names: Iterator[str] | list[str], targets: list[str
 
 def check_targets(base: nn.Module, targets: list[str] | str, label: str = "target_modules") -> None:
     """--target-modules against the base's modules: every name must match one (see `unmatched_targets`)."""
-    if missing := unmatched_targets([n for n, _ in base.named_modules()], targets):
+    modules = list(base.named_modules())
+    if missing := unmatched_targets([n for n, _ in modules], targets):
         raise ConfigError(f"{label} {', '.join(missing)}: no such layer in this model (it has: {_layer_names(base)})")
+    if blocks := unmatched_targets([n for n, m in modules if _linear(m)], targets):  # e.g. `mlp`: peft cannot adapt it
+        raise ConfigError(f"{label} {', '.join(blocks)}: a block or norm, not a linear layer; LoRA adapts linear layers "
+                          f"(this model's: {_layer_names(base)})")
 
 
 def check_targets_before_loading(model: str, targets: list[str] | str, label: str = "target_modules") -> None:
@@ -224,7 +233,7 @@ def attach_lora(base: nn.Module, cfg: TrainConfig, recompute: Recompute | None =
         with quiet_peft():
             model = get_peft_model(base, lora)
     except ValueError:
-        raise ConfigError(f"target_modules {cfg.target_modules} do not match this model's layers "
+        raise ConfigError(f"target_modules {_show(cfg.target_modules)} do not match this model's layers "
                           f"(it has: {_layer_names(base)})") from None
     lora_layers.adapt(model)  # 16-bit products, no float32 input copies, fused sums
     return model

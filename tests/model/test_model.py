@@ -245,6 +245,17 @@ def test_wrong_target_modules_name_the_real_ones(tiny_model, targets):
         stack.check_targets_before_loading(str(tiny_model), targets)
 
 
+@pytest.mark.parametrize("targets", [["mlp"], ["q_proj", "input_layernorm"]])
+def test_a_block_or_norm_as_target_is_refused_naming_the_linear_layers(tiny_model, targets):
+    """peft cannot adapt a block (`mlp`) or a norm: it raised after the load with a Python list in the message."""
+    cfg = TrainConfig(dtype="fp32", target_modules=targets)
+    says = rf"^target_modules {targets[-1]}: a block or norm, not a linear layer; LoRA adapts linear layers \(this model's: .*q_proj"
+    with pytest.raises(ConfigError, match=says):
+        stack.check_targets_before_loading(str(tiny_model), targets)
+    with pytest.raises(ConfigError, match=says):
+        stack.attach_lora(stack.load_base(str(tiny_model), cfg, FP32), cfg)
+
+
 def test_the_folder_a_model_would_load_from_is_found_only_where_it_is_here(tiny_model, tmp_path):
     from infopo_cli.model.source import known_folder
 
