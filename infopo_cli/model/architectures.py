@@ -8,9 +8,9 @@ from pathlib import Path
 
 from infopo_cli import files
 from infopo_cli.config import EMBEDDED_MODEL
-from infopo_cli.errors import ModelError
+from infopo_cli.errors import ModelError, first_line
 from infopo_cli.model import embedded, memory_plan
-from infopo_cli.model.source import check_local
+from infopo_cli.model.source import check_source
 
 _LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
@@ -80,14 +80,14 @@ def find_config(model: str) -> tuple[dict, str]:
             return _read(converted), str(converted)
         return PUBLISHED[f"HuggingFaceTB/{embedded.FOLDER_NAME}"], "the published config of SmolLM2-135M-Instruct"
     path = Path(model).expanduser()
-    if path.suffix.lower() == ".gguf":
-        raise ModelError(f"{model}: infopo plan reads a config.json; plan the folder its first `infopo train` converts it "
-                         "into (under $INFOPO_HOME/models/)")
+    check_source(model)  # a file that is no model, a folder without config.json, a path that is not there
+    if path.is_file():  # a GGUF (check_source refuses other files): its conversion's config, else its own metadata
+        converted = embedded.gguf_target(path) / "config.json"
+        if converted.is_file():
+            return _read(converted), f"{model} (its conversion)"
+        return _gguf_config(path), f"{model} (its metadata)"
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{model}: no config.json in that folder")
         return _read(path / "config.json"), str(path / "config.json")
-    check_local(model)  # a path that is not there is not a hub id to suggest downloading
     cached = _hub_cache(model)
     if cached is not None:
         return _read(cached), f"{model} (hub cache)"
@@ -95,6 +95,17 @@ def find_config(model: str) -> tuple[dict, str]:
         return PUBLISHED[model], f"the published config of {model}"
     raise ModelError(f"no config.json for '{model}' here: not a local folder, not in the hub cache, not a preset's model "
                      f"(fetch it alone with `hf download {model} config.json`)")
+
+
+def _gguf_config(path: Path) -> dict:
+    """The transformers config a GGUF's metadata gives (what its conversion will write), read without its tensors."""
+    from transformers import AutoConfig
+
+    try:
+        with embedded.quiet_gguf_loading():
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False).to_dict()
+    except Exception as err:  # noqa: BLE001 - an architecture transformers' GGUF reader does not know, say
+        raise ModelError(f"{path}: transformers cannot read this GGUF's architecture ({first_line(err)})") from None
 
 
 def find_architecture(model: str) -> tuple[memory_plan.Architecture, str]:

@@ -624,6 +624,26 @@ def test_plan_reads_a_local_folder_and_says_what_to_change_when_it_does_not_fit(
     assert "does not fit in 0.55 GiB" in out.stdout and "what to change:" in out.stdout
 
 
+def test_plan_reads_a_gguf_as_train_takes_it_and_refuses_a_file_that_is_no_model(tiny_model, tmp_path):
+    import json
+
+    from infopo_cli.errors import ModelError
+    from infopo_cli.export.gguf import write_gguf
+    from infopo_cli.model import stack
+    from infopo_cli.model.precision import Precision
+
+    cfg = TrainConfig(dtype="fp32", load_in_4bit=False)
+    write_gguf(stack.load_base(str(tiny_model), cfg, Precision("cpu", torch.float32, "test")), stack.load_tokenizer(str(tiny_model)),
+               tmp_path / "tiny.gguf", "f32", "tiny")
+    config, where = architectures.find_config(str(tmp_path / "tiny.gguf"))  # not converted yet: its metadata
+    want = json.loads((tiny_model / "config.json").read_text())
+    assert where.endswith("(its metadata)") and all(config[k] == want[k] for k in (
+        "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"))
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    with pytest.raises(ModelError, match="a file, not a model"):
+        architectures.find_config(str(tmp_path / "pairs.jsonl"))
+
+
 def test_plan_of_a_given_setting_keeps_no_margin_and_refuses_only_a_card_under_the_cuda_context():
     from io import StringIO
 
