@@ -23,7 +23,7 @@ from typing import Any
 from infopo_cli.bundles import cached, is_bundle
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
-from infopo_cli.model.source import check_not_merged_in
+from infopo_cli.model.source import check_not_merged_in, held_adapters
 from infopo_cli.presets import load_preset
 from infopo_cli.reporting.runs import newest_run
 
@@ -130,8 +130,10 @@ class LoadedModel:
 
     def no_base_reason(self) -> str:
         """Why this model cannot be compared with its base, and the flag that fixes it."""
+        held = held_adapters(str(self.target.path))  # a merged export names the base it was merged from
+        merged_from = f": it was merged from {held['base']}" if held and isinstance(held.get("base"), str) else ""
         return (f"{self.name} is a {self.target.label} with no base inside it to compare with; pass --base BASE "
-                "(a second model is loaded)")
+                f"(a second model is loaded{merged_from})")
 
     @contextlib.contextmanager
     def base(self) -> Iterator[Any]:

@@ -309,7 +309,7 @@ def _read_init_adapter(folder: Path) -> dict[str, Any]:
     if settings.get("peft_type") != "LORA":
         raise ConfigError(f"--init-adapter {folder}: a {settings.get('peft_type')} adapter; infopo trains LoRA adapters")
     if not any((folder / name).is_file() for name in _WEIGHTS):
-        raise ConfigError(f"--init-adapter {folder}: no {_WEIGHTS[0]} next to its adapter_config.json")
+        raise ConfigError(f"--init-adapter {folder}: no {' or '.join(_WEIGHTS)} next to its adapter_config.json")
     return settings
 
 

@@ -176,8 +176,7 @@ def preference_metrics(loaded: LoadedModel, pairs: list[PreferencePair], cfg: Tr
                        notes: list[str]) -> dict[str, Any] | None:
     """The run's held-out metrics of the tuned model against its reference, and the log-prob changes."""
     if not loaded.can_compare:
-        notes.append(f"{loaded.name} has no base inside it to compare with (pass --base BASE): preference metrics "
-                     "skipped")
+        notes.append(f"{loaded.no_base_reason()}: preference metrics skipped")
         return None
     spec, params = registry.resolve(cfg.loss, cfg.loss_overrides())
     if data_kind(pairs) == "unpaired" or "pairs" not in spec.data:

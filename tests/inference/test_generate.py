@@ -305,7 +305,8 @@ def test_merged_folder_has_no_base_unless_given(run, tiny_model, tmp_path):
     merged = export_merged(AdapterSource(str(tiny_model), run), tmp_path / "merged", log=lambda _: None)
     data = str(run.parent / "pairs.jsonl")
     result = evaluate(EvalRequest(str(merged), data=data, out=str(tmp_path / "m.json")), log=lambda _: None)
-    assert result.preference is None and any("pass --base" in note for note in result.notes)
+    assert result.preference is None and any(f"pass --base BASE (a second model is loaded: it was merged from "
+                                             f"{tiny_model.resolve()})" in note for note in result.notes), result.notes
     result = evaluate(EvalRequest(str(merged), data=data, base=str(tiny_model), out=str(tmp_path / "b.json")),
                       log=lambda _: None)
     assert result.preference["pairs"] == 8 and result.preference["reference"] == "base (--base)"
