@@ -44,6 +44,19 @@ def base_model(run: Run) -> str:
     return EMBEDDED_HUB_ID if model == EMBEDDED_MODEL else model
 
 
+def loadable_base(run: Run) -> str:
+    """What `from_pretrained` loads the run's base from: the folder the embedded default or a GGUF was converted into
+    (not the hub's original, which the run did not train on), a local folder's full path, else the hub id."""
+    from infopo_cli.model.source import known_folder
+
+    model = str(run.settings.get("model", "?"))
+    if model == EMBEDDED_MODEL or model.lower().endswith(".gguf"):
+        folder = known_folder(model)
+        return str(folder) if folder is not None else base_model(run)
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def base_link(base: str) -> str:
     """A hub id links to its page; a local folder is only named."""
     hub = re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not base.startswith(".") and not Path(base).exists()
@@ -110,7 +123,7 @@ def _data_line(run: Run) -> str:
 
 
 def _usage(run: Run, merged_into: Path | None) -> list[str]:
-    base, where = base_model(run), str(run.path)
+    base, where = loadable_base(run), str(run.path)
     gguf = f"{where}/export/{run.name}-f16"
     if merged_into is not None:
         return ["A plain transformers model (the adapter merged into the full-precision base):", "", "```python",

@@ -81,6 +81,12 @@ def test_model_card_and_report_md(two_runs):
         assert "More Information Needed" not in card  # peft's template is gone
         report = (folder / "report.md").read_text()
         assert report.startswith("# ") and paper in report and "plot.png" in report
+    # the card's own lines load the adapter on the base it trained on (run from elsewhere: paths are whole)
+    card = (two_runs[0] / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the card's text, written by this test's run
+    assert type(scope["model"]).__name__ == "PeftModelForCausalLM" and scope["tokenizer"] is not None
 
 
 @pytest.mark.run
