@@ -582,6 +582,8 @@ def report(
 
     if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--out {out}: name the figure FILE.png")
+    if twice := next((path for i, path in enumerate(runs) if Path(path).resolve() in {Path(p).resolve() for p in runs[:i]}), None):
+        raise ConfigError(f"{twice} is given twice; name each run once")
     loaded = [read_run(path) for path in runs]
     target = Path(out) if out else Path("report.png") if len(loaded) > 1 else loaded[0].path / "report.png"
     files.claim_target(target, overwrite)
@@ -590,6 +592,10 @@ def report(
     else:
         console.print(*table.rich_tables(loaded))
     notes = err_console if markdown else console  # stdout stays the table alone, to paste
+    for setting, what in (("model", "base models"), ("data", "training data")):
+        if len(given := {str(run.settings.get(setting)) for run in loaded}) > 1:
+            notes.print(f"[yellow]note: these runs trained on different {what} ({escape(', '.join(sorted(given)))}): their "
+                        "figures are not of one model on one task[/]", highlight=False, soft_wrap=True)
     for run in loaded:
         if message := displacement_message(run):
             notes.print(f"[yellow]{escape(run.name)}: {escape(message)}[/]", highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from infopo_cli.reporting.runs import EVAL_KEYS, Run
 
-SETTINGS = ("run", "loss", "loss params", "lr", "steps", "data")
+SETTINGS = ("run", "model", "loss", "loss params", "lr", "steps", "data")
 # Accuracies are fractions of pairs; log-probs and margins are nats (or beta-scaled nats).
 DIGITS = {"eval/rewards/accuracies": 3, "eval/logps/accuracies": 3, "eval/rewards/margins": 3}
 
@@ -26,6 +26,11 @@ def value_text(value: Any) -> str:
 def params_text(run: Run) -> str:
     """The run's loss parameters as "k=v, ..."."""
     return ", ".join(f"{k}={value_text(v)}" for k, v in run.loss_params.items())
+
+
+def model_text(run: Run) -> str:
+    """The base model the run trained, as its settings name it."""
+    return str(run.settings.get("model", "?"))
 
 
 def data_text(run: Run) -> str:
@@ -56,7 +61,7 @@ def before_after(run: Run, key: str) -> str:
 
 def rows(runs: list[Run]) -> list[list[str]]:
     """One row per run: the settings, then each held-out figure as 'before → after'."""
-    return [[run.name, run.loss, params_text(run), value_text(run.settings.get("lr", "?")), str(run.steps),
+    return [[run.name, model_text(run), run.loss, params_text(run), value_text(run.settings.get("lr", "?")), str(run.steps),
              data_text(run), *(before_after(run, key) for key in EVAL_KEYS)] for run in runs]
 
 

@@ -6,6 +6,7 @@ checked on synthetic records and on the held-out figures measured on the default
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -106,13 +107,15 @@ def test_merged_export_card(two_runs, tmp_path):
 
 
 @pytest.mark.run
-def test_report_two_runs_writes_one_png_and_a_markdown_row_each(two_runs, tmp_path, monkeypatch, capsys):
+def test_report_two_runs_writes_one_png_and_a_markdown_row_each(two_runs, tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli("report", *map(str, two_runs), "--markdown") == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("|")]
-    assert len(lines) == 2 + 2 and lines[0].startswith("| run | loss |")
+    assert len(lines) == 2 + 2 and lines[0].startswith("| run | model | loss |")
     assert "| infopo |" in lines[2] and "| dpo |" in lines[3] and "→" in lines[2]
+    assert all(f"| {tiny_model} |" in line for line in lines[2:])  # the base each trained
+    assert "note:" not in capsys.readouterr().err  # one model, one data set: nothing to say
     png = tmp_path / "report.png"  # several runs: in the current folder
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 0
     from PIL import Image
@@ -134,6 +137,20 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert cli("report", str(tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "not a run folder" in err and "\n" not in err
+
+
+@pytest.mark.run
+def test_report_says_when_runs_trained_other_models_and_refuses_a_run_twice(two_runs, tmp_path, capsys):
+    import shutil
+
+    other = shutil.copytree(two_runs[0], tmp_path / "other")
+    config = (other / "config.toml").read_text()
+    (other / "config.toml").write_text(re.sub(r'(?m)^model = ".*"$', 'model = "Qwen/Qwen2.5-1.5B-Instruct"', config))
+    assert cli("report", str(two_runs[0]), str(other), "--out", str(tmp_path / "r.png")) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "note: these runs trained on different base models" in said and "Qwen/Qwen2.5-1.5B-Instruct" in said
+    assert cli("report", str(two_runs[0]), str(two_runs[0]) + "/", "--out", str(tmp_path / "s.png")) == 2
+    assert "is given twice; name each run once" in capsys.readouterr().err
 
 
 @pytest.mark.run
