@@ -379,12 +379,15 @@ class RunLock:
                            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
 
-    def _in_use(self) -> OutputError:
+    def _who(self) -> str:
         holder = _read_lock(self.path) or {}
         who = f"pid {holder.get('pid', '?')} on {holder.get('hostname', '?')}, started {holder.get('started', '?')}"
         command = str(holder.get("command") or "")
-        who += f": {command[:77] + '...' if len(command) > 80 else command}" if command else ""
-        return OutputError(f"{self.folder} is in use by another infopo run ({who}); wait for it to finish or stop it")
+        return who + (f": {command[:77] + '...' if len(command) > 80 else command}" if command else "")
+
+    def _in_use(self) -> OutputError:
+        return OutputError(f"{self.folder} is in use by another infopo run ({self._who()}); wait for it to finish or "
+                           "stop it")
 
     def acquire(self) -> RunLock:
         """Take the folder's lock or raise at once (another run holds it); a lock file left by a dead run is taken over.
@@ -418,6 +421,23 @@ class RunLock:
                 elif size:
                     self.took_over = f"took over the unreadable lock file {self.path}"
                 return self
+
+    def holder(self) -> str | None:
+        """Who holds this folder's lock now (another run training it), in words; None when no one does. Takes nothing."""
+        if fcntl is None or not self.path.is_file():
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return self._who()
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Drop the lock and remove its file if it is still ours; releasing twice does nothing."""

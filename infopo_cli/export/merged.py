@@ -15,7 +15,8 @@ from infopo_cli import files
 from infopo_cli.config import DTYPES
 from infopo_cli.errors import ConfigError
 from infopo_cli.export.outputs import claim_folder
-from infopo_cli.model.source import adapter_weights, mark_merged
+from infopo_cli.model.source import mark_merged
+from infopo_cli.train.checkpoint import complete_checkpoints
 from infopo_cli.presets import load_preset
 from infopo_cli.reporting.model_card import write_merged_card
 
@@ -34,14 +35,23 @@ class AdapterSource:
 def from_run(run_dir: str | Path) -> AdapterSource:
     """The base model and adapter of a run folder, from its config.toml."""
     run = Path(run_dir)
+    if run.is_file():
+        raise ConfigError(f"{run}: a file, not a run folder; pass a run folder written by `infopo train`, or --base "
+                          "and --adapter")
     if not (run / "adapter_config.json").is_file():
+        if who := files.RunLock(run).holder():
+            raise ConfigError(f"{run} is being trained now ({who}) and has no adapter yet; export it when the run ends")
+        if (run / "config.toml").is_file() and (saved := complete_checkpoints(run)):
+            raise ConfigError(f"{run} has no final adapter: the run stopped before writing it. `infopo train --resume "
+                              f"{run}` finishes it, or export its newest checkpoint: --base "
+                              f"{load_preset(str(run / 'config.toml')).model} --adapter {saved[-1]}")
         raise ConfigError(f"{run} has no adapter (adapter_config.json); pass a run folder written by `infopo train`, "
                           "or --base and --adapter")
     if not (run / "config.toml").is_file():
         raise ConfigError(f"{run} has no config.toml naming its base model; pass --base")
     cfg = load_preset(str(run / "config.toml"))
     started = [Path(cfg.init_adapter).expanduser()] if cfg.init_adapter else []
-    return AdapterSource(cfg.model, run, tuple(started + sorted(p for p in run.glob("checkpoint-*") if adapter_weights(p))))
+    return AdapterSource(cfg.model, run, tuple(started + complete_checkpoints(run)))
 
 
 def default_output(source: AdapterSource, kind: str, quant: str = "") -> Path:

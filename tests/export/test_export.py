@@ -504,6 +504,7 @@ def test_a_merged_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_pa
     assert json.loads((twice / "infopo_merged.json").read_text())["base"] == str(merged.resolve())  # a full path
     run = shutil.copytree(other, tmp_path / "run")
     shutil.copytree(source.adapter, run / "checkpoint-1")
+    (run / "checkpoint-1" / "training_state.pt").write_bytes(b"")  # a complete checkpoint's files
     (run / "config.toml").write_text(f'model = "{source.base}"\ninit_adapter = "{source.adapter}"\n')
     assert from_run(run).related == (source.adapter, run / "checkpoint-1")
 
@@ -528,6 +529,25 @@ def test_a_gguf_export_is_not_taken_as_the_base_of_the_adapter_it_holds(tmp_path
     merged, tokenizer = merged_model(source)
     write_gguf(merged, tokenizer, tmp_path / "plain.gguf", "f16", model_name="tiny")
     check_not_merged_in(str(tmp_path / "plain.gguf"), source.adapter, "--model")
+
+
+def test_a_run_with_no_adapter_yet_says_why_and_what_to_do(tmp_path):
+    from infopo_cli.files import RunLock
+
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "training_state.pt"):
+        (run / "checkpoint-2" / name).write_bytes(b"")
+    (run / "config.toml").write_text('model = "some/base"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{run} has no final adapter: the run stopped before writing it. "
+                                                    f"`infopo train --resume {run}` finishes it, or export its newest "
+                                                    f"checkpoint: --base some/base --adapter {run / 'checkpoint-2'}")):
+        from_run(run)
+    with RunLock(run), pytest.raises(ConfigError, match=rf"{re.escape(str(run))} is being trained now \(pid {os.getpid()} "):
+        from_run(run)
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="pairs.jsonl: a file, not a run folder"):
+        from_run(tmp_path / "pairs.jsonl")
 
 
 def test_free_space_is_checked_before_writing(tmp_path):
