@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from infopo_cli import files
-from infopo_cli.errors import ConfigError, OutputError
+from infopo_cli.errors import ConfigError, OutputError, first_line
 
 MANIFEST = "infopo-bundle.json"
 COMPLETE = ".complete"  # in a cache entry: unpacked whole
@@ -155,7 +155,7 @@ ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, Ru
 
 
 def _unreadable(path: Path, err: BaseException) -> BundleError:
-    text = str(err).splitlines()[0] if str(err) else "damaged"
+    text = first_line(err, "damaged").rstrip(":")  # tarfile's "could not be opened successfully:" lists methods below
     return BundleError(f"{path}: not a readable bundle ({text})")
 
 

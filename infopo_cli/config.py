@@ -202,7 +202,8 @@ class TrainConfig:
         problems = [p for p in problems if p]
         if not any(value is _REJECT for value in values.values()):  # the combinations compare right-typed values
             if self.max_length != "auto" and self.max_prompt_length >= self.max_length:
-                problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+                problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}): "
+                                "the prompt's share of each row (a preset sets both; give --max-prompt-length too)")
             if self.fsdp and self.backend == "unsloth":
                 problems.append("fsdp shards the transformers backend's model; Unsloth's kernels run on one GPU "
                                 "(use --backend transformers)")

@@ -34,6 +34,8 @@ def read_csv(path: Path) -> Iterator[streams.Row]:
         if not record:  # a blank line
             continue
         if header is None:
+            if len(record) == 1 and "\t" in record[0] and path.suffix.lower() != ".tsv":
+                raise DataError(where, None, "the columns are separated by tabs: name the file .tsv")
             header = _header(record, where)
         elif len(record) != len(header):
             yield where, DataError(where, None, lines.count_problem(len(record), len(header)))

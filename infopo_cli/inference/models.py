@@ -78,8 +78,8 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
         raise ConfigError(f"{path}: no such folder (pass a run folder written by `infopo train`, an adapter folder "
                           "with --base, or a model folder)")
     if not path.is_dir():
-        raise ConfigError(f"{path}: not a folder (pass a run folder, an adapter folder with --base, a model folder "
-                          "or a .gguf file)")
+        raise ConfigError(f"{path}: not a folder (pass a run folder, an adapter folder with --base, a model folder, "
+                          "a .gguf file or a run bundle: .tar, .tar.gz or .zip)")
     if (path / "adapter_config.json").is_file():
         run_config = next((p / "config.toml" for p in (path, path.parent) if (p / "config.toml").is_file()), None)
         config = load_preset(str(run_config)) if run_config else None  # a checkpoint-N folder: its run's settings

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli import files
-from infopo_cli.config import FIELDS, from_flag, override
+from infopo_cli.config import FIELDS, flag, from_flag, override
 from infopo_cli.errors import ConfigError
 
 PLAN = "compare.json"
@@ -86,6 +86,8 @@ def prepare(losses: str, sweep: str | None, output: str | None, flags: dict[str,
     parent (default runs/compare-LOSSES-TIME), `flags` the train settings given. Every loss name and flag is checked
     here, before anything is written."""
     swept = parse_sweep(sweep)
+    if swept and swept[0] in flags:  # the sweep sets it for every run: the flag would be dropped without a word
+        raise ConfigError(f"--sweep {sweep} sets {swept[0]} for every run, and {flag(swept[0])} is given too; drop one")
     variants = plan([name.strip() for name in losses.split(",") if name.strip()], swept)
     # the swept values typed as `infopo train` types them on its command line
     variants = [replace(v, settings={k: value if k == "loss" else from_flag(k, value) for k, value in v.settings.items()})

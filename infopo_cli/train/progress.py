@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from infopo_cli.reporting.table import value_text
 from infopo_cli.train.stops import NAMES
 
 SHOWN = [("loss", "loss"), ("rewards/chosen", "rewards/chosen"), ("rewards/margins", "margins"),
@@ -83,7 +84,8 @@ class Reporter:
     def start(self, loss: str, params: dict, trained: str, data: str, n_eval: int, run_dir: Path) -> None:
         """The run's first line: loss and parameters, what it trains on (`preflight.counted`) and how much is held out,
         the run folder."""
-        self._say(f"[bold]infopo[/] {loss} {escape(str(params))} on {escape(trained)} ({escape(data)}), "
+        settings = ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
+        self._say(f"[bold]{loss}[/] ({escape(settings)}) on {escape(trained)} ({escape(data)}), "
                   f"{n_eval} held out -> {escape(str(run_dir))}")
 
     def lock(self, took_over: str | None) -> None:

@@ -107,6 +107,10 @@ def test_a_second_sweep_is_refused_not_ignored(tmp_path):
     one_error_line(infopo("compare", "--loss", "dpo", "--sweep", "seed=1,2", "--sweep", "beta=0.1,0.2", "--output",
                           str(tmp_path / "cmp"), "--dry-run"),
                    "--sweep given 2 times: give one --sweep (a comparison sweeps one setting)")
+    # a flag the sweep sets for every run would be dropped without a word
+    one_error_line(infopo("compare", "--loss", "infopo,dpo", "--beta", "0.1", "--sweep", "beta=0.2,0.3", "--output",
+                          str(tmp_path / "cmp"), "--dry-run"),
+                   "--sweep beta=0.2,0.3 sets beta for every run, and --beta is given too; drop one")
 
 
 # --- G. --debug keeps the exit code ---------------------------------------------------------------------------------

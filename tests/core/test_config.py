@@ -158,7 +158,8 @@ def test_validate_gathers_every_problem_including_combinations():
         TrainConfig(save_every=-1, keep_checkpoints=0, max_length=64, max_prompt_length=64, gamma_min=2.0,
                     gamma_max=1.0).validate()
     assert str(err.value) == ("keep_checkpoints must be > 0 (got 0); save_every must be >= 0 (got -1); "
-                              "max_prompt_length (64) must be < max_length (64); gamma_min (2.0) must be <= gamma_max (1.0)")
+                              "max_prompt_length (64) must be < max_length (64): the prompt's share of each row (a preset sets both; "
+                              "give --max-prompt-length too); gamma_min (2.0) must be <= gamma_max (1.0)")
 
 
 # --- 3. a run's config.toml reads back to the same settings -------------------------------------------

@@ -100,6 +100,10 @@ def test_csv_shifted_columns_and_repeated_header_are_errors(tmp_path):
     with pytest.raises(DataError) as err:
         read_pairs(str(tsv))
     one_line_error(err, f"{tsv}:2: not valid CSV: '\\t' expected after '\"' (a value that starts with a quote")
+    path.write_text("prompt\tchosen\trejected\nq\ta\tb\n")  # tab-separated in a .csv: one column named with tabs
+    with pytest.raises(DataError) as err:
+        read_pairs(str(path))
+    assert str(err.value) == f"{path}:1: the columns are separated by tabs: name the file .tsv"
 
 
 def test_csv_line_numbers_after_long_and_multi_line_fields(tmp_path):
