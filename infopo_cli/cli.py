@@ -714,9 +714,13 @@ def data_check(
         console.print("mix (as `infopo train` would take it, seeded): " + "; ".join(
             f"{escape(s.spec)} {n} of {r.pairs} pairs ({n / sum(counts):.0%})" for s, r, n in zip(sources, reports, counts)),
             highlight=False)
-        from infopo_cli.data.overlap import repeated_source_notes
+        from infopo_cli.data.overlap import identity, repeated_source_notes, shared_pair_notes
 
-        for note in repeated_source_notes([s.spec for s in sources], [r.pairs for r in reports], counts):
+        distinct: dict = {}  # a source given twice is compared once (repeated_source_notes says it is twice)
+        for source, report in zip(sources, reports):
+            distinct.setdefault(identity(source.spec), (source.spec, report.valid))
+        for note in repeated_source_notes([s.spec for s in sources], [r.pairs for r in reports], counts) + \
+                shared_pair_notes(list(distinct.values())):
             console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
         if len({r.unpaired for r in reports}) > 1:
             console.print("[yellow]warning:[/] these sources mix preference pairs and unpaired rows, which `infopo train` "

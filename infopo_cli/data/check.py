@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 
 from infopo_cli.data.batching import epoch_batches, padding_fraction
+from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.loading import DataOptions, balance, feedback_counts, load_pairs, no_pairs
 from infopo_cli.data.tokenization import auto_max_length, encode_pairs, same_once_truncated, truncate
 
@@ -31,6 +32,7 @@ class DataReport:
     padding_random: float = 0.0
     desirable: int = 0            # unpaired rows (thumbs up/down feedback): how many of each label
     undesirable: int = 0
+    valid: list[PreferencePair] = field(default_factory=list, repr=False)  # the pairs themselves, for a mix's checks
 
     @property
     def unpaired(self) -> bool:
@@ -74,6 +76,7 @@ def check(spec: str, options: DataOptions, tokenizer, max_length: int | str, max
     report = DataReport(spec, loaded.format, loaded.rows, len(pairs), skipped, duplicates, loaded.notes,
                         loaded.info, max_length=max_length)
     report.desirable, report.undesirable = feedback_counts(pairs)
+    report.valid = list(pairs)
     if tokenizer is None:
         return report
     report.lengths = {"prompt": [len(t.prompt_ids) for t in full], "chosen": [len(t.chosen_ids) for t in full],

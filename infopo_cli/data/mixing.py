@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from infopo_cli.data.loading import DataOptions, Loaded, load_pairs
-from infopo_cli.data.overlap import identity, repeated_source_notes
+from infopo_cli.data.overlap import identity, repeated_source_notes, shared_pair_notes
 from infopo_cli.errors import ConfigError
 
 
@@ -97,6 +97,7 @@ def load_mix(specs: str | Sequence[str], options: DataOptions = DataOptions(), s
         info += [f"{source.spec}: {line}" for line in one.info]
         skipped += one.skipped
     notes += repeated_source_notes(specs, [len(one.pairs) for one in loaded], counts)
+    notes += shared_pair_notes([(spec, by_identity[key].pairs) for key, spec in dict(zip(keys, specs)).items()])
     rng.shuffle(pairs)
     total = len(pairs)
     mix = "; ".join(f"{part} ({count / total:.0%})" for part, count in zip(parts, counts))

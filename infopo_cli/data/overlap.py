@@ -42,6 +42,24 @@ def repeated_source_notes(specs: Sequence[str], sizes: Sequence[int], counts: Se
     return notes
 
 
+def shared_pair_notes(sources: Sequence[tuple[str, Sequence[PreferencePair]]]) -> list[str]:
+    """A warning for each (different) source of a mix whose pairs are also in an earlier one: the same prompt, chosen
+    and rejected, so the mix may train on them twice."""
+    notes: list[str] = []
+    first: dict[PreferencePair, str] = {}  # a pair -> the source it was first seen in
+    for spec, pairs in sources:
+        shared: dict[str, int] = {}
+        for pair in set(pairs):
+            if (other := first.get(pair)) is not None:
+                shared[other] = shared.get(other, 0) + 1
+        notes += [f"{count} pair{'s' * (count > 1)} of {spec} {'are' if count > 1 else 'is'} also in {other} (the same "
+                  "prompt, chosen and rejected): the mix may train on them twice; keep them in one file"
+                  for other, count in shared.items()]
+        for pair in pairs:
+            first.setdefault(pair, spec)
+    return notes
+
+
 def eval_overlap_note(train: Sequence[PreferencePair], held_out: Sequence[PreferencePair]) -> str | None:
     """A warning when held-out pairs are also training pairs (the same prompt, chosen and rejected): their eval
     measures what the model memorised, not how it generalises."""

@@ -189,6 +189,16 @@ def test_the_same_source_twice_is_a_warning_with_the_repeats(tmp_path, monkeypat
     assert "b.jsonl is given 2 times" in load_mix(["b.jsonl", "link.jsonl"]).notes[0]
 
 
+def test_pairs_that_two_sources_of_a_mix_share_are_a_warning(tmp_path, monkeypatch):
+    jsonl(tmp_path / "a.jsonl", *numbered(20))
+    jsonl(tmp_path / "c.jsonl", *numbered(3), {"prompt": "new", "chosen": "a", "rejected": "b"})  # 3 of a's, 1 new
+    monkeypatch.chdir(tmp_path)
+    said = "3 pairs of c.jsonl are also in a.jsonl (the same prompt, chosen and rejected): the mix may train on them twice"
+    assert any(note.startswith(said) for note in load_mix(["a.jsonl", "c.jsonl:0.3"]).notes)
+    out = infopo("data", "check", "a.jsonl", "c.jsonl:0.3", "--no-tokenizer")
+    assert out.returncode == 0 and said in " ".join(out.stdout.split())
+
+
 def test_held_out_pairs_that_are_trained_on_are_counted():
     from infopo_cli.data.formats import PreferencePair
     from infopo_cli.data.overlap import eval_overlap_note
