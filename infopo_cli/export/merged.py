@@ -104,5 +104,5 @@ def export_merged(source: AdapterSource, out: Path, dtype: str = "fp32", overwri
             model.generation_config.save_pretrained(tmp)
 
         write_merged_card(tmp, source.adapter, source.base, out)  # README.md: the run's card, for the merged model
-        mark_merged(tmp, source.adapter, source.base, source.related)  # so `--base OUT` with this adapter is refused, not applied twice
+        mark_merged(tmp, source.adapter, source.base, source.related)  # `--base OUT` with one of them is refused
     return out
