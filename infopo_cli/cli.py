@@ -582,8 +582,11 @@ def report(
 
     if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--out {out}: name the figure FILE.png")
-    if twice := next((path for i, path in enumerate(runs) if Path(path).resolve() in {Path(p).resolve() for p in runs[:i]}), None):
-        raise ConfigError(f"{twice} is given twice; name each run once")
+    seen: set[Path] = set()
+    for path in runs:
+        if Path(path).resolve() in seen:
+            raise ConfigError(f"{path} is given twice; name each run once")
+        seen.add(Path(path).resolve())
     loaded = [read_run(path) for path in runs]
     target = Path(out) if out else Path("report.png") if len(loaded) > 1 else loaded[0].path / "report.png"
     files.claim_target(target, overwrite)

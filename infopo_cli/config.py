@@ -303,8 +303,7 @@ def merge(base: TrainConfig, overrides: dict[str, Any], source: str) -> TrainCon
     problems = []
     for key, value in overrides.items():
         try:
-            values[key] = _coerce(key, value)
-            values[key] = expand_home(values[key]) if key in PATH_SETTINGS else values[key]
+            values[key] = expand_home(_coerce(key, value)) if key in PATH_SETTINGS else _coerce(key, value)
         except ConfigError as err:
             problems.append(str(err))
             continue
