@@ -175,8 +175,10 @@ def _linear(module: nn.Module) -> bool:
 
 
 def _layer_names(base: nn.Module) -> str:
+    """The layer names a refusal suggests: the linear layers `_linear` accepts (the embedding is adaptable too, but
+    not what anyone means by a target)."""
     return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
-                             if isinstance(m, nn.Linear) or "Linear" in type(m).__name__}))
+                             if _linear(m) and not isinstance(m, nn.Embedding)}))
 
 
 def unmatched_targets(module_names: Iterator[str] | list[str], targets: list[str] | str) -> list[str]:

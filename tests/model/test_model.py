@@ -256,6 +256,15 @@ def test_a_block_or_norm_as_target_is_refused_naming_the_linear_layers(tiny_mode
         stack.attach_lora(stack.load_base(str(tiny_model), cfg, FP32), cfg)
 
 
+def test_a_refusal_names_gpt2_style_conv1d_layers_and_not_the_embedding():
+    """GPT-2's attention is a Conv1D (`c_attn`), which LoRA adapts: the names a refusal suggests include it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    with pytest.raises(ConfigError, match=r"no such layer in this model \(it has: c_attn, c_fc, c_proj, lm_head\)$"):
+        stack.check_targets(tiny, ["q_proj"])
+
+
 def test_the_folder_a_model_would_load_from_is_found_only_where_it_is_here(tiny_model, tmp_path):
     from infopo_cli.model.source import known_folder
 
