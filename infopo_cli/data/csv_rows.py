@@ -94,10 +94,13 @@ def _header(names: list[str], where: str) -> list[str]:
 
 
 def _maybe_json(value: str, parser: JsonParser) -> Any:
-    """A CSV cell holding a JSON list of messages becomes that list; any other cell stays a string."""
+    """A CSV cell holding a JSON list of messages (objects with a 'role': checked as messages later) becomes that list;
+    any other cell stays a string, a reply that is itself JSON (`[{"name": "Alice"}]`) too."""
     if value and value.lstrip().startswith("[{"):
         try:
-            return parser.loads(value)
+            parsed = parser.loads(value)
         except (ValueError, RecursionError):
             return value
+        if isinstance(parsed, list) and any(isinstance(m, dict) and "role" in m for m in parsed):
+            return parsed
     return value

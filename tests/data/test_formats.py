@@ -175,6 +175,22 @@ def test_csv_with_quoted_newlines_and_message_cells(tmp_path):
     assert loaded.pairs[0].chosen == "line one\nline two" and len(loaded.pairs) == 2
 
 
+def test_a_csv_reply_that_is_json_stays_text_and_a_broken_message_list_is_an_error(tmp_path):
+    import csv
+
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt", "chosen", "rejected"])
+        writer.writerow(["Give JSON for Alice", '[{"name": "Alice"}]', '[{"name": "Bob"}]'])
+    pair = load_pairs(str(path)).pairs[0]
+    assert (pair.chosen, pair.rejected) == ('[{"name": "Alice"}]', '[{"name": "Bob"}]')
+    with path.open("a", newline="") as fh:  # a message list with a message lacking its content is no reply text
+        csv.writer(fh).writerow(["Q", '[{"role": "assistant"}]', '[{"role": "assistant", "content": "x"}]'])
+    with pytest.raises(DataError, match=r"d.csv:3: field 'chosen': message 1: expected an object with 'role' and 'content'"):
+        load_pairs(str(path))
+
+
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
