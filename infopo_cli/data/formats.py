@@ -121,9 +121,19 @@ def detect(row: Any, fields: Fields) -> str:
     chosen = row.get(fields.chosen)
     if isinstance(chosen, list):
         return "conversational"
-    if fields.prompt not in row or row.get(fields.prompt) is None:
-        return "implicit"
-    return "explicit"
+    if fields.prompt in row or fields.prompt != Fields.prompt or _other_text(row, fields):
+        return "explicit"  # a prompt (a null one is an error), or one named or held elsewhere: missing, said so
+    return "implicit"
+
+
+def _other_text(row: dict, fields: Fields) -> bool:
+    """Whether a row without a prompt has text besides its replies (Intel/orca_dpo_pairs' `question`), which reading
+    the prompt off the replies' shared start would drop. HH transcripts hold their prompt: theirs is not looked at."""
+    chosen = row.get(fields.chosen)
+    if isinstance(chosen, str) and HH_TURN.search(chosen):
+        return False
+    return any(isinstance(value, str) and value.strip() for name, value in row.items()
+               if name not in (fields.chosen, fields.rejected))
 
 
 def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None = None) -> PreferencePair:
@@ -132,11 +142,17 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
         (fields.prompt, fields.chosen, fields.rejected)
     if not isinstance(row, dict):
         raise DataError(where, None, f"expected an object with fields {', '.join(map(repr, names))}, got {_kind(row)}")
-    for name in names[1:] + ((fields.prompt,) if fmt in ("explicit", "unpaired") else ()):
-        if name not in row or (row[name] is None and name != fields.label):  # a null label is a bad label
+    # the prompt is needed where the format has no other place for it, or where --prompt-field named it
+    needs_prompt = fmt in ("explicit", "unpaired") or fields.prompt != Fields.prompt
+    for name in names[1:] + ((fields.prompt,) if needs_prompt else ()):
+        if name in row and row[name] is None and name != fields.label:  # a null label is a bad label
+            raise DataError(where, name, "null")
+        if name not in row:
             others = [k for k in row if k not in names]
             columns = ", ".join(repr(str(k))[1:-1] for k in list(row)[:12])  # escaped: the message stays one line
-            hint = f" (columns: {columns}; map yours with {fields.flag(name)})" if name not in row and others else ""
+            implicit = ", or read it off the start chosen and rejected share with --format implicit" \
+                if name == fields.prompt and fmt == "explicit" and fields.prompt == Fields.prompt else ""
+            hint = f" (columns: {columns}; map yours with {fields.flag(name)}{implicit})" if others else ""
             raise DataError(where, name, "missing" + hint)
     if fmt == "unpaired":
         pair = _unpaired(row, where, fields)

@@ -59,12 +59,17 @@ class Loaded:
 
 
 ALL_FORMATS = FORMATS + SCORED_FORMATS
+LISTED = {"scored": "completions", "ranked": "answers", "labelled": "human_ref_A, human_ref_B"}  # answers not in a pair
 
 
 def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     """Every row of `spec` checked and normalised into pairs; the first bad row raises unless `skip_invalid`."""
     if options.format not in ALL_FORMATS:
         raise ConfigError(f"unknown data format '{options.format}'; use one of {', '.join(ALL_FORMATS)}")
+    if options.format in LISTED and (renamed := [f"--{role}-field" for role in ("chosen", "rejected", "completion", "label")
+                                                 if getattr(options.fields, role) != getattr(Fields, role)]):
+        raise ConfigError(f"{', '.join(renamed)}: --format {options.format} reads its answers from the fields the "
+                          f"datasets publish ({LISTED[options.format]}); only --prompt-field renames its prompt")
     opened = open_source(spec, options.split)
     collected, per_file = _Collected(options), []
     for _, rows in opened.files:
@@ -89,8 +94,7 @@ class _Collected:
 
     def __init__(self, options: DataOptions) -> None:
         self.options = options
-        # scored/ranked shapes are detected by their published field names, so only where fields are not renamed
-        self.detect_scores = options.format == "auto" and options.fields == Fields()
+        self.detect_scores = options.format == "auto"
         self.pairs: list[PreferencePair] = []
         self.skipped: list[str] = []
         self.rows = 0
@@ -106,10 +110,10 @@ class _Collected:
         try:
             if isinstance(row, DataError):
                 raise row
-            fmt = (detect_scored(row) if self.detect_scores else None) or (
+            fmt = (detect_scored(row, options.fields) if self.detect_scores else None) or (
                 detect(row, options.fields) if options.format == "auto" else options.format)
             if fmt in SCORED_FORMATS:
-                found, reason = scored_pairs(row, where, fmt, options.scores)
+                found, reason = scored_pairs(row, where, fmt, options.scores, options.fields)
                 self._same_kind(where, False)
                 self.pairs += [with_system(p, options.system) if options.system else p for p in found]
                 self.given[len(found)] += 1

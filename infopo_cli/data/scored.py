@@ -97,11 +97,12 @@ class _Item:
     label: str = ""     # "item 3" within a list field, "" for a field of its own
 
 
-def detect_scored(row: dict) -> str | None:
-    """One of SCORED_FORMATS when the row has that shape, else None (an ordinary pair row)."""
+def detect_scored(row: dict, fields: Fields = Fields()) -> str | None:
+    """One of SCORED_FORMATS when the row has that shape, else None (an ordinary pair row). A pair is found by the
+    user's field names (--chosen-field ...); its ratings and the other shapes by the names the datasets publish."""
     if not isinstance(row, dict):
         return None
-    if "chosen" in row and "rejected" in row:
+    if fields.chosen in row and fields.rejected in row:
         return "rated" if any(name in row for names in RATING_FIELDS for name in names) else None
     if "human_ref_A" in row and "human_ref_B" in row:
         return "labelled"
@@ -114,23 +115,26 @@ def detect_scored(row: dict) -> str | None:
     return None
 
 
-def scored_pairs(row: dict, where: str, fmt: str, options: ScoreOptions) -> tuple[list[PreferencePair], str | None]:
+def scored_pairs(row: dict, where: str, fmt: str, options: ScoreOptions, fields: Fields = Fields()
+                 ) -> tuple[list[PreferencePair], str | None]:
     """The pairs a scored/ranked row gives, and when it gives none, why (a short reason such as
     'score gap below --min-score-gap', 'all completions tie', 'score ratio below --min-score-ratio'),
-    used for counting dropped rows. Malformed rows raise DataError naming the field."""
+    used for counting dropped rows. Malformed rows raise DataError naming the field. `fields`: a rated pair's
+    columns; a renamed prompt (--prompt-field) is every shape's prompt."""
     if fmt not in SCORED_FORMATS:
         raise ConfigError(f"unknown scored format '{fmt}'; use one of {', '.join(SCORED_FORMATS)}")
     if not isinstance(row, dict):
         raise DataError(where, None, f"expected an object, got {_kind(row)}")
+    renamed = (fields.prompt,) if fields.prompt != Fields.prompt else None
     if fmt == "rated":
-        return _rated(row, where, options)
+        return _rated(row, where, options, fields)
     if fmt == "labelled":
-        return _labelled(row, where, options)
+        return _labelled(row, where, options, renamed or ("prompt", "history"))
     if fmt == "ranked":
-        prompt_field, prompt = _ranked_prompt(row, where)
+        prompt_field, prompt = _ranked_prompt(row, where, renamed or ("prompt",))
         items = _ranked_items(row, where)
     else:
-        prompt_field, prompt = _prompt(row, where, ("prompt", "instruction"))
+        prompt_field, prompt = _prompt(row, where, renamed or ("prompt", "instruction"))
         items = _scored_items(row, where)
     return _from_list(prompt_field, prompt, items, where, options)
 
@@ -235,9 +239,9 @@ def _ultrafeedback_score(completion: dict, where: str, label: str) -> float | No
     return sum(ratings) / len(ratings) if ratings else None
 
 
-def _ranked_prompt(row: dict, where: str) -> tuple[str, str | list]:
+def _ranked_prompt(row: dict, where: str, names: tuple[str, ...]) -> tuple[str, str | list]:
     """Nectar's HH transcript prompt as messages; a prompt without HH turn markers as it is."""
-    name, prompt = _prompt(row, where, ("prompt",))
+    name, prompt = _prompt(row, where, names)
     if isinstance(prompt, list):
         return name, prompt
     text = prompt.lstrip()
@@ -267,8 +271,9 @@ def _ranked_items(row: dict, where: str) -> list[_Item]:
 
 # --- two-answer rows ---------------------------------------------------------------------------------------------
 
-def _labelled(row: dict, where: str, options: ScoreOptions) -> tuple[list[PreferencePair], str | None]:
-    prompt_field, prompt = _prompt(row, where, ("prompt", "history"), report="history")
+def _labelled(row: dict, where: str, options: ScoreOptions, names: tuple[str, ...]
+              ) -> tuple[list[PreferencePair], str | None]:
+    prompt_field, prompt = _prompt(row, where, names, report=names[-1])
     a = _text(row.get("human_ref_A"), where, "human_ref_A", "", ())
     b = _text(row.get("human_ref_B"), where, "human_ref_B", "", ())
     if a == b:
@@ -314,7 +319,7 @@ def _labelled(row: dict, where: str, options: ScoreOptions) -> tuple[list[Prefer
     return [_pair(prompt_field, prompt, better, worse, where)], None
 
 
-def _rated(row: dict, where: str, options: ScoreOptions) -> tuple[list[PreferencePair], str | None]:
+def _rated(row: dict, where: str, options: ScoreOptions, fields: Fields) -> tuple[list[PreferencePair], str | None]:
     names = next((names for names in RATING_FIELDS if names[0] in row or names[1] in row), None)
     if names is None:
         raise DataError(where, "chosen_rating", "missing: a rated pair needs 'chosen_rating'/'rejected_rating' "
@@ -323,7 +328,6 @@ def _rated(row: dict, where: str, options: ScoreOptions) -> tuple[list[Preferenc
         if name not in row:
             raise DataError(where, name, f"missing (the row has '{other}')")
     chosen, rejected = (_number(row[name], where, name) for name in names)
-    fields = Fields()
     pair = normalise(row, where, detect(row, fields), fields, system=None)  # a malformed pair raises, rated or not
     if chosen is None or rejected is None:
         return [], UNRATED

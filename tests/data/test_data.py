@@ -40,7 +40,7 @@ def test_extra_fields_are_ignored(tmp_path):
 @pytest.mark.parametrize("row, field, problem", [
     ({"prompt": "p", "chosen": "c"}, "rejected", "missing"),
     ({**GOOD, "chosen": 3}, "chosen", "expected a string, got a number"),
-    ({**GOOD, "prompt": None}, "prompt", "missing"),  # null = absent: then the pair needs a shared prefix
+    ({**GOOD, "prompt": None}, "prompt", "null"),  # not read as a row without its prompt (an implicit pair)
     ({**GOOD, "rejected": ["x"]}, "rejected", "expected a string, got an array"),
     ({**GOOD, "chosen": "   ", "rejected": ""}, "chosen", "both replies are empty"),
     ({**GOOD, "prompt": " "}, "prompt", "empty"),

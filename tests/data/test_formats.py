@@ -280,3 +280,63 @@ def test_trains_on_each_source_and_format(tiny_model, tmp_path, kind):
 
     summary = recipe.train(tiny_cfg(tiny_model, path, tmp_path / "out", eval_data="", max_steps=1, batch_size=2))
     assert summary.steps == 1 and math.isfinite(summary.last_step["loss"])
+
+
+# --- the field flags in every shape; a prompt never dropped for a guess --------------------------------------------
+
+def test_a_renamed_prompt_in_rated_pairs_is_read_and_their_ratings_still_checked(tmp_path):
+    """argilla/distilabel-intel-orca: `input` holds the prompt; the second row is rated the wrong way round."""
+    path = jsonl(tmp_path, {"input": "Capital of France?", "chosen": "The capital is Paris.",
+                            "rejected": "The capital is Rome.", "chosen_rating": 9, "rejected_rating": 3},
+                 {"input": "2+2?", "chosen": "It is 4.", "rejected": "It is 5.", "chosen_rating": 3, "rejected_rating": 9})
+    for fmt in ("auto", "rated"):
+        loaded = load_pairs(path, DataOptions(format=fmt, fields=Fields(prompt="input")))
+        assert [(p.prompt, p.chosen) for p in loaded.pairs] == [("Capital of France?", "The capital is Paris.")]
+        assert loaded.format == "rated explicit" and any("rejected is rated above chosen" in n for n in loaded.notes)
+
+
+def test_renamed_replies_of_a_rated_pair_and_a_renamed_prompt_of_a_scored_row(tmp_path):
+    path = jsonl(tmp_path, {"prompt": "Q", "good": "yes", "bad": "no", "chosen_rating": 9, "rejected_rating": 3})
+    pair, = load_pairs(path, DataOptions(format="rated", fields=Fields(chosen="good", rejected="bad"))).pairs
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "yes", "no")
+    path = jsonl(tmp_path, {"question": "Q", "completions": ["a", "b"], "ratings": [1, 5]})
+    for fmt in ("auto", "scored"):
+        pair, = load_pairs(path, DataOptions(format=fmt, fields=Fields(prompt="question"))).pairs
+        assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "b", "a")
+
+
+@pytest.mark.parametrize("fmt", ["scored", "ranked", "labelled"])
+def test_reply_field_flags_are_refused_where_the_answers_are_a_published_list(tmp_path, fmt):
+    path = jsonl(tmp_path, {"prompt": "Q", "completions": ["a", "b"], "ratings": [1, 5]})
+    with pytest.raises(InfopoError, match=rf"^--chosen-field: --format {fmt} reads its answers from the fields"):
+        load_pairs(path, DataOptions(format=fmt, fields=Fields(chosen="good")))
+
+
+def test_a_row_whose_prompt_is_in_another_column_is_not_read_off_the_replies(tmp_path):
+    """Intel/orca_dpo_pairs: `system`, `question`, `chosen`, `rejected`; the replies share "The capital of France is "."""
+    row = {"system": "", "question": "Capital of France?", "chosen": "The capital of France is Paris.",
+           "rejected": "The capital of France is London."}
+    path = jsonl(tmp_path, row)
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt': missing \(columns: system, question, chosen, "
+                                        r"rejected; map yours with --prompt-field, or read it off the start chosen and "
+                                        r"rejected share with --format implicit\)$"):
+        load_pairs(path)
+    assert load_pairs(path, DataOptions(fields=Fields(prompt="question"))).pairs[0].prompt == "Capital of France?"
+    assert load_pairs(path, DataOptions(format="implicit")).pairs[0].prompt == "The capital of France is "
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'qestion': missing \(columns: .*--prompt-field\)$"):
+        load_pairs(path, DataOptions(fields=Fields(prompt="qestion")))  # a misspelt column is no implicit prompt
+
+
+def test_rows_without_other_text_are_still_implicit(tmp_path):
+    hh = {"id": "a1", "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+    trl = {"chosen": "The sky is blue.", "rejected": "The sky is green.", "score": 3}
+    pairs = load_pairs(jsonl(tmp_path, hh, trl)).pairs
+    assert pairs[0].prompt == (("user", "Hi"),) and pairs[1].prompt == "The sky is "
+
+
+def test_a_renamed_prompt_that_a_conversational_row_lacks_is_missing(tmp_path):
+    path = jsonl(tmp_path, {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+                            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "b"}]})
+    assert load_pairs(path).pairs[0].prompt == (("user", "Hi"),)
+    with pytest.raises(DataError, match=r"field 'question': missing"):
+        load_pairs(path, DataOptions(fields=Fields(prompt="question")))
