@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infopo_cli.config import TrainConfig, merge, show
+from infopo_cli.config import TrainConfig, override, show
 from infopo_cli.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -109,7 +109,7 @@ def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     if parent and parent.endswith(".toml") and not Path(parent).is_absolute() and (path.parent / parent).is_file():
         parent = str(path.parent / parent)  # `extends = "base.toml"` beside this preset, wherever infopo runs from
     base = load_preset(parent, (*_seen, path)) if parent else TrainConfig()
-    cfg = merge(base, raw, source=str(path))
+    cfg = override(base, raw, source=str(path))  # as flags over a preset: another loss, another held-out set
     # a run's config.toml keeps the preset it came from
     cfg.preset = run_name(raw["preset"], path) if raw.get("preset") else plain_name(path.stem)
     return cfg

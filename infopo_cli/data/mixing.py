@@ -15,6 +15,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from infopo_cli.data.loading import DataOptions, Loaded, load_pairs
 from infopo_cli.data.overlap import identity, repeated_source_notes, shared_pair_notes
@@ -42,6 +43,23 @@ def parse_source(text: str) -> Source:
             raise ConfigError(f"--data {text}: the weight after the colon must be in (0, 1], the source's share of the mix")
         return Source(spec, weight)
     return Source(text, None)
+
+
+def absolute(value: str | Sequence[str]) -> str | list[str]:
+    """Sources (one, or a list) with each one found here as an absolute path, its weight kept ('d/a.jsonl:0.3' ->
+    '/home/me/d/a.jsonl:0.3'); bundled names, hub ids and what is not here stay as given. A run's config.toml holds
+    these, so `--resume` and `--preset RUN/config.toml` read the same files from any folder."""
+    if isinstance(value, str):
+        return _absolute(value)
+    return [_absolute(v) for v in value]
+
+
+def _absolute(text: str) -> str:
+    source = parse_source(text)
+    if not source.spec or source.spec.startswith("bundled:") or not Path(source.spec).expanduser().exists():
+        return text
+    spec = str(Path(source.spec).expanduser().absolute())
+    return spec if source.weight is None else f"{spec}:{text.rpartition(':')[2]}"
 
 
 def as_list(value: str | Sequence[str]) -> list[str]:

@@ -148,7 +148,8 @@ def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str
              f"loss {cfg.loss} ({params})",
              f"data {', '.join(as_list(cfg.data))}: {counted(loaded)} from {loaded.rows} rows, {loaded.format} format"
              + (f", {len(loaded.skipped)} invalid rows skipped" if loaded.skipped else ""),
-             f"held out: {len(checked.eval_pairs)} {unit}" + (f" from {', '.join(as_list(cfg.eval_data))}" if cfg.eval_data else ""),
+             f"held out: {len(checked.eval_pairs)} {unit} from {', '.join(as_list(cfg.eval_data))}" if cfg.eval_data else
+             "held out: none (--eval-data FILE gives held-out metrics and the likelihood-displacement check)",
              f"{steps} optimizer steps of {global_batch} {unit} (lr {cfg.lr:g}, max_length {cfg.max_length})",
              f"run folder {output}" + (" (resumed from its newest checkpoint)" if resuming else " (new)")]
     lines += [f"mix: {loaded.mix}"] if loaded.mix else []

@@ -85,8 +85,9 @@ class Reporter:
         """The run's first line: loss and parameters, what it trains on (`preflight.counted`) and how much is held out,
         the run folder."""
         settings = ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
+        held = f"{n_eval} held out" if n_eval else "nothing held out (--eval-data FILE to evaluate)"
         self._say(f"[bold]{loss}[/] ({escape(settings)}) on {escape(trained)} ({escape(data)}), "
-                  f"{n_eval} held out -> {escape(str(run_dir))}")
+                  f"{held} -> {escape(str(run_dir))}")
 
     def lock(self, took_over: str | None) -> None:
         """Say whose stale run lock was taken over, if one was."""

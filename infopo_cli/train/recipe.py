@@ -33,7 +33,7 @@ from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, pairs_read, shuffled_batches
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.loading import Loaded, data_kind, no_pairs
-from infopo_cli.data.mixing import as_list
+from infopo_cli.data.mixing import absolute, as_list
 from infopo_cli.data.feedback import mismatched
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, pairs_digest, same_once_truncated, truncate
@@ -191,7 +191,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             recompute = world.broadcast(recompute)
         if recompute:
             report.checkpointing(recompute.message)
-        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
+        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name,
+                    **{key: absolute(getattr(cfg, key)) for key in ("model", "data", "eval_data")}}  # resumable anywhere
         if world.is_main and not resume:  # on disk before anything long starts; a resume's once its checkpoint is accepted
             write_settings(run_dir, resolved)
         model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report, world)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli.config import TrainConfig, flag as _flag, merge
+from infopo_cli.data.mixing import absolute, as_list
 from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.train.schedule import WarmupCosine
 
@@ -42,6 +43,9 @@ def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,
         flags.pop("dtype")
     if flags.get("init_adapter") and saved.init_adapter and Path(flags["init_adapter"]).expanduser().resolve() == Path(saved.init_adapter):
         flags.pop("init_adapter")  # config.toml holds the folder as an absolute path
+    for key in ("model", "data", "eval_data"):  # config.toml holds the local ones as absolute paths (data.mixing.absolute)
+        if key in flags and as_list(absolute(flags[key])) == as_list(absolute(getattr(saved, key))):
+            flags.pop(key)
     cfg = merge(saved, {**flags, "output": str(run_dir)}, source="command line")
     # under torchrun/accelerate the launcher's world size; else --nproc, or as many processes as before
     cfg = merge(cfg, {"nproc": int(os.environ["WORLD_SIZE"]) if "LOCAL_RANK" in os.environ else flags.get("nproc", saved.nproc)},

@@ -102,6 +102,38 @@ def test_override_keeps_loss_settings_only_for_the_presets_own_loss():
     assert override(preset, {"loss": "dpo", "beta": 0.3}, "t").beta == 0.3
 
 
+def test_a_preset_that_extends_another_and_switches_loss_drops_the_others_loss_settings(tmp_path):
+    """`extends = "smollm2-135m"` with `loss = "dpo"` kept InfoPO's tuned beta 0.25 for DPO."""
+    preset = tmp_path / "dpo.toml"
+    preset.write_text('extends = "smollm2-135m"\nloss = "dpo"\n')
+    assert load_preset(str(preset)).beta is None
+    preset.write_text('extends = "smollm2-135m"\nloss = "dpo"\nbeta = 0.2\n')
+    assert load_preset(str(preset)).beta == 0.2
+
+
+def test_ones_own_data_is_not_scored_on_the_presets_bundled_held_out_set(tmp_path):
+    """The held-out arithmetic belongs to the bundled training data: a run on other data reported it as its own."""
+    from infopo_cli.config import TrainConfig, override
+
+    preset = load_preset("smollm2-135m")
+    assert preset.eval_data == "bundled:arith_eval"
+    assert override(preset, {"data": "mine.jsonl"}, "t").eval_data == ""
+    assert override(preset, {"data": ["a.jsonl", "b.jsonl:0.3"]}, "t").eval_data == ""
+    assert override(preset, {"data": "mine.jsonl", "eval_data": "held.jsonl"}, "t").eval_data == "held.jsonl"
+    assert override(preset, {"data": "bundled:units_train"}, "t").eval_data == "bundled:arith_eval"  # bundled: kept
+    assert override(preset, {"lr": 1e-4}, "t").eval_data == "bundled:arith_eval"
+    mine = override(TrainConfig(eval_data="held.jsonl"), {"data": "mine.jsonl"}, "t")
+    assert mine.eval_data == "held.jsonl"  # a preset's own held-out file stays
+    own = tmp_path / "own.toml"  # a preset file naming its data: the same
+    own.write_text('extends = "smollm2-135m"\ndata = "mine.jsonl"\n')
+    assert load_preset(str(own)).eval_data == ""
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "Q{i}", "chosen": "a", "rejected": "b"}}\n' for i in range(4)))
+    out = infopo("train", "--data", str(pairs), "--output", str(tmp_path / "o"), "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "held out: none (--eval-data FILE gives held-out metrics" in out.stdout
+
+
 def test_errors_with_brackets_in_user_content_stay_one_line(tmp_path):
     """Rich markup must not eat (or choke on) user text such as '[INST]' or '[/]' in paths and messages."""
     bad = tmp_path / "[data].jsonl"
@@ -136,6 +168,33 @@ def test_resume_needs_a_run_folder_and_refuses_settings_that_differ(tmp_path):
     (tmp_path / "config.toml").write_text('model = "x"\nlr = 0.0002\n')
     out = infopo("train", "--resume", str(tmp_path), "--lr", "0.1")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: --lr 0.1 differs from this run's 0.0002")
+
+
+def test_a_run_resumes_from_any_folder_and_accepts_its_files_under_any_spelling(tmp_path, monkeypatch):
+    """config.toml kept `data = "d/small.jsonl"` as typed: `--resume` from another folder could not find it, and
+    the same file given as an absolute path was refused as different data."""
+    from conftest import write_pairs
+    from infopo_cli.config import TrainConfig, to_toml
+    from infopo_cli.data.mixing import absolute
+    from infopo_cli.train.resume import resumed_config
+
+    (tmp_path / "d").mkdir()
+    pairs = write_pairs(tmp_path / "d" / "small.jsonl", 8)
+    monkeypatch.chdir(tmp_path)
+    assert absolute("d/small.jsonl") == str(pairs) and absolute(["d/small.jsonl:0.5", "bundled:arith_train"]) == [
+        f"{pairs}:0.5", "bundled:arith_train"]
+    assert absolute("org/name") == "org/name" and absolute("missing.jsonl") == "missing.jsonl"  # not here: as given
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    saved = TrainConfig(data=absolute("d/small.jsonl"), eval_data="", output=str(run))
+    (run / "config.toml").write_text(to_toml(saved.to_dict()))
+    for spelling in ("d/small.jsonl", "./d/small.jsonl", str(pairs)):
+        assert resumed_config(saved, {"data": spelling}, run).data == str(pairs)
+    with pytest.raises(ConfigError, match="--data .* differs from this run's"):
+        resumed_config(saved, {"data": "bundled:arith_train"}, run)
+    out = infopo("train", "--resume", str(run), "--dry-run", cwd=tmp_path.parent)
+    assert out.returncode == 0, out.stderr
+    assert f"data {pairs}: 8 explicit pairs" in out.stdout
 
 
 def test_a_tilde_in_a_path_is_the_home_folder_however_the_shell_passed_it(tmp_path):
