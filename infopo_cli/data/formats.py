@@ -119,7 +119,7 @@ def detect(row: Any, fields: Fields) -> str:
     if (fields.completion in row or fields.label in row) and fields.chosen not in row and fields.rejected not in row:
         return "unpaired"
     chosen = row.get(fields.chosen)
-    if isinstance(chosen, list):
+    if isinstance(chosen, list) or isinstance(row.get(fields.prompt), list):  # messages with string replies too
         return "conversational"
     if fields.prompt in row or fields.prompt != Fields.prompt or _other_text(row, fields):
         return "explicit"  # a prompt (a null one is an error), or one named or held elsewhere: missing, said so
@@ -167,6 +167,9 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
     else:
         pair = PreferencePair(_string(row, fields.prompt, where), _string(row, fields.chosen, where, reply=True),
                               _string(row, fields.rejected, where, reply=True))
+        if (transcript := _hh_prompt(pair.prompt)) is not None:  # Dahoas/full-hh-rlhf: the turns so far, then replies
+            pair = PreferencePair(_hh_messages(transcript, where, fields.prompt), _hh_reply(pair.chosen),
+                                  _hh_reply(pair.rejected))
     if is_empty(pair.chosen) and is_empty(pair.rejected):
         raise DataError(where, fields.chosen, "both replies are empty (the pair expresses no preference)")
     if pair.chosen == pair.rejected:
@@ -227,13 +230,17 @@ def _after_prompt(prompt: tuple[Message, ...], response: tuple[Message, ...]) ->
 
 
 def _check_turns(prompt: tuple[Message, ...], replies: dict[str, tuple[Message, ...]], where: str,
-                 fields: Fields) -> None:
-    """Each reply starts with the assistant's turn; the prompt ends with someone else's."""
+                 fields: Fields, given: bool = False) -> None:
+    """Each reply starts with the assistant's turn; the prompt ends with someone else's. `given`: the prompt is the
+    row's own (a reply that repeats it exactly has had it cut)."""
     for name, response in replies.items():
         if not response:
             raise DataError(where, name, "has no reply after the prompt")
         if response[0][0] != "assistant":
-            raise DataError(where, name, f"the reply after the prompt must be an assistant message, got role {response[0][0]!r}")
+            why = (f" ({name} starts with other turns than the {fields.prompt} field's, so they were not cut from it: "
+                   "a system message, a space or a turn of difference?)") if given and len(response) > 1 else ""
+            raise DataError(where, name, f"the reply after the prompt must be an assistant message, got role "
+                                         f"{response[0][0]!r}{why}")
     if not prompt:
         raise DataError(where, fields.prompt, "empty")
     if prompt[-1][0] == "assistant":
@@ -271,7 +278,8 @@ def _conversational(row: dict, where: str, fields: Fields) -> PreferencePair:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if not prompt:
             raise DataError(where, fields.prompt, "missing, and chosen/rejected share no prompt turns")
-    _check_turns(prompt, {fields.chosen: chosen, fields.rejected: rejected}, where, fields)
+    _check_turns(prompt, {fields.chosen: chosen, fields.rejected: rejected}, where, fields,
+                 given=row.get(fields.prompt) is not None)
     return PreferencePair(prompt, chosen, rejected)
 
 
@@ -295,16 +303,27 @@ def _implicit(row: dict, where: str, fields: Fields) -> PreferencePair:
     return PreferencePair(chosen[:cut + 1], chosen[cut + 1:], rejected[cut + 1:])
 
 
+def _hh_prompt(text: str) -> str | None:
+    """A prompt that is an HH transcript up to the assistant's turn ('\\n\\nHuman: hi\\n\\nAssistant:'), with the blank
+    line before its first marker; None for any other prompt (one that only mentions a turn stays text)."""
+    body = text.strip()
+    if not body.startswith("Human:") or not body.endswith("Assistant:"):
+        return None
+    return "\n\n" + body
+
+
 def _hh_messages(text: str, where: str, name: str) -> tuple[Message, ...]:
-    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user a, assistant b, user c."""
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user a, assistant b, user c. Text before
+    the first turn ("You are a helpful assistant.\\n\\nHuman: ...") is a system message, not dropped."""
     marks = list(HH_TURN.finditer(text))
-    turns = []
+    preamble = text[:marks[0].start()].strip() if marks else ""
+    turns = [("system", preamble)] if preamble else []
     for mark, following in zip(marks, marks[1:] + [None]):
         content = text[mark.end():following.start() if following else len(text)].strip()
         role = "user" if "Human" in mark.group() else "assistant"
         if following is not None or content:
             turns.append((role, content))
-    if not turns or turns[0][0] != "user":
+    if len(turns) <= bool(preamble) or turns[bool(preamble)][0] != "user":
         raise DataError(where, name, "transcript does not start with a '\\n\\nHuman:' turn")
     return tuple(turns)
 

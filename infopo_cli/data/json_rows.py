@@ -15,6 +15,7 @@ from infopo_cli.data import row_checks, streams
 from infopo_cli.errors import DataError
 
 EXPECTED_ARRAY = "expected a JSON array of rows (or JSON Lines in a .jsonl file)"
+ROW_KEYS = ("prompt", "chosen", "rejected", "completion", "messages", "conversations")  # a row's fields, not a wrapper's
 
 
 class JsonParser:
@@ -102,8 +103,11 @@ def read_json_array(path: Path) -> Iterator[streams.Row]:
 def _enter_wrapper(doc: _JsonText) -> None:
     """Past `{"data":`, at the `[` of the rows: anything else is not a wrapped array."""
     doc.pos += 1
-    if doc.peek() != '"' or not isinstance(doc.value(), str) or doc.peek() != ":":
+    if doc.peek() != '"' or not isinstance(key := doc.value(), str) or doc.peek() != ":":
         raise DataError(f"{doc.path}:1", None, EXPECTED_ARRAY)
+    if key in ROW_KEYS:  # one row of messages, not a wrapper holding rows
+        raise DataError(f"{doc.path}:1", None, f"{EXPECTED_ARRAY}: this file holds one row (its '{key}' is not a list of "
+                                               "rows); wrap it in [ ]")
     doc.pos += 1
     if doc.peek() != "[":
         raise DataError(f"{doc.path}:1", None, EXPECTED_ARRAY)

@@ -250,8 +250,6 @@ def _ranked_prompt(row: dict, where: str, names: tuple[str, ...]) -> tuple[str, 
     first = HH_TURN.search(text)
     if first is None:
         return name, prompt
-    if text[:first.start()].strip():
-        raise DataError(where, name, "text before the first '\\n\\nHuman:' turn of the transcript")
     return name, [{"role": role, "content": content} for role, content in _hh_messages(text, where, name)]
 
 

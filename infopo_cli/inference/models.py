@@ -23,7 +23,7 @@ from typing import Any
 from infopo_cli.bundles import cached, is_bundle
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
-from infopo_cli.model.source import check_not_merged_in, held_adapters
+from infopo_cli.model.source import ADAPTER_WEIGHTS, check_not_merged_in, held_adapters
 from infopo_cli.presets import load_preset
 from infopo_cli.reporting.runs import newest_run
 
@@ -81,6 +81,9 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
         raise ConfigError(f"{path}: not a folder (pass a run folder, an adapter folder with --base, a model folder, "
                           "a .gguf file or a run bundle: .tar, .tar.gz or .zip)")
     if (path / "adapter_config.json").is_file():
+        if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):  # peft would look for them on the hub
+            raise ConfigError(f"{path}: adapter_config.json but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}): "
+                              "copied without them, or a run that has not finished (pass one of its checkpoint-N folders)")
         run_config = next((p / "config.toml" for p in (path, path.parent) if (p / "config.toml").is_file()), None)
         config = load_preset(str(run_config)) if run_config else None  # a checkpoint-N folder: its run's settings
         if base:

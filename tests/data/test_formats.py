@@ -99,6 +99,11 @@ def test_field_mapping_and_system_prompt(tmp_path):
     options = DataOptions(fields=Fields("question", "good", "bad"), system="Be brief.")
     pair = load_pairs(jsonl(tmp_path, row), options).pairs[0]
     assert pair == PreferencePair((("system", "Be brief."), ("user", "Q?")), (("assistant", "A"),), (("assistant", "B"),))
+    own = {"question": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Q?"}],
+           "good": "A", "bad": "B"}
+    loaded = load_pairs(jsonl(tmp_path, row, own), options)
+    assert loaded.pairs[1].prompt[0] == ("system", "Answer in French.")  # the row's own, and the user is told
+    assert loaded.notes == ["1 rows have a system message of their own: kept, --system is added only to rows without one"]
 
 
 def test_pairs_know_their_row_but_compare_and_hash_without_it(tmp_path):
@@ -340,3 +345,40 @@ def test_a_renamed_prompt_that_a_conversational_row_lacks_is_missing(tmp_path):
     assert load_pairs(path).pairs[0].prompt == (("user", "Hi"),)
     with pytest.raises(DataError, match=r"field 'question': missing"):
         load_pairs(path, DataOptions(fields=Fields(prompt="question")))
+
+
+def test_a_message_list_prompt_with_string_replies_is_conversational(tmp_path):
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+           "chosen": "4", "rejected": "5"}
+    pair, = load_pairs(jsonl(tmp_path, row)).pairs
+    assert pair.prompt == (("system", "Be brief."), ("user", "2+2?")) and pair.chosen == (("assistant", "4"),)
+
+
+def test_a_prompt_that_chosen_does_not_repeat_exactly_says_so():
+    from infopo_cli.data.formats import normalise
+
+    turns = [{"role": "user", "content": "2+2? "}, {"role": "assistant", "content": "4"}]
+    row = {"prompt": "2+2?", "chosen": turns, "rejected": [turns[0], {"role": "assistant", "content": "5"}]}
+    with pytest.raises(DataError, match=r"field 'chosen': the reply after the prompt must be an assistant message, got "
+                                        r"role 'user' \(chosen starts with other turns than the prompt field's"):
+        normalise(row, "f:1", "conversational", Fields())
+
+
+def test_a_prompt_that_is_an_hh_transcript_becomes_turns():
+    """Dahoas/full-hh-rlhf and rm-static: `prompt` holds the turns so far, the replies follow `Assistant:`."""
+    from infopo_cli.data.formats import normalise
+
+    row = {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant:", "response": " Why?",
+           "chosen": " Why did the chicken cross the road?", "rejected": " No."}
+    pair = normalise(row, "f:1", "explicit", Fields())
+    assert pair.prompt == (("user", "Hi"), ("assistant", "Hello!"), ("user", "Tell me a joke"))
+    assert (pair.chosen, pair.rejected) == ((("assistant", "Why did the chicken cross the road?"),), (("assistant", "No."),))
+    quoted = {**row, "prompt": "Rate this chat:\n\nHuman: Hi\n\nAssistant:"}  # a prompt that only quotes a transcript
+    assert normalise(quoted, "f:1", "explicit", Fields()).prompt == quoted["prompt"]
+
+
+def test_text_before_an_hh_transcripts_first_turn_is_its_system_message():
+    from infopo_cli.data.formats import normalise
+
+    row = {"chosen": "Be nice.\n\nHuman: hi\n\nAssistant: hello", "rejected": "Be nice.\n\nHuman: hi\n\nAssistant: go"}
+    assert normalise(row, "f:1", "implicit", Fields()).prompt == (("system", "Be nice."), ("user", "hi"))

@@ -254,6 +254,8 @@ def test_json_array_is_read_element_by_element(tmp_path, monkeypatch):
     ('[{"prompt": "p", "chosen": "c", "rejected": "r"}\n\n {"prompt": "q"}]', ":3: not valid JSON: Expecting ',' delimiter (column 2)"),
     ('{"train": [], "test": []}', ":1: expected a JSON array of rows"),
     ('{"prompt": "p", "chosen": "c", "rejected": "r"}', ":1: expected a JSON array of rows"),
+    ('{"prompt": [{"role": "user", "content": "p"}], "chosen": [], "rejected": []}',
+     ":1: expected a JSON array of rows (or JSON Lines in a .jsonl file): this file holds one row (its 'prompt' is not"),
     ('[{"prompt": "p", "chosen": "c", "rejected": "r"}] []', ":1: not valid JSON: Extra data"),
     ("", ":1: not valid JSON: Expecting value"),
     ('[{"prompt": "unterminated}]', ":1: not valid JSON: Unterminated string"),

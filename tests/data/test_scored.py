@@ -330,7 +330,6 @@ def test_rated_explicit_strings():
     ({**NECTAR, "answers": [{"answer": "a", "rank": 1}, {"answer": "b", "rank": "first"}]}, "ranked", "answers",
      "item 2: 'rank' is not a number"),
     ({**NECTAR, "prompt": "Assistant: hi"}, "ranked", "prompt", "transcript does not start"),
-    ({**NECTAR, "prompt": "Context.\n\nHuman: hi\n\nAssistant:"}, "ranked", "prompt", "text before the first"),
     ({"prompt": "p"}, "ranked", "answers", "missing"),
     ({**SHP, "labels": 2}, "labelled", "labels", "expected 1 (human_ref_A preferred) or 0"),
     ({**SHP, "score_A": "many"}, "labelled", "score_A", "not a number (got 'many')"),

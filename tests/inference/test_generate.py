@@ -378,6 +378,9 @@ def test_bad_inputs_are_one_line(run, tmp_path, monkeypatch):
         Sampling(temperature=-1).check()
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"adapter: adapter_config.json but no adapter weights \(adapter_model"):
+        find_target(tmp_path / "adapter", base="some/base")  # peft would have asked the hub for them
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="pass --base BASE"):
         find_target(tmp_path / "adapter")
 
