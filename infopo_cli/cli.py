@@ -706,6 +706,7 @@ def data_check(
         tokenizer = load_tokenizer(resolve_source(cfg.model, log=lambda m: err_console.print(m, highlight=False)))
     from infopo_cli.data.loading import DataOptions
     from infopo_cli.data.mixing import mix_counts, parse_source
+    from infopo_cli.errors import ConfigError
 
     sources = [parse_source(text) for text in paths]
     reports = [check(source.spec, DataOptions.from_config(cfg), tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.batch_size)
@@ -725,9 +726,10 @@ def data_check(
         for note in repeated_source_notes([s.spec for s in sources], [r.pairs for r in reports], counts) + \
                 shared_pair_notes(list(distinct.values())):
             console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
-        if len({r.unpaired for r in reports}) > 1:
-            console.print("[yellow]warning:[/] these sources mix preference pairs and unpaired rows, which `infopo train` "
-                          "refuses (--unpair splits each pair into two unpaired rows)", highlight=False)
+        if len({r.unpaired for r in reports}) > 1:  # refused as `infopo train` refuses it
+            kinds = ", ".join(f"{s.spec}: {'unpaired rows' if r.unpaired else 'pairs'}" for s, r in zip(sources, reports))
+            raise ConfigError(f"these sources mix preference pairs and unpaired feedback rows ({kinds}): train on one "
+                              "kind (--unpair splits each pair into two unpaired rows)")
     if any(report.skipped for report in reports):
         raise typer.Exit(1)
 

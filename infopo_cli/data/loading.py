@@ -155,7 +155,7 @@ def data_kind(pairs: list[PreferencePair]) -> str:
 
 
 def _place(pair: PreferencePair) -> str:
-    return f"first at {pair.where}" if pair.where else "given in code"
+    return f"e.g. {pair.where}" if pair.where else "given in code"
 
 
 def unpair(pairs: list[PreferencePair]) -> list[PreferencePair]:

@@ -189,8 +189,8 @@ def test_data_kind_refuses_a_list_of_both_kinds(tmp_path):
     pairs = load_pairs(jsonl(tmp_path, PAIR, name="pairs.jsonl")).pairs
     rows = load_pairs(jsonl(tmp_path, GOOD, name="rows.jsonl")).pairs
     assert data_kind(pairs) == "pairs" and data_kind(rows) == "unpaired" and data_kind([]) == "pairs"
-    with pytest.raises(ConfigError, match=r"^the data mixes preference pairs \(first at .*pairs.jsonl:1\) and unpaired "
-                                          r"feedback rows \(first at .*rows.jsonl:1\): train on one kind"):
+    with pytest.raises(ConfigError, match=r"^the data mixes preference pairs \(e.g. .*pairs.jsonl:1\) and unpaired "
+                                          r"feedback rows \(e.g. .*rows.jsonl:1\): train on one kind"):
         data_kind(pairs + rows)
 
 
@@ -275,6 +275,12 @@ def test_data_check_command_prints_the_balance(tmp_path, tiny_model):
     assert out.returncode == 2 and out.stderr.strip() == (
         f"error: {mixed}:2: an unpaired row (completion, label) among preference pairs (first pair at {mixed}:1): "
         "keep each kind in its own dataset")
+    pairs = jsonl(tmp_path, {"q": Q, "chosen": "5", "rejected": "6"}, name="pairs.jsonl")  # two kinds: as `train`
+    out = infopo("data", "check", pairs, renamed, "--no-tokenizer", "--prompt-field", "q", "--completion-field", "a",
+                 "--label-field", "ok")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"error: these sources mix preference pairs and unpaired feedback rows ({pairs}: pairs, {renamed}: unpaired "
+        "rows): train on one kind (--unpair splits each pair into two unpaired rows)")
 
 
 # --- reference answers --------------------------------------------------------------------------------------------
