@@ -685,7 +685,8 @@ def compare(
 @settings_options(("model", "data_format", "pairs", "min_score_gap", "min_score_ratio", "prompt_field", "chosen_field",
                    "rejected_field", "completion_field", "label_field", "split", "system_prompt", "skip_invalid",
                    "max_length"),
-                  {"skip_invalid": {"help": "Report every invalid row instead of stopping at the first.", "panel": None}})
+                  {"skip_invalid": {"help": "Go on past invalid rows: count them and show the first five, instead of stopping "
+                                           "at the first.", "panel": None}})
 def data_check(
     paths: Annotated[list[str], typer.Argument(callback=expand_home, help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset; several (SOURCE:0.3 for a share) are checked one by one, then mixed as `train --data` would.", metavar="SOURCE...", show_default=False)],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
@@ -703,7 +704,12 @@ def data_check(
     if not no_tokenizer:
         from infopo_cli.model.stack import load_tokenizer, resolve_source
 
-        tokenizer = load_tokenizer(resolve_source(cfg.model, log=lambda m: err_console.print(m, highlight=False)))
+        from infopo_cli.errors import ModelError
+
+        try:
+            tokenizer = load_tokenizer(resolve_source(cfg.model, log=lambda m: err_console.print(m, highlight=False)))
+        except ModelError as err:  # the model is not here: the rows can still be checked
+            raise ModelError(f"{err} (or check the rows alone with --no-tokenizer)") from None
     from infopo_cli.data.loading import DataOptions
     from infopo_cli.data.mixing import mix_counts, parse_source
     from infopo_cli.errors import ConfigError

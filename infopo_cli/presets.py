@@ -59,7 +59,8 @@ def _parse(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: larger than {MAX_BYTES >> 20} MiB, not a preset")
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        hint = " (presets are TOML: key = value lines, strings quoted)" if path.suffix.lower() != ".toml" else ""
+        raise ConfigError(f"{path}: not valid TOML: {err}{hint}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8)") from None
     except RecursionError:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from infopo_cli.data.batching import epoch_batches, padding_fraction
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.loading import DataOptions, balance, feedback_counts, load_pairs, no_pairs
-from infopo_cli.data.tokenization import auto_max_length, encode_pairs, same_once_truncated, truncate
+from infopo_cli.data.tokenization import auto_max_length, control_token_note, encode_pairs, same_once_truncated, truncate
 
 
 @dataclass
@@ -79,6 +79,8 @@ def check(spec: str, options: DataOptions, tokenizer, max_length: int | str, max
     report.valid = list(pairs)
     if tokenizer is None:
         return report
+    if note := control_token_note(tokenizer, pairs, report.unit):
+        report.notes.append(note)
     report.lengths = {"prompt": [len(t.prompt_ids) for t in full], "chosen": [len(t.chosen_ids) for t in full],
                       "rejected": [len(t.rejected_ids) for t in full]}
     if report.unpaired:  # an unpaired row's one reply is its completion; its rejected is empty

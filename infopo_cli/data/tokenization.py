@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import signal
 import sys
 import threading
@@ -44,6 +45,28 @@ class TokenizedPair:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def control_token_note(tokenizer, pairs: Sequence[PreferencePair], unit: str = "pairs") -> str | None:
+    """A warning when the data's text holds the tokenizer's special tokens as text (`<|im_end|>` written in a reply):
+    they are read as those tokens, so a prompt can gain a turn or a reply end early. None when none does."""
+    marks = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 2]  # not a bare "<s>"-less ""
+    if not marks:
+        return None
+    pattern = re.compile("|".join(map(re.escape, sorted(marks, key=len, reverse=True))))
+    found: list[PreferencePair] = []
+    seen: set[str] = set()
+    for pair in pairs:
+        hits = {m.group() for part in (pair.prompt, pair.chosen, pair.rejected)
+                for text in ([part] if isinstance(part, str) else [content for _, content in part])
+                for m in pattern.finditer(text)}
+        if hits:
+            found.append(pair)
+            seen |= hits
+    if not found:
+        return None
+    return (f"{len(found)} {unit} hold the tokenizer's special tokens as text ({', '.join(sorted(seen)[:3])}; e.g. "
+            f"{found[0].where or 'a row'}): they are read as those tokens, not as text")
 
 
 def same_once_truncated(pairs: Sequence[TokenizedPair]) -> list[int]:

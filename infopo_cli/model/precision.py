@@ -83,6 +83,8 @@ def choose(requested: str = "auto", cuda: bool | None = None, flags: set[str] | 
         reason = f"--dtype {requested} requested"
         if requested == "bf16" and not native:
             reason += f"; warning: {slow}, so bf16 is emulated and slow (--dtype auto picks {'fp16' if cuda else 'fp32'})"
+        elif requested == "fp16" and not cuda:  # CPUs have no fp16 matmul units worth the name
+            reason += f"; warning: fp16 on a CPU is emulated and slow (--dtype auto picks {'bf16' if native else 'fp32'})"
         return Precision(device, NAMES[requested], reason)
     if cuda:
         if native:

@@ -150,8 +150,12 @@ def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str
              + (f", {len(loaded.skipped)} invalid rows skipped" if loaded.skipped else ""),
              f"held out: {len(checked.eval_pairs)} {unit} from {', '.join(as_list(cfg.eval_data))}" if cfg.eval_data else
              "held out: none (--eval-data FILE gives held-out metrics and the likelihood-displacement check)",
-             f"{steps} optimizer steps of {global_batch} {unit} (lr {cfg.lr:g}, max_length {cfg.max_length})",
+             f"{steps} optimizer step{'s' * (steps != 1)} of {global_batch} {unit} (lr {cfg.lr:g}, max_length "
+             f"{cfg.max_length})",
              f"run folder {output}" + (" (resumed from its newest checkpoint)" if resuming else " (new)")]
+    if global_batch > len(loaded.pairs):  # as the run itself warns
+        lines.append(f"warning: a step's global batch of {global_batch} {unit} is more than the {len(loaded.pairs)} "
+                     f"training {unit}, so each step repeats some of them; lower --batch-size or --grad-accum")
     lines += [f"mix: {loaded.mix}"] if loaded.mix else []
     lines += loaded.info + [f"warning: {note}" for note in loaded.notes]
     return lines

@@ -36,7 +36,8 @@ from infopo_cli.data.loading import Loaded, data_kind, no_pairs
 from infopo_cli.data.mixing import absolute, as_list
 from infopo_cli.data.feedback import mismatched
 from infopo_cli.data.token_cache import tokenize_cached
-from infopo_cli.data.tokenization import TokenizedPair, auto_max_length, pairs_digest, same_once_truncated, truncate
+from infopo_cli.data.tokenization import (TokenizedPair, auto_max_length, control_token_note, pairs_digest,
+                                         same_once_truncated, truncate)
 from infopo_cli.errors import ConfigError
 from infopo_cli.inference.prompts import PromptRow
 from infopo_cli.losses import registry
@@ -310,6 +311,8 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
         limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
         train_set, eval_set = (tokenize_cached(rows, tokenizer, *limits, cfg.skip_invalid) for rows in (pairs, eval_pairs))
     report.skipped_rows(train_set.skipped + eval_set.skipped, len(pairs) + len(eval_pairs))
+    if note := control_token_note(tokenizer, pairs):
+        report.note(f"warning: {note}")
     train_tok, eval_tok = train_set.pairs, eval_set.pairs
     if not train_tok:
         raise no_pairs(cfg.data, train_set.skipped)

@@ -258,3 +258,21 @@ def test_optional_values_and_the_default_export_paths(tmp_path):
     source = AdapterSource("base", runs / "newer")
     assert default_output(source, "gguf", "q8_0") == runs / "newer" / "export" / "newer-q8_0.gguf"
     assert default_output(source, "merged") == runs / "newer" / "export" / "merged"
+
+
+def test_small_guides_a_careless_user_gets(tmp_path):
+    """A YAML preset, a model that is not here for `data check`, fewer pairs than one step's batch."""
+    from conftest import write_pairs
+
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("loss: dpo\n")
+    out = infopo("train", "--preset", str(yaml), "--dry-run")
+    assert out.returncode == 2 and out.stderr.strip().endswith("(presets are TOML: key = value lines, strings quoted)")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    out = infopo("data", "check", str(pairs), "--model", str(tmp_path / "no-model"))
+    assert out.returncode == 2 and out.stderr.strip().endswith("(or check the rows alone with --no-tokenizer)")
+    out = infopo("train", "--data", str(pairs), "--batch-size", "8", "--grad-accum", "1", "--dry-run",
+                 "--output", str(tmp_path / "o"))
+    assert out.returncode == 0, out.stderr
+    assert "1 optimizer step of 8 pairs" in out.stdout
+    assert "warning: a step's global batch of 8 pairs is more than the 4 training pairs" in out.stdout

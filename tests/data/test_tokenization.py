@@ -154,3 +154,16 @@ def test_template_refusing_a_conversation_is_a_data_error():
                    where="d.jsonl:7")
     with pytest.raises(DataError, match=r"^d\.jsonl:7: the chat template rejects this conversation: System role not supported$"):
         encode_pair(tok, pair, 512, 256)
+
+
+def test_special_tokens_written_in_the_data_are_a_warning():
+    """`<|im_end|>` typed in a reply is read as the end-of-turn token: the reply would end there."""
+    from infopo_cli.data.tokenization import control_token_note
+
+    tok = build_tokenizer()
+    clean = PreferencePair("What is 2 + 3?", "5", "6", where="d.jsonl:1")
+    marked = PreferencePair((("user", "Hi<|im_end|>\n<|im_start|>assistant"),), "a", "b", where="d.jsonl:2")
+    assert control_token_note(tok, [clean]) is None
+    assert control_token_note(tok, [clean, marked, replace(marked, where="d.jsonl:3")]) == (
+        "2 pairs hold the tokenizer's special tokens as text (<|im_end|>, <|im_start|>; e.g. d.jsonl:2): they are read "
+        "as those tokens, not as text")

@@ -56,6 +56,14 @@ def test_explicit_bf16_where_it_is_emulated_is_kept_with_a_warning(cuda, flags, 
     assert "emulated" in p.reason and f"--dtype auto picks {auto}" in p.reason and "\n" not in p.reason
 
 
+@pytest.mark.parametrize("flags, auto", [({"avx2"}, "fp32"), ({"amx_bf16"}, "bf16")])
+def test_explicit_fp16_on_a_cpu_is_kept_with_a_warning(flags, auto):
+    p = choose("fp16", cuda=False, flags=flags)
+    assert p.dtype == torch.float16 and p.reason == ("--dtype fp16 requested; warning: fp16 on a CPU is emulated and slow "
+                                                     f"(--dtype auto picks {auto})")
+    assert choose("fp16", cuda=True, gpu=TURING).reason == "--dtype fp16 requested"
+
+
 def test_explicit_bf16_where_it_is_native_has_no_warning():
     assert choose("bf16", cuda=True, gpu=ADA).reason == "--dtype bf16 requested"
     assert choose("bf16", cuda=False, flags={"amx_bf16"}).reason == "--dtype bf16 requested"
