@@ -50,7 +50,9 @@ def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
 
 def plan(losses: list[str], sweep: tuple[str, list[str]] | None) -> list[Variant]:
     """One variant per loss, times one per swept value; names say what differs."""
-    if not losses or len(set(losses)) != len(losses):
+    if not losses:
+        raise ConfigError("--loss: name at least one loss (e.g. --loss infopo,dpo)")
+    if len(set(losses)) != len(losses):
         raise ConfigError(f"--loss {','.join(losses)}: name each loss once")
     values = sweep[1] if sweep else [None]
     out = []

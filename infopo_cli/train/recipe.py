@@ -703,8 +703,9 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
     table, filled = reference_cache.load_cached(key, len(pairs)) if world.is_main else (None, None)
     todo = world.broadcast([b for b in reference_cache.reference_batches(pairs, cfg.eval_batch_size)
                             if reads.intersection(b) and not bool(filled[b].all())] if world.is_main else None)
-    which = (f"{len(reads)} pairs" if len(reads) == len(pairs) else
-             f"the {len(reads)} of {len(pairs)} pairs in {steps} step{'s' * (steps != 1)}")
+    unit = "pairs" if not pairs or pairs[0].label is None else "rows"  # unpaired feedback rows are no pairs
+    which = (f"{len(reads)} {unit}" if len(reads) == len(pairs) else
+             f"the {len(reads)} of {len(pairs)} {unit} in {steps} step{'s' * (steps != 1)}")
     if todo:
         cached = sum(1 for i in reads if filled[i]) if world.is_main else 0
         mine = world.shard(todo)

@@ -72,6 +72,8 @@ def test_a_sweep_names_each_run_by_what_differs():
     assert compare.parse_sweep("weight_decay=0,0.1") == ("weight_decay", ["0", "0.1"])  # a preset-only setting sweeps
     with pytest.raises(ConfigError, match="name each loss once"):
         compare.plan(["dpo", "dpo"], None)
+    with pytest.raises(ConfigError, match=r"^--loss: name at least one loss"):
+        compare.plan([], None)
 
 
 def test_a_swept_value_is_typed_as_the_train_flag_is(tmp_path, tiny_model):
