@@ -630,6 +630,8 @@ def benchmark(args: argparse.Namespace, losses: list[str], seeds: list[int], tas
         if args.max_eval:
             data = {**data, "eval_data": slice_rows(sources["eval_data"], args.max_eval, out / "data")}
             suffix += f"-{args.max_eval}heldout"
+        if "data" in data:  # the held-out set goes with it: a slice of the preset's data is no data of one's own
+            data.setdefault("eval_data", sources["eval_data"])
         if args.evals_per_epoch < 0:
             raise SystemExit("error: --evals-per-epoch must be 0 (the start and the end only) or more")
         if args.evals_per_epoch != 4:

@@ -329,20 +329,25 @@ def expand_home(value: Any) -> Any:
 
 def override(preset: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
     """`merge` for settings given on top of a preset. Switching to another loss drops the preset's loss
-    settings (beta, gamma, ...) not also given: they were tuned for the preset's own loss. Training data of one's own
-    drops the preset's bundled held-out set, unless --eval-data is given too: it is held out from the bundled data,
-    and a run on other data scored on it would report arithmetic as its held-out metrics."""
+    settings (beta, gamma, ...) not also given: they were tuned for the preset's own loss. Other training data drops
+    the preset's bundled held-out set, unless --eval-data is given too: it is held out from the preset's own data, and
+    a run on other data (another bundled task too) scored on it would report arithmetic as its held-out metrics."""
     if overrides.get("loss", preset.loss) != preset.loss:
         overrides = {**{k: None for k in LOSS_PARAMS}, **overrides}
     if "data" in overrides and "eval_data" not in overrides and _bundled(preset.eval_data) \
-            and not _bundled(overrides["data"]):
+            and _named(overrides["data"]) != _named(preset.data):
         overrides = {**overrides, "eval_data": ""}
     return merge(preset, overrides, source)
 
 
+def _named(sources: Any) -> list[str]:
+    """The sources a data setting names, as a list."""
+    return [s for s in (sources if isinstance(sources, (list, tuple)) else [sources]) if s]
+
+
 def _bundled(sources: Any) -> bool:
     """Whether every source named is bundled data (none named: no)."""
-    named = [s for s in (sources if isinstance(sources, (list, tuple)) else [sources]) if s]
+    named = _named(sources)
     return bool(named) and all(isinstance(s, str) and s.startswith("bundled:") for s in named)
 
 

@@ -94,13 +94,14 @@ def _header(names: list[str], where: str) -> list[str]:
 
 
 def _maybe_json(value: str, parser: JsonParser) -> Any:
-    """A CSV cell holding a JSON list of messages (objects with a 'role': checked as messages later) becomes that list;
+    """A CSV cell holding a JSON list of messages (objects with a 'role', or ShareGPT's 'from': checked as messages
+    later, so a wrong shape is refused as in JSON Lines) becomes that list;
     any other cell stays a string, a reply that is itself JSON (`[{"name": "Alice"}]`) too."""
     if value and value.lstrip().startswith("[{"):
         try:
             parsed = parser.loads(value)
         except (ValueError, RecursionError):
             return value
-        if isinstance(parsed, list) and any(isinstance(m, dict) and "role" in m for m in parsed):
+        if isinstance(parsed, list) and any(isinstance(m, dict) and ("role" in m or "from" in m) for m in parsed):
             return parsed
     return value

@@ -82,7 +82,7 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
         raise no_pairs(spec, skipped + [f"{n} rows gave no pair: {reason}" for reason, n in dropped.items() if n])
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
     notes = shape_notes(pairs) + feedback_notes(pairs) + dropped_notes(dropped)
-    if own := sum(options.system is not None and p.prompt[0] != ("system", options.system) for p in pairs):
+    if options.system and (own := sum(p.prompt[0] != ("system", options.system) for p in pairs)):
         notes.append(f"{own} rows have a system message of their own: kept, --system is added only to rows without one")
     if collected.both_shapes:
         notes.append(f"{collected.both_shapes} rows have chosen/rejected and also {options.fields.completion}/"

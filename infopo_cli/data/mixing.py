@@ -46,9 +46,9 @@ def parse_source(text: str) -> Source:
 
 
 def absolute(value: str | Sequence[str]) -> str | list[str]:
-    """Sources (one, or a list) with each one found here as an absolute path, its weight kept ('d/a.jsonl:0.3' ->
-    '/home/me/d/a.jsonl:0.3'); bundled names, hub ids and what is not here stay as given. A run's config.toml holds
-    these, so `--resume` and `--preset RUN/config.toml` read the same files from any folder."""
+    """Sources (one, or a list) with each one found here as its resolved absolute path, its weight kept ('d/a.jsonl:0.3'
+    -> '/home/me/d/a.jsonl:0.3'); bundled names, hub ids and what is not here stay as given. `--resume` compares a
+    run's data so: the same files under another spelling are the same data."""
     if isinstance(value, str):
         return _absolute(value)
     return [_absolute(v) for v in value]
@@ -58,7 +58,7 @@ def _absolute(text: str) -> str:
     source = parse_source(text)
     if not source.spec or source.spec.startswith("bundled:") or not Path(source.spec).expanduser().exists():
         return text
-    spec = str(Path(source.spec).expanduser().absolute())
+    spec = str(Path(source.spec).expanduser().resolve())
     return spec if source.weight is None else f"{spec}:{text.rpartition(':')[2]}"
 
 

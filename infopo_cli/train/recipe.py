@@ -33,7 +33,7 @@ from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, pairs_read, shuffled_batches
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.data.loading import Loaded, data_kind, no_pairs
-from infopo_cli.data.mixing import absolute, as_list
+from infopo_cli.data.mixing import as_list
 from infopo_cli.data.feedback import mismatched
 from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import (TokenizedPair, auto_max_length, control_token_note, pairs_digest,
@@ -192,8 +192,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             recompute = world.broadcast(recompute)
         if recompute:
             report.checkpointing(recompute.message)
-        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name,
-                    **{key: absolute(getattr(cfg, key)) for key in ("model", "data", "eval_data")}}  # resumable anywhere
+        resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
         if world.is_main and not resume:  # on disk before anything long starts; a resume's once its checkpoint is accepted
             write_settings(run_dir, resolved)
         model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report, world)
@@ -311,7 +310,7 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
         limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
         train_set, eval_set = (tokenize_cached(rows, tokenizer, *limits, cfg.skip_invalid) for rows in (pairs, eval_pairs))
     report.skipped_rows(train_set.skipped + eval_set.skipped, len(pairs) + len(eval_pairs))
-    if note := control_token_note(tokenizer, pairs):
+    if note := control_token_note(tokenizer, pairs, "pairs" if not pairs or pairs[0].label is None else "rows"):
         report.note(f"warning: {note}")
     train_tok, eval_tok = train_set.pairs, eval_set.pairs
     if not train_tok:

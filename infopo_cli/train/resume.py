@@ -43,7 +43,7 @@ def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,
         flags.pop("dtype")
     if flags.get("init_adapter") and saved.init_adapter and Path(flags["init_adapter"]).expanduser().resolve() == Path(saved.init_adapter):
         flags.pop("init_adapter")  # config.toml holds the folder as an absolute path
-    for key in ("model", "data", "eval_data"):  # config.toml holds the local ones as absolute paths (data.mixing.absolute)
+    for key in ("data", "eval_data"):  # the same files under another spelling (./d/a.jsonl, its absolute path)
         if key in flags and as_list(absolute(flags[key])) == as_list(absolute(getattr(saved, key))):
             flags.pop(key)
     cfg = merge(saved, {**flags, "output": str(run_dir)}, source="command line")
@@ -89,8 +89,8 @@ def check_data(saved: dict[str, Any], folder: Path, train_pairs: int, data_sha25
                               f"({saved['train_pairs']} pairs then, {train_pairs} now); start a new run")
     if data_sha256 and saved.get("data_sha256", data_sha256) != data_sha256:
         raise CheckpointError(f"{folder}: the training pairs changed since this checkpoint (as many, {train_pairs}, but "
-                              "not the same tokens: the data, the tokenizer or its chat template changed); put them back "
-                              "or start a new run")
+                              "not the same tokens: the data, the tokenizer or its chat template changed, or how a newer "
+                              "infopo reads the rows); put them back or start a new run")
 
 
 def check_resumable(saved: dict[str, Any], folder: Path, run_dir: Path, global_batch: int, train_pairs: int,

@@ -120,7 +120,8 @@ def test_ones_own_data_is_not_scored_on_the_presets_bundled_held_out_set(tmp_pat
     assert override(preset, {"data": "mine.jsonl"}, "t").eval_data == ""
     assert override(preset, {"data": ["a.jsonl", "b.jsonl:0.3"]}, "t").eval_data == ""
     assert override(preset, {"data": "mine.jsonl", "eval_data": "held.jsonl"}, "t").eval_data == "held.jsonl"
-    assert override(preset, {"data": "bundled:units_train"}, "t").eval_data == "bundled:arith_eval"  # bundled: kept
+    assert override(preset, {"data": "bundled:units_train"}, "t").eval_data == ""  # another task's data: its own eval
+    assert override(preset, {"data": "bundled:arith_train"}, "t").eval_data == "bundled:arith_eval"  # the preset's
     assert override(preset, {"lr": 1e-4}, "t").eval_data == "bundled:arith_eval"
     mine = override(TrainConfig(eval_data="held.jsonl"), {"data": "mine.jsonl"}, "t")
     assert mine.eval_data == "held.jsonl"  # a preset's own held-out file stays
@@ -170,9 +171,9 @@ def test_resume_needs_a_run_folder_and_refuses_settings_that_differ(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().startswith("error: --lr 0.1 differs from this run's 0.0002")
 
 
-def test_a_run_resumes_from_any_folder_and_accepts_its_files_under_any_spelling(tmp_path, monkeypatch):
-    """config.toml kept `data = "d/small.jsonl"` as typed: `--resume` from another folder could not find it, and
-    the same file given as an absolute path was refused as different data."""
+def test_a_run_accepts_its_files_under_any_spelling_on_resume(tmp_path, monkeypatch):
+    """The same file given as `./d/small.jsonl` or its absolute path was refused on --resume as different data (and a
+    config.toml holding an absolute path resumes from any folder)."""
     from conftest import write_pairs
     from infopo_cli.config import TrainConfig, to_toml
     from infopo_cli.data.mixing import absolute

@@ -194,6 +194,10 @@ def test_a_csv_reply_that_is_json_stays_text_and_a_broken_message_list_is_an_err
         csv.writer(fh).writerow(["Q", '[{"role": "assistant"}]', '[{"role": "assistant", "content": "x"}]'])
     with pytest.raises(DataError, match=r"d.csv:3: field 'chosen': message 1: expected an object with 'role' and 'content'"):
         load_pairs(str(path))
+    with path.open("w", newline="") as fh:  # ShareGPT's messages are refused as in JSON Lines, not trained as text
+        csv.writer(fh).writerows([["prompt", "chosen", "rejected"], ["Q", '[{"from": "gpt", "value": "x"}]', "y"]])
+    with pytest.raises(DataError, match=r"d.csv:2: field 'chosen': message 1: expected an object with 'role'"):
+        load_pairs(str(path))
 
 
 def test_parquet(tmp_path):

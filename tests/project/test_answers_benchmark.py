@@ -262,3 +262,18 @@ def test_an_unknown_task_in_a_list_is_refused_before_any_training(bench, monkeyp
         bench.main(["--task", "word,bogus"])
     with pytest.raises(SystemExit, match="name each task once"):
         bench.main(["--task", "word,word"])
+
+
+def test_a_slice_of_the_presets_data_keeps_its_held_out_set(bench, tmp_path, monkeypatch):
+    """`--max-pairs` slices the preset's bundled data into a file: it is still that data, scored on its held-out set
+    (a file of one's own drops the preset's bundled held-out set)."""
+    planned: dict = {}
+
+    def plan(preset, losses, seeds, epochs, overrides, data, *rest):
+        planned.update(data)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "plan", plan)
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "o"), "--max-pairs", "2"])
+    assert planned["eval_data"] == "bundled:arith_eval" and planned["data"].endswith(".jsonl")
