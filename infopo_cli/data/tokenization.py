@@ -50,7 +50,7 @@ class TokenizedPair:
 def control_token_note(tokenizer, pairs: Sequence[PreferencePair], unit: str = "pairs") -> str | None:
     """A warning when the data's text holds the tokenizer's special tokens as text (`<|im_end|>` written in a reply):
     they are read as those tokens, so a prompt can gain a turn or a reply end early. None when none does."""
-    marks = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 2]  # not a bare "<s>"-less ""
+    marks = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 2]  # too short to mark anything: left out
     if not marks:
         return None
     pattern = re.compile("|".join(map(re.escape, sorted(marks, key=len, reverse=True))))
