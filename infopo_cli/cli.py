@@ -118,14 +118,13 @@ def _dry_run(cfg, resume=None) -> None:
 
 
 def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
-    from infopo_cli import presets
     from infopo_cli.errors import ConfigError
-    from infopo_cli.train.resume import resumed_config
+    from infopo_cli.train.resume import resumed_config, saved_config
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)" if run_dir.exists() else
                           f"--resume {run_dir}: no such run folder")
-    cfg = resumed_config(presets.load_preset(str(run_dir / "config.toml")), flags, run_dir,
+    cfg = resumed_config(saved_config(run_dir), flags, run_dir,
                          console.print if not _rank() else lambda message: None)
     if dry_run:
         return _dry_run(cfg, run_dir)
@@ -683,7 +682,7 @@ def compare(
 
 @data_app.command("check")
 @settings_options(("model", "data_format", "pairs", "min_score_gap", "min_score_ratio", "prompt_field", "chosen_field",
-                   "rejected_field", "completion_field", "label_field", "split", "system_prompt", "skip_invalid",
+                   "rejected_field", "completion_field", "label_field", "system_field", "split", "system_prompt", "skip_invalid",
                    "max_length"),
                   {"skip_invalid": {"help": "Go on past invalid rows: count them and show the first five, instead of stopping "
                                            "at the first.", "panel": None}})

@@ -119,6 +119,8 @@ class TrainConfig:
     completion_field: str = _f("completion", "Name of the completion column of unpaired (thumbs up/down) rows.", panel="Data")
     label_field: str = _f("label", "Name of the label column of unpaired rows (true/false, 1/0/-1, good/bad, up/down, ...).",
                           panel="Data")
+    system_field: str = _f("system", "Name of the column holding a row's system message (Intel/orca_dpo_pairs' system); "
+                                     "'' reads none.", panel="Data")
     unpair: bool = _f(False, "Split each preference pair into two unpaired rows: chosen desirable, rejected undesirable "
                              "(for kto and unpaired infopo comparisons).", panel="Data", flag="--unpair")
     split: str = _f("train", "Split of a hub dataset or a save_to_disk folder.", panel="Data")

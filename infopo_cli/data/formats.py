@@ -11,6 +11,9 @@
                   strings or message lists, the label true/false, 1/0/-1, good/bad, ... (`parse_label`). It becomes
                   a PreferencePair with `label` set, the completion as `chosen` and an empty `rejected`.
 
+A row's `system` column (Intel/orca_dpo_pairs; renamed by --system-field) is its system message: the first message of
+its prompt, unless the prompt holds one of its own.
+
 An empty reply is an answer (an assistant that prefers saying nothing): it is kept and trained as the
 end-of-turn token alone. Both replies empty, or identical, is an error: the pair prefers nothing.
 """
@@ -34,20 +37,22 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 @dataclass(frozen=True)
 class Fields:
-    """The field names of the prompt, chosen and rejected texts in a row, and of an unpaired row's completion and
-    label (--prompt-field etc.)."""
+    """The field names of the prompt, chosen and rejected texts in a row, of an unpaired row's completion and
+    label, and of a row's system message (--prompt-field etc.; an empty system field reads no system column)."""
 
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
     completion: str = "completion"
     label: str = "label"
+    system: str = "system"
 
     def __post_init__(self) -> None:
-        # a pair's three columns must differ; an unpaired row's completion and label only where the user named them
-        # (paired data never reads them, so a prompt column called "label" is no clash)
+        # a pair's three columns must differ; an unpaired row's completion and label, and the system column, only
+        # where the user named them (paired data never reads them, so a prompt column called "label" is no clash)
         named = [("prompt", self.prompt), ("chosen", self.chosen), ("rejected", self.rejected)]
-        named += [(role, getattr(self, role)) for role in ("completion", "label") if getattr(self, role) != role]
+        named += [(role, getattr(self, role)) for role in ("completion", "label", "system")
+                  if getattr(self, role) not in (role, "")]
         for i, (role, name) in enumerate(named):
             for other, same in named[i + 1:]:
                 if name == same:
@@ -56,7 +61,7 @@ class Fields:
 
     def flag(self, name: str) -> str:
         """The option that names field `name`: 'chosen' -> '--chosen-field'."""
-        return "--" + next(flag for flag in ("prompt", "chosen", "rejected", "completion", "label")
+        return "--" + next(flag for flag in ("prompt", "chosen", "rejected", "completion", "label", "system")
                            if getattr(self, flag) == name) + "-field"
 
 
@@ -132,8 +137,30 @@ def _other_text(row: dict, fields: Fields) -> bool:
     chosen = row.get(fields.chosen)
     if isinstance(chosen, str) and HH_TURN.search(chosen):
         return False
-    return any(isinstance(value, str) and value.strip() for name, value in row.items()
-               if name not in (fields.chosen, fields.rejected))
+    return any(isinstance(value, str) and len(value.split()) > 1 for name, value in row.items()
+               if name not in (fields.chosen, fields.rejected, fields.system) and not METADATA.fullmatch(str(name)))
+
+
+# columns that describe a row rather than hold its text: an id, a CSV's index column, where it came from, the models
+# that wrote its replies, their scores (a value of one word is not looked at either: "alpaca_1042", "gpt-4")
+METADATA = re.compile(r"(?i)(unnamed: ?\d+|index|idx|id|.*_id|source|dataset|split|task|category|lang(uage)?|"
+                      r".*_model|model.*|.*score.*|.*rating.*)")
+
+
+def row_system(row: dict, where: str, fields: Fields) -> str | None:
+    """The row's system message from its system column (Intel/orca_dpo_pairs' `system`), or None where it has none.
+    A column another role reads (--prompt-field system) is not a system message."""
+    name = fields.system
+    if not name or name not in row or name in (fields.prompt, fields.chosen, fields.rejected, fields.completion,
+                                               fields.label):
+        return None
+    value = row[name]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise DataError(where, name, f"expected the row's system message as a string, got {_kind(value)} (--system-field "
+                        "names another column, --system-field '' none)")
+    return value
 
 
 def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None = None) -> PreferencePair:
@@ -154,8 +181,10 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
                 if name == fields.prompt and fmt == "explicit" and fields.prompt == Fields.prompt else ""
             hint = f" (columns: {columns}; map yours with {fields.flag(name)}{implicit})" if others else ""
             raise DataError(where, name, "missing" + hint)
+    own_system = row_system(row, where, fields)
     if fmt == "unpaired":
         pair = _unpaired(row, where, fields)
+        pair = with_system(pair, own_system) if own_system else pair
         return replace(with_system(pair, system) if system else pair, where=where)
     if fmt == "conversational":
         pair = _conversational(row, where, fields)
@@ -174,8 +203,9 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
         raise DataError(where, fields.chosen, "both replies are empty (the pair expresses no preference)")
     if pair.chosen == pair.rejected:
         raise DataError(where, fields.rejected, "identical to 'chosen' (the pair expresses no preference)")
-    if system:
-        pair = with_system(pair, system)
+    for message in (own_system, system):  # the row's own first: --system adds one only to rows without
+        if message:
+            pair = with_system(pair, message)
     return replace(pair, where=where)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, DataError, InfopoError
 from infopo_cli.data.formats import (FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise,
-                                     unpaired_row, with_system)
+                                     row_system, unpaired_row, with_system)
 from infopo_cli.data.scored import SCORED_FORMATS, ScoreOptions, detect_scored, scored_pairs
 from infopo_cli.data.sources import folder_info, open_source, resolve
 
@@ -40,7 +40,7 @@ class DataOptions:
     def from_config(cls, cfg: TrainConfig, split: str | None = None) -> DataOptions:
         """A run's data settings; `split` replaces cfg.split (held-out data passes cfg.eval_split)."""
         return cls(cfg.data_format, Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.completion_field,
-                                           cfg.label_field),
+                                           cfg.label_field, cfg.system_field),
                    split or cfg.split, cfg.system_prompt, cfg.skip_invalid,
                    ScoreOptions(cfg.pairs, cfg.min_score_gap, cfg.min_score_ratio))
 
@@ -87,8 +87,10 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     if collected.both_shapes:
         notes.append(f"{collected.both_shapes} rows have chosen/rejected and also {options.fields.completion}/"
                      f"{options.fields.label}: read as pairs (--format unpaired reads them as feedback rows)")
+    system_info = [f"{collected.own_system} rows have a system message in their '{options.fields.system}' column: "
+                   "the first message of their prompt (--system-field '' reads none)"] if collected.own_system else []
     return Loaded(pairs, fmt, collected.rows, skipped, notes,
-                  info=folder_info(opened, per_file) + given_info(collected.given, options))
+                  info=folder_info(opened, per_file) + given_info(collected.given, options) + system_info)
 
 
 class _Collected:
@@ -104,6 +106,7 @@ class _Collected:
         self.given: Counter = Counter()    # scored/ranked rows: pairs given per row
         self.dropped: Counter = Counter()  # scored/ranked rows: rows dropped per reason
         self.first: tuple[bool, str] | None = None  # (unpaired?, FILE:LINE) of the first valid row: it fixes the kind
+        self.own_system = 0   # rows with a system message in their system column
         self.both_shapes = 0  # pairs whose rows also carry a completion and a label (read as pairs: a warning says so)
 
     def add(self, where: str, row: object) -> None:
@@ -117,7 +120,9 @@ class _Collected:
             if fmt in SCORED_FORMATS:
                 found, reason = scored_pairs(row, where, fmt, options.scores, options.fields)
                 self._same_kind(where, False)
-                self.pairs += [with_system(p, options.system) if options.system else p for p in found]
+                for message in (row_system(row, where, options.fields), options.system):  # the row's own first
+                    found = [with_system(p, message) for p in found] if message else found
+                self.pairs += found
                 self.given[len(found)] += 1
                 self.dropped[reason] += reason is not None
             else:
@@ -125,6 +130,7 @@ class _Collected:
                 self._same_kind(where, pair.unpaired)
                 self.pairs.append(pair)
                 self.both_shapes += not pair.unpaired and options.fields.completion in row and options.fields.label in row
+            self.own_system += row_system(row, where, options.fields) is not None
             self.seen[f"rated {detect(row, options.fields)}" if fmt == "rated" else fmt] += 1
         except DataError as err:
             if not options.skip_invalid:

@@ -14,6 +14,7 @@ one that this run cannot continue exactly is refused with one line.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,19 @@ MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_eve
               "report_to", "reference", "eval_generate_every", "eval_max_new_tokens",
               "gradient_checkpointing", "gpu_mem_margin",  # recomputation gives the same gradients (tests/model/test_memory_plan.py)
               "fsdp")  # where the weights live, not what they compute (tests/runs/test_fsdp.py)
+
+
+# settings added since the first release, with the value that reads an older release's run as that release did
+ADDED_LATER = {"system_field": ""}  # a `system` column was ignored
+
+
+def saved_config(run_dir: Path) -> TrainConfig:
+    """A run folder's config.toml, a setting it lacks set as the release that wrote it had it."""
+    from infopo_cli import presets
+
+    path = run_dir / "config.toml"
+    missing = {key: value for key, value in ADDED_LATER.items() if key not in presets.read(path)}
+    return replace(presets.load_preset(str(path)), **missing)
 
 
 def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,

@@ -198,6 +198,23 @@ def test_a_run_accepts_its_files_under_any_spelling_on_resume(tmp_path, monkeypa
     assert f"data {pairs}: 8 explicit pairs" in out.stdout
 
 
+def test_a_run_of_an_older_release_resumes_reading_its_rows_as_that_release_did(tmp_path):
+    """A config.toml without `system_field` was written when a `system` column was ignored: resuming it reads none
+    (its data hash would differ otherwise); a run of this release keeps its own."""
+    from infopo_cli.config import TrainConfig, to_toml
+    from infopo_cli.train.resume import resumed_config, saved_config
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for run in (old, new):
+        run.mkdir()
+    settings = TrainConfig(eval_data="").to_dict()
+    (new / "config.toml").write_text(to_toml(settings))
+    (old / "config.toml").write_text(to_toml({k: v for k, v in settings.items() if k != "system_field"}))
+    assert saved_config(old).system_field == "" and saved_config(new).system_field == "system"
+    with pytest.raises(ConfigError, match="--system-field 'system' differs from this run's ''"):
+        resumed_config(saved_config(old), {"system_field": "system"}, old)
+
+
 def test_a_tilde_in_a_path_is_the_home_folder_however_the_shell_passed_it(tmp_path):
     """bash leaves `--output=~/x` (and a quoted "~/x") as typed: a run folder named `~` in the working directory
     would be a trap (`rm -rf ~`). Flags, arguments and preset values alike."""

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from infopo_cli.data.loading import DataOptions, load_pairs
 from infopo_cli.errors import DataError, InfopoError
-from infopo_cli.data.formats import Fields, PreferencePair
+from infopo_cli.data.formats import Fields, PreferencePair, row_system
 
 EXPLICIT = {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}
 UF = {"prompt": "What is 2 + 3?",
@@ -386,3 +386,58 @@ def test_text_before_an_hh_transcripts_first_turn_is_its_system_message():
 
     row = {"chosen": "Be nice.\n\nHuman: hi\n\nAssistant: hello", "rejected": "Be nice.\n\nHuman: hi\n\nAssistant: go"}
     assert normalise(row, "f:1", "implicit", Fields()).prompt == (("system", "Be nice."), ("user", "hi"))
+
+
+def test_a_system_column_is_the_rows_system_message(tmp_path):
+    """Intel/orca_dpo_pairs: the `system` column is each row's system message (an empty one is none); the row's own
+    wins over --system; --system-field renames the column and '' reads none."""
+    rows = [{"system": "You are an AI assistant.", "question": "2+2?", "chosen": "4", "rejected": "5"},
+            {"system": "", "question": "3+3?", "chosen": "6", "rejected": "7"}]
+    path = jsonl(tmp_path, *rows)
+    loaded = load_pairs(path, DataOptions(fields=Fields(prompt="question"), system="Be brief."))
+    first, second = loaded.pairs
+    assert first.prompt == (("system", "You are an AI assistant."), ("user", "2+2?"))
+    assert first.chosen == (("assistant", "4"),) and first.rejected == (("assistant", "5"),)
+    assert second.prompt == (("system", "Be brief."), ("user", "3+3?"))
+    assert any("1 rows have a system message in their 'system' column" in line for line in loaded.info)
+    assert any("1 rows have a system message of their own" in line for line in loaded.notes)
+    assert load_pairs(path, DataOptions(fields=Fields(prompt="question", system=""))).pairs[0].prompt == "2+2?"
+    renamed = jsonl(tmp_path, {"sys": "Be kind.", "prompt": "Hi", "chosen": "Hello", "rejected": "Go"})
+    assert load_pairs(renamed, DataOptions(fields=Fields(system="sys"))).pairs[0].prompt[0] == ("system", "Be kind.")
+
+
+def test_a_system_column_that_is_not_text_is_an_error(tmp_path):
+    path = jsonl(tmp_path, {"system": ["a"], "prompt": "Hi", "chosen": "Hello", "rejected": "Go"})
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'system': expected the row's system message as a string, "
+                                        r"got an array \(--system-field names another column, --system-field '' none\)$"):
+        load_pairs(path)
+
+
+def test_a_system_column_joins_conversational_and_unpaired_rows(tmp_path):
+    chat = {"system": "Be brief.", "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "b"}]}
+    own = {"system": "Be brief.", "prompt": [{"role": "system", "content": "Mine."}, {"role": "user", "content": "Hi"}],
+           "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    pairs = load_pairs(jsonl(tmp_path, chat, own)).pairs
+    assert pairs[0].prompt == (("system", "Be brief."), ("user", "Hi"))
+    assert pairs[1].prompt == (("system", "Mine."), ("user", "Hi"))  # the messages' own system message is kept
+    row, = load_pairs(jsonl(tmp_path, {"system": "Be brief.", "prompt": "Hi", "completion": "a", "label": True})).pairs
+    assert row.prompt == (("system", "Be brief."), ("user", "Hi")) and row.rejected == ()
+
+
+def test_a_prompt_column_called_system_is_the_prompt():
+    assert row_system({"system": "2+2?", "chosen": "4", "rejected": "5"}, "d:1", Fields(prompt="system")) is None
+    with pytest.raises(InfopoError, match="--prompt-field and --system-field both name the column 'q'"):
+        Fields(prompt="q", system="q")
+
+
+def test_metadata_columns_leave_a_row_implicit(tmp_path):
+    """An id, a CSV's index column, where a row came from, the models that wrote it and one-word values are not a
+    prompt kept elsewhere."""
+    rows = [{"id": "alpaca_12", "chosen": "The sky is blue.", "rejected": "The sky is green."},
+            {"Unnamed: 0": "3", "source": "evol instruct", "chosen_model": "gpt 4", "chosen": "The sky is blue.",
+             "rejected": "The sky is grey."},
+            {"origin": "web", "chosen": "The sky is blue.", "rejected": "The sky is red."}]
+    assert [p.prompt for p in load_pairs(jsonl(tmp_path, *rows)).pairs] == ["The sky is "] * 3
+    with pytest.raises(DataError, match=r"field 'prompt': missing \(columns: note, chosen, rejected;"):
+        load_pairs(jsonl(tmp_path, {"note": "asked twice", "chosen": "The sky is blue.", "rejected": "The sky is red."}))
