@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -69,7 +70,6 @@ def train(
 
     [dim]infopo train --preset llama3-8b-qlora --data my_prefs.jsonl --loss infopo[/]
     """
-    from pathlib import Path
 
     from infopo_cli import presets
     from infopo_cli.config import override
@@ -105,7 +105,6 @@ def _train_flags(params: dict) -> dict:
 def _dry_run(cfg, resume=None) -> None:
     """`--dry-run`: every check a run makes before its model loads, then what it would do; nothing is written.
     `resume`: the folder the run continues in (or a comparison's parent), which may hold files already."""
-    from pathlib import Path
 
     from infopo_cli.train import preflight
     from infopo_cli.train.recipe import default_output
@@ -119,16 +118,18 @@ def _dry_run(cfg, resume=None) -> None:
 
 def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
     from infopo_cli.errors import ConfigError
-    from infopo_cli.train.resume import resumed_config, saved_config
+    from infopo_cli.train.resume import enter_start_folder, resumed_config, saved_config
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)" if run_dir.exists() else
                           f"--resume {run_dir}: no such run folder")
-    cfg = resumed_config(saved_config(run_dir), flags, run_dir,
-                         console.print if not _rank() else lambda message: None)
+    note = console.print if not _rank() else lambda message: None
+    saved, here = saved_config(run_dir), Path.cwd()
+    run_dir, flags = enter_start_folder(run_dir, saved, flags, note)
+    cfg = resumed_config(saved, flags, run_dir, note)
     if dry_run:
         return _dry_run(cfg, run_dir)
-    _launch_if_asked(cfg.nproc)
+    _launch_if_asked(cfg.nproc, here)  # from here: each process reads the command line as it was typed
     from infopo_cli.train.progress import Reporter
     from infopo_cli.train.recipe import train as run_training
 
@@ -139,7 +140,6 @@ def _resume_bundle(bundle, flags: dict, dry_run: bool) -> None:
     """`--resume BUNDLE`: a bundle written with --with-checkpoint, unpacked (every file checked against its manifest)
     into --output or ./runs/RUN, then resumed there."""
     import tempfile
-    from pathlib import Path
 
     from infopo_cli.bundles import BundleError, check_target, read_manifest, unpack
 
@@ -158,11 +158,13 @@ def _resume_bundle(bundle, flags: dict, dry_run: bool) -> None:
     return _resume(into, flags, dry_run)
 
 
-def _launch_if_asked(nproc: int) -> None:
-    """--nproc N (or a run saved with it) outside torchrun/accelerate: run this command as N processes."""
+def _launch_if_asked(nproc: int, cwd: Path | None = None) -> None:
+    """--nproc N (or a run saved with it) outside torchrun/accelerate: run this command as N processes (from `cwd`)."""
     from infopo_cli.train import launch
 
     if nproc > 1 and not launch.under_launcher():
+        if cwd is not None:
+            os.chdir(cwd)
         raise typer.Exit(launch.launch(nproc, launch.without_nproc(sys.argv[1:])))
 
 
@@ -322,7 +324,6 @@ def export(
 
 def _export_adapter(target, quant: str, base_gguf: str | None, overwrite: bool, check: bool) -> None:
     """`infopo export --gguf-adapter`: the adapter GGUF, its Modelfile on the base GGUF, the llama.cpp check."""
-    from pathlib import Path
 
     from infopo_cli.errors import ExportCheckFailed
     from infopo_cli.export.export_adapter import export_adapter
@@ -476,6 +477,9 @@ def generate(
 
     if not prompt:
         raise ConfigError("--prompt TEXT is required")
+    if base_model and compare:
+        raise ConfigError("--base-model and --compare: --compare prints the base's reply beside the tuned model's; "
+                          "give one of them")
     check_text("--prompt", prompt)
     check_text("--system", system)
     target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
@@ -570,7 +574,6 @@ def report(
 
     [dim]infopo report runs/dpo runs/infopo --markdown[/]
     """
-    from pathlib import Path
 
     from infopo_cli.errors import ConfigError
     from infopo_cli.reporting import figure, table
@@ -632,7 +635,6 @@ def compare(
     [dim]infopo compare --loss infopo,dpo,simpo --max-steps 40 --eval-every 10 --output runs/cmp[/]
     [dim]infopo compare --loss infopo --sweep beta=0.1,0.25,0.5 --generate[/]
     """
-    from pathlib import Path
 
     from infopo_cli import presets
     from infopo_cli.errors import ConfigError
@@ -874,7 +876,6 @@ def _torch_without_hip() -> bool:
     importing it: importing torch takes seconds, and `--help` must not."""
     import importlib.util
     import re
-    from pathlib import Path
 
     try:
         spec = importlib.util.find_spec("torch")

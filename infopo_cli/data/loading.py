@@ -10,7 +10,9 @@ fixes the kind. `unpair` splits pairs into such rows; `data_kind` names the kind
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, DataError, InfopoError
@@ -71,6 +73,9 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
         raise ConfigError(f"{', '.join(renamed)}: --format {options.format} reads its answers from the fields the "
                           f"datasets publish ({LISTED[options.format]}); only --prompt-field renames its prompt")
     opened = open_source(spec, options.split)
+    # one file has no splits: a split asked of it would be all its rows, without a word
+    unsplit = [f"split '{options.split}' does not apply to {spec}, a single file: every row of it was read"] \
+        if options.split != "train" and opened.folder is None and resolve(spec).is_file() else []
     collected, per_file = _Collected(options), []
     for _, rows in opened.files:
         before = collected.rows
@@ -81,7 +86,7 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     if not pairs:
         raise no_pairs(spec, skipped + [f"{n} rows gave no pair: {reason}" for reason, n in dropped.items() if n])
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
-    notes = shape_notes(pairs) + feedback_notes(pairs) + dropped_notes(dropped)
+    notes = unsplit + shape_notes(pairs) + feedback_notes(pairs) + dropped_notes(dropped)
     if options.system and (own := sum(p.prompt[0] != ("system", options.system) for p in pairs)):
         notes.append(f"{own} rows have a system message of their own: kept, --system is added only to rows without one")
     if collected.both_shapes:
@@ -158,6 +163,11 @@ def data_kind(pairs: list[PreferencePair]) -> str:
         raise ConfigError(f"the data mixes preference pairs ({_place(first_pair)}) and unpaired feedback rows "
                           f"({_place(first_row)}): train on one kind (--unpair splits each pair into two unpaired rows)")
     return "unpaired" if first_row is not None else "pairs"
+
+
+def unit(rows: Sequence[Any]) -> str:
+    """What to call the data's items in messages: "pairs", or "rows" for unpaired feedback (pairs or their tokens)."""
+    return "pairs" if not rows or rows[0].label is None else "rows"
 
 
 def _place(pair: PreferencePair) -> str:

@@ -1,7 +1,7 @@
 """`infopo chat`: a multi-turn session on stdin, replies streamed as they come.
 
 Each line is a user turn; the model sees the whole conversation so far. `/reset` forgets it, `/exit` (or the
-end of input) ends the session. Ctrl-C during a reply ends that reply (what was shown stays in the history);
+end of input) ends the session; a line starting `//` is sent with one slash less (`//exit` asks about /exit). Ctrl-C during a reply ends that reply (what was shown stays in the history);
 Ctrl-C while waiting for a line ends the session. Nothing here knows which model answers: `reply` is any
 function from messages to text pieces (transformers or llama.cpp).
 """
@@ -16,7 +16,7 @@ from infopo_cli.inference.generation import Messages, as_messages
 
 EXIT = ("/exit", "/quit")
 RESET = "/reset"
-HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it; Ctrl-C stops a reply"
+HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it, //text sends /text; Ctrl-C stops a reply"
 NOT_UTF8 = "(that line is not valid UTF-8; skipped)"
 
 
@@ -80,6 +80,8 @@ def run_chat(session: ChatSession, reply: Callable[[Messages], Iterable[str]], r
         if re.fullmatch(r"/[A-Za-z]+", user):  # a mistyped command, not a message for the model
             note(f"(unknown command {user}: {HELP})")
             continue
+        if user.startswith("//"):  # a message that starts with a slash, not a command
+            user = user[1:]
         pieces: list[str] = []
         stream = iter(reply(session.messages(user)))
         try:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli import files
-from infopo_cli.config import TrainConfig
-from infopo_cli.data.loading import DataOptions, Loaded, PreferencePair, balance, data_kind, feedback_counts, unpair
+from infopo_cli.config import TrainConfig, flag as _flag
+from infopo_cli.data.loading import DataOptions, Loaded, PreferencePair, balance, data_kind, feedback_counts, unit as data_unit, unpair
 from infopo_cli.data.mixing import as_list, load_mix
 from infopo_cli.data.overlap import eval_overlap_note
 from infopo_cli.errors import ConfigError
@@ -142,7 +142,7 @@ def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str
     global_batch = cfg.batch_size * cfg.grad_accum * cfg.nproc
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(loaded.pairs) / global_batch)))
     params = ", ".join(f"{k}={v}" for k, v in checked.loss_params.items())
-    unit = "pairs" if data_kind(loaded.pairs) == "pairs" else "rows"
+    unit = data_unit(loaded.pairs)
     lines = [f"preset {cfg.preset or '(none)'}; model {cfg.model} ({cfg.backend}, "
              f"{'4-bit NF4' if cfg.load_in_4bit else 'unquantised'}, dtype {cfg.dtype})",
              f"loss {cfg.loss} ({params})",
@@ -153,9 +153,25 @@ def describe(checked: Checked, output: Path, resuming: bool = False) -> list[str
              f"{steps} optimizer step{'s' * (steps != 1)} of {global_batch} {unit} (lr {cfg.lr:g}, max_length "
              f"{cfg.max_length})",
              f"run folder {output}" + (" (resumed from its newest checkpoint)" if resuming else " (new)")]
-    if global_batch > len(loaded.pairs):  # as the run itself warns
-        lines.append(f"warning: a step's global batch of {global_batch} {unit} is more than the {len(loaded.pairs)} "
-                     f"training {unit}, so each step repeats some of them; lower --batch-size or --grad-accum")
+    lines += [f"warning: {note}" for note in (batch_note(global_batch, len(loaded.pairs), unit),
+                                              idle_eval_note(cfg, len(checked.eval_pairs))) if note]
     lines += [f"mix: {loaded.mix}"] if loaded.mix else []
     lines += loaded.info + [f"warning: {note}" for note in loaded.notes]
     return lines
+
+
+def batch_note(global_batch: int, train: int, unit: str) -> str | None:
+    """A warning where a step's global batch is larger than the training data (the run and its dry run say it)."""
+    if global_batch <= train:
+        return None
+    return (f"a step's global batch of {global_batch} {unit} is more than the {train} training {unit}, so each step "
+            "repeats some of them; lower --batch-size or --grad-accum")
+
+
+def idle_eval_note(cfg: TrainConfig, held_out: int) -> str | None:
+    """A warning where an evaluation setting was given with nothing held out to evaluate."""
+    given = [_flag(key) for key in ("eval_every", "eval_generate_every") if getattr(cfg, key)]
+    if held_out or not given:
+        return None
+    return f"{' and '.join(given)} evaluate nothing: no held-out data (--eval-data FILE)"
+

@@ -32,7 +32,7 @@ from infopo_cli import __version__, files
 from infopo_cli.config import TrainConfig, to_toml
 from infopo_cli.data.batching import collate, eval_batches, pairs_read, shuffled_batches
 from infopo_cli.data.formats import PreferencePair
-from infopo_cli.data.loading import Loaded, data_kind, no_pairs
+from infopo_cli.data.loading import Loaded, data_kind, no_pairs, unit
 from infopo_cli.data.mixing import as_list
 from infopo_cli.data.feedback import mismatched
 from infopo_cli.data.token_cache import tokenize_cached
@@ -57,7 +57,7 @@ from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.progress import Reporter
-from infopo_cli.train.resume import accepted_schedule, check_length, check_resumable
+from infopo_cli.train.resume import accepted_schedule, check_length, check_resumable, record_start
 from infopo_cli.train.schedule import WarmupCosine
 from infopo_cli.train.state import TrainState
 from infopo_cli.train.stops import (ShardedOutOfMemory, Stop, StopRequests, diverged, eval_out_of_memory, not_started,
@@ -174,9 +174,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         # global batch, so a resume may split it differently (after running out of memory).
         global_batch = distributed.global_batch(cfg.batch_size, cfg.grad_accum, world.size)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_tok) / global_batch)))
-        if global_batch > len(train_tok):
-            report.note(f"warning: a step's global batch of {global_batch} pairs is more than the {len(train_tok)} "
-                        "training pairs, so each step repeats some of them; lower --batch-size or --grad-accum")
+        if note := preflight.batch_note(global_batch, len(train_tok), unit(train_tok)):
+            report.note(f"warning: {note}")
         data_sha256 = pairs_digest(train_tok)
         if saved_state:  # a checkpoint this run cannot continue is refused before the long model load
             check_resumable(saved_state, resume_from, run_dir, global_batch, len(train_tok), total_steps, data_sha256)
@@ -195,6 +194,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         resolved = {**cfg.to_dict(), **loss_params, "output": str(run_dir), "dtype": precision.dtype_name}
         if world.is_main and not resume:  # on disk before anything long starts; a resume's once its checkpoint is accepted
             write_settings(run_dir, resolved)
+            record_start(run_dir)
         model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report, world)
         if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
             return unstarted(run_dir, precision, stops.signum)
@@ -295,6 +295,8 @@ def _prepare(cfg: TrainConfig, report: Reporter, resume: Path | None, world: dis
     run_dir = resume or (files.claim_output_dir(output) if world.is_main else None)
     run_dir = Path(world.broadcast(str(run_dir)))  # the folder rank 0 claimed: one set of outputs
     report.start(cfg.loss, loss_params, preflight.counted(loaded), ", ".join(as_list(cfg.data)), len(eval_pairs), run_dir)
+    if note := preflight.idle_eval_note(cfg, len(eval_pairs)):
+        report.note(f"warning: {note}")
     return cfg, spec, loss_params, loaded, eval_pairs, run_dir, created
 
 
@@ -310,7 +312,7 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
         limits = (10**9, 10**9) if cfg.max_length == "auto" else (cfg.max_length, cfg.max_prompt_length)  # auto: whole first
         train_set, eval_set = (tokenize_cached(rows, tokenizer, *limits, cfg.skip_invalid) for rows in (pairs, eval_pairs))
     report.skipped_rows(train_set.skipped + eval_set.skipped, len(pairs) + len(eval_pairs))
-    if note := control_token_note(tokenizer, pairs, "pairs" if not pairs or pairs[0].label is None else "rows"):
+    if note := control_token_note(tokenizer, pairs, unit(pairs)):
         report.note(f"warning: {note}")
     train_tok, eval_tok = train_set.pairs, eval_set.pairs
     if not train_tok:
@@ -332,7 +334,7 @@ def _tokens(cfg: TrainConfig, pairs: list[PreferencePair], eval_pairs: list[Pref
                           "--max-length")
     report.tokenised(len(train_tok), len(eval_tok), train_set.cached,
                      sum(p.truncated for p in train_tok + eval_tok), cfg.max_length,
-                     "pairs" if train_tok[0].label is None else "rows")
+                     unit(train_tok))
     return cfg, source, tokenizer, train_tok, eval_tok
 
 
@@ -702,9 +704,8 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
     table, filled = reference_cache.load_cached(key, len(pairs)) if world.is_main else (None, None)
     todo = world.broadcast([b for b in reference_cache.reference_batches(pairs, cfg.eval_batch_size)
                             if reads.intersection(b) and not bool(filled[b].all())] if world.is_main else None)
-    unit = "pairs" if not pairs or pairs[0].label is None else "rows"  # unpaired feedback rows are no pairs
-    which = (f"{len(reads)} {unit}" if len(reads) == len(pairs) else
-             f"the {len(reads)} of {len(pairs)} {unit} in {steps} step{'s' * (steps != 1)}")
+    which = (f"{len(reads)} {unit(pairs)}" if len(reads) == len(pairs) else
+             f"the {len(reads)} of {len(pairs)} {unit(pairs)} in {steps} step{'s' * (steps != 1)}")
     if todo:
         cached = sum(1 for i in reads if filled[i]) if world.is_main else 0
         mine = world.shard(todo)

@@ -14,13 +14,14 @@ one that this run cannot continue exactly is refused with one line.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from infopo_cli import files
 from infopo_cli.config import TrainConfig, flag as _flag, merge
-from infopo_cli.data.mixing import absolute, as_list
+from infopo_cli.data.mixing import absolute, as_list, parse_source
 from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.train.schedule import WarmupCosine
 
@@ -44,11 +45,49 @@ def saved_config(run_dir: Path) -> TrainConfig:
     return replace(presets.load_preset(str(path)), **missing)
 
 
+STARTED_IN = ".started_in"  # in the run folder: the working folder the run started in, for its relative paths
+
+
+def record_start(run_dir: Path) -> None:
+    """Notes the folder a fresh run starts in: the relative paths its config.toml keeps as typed are relative to it."""
+    files.write_text(run_dir / STARTED_IN, str(Path.cwd()) + "\n")
+
+
+def enter_start_folder(run_dir: Path, saved: TrainConfig, flags: dict[str, Any],
+                       note: Callable[[str], None] = lambda message: None) -> tuple[Path, dict[str, Any]]:
+    """A run resumed from another folder whose relative paths (data, held-out data, model) are found only from the
+    folder it started in goes on there: the working folder changes to it (the run folder and the flags' own paths
+    made absolute first), so every relative path of config.toml reads what it read, and config.toml keeps them as
+    typed. Returns the run folder and flags to use. Anywhere else, or where it is unclear, nothing changes."""
+    record = run_dir / STARTED_IN
+    start = Path(record.read_text().strip()) if record.is_file() else None
+    if start is None or not start.is_dir() or start.resolve() == Path.cwd().resolve():
+        return run_dir, flags
+    paths = [source.spec for value in (saved.data, saved.eval_data) for source in map(parse_source, as_list(value or []))
+             if source.spec and not source.spec.startswith("bundled:")] + [saved.model]
+    paths = [path for path in paths if not Path(path).expanduser().is_absolute()]
+    here = [path for path in paths if Path(path).exists()]
+    there = [path for path in paths if (start / path).exists()]
+    if not set(there) - set(here) or set(here) - set(there):  # all found here, or some only here: as before
+        return run_dir, flags
+    flags = {key: absolute(value) if key in ("data", "eval_data") else
+             str(Path(value).expanduser().resolve()) if key in ("output", "init_adapter", "preset") and value and
+             Path(value).expanduser().exists() else value for key, value in flags.items()}
+    folder = run_dir.resolve()
+    os.chdir(start)
+    # the run folder as config.toml spells it where that is this folder (runs/a from the start folder)
+    run_dir = Path(saved.output) if saved.output and Path(saved.output).resolve() == folder else folder
+    note(f"{', '.join(sorted(set(there) - set(here)))}: read from {start}, where this run started (config.toml keeps "
+         "relative paths as typed)")
+    return run_dir, flags
+
+
 def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,
                    note: Callable[[str], None] = lambda message: None) -> TrainConfig:
     flags = dict(flags)
     preset = flags.pop("preset", None)
-    if preset is not None and saved.preset not in (preset, Path(preset).stem) and Path(preset) != run_dir / "config.toml":
+    if preset is not None and saved.preset not in (preset, Path(preset).stem) and \
+            Path(preset).resolve() != (run_dir / "config.toml").resolve():
         raise ConfigError(f"--resume continues {run_dir} with its own preset ({saved.preset}); drop --preset {preset}")
     output = flags.pop("output", None)
     if output is not None and Path(output).resolve() != run_dir.resolve():

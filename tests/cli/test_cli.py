@@ -198,6 +198,34 @@ def test_a_run_accepts_its_files_under_any_spelling_on_resume(tmp_path, monkeypa
     assert f"data {pairs}: 8 explicit pairs" in out.stdout
 
 
+def test_a_run_resumed_from_another_folder_reads_its_relative_paths_from_where_it_started(tmp_path, tiny_model):
+    """`cd proj; infopo train --data d/small.jsonl --output runs/a`, stopped; `infopo train --resume proj/runs/a` from
+    the folder above found no d/small.jsonl. It goes on from proj (and says so), config.toml keeps the paths as typed,
+    and the data spelt from here is the same data."""
+    import shutil
+    import tomllib
+
+    from conftest import write_pairs
+
+    proj = tmp_path / "proj"
+    (proj / "d").mkdir(parents=True)
+    write_pairs(proj / "d" / "small.jsonl", 8)
+    common = ("--eval-data", "", "--model", str(tiny_model), "--batch-size", "2", "--dtype", "fp32")
+    out = infopo("train", "--data", "d/small.jsonl", *common, "--max-steps", "4", "--save-every", "2", "--output",
+                 "runs/a", cwd=proj)
+    assert out.returncode == 0, out.stderr[-1500:]
+    shutil.rmtree(proj / "runs" / "a" / "checkpoint-4")  # as if stopped after step 2
+    out = infopo("train", "--resume", "proj/runs/a", "--data", "proj/d/small.jsonl", "--dry-run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-1500:]
+    out = infopo("train", "--resume", "proj/runs/a", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-1500:]
+    said = " ".join(out.stdout.split())
+    assert f"d/small.jsonl: read from {proj}, where this run started" in said and "resuming after step 2 of 4" in said
+    saved = tomllib.loads((proj / "runs" / "a" / "config.toml").read_text())
+    assert (saved["data"], saved["output"]) == ("d/small.jsonl", "runs/a")
+    assert (proj / "runs" / "a" / "checkpoint-4").is_dir() and not (tmp_path / "runs").exists()
+
+
 def test_a_run_of_an_older_release_resumes_reading_its_rows_as_that_release_did(tmp_path):
     """A config.toml without `system_field` was written when a `system` column was ignored: resuming it reads none
     (its data hash would differ otherwise); a run of this release keeps its own."""
@@ -294,3 +322,18 @@ def test_small_guides_a_careless_user_gets(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "1 optimizer step of 8 pairs" in out.stdout
     assert "warning: a step's global batch of 8 pairs is more than the 4 training pairs" in out.stdout
+
+
+def test_settings_that_would_do_nothing_with_this_data_are_warned_of(tmp_path):
+    """--eval-every without held-out data, and --split on a single file (every row is read), were taken silently."""
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "Q{i}", "chosen": "a", "rejected": "b"}}\n' for i in range(4)))
+    out = infopo("train", "--data", str(pairs), "--eval-data", "", "--eval-every", "5", "--eval-generate-every", "5",
+                 "--split", "test", "--output", str(tmp_path / "o"), "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = " ".join(out.stdout.split())
+    assert "warning: --eval-every and --eval-generate-every evaluate nothing: no held-out data (--eval-data FILE)" in said
+    assert f"warning: split 'test' does not apply to {pairs}, a single file: every row of it was read" in said
+    out = infopo("train", "--data", str(pairs), "--eval-data", str(pairs), "--eval-every", "5", "--output",
+                 str(tmp_path / "o"), "--dry-run")
+    assert out.returncode == 0 and "evaluate nothing" not in out.stdout and "does not apply" not in out.stdout

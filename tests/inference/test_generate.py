@@ -234,7 +234,7 @@ def test_generate_and_chat_commands(run, loaded):
 def test_chat_keeps_the_history_and_reset_and_ctrl_c_end_a_reply_only(loaded):
     model, tokenizer = loaded.model, loaded.tokenizer
     seen, written = [], []
-    lines = iter(["hi", "what now?", "/reset", "/rest", "boom", "after", "/exit", "never read"])
+    lines = iter(["hi", "what now?", "/reset", "/rest", "boom", "after", "//exit", "/exit", "never read"])
 
     def reply(messages):
         seen.append(messages)
@@ -248,9 +248,9 @@ def test_chat_keeps_the_history_and_reset_and_ctrl_c_end_a_reply_only(loaded):
     session, notes = ChatSession(system="Be brief."), []
     count = run_chat(session, reply, lambda: next(lines, None), written.append, notes.append)
     assert notes[:2] == ["(conversation cleared)", "(unknown command /rest: /reset clears the conversation, /exit (or "
-                         "Ctrl-D) ends it; Ctrl-C stops a reply)"]  # a mistyped command never reaches the model
+                         "Ctrl-D) ends it, //text sends /text; Ctrl-C stops a reply)"]  # never reaches the model
     first = generate(model, tokenizer, [as_messages("hi", "Be brief.")], SHORT)[0].text
-    assert count == 4
+    assert count == 5 and seen[4][-1] == {"role": "user", "content": "/exit"}  # //exit: a message, one slash less
     assert seen[1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                        {"role": "assistant", "content": first}, {"role": "user", "content": "what now?"}]
     assert seen[2] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "boom"}]  # /reset
@@ -277,6 +277,8 @@ def test_compare_and_base_model_flags(run, loaded):
     out = runner.invoke(app, ["generate", str(run), "--prompt", "hi", "--max-new-tokens", "8", "--compare"],
                         env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "base (adapter disabled)" in out.stdout and "tuned" in out.stdout, out.output
+    out = infopo("generate", str(run), "--prompt", "hi", "--base-model", "--compare")
+    assert out.returncode == 2 and out.stderr.startswith("error: --base-model and --compare: --compare prints the base's")
 
 
 @pytest.mark.run
