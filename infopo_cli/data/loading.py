@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from infopo_cli.config import TrainConfig
@@ -72,6 +72,8 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
                                                  if getattr(options.fields, role) != getattr(Fields, role)]):
         raise ConfigError(f"{', '.join(renamed)}: --format {options.format} reads its answers from the fields the "
                           f"datasets publish ({LISTED[options.format]}); only --prompt-field renames its prompt")
+    if spec.startswith("bundled:"):  # our own files: their columns are named as they are, whatever the user's are
+        options = replace(options, format="auto", fields=Fields())
     opened = open_source(spec, options.split)
     # one file has no splits: a split asked of it would be all its rows, without a word
     unsplit = [f"split '{options.split}' does not apply to {spec}, a single file: every row of it was read"] \

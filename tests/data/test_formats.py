@@ -441,3 +441,10 @@ def test_metadata_columns_leave_a_row_implicit(tmp_path):
     assert [p.prompt for p in load_pairs(jsonl(tmp_path, *rows)).pairs] == ["The sky is "] * 3
     with pytest.raises(DataError, match=r"field 'prompt': missing \(columns: note, chosen, rejected;"):
         load_pairs(jsonl(tmp_path, {"note": "asked twice", "chosen": "The sky is blue.", "rejected": "The sky is red."}))
+
+
+def test_bundled_data_is_read_with_its_own_column_names(tmp_path):
+    """`--prompt-field question` for one's own file must not make the bundled held-out set (or a bundled part of a
+    mix) unreadable: its columns are ours."""
+    options = DataOptions(format="explicit", fields=Fields(prompt="question", chosen="good", rejected="bad"))
+    assert load_pairs("bundled:arith_eval", options).pairs == load_pairs("bundled:arith_eval").pairs
