@@ -118,15 +118,21 @@ def _dry_run(cfg, resume=None) -> None:
 
 def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
     from infopo_cli.errors import ConfigError
-    from infopo_cli.train.resume import enter_start_folder, resumed_config, saved_config
+    from infopo_cli.presets import load_run_config
+    from infopo_cli.train.resume import enter_start_folder, resumed_config
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)" if run_dir.exists() else
                           f"--resume {run_dir}: no such run folder")
-    note = console.print if not _rank() else lambda message: None
-    saved, here = saved_config(run_dir), Path.cwd()
-    run_dir, flags = enter_start_folder(run_dir, saved, flags, note)
-    cfg = resumed_config(saved, flags, run_dir, note)
+    said: list[str] = []
+    saved, here = load_run_config(run_dir), Path.cwd()
+    run_dir, flags = enter_start_folder(run_dir, saved, flags, said.append)
+    cfg = resumed_config(saved, flags, run_dir, said.append)
+    from infopo_cli.train.launch import under_launcher
+
+    if not _rank() and (dry_run or cfg.nproc == 1 or under_launcher()):  # else the processes it launches say it
+        for line in said:
+            console.print(escape(line), highlight=False)
     if dry_run:
         return _dry_run(cfg, run_dir)
     _launch_if_asked(cfg.nproc, here)  # from here: each process reads the command line as it was typed
@@ -712,7 +718,7 @@ def data_check(
         except ModelError as err:  # the model is not here: the rows can still be checked
             raise ModelError(f"{err} (or check the rows alone with --no-tokenizer)") from None
     from infopo_cli.data.loading import DataOptions
-    from infopo_cli.data.mixing import mix_counts, parse_source
+    from infopo_cli.data.mixing import mix_counts, parse_source, split_note
     from infopo_cli.errors import ConfigError
 
     sources = [parse_source(text) for text in paths]
@@ -720,6 +726,8 @@ def data_check(
                for source in sources]
     for report in reports:
         _print_report(report, cfg.model)
+    if note := split_note([source.spec for source in sources], cfg.split):
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     if len(sources) > 1:
         counts = mix_counts([r.pairs for r in reports], [s.weight for s in sources])
         console.print("mix (as `infopo train` would take it, seeded): " + "; ".join(

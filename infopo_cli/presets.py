@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,17 @@ def run_name(name: Any, path: Path) -> str:
         raise ConfigError(f"{path}: 'preset' must be a plain name (letters, digits, '.', '_', '+', '-'; it names "
                           f"the run folders under ./runs), got {show(name)}")
     return name
+
+
+# settings added since the first release, with the value that reads an older release's run as that release did
+ADDED_LATER = {"system_field": ""}  # a `system` column was ignored
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """A run folder's config.toml; a setting it lacks (an older release wrote it) set as that release had it."""
+    path = run_dir / "config.toml"
+    missing = {key: value for key, value in ADDED_LATER.items() if key not in read(path)}
+    return replace(load_preset(str(path)), **missing)
 
 
 def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:

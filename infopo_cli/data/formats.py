@@ -137,30 +137,33 @@ def _other_text(row: dict, fields: Fields) -> bool:
     chosen = row.get(fields.chosen)
     if isinstance(chosen, str) and HH_TURN.search(chosen):
         return False
-    return any(isinstance(value, str) and len(value.split()) > 1 for name, value in row.items()
+    return any(_is_text(value) for name, value in row.items()
                if name not in (fields.chosen, fields.rejected, fields.system) and not METADATA.fullmatch(str(name)))
 
 
-# columns that describe a row rather than hold its text: an id, a CSV's index column, where it came from, the models
-# that wrote its replies, their scores (a value of one word is not looked at either: "alpaca_1042", "gpt-4")
-METADATA = re.compile(r"(?i)(unnamed: ?\d+|index|idx|id|.*_id|source|dataset|split|task|category|lang(uage)?|"
-                      r".*_model|model.*|.*score.*|.*rating.*)")
+# columns that describe a row rather than hold its text: an id, a CSV's index column, where it came from, the model
+# that wrote a reply, scores
+METADATA = re.compile(r"(?i)(unnamed: ?\d+|index|idx|id|.*_id|source|dataset|split|category|lang(uage)?|models?|"
+                      r".*_model|.*score.*|.*rating.*)")
+# a value that names rather than says: "alpaca_1042", "gpt-4", "en" (ASCII: a prompt in Chinese has no spaces either)
+TOKEN = re.compile(r"[A-Za-z0-9_.:/\-]{1,64}")
 
 
-def row_system(row: dict, where: str, fields: Fields) -> str | None:
-    """The row's system message from its system column (Intel/orca_dpo_pairs' `system`), or None where it has none.
-    A column another role reads (--prompt-field system) is not a system message."""
+def _is_text(value: Any) -> bool:
+    """A string that says something: not blank, not one token that names a thing."""
+    return isinstance(value, str) and bool(value.strip()) and not TOKEN.fullmatch(value.strip())
+
+
+def row_system(row: dict, fields: Fields) -> str | None:
+    """The row's system message from its system column (Intel/orca_dpo_pairs' `system`); "" where the column holds
+    none (empty, null, not text, or one token: some sets name a model or an MT system there); None where the row has
+    no such column, or another role reads it (--prompt-field system)."""
     name = fields.system
     if not name or name not in row or name in (fields.prompt, fields.chosen, fields.rejected, fields.completion,
                                                fields.label):
         return None
     value = row[name]
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if not isinstance(value, str):
-        raise DataError(where, name, f"expected the row's system message as a string, got {_kind(value)} (--system-field "
-                        "names another column, --system-field '' none)")
-    return value
+    return value if _is_text(value) else ""
 
 
 def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None = None) -> PreferencePair:
@@ -181,10 +184,10 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
                 if name == fields.prompt and fmt == "explicit" and fields.prompt == Fields.prompt else ""
             hint = f" (columns: {columns}; map yours with {fields.flag(name)}{implicit})" if others else ""
             raise DataError(where, name, "missing" + hint)
-    own_system = row_system(row, where, fields)
+    own_system = row_system(row, fields)
     if fmt == "unpaired":
         pair = _unpaired(row, where, fields)
-        pair = with_system(pair, own_system) if own_system else pair
+        pair = with_own_system(pair, own_system)
         return replace(with_system(pair, system) if system else pair, where=where)
     if fmt == "conversational":
         pair = _conversational(row, where, fields)
@@ -203,9 +206,10 @@ def normalise(row: Any, where: str, fmt: str, fields: Fields, system: str | None
         raise DataError(where, fields.chosen, "both replies are empty (the pair expresses no preference)")
     if pair.chosen == pair.rejected:
         raise DataError(where, fields.rejected, "identical to 'chosen' (the pair expresses no preference)")
-    for message in (own_system, system):  # the row's own first: --system adds one only to rows without
-        if message:
-            pair = with_system(pair, message)
+    if not (fmt == "implicit" and isinstance(pair.prompt, str)):  # a continuation of shared text is no chat turn
+        pair = with_own_system(pair, own_system)  # the row's own first: --system adds one only to rows without
+    if system:
+        pair = with_system(pair, system)
     return replace(pair, where=where)
 
 
@@ -370,9 +374,22 @@ def _hh_reply(text: str) -> tuple[Message, ...]:
 
 
 def with_system(pair: PreferencePair, system: str) -> PreferencePair:
-    """The pair with `system` as its first message, unless it has a system message of its own. An unpaired row's
-    rejected stays empty (no reply, not an empty one)."""
-    if isinstance(pair.prompt, str):
-        return replace(pair, prompt=(("system", system), ("user", pair.prompt)), chosen=(("assistant", pair.chosen),),
-                       rejected=() if pair.unpaired else (("assistant", pair.rejected),))
+    """The pair with `system` as its first message, unless it has a system message of its own."""
+    pair = as_turns(pair)
     return pair if pair.prompt[0][0] == "system" else replace(pair, prompt=(("system", system),) + pair.prompt)
+
+
+def with_own_system(pair: PreferencePair, own: str | None) -> PreferencePair:
+    """The pair with its row's system message (`row_system`). A row of a set with a system column is written as
+    messages even where that row's is empty, so that a model without a chat template reads every row of the set in
+    one form."""
+    return pair if own is None else with_system(pair, own) if own else as_turns(pair)
+
+
+def as_turns(pair: PreferencePair) -> PreferencePair:
+    """A pair of strings as messages: the prompt a user turn, the replies assistant turns (an unpaired row's
+    rejected stays empty: no reply, not an empty one)."""
+    if not isinstance(pair.prompt, str):
+        return pair
+    return replace(pair, prompt=(("user", pair.prompt),), chosen=(("assistant", pair.chosen),),
+                   rejected=() if pair.unpaired else (("assistant", pair.rejected),))

@@ -17,7 +17,7 @@ from typing import Any
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, DataError, InfopoError
 from infopo_cli.data.formats import (FORMATS, Fields, PreferencePair, detect, is_empty, is_multi_turn, normalise,
-                                     row_system, unpaired_row, with_system)
+                                     row_system, unpaired_row, with_own_system, with_system)
 from infopo_cli.data.scored import SCORED_FORMATS, ScoreOptions, detect_scored, scored_pairs
 from infopo_cli.data.sources import folder_info, open_source, resolve
 
@@ -75,9 +75,6 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     if spec.startswith("bundled:"):  # our own files: their columns are named as they are, whatever the user's are
         options = replace(options, format="auto", fields=Fields())
     opened = open_source(spec, options.split)
-    # one file has no splits: a split asked of it would be all its rows, without a word
-    unsplit = [f"split '{options.split}' does not apply to {spec}, a single file: every row of it was read"] \
-        if options.split != "train" and opened.folder is None and resolve(spec).is_file() else []
     collected, per_file = _Collected(options), []
     for _, rows in opened.files:
         before = collected.rows
@@ -88,14 +85,18 @@ def load_pairs(spec: str, options: DataOptions = DataOptions()) -> Loaded:
     if not pairs:
         raise no_pairs(spec, skipped + [f"{n} rows gave no pair: {reason}" for reason, n in dropped.items() if n])
     fmt = next(iter(seen)) if len(seen) == 1 else "mixed (" + ", ".join(f"{n} {f}" for f, n in seen.most_common()) + ")"
-    notes = unsplit + shape_notes(pairs) + feedback_notes(pairs) + dropped_notes(dropped)
+    notes = shape_notes(pairs) + feedback_notes(pairs) + dropped_notes(dropped)
     if options.system and (own := sum(p.prompt[0] != ("system", options.system) for p in pairs)):
         notes.append(f"{own} rows have a system message of their own: kept, --system is added only to rows without one")
     if collected.both_shapes:
         notes.append(f"{collected.both_shapes} rows have chosen/rejected and also {options.fields.completion}/"
                      f"{options.fields.label}: read as pairs (--format unpaired reads them as feedback rows)")
-    system_info = [f"{collected.own_system} rows have a system message in their '{options.fields.system}' column: "
-                   "the first message of their prompt (--system-field '' reads none)"] if collected.own_system else []
+    name = options.fields.system
+    system_info = [f"{collected.own_system} rows have a system message in their '{name}' column: the first message "
+                   "of their prompt (--system-field '' reads none)"] if collected.own_system else []
+    if collected.no_system:
+        notes.append(f"{collected.no_system} rows have a '{name}' column that is no system message (a number, a list, "
+                     "one token such as a model's name): not read; --system-field '' reads the column of no row")
     return Loaded(pairs, fmt, collected.rows, skipped, notes,
                   info=folder_info(opened, per_file) + given_info(collected.given, options) + system_info)
 
@@ -113,7 +114,8 @@ class _Collected:
         self.given: Counter = Counter()    # scored/ranked rows: pairs given per row
         self.dropped: Counter = Counter()  # scored/ranked rows: rows dropped per reason
         self.first: tuple[bool, str] | None = None  # (unpaired?, FILE:LINE) of the first valid row: it fixes the kind
-        self.own_system = 0   # rows with a system message in their system column
+        self.own_system = 0   # rows whose system column gave their system message
+        self.no_system = 0    # rows whose system column holds no text (a number, a list, one token such as "gpt-4")
         self.both_shapes = 0  # pairs whose rows also carry a completion and a label (read as pairs: a warning says so)
 
     def add(self, where: str, row: object) -> None:
@@ -127,22 +129,31 @@ class _Collected:
             if fmt in SCORED_FORMATS:
                 found, reason = scored_pairs(row, where, fmt, options.scores, options.fields)
                 self._same_kind(where, False)
-                for message in (row_system(row, where, options.fields), options.system):  # the row's own first
-                    found = [with_system(p, message) for p in found] if message else found
-                self.pairs += found
+                own = row_system(row, options.fields)  # the row's own first: --system adds one only to rows without
+                found = [with_own_system(p, own) for p in found]
+                self.pairs += [with_system(p, options.system) if options.system else p for p in found]
+                made = found[0] if found else None
                 self.given[len(found)] += 1
                 self.dropped[reason] += reason is not None
             else:
                 pair = normalise(row, where, fmt, options.fields, options.system)
                 self._same_kind(where, pair.unpaired)
                 self.pairs.append(pair)
+                made = pair
                 self.both_shapes += not pair.unpaired and options.fields.completion in row and options.fields.label in row
-            self.own_system += row_system(row, where, options.fields) is not None
+            self.count_system(row, made)
             self.seen[f"rated {detect(row, options.fields)}" if fmt == "rated" else fmt] += 1
         except DataError as err:
             if not options.skip_invalid:
                 raise
             self.skipped.append(str(err))
+
+    def count_system(self, row: dict, pair: PreferencePair | None) -> None:
+        """Counts the row among those whose system column was their system message (of its `pair`, the first if it
+        gave several), or held none that was text."""
+        own, raw = row_system(row, self.options.fields), row.get(self.options.fields.system)
+        self.own_system += bool(own) and pair is not None and pair.prompt[0] == ("system", own)
+        self.no_system += own == "" and raw is not None and not (isinstance(raw, str) and not raw.strip())
 
     def _same_kind(self, where: str, unpaired: bool) -> None:
         """A valid row of the other kind than the first valid row is an error at that row."""

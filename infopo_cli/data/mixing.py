@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from infopo_cli.data.loading import DataOptions, Loaded, load_pairs
+from infopo_cli.data.loading import DataOptions, Loaded, load_pairs, resolve
 from infopo_cli.data.overlap import identity, repeated_source_notes, shared_pair_notes
 from infopo_cli.errors import ConfigError
 
@@ -91,11 +91,22 @@ def mix_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
     return [min(n, round(p * total)) for n, p in zip(sizes, portions)]
 
 
+def split_note(specs: Sequence[str], split: str) -> str | None:
+    """A warning where a split other than the default was asked of sources that are all single files (bundled ones
+    too): they have no splits, so every row of them is read."""
+    if split == "train" or not all(resolve(spec).is_file() for spec in specs):
+        return None
+    return f"split '{split}' applies to none of {', '.join(specs)}: a single file has no splits, every row is read"
+
+
 def load_mix(specs: str | Sequence[str], options: DataOptions = DataOptions(), seed: int = 0) -> Loaded:
     """One source: `load_pairs` as it is. Several: each loaded, then mixed by their shares."""
     sources = [parse_source(text) for text in as_list(specs)]
+    unsplit = split_note([source.spec for source in sources], options.split)
     if len(sources) == 1 and sources[0].weight is None:
-        return load_pairs(sources[0].spec, options)
+        loaded = load_pairs(sources[0].spec, options)
+        loaded.notes[:0] = [unsplit] if unsplit else []
+        return loaded
     check_weights([source.weight for source in sources])
     specs = [source.spec for source in sources]
     keys = [identity(spec) for spec in specs]
@@ -114,7 +125,7 @@ def load_mix(specs: str | Sequence[str], options: DataOptions = DataOptions(), s
         notes += [f"{source.spec}: {note}" for note in one.notes]
         info += [f"{source.spec}: {line}" for line in one.info]
         skipped += one.skipped
-    notes += repeated_source_notes(specs, [len(one.pairs) for one in loaded], counts)
+    notes += ([unsplit] if unsplit else []) + repeated_source_notes(specs, [len(one.pairs) for one in loaded], counts)
     notes += shared_pair_notes([(spec, by_identity[key].pairs) for key, spec in dict(zip(keys, specs)).items()])
     rng.shuffle(pairs)
     total = len(pairs)

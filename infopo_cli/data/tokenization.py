@@ -176,7 +176,10 @@ def _render(tokenizer, pair: PreferencePair, messages: list[dict[str, str]], add
     try:
         return render_chat(tokenizer, messages, add_generation_prompt)
     except TemplateError as err:  # the template refuses this conversation (roles out of order, no system role, ...)
-        raise DataError(place_of(pair), None, f"{template_of(tokenizer)} rejects this conversation: {_words(err)}") from None
+        hint = (" (this template may take no system message: --system-field '' reads no system column, and drop "
+                "--system)") if messages[0]["role"] == "system" else ""
+        raise DataError(place_of(pair), None,
+                        f"{template_of(tokenizer)} rejects this conversation: {_words(err)}{hint}") from None
 
 
 # --- rendering a chat template: a template is code from the model folder, run in jinja2's sandbox and on a clock ---

@@ -24,7 +24,7 @@ from infopo_cli.bundles import cached, is_bundle
 from infopo_cli.config import TrainConfig
 from infopo_cli.errors import ConfigError, ModelError
 from infopo_cli.model.source import ADAPTER_WEIGHTS, check_not_merged_in, held_adapters
-from infopo_cli.presets import load_preset
+from infopo_cli.presets import load_run_config
 from infopo_cli.reporting.runs import newest_run
 
 RUNS = Path("runs")
@@ -84,8 +84,8 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
         if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):  # peft would look for them on the hub
             raise ConfigError(f"{path}: adapter_config.json but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}): "
                               "copied without them, or a run that has not finished (pass one of its checkpoint-N folders)")
-        run_config = next((p / "config.toml" for p in (path, path.parent) if (p / "config.toml").is_file()), None)
-        config = load_preset(str(run_config)) if run_config else None  # a checkpoint-N folder: its run's settings
+        run = next((p for p in (path, path.parent) if (p / "config.toml").is_file()), None)
+        config = load_run_config(run) if run else None  # a checkpoint-N folder: its run's settings
         if base:
             check_not_merged_in(base, path, "--base")
             return Target(path, "adapter", base, config)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from infopo_cli.data.formats import Fields, PreferencePair
+from infopo_cli.data.formats import Fields, PreferencePair, row_system
 from infopo_cli.data.formats import _kind  # a value's kind in the words every data error uses
 from infopo_cli.data.mixing import as_list, parse_source
 from infopo_cli.data.sources import read_rows
@@ -82,7 +82,8 @@ def read_prompt_rows(spec: str, split: str = "train", fields: Fields = Fields(),
         if not prompt.strip():
             raise DataError(where, fields.prompt, "empty")
         answer = check_answer(row.get(ANSWER), where)
-        rows.append(PromptRow(where, as_messages(prompt, system), answer, ANSWER if answer is not None else ""))
+        own = row_system(row, fields)  # the row's own system message first, as training reads it
+        rows.append(PromptRow(where, as_messages(prompt, own or system), answer, ANSWER if answer is not None else ""))
     if not rows:
         raise InfopoError(f"{spec}: no rows")
     return rows

@@ -198,7 +198,8 @@ def run_all(variants: list[Variant], settings: list[Any], parent: Path,
     """Train every variant not yet done, in order (`settings`: each one's, from `configs`). Returns (the run folders,
     None), or at a run that stopped
     (Ctrl-C, out of memory, ...) (the folders so far, its summary): rerunning the command carries on from it."""
-    from infopo_cli.train.resume import resumed_config, saved_config
+    from infopo_cli.presets import load_run_config
+    from infopo_cli.train.resume import resumed_config
 
     folders = []
     for i, (variant, cfg) in enumerate(zip(variants, settings), 1):
@@ -210,7 +211,7 @@ def run_all(variants: list[Variant], settings: list[Any], parent: Path,
         if state == "done":
             continue
         if state == "stopped":
-            summary = train(resumed_config(saved_config(folder), {}, folder), resume=folder)
+            summary = train(resumed_config(load_run_config(folder), {}, folder), resume=folder)
         else:
             summary = train(cfg)
         if summary.exit_code:

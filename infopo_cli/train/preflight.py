@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli import files
-from infopo_cli.config import TrainConfig, flag as _flag
+from infopo_cli.config import TrainConfig
 from infopo_cli.data.loading import DataOptions, Loaded, PreferencePair, balance, data_kind, feedback_counts, unit as data_unit, unpair
 from infopo_cli.data.mixing import as_list, load_mix
 from infopo_cli.data.overlap import eval_overlap_note
@@ -169,9 +169,9 @@ def batch_note(global_batch: int, train: int, unit: str) -> str | None:
 
 
 def idle_eval_note(cfg: TrainConfig, held_out: int) -> str | None:
-    """A warning where an evaluation setting was given with nothing held out to evaluate."""
-    given = [_flag(key) for key in ("eval_every", "eval_generate_every") if getattr(cfg, key)]
+    """A warning where an evaluation setting is on (a flag, or the preset's) with nothing held out to evaluate."""
+    given = [f"{key} {getattr(cfg, key)}" for key in ("eval_every", "eval_generate_every") if getattr(cfg, key)]
     if held_out or not given:
         return None
-    return f"{' and '.join(given)} evaluate nothing: no held-out data (--eval-data FILE)"
+    return f"{' and '.join(given)}: nothing to evaluate without held-out data (--eval-data FILE)"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,6 @@ MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_eve
               "fsdp")  # where the weights live, not what they compute (tests/runs/test_fsdp.py)
 
 
-# settings added since the first release, with the value that reads an older release's run as that release did
-ADDED_LATER = {"system_field": ""}  # a `system` column was ignored
-
-
-def saved_config(run_dir: Path) -> TrainConfig:
-    """A run folder's config.toml, a setting it lacks set as the release that wrote it had it."""
-    from infopo_cli import presets
-
-    path = run_dir / "config.toml"
-    missing = {key: value for key, value in ADDED_LATER.items() if key not in presets.read(path)}
-    return replace(presets.load_preset(str(path)), **missing)
-
-
 STARTED_IN = ".started_in"  # in the run folder: the working folder the run started in, for its relative paths
 
 
@@ -56,13 +42,16 @@ def record_start(run_dir: Path) -> None:
 def enter_start_folder(run_dir: Path, saved: TrainConfig, flags: dict[str, Any],
                        note: Callable[[str], None] = lambda message: None) -> tuple[Path, dict[str, Any]]:
     """A run resumed from another folder whose relative paths (data, held-out data, model) are found only from the
-    folder it started in goes on there: the working folder changes to it (the run folder and the flags' own paths
-    made absolute first), so every relative path of config.toml reads what it read, and config.toml keeps them as
-    typed. Returns the run folder and flags to use. Anywhere else, or where it is unclear, nothing changes."""
+    folder it started in goes on there: the working folder changes to it (the flags' own paths made absolute first),
+    so every relative path of config.toml reads what it read, and config.toml keeps them as typed. Returns the run
+    folder (as config.toml spells it) and the flags to use. A run folder copied elsewhere, paths found here, or where
+    it is unclear: nothing changes."""
     record = run_dir / STARTED_IN
-    start = Path(record.read_text().strip()) if record.is_file() else None
+    start = Path(record.read_text(encoding="utf-8").strip()) if record.is_file() else None
     if start is None or not start.is_dir() or start.resolve() == Path.cwd().resolve():
         return run_dir, flags
+    if not saved.output or (start / saved.output).resolve() != run_dir.resolve():
+        return run_dir, flags  # the run folder moved (copied to another project): its start folder is not its own
     paths = [source.spec for value in (saved.data, saved.eval_data) for source in map(parse_source, as_list(value or []))
              if source.spec and not source.spec.startswith("bundled:")] + [saved.model]
     paths = [path for path in paths if not Path(path).expanduser().is_absolute()]
@@ -73,10 +62,8 @@ def enter_start_folder(run_dir: Path, saved: TrainConfig, flags: dict[str, Any],
     flags = {key: absolute(value) if key in ("data", "eval_data") else
              str(Path(value).expanduser().resolve()) if key in ("output", "init_adapter", "preset") and value and
              Path(value).expanduser().exists() else value for key, value in flags.items()}
-    folder = run_dir.resolve()
     os.chdir(start)
-    # the run folder as config.toml spells it where that is this folder (runs/a from the start folder)
-    run_dir = Path(saved.output) if saved.output and Path(saved.output).resolve() == folder else folder
+    run_dir = Path(saved.output)  # as config.toml spells it, from the start folder (checked above)
     note(f"{', '.join(sorted(set(there) - set(here)))}: read from {start}, where this run started (config.toml keeps "
          "relative paths as typed)")
     return run_dir, flags

@@ -215,6 +215,9 @@ def test_a_run_resumed_from_another_folder_reads_its_relative_paths_from_where_i
                  "runs/a", cwd=proj)
     assert out.returncode == 0, out.stderr[-1500:]
     shutil.rmtree(proj / "runs" / "a" / "checkpoint-4")  # as if stopped after step 2
+    shutil.copytree(proj / "runs" / "a", tmp_path / "other" / "runs" / "a")  # a copy in another project reads its own
+    out = infopo("train", "--resume", "runs/a", "--dry-run", cwd=tmp_path / "other")
+    assert out.returncode == 2 and "where this run started" not in out.stdout and "small.jsonl" in out.stderr
     out = infopo("train", "--resume", "proj/runs/a", "--data", "proj/d/small.jsonl", "--dry-run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-1500:]
     out = infopo("train", "--resume", "proj/runs/a", cwd=tmp_path)
@@ -230,7 +233,8 @@ def test_a_run_of_an_older_release_resumes_reading_its_rows_as_that_release_did(
     """A config.toml without `system_field` was written when a `system` column was ignored: resuming it reads none
     (its data hash would differ otherwise); a run of this release keeps its own."""
     from infopo_cli.config import TrainConfig, to_toml
-    from infopo_cli.train.resume import resumed_config, saved_config
+    from infopo_cli.presets import load_run_config as saved_config
+    from infopo_cli.train.resume import resumed_config
 
     old, new = tmp_path / "old", tmp_path / "new"
     for run in (old, new):
@@ -332,8 +336,15 @@ def test_settings_that_would_do_nothing_with_this_data_are_warned_of(tmp_path):
                  "--split", "test", "--output", str(tmp_path / "o"), "--dry-run")
     assert out.returncode == 0, out.stderr[-2000:]
     said = " ".join(out.stdout.split())
-    assert "warning: --eval-every and --eval-generate-every evaluate nothing: no held-out data (--eval-data FILE)" in said
-    assert f"warning: split 'test' does not apply to {pairs}, a single file: every row of it was read" in said
+    assert ("warning: eval_every 5 and eval_generate_every 5: nothing to evaluate without held-out data (--eval-data "
+            "FILE)") in said
+    assert f"warning: split 'test' applies to none of {pairs}: a single file has no splits, every row is read" in said
     out = infopo("train", "--data", str(pairs), "--eval-data", str(pairs), "--eval-every", "5", "--output",
                  str(tmp_path / "o"), "--dry-run")
-    assert out.returncode == 0 and "evaluate nothing" not in out.stdout and "does not apply" not in out.stdout
+    assert out.returncode == 0 and "nothing to evaluate" not in out.stdout and "applies to none" not in out.stdout
+    from infopo_cli.data.mixing import split_note
+
+    (tmp_path / "saved").mkdir()  # a split that a folder or hub dataset of the mix needs is no warning for its file
+    assert split_note([str(pairs), str(tmp_path / "saved")], "test") is None
+    assert split_note([str(pairs), "org/name"], "test") is None and split_note([str(pairs)], "train") is None
+    assert split_note([str(pairs), "bundled:arith_eval"], "test").startswith("split 'test' applies to none of")

@@ -330,7 +330,8 @@ def test_a_row_whose_prompt_is_in_another_column_is_not_read_off_the_replies(tmp
                                         r"rejected; map yours with --prompt-field, or read it off the start chosen and "
                                         r"rejected share with --format implicit\)$"):
         load_pairs(path)
-    assert load_pairs(path, DataOptions(fields=Fields(prompt="question"))).pairs[0].prompt == "Capital of France?"
+    assert load_pairs(path, DataOptions(fields=Fields(prompt="question"))).pairs[0].prompt == (("user",
+                                                                                              "Capital of France?"),)
     assert load_pairs(path, DataOptions(format="implicit")).pairs[0].prompt == "The capital of France is "
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'qestion': missing \(columns: .*--prompt-field\)$"):
         load_pairs(path, DataOptions(fields=Fields(prompt="qestion")))  # a misspelt column is no implicit prompt
@@ -406,11 +407,24 @@ def test_a_system_column_is_the_rows_system_message(tmp_path):
     assert load_pairs(renamed, DataOptions(fields=Fields(system="sys"))).pairs[0].prompt[0] == ("system", "Be kind.")
 
 
-def test_a_system_column_that_is_not_text_is_an_error(tmp_path):
-    path = jsonl(tmp_path, {"system": ["a"], "prompt": "Hi", "chosen": "Hello", "rejected": "Go"})
-    with pytest.raises(DataError, match=r"d.jsonl:1: field 'system': expected the row's system message as a string, "
-                                        r"got an array \(--system-field names another column, --system-field '' none\)$"):
-        load_pairs(path)
+def test_a_system_column_that_holds_no_text_is_not_read_and_said(tmp_path):
+    """A number, a list or one token (a model's or an MT system's name, as some sets keep in `system`) is no system
+    message: not read (the data loaded before the column was read), with a warning."""
+    rows = [{"system": 0, "prompt": "Hi", "chosen": "Hello", "rejected": "Go"},
+            {"system": "gpt-4", "prompt": "Hey", "chosen": "Hello", "rejected": "Go"}]
+    loaded = load_pairs(jsonl(tmp_path, *rows))
+    assert [p.prompt for p in loaded.pairs] == [(("user", "Hi"),), (("user", "Hey"),)]
+    assert any(n.startswith("2 rows have a 'system' column that is no system message") for n in loaded.notes)
+
+
+def test_every_row_of_a_set_with_a_system_column_is_written_as_messages(tmp_path):
+    """Without a chat template a row with a system message is written HH-style: a row of the same set whose system
+    column is empty is too, not as plain text."""
+    rows = [{"system": "Be brief.", "prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            {"system": "", "prompt": "3+3?", "chosen": "6", "rejected": "7"}]
+    first, second = load_pairs(jsonl(tmp_path, *rows)).pairs
+    assert first.prompt == (("system", "Be brief."), ("user", "2+2?"))
+    assert second.prompt == (("user", "3+3?"),) and second.chosen == (("assistant", "6"),)
 
 
 def test_a_system_column_joins_conversational_and_unpaired_rows(tmp_path):
@@ -426,7 +440,7 @@ def test_a_system_column_joins_conversational_and_unpaired_rows(tmp_path):
 
 
 def test_a_prompt_column_called_system_is_the_prompt():
-    assert row_system({"system": "2+2?", "chosen": "4", "rejected": "5"}, "d:1", Fields(prompt="system")) is None
+    assert row_system({"system": "2+2?", "chosen": "4", "rejected": "5"}, Fields(prompt="system")) is None
     with pytest.raises(InfopoError, match="--prompt-field and --system-field both name the column 'q'"):
         Fields(prompt="q", system="q")
 
@@ -439,8 +453,10 @@ def test_metadata_columns_leave_a_row_implicit(tmp_path):
              "rejected": "The sky is grey."},
             {"origin": "web", "chosen": "The sky is blue.", "rejected": "The sky is red."}]
     assert [p.prompt for p in load_pairs(jsonl(tmp_path, *rows)).pairs] == ["The sky is "] * 3
-    with pytest.raises(DataError, match=r"field 'prompt': missing \(columns: note, chosen, rejected;"):
-        load_pairs(jsonl(tmp_path, {"note": "asked twice", "chosen": "The sky is blue.", "rejected": "The sky is red."}))
+    for text in ({"note": "asked twice"}, {"model_input": "What colour is the sky?"}, {"question": "天空是什么颜色"},
+                 {"task": "Describe the sky."}):
+        with pytest.raises(DataError, match=rf"field 'prompt': missing \(columns: {next(iter(text))}, chosen, rejected;"):
+            load_pairs(jsonl(tmp_path, {**text, "chosen": "The sky is blue.", "rejected": "The sky is red."}))
 
 
 def test_bundled_data_is_read_with_its_own_column_names(tmp_path):

@@ -152,7 +152,9 @@ def test_template_refusing_a_conversation_is_a_data_error():
                           "{% endif %}" + CHATML)
     pair = replace(PreferencePair((("system", "Be brief."), ("user", "Q?")), (("assistant", "A"),), (("assistant", "B"),)),
                    where="d.jsonl:7")
-    with pytest.raises(DataError, match=r"^d\.jsonl:7: the chat template rejects this conversation: System role not supported$"):
+    with pytest.raises(DataError, match=r"^d\.jsonl:7: the chat template rejects this conversation: System role not "
+                                        r"supported \(this template may take no system message: --system-field '' reads "
+                                        r"no system column, and drop --system\)$"):
         encode_pair(tok, pair, 512, 256)
 
 

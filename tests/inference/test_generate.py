@@ -360,6 +360,14 @@ def test_a_missing_answer_is_no_answer_whichever_way_the_file_writes_it(tmp_path
         read_prompt_rows(str(tmp_path / "inf.jsonl"))
 
 
+def test_prompt_rows_take_their_own_system_message_first(tmp_path):
+    from infopo_cli.inference.prompts import read_prompt_rows
+
+    (tmp_path / "q.jsonl").write_text('{"prompt": "a", "system": "Be brief."}\n{"prompt": "b", "system": ""}\n')
+    rows = read_prompt_rows(str(tmp_path / "q.jsonl"), system="Be kind.")
+    assert [row.messages[0]["content"] for row in rows] == ["Be brief.", "Be kind."]
+
+
 def test_bad_inputs_are_one_line(run, tmp_path, monkeypatch):
     out = infopo("eval", str(tmp_path / "no-such-run"))
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "no such folder" in out.stderr, out.stderr
