@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from shlex import quote
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -125,7 +126,7 @@ def _resume(run_dir, flags: dict, dry_run: bool = False) -> None:
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)" if run_dir.exists() else
                           f"--resume {run_dir}: no such run folder")
     said: list[str] = []
-    saved, here = load_run_config(run_dir), Path.cwd()
+    saved, here = load_run_config(run_dir, where_started=False), Path.cwd()  # config.toml is rewritten
     run_dir, flags = enter_start_folder(run_dir, saved, flags, said.append)
     cfg = resumed_config(saved, flags, run_dir, said.append)
     from infopo_cli.train.launch import under_launcher
@@ -310,8 +311,8 @@ def export(
         size = sum(entry["bytes"] for entry in manifest["files"].values())
         console.print(f"bundle of {len(manifest['files'])} files ({size / 2**20:,.1f} MiB"
                       + (f", with {manifest['checkpoint']}" if manifest["checkpoint"] else "") + f") -> [bold]"
-                      f"{escape(str(target.out))}[/]\n  use it:      infopo generate {escape(str(target.out))} --prompt '...'"
-                      + (f"\n  continue it: infopo train --resume {escape(str(target.out))}" if manifest["checkpoint"] else ""),
+                      f"{escape(str(target.out))}[/]\n  use it:      infopo generate {escape(quote(str(target.out)))} --prompt '...'"
+                      + (f"\n  continue it: infopo train --resume {escape(quote(str(target.out)))}" if manifest["checkpoint"] else ""),
                       highlight=False)
         return
     from infopo_cli.export.export_gguf import export_gguf
@@ -319,8 +320,8 @@ def export(
     path, modelfile, result = export_gguf(target.source, target.out, quant, overwrite, check)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem.lower())
     console.print(f"GGUF ({escape(quant)}) -> [bold]{escape(str(path))}[/]\n"
-                  f"  Ollama:    ollama create {name} -f {escape(str(modelfile))} && ollama run {name}\n"
-                  f"  llama.cpp: llama-cli -m {escape(str(path))} -cnv", highlight=False)
+                  f"  Ollama:    ollama create {name} -f {escape(quote(str(modelfile)))} && ollama run {name}\n"
+                  f"  llama.cpp: llama-cli -m {escape(quote(str(path)))} -cnv", highlight=False)
     if result is not None:
         for line in result.lines():
             console.print(line, highlight=False, markup=False)
@@ -343,8 +344,9 @@ def _export_adapter(target, quant: str, base_gguf: str | None, overwrite: bool, 
         return
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem.lower())
     base = modelfile.read_text(encoding="utf-8").splitlines()[0].removeprefix("FROM ").strip('"')
-    console.print(f"  Ollama:    ollama create {name} -f {escape(str(modelfile))} && ollama run {name}\n"
-                  f"  llama.cpp: llama-cli -m {escape(base)} --lora {escape(str(path))} -cnv", highlight=False)
+    console.print(f"  Ollama:    ollama create {name} -f {escape(quote(str(modelfile)))} && ollama run {name}\n"
+                  f"  llama.cpp: llama-cli -m {escape(quote(base))} --lora {escape(quote(str(path)))} -cnv",
+                  highlight=False)
     if result is None:
         if check:
             console.print("  llama.cpp check skipped: pip install 'infopo[gguf-check]'", highlight=False)
@@ -649,6 +651,11 @@ def compare(
     if sweep and len(sweep) > 1:  # a list only to see a repeat: typer would keep the last one silently
         raise ConfigError(f"--sweep given {len(sweep)} times: give one --sweep (a comparison sweeps one setting)")
     planned = comparison.prepare(loss, sweep[0] if sweep else None, output, settings, preset or presets.DEFAULT_PRESET)
+    if generate:  # checked now, not after every run has trained
+        sampling = _sampling(max_new_tokens, 0.0)
+        if not planned.configs[0].eval_data:
+            raise ConfigError("--generate scores answers to the held-out prompts, and these runs hold none out: give "
+                              "--eval-data FILE")
     if len({cfg.loss for cfg in planned.configs}) > 1:  # one loss over a sweep meets the data as its first run does
         comparison.check_data(planned.configs)
     resuming = planned.check() if dry_run else planned.claim()
@@ -677,10 +684,8 @@ def compare(
     runs, written = comparison.report(planned.parent, folders)
     console.print(*table.rich_tables(runs))
     if generate:
-        from infopo_cli.inference.generation import Sampling
         from infopo_cli.workflows.evaluation import EvalRequest, evaluate
 
-        sampling = Sampling(max_new_tokens=max_new_tokens)
         answers, path = comparison.evaluate_all(planned.parent, folders, lambda folder: evaluate(  # overwrite: the
             EvalRequest(str(folder), generate=True, sampling=sampling, overwrite=True), log=_note))  # comparison's own
         console.print(answers, highlight=False, markup=False)

@@ -490,6 +490,8 @@ def _limit_problem(name: str, value: Any) -> str | None:
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"{name} must be a finite number (got {value})"
+    if name == "data" and isinstance(value, (list, tuple)) and not value:
+        return "data is an empty list: name at least one source"
     if name in LIMITS and not LIMITS[name][0](value):
         return f"{name} must {LIMITS[name][1]} (got {value!r})"
     if name in MOST and value > MOST[name][0]:

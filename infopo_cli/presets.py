@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from infopo_cli import files
 from infopo_cli.config import TrainConfig, override, show
 from infopo_cli.errors import ConfigError
 
@@ -58,7 +59,7 @@ def _parse(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: not a regular file")
         if found.st_size > MAX_BYTES:
             raise ConfigError(f"{path}: larger than {MAX_BYTES >> 20} MiB, not a preset")
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors write one) is no error
     except tomllib.TOMLDecodeError as err:
         hint = " (presets are TOML: key = value lines, strings quoted)" if path.suffix.lower() != ".toml" else ""
         raise ConfigError(f"{path}: not valid TOML: {err}{hint}") from None
@@ -100,11 +101,64 @@ def run_name(name: Any, path: Path) -> str:
 ADDED_LATER = {"system_field": ""}  # a `system` column was ignored
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
-    """A run folder's config.toml; a setting it lacks (an older release wrote it) set as that release had it."""
+STARTED_IN = ".started_in"  # in a run folder: the working folder the run started in, for its relative paths
+
+
+def load_run_config(run_dir: Path, where_started: bool = True) -> TrainConfig:
+    """A run folder's config.toml; a setting it lacks (an older release wrote it) set as that release had it. With
+    `where_started`, its relative paths (model, data, held-out data) that the folder the run started in holds are
+    made absolute there (in memory: config.toml keeps them as typed), so that `eval`, `generate` and `export` read
+    what the run read from wherever they are run."""
     path = run_dir / "config.toml"
     missing = {key: value for key, value in ADDED_LATER.items() if key not in read(path)}
-    return replace(load_preset(str(path)), **missing)
+    cfg = replace(load_preset(str(path)), **missing)
+    start, there = started_paths(run_dir, cfg)
+    if not where_started or start is None or not there:
+        return cfg
+    absolute = {path: str((start / path).resolve()) for path in there}
+    return replace(cfg, model=absolute.get(cfg.model, cfg.model),
+                   **{key: _mapped(getattr(cfg, key), absolute) for key in ("data", "eval_data")})
+
+
+def record_start(run_dir: Path) -> None:
+    """Notes the folder a fresh run starts in: the relative paths its config.toml keeps as typed are relative to it."""
+    files.write_text(run_dir / STARTED_IN, str(Path.cwd()) + "\n")
+
+
+def started_paths(run_dir: Path, cfg: TrainConfig) -> tuple[Path | None, list[str]]:
+    """The folder the run in `run_dir` started in, and its relative paths (model, data, held-out data) found there;
+    (None, []) where it was not recorded (an older release), is gone, is this folder, or the run folder has moved since
+    (copied into another project, whose files of those names are not the run's)."""
+    record = run_dir / STARTED_IN
+    start = Path(record.read_text(encoding="utf-8").strip()) if record.is_file() else None
+    if start is None or not start.is_dir() or start.resolve() == Path.cwd().resolve() or not cfg.output \
+            or (start / cfg.output).resolve() != run_dir.resolve():
+        return None, []
+    paths = [_spec(text) for value in (cfg.data, cfg.eval_data) for text in _listed(value)] + [cfg.model]
+    return start, [path for path in dict.fromkeys(paths) if path and not path.startswith("bundled:")
+                   and not Path(path).is_absolute() and (start / path).exists()]
+
+
+def _listed(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _spec(text: str) -> str:
+    """'d/a.jsonl:0.3' -> 'd/a.jsonl' (a weight is a number after the last colon)."""
+    head, colon, tail = text.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return text
+    return head if colon and head else text
+
+
+def _mapped(value: Any, absolute: dict[str, str]) -> Any:
+    """A data setting with each source in `absolute` replaced, its weight kept."""
+    def one(text: str) -> str:
+        spec = _spec(text)
+        return absolute[spec] + text[len(spec):] if spec in absolute else text
+    return one(value) if isinstance(value, str) else [one(text) for text in value or []]
 
 
 def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
@@ -121,7 +175,12 @@ def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
         raise ConfigError(f"{path}: 'extends' must be a preset name or a .toml file, got {show(parent)}")
     if parent and parent.endswith(".toml") and not Path(parent).is_absolute() and (path.parent / parent).is_file():
         parent = str(path.parent / parent)  # `extends = "base.toml"` beside this preset, wherever infopo runs from
-    base = load_preset(parent, (*_seen, path)) if parent else TrainConfig()
+    try:
+        base = load_preset(parent, (*_seen, path)) if parent else TrainConfig()
+    except ConfigError as err:
+        if str(err).startswith(("preset file ", "unknown preset")):  # the file that names it is the one to fix
+            raise ConfigError(f"{path}: extends = {parent!r}: {err}") from None
+        raise
     cfg = override(base, raw, source=str(path))  # as flags over a preset: another loss, another held-out set
     # a run's config.toml keeps the preset it came from
     cfg.preset = run_name(raw["preset"], path) if raw.get("preset") else plain_name(path.stem)

@@ -17,7 +17,7 @@ from infopo_cli.errors import ConfigError
 from infopo_cli.export.outputs import claim_folder
 from infopo_cli.model.source import mark_merged
 from infopo_cli.train.checkpoint import complete_checkpoints
-from infopo_cli.presets import load_preset
+from infopo_cli.presets import load_run_config
 from infopo_cli.reporting.model_card import write_merged_card
 
 
@@ -44,12 +44,12 @@ def from_run(run_dir: str | Path) -> AdapterSource:
         if (run / "config.toml").is_file() and (saved := complete_checkpoints(run)):
             raise ConfigError(f"{run} has no final adapter: the run stopped before writing it. `infopo train --resume "
                               f"{run}` finishes it, or export its newest checkpoint: --base "
-                              f"{load_preset(str(run / 'config.toml')).model} --adapter {saved[-1]}")
+                              f"{load_run_config(run).model} --adapter {saved[-1]}")
         raise ConfigError(f"{run} has no adapter (adapter_config.json); pass a run folder written by `infopo train`, "
                           "or --base and --adapter")
     if not (run / "config.toml").is_file():
         raise ConfigError(f"{run} has no config.toml naming its base model; pass --base")
-    cfg = load_preset(str(run / "config.toml"))
+    cfg = load_run_config(run)
     started = [Path(cfg.init_adapter).expanduser()] if cfg.init_adapter else []
     return AdapterSource(cfg.model, run, tuple(started + complete_checkpoints(run)))
 

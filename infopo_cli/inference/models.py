@@ -86,6 +86,9 @@ def find_target(target: str | Path | None, base: str | None = None, log: Callabl
                               "copied without them, or a run that has not finished (pass one of its checkpoint-N folders)")
         run = next((p for p in (path, path.parent) if (p / "config.toml").is_file()), None)
         config = load_run_config(run) if run else None  # a checkpoint-N folder: its run's settings
+        if base and config is not None and not _same_model(base, config.model):
+            raise ConfigError(f"--base {base}: {run} was trained on {config.model}, and its adapter means nothing on "
+                              "another base; drop --base (it is for an adapter folder without its run's config.toml)")
         if base:
             check_not_merged_in(base, path, "--base")
             return Target(path, "adapter", base, config)
@@ -247,3 +250,12 @@ def _attach_reference(model, init_adapter: Path, notes: list[str]) -> str:
     model.set_adapter("default")
     notes.append(f"the run started from --init-adapter {init_adapter}: 'base' is that adapter (the run's reference)")
     return "init adapter (the run's reference)"
+
+
+def _same_model(given: str, trained: str) -> bool:
+    """Whether --base names the model a run was trained on (the same folder or file however spelt, or the same hub id)."""
+    here, there = Path(given).expanduser(), Path(trained).expanduser()
+    if here.exists() and there.exists():
+        return here.resolve() == there.resolve()
+    return given.rstrip("/") == trained.rstrip("/")
+

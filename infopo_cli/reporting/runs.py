@@ -91,7 +91,8 @@ class Run:
     @property
     def data_info(self) -> dict[str, Any]:
         """Rows and format as the run read them (summary.json; absent for runs of older versions)."""
-        return self.summary.get("data") or {}
+        data = self.summary.get("data")
+        return data if isinstance(data, dict) else {}  # another file's summary.json (an eval's) holds no such table
 
     @property
     def unit(self) -> str:

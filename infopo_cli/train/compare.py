@@ -211,7 +211,7 @@ def run_all(variants: list[Variant], settings: list[Any], parent: Path,
         if state == "done":
             continue
         if state == "stopped":
-            summary = train(resumed_config(load_run_config(folder), {}, folder), resume=folder)
+            summary = train(resumed_config(load_run_config(folder, where_started=False), {}, folder), resume=folder)
         else:
             summary = train(cfg)
         if summary.exit_code:

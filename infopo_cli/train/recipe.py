@@ -19,6 +19,7 @@ import json
 import math
 import random
 import resource
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -57,7 +58,8 @@ from infopo_cli.train.evaluate import Evaluator
 from infopo_cli.train.logps import attention_kernel, pair_logps, takes_custom_masks
 from infopo_cli.train.metrics import MetricsLog, PairMetrics
 from infopo_cli.train.progress import Reporter
-from infopo_cli.train.resume import accepted_schedule, check_length, check_resumable, record_start
+from infopo_cli.presets import record_start
+from infopo_cli.train.resume import accepted_schedule, check_length, check_resumable
 from infopo_cli.train.schedule import WarmupCosine
 from infopo_cli.train.state import TrainState
 from infopo_cli.train.stops import (ShardedOutOfMemory, Stop, StopRequests, diverged, eval_out_of_memory, not_started,
@@ -642,7 +644,8 @@ class Run:
 
 def write_settings(run_dir: Path, resolved: dict) -> None:
     files.write_text(run_dir / "config.toml", f"# infopo {__version__}; rerun with: infopo train --preset "
-                                              f"{run_dir / 'config.toml'} --output NEW_DIR\n" + to_toml(resolved))
+                                              f"{shlex.quote(str(run_dir / 'config.toml'))} --output NEW_DIR\n"
+                     + to_toml(resolved))
 
 
 def _remove_if_unstarted(run_dir: Path, error: BaseException | None) -> bool:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infopo_cli import files
 from infopo_cli.config import TrainConfig, flag as _flag, merge
+from infopo_cli.presets import started_paths
 from infopo_cli.data.mixing import absolute, as_list, parse_source
 from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.train.schedule import WarmupCosine
@@ -31,42 +31,30 @@ MAY_CHANGE = ("max_steps", "epochs", "save_every", "keep_checkpoints", "eval_eve
               "fsdp")  # where the weights live, not what they compute (tests/runs/test_fsdp.py)
 
 
-STARTED_IN = ".started_in"  # in the run folder: the working folder the run started in, for its relative paths
-
-
-def record_start(run_dir: Path) -> None:
-    """Notes the folder a fresh run starts in: the relative paths its config.toml keeps as typed are relative to it."""
-    files.write_text(run_dir / STARTED_IN, str(Path.cwd()) + "\n")
-
-
 def enter_start_folder(run_dir: Path, saved: TrainConfig, flags: dict[str, Any],
                        note: Callable[[str], None] = lambda message: None) -> tuple[Path, dict[str, Any]]:
-    """A run resumed from another folder whose relative paths (data, held-out data, model) are found only from the
-    folder it started in goes on there: the working folder changes to it (the flags' own paths made absolute first),
-    so every relative path of config.toml reads what it read, and config.toml keeps them as typed. Returns the run
-    folder (as config.toml spells it) and the flags to use. A run folder copied elsewhere, paths found here, or where
-    it is unclear: nothing changes."""
-    record = run_dir / STARTED_IN
-    start = Path(record.read_text(encoding="utf-8").strip()) if record.is_file() else None
-    if start is None or not start.is_dir() or start.resolve() == Path.cwd().resolve():
-        return run_dir, flags
-    if not saved.output or (start / saved.output).resolve() != run_dir.resolve():
-        return run_dir, flags  # the run folder moved (copied to another project): its start folder is not its own
-    paths = [source.spec for value in (saved.data, saved.eval_data) for source in map(parse_source, as_list(value or []))
-             if source.spec and not source.spec.startswith("bundled:")] + [saved.model]
-    paths = [path for path in paths if not Path(path).expanduser().is_absolute()]
-    here = [path for path in paths if Path(path).exists()]
-    there = [path for path in paths if (start / path).exists()]
-    if not set(there) - set(here) or set(here) - set(there):  # all found here, or some only here: as before
+    """A run resumed from another folder goes on from the folder it started in where that holds its relative paths
+    (data, held-out data, model): the working folder changes to it (the flags' own paths made absolute first), so
+    every relative path of config.toml reads what it read, and config.toml, rewritten, keeps them as typed. Returns
+    the run folder (as config.toml spells it) and the flags to use. A run folder copied elsewhere, or paths that only
+    this folder holds: nothing changes (presets.started_paths)."""
+    start, there = started_paths(run_dir, saved)
+    here = [path for path in there if Path(path).exists()]
+    if start is None or not there or any(Path(path).exists() and path not in there for path in _relative(saved)):
         return run_dir, flags
     flags = {key: absolute(value) if key in ("data", "eval_data") else
              str(Path(value).expanduser().resolve()) if key in ("output", "init_adapter", "preset") and value and
              Path(value).expanduser().exists() else value for key, value in flags.items()}
     os.chdir(start)
-    run_dir = Path(saved.output)  # as config.toml spells it, from the start folder (checked above)
-    note(f"{', '.join(sorted(set(there) - set(here)))}: read from {start}, where this run started (config.toml keeps "
-         "relative paths as typed)")
-    return run_dir, flags
+    note(f"{', '.join(there)}: read from {start}, where this run started" + (" (not from here)" if here else ""))
+    return Path(saved.output), flags
+
+
+def _relative(cfg: TrainConfig) -> list[str]:
+    """The run's local relative paths: its model, its data and held-out data sources."""
+    specs = [parse_source(text).spec for value in (cfg.data, cfg.eval_data) for text in as_list(value or [])]
+    return [path for path in specs + [cfg.model] if path and not path.startswith("bundled:") and
+            not Path(path).expanduser().is_absolute()]
 
 
 def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,

@@ -12,6 +12,7 @@ Every way a run ends early is a `Stop` (status, exit code, the line that says ho
 
 from __future__ import annotations
 
+import shlex
 import signal
 import threading
 import time
@@ -31,7 +32,7 @@ NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 
 def resume_hint(run_dir: object) -> str:
-    return f"infopo train --resume {run_dir}"
+    return f"infopo train --resume {shlex.quote(str(run_dir))}"  # quoted: a folder with a space pastes as one
 
 
 class StopNow(BaseException):

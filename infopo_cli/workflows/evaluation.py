@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from infopo_cli import files
+from infopo_cli.bundles import RUN_FILES
 from infopo_cli.config import TrainConfig
 from infopo_cli.data.batching import collate, eval_batches
 from infopo_cli.data.formats import PreferencePair
@@ -166,6 +167,9 @@ def claim_outputs(out: Path, data: list[str], generate: bool, overwrite: bool) -
     for path in paths:
         if path.resolve() in sources:
             raise ConfigError(f"--out {out} would write {path}, the data this evaluation reads; choose another --out")
+        if path.name in RUN_FILES and (path.parent / "config.toml").is_file():  # --overwrite or not
+            raise ConfigError(f"--out {out} would write {path}, a file of the run in {path.parent}; choose another "
+                              "--out (the default is the run's eval/eval.json)")
     files.claim_targets(paths, overwrite)
     files.check_writable(out, "--out")
 

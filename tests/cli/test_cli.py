@@ -198,7 +198,8 @@ def test_a_run_accepts_its_files_under_any_spelling_on_resume(tmp_path, monkeypa
     assert f"data {pairs}: 8 explicit pairs" in out.stdout
 
 
-def test_a_run_resumed_from_another_folder_reads_its_relative_paths_from_where_it_started(tmp_path, tiny_model):
+def test_a_run_resumed_from_another_folder_reads_its_relative_paths_from_where_it_started(tmp_path, tiny_model,
+                                                                                          monkeypatch):
     """`cd proj; infopo train --data d/small.jsonl --output runs/a`, stopped; `infopo train --resume proj/runs/a` from
     the folder above found no d/small.jsonl. It goes on from proj (and says so), config.toml keeps the paths as typed,
     and the data spelt from here is the same data."""
@@ -206,6 +207,7 @@ def test_a_run_resumed_from_another_folder_reads_its_relative_paths_from_where_i
     import tomllib
 
     from conftest import write_pairs
+    from infopo_cli.presets import load_run_config
 
     proj = tmp_path / "proj"
     (proj / "d").mkdir(parents=True)
@@ -227,6 +229,11 @@ def test_a_run_resumed_from_another_folder_reads_its_relative_paths_from_where_i
     saved = tomllib.loads((proj / "runs" / "a" / "config.toml").read_text())
     assert (saved["data"], saved["output"]) == ("d/small.jsonl", "runs/a")
     assert (proj / "runs" / "a" / "checkpoint-4").is_dir() and not (tmp_path / "runs").exists()
+    monkeypatch.chdir(tmp_path)  # eval, generate and export read the run's files from where it started, too
+    (tmp_path / "d").mkdir()
+    write_pairs(tmp_path / "d" / "small.jsonl", 4)  # another project's file of the same name is not the run's
+    assert load_run_config(Path("proj/runs/a")).data == str(proj / "d" / "small.jsonl")
+    assert load_run_config(Path("proj/runs/a"), where_started=False).data == "d/small.jsonl"
 
 
 def test_a_run_of_an_older_release_resumes_reading_its_rows_as_that_release_did(tmp_path):
@@ -348,3 +355,28 @@ def test_settings_that_would_do_nothing_with_this_data_are_warned_of(tmp_path):
     assert split_note([str(pairs), str(tmp_path / "saved")], "test") is None
     assert split_note([str(pairs), "org/name"], "test") is None and split_note([str(pairs)], "train") is None
     assert split_note([str(pairs), "bundled:arith_eval"], "test").startswith("split 'test' applies to none of")
+
+
+def test_a_comparisons_dry_run_refuses_what_would_stop_it_after_training(tmp_path):
+    out = infopo("compare", "--loss", "infopo,dpo", "--generate", "--max-new-tokens", "0", "--dry-run", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("error: --max-new-tokens must be at least 1")
+    out = infopo("compare", "--loss", "infopo,dpo", "--generate", "--eval-data", "", "--dry-run", cwd=tmp_path)
+    assert out.returncode == 2 and "these runs hold none out: give --eval-data FILE" in out.stderr
+
+
+def test_preset_files_as_editors_write_them_and_their_mistakes_name_the_file(tmp_path):
+    (tmp_path / "bom.toml").write_bytes(b'\xef\xbb\xbfextends = "smollm2-135m"\nlr = 0.0001\n')
+    assert load_preset(str(tmp_path / "bom.toml")).lr == 1e-4  # a BOM (Windows editors write one)
+    (tmp_path / "ext.toml").write_text('extends = "nope.toml"\n')
+    with pytest.raises(ConfigError, match=r"ext\.toml: extends = 'nope\.toml': preset file nope\.toml does not exist"):
+        load_preset(str(tmp_path / "ext.toml"))
+    (tmp_path / "empty.toml").write_text('extends = "smollm2-135m"\ndata = []\n')
+    with pytest.raises(ConfigError, match=r"empty\.toml: data is an empty list: name at least one source"):
+        load_preset(str(tmp_path / "empty.toml"))
+
+
+def test_commands_we_suggest_paste_as_one_argument_per_path():
+    from infopo_cli.train.stops import resume_hint
+
+    assert resume_hint(Path("runs/sp ü")) == "infopo train --resume 'runs/sp ü'"
+    assert resume_hint(Path("runs/a")) == "infopo train --resume runs/a"

@@ -53,6 +53,9 @@ def test_eval_out_refuses_existing_files_and_never_writes_over_its_data(run, tmp
         evaluate(EvalRequest(str(run), data=str(data), generate=True, out=str(tmp_path / "mine.json")))
     assert data.read_bytes() == before and (tmp_path / "mine.md").read_text() == "my notes"
     assert not (tmp_path / "mine.json").exists() and not loads  # refused before any model loaded
+    for name in ("metrics.json", "summary.json"):  # the run's training log and summary, even with --overwrite
+        with pytest.raises(ConfigError, match=rf"would write .*{name[:-5]}\.json.?l?, a file of the run in"):
+            evaluate(EvalRequest(str(run), data=str(data), generate=True, out=str(run / name), overwrite=True))
     (tmp_path / "afile").write_text("x")  # --out under a file: no folder to write in
     with pytest.raises(OutputError, match=r"^--out .*afile/e\.json: cannot write there, .*afile is a file"):
         evaluate(EvalRequest(str(run), data=str(data), out=str(tmp_path / "afile" / "e.json")))

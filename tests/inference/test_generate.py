@@ -291,6 +291,10 @@ def test_adapter_folder_with_base_loads_the_runs_adapter(run, loaded, tiny_model
         shutil.copy(run / name, adapter / name)
     target = find_target(adapter, base=str(tiny_model))
     assert target.kind == "adapter" and target.base == str(tiny_model)
+    assert find_target(run, base=str(tiny_model)).kind == "adapter"  # the run's own base, spelt as given: accepted
+    with pytest.raises(ConfigError, match=r"^--base .*other: .* was trained on .*, and its adapter means nothing on "
+                                          r"another base; drop --base"):
+        find_target(run, base=str(tmp_path / "other"))  # a run's adapter put on another model was scored silently
     again = load_target(target, log=lambda _: None)  # dtype auto (no run settings): compare weights, not greedy text
     assert again.has_adapter and again.can_compare
     from peft import get_peft_model_state_dict

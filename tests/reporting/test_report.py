@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,7 @@ def test_run_folder_reads_back(two_runs):
     assert [r["step"] for r in run.evals] == [0, 2, 3]
     assert run.eval_before["step"] == 0 and run.eval_after["step"] == 3
     assert run.data_info["pairs"] == 16 and run.data_info["format"]
+    assert replace(run, summary={"data": "held.jsonl"}).data_info == {}  # an eval's summary.json put there: no crash
     assert "displacement" in run.summary  # the guard's verdict: a message or null
 
 
