@@ -586,7 +586,7 @@ def report(
     from infopo_cli.errors import ConfigError
     from infopo_cli.reporting import figure, table
     from infopo_cli.reporting.model_card import displacement_message
-    from infopo_cli.reporting.runs import read_run
+    from infopo_cli.reporting.runs import read_runs
 
     from infopo_cli import files
 
@@ -597,7 +597,7 @@ def report(
         if Path(path).resolve() in seen:
             raise ConfigError(f"{path} is given twice; name each run once")
         seen.add(Path(path).resolve())
-    loaded = [read_run(path) for path in runs]
+    loaded = read_runs(runs)
     target = Path(out) if out else Path("report.png") if len(loaded) > 1 else loaded[0].path / "report.png"
     files.claim_target(target, overwrite)
     if markdown:

@@ -59,10 +59,11 @@ class Run:
     settings: dict[str, Any]                              # config.toml as written: the resolved settings
     records: list[dict[str, Any]]                         # metrics.jsonl, in order
     summary: dict[str, Any] = field(default_factory=dict)  # summary.json; empty while a run is still going
+    shown: str = ""                                       # the name to show where the folder's own is not enough
 
     @property
     def name(self) -> str:
-        return self.path.resolve().name
+        return self.shown or self.path.resolve().name
 
     @property
     def loss(self) -> str:
@@ -121,6 +122,22 @@ class Run:
     @property
     def steps(self) -> int:
         return int(self.summary.get("steps") or (self.train[-1]["step"] if self.train else 0))
+
+
+def read_runs(folders: list[str | Path]) -> list[Run]:
+    """`read_run` of each; runs whose folders share a name (`infopo` of two comparisons) are shown with as much of
+    their paths as tells them apart."""
+    runs = [read_run(folder) for folder in folders]
+    paths = [run.path.resolve() for run in runs]
+    deepest = max((len(p.parts) for p in paths), default=1)
+    for depth in range(1, deepest + 1):
+        names = [str(Path(*p.parts[-depth:])) for p in paths]
+        if len(set(names)) == len(set(paths)):  # one folder given twice keeps one name
+            break
+    if depth > 1:
+        for run, name in zip(runs, names):
+            run.shown = name
+    return runs
 
 
 def read_run(folder: str | Path) -> Run:

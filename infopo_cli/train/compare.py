@@ -223,9 +223,9 @@ def report(parent: Path, folders: list[Path]) -> tuple[list[Any], list[Path]]:
     """The finished runs side by side: PARENT/report.md and, with matplotlib, report.png. Returns (the loaded runs, the
     files written)."""
     from infopo_cli.reporting import figure, table
-    from infopo_cli.reporting.runs import read_run
+    from infopo_cli.reporting.runs import read_runs
 
-    runs = [read_run(folder) for folder in folders]
+    runs = read_runs(folders)
     files.write_text(parent / "report.md", table.markdown_table(runs))
     written = [parent / "report.md"]
     if figure.plot_runs(runs, parent / "report.png"):

@@ -267,3 +267,14 @@ def test_summary_json_holds_the_verdict(two_runs):
         run = runs.read_run(folder)
         found = displacement.detect(run.records, run.loss)
         assert summary["displacement"] == (found.message if found else None)
+
+
+def test_runs_of_two_comparisons_that_share_a_name_are_told_apart(tmp_path):
+    """`report cmp1/infopo cmp2/infopo` labelled both "infopo (infopo)" in the legend and the table."""
+    for name in ("cmp 1/infopo", "cmp2/infopo", "cmp2/dpo"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.toml").write_text('loss = "infopo"\n')
+        (tmp_path / name / "metrics.jsonl").write_text("")
+    assert [r.name for r in runs.read_runs([tmp_path / "cmp 1/infopo", tmp_path / "cmp2/infopo"])] == [
+        "cmp 1/infopo", "cmp2/infopo"]
+    assert [r.name for r in runs.read_runs([tmp_path / "cmp2/dpo", tmp_path / "cmp2/infopo"])] == ["dpo", "infopo"]
