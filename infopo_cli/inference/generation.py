@@ -12,6 +12,7 @@ mask and mask-derived positions leaves every greedy answer as it is one prompt a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -42,8 +43,8 @@ class Sampling:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if not self.temperature >= 0:
-            problems.append(f"--temperature must be 0 (greedy) or more (got {self.temperature})")
+        if not 0 <= self.temperature < math.inf:  # inf would be uniform noise over the vocabulary
+            problems.append(f"--temperature must be 0 (greedy) or a finite number above it (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:

@@ -388,8 +388,9 @@ def test_bad_inputs_are_one_line(run, tmp_path, monkeypatch):
         evaluate(EvalRequest(str(run), data=str(bad)), log=lambda _: None)
     with pytest.raises(ConfigError, match=r"name a \.json file"):
         evaluate(EvalRequest(str(run), out=str(tmp_path / "out.txt")), log=lambda _: None)
-    with pytest.raises(ConfigError, match="--temperature must be 0"):
-        Sampling(temperature=-1).check()
+    for temperature in (-1, float("inf")):
+        with pytest.raises(ConfigError, match="--temperature must be 0"):
+            Sampling(temperature=temperature).check()
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"adapter: adapter_config.json but no adapter weights \(adapter_model"):
