@@ -329,8 +329,26 @@ def markdown(result: EvalResult) -> str:
 
 
 def write_outputs(result: EvalResult) -> None:
-    """Write eval.json and, when there are replies, the .jsonl and .md beside it; each file atomically."""
+    """Write eval.json and, when there are replies, the .jsonl and .md beside it; each file atomically. The replies of
+    the evaluation it replaces (--overwrite without --generate) go with it: they would pass for this one's."""
+    stale = _written_beside(result.out) if not result.rows else []
     files.write_json(result.out, result.summary())
+    for path in stale:
+        path.unlink(missing_ok=True)
     if result.rows:
         files.write_text(result.replies_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows))
         files.write_text(result.table_path, markdown(result))
+
+
+def _written_beside(out: Path) -> list[Path]:
+    """The replies and table that the eval.json at `out` says it wrote beside it (none if it is not one)."""
+    try:
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(earlier, dict):
+        return []
+    beside = {out.with_suffix(".jsonl"), out.with_suffix(".md")}
+    return [Path(earlier[key]) for key in ("replies", "table")
+            if isinstance(earlier.get(key), str) and Path(earlier[key]) in beside]
+

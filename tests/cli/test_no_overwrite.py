@@ -14,6 +14,7 @@ import typer
 from conftest import infopo, tiny_cfg, write_pairs
 from infopo_cli import cli, presets
 from infopo_cli.errors import CheckpointError, ConfigError, OutputError
+from infopo_cli.inference.generation import Sampling
 from infopo_cli.workflows.evaluation import EvalRequest, evaluate
 from infopo_cli.train import recipe
 
@@ -71,6 +72,12 @@ def test_eval_out_without_generate_claims_only_the_summary(run, tmp_path):
     with pytest.raises(OutputError, match=r"res\.json already exists"):
         evaluate(EvalRequest(str(run), data=str(data), out=str(tmp_path / "res.json")), log=lambda _: None)
     evaluate(EvalRequest(str(run), data=str(data), out=str(tmp_path / "res.json"), overwrite=True), log=lambda _: None)
+    assert (tmp_path / "res.md").read_text() == "kept"  # not written by an eval: not ours to remove
+    evaluate(EvalRequest(str(run), data=str(data), out=str(tmp_path / "g.json"), generate=True,
+                         sampling=Sampling(max_new_tokens=4)), log=lambda _: None)
+    assert (tmp_path / "g.jsonl").is_file() and (tmp_path / "g.md").is_file()
+    evaluate(EvalRequest(str(run), data=str(data), out=str(tmp_path / "g.json"), overwrite=True), log=lambda _: None)
+    assert not (tmp_path / "g.jsonl").exists() and not (tmp_path / "g.md").exists()  # the replaced eval's replies
 
 
 @pytest.mark.run
