@@ -76,6 +76,7 @@ MOST_CARDS = 16            # the most processes `fewest_cards` tries
 GATHERED_LAYERS = 2        # FSDP2 gathers the layer that runs and prefetches the next
 MASKLESS = ("flash_attention_2", "flash_attention_3")  # kernels that take no 4-D mask (so no shared prompt either)
 LM_CHUNK = 1024             # tokens per output-layer chunk: train/logps.py CHUNK_TOKENS (a test checks they agree)
+LM_CHUNK_CPU = 256          # on a CPU: train/logps.py CPU_CHUNK_TOKENS
 
 
 @dataclass(frozen=True)

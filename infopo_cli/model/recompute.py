@@ -72,7 +72,7 @@ def training(cfg: TrainConfig, device: str, compute_bytes: int, softcapped: bool
     if attention == "auto":  # as model/stack.py resolves it (model/attention.py)
         attention = "matmul" if device == "cpu" and compute_bytes == 2 and not softcapped else "sdpa"
     return mp.Training(cfg.lora_r, targets, cfg.lora_dropout, compute_bytes, cfg.load_in_4bit, optimizer, device,
-                       attention, mp.LM_CHUNK, fsdp=cfg.nproc if cfg.fsdp else 1)
+                       attention, mp.LM_CHUNK_CPU if device == "cpu" else mp.LM_CHUNK, fsdp=cfg.nproc if cfg.fsdp else 1)
 
 
 @dataclass(frozen=True)

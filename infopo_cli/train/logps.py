@@ -25,6 +25,8 @@ from infopo_cli.model import stack
 from infopo_cli.train import output_layer
 
 CHUNK_TOKENS = 1024
+CPU_CHUNK_TOKENS = 256  # the output layer's chunk on a CPU (train/output_layer.py: its buffers stay cached there)
+NO_GRAD_CPU_TOKENS = 4096  # positions per decoder pass without gradients on a CPU (`_decoder_states`)
 FLEX_BLOCK = 128  # flex-attention's default sparse block; block masks are built at widths rounded up to it
 
 
@@ -161,14 +163,14 @@ def target_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, ta
                  position_ids: Tensor | None = None, ref_hidden: Tensor | None = None) -> SequenceLogps:
     """Per sequence of `targets`: the summed log-probs of its tokens and their count (and the KL, as above)."""
     lm = _causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+    hidden = _decoder_states(lm.get_decoder(), input_ids, attention_mask, position_ids)
     selected = hidden[targets.rows, targets.cols]  # (tokens, H): positions that predict response tokens
     wanted = targets.tokens
     lm_head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if ref_hidden is None and output_layer.fusable(lm_head):  # the fast path: no vocab-wide tensor kept
-        flat = output_layer.target_logps(selected, wanted, lm_head, softcap, CHUNK_TOKENS)
+        chunk = CPU_CHUNK_TOKENS if selected.device.type == "cpu" else CHUNK_TOKENS
+        flat = output_layer.target_logps(selected, wanted, lm_head, softcap, chunk)
         return SequenceLogps(_per_sequence(flat, targets), targets.counts(), selected)
     grad = torch.is_grad_enabled() and selected.requires_grad
     logps, kls = [], []
@@ -184,6 +186,25 @@ def target_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, ta
     flat = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
     kl = _per_sequence(torch.cat(kls) if kls else flat, targets) if ref_hidden is not None else None
     return SequenceLogps(_per_sequence(flat, targets), targets.counts(), selected, kl)
+
+
+def _decoder_states(decoder: nn.Module, input_ids: Tensor, attention_mask, position_ids: Tensor | None) -> Tensor:
+    """The decoder's last hidden states, (rows, T, H). Without gradients on a CPU, a few rows at a time: a large
+    batch's per-layer activations are blocks glibc maps afresh, each page faulting at every layer (the 64-pair
+    reference batch of SmolLM2's default preset: 20 s in one pass, 13 s in slices of 4096 positions); a slice's
+    stay on the heap and in cache. Each row's values are its own either way (no row sees another)."""
+    rows, width = input_ids.shape
+    step = max(1, NO_GRAD_CPU_TOKENS // max(1, width))
+    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or rows <= step:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
+
+    def part(x, start: int):
+        return x if x is None or x.shape[0] == 1 else x[start:start + step]
+
+    return torch.cat([decoder(input_ids=input_ids[i:i + step], attention_mask=part(attention_mask, i),
+                              position_ids=part(position_ids, i), use_cache=False).last_hidden_state
+                      for i in range(0, rows, step)])
 
 
 def _per_sequence(per_token: Tensor, targets: Targets) -> Tensor:

@@ -107,6 +107,10 @@ class Reporter:
         self._say(f"model {escape(source)} loaded in {seconds:.1f}s ({'NF4 4-bit' if cfg.load_in_4bit else 'unquantised'}); "
                   f"LoRA r={cfg.lora_r}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.0f}M parameters")
 
+    def attention(self, kernel: str) -> None:
+        """The attention kernel the model runs (what `--attn-implementation auto` chose on this machine)."""
+        self._say(f"attention kernel: {escape(kernel)}")
+
     def tokenised(self, n_train: int, n_eval: int, cached: bool, truncated: int, max_length: int,
                   unit: str = "pairs") -> None:
         """The pairs (or unpaired rows) tokenised (or read from the cache), and how many were truncated."""

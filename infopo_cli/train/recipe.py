@@ -43,7 +43,7 @@ from infopo_cli.errors import ConfigError
 from infopo_cli.inference.prompts import PromptRow
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
-from infopo_cli.model import recompute as recomputation, sharding, stack, unsloth_backend
+from infopo_cli.model import attention, recompute as recomputation, sharding, stack, unsloth_backend
 from infopo_cli.model.precision import Precision, choose
 from infopo_cli.model.recompute import Recompute
 from infopo_cli.model.source import check_source
@@ -362,6 +362,7 @@ def _load_model(cfg: TrainConfig, source: str, precision: Precision, spec: LossS
         if mesh is not None:
             sharding.shard_base(model, mesh, precision.device)
     report.model(source, time.perf_counter() - t_load, cfg, *stack.count_parameters(model))
+    report.attention(attention.describe(attention_kernel(model)))
     if mesh is not None:
         held = world.gather([sharding.held_bytes(model)])
         mib = ", ".join(f"{share[0].codes_held / 2**20:.2f}" for share in held)

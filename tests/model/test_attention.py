@@ -47,8 +47,10 @@ def _ours(q, k, v, mask):
 @pytest.mark.parametrize("query_block", [64, 2])  # 64: one block of 7 queries; 2: three blocks, each its own keys
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("form", ["bool", "additive", "none", "per-row-blocks"])
-def test_values_and_gradients_are_sdpas(dtype, tol, form, query_block, monkeypatch):
+@pytest.mark.parametrize("by_sdpa", [False, True])  # the forward of a CPU without AMX, and of one with it
+def test_values_and_gradients_are_sdpas(dtype, tol, form, query_block, by_sdpa, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(attention, "forward_by_sdpa", lambda: by_sdpa)
     q, k, v = _inputs(dtype)
     allowed = torch.ones(7, 7, dtype=torch.bool).tril()
     allowed[5:, 2:4] = False  # a shared prompt's pattern: later queries skip a block of keys
@@ -177,3 +179,15 @@ def test_the_generation_loop_runs_the_model_under_float32_scores(tiny_model, mon
     ids = torch.tensor([[5, 6, 7]])
     list(generation.decode(model, ids, torch.ones_like(ids), sampling, set()))
     assert seen and all(seen) and attention._float32_scores == 0
+
+
+def test_the_forward_is_sdpas_only_on_a_cpu_with_amx(monkeypatch):
+    from infopo_cli.model import precision
+
+    for flags, want in [({"avx512f", "avx512_bf16"}, False), ({"avx512_bf16", "amx_bf16", "amx_tile"}, True), (set(), False)]:
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: flags)
+        attention.forward_by_sdpa.cache_clear()
+        assert attention.forward_by_sdpa() is want
+        assert ("sdpa's flash kernel" in attention.describe("matmul")) is want
+    attention.forward_by_sdpa.cache_clear()
+    assert attention.describe("sdpa") == "sdpa"

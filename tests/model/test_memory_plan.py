@@ -36,9 +36,10 @@ def training(**kw) -> mp.Training:
 # --- 1. the parts, by hand ----------------------------------------------------------------------------
 
 def test_the_plan_chunks_the_output_layer_as_training_does():
-    from infopo_cli.train.logps import CHUNK_TOKENS
+    from infopo_cli.train.logps import CHUNK_TOKENS, CPU_CHUNK_TOKENS
 
     assert recomputation.training(TrainConfig(), "cuda", 2).lm_chunk == mp.LM_CHUNK == CHUNK_TOKENS
+    assert recomputation.training(TrainConfig(), "cpu", 2).lm_chunk == mp.LM_CHUNK_CPU == CPU_CHUNK_TOKENS
 
 
 def test_weights_lora_and_optimizer_of_a_tiny_config_by_hand():

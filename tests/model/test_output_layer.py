@@ -68,3 +68,18 @@ def test_only_plain_linear_layers_are_fused():
         pass
 
     assert output_layer.fusable(nn.Linear(2, 3)) and not output_layer.fusable(Wrapped(2, 3))
+
+
+def test_a_cpu_call_reuses_the_vocab_wide_buffers_of_the_last():
+    """On a CPU each fresh vocab-wide tensor faults in its pages: chunks and calls share two buffers, and a call with
+    fewer positions than the last reads only its own rows of them."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    big, small = torch.randn(9, 16, dtype=torch.bfloat16), torch.randn(4, 16, dtype=torch.bfloat16)
+    output_layer.target_logps(big, torch.randint(0, 50, (9,)), layer, None, 64)
+    held = {role: buffer.data_ptr() for role, buffer in output_layer._held.items()}
+    assert set(held) == {"product", "logits"}
+    targets = torch.randint(0, 50, (4,))
+    got = output_layer.target_logps(small, targets, layer, None, 64)
+    assert {role: buffer.data_ptr() for role, buffer in output_layer._held.items()} == held
+    torch.testing.assert_close(got, plain(small, targets, layer, None), atol=1e-5, rtol=1e-5)

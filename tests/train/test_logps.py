@@ -34,6 +34,7 @@ def test_matches_full_logits_and_counts(tiny_model, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     b = batch()
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)  # several chunks, as with long sequences
+    monkeypatch.setattr(logps_module, "CPU_CHUNK_TOKENS", 3)  # the fused path's on a CPU
     out = sequence_logps(model, b.input_ids, b.attention_mask, b.labels)
     got, counts = out.sums, out.counts
     want, want_counts = naive(model, b.input_ids, b.attention_mask, b.labels)
@@ -43,6 +44,7 @@ def test_matches_full_logits_and_counts(tiny_model, monkeypatch):
 
 def test_gradient_matches_full_logits(tiny_model, monkeypatch):
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 2)
+    monkeypatch.setattr(logps_module, "CPU_CHUNK_TOKENS", 2)  # the fused path's on a CPU
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     b = batch()
     sequence_logps(model, b.input_ids, b.attention_mask, b.labels).sums.sum().backward()
@@ -75,6 +77,7 @@ def test_padding_does_not_change_logps(tiny_model):
 def test_kl_to_reference_matches_full_distributions(tiny_model, monkeypatch):
     """TDPO's sequence KL: sum over response positions of KL(p_ref(.|prefix) || p(.|prefix))."""
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)
+    monkeypatch.setattr(logps_module, "CPU_CHUNK_TOKENS", 3)  # the fused path's on a CPU
     policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():
@@ -130,6 +133,7 @@ def test_shared_prompt_gives_the_plain_logps_and_gradients(tiny_model, attn, mon
 
     attention.register()
     monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 3)
+    monkeypatch.setattr(logps_module, "CPU_CHUNK_TOKENS", 3)  # the fused path's on a CPU
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
     assert logps_module.takes_custom_masks(model)
     shared, plain = shared_and_plain(batch_pairs())
@@ -253,3 +257,27 @@ def test_the_flex_block_mask_is_the_dense_mask(width, segments, first_full):
     assert torch.equal(mask.to_dense()[:, 0].bool() | full.to_dense()[:, 0].bool(), tiles.any(4).any(2))
     assert torch.equal(full.to_dense()[:, 0].bool(), tiles.all(4).all(2))
     assert full.to_dense()[0, 0].tolist() == first_full
+
+
+@pytest.mark.parametrize("layout", ["plain", "shared"])
+def test_a_pass_without_gradients_on_a_cpu_runs_a_few_rows_at_a_time_with_the_same_logps(tiny_model, layout,
+                                                                                          monkeypatch):
+    """Reference and held-out passes slice a large batch's rows (their activations stay on the heap), each row's
+    log-probs as in one pass; a pass with gradients is never sliced."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    shared, plain = shared_and_plain(batch_pairs())
+    b = shared if layout == "shared" else plain
+    calls = []
+    model.get_decoder().register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                              with_kwargs=True)
+    with torch.no_grad():
+        whole = batch_logps(model, b).sums
+        assert calls == [b.input_ids.shape[0]]
+        monkeypatch.setattr(logps_module, "NO_GRAD_CPU_TOKENS", b.input_ids.shape[1] * 2)  # two rows a pass
+        calls.clear()
+        sliced = batch_logps(model, b).sums
+    assert calls == [2] * (b.input_ids.shape[0] // 2) + [1] * (b.input_ids.shape[0] % 2)
+    torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    batch_logps(model, b)
+    assert calls == [b.input_ids.shape[0]]
