@@ -188,6 +188,23 @@ def test_resuming_a_finished_run_changes_nothing_and_loads_no_model(tiny_model, 
 
 
 @pytest.mark.run
+@pytest.mark.parametrize("dtype, kernel", [("bf16", "matmul"), ("fp32", "sdpa")])
+def test_a_run_names_the_attention_kernel_auto_chose(tiny_model, pairs_file, tmp_path, dtype, kernel):
+    """16-bit compute on a CPU runs `matmul` (its forward by sdpa where the CPU has AMX, and the line says so)."""
+    import io
+
+    from rich.console import Console
+
+    from infopo_cli.model import attention
+    from infopo_cli.train.progress import Reporter
+
+    said = io.StringIO()
+    recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", max_steps=1, eval_data="", dtype=dtype),
+                 Reporter(Console(file=said, width=300)))
+    assert f"attention kernel: {attention.describe(kernel)}\n" in said.getvalue()
+
+
+@pytest.mark.run
 def test_dpo_run_and_eval_every(tiny_model, pairs_file, tmp_path):
     summary = recipe.train(tiny_cfg(tiny_model, pairs_file, tmp_path / "out", loss="dpo", max_steps=4, eval_every=2))
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
