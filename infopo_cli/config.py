@@ -347,6 +347,20 @@ def _named(sources: Any) -> list[str]:
     return [s for s in (sources if isinstance(sources, (list, tuple)) else [sources]) if s]
 
 
+def source_weight(text: str) -> tuple[str, str | None]:
+    """A data source and the weight written after it: 'b.parquet:0.3' -> ('b.parquet', '0.3'), 'a.jsonl' -> ('a.jsonl',
+    None). Only a number after the last colon is a weight, so 'bundled:arith_train' and 'C:\\data.jsonl' stay names
+    (data/mixing.py checks the weight's range)."""
+    spec, colon, tail = text.rpartition(":")
+    if not (colon and spec):
+        return text, None
+    try:
+        float(tail)
+    except ValueError:
+        return text, None
+    return spec, tail
+
+
 def _bundled(sources: Any) -> bool:
     """Whether every source named is bundled data (none named: no)."""
     named = _named(sources)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli import files
-from infopo_cli.config import TrainConfig, override, show
+from infopo_cli.config import TrainConfig, override, show, source_weight
 from infopo_cli.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -134,9 +134,15 @@ def started_paths(run_dir: Path, cfg: TrainConfig) -> tuple[Path | None, list[st
     if start is None or not start.is_dir() or start.resolve() == Path.cwd().resolve() or not cfg.output \
             or (start / cfg.output).resolve() != run_dir.resolve():
         return None, []
-    paths = [_spec(text) for value in (cfg.data, cfg.eval_data) for text in _listed(value)] + [cfg.model]
-    return start, [path for path in dict.fromkeys(paths) if path and not path.startswith("bundled:")
-                   and not Path(path).is_absolute() and (start / path).exists()]
+    return start, [path for path in relative_paths(cfg) if (start / path).exists()]
+
+
+def relative_paths(cfg: TrainConfig) -> list[str]:
+    """A run's relative local paths as its config.toml spells them: its model, its data and held-out data sources
+    (weights dropped; bundled sets and absolute paths left out)."""
+    specs = [_spec(text) for value in (cfg.data, cfg.eval_data) for text in _listed(value)] + [cfg.model]
+    return [path for path in dict.fromkeys(specs) if path and not path.startswith("bundled:")
+            and not Path(path).expanduser().is_absolute()]
 
 
 def _listed(value: Any) -> list[str]:
@@ -144,13 +150,8 @@ def _listed(value: Any) -> list[str]:
 
 
 def _spec(text: str) -> str:
-    """'d/a.jsonl:0.3' -> 'd/a.jsonl' (a weight is a number after the last colon)."""
-    head, colon, tail = text.rpartition(":")
-    try:
-        float(tail)
-    except ValueError:
-        return text
-    return head if colon and head else text
+    """'d/a.jsonl:0.3' -> 'd/a.jsonl'."""
+    return source_weight(text)[0]
 
 
 def _mapped(value: Any, absolute: dict[str, str]) -> Any:

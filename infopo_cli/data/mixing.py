@@ -19,6 +19,7 @@ from pathlib import Path
 
 from infopo_cli.data.loading import DataOptions, Loaded, load_pairs, resolve
 from infopo_cli.data.overlap import identity, repeated_source_notes, shared_pair_notes
+from infopo_cli.config import source_weight
 from infopo_cli.errors import ConfigError
 
 
@@ -33,16 +34,13 @@ class Source:
 def parse_source(text: str) -> Source:
     """'b.parquet:0.3' -> (b.parquet, 0.3). Only a number after the last colon is a weight, so 'bundled:arith_train'
     and 'C:\\data.jsonl' stay names."""
-    spec, colon, tail = text.rpartition(":")
-    if colon and spec:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return Source(text, None)
-        if not (0 < weight <= 1) or math.isnan(weight):
-            raise ConfigError(f"--data {text}: the weight after the colon must be in (0, 1], the source's share of the mix")
-        return Source(spec, weight)
-    return Source(text, None)
+    spec, tail = source_weight(text)
+    if tail is None:
+        return Source(text, None)
+    weight = float(tail)
+    if not (0 < weight <= 1) or math.isnan(weight):
+        raise ConfigError(f"--data {text}: the weight after the colon must be in (0, 1], the source's share of the mix")
+    return Source(spec, weight)
 
 
 def absolute(value: str | Sequence[str]) -> str | list[str]:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from infopo_cli.config import TrainConfig, flag as _flag, merge
-from infopo_cli.presets import started_paths
-from infopo_cli.data.mixing import absolute, as_list, parse_source
+from infopo_cli.presets import relative_paths, started_paths
+from infopo_cli.data.mixing import absolute, as_list
 from infopo_cli.errors import CheckpointError, ConfigError
 from infopo_cli.train.schedule import WarmupCosine
 
@@ -40,7 +40,7 @@ def enter_start_folder(run_dir: Path, saved: TrainConfig, flags: dict[str, Any],
     this folder holds: nothing changes (presets.started_paths)."""
     start, there = started_paths(run_dir, saved)
     here = [path for path in there if Path(path).exists()]
-    if start is None or not there or any(Path(path).exists() and path not in there for path in _relative(saved)):
+    if start is None or not there or any(Path(path).exists() and path not in there for path in relative_paths(saved)):
         return run_dir, flags
     flags = {key: absolute(value) if key in ("data", "eval_data") else
              str(Path(value).expanduser().resolve()) if key in ("output", "init_adapter", "preset") and value and
@@ -48,13 +48,6 @@ def enter_start_folder(run_dir: Path, saved: TrainConfig, flags: dict[str, Any],
     os.chdir(start)
     note(f"{', '.join(there)}: read from {start}, where this run started" + (" (not from here)" if here else ""))
     return Path(saved.output), flags
-
-
-def _relative(cfg: TrainConfig) -> list[str]:
-    """The run's local relative paths: its model, its data and held-out data sources."""
-    specs = [parse_source(text).spec for value in (cfg.data, cfg.eval_data) for text in as_list(value or [])]
-    return [path for path in specs + [cfg.model] if path and not path.startswith("bundled:") and
-            not Path(path).expanduser().is_absolute()]
 
 
 def resumed_config(saved: TrainConfig, flags: dict[str, Any], run_dir: Path,

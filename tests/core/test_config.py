@@ -231,3 +231,14 @@ def test_merge_coerces_values_as_a_preset_file_would():
     assert cfg.lr == 1.0 and cfg.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="'lora_r' must be a whole number"):
         merge(TrainConfig(), {"lora_r": "big"}, "test")
+
+
+def test_a_source_weight_is_a_number_after_the_last_colon():
+    from infopo_cli.config import source_weight
+
+    assert source_weight("d/a.jsonl:0.3") == ("d/a.jsonl", "0.3")
+    assert source_weight("bundled:arith_train") == ("bundled:arith_train", None)
+    assert source_weight("C:\\data.jsonl") == ("C:\\data.jsonl", None)
+    assert source_weight("C:\\data.jsonl:1") == ("C:\\data.jsonl", "1")
+    assert source_weight(":0.5") == (":0.5", None)  # nothing before the colon: a name, not a weight
+    assert source_weight("a.jsonl:2") == ("a.jsonl", "2")  # split here; data/mixing.py refuses the range
