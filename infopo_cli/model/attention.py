@@ -17,7 +17,8 @@ with AMX), while its backward is the slower one (16.4 against 14.4 ms), so the b
 
 Grouped-query attention runs without repeating the key/value heads: the query heads of a group are stacked along
 the query axis, so one product serves the whole group. The numbers are eager attention's: 16-bit scores, a
-softmax computed in float32 and rounded to 16 bits, a 16-bit product with the values.
+softmax computed in float32 and rounded to 16 bits, a 16-bit product with the values; on a CPU with AMX that is the
+backward's, while the forward's are the flash kernel's (float32 scores), the same function to 16-bit rounding.
 
 Registered with transformers as an attention implementation (and its mask as eager's additive one), so the model's
 own attention modules call it; whatever it does not handle (CUDA, dropout, soft-capped scores, attention sinks, a
@@ -50,10 +51,12 @@ def forward_by_sdpa() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
-def describe(kernel: str | None) -> str:
-    """The attention kernel a model runs, as a run's first lines name it."""
+def describe(kernel: str | None, device: str = "cpu") -> str:
+    """The attention kernel a model runs on `device`, as a run's first lines name it."""
     if kernel != NAME:
         return str(kernel)
+    if device != "cpu":
+        return f"{NAME} (on {device} every call goes to sdpa)"
     return f"{NAME} (its forward by sdpa's flash kernel: this CPU has AMX)" if forward_by_sdpa() else NAME
 
 

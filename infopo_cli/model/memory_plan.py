@@ -77,6 +77,7 @@ GATHERED_LAYERS = 2        # FSDP2 gathers the layer that runs and prefetches th
 MASKLESS = ("flash_attention_2", "flash_attention_3")  # kernels that take no 4-D mask (so no shared prompt either)
 LM_CHUNK = 1024             # tokens per output-layer chunk: train/logps.py CHUNK_TOKENS (a test checks they agree)
 LM_CHUNK_CPU = 256          # on a CPU: train/logps.py CPU_CHUNK_TOKENS
+NO_GRAD_CPU_TOKENS = 4096   # positions per decoder pass without gradients on a CPU (train/logps.py reads it here)
 
 
 @dataclass(frozen=True)
@@ -488,12 +489,20 @@ def _mask_part(run: Training, layout: Layout) -> Part:
 
 
 def _output_chunk(arch: Architecture, run: Training, layout: Layout, backward: bool) -> int:
-    """The fused output layer on one chunk (train/output_layer.py): the logits in the compute dtype and their float32
-    copy, normalised in place; in the backward also the gradient of the logits in the compute dtype (and, soft-capped,
-    two float32 temporaries for the cap's slope)."""
+    """The fused output layer on one chunk (train/output_layer.py) beyond `_output_buffers`: on a GPU the logits in
+    the compute dtype and their float32 copy, normalised in place, and in the backward also the gradient of the
+    logits in the compute dtype; on a CPU, where those buffers are kept (and the gradient reuses the product's), none;
+    soft-capped, in the backward two float32 temporaries for the cap's slope."""
     n = min(run.lm_chunk, max(1, layout.scored))
-    per_logit = 4 + run.compute_bytes * (2 if backward else 1) + (8 if backward and arch.logit_softcap else 0)
-    return per_logit * arch.vocab * n
+    buffers = 0 if run.device == "cpu" else 4 + run.compute_bytes * (2 if backward else 1)
+    return (buffers + (8 if backward and arch.logit_softcap else 0)) * arch.vocab * n
+
+
+def _output_buffers(arch: Architecture, run: Training, scored: int) -> int:
+    """On a CPU the output layer's two buffers (a chunk's logits in the compute dtype, their float32 copy) stay
+    allocated from the first call on, whatever the step is doing; a chunk is at most `scored` positions (the most
+    any of the run's batches scores)."""
+    return (4 + run.compute_bytes) * arch.vocab * min(run.lm_chunk, max(1, scored)) if run.device == "cpu" else 0
 
 
 def _scores(arch: Architecture, run: Training, layout: Layout, tensors: int) -> int:
@@ -520,13 +529,15 @@ def _layer_backward(arch: Architecture, run: Training, layout: Layout) -> int:
     return max(mlp, attention if run.attention == "matmul" else 0)
 
 
-def _no_grad_pass(arch: Architecture, run: Training, layout: Layout) -> int:
+def _no_grad_pass(arch: Architecture, run: Training, layout: Layout, buffers: int = 0) -> int:
     """A held-out or reference batch under no-grad: one layer's working set (the MLP's intermediates and the float32
     copy peft makes of the down projection's input, the residual stream) and an output chunk."""
     c = run.compute_bytes
     working = (3 * c + LORA_BYTES) * arch.intermediate + 3 * c * arch.hidden
+    # on a CPU the decoder runs NO_GRAD_CPU_TOKENS positions at a time (train/logps.py)
+    tokens = min(layout.tokens, max(layout.width, NO_GRAD_CPU_TOKENS)) if run.device == "cpu" else layout.tokens
     # the MLP's working set, or at another moment matmul attention's scores and probabilities
-    return (max(round(working * layout.tokens), _scores(arch, run, layout, 2))
+    return (max(round(working * tokens), _scores(arch, run, layout, 2)) + buffers
             + _output_chunk(arch, run, layout, backward=False) + _tail(arch, run, layout) + _mask(run, layout))
 
 
@@ -546,6 +557,12 @@ def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, o
     held += [Part(f"saved activations of {kept} layers kept whole", kept * whole,
                   f"{layer_saved_per_token(arch, run, layout) / 1024:.0f} KiB per token per layer")] if kept else []
     held += [Part("final norm, scored hidden states, positions", tail), _mask_part(run, layout)]
+    no_grad = eval_layout or layout
+    buffers = _output_buffers(arch, run, max(layout.scored, no_grad.scored))
+    if buffers:
+        held += [Part("output layer's buffers (kept on a CPU)", buffers,
+                      f"{buffers // ((4 + run.compute_bytes) * arch.vocab)} tokens x {arch.vocab} vocabulary, in the "
+                      "compute dtype and float32")]
     moments: dict[str, tuple[Part, ...]] = {
         "the output layer's backward": (*held, Part("output layer: a chunk of logits (float32 copy), their gradient",
                                                     _output_chunk(arch, run, layout, backward=True) + grad_hidden,
@@ -559,9 +576,9 @@ def plan(arch: Architecture, run: Training, layout: Layout, checkpointed: int, o
             *([Part(f"saved inputs of {checkpointed} recomputed layers", on_gpu_inputs, "16-bit hidden states")]
               if not offload else []),
             Part("final norm, scored hidden states, positions", tail), _mask_part(run, layout),
+            *([Part("output layer's buffers (kept on a CPU)", buffers)] if buffers else []),
             Part("one recomputed layer", whole), Part("backward working set of a layer", _layer_backward(arch, run, layout)))
-    no_grad = eval_layout or layout
-    moments["a held-out or reference pass (no grad)"] = (Part("no-grad working set", _no_grad_pass(arch, run, no_grad),
+    moments["a held-out or reference pass (no grad)"] = (Part("no-grad working set", _no_grad_pass(arch, run, no_grad, buffers),
                                                               f"{no_grad.rows} rows x {no_grad.width} tokens"),)
     gradients = next(p.bytes for p in static if p.name.startswith("LoRA gradients"))
     peaks = {name: sum(p.bytes for p in static + parts) - (gradients if name.startswith("a held-out") else 0)

@@ -22,11 +22,11 @@ from infopo_cli.data.batching import (PreferenceBatch, Targets, response_only, s
 from infopo_cli.errors import ConfigError
 from infopo_cli.losses.types import Needs, PairLogps
 from infopo_cli.model import stack
+from infopo_cli.model.memory_plan import NO_GRAD_CPU_TOKENS  # positions per pass without gradients on a CPU
 from infopo_cli.train import output_layer
 
 CHUNK_TOKENS = 1024
 CPU_CHUNK_TOKENS = 256  # the output layer's chunk on a CPU (train/output_layer.py: its buffers stay cached there)
-NO_GRAD_CPU_TOKENS = 4096  # positions per decoder pass without gradients on a CPU (`_decoder_states`)
 FLEX_BLOCK = 128  # flex-attention's default sparse block; block masks are built at widths rounded up to it
 
 
@@ -195,7 +195,10 @@ def _decoder_states(decoder: nn.Module, input_ids: Tensor, attention_mask, posit
     stay on the heap and in cache. Each row's values are its own either way (no row sees another)."""
     rows, width = input_ids.shape
     step = max(1, NO_GRAD_CPU_TOKENS // max(1, width))
-    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or rows <= step:
+    # not in a run of several processes, whose decoder passes must match one for one (an FSDP layer gathers its
+    # weights from every process), nor with a mask that is no tensor (flex-attention's block mask)
+    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or rows <= step or _distributed() \
+            or not (attention_mask is None or isinstance(attention_mask, Tensor)):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
 
@@ -205,6 +208,11 @@ def _decoder_states(decoder: nn.Module, input_ids: Tensor, attention_mask, posit
     return torch.cat([decoder(input_ids=input_ids[i:i + step], attention_mask=part(attention_mask, i),
                               position_ids=part(position_ids, i), use_cache=False).last_hidden_state
                       for i in range(0, rows, step)])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def _per_sequence(per_token: Tensor, targets: Targets) -> Tensor:

@@ -54,12 +54,15 @@ def _capped_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap:
     """The chunk's logits in the compute dtype's rounding, soft-capped, in a float32 scratch buffer (which the next
     chunk overwrites)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    product = _scratch("product", rows, vocab, hidden.dtype, hidden.device)
-    if bias is None:
-        torch.mm(hidden, weight.t(), out=product)
+    if torch.is_grad_enabled():  # a backward that builds a graph (create_graph): fresh tensors, no `out=`
+        into = nn.functional.linear(hidden, weight, bias).float()
     else:
-        torch.addmm(bias, hidden, weight.t(), out=product)
-    into = _scratch("logits", rows, vocab, torch.float32, hidden.device).copy_(product)
+        product = _scratch("product", rows, vocab, hidden.dtype, hidden.device)
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=product)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=product)
+        into = _scratch("logits", rows, vocab, torch.float32, hidden.device).copy_(product)
     if softcap:
         into.div_(softcap).tanh_().mul_(softcap)
     return into
@@ -102,9 +105,14 @@ class _TargetLogps(torch.autograd.Function):
             z.scatter_add_(1, targets[start:end, None], g)
             if slope is not None:
                 z.mul_(slope)
-            grad_z = _scratch("product", end - start, z.shape[1], weight.dtype, z.device).copy_(z)
-            if want_h:
-                torch.mm(grad_z, weight, out=grad_h[start:end])
+            if torch.is_grad_enabled():
+                grad_z = z.to(weight.dtype)
+                if want_h:
+                    grad_h[start:end] = grad_z @ weight
+            else:
+                grad_z = _scratch("product", end - start, z.shape[1], weight.dtype, z.device).copy_(z)
+                if want_h:
+                    torch.mm(grad_z, weight, out=grad_h[start:end])
             if want_w:
                 grad_w.addmm_(grad_z.t().float(), h.float())
             if want_b:

@@ -362,7 +362,7 @@ def _load_model(cfg: TrainConfig, source: str, precision: Precision, spec: LossS
         if mesh is not None:
             sharding.shard_base(model, mesh, precision.device)
     report.model(source, time.perf_counter() - t_load, cfg, *stack.count_parameters(model))
-    report.attention(attention.describe(attention_kernel(model)))
+    report.attention(attention.describe(attention_kernel(model), precision.device))
     if mesh is not None:
         held = world.gather([sharding.held_bytes(model)])
         mib = ", ".join(f"{share[0].codes_held / 2**20:.2f}" for share in held)
@@ -688,7 +688,9 @@ def _numerics(cfg: TrainConfig, model: torch.nn.Module, precision: Precision, in
     return {"load_in_4bit": cfg.load_in_4bit, "dtype": precision.dtype_name,
             "attn": attention_kernel(model) or cfg.attn_implementation, "init_adapter": init_sha256,
             **({"init_adapter_config": stack.init_adapter_config_digest(cfg.init_adapter)} if cfg.init_adapter else {}),
-            **({"backend": cfg.backend} if cfg.backend != "transformers" else {})}  # other kernels, other rounding
+            **({"backend": cfg.backend} if cfg.backend != "transformers" else {}),  # other kernels, other rounding
+            **({"attn_forward": "sdpa"} if attention_kernel(model) == attention.NAME and precision.device == "cpu"
+               and attention.forward_by_sdpa() else {})}
 
 
 def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cfg: TrainConfig, source: str,

@@ -191,3 +191,4 @@ def test_the_forward_is_sdpas_only_on_a_cpu_with_amx(monkeypatch):
         assert ("sdpa's flash kernel" in attention.describe("matmul")) is want
     attention.forward_by_sdpa.cache_clear()
     assert attention.describe("sdpa") == "sdpa"
+    assert "AMX" not in attention.describe("matmul", "cuda")  # there every call goes to sdpa

@@ -83,3 +83,33 @@ def test_a_cpu_call_reuses_the_vocab_wide_buffers_of_the_last():
     got = output_layer.target_logps(small, targets, layer, None, 64)
     assert {role: buffer.data_ptr() for role, buffer in output_layer._held.items()} == held
     torch.testing.assert_close(got, plain(small, targets, layer, None), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_calls_that_share_the_buffers_keep_their_own_values_and_gradients(softcap):
+    """Two calls' forwards before either backward (a reference pass and a policy pass, a recomputed chunk), with a
+    bias, in float32: each backward recomputes its own chunks into the shared buffers."""
+    torch.manual_seed(1)
+    layer = nn.Linear(16, 50)
+    first, second = torch.randn(9, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True)
+    t1, t2 = torch.randint(0, 50, (9,)), torch.randint(0, 50, (5,))
+    a = output_layer.target_logps(first, t1, layer, softcap, 4)
+    b = output_layer.target_logps(second, t2, layer, softcap, 4)
+    (b.sum() + 2 * a.sum()).backward()
+    got = [first.grad.clone(), second.grad.clone()]
+    first.grad = second.grad = None
+    want_a, want_b = plain(first, t1, layer, softcap), plain(second, t2, layer, softcap)
+    (want_b.sum() + 2 * want_a.sum()).backward()
+    torch.testing.assert_close(a, want_a.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b, want_b.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, [first.grad, second.grad], atol=1e-5, rtol=1e-5)
+
+
+def test_a_backward_that_builds_a_graph_still_runs():
+    """`create_graph=True` (a gradient penalty, a second-order method): products with `out=` are not differentiable,
+    so that backward makes fresh tensors."""
+    layer = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(6, 16, requires_grad=True)
+    logps = output_layer.target_logps(hidden, torch.randint(0, 50, (6,)), layer, None, 4)
+    (grad,) = torch.autograd.grad(logps.sum(), hidden, create_graph=True)
+    assert grad.shape == hidden.shape and torch.isfinite(grad).all()

@@ -281,3 +281,31 @@ def test_a_pass_without_gradients_on_a_cpu_runs_a_few_rows_at_a_time_with_the_sa
     calls.clear()
     batch_logps(model, b)
     assert calls == [b.input_ids.shape[0]]
+
+
+
+def test_a_pass_without_gradients_is_not_sliced_across_processes_or_with_a_mask_that_is_no_tensor(tiny_model,
+                                                                                                 monkeypatch):
+    """An FSDP layer gathers its weights from every process at each call, so the processes' passes must match one for
+    one, whatever rows each holds; flex-attention's block mask cannot be sliced by rows."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    _, plain = shared_and_plain(batch_pairs())
+    calls = []
+    model.get_decoder().register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                              with_kwargs=True)
+    monkeypatch.setattr(logps_module, "NO_GRAD_CPU_TOKENS", 1)
+    with torch.no_grad():
+        monkeypatch.setattr(logps_module, "_distributed", lambda: True)
+        batch_logps(model, plain)
+        assert calls == [plain.input_ids.shape[0]]
+        monkeypatch.setattr(logps_module, "_distributed", lambda: False)
+        calls.clear()
+        batch_logps(model, plain)
+        assert calls == [1] * plain.input_ids.shape[0]
+    seen = []
+    fake = type("Decoder", (), {"__call__": lambda self, **kw: seen.append(kw["attention_mask"]) or
+                                type("Out", (), {"last_hidden_state": torch.zeros(kw["input_ids"].shape[0], 1, 2)})()})()
+    block_mask = object()
+    with torch.no_grad():
+        logps_module._decoder_states(fake, plain.input_ids, block_mask, None)
+    assert seen == [block_mask]
