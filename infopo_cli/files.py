@@ -461,6 +461,14 @@ def infopo_home() -> Path:
     return Path(os.environ.get("INFOPO_HOME") or Path.home() / ".cache" / "infopo")
 
 
+def anchor_home() -> None:
+    """A relative $INFOPO_HOME made absolute, as seen from the current folder: called before the process changes
+    folder (`--resume` from another one), so the caches stay where the user pointed."""
+    home = os.environ.get("INFOPO_HOME")
+    if home and not Path(home).is_absolute():
+        os.environ["INFOPO_HOME"] = str(Path(home).resolve())
+
+
 def check_output_dir(path: Path) -> None:
     """A run folder must be new or empty (but for a lock: take the lock before or after claiming it)."""
     if path.exists() and not path.is_dir():

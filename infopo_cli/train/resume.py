@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from infopo_cli import files
 from infopo_cli.config import TrainConfig, flag as _flag, merge
 from infopo_cli.presets import relative_paths, started_paths
 from infopo_cli.data.mixing import absolute, as_list
@@ -45,6 +46,7 @@ def enter_start_folder(run_dir: Path, saved: TrainConfig, flags: dict[str, Any],
     flags = {key: absolute(value) if key in ("data", "eval_data") else
              str(Path(value).expanduser().resolve()) if key in ("output", "init_adapter", "preset") and value and
              Path(value).expanduser().exists() else value for key, value in flags.items()}
+    files.anchor_home()  # a relative INFOPO_HOME means the folder the user typed it in
     os.chdir(start)
     note(f"{', '.join(there)}: read from {start}, where this run started" + (" (not from here)" if here else ""))
     return Path(saved.output), flags

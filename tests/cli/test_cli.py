@@ -222,8 +222,10 @@ def test_a_run_resumed_from_another_folder_reads_its_relative_paths_from_where_i
     assert out.returncode == 2 and "where this run started" not in out.stdout and "small.jsonl" in out.stderr
     out = infopo("train", "--resume", "proj/runs/a", "--data", "proj/d/small.jsonl", "--dry-run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-1500:]
-    out = infopo("train", "--resume", "proj/runs/a", cwd=tmp_path)
+    out = infopo("train", "--resume", "proj/runs/a", cwd=tmp_path, env={"INFOPO_HOME": "home"})
     assert out.returncode == 0, out.stderr[-1500:]
+    # a relative INFOPO_HOME is the folder the user typed it in, not the one the run moved to
+    assert (tmp_path / "home" / "cache").is_dir() and not (proj / "home").exists()
     said = " ".join(out.stdout.split())
     assert f"d/small.jsonl: read from {proj}, where this run started" in said and "resuming after step 2 of 4" in said
     saved = tomllib.loads((proj / "runs" / "a" / "config.toml").read_text())
