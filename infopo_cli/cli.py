@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from infopo_cli import __version__
-from infopo_cli.cli_options import check_text, given, settings_options
+from infopo_cli.cli_options import check_named, check_text, given, settings_options
 from infopo_cli.config import CLI_SETTINGS, expand_home, help_for
 from infopo_cli.errors import InfopoError
 from infopo_cli.inference.answers import RULE as ANSWER_RULE  # standard library only: --help stays instant
@@ -430,6 +430,8 @@ def eval_run(
     """
     from infopo_cli.inference.models import find_target
 
+    check_named("--data", data, "the run's own held-out data")
+    check_named("--out", out, "RUN/eval/eval.json")
     target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
     from infopo_cli.inference.display import print_eval
     from infopo_cli.workflows.evaluation import EvalRequest, evaluate
@@ -590,6 +592,7 @@ def report(
 
     from infopo_cli import files
 
+    check_named("--out", out, "the default figure")
     if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--out {out}: name the figure FILE.png")
     seen: set[Path] = set()
@@ -650,6 +653,7 @@ def compare(
 
     if sweep and len(sweep) > 1:  # a list only to see a repeat: typer would keep the last one silently
         raise ConfigError(f"--sweep given {len(sweep)} times: give one --sweep (a comparison sweeps one setting)")
+    check_named("--output", output, "runs/compare-LOSSES-TIME")
     planned = comparison.prepare(loss, sweep[0] if sweep else None, output, settings, preset or presets.DEFAULT_PRESET)
     if generate:  # checked now, not after every run has trained
         sampling = _sampling(max_new_tokens, 0.0)

@@ -30,6 +30,13 @@ def check_text(option: str, value: str | None) -> None:
         raise ConfigError(f"{option} is not valid UTF-8") from None
 
 
+def check_named(option: str, value: str | None, instead: str) -> None:
+    """A path option given as '' is an error, not its default: `train --eval-data ''` means no held-out data, so an
+    empty `--data` or `--out` elsewhere must not quietly mean the default file."""
+    if value is not None and not value.strip():
+        raise ConfigError(f"{option} '' names no file; leave {option} out for {instead}")
+
+
 def given(params: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """The settings among `params` that were given: a flag left out is None, or an empty tuple for a repeatable one
     parsed by click directly; one value of a repeatable flag is a string, several a list."""

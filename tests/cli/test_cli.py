@@ -382,3 +382,14 @@ def test_commands_we_suggest_paste_as_one_argument_per_path():
 
     assert resume_hint(Path("runs/sp ü")) == "infopo train --resume 'runs/sp ü'"
     assert resume_hint(Path("runs/a")) == "infopo train --resume runs/a"
+
+
+
+@pytest.mark.parametrize("args", [("eval", "--data", ""), ("eval", "--out", " "), ("report", "runs/a", "--out", ""),
+                                  ("compare", "--output", "", "--dry-run")])
+def test_an_empty_path_is_one_line_not_the_default(args, tmp_path):
+    """`train --eval-data ''` means no held-out data; an empty `--data`/`--out` elsewhere quietly meant the default."""
+    out = infopo(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    option = next(arg for arg in args if arg.startswith("--"))
+    assert out.stderr.strip().count("\n") == 0 and f"{option} '' names no file" in out.stderr
