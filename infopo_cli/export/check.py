@@ -182,15 +182,17 @@ def load_gguf(path: Path):
 
 @torch.no_grad()
 def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens: int = 48,
-            lossy: bool = False, quant: str = "f16") -> CheckResult:
+            lossy: bool = False, quant: str = "f16", shown: Path | None = None) -> CheckResult:
     """Check `gguf_path` against the merged model that was exported: the greedy answers to `prompts` read by
-    transformers and, where installed, by llama.cpp."""
+    transformers and, where installed, by llama.cpp. `shown`: the file's name in messages (where the file checked is
+    a temporary that takes that name)."""
     stops, merged = stop_ids(tokenizer), merged.float().eval()
     # transformers reads GGUF rope scaling for gpt-oss only, so a rope-scaled export can only be checked in llama.cpp
     result = CheckResult(quant=quant, lossy=lossy, max_new_tokens=max_new_tokens,
                          transformers_checked=rope_scaling(merged.config).get("rope_type") in (None, "default"))
     exported = load_gguf(gguf_path) if result.transformers_checked else None
-    llama = LlamaCppReader(gguf_path, context_of(merged)) if importlib.util.find_spec("llama_cpp") is not None else None
+    llama = (LlamaCppReader(gguf_path, context_of(merged), shown=shown)
+             if importlib.util.find_spec("llama_cpp") is not None else None)
     try:
         for prompt in prompts:
             ids = prompt_tensor(tokenizer, prompt)
@@ -225,7 +227,7 @@ class LlamaCppReader:
     """llama.cpp itself on the GGUF (llama-cpp-python), loaded as infopo loads it everywhere (model/llama_runtime.py:
     its weight repacking crashes on AMX CPUs). We check the file, not that kernel."""
 
-    def __init__(self, gguf_path: Path, n_ctx: int = 1024, adapter: Path | None = None):
+    def __init__(self, gguf_path: Path, n_ctx: int = 1024, adapter: Path | None = None, shown: Path | None = None):
         options = {"lora_path": str(adapter)} if adapter is not None else {}
         try:
             # swa_full=False: a sliding-window model's (Gemma's) cache sized to its window, which is right here as
@@ -234,7 +236,7 @@ class LlamaCppReader:
             self.llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, swa_full=False,
                                   **options)
         except (ValueError, RuntimeError) as err:  # the file infopo just wrote: a failed check, not the user's doing
-            raise ExportCheckFailed(f"check failed: llama.cpp cannot load {gguf_path} ({first_line(err)}); the file is "
+            raise ExportCheckFailed(f"check failed: llama.cpp cannot load {shown or gguf_path} ({first_line(err)}); the file is "
                                     "kept for inspection") from None
 
     def tokenize(self, tokenizer, prompt: str) -> list[int]:

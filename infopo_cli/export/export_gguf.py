@@ -12,6 +12,7 @@ from infopo_cli.export.merged import AdapterSource, merged_model
 from infopo_cli.export.modelfile import modelfile, write_modelfile
 from infopo_cli.export.outputs import claim_gguf, local_model
 from infopo_cli.config import EMBEDDED_MODEL
+from infopo_cli.errors import ExportCheckFailed
 from infopo_cli.model.source import merged_mark
 
 LOSSLESS = ("f32", "f16", "bf16")  # a file of these must answer exactly as the merged model
@@ -38,8 +39,17 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
         for line in write_gguf(model, tokenizer, tmp, quant, model_name=_model_name(source),
                                merged=merged_mark(source.adapter, source.base, source.related)):
             log(line)
+        # checked before it takes its name: a check stopped half-way (Ctrl-C) leaves no unchecked OUT.gguf that the
+        # same command, run again, would refuse to replace
+        failed, result = None, None
+        try:
+            result = compare(model, tokenizer, tmp, lossy=quant not in LOSSLESS, quant=quant, shown=out) if check else None
+        except ExportCheckFailed as err:  # a file llama.cpp cannot load still takes its name, for inspection
+            failed = err
     write_modelfile(out, text)
-    return out, modelfile_path, compare(model, tokenizer, out, lossy=quant not in LOSSLESS, quant=quant) if check else None
+    if failed is not None:
+        raise failed
+    return out, modelfile_path, result
 
 
 def _model_name(source: AdapterSource) -> str:

@@ -253,6 +253,41 @@ def test_exported_gguf_and_modelfile_are_readable_by_others(tmp_path):
         export_gguf(adapter_for("llama", tmp_path / "again"), path, "f16", check=False)
 
 
+def test_a_check_stopped_by_ctrl_c_leaves_no_gguf_and_the_same_command_runs_again(tmp_path, monkeypatch):
+    """The GGUF is checked before it takes its name: a half-done check left OUT.gguf, which a rerun refused."""
+    module = importlib.import_module("infopo_cli.export.export_gguf")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "compare", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        module.export_gguf(adapter_for("llama", tmp_path / "run"), tmp_path / "m.gguf", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    checked = []  # the file the check reads: whole, under its temporary name, with no m.gguf yet
+    monkeypatch.setattr(module, "compare", lambda model, tokenizer, path, **kw: checked.append(
+        (path.is_file(), path.name != "m.gguf", (tmp_path / "m.gguf").exists())) or "checked")
+    path, modelfile_path, result = module.export_gguf(adapter_for("llama", tmp_path / "run2"), tmp_path / "m.gguf", "f16")
+    assert checked == [(True, True, False)] and result == "checked"
+    assert path.is_file() and modelfile_path.is_file() and not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+
+def test_a_gguf_llama_cpp_cannot_load_still_takes_its_name_for_inspection(tmp_path, monkeypatch):
+    from infopo_cli.errors import ExportCheckFailed
+
+    module = importlib.import_module("infopo_cli.export.export_gguf")
+
+    def unloadable(model, tokenizer, path, shown=None, **kwargs):
+        raise ExportCheckFailed(f"check failed: llama.cpp cannot load {shown or path}; the file is kept for inspection")
+
+    monkeypatch.setattr(module, "compare", unloadable)
+    with pytest.raises(ExportCheckFailed, match=re.escape(f"cannot load {tmp_path / 'm.gguf'};")):
+        module.export_gguf(adapter_for("llama", tmp_path / "run"), tmp_path / "m.gguf", "f16")
+    assert (tmp_path / "m.gguf").is_file() and (tmp_path / "m.Modelfile").is_file()
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
 @pytest.mark.parametrize("existing", ["m.gguf", "m.Modelfile"])
 def test_an_existing_gguf_or_modelfile_is_refused_before_the_model_loads(existing, tmp_path, monkeypatch):
     """Without --overwrite neither output may be replaced; the Modelfile used to be, silently."""
