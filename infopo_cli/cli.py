@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from infopo_cli import __version__
-from infopo_cli.cli_options import check_named, check_text, given, settings_options
+from infopo_cli.cli_options import check_text, given, named_path, settings_options
 from infopo_cli.config import CLI_SETTINGS, expand_home, help_for
 from infopo_cli.errors import InfopoError
 from infopo_cli.inference.answers import RULE as ANSWER_RULE  # standard library only: --help stays instant
@@ -52,7 +52,7 @@ def root(
 
 
 # options that several commands share
-Preset = Annotated[Optional[str], typer.Option("--preset", "-p", callback=expand_home, help="Preset name (see `infopo presets`) or a .toml file (default smollm2-135m).", show_default=False)]
+Preset = Annotated[Optional[str], typer.Option("--preset", "-p", callback=named_path, help="Preset name (see `infopo presets`) or a .toml file (default smollm2-135m).", show_default=False)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Check the command (preset, flags, loss, data: every row) and say what the run would do; load no model, write nothing.", rich_help_panel="Output")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel="Output")]
 
@@ -61,7 +61,7 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", ri
 @settings_options(CLI_SETTINGS)
 def train(
     preset: Preset = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", callback=expand_home, help="Continue a stopped run folder from its newest checkpoint, exactly (its own settings; --max-steps/--epochs may change its length).", rich_help_panel="Output")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", callback=named_path, help="Continue a stopped run folder from its newest checkpoint, exactly (its own settings; --max-steps/--epochs may change its length).", rich_help_panel="Output")] = None,
     dry_run: DryRun = False,
     debug: Debug = False,
     *,
@@ -241,7 +241,7 @@ def presets_list(ctx: typer.Context) -> None:
 
 
 @presets_app.command("show")
-def presets_show(name: Annotated[str, typer.Argument(callback=expand_home, help="Preset name or .toml file.")]) -> None:
+def presets_show(name: Annotated[str, typer.Argument(callback=named_path, help="Preset name or .toml file.")]) -> None:
     """Print one preset's settings with what each one means, as TOML (lines may be copied into a preset file)."""
     from infopo_cli import presets
     from infopo_cli.config import to_toml
@@ -263,17 +263,17 @@ QUANT_HELP = ("GGUF tensor type, with its file size in GB per billion parameters
 
 @app.command()
 def export(
-    run_dir: Annotated[Optional[str], typer.Argument(callback=expand_home, help="A run folder written by `infopo train` (default: the newest under ./runs).", show_default=False)] = None,
+    run_dir: Annotated[Optional[str], typer.Argument(callback=named_path, help="A run folder written by `infopo train` (default: the newest under ./runs).", show_default=False)] = None,
     merged: Annotated[Optional[str], typer.Option("--merged", callback=expand_home, help="Write merged safetensors weights to this folder (default RUN/export/merged/).", show_default=False)] = None,
     gguf: Annotated[Optional[str], typer.Option("--gguf", callback=expand_home, help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
     gguf_adapter: Annotated[Optional[str], typer.Option("--gguf-adapter", callback=expand_home, help="Write the LoRA alone as a llama.cpp adapter GGUF (llama-cli --lora, Ollama ADAPTER; default RUN/export/RUN-adapter-QUANT.gguf), with a Modelfile on --base-gguf.", show_default=False)] = None,
-    base_gguf: Annotated[Optional[str], typer.Option("--base-gguf", callback=expand_home, help="The base model's GGUF for --gguf-adapter's Modelfile and check (default: the GGUF the run's base came from, if any).", show_default=False)] = None,
+    base_gguf: Annotated[Optional[str], typer.Option("--base-gguf", callback=named_path, help="The base model's GGUF for --gguf-adapter's Modelfile and check (default: the GGUF the run's base came from, if any).", show_default=False)] = None,
     bundle: Annotated[Optional[str], typer.Option("--bundle", callback=expand_home, help="Pack the run to share as one .tar, .tar.gz or .zip with a manifest of hashes (default RUN/export/RUN.tar); `infopo generate BUNDLE` and `infopo train --resume BUNDLE` read it.", show_default=False)] = None,
     with_checkpoint: Annotated[bool, typer.Option("--with-checkpoint", help="--bundle: include the latest checkpoint, so `train --resume BUNDLE` continues the run.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
     quant: Annotated[str, typer.Option("--quant", help=QUANT_HELP)] = "f16",
-    base: Annotated[Optional[str], typer.Option("--base", callback=expand_home, help="Base model (folder or hub id) instead of a run folder.")] = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", callback=expand_home, help="peft adapter folder, with --base.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", callback=named_path, help="Base model (folder or hub id) instead of a run folder.")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", callback=named_path, help="peft adapter folder, with --base.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reload the GGUF and compare greedy answers with the merged model.")] = True,
 ) -> None:
@@ -410,16 +410,16 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k
 
 @app.command("eval")
 def eval_run(
-    run_dir: Annotated[Optional[str], typer.Argument(callback=expand_home, help="A run folder (default: the newest under ./runs), an adapter folder with --base, or a merged export / model folder.", show_default=False)] = None,
-    data: Annotated[Optional[str], typer.Option("--data", callback=expand_home, help="Held-out data (default: the run's eval_data): preference pairs, or rows with only a prompt (and an answer) for --generate; e.g. bundled:arith_eval.", metavar="SOURCE", show_default=False)] = None,
+    run_dir: Annotated[Optional[str], typer.Argument(callback=named_path, help="A run folder (default: the newest under ./runs), an adapter folder with --base, or a merged export / model folder.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", callback=named_path, help="Held-out data (default: the run's eval_data): preference pairs, or rows with only a prompt (and an answer) for --generate; e.g. bundled:arith_eval.", metavar="SOURCE", show_default=False)] = None,
     generate: Annotated[bool, typer.Option("--generate", help="Also let the base and the tuned model answer every prompt, side by side. " + ANSWER_RULE
                                         + " A pair without an 'answer' whose chosen reply ends 'The answer is N.' (the bundled data) is scored against N.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 256,
     temperature: Temperature = 0.0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Pairs per batch (default: the run's eval_batch_size) and prompts per generation batch (default 16).", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Generate for the first N rows only.", show_default=False)] = None,
-    out: Annotated[Optional[str], typer.Option("--out", callback=expand_home, help="Summary JSON (default RUN/eval/eval.json); the replies go beside it as .jsonl and .md.", metavar="FILE.json", show_default=False)] = None,
-    base: Annotated[Optional[str], typer.Option("--base", callback=expand_home, help="Base model of an adapter folder; for a merged export, the model to compare with (a second model).", show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", callback=named_path, help="Summary JSON (default RUN/eval/eval.json); the replies go beside it as .jsonl and .md.", metavar="FILE.json", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option("--base", callback=named_path, help="Base model of an adapter folder; for a merged export, the model to compare with (a second model).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (--out and the .jsonl/.md beside it).")] = False,
 ) -> None:
     """See what training did: held-out preference metrics of the tuned model against its base (the adapter disabled),
@@ -430,8 +430,6 @@ def eval_run(
     """
     from infopo_cli.inference.models import find_target
 
-    check_named("--data", data, "the run's own held-out data")
-    check_named("--out", out, "RUN/eval/eval.json")
     target = find_target(run_dir, base, log=_note)  # torch-free: a wrong path is one line at once
     from infopo_cli.inference.display import print_eval
     from infopo_cli.workflows.evaluation import EvalRequest, evaluate
@@ -463,7 +461,7 @@ def _ask(target, base_model: bool, compare: bool):
 
 @app.command()
 def generate(
-    run_dir: Annotated[Optional[str], typer.Argument(callback=expand_home, help=ASK_TARGET_HELP, show_default=False)] = None,
+    run_dir: Annotated[Optional[str], typer.Argument(callback=named_path, help=ASK_TARGET_HELP, show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="The user message (required).", show_default=False)] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 256,
@@ -471,7 +469,7 @@ def generate(
     top_p: TopP = 1.0,
     top_k: TopK = 0,
     seed: SamplingSeed = 0,
-    base: Annotated[Optional[str], typer.Option("--base", callback=expand_home, help="Base model of an adapter folder (or, for a merged export, the model to compare with).", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option("--base", callback=named_path, help="Base model of an adapter folder (or, for a merged export, the model to compare with).", show_default=False)] = None,
     base_model: Annotated[bool, typer.Option("--base-model", help="Answer with the base (the adapter disabled) instead of the tuned model.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Print the base's and the tuned model's replies side by side.")] = False,
 ) -> None:
@@ -518,14 +516,14 @@ def generate(
 
 @app.command()
 def chat(
-    run_dir: Annotated[Optional[str], typer.Argument(callback=expand_home, help=ASK_TARGET_HELP, show_default=False)] = None,
+    run_dir: Annotated[Optional[str], typer.Argument(callback=named_path, help=ASK_TARGET_HELP, show_default=False)] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 512,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,
     seed: SamplingSeed = 0,
-    base: Annotated[Optional[str], typer.Option("--base", callback=expand_home, help="Base model of an adapter folder.", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option("--base", callback=named_path, help="Base model of an adapter folder.", show_default=False)] = None,
     base_model: Annotated[bool, typer.Option("--base-model", help="Chat with the base (the adapter disabled) instead.")] = False,
 ) -> None:
     """Chat with the tuned model: one line per turn, replies streamed; /reset clears the conversation, /exit ends it.
@@ -575,8 +573,8 @@ def chat(
 
 @app.command()
 def report(
-    runs: Annotated[list[str], typer.Argument(callback=expand_home, help="Run folders written by `infopo train`.", metavar="RUN_DIR", show_default=False)],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=expand_home, help="The figure, a .png file (default: RUN/report.png for one run, ./report.png for several).", show_default=False)] = None,
+    runs: Annotated[list[str], typer.Argument(callback=named_path, help="Run folders written by `infopo train`.", metavar="RUN_DIR", show_default=False)],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=named_path, help="The figure, a .png file (default: RUN/report.png for one run, ./report.png for several).", show_default=False)] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown, to paste (the figure's path goes to stderr).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing figure.")] = False,
 ) -> None:
@@ -592,7 +590,6 @@ def report(
 
     from infopo_cli import files
 
-    check_named("--out", out, "the default figure")
     if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--out {out}: name the figure FILE.png")
     seen: set[Path] = set()
@@ -631,7 +628,7 @@ COMPARE_SETTINGS = tuple(name for name in CLI_SETTINGS if name not in OWN_FLAGS
 def compare(
     loss: Annotated[str, typer.Option("--loss", help="The losses to train, a comma list (see `infopo losses`).")] = "infopo,dpo",
     sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="Also sweep one setting: SETTING=V1,V2 (e.g. beta=0.1,0.3): one run per loss and value.", metavar="SETTING=V1,V2", show_default=False)] = None,
-    output: Annotated[Optional[str], typer.Option("--output", callback=expand_home, help="Parent folder of the runs (default runs/compare-LOSSES-TIME); the same command with it continues a stopped comparison.", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", callback=named_path, help="Parent folder of the runs (default runs/compare-LOSSES-TIME); the same command with it continues a stopped comparison.", show_default=False)] = None,
     generate: Annotated[bool, typer.Option("--generate", help="Then `infopo eval --generate` every run: one table of base and tuned answers.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply with --generate.")] = 256,
     preset: Preset = None,
@@ -653,7 +650,6 @@ def compare(
 
     if sweep and len(sweep) > 1:  # a list only to see a repeat: typer would keep the last one silently
         raise ConfigError(f"--sweep given {len(sweep)} times: give one --sweep (a comparison sweeps one setting)")
-    check_named("--output", output, "runs/compare-LOSSES-TIME")
     planned = comparison.prepare(loss, sweep[0] if sweep else None, output, settings, preset or presets.DEFAULT_PRESET)
     if generate:  # checked now, not after every run has trained
         sampling = _sampling(max_new_tokens, 0.0)
@@ -704,7 +700,7 @@ def compare(
                   {"skip_invalid": {"help": "Go on past invalid rows: count them and show the first five, instead of stopping "
                                            "at the first.", "panel": None}})
 def data_check(
-    paths: Annotated[list[str], typer.Argument(callback=expand_home, help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset; several (SOURCE:0.3 for a share) are checked one by one, then mixed as `train --data` would.", metavar="SOURCE...", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(callback=named_path, help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset; several (SOURCE:0.3 for a share) are checked one by one, then mixed as `train --data` would.", metavar="SOURCE...", show_default=False)],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Only validate; skip token statistics (no model files needed).")] = False,
     *,
@@ -793,7 +789,7 @@ def _print_report(report, model: str) -> None:
                   {"max_length": {"help": "Longest prompt+response in tokens (default: the preset's).", "panel": None,
                                   "type": int, "metavar": None}})
 def plan(
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", callback=expand_home, help="Preset name or .toml file (default smollm2-135m).", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", callback=named_path, help="Preset name or .toml file (default smollm2-135m).", show_default=False)] = None,
     prompt_length: Annotated[Optional[int], typer.Option("--prompt-length", help="Prompt tokens per pair (default: the preset's max_prompt_length); with a shared prompt a shorter prompt leaves longer responses, so longer rows.", show_default=False)] = None,
     gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="The GPU's memory in GiB.")] = 24.0,
     fsdp: Annotated[int, typer.Option("--fsdp", help="GPUs the base is sharded over (infopo train --fsdp --nproc N): plan one card of them; 1: one GPU, no sharding.")] = 1,
@@ -838,7 +834,8 @@ def doctor(
     checks.show(console, cfg, as_json, preset or presets.DEFAULT_PRESET)
 
 
-OPTIONAL_VALUES = {"--gguf": "", "--merged": "", "--gguf-adapter": "", "--bundle": "",  # options whose value may be left out (then: the default path)
+# options whose value may be left out (then: the default path, so '' given is the default too: their callback allows it)
+OPTIONAL_VALUES = {"--gguf": "", "--merged": "", "--gguf-adapter": "", "--bundle": "",
                    "--gradient-checkpointing": "on"}  # (then: on, as the boolean flag it was meant)
 OLD_SPELLINGS = {"--no-gradient-checkpointing": ["--gradient-checkpointing", "off"]}  # flags that took no value before
 

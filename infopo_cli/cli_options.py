@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from infopo_cli.config import cli_option, flag
+from infopo_cli.config import cli_option, expand_home, flag
 from infopo_cli.errors import ConfigError
 
 # settings that are free text for a tokenizer (paths, names and ids may be any bytes the system allows)
@@ -30,11 +30,15 @@ def check_text(option: str, value: str | None) -> None:
         raise ConfigError(f"{option} is not valid UTF-8") from None
 
 
-def check_named(option: str, value: str | None, instead: str) -> None:
-    """A path option given as '' is an error, not its default: `train --eval-data ''` means no held-out data, so an
-    empty `--data` or `--out` elsewhere must not quietly mean the default file."""
-    if value is not None and not value.strip():
-        raise ConfigError(f"{option} '' names no file; leave {option} out for {instead}")
+def named_path(param: typer.CallbackParam, value: Any) -> Any:
+    """Callback of a path option or argument: '' is an error, not its default (`train --eval-data ''` means no held-out
+    data, so an empty `--out` or run folder elsewhere must not quietly mean the default one); a leading `~` is expanded."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, str) and not item.strip():
+            name = param.opts[0] if param.param_type_name == "option" else (param.metavar or str(param.name)).upper().rstrip(".")
+            instead = "" if param.required else f", or leave {name} out for its default"
+            raise ConfigError(f"{name} '' names no file or folder: give a path{instead}")
+    return expand_home(value)
 
 
 def given(params: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:

@@ -385,11 +385,17 @@ def test_commands_we_suggest_paste_as_one_argument_per_path():
 
 
 
-@pytest.mark.parametrize("args", [("eval", "--data", ""), ("eval", "--out", " "), ("report", "runs/a", "--out", ""),
-                                  ("compare", "--output", "", "--dry-run")])
-def test_an_empty_path_is_one_line_not_the_default(args, tmp_path):
-    """`train --eval-data ''` means no held-out data; an empty `--data`/`--out` elsewhere quietly meant the default."""
+@pytest.mark.parametrize("args, named", [
+    (("eval", "--data", ""), "--data '' names no file"), (("eval", "--out", " "), "--out '' names no file"),
+    (("report", "runs/a", "--out", ""), "--out '' names no file"), (("export", ""), "RUN_DIR '' names no file"),
+    (("compare", "--output", "", "--dry-run"), "--output '' names no file"),
+    (("train", "--preset", "", "--dry-run"), "--preset '' names no file"), (("train", "--resume", ""), "--resume ''"),
+    (("plan", "-p", ""), "--preset '' names no file"), (("data", "check", ""), "SOURCE '' names no file"),
+    (("train", "--output", "", "--dry-run"), "output '' names no folder"),
+    (("train", "--model", " ", "--dry-run"), "model '' names no folder")])
+def test_an_empty_path_is_one_line_not_the_default(args, named, tmp_path):
+    """`train --eval-data ''` means no held-out data; an empty path elsewhere (a flag, a run folder, a preset) quietly
+    meant the default one: a fresh run for `--resume ''`, the newest run for `export ''`."""
     out = infopo(*args, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
-    option = next(arg for arg in args if arg.startswith("--"))
-    assert out.stderr.strip().count("\n") == 0 and f"{option} '' names no file" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and named in out.stderr, out.stderr
