@@ -83,7 +83,9 @@ def train(
             return _resume_bundle(Path(resume), flags, dry_run)
         return _resume(Path(resume), flags, dry_run)
 
-    cfg = override(presets.load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
+    from infopo_cli.train.preflight import load_preset
+
+    cfg = override(load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     if dry_run:  # every check below and more
         return _dry_run(cfg)
     cfg.validate()

@@ -105,22 +105,25 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
 WEIGHTS = ("desirable_weight", "undesirable_weight")  # unpaired rows: each label's weight
 
 
-def resolve(name: str, overrides: dict) -> tuple[LossSpec, dict]:
-    """The loss and its parameters: defaults < given values. A parameter the loss does not take is an error."""
+def resolve(name: str, overrides: dict, source: str | None = None) -> tuple[LossSpec, dict]:
+    """The loss and its parameters: defaults < given values. A parameter the loss does not take is an error, named as
+    the flag it was given as, or, with `source` (a preset file), as that file's key."""
     if name not in LOSSES:
-        raise ConfigError(f"unknown loss '{name}'; available: {', '.join(LOSSES)} (see `infopo losses`)")
+        raise ConfigError(f"{f'{source}: ' if source else ''}unknown loss '{name}'; available: {', '.join(LOSSES)} "
+                          "(see `infopo losses`)")
+    spell, where = (str, f"{source}: ") if source else (flag, "")
     spec = LOSSES[name]
     given = {k: v for k, v in overrides.items() if v is not None}
     takes = set(spec.defaults) | {"sft_weight"} | (set(WEIGHTS) if "unpaired" in spec.data else set())
     wrong = sorted(set(given) - takes)
     if wrong:
-        raise ConfigError(f"{', '.join(map(flag, wrong))} does not apply to loss '{name}' (it takes: "
-                          f"{', '.join(map(flag, sorted(takes)))})")
+        raise ConfigError(f"{where}{', '.join(map(spell, wrong))} does not apply to loss '{name}' (it takes: "
+                          f"{', '.join(map(spell, sorted(takes)))})")
     params = {**spec.defaults, "sft_weight": 0.0, **given}
     if name == "mi" and params["prior"] not in PRIORS:
-        raise ConfigError(f"unknown prior '{params['prior']}' for loss 'mi'; available: {', '.join(PRIORS)}")
+        raise ConfigError(f"{where}unknown prior '{params['prior']}' for loss 'mi'; available: {', '.join(PRIORS)}")
     if "label_smoothing" in params and not 0 <= params["label_smoothing"] < 0.5:
-        raise ConfigError(f"--label-smoothing must be in [0, 0.5) (got {params['label_smoothing']})")
+        raise ConfigError(f"{where}{spell('label_smoothing')} must be in [0, 0.5) (got {params['label_smoothing']})")
     return spec, params
 
 

@@ -74,6 +74,22 @@ def test_a_flag_the_loss_does_not_take_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("lines, said", [
+    ('loss = "dpo"\ngamma = 0.5\n', "gamma does not apply to loss 'dpo' (it takes: beta, sft_weight)"),
+    ('loss = "dpo"\nlabel_smoothing = 0.2\n', "label_smoothing does not apply to loss 'dpo'"),
+    ('loss = "mi"\nprior = "nope"\n', "unknown prior 'nope' for loss 'mi'"),
+    ('loss = "cdpo"\nlabel_smoothing = 0.7\n', "label_smoothing must be in [0, 0.5)"),
+    ('loss = "nope"\n', "unknown loss 'nope'")])
+def test_a_loss_setting_wrong_in_a_preset_file_names_the_file_and_key(lines, said, tmp_path):
+    """Found by the loss check after the preset and flags merged, it used to name a flag (--gamma) no one typed."""
+    preset = tmp_path / "mine.toml"
+    preset.write_text('extends = "smollm2-135m"\n' + lines)
+    for command in (("train", "--dry-run"), ("compare", "--loss", "infopo,dpo", "--dry-run")):
+        out = infopo(*command, "--preset", str(preset), cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.strip().startswith(f"error: {preset}: {said}"), out.stderr
+        assert out.stderr.strip().count("\n") == 0 and "--" not in out.stderr, out.stderr
+
+
 def test_switching_loss_drops_the_presets_loss_settings(tmp_path):
     from infopo_cli.config import override
     from infopo_cli.losses.registry import resolve
