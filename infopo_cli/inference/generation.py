@@ -119,6 +119,25 @@ def to_reply(tokenizer, tokens: list[int], stopped: bool) -> Reply:
     return Reply(text, len(tokens), stopped)
 
 
+def context_of(model) -> int | None:
+    """The most positions the model was built for (prompt and reply together), or None where its config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_room(model, max_new_tokens: int, option: str = "--max-new-tokens") -> None:
+    """A reply budget longer than the model's whole context is a mistake to say at once, not replies that run on past
+    the positions the model knows (garbage with rotary positions, an index error with learned ones)."""
+    context = context_of(model)
+    if context is not None and max_new_tokens >= context:
+        raise ConfigError(f"{option} {max_new_tokens} is not below the model's context of {context} tokens (the prompt "
+                          "and the reply together)")
+
+
 def _takes(model, argument: str) -> bool:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return argument in inspect.signature(causal_lm.forward).parameters
@@ -143,7 +162,12 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
     rows = list(range(ids.shape[0]))      # the caller's row at each batch position
     going = torch.ones(len(rows), dtype=torch.bool, device=ids.device)
     cache, inputs, prune = None, ids, True
-    for _ in range(sampling.max_new_tokens):
+    context = context_of(model)
+    room = sampling.max_new_tokens if context is None else min(sampling.max_new_tokens, context - ids.shape[1])
+    if room < 1:
+        raise ConfigError(f"a prompt of {ids.shape[1]} tokens fills the model's context of {context} tokens: no room "
+                          "for a reply")
+    for _ in range(room):  # a reply cut at the context's end comes back as one cut at max_new_tokens (not stopped)
         with attention.float32_scores():  # argmaxes flip on 16-bit attention scores (model/attention.py)
             out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                         **({cache_name: cache} if cache is not None else {}), **last_only)
@@ -207,6 +231,7 @@ def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling =
     """One reply per prompt, `batch_size` prompts at a time, in the prompts' order; None when `should_stop()` turns
     true between batches (a training run's stop request: it should not wait for hundreds of replies). `any_going`:
     as `decode` takes it."""
+    check_room(model, sampling.max_new_tokens)
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
     stops = stop_ids(tokenizer)
     pad, device = tokenizer.pad_token_id, _device(model)
@@ -239,6 +264,7 @@ def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling()
     Stopping early (Ctrl-C, `close()`) loses nothing but the rest of the reply. A character split across
     tokens is held back until it is whole.
     """
+    check_room(model, sampling.max_new_tokens)
     device = _device(model)
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
     stops = stop_ids(tokenizer)

@@ -175,6 +175,36 @@ def test_batched_greedy_equals_one_by_one_greedy(loaded):
         assert generate(base, tokenizer, prompts, SHORT, batch_size=3) == one_by_one
 
 
+def test_replies_stay_inside_the_models_context(run, loaded, monkeypatch):
+    """A reply budget past the model's positions is one line at once; a reply that reaches the context's end stops
+    there, cut (not stopped), instead of running on past the positions the model knows."""
+    from infopo_cli.inference.generation import context_of, prompt_ids
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    context = context_of(model)
+    assert context == model.config.max_position_embeddings
+    with pytest.raises(ConfigError, match=f"--max-new-tokens {context} is not below the model's context of {context}"):
+        generate(model, tokenizer, [as_messages("hi")], Sampling(max_new_tokens=context))
+    with pytest.raises(ConfigError, match="not below the model's context"):
+        next(stream(model, tokenizer, as_messages("hi"), Sampling(max_new_tokens=context + 1)))
+    out = infopo("eval", str(run), "--generate", "--max-new-tokens", "100000")
+    assert out.returncode == 2 and "preference metrics" not in out.stderr, out.stderr  # said before them
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"error: --max-new-tokens 100000 is not below the model's context of {context} tokens"), out.stderr
+
+    prompt = as_messages("Name a colour that is not red, please.")
+    length = len(prompt_ids(tokenizer, prompt))
+    monkeypatch.setattr(model.config, "max_position_embeddings", length + 3)
+    # a budget below the context but past the room the prompt leaves: the reply is cut at the context's end
+    reply = generate(model, tokenizer, [prompt], Sampling(max_new_tokens=length + 2))[0]
+    assert reply.new_tokens == 3 and not reply.stopped, reply  # this prompt's reply runs on (checked: it never stops)
+    batch = generate(model, tokenizer, [prompt, as_messages("hi")], Sampling(max_new_tokens=length + 2))
+    assert all(r.new_tokens <= 3 for r in batch), batch  # the batch's widest prompt decides its room
+    monkeypatch.setattr(model.config, "max_position_embeddings", length)
+    with pytest.raises(ConfigError, match=f"a prompt of {length} tokens fills the model's context of {length} tokens"):
+        generate(model, tokenizer, [prompt], Sampling(max_new_tokens=1))
+
+
 def test_bundled_eval_answers_come_from_the_chosen_replies():
     from infopo_cli.inference.prompts import rows_from_pairs
 
