@@ -228,6 +228,8 @@ class LlamaCppReader:
     its weight repacking crashes on AMX CPUs). We check the file, not that kernel."""
 
     def __init__(self, gguf_path: Path, n_ctx: int = 1024, adapter: Path | None = None, shown: Path | None = None):
+        """`shown`: the name of the file just written (the adapter's where one is given) in messages, its final path
+        while a temporary file is read."""
         options = {"lora_path": str(adapter)} if adapter is not None else {}
         try:
             # swa_full=False: a sliding-window model's (Gemma's) cache sized to its window, which is right here as
@@ -236,7 +238,8 @@ class LlamaCppReader:
             self.llm = load_llama(gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, swa_full=False,
                                   **options)
         except (ValueError, RuntimeError) as err:  # the file infopo just wrote: a failed check, not the user's doing
-            raise ExportCheckFailed(f"check failed: llama.cpp cannot load {shown or gguf_path} ({first_line(err)}); the file is "
+            what = f"{gguf_path} with the adapter {shown or adapter}" if adapter is not None else shown or gguf_path
+            raise ExportCheckFailed(f"check failed: llama.cpp cannot load {what} ({first_line(err)}); the file is "
                                     "kept for inspection") from None
 
     def tokenize(self, tokenizer, prompt: str) -> list[int]:

@@ -20,7 +20,7 @@ import torch
 
 from infopo_cli import files
 from infopo_cli.config import EMBEDDED_MODEL
-from infopo_cli.errors import ConfigError
+from infopo_cli.errors import ConfigError, ExportCheckFailed
 from infopo_cli.export.adapter_gguf import (LOSSLESS, adapter_file_bytes, adapter_tensors, check_base,
                                             lora_settings, read_back, write_adapter_gguf)
 from infopo_cli.export.check import (PROMPTS, Agreement, LlamaCppReader, agreement, answer_logits, context_of, greedy,
@@ -125,26 +125,35 @@ def export_adapter(source: AdapterSource, out: Path, quant: str = "f16", base_gg
     size = adapter_file_bytes(source.adapter, quant)
     files.check_free_space(out.parent, size)
     log(f"writing the {quant} adapter GGUF, {len(tensors)} adapted weights, about {size / 2**20:,.1f} MiB")
-    with files.replacing(out) as tmp:
-        write_adapter_gguf(tensors, float(settings["lora_alpha"]), arch, tmp, quant, source.adapter.resolve().name)
-        read_back(tmp, tensors, quant)  # before it takes the name: a file that does not hold them is never left
-    written = None
+    tokenizer, text = None, None
     if base_gguf is not None:
         from infopo_cli.model.stack import load_tokenizer
 
         tokenizer = load_tokenizer(str(source.adapter if (source.adapter / "tokenizer_config.json").is_file()
                                        else resolve_source(source.base)))
         text = modelfile(out.name, tokenizer.chat_template, tokenizer.eos_token, base=base_gguf.resolve())
-        written = write_modelfile(out, text)
-        if check and importlib.util.find_spec("llama_cpp") is not None:
-            return out, written, check_pair(source, base_gguf, out, tokenizer)
-    return out, written, None
+    failed, result = None, None
+    with files.replacing(out) as tmp:
+        write_adapter_gguf(tensors, float(settings["lora_alpha"]), arch, tmp, quant, source.adapter.resolve().name)
+        read_back(tmp, tensors, quant)  # before it takes the name: a file that does not hold them is never left
+        # checked before it takes its name too: a check stopped half-way (Ctrl-C) leaves no unchecked OUT.gguf that
+        # the same command, run again, would refuse to replace
+        if base_gguf is not None and check and importlib.util.find_spec("llama_cpp") is not None:
+            try:
+                result = check_pair(source, base_gguf, tmp, tokenizer, shown=out)
+            except ExportCheckFailed as err:  # a file llama.cpp cannot load still takes its name, for inspection
+                failed = err
+    written = write_modelfile(out, text) if text is not None else None
+    if failed is not None:
+        raise failed
+    return out, written, result
 
 
 @torch.no_grad()
 def check_pair(source: AdapterSource, base_gguf: Path, adapter_gguf: Path, tokenizer,
-               prompts=PROMPTS, max_new_tokens: int = 48) -> AdapterCheck:
-    """llama.cpp reading base + adapter against transformers reading the same base GGUF with the run's adapter."""
+               prompts=PROMPTS, max_new_tokens: int = 48, shown: Path | None = None) -> AdapterCheck:
+    """llama.cpp reading base + adapter against transformers reading the same base GGUF with the run's adapter;
+    `shown`: the adapter's name in messages (its final path while a temporary file is checked)."""
     from infopo_cli.model.stack import import_bitsandbytes, quiet_peft
 
     import_bitsandbytes()  # before peft imports it: quiet, as everywhere else
@@ -154,7 +163,7 @@ def check_pair(source: AdapterSource, base_gguf: Path, adapter_gguf: Path, token
     with quiet_peft():
         tuned = PeftModel.from_pretrained(base, str(source.adapter)).eval()
     stops, result = stop_ids(tokenizer), AdapterCheck()
-    with_adapter = LlamaCppReader(base_gguf, context_of(base), adapter=adapter_gguf)
+    with_adapter = LlamaCppReader(base_gguf, context_of(base), adapter=adapter_gguf, shown=shown)
     plain = LlamaCppReader(base_gguf, context_of(base))
     changes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:

@@ -138,6 +138,40 @@ def test_a_misread_adapter_fails_the_check(tmp_path, monkeypatch):
     assert "moves llama.cpp's logits unlike" in " ".join(twice.problems())
 
 
+@pytest.mark.skipif(not LLAMA_CPP, reason="needs llama.cpp: pip install 'infopo[gguf-check]' (CI installs it)")
+def test_the_adapter_is_checked_before_it_takes_its_name(tmp_path, monkeypatch):
+    """As the merged GGUF: a check stopped half-way (Ctrl-C) leaves no unchecked a.gguf or a.Modelfile that the same
+    command, run again, would refuse to replace; one llama.cpp cannot load still takes its name, for inspection."""
+    from infopo_cli.errors import ExportCheckFailed
+    from infopo_cli.export import export_adapter as module
+
+    source = adapter_for("llama", tmp_path / "run", build_spm_tokenizer())
+    base = tmp_path / "base" / "base.gguf"
+    base.parent.mkdir()
+    base_path, _ = base_gguf(source, base.parent)
+    seen = []
+
+    def interrupted(source, base, adapter, tokenizer, shown=None):
+        seen.append((adapter.is_file(), adapter != tmp_path / "a.gguf", shown, (tmp_path / "a.gguf").exists(),
+                     (tmp_path / "a.Modelfile").exists()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "check_pair", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        module.export_adapter(source, tmp_path / "a.gguf", "f32", base_path, log=lambda _: None)
+    assert seen == [(True, True, tmp_path / "a.gguf", False, False)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "run"]  # no a.gguf, no a.Modelfile, no temporary
+
+    def unloadable(source, base, adapter, tokenizer, shown=None):
+        raise ExportCheckFailed(f"check failed: llama.cpp cannot load {base} with the adapter {shown}; the file is kept "
+                                "for inspection")
+
+    monkeypatch.setattr(module, "check_pair", unloadable)
+    with pytest.raises(ExportCheckFailed, match=f"with the adapter {tmp_path / 'a.gguf'};"):
+        module.export_adapter(source, tmp_path / "a.gguf", "f32", base_path, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.Modelfile", "a.gguf", "base", "run"]
+
+
 def test_cli_writes_the_adapter_and_needs_a_base_gguf_for_the_modelfile(tmp_path):
     source = adapter_for("llama", tmp_path)
     run = [sys.executable, "-m", "infopo_cli", "export", "--base", source.base, "--adapter", str(source.adapter)]
