@@ -498,6 +498,7 @@ def generate(
 
     messages = as_messages(prompt, system)
     gguf, loaded = _ask(target, base_model, compare)
+    _budget(loaded, max_new_tokens)
     if gguf is not None:
         reply = gguf.reply(messages, sampling)
     elif compare:
@@ -514,6 +515,14 @@ def generate(
     sys.stdout.write(reply.text + "\n")
     if not reply.stopped:
         _note(f"(cut at --max-new-tokens {max_new_tokens})")
+
+
+def _budget(loaded, max_new_tokens: int) -> None:
+    """Say so when --max-new-tokens is past the loaded model's context (replies end at the context's end)."""
+    from infopo_cli.inference.generation import budget_note
+
+    if loaded is not None and (note := budget_note(loaded.model, max_new_tokens)):
+        _note(note)
 
 
 @app.command()
@@ -541,6 +550,7 @@ def chat(
     from infopo_cli.inference.generation import stream
 
     gguf, loaded = _ask(target, base_model, False)
+    _budget(loaded, max_new_tokens)
 
     def reply(messages):
         if gguf is not None:

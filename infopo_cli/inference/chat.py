@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from infopo_cli.inference.generation import Messages, as_messages
+from infopo_cli.inference.generation import ContextFull, Messages, as_messages
 
 EXIT = ("/exit", "/quit")
 RESET = "/reset"
@@ -88,6 +88,9 @@ def run_chat(session: ChatSession, reply: Callable[[Messages], Iterable[str]], r
             for piece in stream:
                 write(piece)
                 pieces.append(piece)
+        except ContextFull as full:  # the conversation outgrew the model: say so, forget this turn, go on
+            note(f"({full}; /reset starts a new conversation)")
+            continue
         except KeyboardInterrupt:
             close = getattr(stream, "close", None)
             if close is not None:

@@ -129,13 +129,18 @@ def context_of(model) -> int | None:
     return None
 
 
-def check_room(model, max_new_tokens: int, option: str = "--max-new-tokens") -> None:
-    """A reply budget longer than the model's whole context is a mistake to say at once, not replies that run on past
-    the positions the model knows (garbage with rotary positions, an index error with learned ones)."""
+class ContextFull(ConfigError):
+    """A prompt that leaves the model no position for a reply (chat says so and goes on: /reset starts over)."""
+
+
+def budget_note(model, max_new_tokens: int, option: str = "--max-new-tokens") -> str | None:
+    """What to tell the user of a reply budget at or past the model's whole context (None when it fits): replies end
+    at the context's end, as `decode` stops them, not where the budget says."""
     context = context_of(model)
-    if context is not None and max_new_tokens >= context:
-        raise ConfigError(f"{option} {max_new_tokens} is not below the model's context of {context} tokens (the prompt "
-                          "and the reply together)")
+    if context is None or max_new_tokens < context:
+        return None
+    return (f"{option} {max_new_tokens} is past the model's context of {context} tokens (the prompt and the reply "
+            "together): each reply ends where its prompt and reply fill it")
 
 
 def _takes(model, argument: str) -> bool:
@@ -162,12 +167,15 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
     rows = list(range(ids.shape[0]))      # the caller's row at each batch position
     going = torch.ones(len(rows), dtype=torch.bool, device=ids.device)
     cache, inputs, prune = None, ids, True
+    # each row's positions left in the model's context: a row stops there (cut, as at max_new_tokens), never runs on
+    # past the positions the model knows (garbage with rotary positions, an index error with learned ones)
     context = context_of(model)
-    room = sampling.max_new_tokens if context is None else min(sampling.max_new_tokens, context - ids.shape[1])
-    if room < 1:
-        raise ConfigError(f"a prompt of {ids.shape[1]} tokens fills the model's context of {context} tokens: no room "
-                          "for a reply")
-    for _ in range(room):  # a reply cut at the context's end comes back as one cut at max_new_tokens (not stopped)
+    left = None if context is None else context - mask.sum(-1)
+    if left is not None and (left < 1).any():
+        raise ContextFull(f"a prompt of {context - int(left.min())} tokens fills the model's context of {context} tokens: "
+                          "no room for a reply")
+    steps = sampling.max_new_tokens if left is None else min(sampling.max_new_tokens, int(left.max()))
+    for step in range(1, steps + 1):
         with attention.float32_scores():  # argmaxes flip on 16-bit attention scores (model/attention.py)
             out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                         **({cache_name: cache} if cache is not None else {}), **last_only)
@@ -177,6 +185,8 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
         live = going.nonzero().squeeze(1).tolist()
         yield [rows[i] for i in live], tokens[live].tolist()
         going &= ~torch.isin(tokens, stop)
+        if left is not None:
+            going &= left > step
         if not any_going(bool(going.any())):
             return
         if prune and going.any() and not going.all():
@@ -188,6 +198,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
             else:
                 rows = [rows[i] for i in keep.tolist()]
                 tokens, mask, positions, going = tokens[keep], mask[keep], positions[keep], going[keep]
+                left = left[keep] if left is not None else None
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         positions = positions[:, -1:] + 1
         inputs = tokens[:, None]
@@ -231,8 +242,11 @@ def generate(model, tokenizer, prompts: Sequence[Messages], sampling: Sampling =
     """One reply per prompt, `batch_size` prompts at a time, in the prompts' order; None when `should_stop()` turns
     true between batches (a training run's stop request: it should not wait for hundreds of replies). `any_going`:
     as `decode` takes it."""
-    check_room(model, sampling.max_new_tokens)
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
+    context = context_of(model)
+    if context is not None and (full := next((i for i, ids in enumerate(encoded) if len(ids) >= context), None)) is not None:
+        raise ContextFull(f"prompt {full + 1} of {len(encoded)} has {len(encoded[full])} tokens: it fills the model's "
+                          f"context of {context} tokens, no room for a reply")
     stops = stop_ids(tokenizer)
     pad, device = tokenizer.pad_token_id, _device(model)
     generator = _generator(sampling, device)
@@ -264,7 +278,6 @@ def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling()
     Stopping early (Ctrl-C, `close()`) loses nothing but the rest of the reply. A character split across
     tokens is held back until it is whole.
     """
-    check_room(model, sampling.max_new_tokens)
     device = _device(model)
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
     stops = stop_ids(tokenizer)

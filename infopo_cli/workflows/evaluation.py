@@ -37,7 +37,7 @@ from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.errors import ConfigError
 from infopo_cli.inference.answers import matches
 from infopo_cli.inference.display import accuracy_text, paired_text
-from infopo_cli.inference.generation import Reply, Sampling, check_room, generate
+from infopo_cli.inference.generation import Reply, Sampling, budget_note, generate
 from infopo_cli.inference.models import LoadedModel, Target, find_target, load_target
 from infopo_cli.inference.prompts import PromptRow, answers_by_row, is_prompt_only, read_prompt_rows, rows_from_pairs
 from infopo_cli.losses import registry
@@ -127,9 +127,10 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     result = EvalResult(target, shown_spec, out, notes=result_notes)
 
     loaded = load_target(target, log)
-    if request.generate:  # a reply budget past the context: said before the preference metrics, not after them
-        check_room(loaded.model, request.sampling.max_new_tokens)
     result.notes += loaded.notes
+    if request.generate and (note := budget_note(loaded.model, request.sampling.max_new_tokens)):
+        log(note)  # at once, and with the results
+        result.notes.append(note)
     if pairs and target.config is None and loaded.can_compare:
         result.notes.append(f"{target.path} is not a run folder: its pairs are scored with the default loss "
                             f"({cfg.loss}) and lengths (max_length {cfg.max_length})")

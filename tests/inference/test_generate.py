@@ -176,33 +176,43 @@ def test_batched_greedy_equals_one_by_one_greedy(loaded):
 
 
 def test_replies_stay_inside_the_models_context(run, loaded, monkeypatch):
-    """A reply budget past the model's positions is one line at once; a reply that reaches the context's end stops
-    there, cut (not stopped), instead of running on past the positions the model knows."""
-    from infopo_cli.inference.generation import context_of, prompt_ids
+    """A reply that reaches the model's context ends there, cut (not stopped), each row at its own prompt's length
+    whatever it is batched with, instead of running on past the positions the model knows; a budget past the whole
+    context is said at once; a prompt that fills the context is one line naming it; a chat goes on after one."""
+    from infopo_cli.inference.generation import ContextFull, budget_note, context_of, prompt_ids
 
     model, tokenizer = loaded.model, loaded.tokenizer
     context = context_of(model)
     assert context == model.config.max_position_embeddings
-    with pytest.raises(ConfigError, match=f"--max-new-tokens {context} is not below the model's context of {context}"):
-        generate(model, tokenizer, [as_messages("hi")], Sampling(max_new_tokens=context))
-    with pytest.raises(ConfigError, match="not below the model's context"):
-        next(stream(model, tokenizer, as_messages("hi"), Sampling(max_new_tokens=context + 1)))
-    out = infopo("eval", str(run), "--generate", "--max-new-tokens", "100000")
-    assert out.returncode == 2 and "preference metrics" not in out.stderr, out.stderr  # said before them
-    assert out.stderr.strip().splitlines()[-1].startswith(
-        f"error: --max-new-tokens 100000 is not below the model's context of {context} tokens"), out.stderr
+    assert budget_note(model, context - 1) is None
+    assert budget_note(model, context) == (f"--max-new-tokens {context} is past the model's context of {context} tokens "
+                                           "(the prompt and the reply together): each reply ends where its prompt and "
+                                           "reply fill it")
+    out = infopo("eval", str(run), "--generate", "--max-new-tokens", "100000", "--data", str(
+        write_jsonl(run.parent / "one.jsonl", [{"prompt": "What is 1 + 1?", "answer": 2}])), "--out",
+        str(run.parent / "ev" / "e.json"))
+    assert out.returncode == 0, out.stderr
+    assert f"--max-new-tokens 100000 is past the model's context of {context} tokens" in out.stdout + out.stderr
+    assert any("past the model's context" in n for n in json.loads((run.parent / "ev" / "e.json").read_text())["notes"])
 
-    prompt = as_messages("Name a colour that is not red, please.")
-    length = len(prompt_ids(tokenizer, prompt))
+    long, short = as_messages("Name a colour that is not red, please."), as_messages("hi")
+    length, brief = len(prompt_ids(tokenizer, long)), len(prompt_ids(tokenizer, short))
     monkeypatch.setattr(model.config, "max_position_embeddings", length + 3)
-    # a budget below the context but past the room the prompt leaves: the reply is cut at the context's end
-    reply = generate(model, tokenizer, [prompt], Sampling(max_new_tokens=length + 2))[0]
+    reply = generate(model, tokenizer, [long], Sampling(max_new_tokens=length + 2))[0]
     assert reply.new_tokens == 3 and not reply.stopped, reply  # this prompt's reply runs on (checked: it never stops)
-    batch = generate(model, tokenizer, [prompt, as_messages("hi")], Sampling(max_new_tokens=length + 2))
-    assert all(r.new_tokens <= 3 for r in batch), batch  # the batch's widest prompt decides its room
+    alone = generate(model, tokenizer, [short], Sampling(max_new_tokens=length + 2), batch_size=1)[0]
+    both = generate(model, tokenizer, [long, short], Sampling(max_new_tokens=length + 2), batch_size=2)
+    assert both[0] == reply and both[1] == alone  # the short prompt is not cut at the long one's room
+    assert alone.new_tokens == min(length + 2, length + 3 - brief) > reply.new_tokens and not alone.stopped, alone
+
     monkeypatch.setattr(model.config, "max_position_embeddings", length)
-    with pytest.raises(ConfigError, match=f"a prompt of {length} tokens fills the model's context of {length} tokens"):
-        generate(model, tokenizer, [prompt], Sampling(max_new_tokens=1))
+    with pytest.raises(ContextFull, match=f"prompt 2 of 2 has {length} tokens: it fills the model's context of {length}"):
+        generate(model, tokenizer, [short, long], Sampling(max_new_tokens=1))
+    turns = iter(["Name a colour that is not red, please.", "hi"])
+    shown, notes = [], []
+    replies = run_chat(ChatSession(), lambda messages: stream(model, tokenizer, messages, Sampling(max_new_tokens=2)),
+                       lambda: next(turns, None), shown.append, notes.append)
+    assert replies == 1 and any(f"fills the model's context of {length} tokens" in n and "/reset" in n for n in notes)
 
 
 def test_bundled_eval_answers_come_from_the_chosen_replies():
