@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from infopo_cli import __version__
-from infopo_cli.cli_options import check_text, given, named_path, settings_options
-from infopo_cli.config import CLI_SETTINGS, expand_home, help_for
+from infopo_cli.cli_options import check_text, default_or_path, given, named_path, settings_options
+from infopo_cli.config import CLI_SETTINGS, help_for
 from infopo_cli.errors import InfopoError
 from infopo_cli.inference.answers import RULE as ANSWER_RULE  # standard library only: --help stays instant
 from infopo_cli.train.stops import StopNow  # standard library only: --help stays instant
@@ -266,11 +266,11 @@ QUANT_HELP = ("GGUF tensor type, with its file size in GB per billion parameters
 @app.command()
 def export(
     run_dir: Annotated[Optional[str], typer.Argument(callback=named_path, help="A run folder written by `infopo train` (default: the newest under ./runs).", show_default=False)] = None,
-    merged: Annotated[Optional[str], typer.Option("--merged", callback=expand_home, help="Write merged safetensors weights to this folder (default RUN/export/merged/).", show_default=False)] = None,
-    gguf: Annotated[Optional[str], typer.Option("--gguf", callback=expand_home, help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
-    gguf_adapter: Annotated[Optional[str], typer.Option("--gguf-adapter", callback=expand_home, help="Write the LoRA alone as a llama.cpp adapter GGUF (llama-cli --lora, Ollama ADAPTER; default RUN/export/RUN-adapter-QUANT.gguf), with a Modelfile on --base-gguf.", show_default=False)] = None,
+    merged: Annotated[Optional[str], typer.Option("--merged", callback=default_or_path, help="Write merged safetensors weights to this folder (default RUN/export/merged/).", show_default=False)] = None,
+    gguf: Annotated[Optional[str], typer.Option("--gguf", callback=default_or_path, help="Write a GGUF file and FILE.Modelfile for Ollama (default RUN/export/RUN-QUANT.gguf).", show_default=False)] = None,
+    gguf_adapter: Annotated[Optional[str], typer.Option("--gguf-adapter", callback=default_or_path, help="Write the LoRA alone as a llama.cpp adapter GGUF (llama-cli --lora, Ollama ADAPTER; default RUN/export/RUN-adapter-QUANT.gguf), with a Modelfile on --base-gguf.", show_default=False)] = None,
     base_gguf: Annotated[Optional[str], typer.Option("--base-gguf", callback=named_path, help="The base model's GGUF for --gguf-adapter's Modelfile and check (default: the GGUF the run's base came from, if any).", show_default=False)] = None,
-    bundle: Annotated[Optional[str], typer.Option("--bundle", callback=expand_home, help="Pack the run to share as one .tar, .tar.gz or .zip with a manifest of hashes (default RUN/export/RUN.tar); `infopo generate BUNDLE` and `infopo train --resume BUNDLE` read it.", show_default=False)] = None,
+    bundle: Annotated[Optional[str], typer.Option("--bundle", callback=default_or_path, help="Pack the run to share as one .tar, .tar.gz or .zip with a manifest of hashes (default RUN/export/RUN.tar); `infopo generate BUNDLE` and `infopo train --resume BUNDLE` read it.", show_default=False)] = None,
     with_checkpoint: Annotated[bool, typer.Option("--with-checkpoint", help="--bundle: include the latest checkpoint, so `train --resume BUNDLE` continues the run.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Merged weights dtype: bf16, fp16, fp32.")] = "fp32",
     quant: Annotated[str, typer.Option("--quant", help=QUANT_HELP)] = "f16",
@@ -713,7 +713,7 @@ def compare(
                                            "at the first.", "panel": None}})
 def data_check(
     paths: Annotated[list[str], typer.Argument(callback=named_path, help="A .jsonl/.json/.csv/.parquet file, a save_to_disk folder or a hub dataset; several (SOURCE:0.3 for a share) are checked one by one, then mixed as `train --data` would.", metavar="SOURCE...", show_default=False)],
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
+    preset: Annotated[str, typer.Option("--preset", "-p", callback=named_path, help="Preset whose tokenizer and max length to use.")] = "smollm2-135m",
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Only validate; skip token statistics (no model files needed).")] = False,
     *,
     settings: dict[str, Any],
@@ -831,7 +831,7 @@ def plan(
 
 @app.command()
 def doctor(
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset whose run to plan (default smollm2-135m).", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", callback=named_path, help="Preset whose run to plan (default smollm2-135m).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
     """Check this machine before training: GPU, bf16, memory, kernels, library versions against the tested ones, what
@@ -846,7 +846,7 @@ def doctor(
     checks.show(console, cfg, as_json, preset or presets.DEFAULT_PRESET)
 
 
-# options whose value may be left out (then: the default path, so '' given is the default too: their callback allows it)
+# options whose value may be left out (then: the default path, so '' given is the default too: default_or_path)
 OPTIONAL_VALUES = {"--gguf": "", "--merged": "", "--gguf-adapter": "", "--bundle": "",
                    "--gradient-checkpointing": "on"}  # (then: on, as the boolean flag it was meant)
 OLD_SPELLINGS = {"--no-gradient-checkpointing": ["--gradient-checkpointing", "off"]}  # flags that took no value before

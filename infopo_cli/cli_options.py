@@ -30,15 +30,25 @@ def check_text(option: str, value: str | None) -> None:
         raise ConfigError(f"{option} is not valid UTF-8") from None
 
 
+def _refuse_blank(param: typer.CallbackParam, value: Any, allow_empty: bool) -> Any:
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, str) and not item.strip() and not (allow_empty and item == ""):
+            name = param.opts[0] if param.param_type_name == "option" else (param.metavar or str(param.name)).upper().rstrip(".")
+            instead = "" if param.required else f", or omit {name} for its default"
+            raise ConfigError(f"{name} {item!r} names no file or folder: give a path{instead}")
+    return expand_home(value)
+
+
 def named_path(param: typer.CallbackParam, value: Any) -> Any:
     """Callback of a path option or argument: '' is an error, not its default (`train --eval-data ''` means no held-out
     data, so an empty `--out` or run folder elsewhere must not quietly mean the default one); a leading `~` is expanded."""
-    for item in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(item, str) and not item.strip():
-            name = param.opts[0] if param.param_type_name == "option" else (param.metavar or str(param.name)).upper().rstrip(".")
-            instead = "" if param.required else f", or leave {name} out for its default"
-            raise ConfigError(f"{name} '' names no file or folder: give a path{instead}")
-    return expand_home(value)
+    return _refuse_blank(param, value, allow_empty=False)
+
+
+def default_or_path(param: typer.CallbackParam, value: Any) -> Any:
+    """Callback of an option whose value may be left out (`export --gguf`: then the default path, so '' is that
+    default too); a blank one (' ') is still an error, not a file named ' '."""
+    return _refuse_blank(param, value, allow_empty=True)
 
 
 def given(params: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:

@@ -505,7 +505,7 @@ def _limit_problem(name: str, value: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"{name} must be a finite number (got {value})"
     if name in ("model", "output") and isinstance(value, str) and not value.strip():  # not quietly the default
-        return f"{name} '' names no folder: leave it out for the default"
+        return f"{name} {value!r} names no folder: omit it for the default"
     if name == "data" and isinstance(value, (list, tuple)) and not value:
         return "data is an empty list: name at least one source"
     if name in LIMITS and not LIMITS[name][0](value):

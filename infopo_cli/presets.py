@@ -162,6 +162,25 @@ def _mapped(value: Any, absolute: dict[str, str]) -> Any:
     return one(value) if isinstance(value, str) else [one(text) for text in value or []]
 
 
+def _parent(path: Path, extends: Any) -> str | None:
+    """The preset a preset file's `extends` names (None without one)."""
+    if extends is None:
+        return None
+    if not isinstance(extends, str) or not extends.strip():
+        raise ConfigError(f"{path}: 'extends' must be a preset name or a .toml file, got {show(extends)}")
+    if extends.endswith(".toml") and not Path(extends).is_absolute() and (path.parent / extends).is_file():
+        return str(path.parent / extends)  # `extends = "base.toml"` beside this preset, wherever infopo runs from
+    return extends
+
+
+def lineage(name_or_path: str) -> list[str]:
+    """The preset and those it extends, itself first (as `load_preset` follows them; it has checked the chain)."""
+    chain = [name_or_path]
+    while (parent := _parent(find(chain[-1]), read(find(chain[-1])).get("extends"))) is not None:
+        chain.append(parent)
+    return chain
+
+
 def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     """Defaults < preset (< the preset it `extends`). Unknown keys and wrong types are errors that name the
     file they are in, so a typo cannot go unnoticed and the user knows which file to fix."""
@@ -171,11 +190,7 @@ def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
         raise ConfigError(f"{_seen[-1]}: 'extends' loops back to {path} "
                           f"({' -> '.join(p.stem for p in (*_seen, path))})")
     raw = read(path)
-    parent = raw.pop("extends", None)
-    if parent is not None and not isinstance(parent, str):
-        raise ConfigError(f"{path}: 'extends' must be a preset name or a .toml file, got {show(parent)}")
-    if parent and parent.endswith(".toml") and not Path(parent).is_absolute() and (path.parent / parent).is_file():
-        parent = str(path.parent / parent)  # `extends = "base.toml"` beside this preset, wherever infopo runs from
+    parent = _parent(path, raw.pop("extends", None))
     try:
         base = load_preset(parent, (*_seen, path)) if parent else TrainConfig()
     except ConfigError as err:

@@ -18,8 +18,10 @@ that no longer stop are a warning (a coarse type for the model's size), not a br
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -221,6 +223,23 @@ def compare(merged, tokenizer, gguf_path: Path, prompts=PROMPTS, max_new_tokens:
 def context_of(model, wanted: int = 1024) -> int:
     """llama.cpp's context for the check: enough for prompt + answer, never past what the model was built for."""
     return min(wanted, getattr(model.config, "max_position_embeddings", None) or wanted)
+
+
+Result = TypeVar("Result")
+
+
+def before_naming(check: Callable[[], Result], out: Path) -> tuple[Result | None, ExportCheckFailed | None]:
+    """Run the check of a written file that does not have its name `out` yet: its result, or the failure to raise once
+    the file has its name. A file llama.cpp cannot load, or a check that cannot run (out of memory, say), still leaves
+    the file, named, for inspection; only a stop (Ctrl-C) leaves nothing, so the same command runs again."""
+    try:
+        return check(), None
+    except ExportCheckFailed as err:
+        return None, err
+    except Exception as err:  # noqa: BLE001 - any failure of the check itself; the chain keeps it for --debug
+        failed = ExportCheckFailed(f"the check could not run ({first_line(err)}); {out} is written, unchecked")
+        failed.__cause__ = err
+        return None, failed
 
 
 class LlamaCppReader:

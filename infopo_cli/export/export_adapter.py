@@ -20,11 +20,11 @@ import torch
 
 from infopo_cli import files
 from infopo_cli.config import EMBEDDED_MODEL
-from infopo_cli.errors import ConfigError, ExportCheckFailed
+from infopo_cli.errors import ConfigError
 from infopo_cli.export.adapter_gguf import (LOSSLESS, adapter_file_bytes, adapter_tensors, check_base,
                                             lora_settings, read_back, write_adapter_gguf)
-from infopo_cli.export.check import (PROMPTS, Agreement, LlamaCppReader, agreement, answer_logits, context_of, greedy,
-                                     load_gguf, prompt_tensor)
+from infopo_cli.export.check import (PROMPTS, Agreement, LlamaCppReader, agreement, answer_logits, before_naming,
+                                     context_of, greedy, load_gguf, prompt_tensor)
 from infopo_cli.export.merged import AdapterSource
 from infopo_cli.export.modelfile import modelfile, write_modelfile
 from infopo_cli.export.outputs import claim_gguf
@@ -132,17 +132,14 @@ def export_adapter(source: AdapterSource, out: Path, quant: str = "f16", base_gg
         tokenizer = load_tokenizer(str(source.adapter if (source.adapter / "tokenizer_config.json").is_file()
                                        else resolve_source(source.base)))
         text = modelfile(out.name, tokenizer.chat_template, tokenizer.eos_token, base=base_gguf.resolve())
-    failed, result = None, None
+    result, failed = None, None
     with files.replacing(out) as tmp:
         write_adapter_gguf(tensors, float(settings["lora_alpha"]), arch, tmp, quant, source.adapter.resolve().name)
         read_back(tmp, tensors, quant)  # before it takes the name: a file that does not hold them is never left
         # checked before it takes its name too: a check stopped half-way (Ctrl-C) leaves no unchecked OUT.gguf that
         # the same command, run again, would refuse to replace
         if base_gguf is not None and check and importlib.util.find_spec("llama_cpp") is not None:
-            try:
-                result = check_pair(source, base_gguf, tmp, tokenizer, shown=out)
-            except ExportCheckFailed as err:  # a file llama.cpp cannot load still takes its name, for inspection
-                failed = err
+            result, failed = before_naming(lambda: check_pair(source, base_gguf, tmp, tokenizer, shown=out), out)
     written = write_modelfile(out, text) if text is not None else None
     if failed is not None:
         raise failed

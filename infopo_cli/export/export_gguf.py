@@ -6,13 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from infopo_cli import files
-from infopo_cli.export.check import CheckResult, compare
+from infopo_cli.export.check import CheckResult, before_naming, compare
 from infopo_cli.export.gguf import QUANTS, check_quant, expected_bytes, write_gguf
 from infopo_cli.export.merged import AdapterSource, merged_model
 from infopo_cli.export.modelfile import modelfile, write_modelfile
 from infopo_cli.export.outputs import claim_gguf, local_model
 from infopo_cli.config import EMBEDDED_MODEL
-from infopo_cli.errors import ExportCheckFailed
 from infopo_cli.model.source import merged_mark
 
 LOSSLESS = ("f32", "f16", "bf16")  # a file of these must answer exactly as the merged model
@@ -41,11 +40,8 @@ def export_gguf(source: AdapterSource, out: Path, quant: str = "f16", overwrite:
             log(line)
         # checked before it takes its name: a check stopped half-way (Ctrl-C) leaves no unchecked OUT.gguf that the
         # same command, run again, would refuse to replace
-        failed, result = None, None
-        try:
-            result = compare(model, tokenizer, tmp, lossy=quant not in LOSSLESS, quant=quant, shown=out) if check else None
-        except ExportCheckFailed as err:  # a file llama.cpp cannot load still takes its name, for inspection
-            failed = err
+        result, failed = before_naming(lambda: compare(model, tokenizer, tmp, lossy=quant not in LOSSLESS, quant=quant,
+                                                       shown=out), out) if check else (None, None)
     write_modelfile(out, text)
     if failed is not None:
         raise failed

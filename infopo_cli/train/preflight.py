@@ -41,7 +41,13 @@ def load_preset(name: str) -> TrainConfig:
     """A preset with its loss settings checked against its own loss: a setting that loss does not take is a mistake in
     the file, named by file and key, not as a flag no one typed."""
     cfg = presets.load_preset(name)
-    registry.resolve(cfg.loss, cfg.loss_overrides(), source=str(presets.find(name)))
+    try:
+        registry.resolve(cfg.loss, cfg.loss_overrides())
+    except ConfigError:  # blame the first file, from the root of its `extends` chain, whose own settings are wrong
+        for ancestor in reversed(presets.lineage(name)):
+            mine = presets.load_preset(ancestor)
+            registry.resolve(mine.loss, mine.loss_overrides(), source=str(presets.find(ancestor)))
+        raise
     return cfg
 
 

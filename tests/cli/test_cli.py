@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,21 @@ def test_a_loss_setting_wrong_in_a_preset_file_names_the_file_and_key(lines, sai
         out = infopo(*command, "--preset", str(preset), cwd=tmp_path)
         assert out.returncode == 2 and out.stderr.strip().startswith(f"error: {preset}: {said}"), out.stderr
         assert out.stderr.strip().count("\n") == 0 and "--" not in out.stderr, out.stderr
+
+
+def test_the_preset_file_blamed_is_the_one_whose_own_setting_is_wrong(tmp_path):
+    """A preset that extends a wrong one: the parent's key is the mistake, not the file the user named."""
+    from infopo_cli.train.preflight import load_preset as checked
+
+    (tmp_path / "parent.toml").write_text('extends = "smollm2-135m"\nloss = "dpo"\ngamma = 0.5\n')
+    (tmp_path / "child.toml").write_text('extends = "parent.toml"\nlr = 1e-4\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'parent.toml'}: gamma does not apply to loss 'dpo'")):
+        checked(str(tmp_path / "child.toml"))
+    (tmp_path / "fixed.toml").write_text('extends = "parent.toml"\nloss = "simpo"\n')  # another loss drops gamma
+    assert checked(str(tmp_path / "fixed.toml")).loss == "simpo"
+    (tmp_path / "blank.toml").write_text('extends = " "\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'blank.toml'}: 'extends' must be a preset name")):
+        load_preset(str(tmp_path / "blank.toml"))
 
 
 def test_switching_loss_drops_the_presets_loss_settings(tmp_path):
@@ -402,13 +418,15 @@ def test_commands_we_suggest_paste_as_one_argument_per_path():
 
 
 @pytest.mark.parametrize("args, named", [
-    (("eval", "--data", ""), "--data '' names no file"), (("eval", "--out", " "), "--out '' names no file"),
+    (("eval", "--data", ""), "--data '' names no file"), (("eval", "--out", " "), "--out ' ' names no file"),
     (("report", "runs/a", "--out", ""), "--out '' names no file"), (("export", ""), "RUN_DIR '' names no file"),
     (("compare", "--output", "", "--dry-run"), "--output '' names no file"),
     (("train", "--preset", "", "--dry-run"), "--preset '' names no file"), (("train", "--resume", ""), "--resume ''"),
     (("plan", "-p", ""), "--preset '' names no file"), (("data", "check", ""), "SOURCE '' names no file"),
     (("train", "--output", "", "--dry-run"), "output '' names no folder"),
-    (("train", "--model", " ", "--dry-run"), "model '' names no folder")])
+    (("train", "--model", " ", "--dry-run"), "model ' ' names no folder"),
+    (("doctor", "--preset", ""), "--preset '' names no file"), (("data", "check", "-p", "", "x.jsonl"), "--preset ''"),
+    (("export", "--gguf", " "), "--gguf ' ' names no file")])
 def test_an_empty_path_is_one_line_not_the_default(args, named, tmp_path):
     """`train --eval-data ''` means no held-out data; an empty path elsewhere (a flag, a run folder, a preset) quietly
     meant the default one: a fresh run for `--resume ''`, the newest run for `export ''`."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -170,6 +171,15 @@ def test_the_adapter_is_checked_before_it_takes_its_name(tmp_path, monkeypatch):
     with pytest.raises(ExportCheckFailed, match=f"with the adapter {tmp_path / 'a.gguf'};"):
         module.export_adapter(source, tmp_path / "a.gguf", "f32", base_path, log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.Modelfile", "a.gguf", "base", "run"]
+
+    def out_of_memory(*args, **kwargs):  # a check that cannot run: the adapter, read back whole, is kept
+        raise MemoryError("cannot allocate 32 GiB")
+
+    monkeypatch.setattr(module, "check_pair", out_of_memory)
+    with pytest.raises(ExportCheckFailed, match=re.escape(
+            f"the check could not run (cannot allocate 32 GiB); {tmp_path / 'b.gguf'} is written, unchecked")):
+        module.export_adapter(source, tmp_path / "b.gguf", "f32", base_path, log=lambda _: None)
+    assert (tmp_path / "b.gguf").is_file() and (tmp_path / "b.Modelfile").is_file()
 
 
 def test_cli_writes_the_adapter_and_needs_a_base_gguf_for_the_modelfile(tmp_path):
