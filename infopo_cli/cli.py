@@ -498,7 +498,7 @@ def generate(
 
     messages = as_messages(prompt, system)
     gguf, loaded = _ask(target, base_model, compare)
-    _budget(loaded, max_new_tokens)
+    _budget(gguf, loaded, max_new_tokens)
     if gguf is not None:
         reply = gguf.reply(messages, sampling)
     elif compare:
@@ -514,14 +514,16 @@ def generate(
             reply = replies_to(model, loaded.tokenizer, [messages], sampling)[0]
     sys.stdout.write(reply.text + "\n")
     if not reply.stopped:
-        _note(f"(cut at --max-new-tokens {max_new_tokens})")
+        _note(f"(cut at --max-new-tokens {max_new_tokens})" if reply.new_tokens >= max_new_tokens else
+              "(cut at the end of the model's context)")
 
 
-def _budget(loaded, max_new_tokens: int) -> None:
-    """Say so when --max-new-tokens is past the loaded model's context (replies end at the context's end)."""
-    from infopo_cli.inference.generation import budget_note
+def _budget(gguf, loaded, max_new_tokens: int) -> None:
+    """Say so when --max-new-tokens is past the model's context (replies end at the context's end)."""
+    from infopo_cli.inference.generation import budget_note, context_of
 
-    if loaded is not None and (note := budget_note(loaded.model, max_new_tokens)):
+    context = gguf.context if gguf is not None else context_of(loaded.model)
+    if note := budget_note(context, max_new_tokens):
         _note(note)
 
 
@@ -550,7 +552,7 @@ def chat(
     from infopo_cli.inference.generation import stream
 
     gguf, loaded = _ask(target, base_model, False)
-    _budget(loaded, max_new_tokens)
+    _budget(gguf, loaded, max_new_tokens)
 
     def reply(messages):
         if gguf is not None:

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import torch
 
-from infopo_cli.errors import ExportCheckFailed, first_line
+from infopo_cli.errors import ExportCheckFailed, InfopoError, first_line
 from infopo_cli.inference.generation import stop_ids
 from infopo_cli.model.embedded import quiet_gguf_loading
 from infopo_cli.model.llama_runtime import load_llama
@@ -236,6 +236,8 @@ def before_naming(check: Callable[[], Result], out: Path) -> tuple[Result | None
         return check(), None
     except ExportCheckFailed as err:
         return None, err
+    except InfopoError:  # the user's input (a base GGUF it cannot read): one line, exit 2, nothing left to rerun over
+        raise
     except Exception as err:  # noqa: BLE001 - any failure of the check itself; the chain keeps it for --debug
         failed = ExportCheckFailed(f"the check could not run ({first_line(err)}); {out} is written, unchecked")
         failed.__cause__ = err

@@ -89,7 +89,7 @@ def run_chat(session: ChatSession, reply: Callable[[Messages], Iterable[str]], r
                 write(piece)
                 pieces.append(piece)
         except ContextFull as full:  # the conversation outgrew the model: say so, forget this turn, go on
-            note(f"({full}; /reset starts a new conversation)")
+            note(f"(not answered, and not kept: {full}; /reset starts a new conversation)")
             continue
         except KeyboardInterrupt:
             close = getattr(stream, "close", None)

@@ -133,10 +133,9 @@ class ContextFull(ConfigError):
     """A prompt that leaves the model no position for a reply (chat says so and goes on: /reset starts over)."""
 
 
-def budget_note(model, max_new_tokens: int, option: str = "--max-new-tokens") -> str | None:
-    """What to tell the user of a reply budget at or past the model's whole context (None when it fits): replies end
-    at the context's end, as `decode` stops them, not where the budget says."""
-    context = context_of(model)
+def budget_note(context: int | None, max_new_tokens: int, option: str = "--max-new-tokens") -> str | None:
+    """What to tell the user of a reply budget at or past the model's whole `context` (None when it fits or is not
+    known): replies end at the context's end, as `decode` stops them, not where the budget says."""
     if context is None or max_new_tokens < context:
         return None
     return (f"{option} {max_new_tokens} is past the model's context of {context} tokens (the prompt and the reply "
@@ -174,8 +173,8 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
     if left is not None and (left < 1).any():
         raise ContextFull(f"a prompt of {context - int(left.min())} tokens fills the model's context of {context} tokens: "
                           "no room for a reply")
-    steps = sampling.max_new_tokens if left is None else min(sampling.max_new_tokens, int(left.max()))
-    for step in range(1, steps + 1):
+    # as many steps as the budget on every process (a sharded run's passes must match); `going` ends a row
+    for step in range(1, sampling.max_new_tokens + 1):
         with attention.float32_scores():  # argmaxes flip on 16-bit attention scores (model/attention.py)
             out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                         **({cache_name: cache} if cache is not None else {}), **last_only)
@@ -201,6 +200,8 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, sto
                 left = left[keep] if left is not None else None
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         positions = positions[:, -1:] + 1
+        if context is not None:  # a row that ended rides along unseen where rows cannot leave: kept inside the model
+            positions = positions.clamp(max=context - 1)
         inputs = tokens[:, None]
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from infopo_cli.errors import ConfigError, ModelError
-from infopo_cli.inference.generation import Messages, Reply, Sampling
+from infopo_cli.inference.generation import ContextFull, Messages, Reply, Sampling
 from infopo_cli.model.llama_runtime import load_llama
 from infopo_cli.model.source import read_gguf
 
@@ -54,10 +54,21 @@ class GgufModel:
 
     def stream(self, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
         """The reply to `messages` piece by piece, as llama.cpp produces it."""
-        for chunk in self.llm.create_chat_completion(messages=messages, stream=True, **self._options(sampling)):
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
+        chunks = self.llm.create_chat_completion(messages=messages, stream=True, **self._options(sampling))
+        try:
+            for chunk in chunks:
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+        except ValueError as err:  # llama.cpp's "Requested tokens (N) exceed context window of C"
+            if "context window" not in str(err):
+                raise
+            raise ContextFull(f"the conversation fills the model's context of {self.llm.n_ctx()} tokens") from None
+
+    @property
+    def context(self) -> int:
+        """The positions llama.cpp was given for a prompt and its reply (n_ctx)."""
+        return int(self.llm.n_ctx())
 
     def close(self) -> None:
         self.llm.close()

@@ -40,7 +40,7 @@ from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.data.tokenization import (TokenizedPair, auto_max_length, control_token_note, pairs_digest,
                                          same_once_truncated, truncate)
 from infopo_cli.errors import ConfigError
-from infopo_cli.inference.generation import budget_note
+from infopo_cli.inference.generation import budget_note, context_of
 from infopo_cli.inference.prompts import PromptRow
 from infopo_cli.losses import registry
 from infopo_cli.losses.registry import LossSpec
@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
                                share_prompt, init_sha256, report, world, global_batch, total_steps, state.step)
         answers = _answers(cfg, eval_pairs, evaluator is not None, report)
-        if answers and (note := budget_note(model, cfg.eval_max_new_tokens, "--eval-max-new-tokens")):
+        if answers and (note := budget_note(context_of(model), cfg.eval_max_new_tokens, "--eval-max-new-tokens")):
             report.note(note)
         base_answers = _base_answers_key(cfg, model, tokenizer, answers, source, precision, init_sha256, world) \
             if state.step == 0 else None

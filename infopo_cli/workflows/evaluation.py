@@ -37,7 +37,7 @@ from infopo_cli.data.token_cache import tokenize_cached
 from infopo_cli.errors import ConfigError
 from infopo_cli.inference.answers import matches
 from infopo_cli.inference.display import accuracy_text, paired_text
-from infopo_cli.inference.generation import Reply, Sampling, budget_note, generate
+from infopo_cli.inference.generation import Reply, Sampling, budget_note, context_of, generate
 from infopo_cli.inference.models import LoadedModel, Target, find_target, load_target
 from infopo_cli.inference.prompts import PromptRow, answers_by_row, is_prompt_only, read_prompt_rows, rows_from_pairs
 from infopo_cli.losses import registry
@@ -128,7 +128,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
 
     loaded = load_target(target, log)
     result.notes += loaded.notes
-    if request.generate and (note := budget_note(loaded.model, request.sampling.max_new_tokens)):
+    if request.generate and (note := budget_note(context_of(loaded.model), request.sampling.max_new_tokens)):
         log(note)  # at once, and with the results
         result.notes.append(note)
     if pairs and target.config is None and loaded.can_compare:

@@ -179,13 +179,13 @@ def test_replies_stay_inside_the_models_context(run, loaded, monkeypatch):
     """A reply that reaches the model's context ends there, cut (not stopped), each row at its own prompt's length
     whatever it is batched with, instead of running on past the positions the model knows; a budget past the whole
     context is said at once; a prompt that fills the context is one line naming it; a chat goes on after one."""
-    from infopo_cli.inference.generation import ContextFull, budget_note, context_of, prompt_ids
+    from infopo_cli.inference.generation import ContextFull, budget_note, context_of, decode, prompt_ids
 
     model, tokenizer = loaded.model, loaded.tokenizer
     context = context_of(model)
     assert context == model.config.max_position_embeddings
-    assert budget_note(model, context - 1) is None
-    assert budget_note(model, context) == (f"--max-new-tokens {context} is past the model's context of {context} tokens "
+    assert budget_note(context, context - 1) is None and budget_note(None, 10**9) is None
+    assert budget_note(context, context) == (f"--max-new-tokens {context} is past the model's context of {context} tokens "
                                            "(the prompt and the reply together): each reply ends where its prompt and "
                                            "reply fill it")
     out = infopo("eval", str(run), "--generate", "--max-new-tokens", "100000", "--data", str(
@@ -205,6 +205,20 @@ def test_replies_stay_inside_the_models_context(run, loaded, monkeypatch):
     assert both[0] == reply and both[1] == alone  # the short prompt is not cut at the long one's room
     assert alone.new_tokens == min(length + 2, length + 3 - brief) > reply.new_tokens and not alone.stopped, alone
 
+    # a process whose rows all ended while another's go on (`any_going` true) keeps step with it, the full budget,
+    # its rows riding along unseen with their positions kept inside the model (an index error with learned ones)
+    fed = []
+    hook = model.get_base_model().model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(int(kwargs["position_ids"].max())), with_kwargs=True)
+    ids = torch.tensor([prompt_ids(tokenizer, long)])
+    try:
+        steps = list(decode(model, ids, torch.ones_like(ids), Sampling(max_new_tokens=length + 2), stop_ids(tokenizer),
+                            any_going=lambda going: True))
+    finally:
+        hook.remove()
+    assert len(steps) == length + 2 and [len(rows) for rows, _ in steps] == [1, 1, 1] + [0] * (length - 1)
+    assert max(fed) == length + 2  # the model's last position: context - 1
+
     monkeypatch.setattr(model.config, "max_position_embeddings", length)
     with pytest.raises(ContextFull, match=f"prompt 2 of 2 has {length} tokens: it fills the model's context of {length}"):
         generate(model, tokenizer, [short, long], Sampling(max_new_tokens=1))
@@ -212,7 +226,8 @@ def test_replies_stay_inside_the_models_context(run, loaded, monkeypatch):
     shown, notes = [], []
     replies = run_chat(ChatSession(), lambda messages: stream(model, tokenizer, messages, Sampling(max_new_tokens=2)),
                        lambda: next(turns, None), shown.append, notes.append)
-    assert replies == 1 and any(f"fills the model's context of {length} tokens" in n and "/reset" in n for n in notes)
+    assert replies == 1 and any(n.startswith("(not answered, and not kept: ") and "/reset" in n and
+                                f"fills the model's context of {length} tokens" in n for n in notes), notes
 
 
 def test_bundled_eval_answers_come_from_the_chosen_replies():
@@ -380,6 +395,13 @@ def test_gguf_file_answers_through_llama_cpp(tmp_path):
         assert isinstance(reply.text, str) and 1 <= reply.new_tokens <= 4
         streamed = "".join(model.stream(as_messages("what is 2"), Sampling(max_new_tokens=4)))
         assert reply.text.startswith(streamed)  # greedy; a character cut at the last token is not streamed
+        assert model.context == 256  # the file's trained context, below the 4096 asked for
+        # a chat that outgrew the context: a note and the session goes on, as with a transformers model
+        turns = iter(["what is 2 " * 200, "what is 2"])
+        notes = []
+        replies = run_chat(ChatSession(), lambda messages: model.stream(messages, Sampling(max_new_tokens=4)),
+                           lambda: next(turns, None), lambda piece: None, notes.append)
+        assert replies == 1 and any("fills the model's context of 256 tokens" in n for n in notes), notes
     finally:
         model.close()
 
