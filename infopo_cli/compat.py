@@ -11,7 +11,7 @@ from packaging.version import Version
 TESTED: dict[str, tuple[str, str]] = {
     "torch": ("2.11", "2.13.0"),
     "transformers": ("5.6", "5.25.0"),
-    "peft": ("0.21", "0.21.2"),
+    "peft": ("0.21", "0.22.0"),
     "bitsandbytes": ("0.48", "0.50.2"),
     "datasets": ("3.0", "5.2.0"),
     "unsloth": ("2026.10.9", "2026.10.9"),
