@@ -245,10 +245,10 @@ def presets_list(ctx: typer.Context) -> None:
 @presets_app.command("show")
 def presets_show(name: Annotated[str, typer.Argument(callback=named_path, help="Preset name or .toml file.")]) -> None:
     """Print one preset's settings with what each one means, as TOML (lines may be copied into a preset file)."""
-    from infopo_cli import presets
     from infopo_cli.config import to_toml
+    from infopo_cli.train.preflight import load_preset
 
-    cfg = presets.load_preset(name)
+    cfg = load_preset(name)
     for key, value in cfg.to_dict().items():
         # to_toml: true/false, quoted strings, lists; an unset value is a comment, as config.toml writes it.
         # soft_wrap: a line wrapped at the terminal's width would not be TOML
@@ -721,11 +721,11 @@ def data_check(
     settings: dict[str, Any],
 ) -> None:
     """Validate a preference dataset, name its format and show token lengths, truncation, duplicates and padding."""
-    from infopo_cli import presets
     from infopo_cli.config import merge
     from infopo_cli.data.check import check
+    from infopo_cli.train.preflight import load_preset
 
-    cfg = merge(presets.load_preset(preset), settings, source="command line")
+    cfg = merge(load_preset(preset), settings, source="command line")
     tokenizer = None
     if not no_tokenizer:
         from infopo_cli.model.stack import load_tokenizer, resolve_source
@@ -818,8 +818,9 @@ def plan(
     from infopo_cli import presets
     from infopo_cli.config import merge
     from infopo_cli.reporting.memory_table import print_plan
+    from infopo_cli.train.preflight import load_preset
 
-    cfg = merge(presets.load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
+    cfg = merge(load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     cfg.validate()
     if prompt_length is not None:  # the bounds `infopo train` holds max_prompt_length to (out of them the plan clamps)
         from infopo_cli.errors import ConfigError
@@ -842,8 +843,9 @@ def doctor(
     [dim]infopo doctor --preset llama3-8b-qlora[/]
     """
     from infopo_cli import doctor as checks, presets
+    from infopo_cli.train.preflight import load_preset
 
-    cfg = presets.load_preset(preset or presets.DEFAULT_PRESET)
+    cfg = load_preset(preset or presets.DEFAULT_PRESET)
     cfg.validate()
     checks.show(console, cfg, as_json, preset or presets.DEFAULT_PRESET)
 

@@ -91,6 +91,19 @@ def test_a_loss_setting_wrong_in_a_preset_file_names_the_file_and_key(lines, sai
         assert out.stderr.strip().count("\n") == 0 and "--" not in out.stderr, out.stderr
 
 
+def test_every_command_that_reads_a_preset_refuses_a_loss_setting_its_loss_does_not_take(tmp_path):
+    """plan, doctor, presets show and data check used to show such a preset as if it would train."""
+    preset = tmp_path / "mine.toml"
+    preset.write_text('extends = "smollm2-135m"\nloss = "dpo"\ngamma = 0.5\n')
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    for command in (("plan", "--preset", str(preset)), ("doctor", "--preset", str(preset)),
+                    ("presets", "show", str(preset)), ("data", "check", str(pairs), "--no-tokenizer", "--preset", str(preset))):
+        out = infopo(*command, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.strip() == (
+            f"error: {preset}: gamma does not apply to loss 'dpo' (it takes: beta, sft_weight)"), (command, out.stderr)
+
+
 def test_the_preset_file_blamed_is_the_one_whose_own_setting_is_wrong(tmp_path):
     """A preset that extends a wrong one: the parent's key is the mistake, not the file the user named."""
     from infopo_cli.train.preflight import load_preset as checked
