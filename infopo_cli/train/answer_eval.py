@@ -29,7 +29,7 @@ import torch
 from infopo_cli import files
 from infopo_cli.data.formats import PreferencePair
 from infopo_cli.inference.answers import matches
-from infopo_cli.inference.generation import Reply, Sampling, generate, prompt_ids, stop_ids
+from infopo_cli.inference.generation import ContextFull, Reply, Sampling, generate, prompt_ids, stop_ids
 from infopo_cli.inference.prompts import PromptRow, answers_by_row, rows_from_pairs
 from infopo_cli.model.stack import dequantised
 from infopo_cli.train.checkpoint import capture_rng, restore_rng
@@ -42,6 +42,19 @@ VERSION = 1  # bump when the way replies are generated changes, so old entries a
 def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], split: str) -> list[PromptRow]:
     """The held-out prompts that carry a reference answer."""
     return [row for row in rows_from_pairs(pairs, answers_by_row(sources, split)) if row.answer is not None]
+
+
+def check_room(tokenizer, rows: Sequence[PromptRow], context: int | None) -> None:
+    """Every prompt leaves room for a reply in the model's context. Checked on every row before a run starts, so
+    every process of a data-parallel run refuses together, rather than one in the middle of its share while the
+    others wait for it."""
+    if context is None:
+        return
+    for row in rows:
+        if (length := len(prompt_ids(tokenizer, row.messages))) >= context:
+            raise ContextFull(f"{row.where}: the prompt has {length} tokens: it fills the model's context of {context} "
+                              "tokens, no room for a reply to score (leave it out of the held-out data, or score no "
+                              "answers: --eval-generate-every 0)")
 
 
 @torch.no_grad()

@@ -229,6 +229,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
                                share_prompt, init_sha256, report, world, global_batch, total_steps, state.step)
         answers = _answers(cfg, eval_pairs, evaluator is not None, report)
+        answer_eval.check_room(tokenizer, answers, context_of(model))
         if answers and (note := budget_note(context_of(model), cfg.eval_max_new_tokens, "--eval-max-new-tokens")):
             report.note(note)
         base_answers = _base_answers_key(cfg, model, tokenizer, answers, source, precision, init_sha256, world) \

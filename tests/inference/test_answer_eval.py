@@ -47,6 +47,26 @@ def test_answers_are_scored_at_the_start_every_n_steps_and_at_the_end(tiny_model
     assert evals[-1]["eval/answers/new_tokens"] == tuned["mean_new_tokens"]
 
 
+@pytest.mark.run
+def test_a_held_out_prompt_that_fills_the_context_is_refused_before_the_first_evaluation(tiny_model, tmp_path):
+    """Found on one process in the middle of its share, it stopped that process while the others of a data-parallel
+    run waited for it: every process checks every row before the run starts, so all refuse together."""
+    from infopo_cli.inference.generation import ContextFull
+
+    held_out = with_answers(tmp_path / "held-out.jsonl", 4)
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    rows[2]["prompt"] = "What is 1 + 2? " + "Think it over. " * 80  # past the tiny model's 1024 positions
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_cfg(tiny_model, write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "out", eval_data=str(held_out),
+                   max_steps=2, eval_generate_every=1, eval_max_new_tokens=6)
+    with pytest.raises(ContextFull, match=rf"^{held_out}:3: the prompt has \d+ tokens: it fills the model's context of "
+                                          "1024 tokens, no room for a reply to score"):
+        recipe.train(cfg)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the step-0 evaluation
+    recipe.train(tiny_cfg(tiny_model, write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "out2",
+                          eval_data=str(held_out), max_steps=1))  # without answers to score, the row is only a pair
+
+
 def test_the_scores_are_exact_match_stopped_share_and_reply_length(monkeypatch):
     from infopo_cli.inference.prompts import PromptRow
 
