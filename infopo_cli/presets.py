@@ -176,7 +176,7 @@ def _parent(path: Path, extends: Any) -> str | None:
 def lineage(name_or_path: str) -> list[str]:
     """The preset and those it extends, itself first (as `load_preset` follows them; it has checked the chain)."""
     chain = [name_or_path]
-    while (parent := _parent(find(chain[-1]), read(find(chain[-1])).get("extends"))) is not None:
+    while (parent := _parent(path := find(chain[-1]), read(path).get("extends"))) is not None:
         chain.append(parent)
     return chain
 

@@ -22,6 +22,7 @@ import resource
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -246,33 +247,9 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                   reference=reference, share_prompt=share_prompt, train_pairs=len(train_tok), global_batch=global_batch,
                   total_steps=total_steps, init_sha256=init_sha256, data_sha256=data_sha256, state=state)
 
-        # --- the loop: evaluate first, then step; evaluate, stop and checkpoint only between steps --
-        stop, stopping = None, world.any(stops.requested)  # agreed by every process, at each step boundary
-        if evaluator and (state.step == 0 or state.pending_eval) and not logged_eval(log, state.step) and not stopping:
-            stop = run.evaluate(state.step)
-            stopping = world.any(stops.requested)
-        batches = shuffled_batches(train_tok, global_batch, cfg.seed)
-        for _ in range(state.step):  # the same data order as an uninterrupted run
-            next(batches)
-        if saved_rng:
-            checkpoint.restore_rng(saved_rng)  # last, so nothing in the set-up above draws from it
-        if world.rank:  # other processes draw other LoRA dropout masks (rank 0 draws what one process would)
-            torch.manual_seed((cfg.seed + 1_000_003 * world.rank + state.step) % 2**64)  # torch takes 64 bits
-        model.train()
-        with report.progress(total_steps, state.step) as bar:
-            while state.step < total_steps and not stopping and not stop:
-                record = run.train_step(next(batches))  # the global batch, the same on every process
-                if isinstance(record, Stop):
-                    stop = record
-                    break
-                bar.step(state.step, record)
-                stop, stopping = run.between_steps()
-        if not stop and stopping:
-            stop = run.requested_stop()
+        stop = run.loop(shuffled_batches(train_tok, global_batch, cfg.seed), saved_rng)
 
-        # --- finish: evaluate, save, report ------------------------------------------------------
-        if evaluator and not stop and not logged_eval(log, state.step):
-            stop = run.evaluate(state.step) or (run.requested_stop() if state.pending_eval else None)
+        # --- finish: save, report ------------------------------------------------------------------
         summary = summarise(log, run_dir, precision, stop, state.skipped_steps, state.step)
         if not world.is_main or not log.records:  # stopped in the step-0 evaluation: nothing logged to write up
             return summary
@@ -468,7 +445,7 @@ def _write_outputs(summary: RunSummary, cfg: TrainConfig, loaded: Loaded, train_
 class Run:
     """One process's part of a run once its model is loaded: what a step, an evaluation and a checkpoint share.
 
-    `_train` sets it up and drives it; its `state` is what moves from step to step."""
+    `_train` sets it up and calls `loop`; its `state` is what moves from step to step."""
 
     cfg: TrainConfig
     spec: LossSpec
@@ -497,6 +474,36 @@ class Run:
     init_sha256: str | None
     data_sha256: str                    # the training pairs' hash, kept in each checkpoint for --resume to check
     state: TrainState
+
+    def loop(self, batches: Iterator[list[TokenizedPair]], saved_rng: dict[str, Any] | None) -> Stop | None:
+        """Evaluate first, then step until the last step or a stop; evaluate, stop and checkpoint only between steps,
+        and evaluate once more at the end. `batches`: the run's global batches from step 0 (those trained already are
+        skipped, so a resume sees the same data order as an uninterrupted run); `saved_rng`: a resume's RNG state."""
+        state, world, log = self.state, self.world, self.log
+        stop, stopping = None, world.any(self.stops.requested)  # agreed by every process, at each step boundary
+        if self.evaluator and (state.step == 0 or state.pending_eval) and not logged_eval(log, state.step) and not stopping:
+            stop = self.evaluate(state.step)
+            stopping = world.any(self.stops.requested)
+        for _ in range(state.step):
+            next(batches)
+        if saved_rng:
+            checkpoint.restore_rng(saved_rng)  # last, so nothing in the set-up draws from it
+        if world.rank:  # other processes draw other LoRA dropout masks (rank 0 draws what one process would)
+            torch.manual_seed((self.cfg.seed + 1_000_003 * world.rank + state.step) % 2**64)  # torch takes 64 bits
+        self.model.train()
+        with self.report.progress(self.total_steps, state.step) as bar:
+            while state.step < self.total_steps and not stopping and not stop:
+                record = self.train_step(next(batches))  # the global batch, the same on every process
+                if isinstance(record, Stop):
+                    stop = record
+                    break
+                bar.step(state.step, record)
+                stop, stopping = self.between_steps()
+        if not stop and stopping:
+            stop = self.requested_stop()
+        if self.evaluator and not stop and not logged_eval(log, state.step):
+            stop = self.evaluate(state.step) or (self.requested_stop() if state.pending_eval else None)
+        return stop
 
     def train_step(self, pairs: list[TokenizedPair]) -> dict[str, Any] | Stop:
         """One optimizer step on the global batch `pairs` (this process trains on its share, in micro-batches, through
