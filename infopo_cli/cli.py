@@ -83,7 +83,7 @@ def train(
             return _resume_bundle(Path(resume), flags, dry_run)
         return _resume(Path(resume), flags, dry_run)
 
-    from infopo_cli.train.preflight import load_preset
+    from infopo_cli.losses.registry import load_preset
 
     cfg = override(load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     if dry_run:  # every check below and more
@@ -246,7 +246,7 @@ def presets_list(ctx: typer.Context) -> None:
 def presets_show(name: Annotated[str, typer.Argument(callback=named_path, help="Preset name or .toml file.")]) -> None:
     """Print one preset's settings with what each one means, as TOML (lines may be copied into a preset file)."""
     from infopo_cli.config import to_toml
-    from infopo_cli.train.preflight import load_preset
+    from infopo_cli.losses.registry import load_preset
 
     cfg = load_preset(name)
     for key, value in cfg.to_dict().items():
@@ -723,7 +723,7 @@ def data_check(
     """Validate a preference dataset, name its format and show token lengths, truncation, duplicates and padding."""
     from infopo_cli.config import merge
     from infopo_cli.data.check import check
-    from infopo_cli.train.preflight import load_preset
+    from infopo_cli.losses.registry import load_preset
 
     cfg = merge(load_preset(preset), settings, source="command line")
     tokenizer = None
@@ -818,7 +818,7 @@ def plan(
     from infopo_cli import presets
     from infopo_cli.config import merge
     from infopo_cli.reporting.memory_table import print_plan
-    from infopo_cli.train.preflight import load_preset
+    from infopo_cli.losses.registry import load_preset
 
     cfg = merge(load_preset(preset or presets.DEFAULT_PRESET), settings, source="command line")
     cfg.validate()
@@ -843,7 +843,7 @@ def doctor(
     [dim]infopo doctor --preset llama3-8b-qlora[/]
     """
     from infopo_cli import doctor as checks, presets
-    from infopo_cli.train.preflight import load_preset
+    from infopo_cli.losses.registry import load_preset
 
     cfg = load_preset(preset or presets.DEFAULT_PRESET)
     cfg.validate()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from infopo_cli.losses.types import Needs, PairLogps
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 REF = Needs(reference=True)
 

@@ -7,16 +7,30 @@ passes each loss needs, so that reference-free losses never run the reference pa
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-
-from infopo_cli.config import flag
+from infopo_cli import presets
+from infopo_cli.config import TrainConfig, flag
 from infopo_cli.errors import ConfigError
-from infopo_cli.losses import formulas as L
 from infopo_cli.losses.priors import PRIORS, REF, lengths as _lengths
 from infopo_cli.losses.types import LossOutput, Needs, PairLogps
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class _Formulas:
+    """formulas.py, imported at the first loss computed: reading and checking a loss's settings (`infopo plan`,
+    `presets show`) imports no torch."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("infopo_cli.losses.formulas"), name)
+
+
+L = _Formulas()
 
 
 def _ref_args(p: PairLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -125,6 +139,20 @@ def resolve(name: str, overrides: dict, source: str | None = None) -> tuple[Loss
     if "label_smoothing" in params and not 0 <= params["label_smoothing"] < 0.5:
         raise ConfigError(f"{where}{spell('label_smoothing')} must be in [0, 0.5) (got {params['label_smoothing']})")
     return spec, params
+
+
+def load_preset(name: str) -> TrainConfig:
+    """A preset with its loss settings checked against its own loss: a setting that loss does not take is a mistake in
+    the file, named by file and key, not as a flag no one typed."""
+    cfg = presets.load_preset(name)
+    try:
+        resolve(cfg.loss, cfg.loss_overrides())
+    except ConfigError:  # blame the first file, from the root of its `extends` chain, whose own settings are wrong
+        for ancestor in reversed(presets.lineage(name)):
+            mine = presets.load_preset(ancestor)
+            resolve(mine.loss, mine.loss_overrides(), source=str(presets.find(ancestor)))
+        raise
+    return cfg
 
 
 def for_data(spec: LossSpec, params: dict, kind: str, desirable: int = 0, undesirable: int = 0) -> dict:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the settings side of the losses imports no torch
+    from torch import Tensor
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ def answer_rows(pairs: Sequence[PreferencePair], sources: str | Sequence[str], s
 
 
 def check_room(tokenizer, rows: Sequence[PromptRow], context: int | None) -> None:
-    """Every prompt leaves room for a reply in the model's context. Checked on every row before a run starts, so
-    every process of a data-parallel run refuses together, rather than one in the middle of its share while the
-    others wait for it."""
+    """Every prompt leaves room for a reply in the model's context. Checked on every row once the model is loaded,
+    before the first evaluation, so every process of a data-parallel run refuses together, rather than one in the
+    middle of its share while the others wait for it."""
     if context is None:
         return
     for row in rows:

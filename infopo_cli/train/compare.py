@@ -120,9 +120,10 @@ def each_value_once(text: str, items: list[str], values: list[Any]) -> None:
 def configs(variants: list[Variant], flags: dict[str, Any], parent: Path, preset: str) -> list[Any]:
     """Each run's settings, checked as `infopo train` checks them before its model loads (loss names and the flags
     each loss takes included): a mistake in the command is refused before the parent or its plan is written."""
+    from infopo_cli.losses import registry
     from infopo_cli.train import preflight
 
-    return [preflight.check_settings(override(preflight.load_preset(preset), {**flags, **v.settings, "output": str(parent / v.name)},
+    return [preflight.check_settings(override(registry.load_preset(preset), {**flags, **v.settings, "output": str(parent / v.name)},
                                               source="command line"))[0] for v in variants]
 
 

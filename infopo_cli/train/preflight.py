@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infopo_cli import files, presets
+from infopo_cli import files
 from infopo_cli.config import TrainConfig
 from infopo_cli.data.loading import DataOptions, Loaded, PreferencePair, balance, data_kind, feedback_counts, unit as data_unit, unpair
 from infopo_cli.data.mixing import as_list, load_mix
@@ -35,20 +35,6 @@ class Checked:
     loss_params: dict[str, Any]
     loaded: Loaded
     eval_pairs: list[PreferencePair]
-
-
-def load_preset(name: str) -> TrainConfig:
-    """A preset with its loss settings checked against its own loss: a setting that loss does not take is a mistake in
-    the file, named by file and key, not as a flag no one typed."""
-    cfg = presets.load_preset(name)
-    try:
-        registry.resolve(cfg.loss, cfg.loss_overrides())
-    except ConfigError:  # blame the first file, from the root of its `extends` chain, whose own settings are wrong
-        for ancestor in reversed(presets.lineage(name)):
-            mine = presets.load_preset(ancestor)
-            registry.resolve(mine.loss, mine.loss_overrides(), source=str(presets.find(ancestor)))
-        raise
-    return cfg
 
 
 def check_settings(cfg: TrainConfig) -> tuple[TrainConfig, LossSpec, dict[str, Any]]:

@@ -207,6 +207,10 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             report.note(f"4-bit base held de-quantised for the run as well ({recompute.dequantised / 2**30:.2f} GiB of "
                         f"{precision.dtype_name} in RAM): bitsandbytes has no CPU training kernel and would de-quantise "
                         "each weight at every call")
+        answers = _answers(cfg, eval_pairs, bool(eval_tok), report)  # held-out rows whose answers are scored
+        answer_eval.check_room(tokenizer, answers, context_of(model))  # before anything else long
+        if answers and (note := budget_note(context_of(model), cfg.eval_max_new_tokens, "--eval-max-new-tokens")):
+            report.note(note)
 
         # --- optimizer, schedule, gradient scaler; a resume's state ------------------------------
         params = [p for p in model.parameters() if p.requires_grad]
@@ -229,10 +233,6 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         evaluator = _evaluator(eval_tok, cfg, spec, loss_params, tokenizer.pad_token_id, share_prompt, precision, world)
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
                                share_prompt, init_sha256, report, world, global_batch, total_steps, state.step)
-        answers = _answers(cfg, eval_pairs, evaluator is not None, report)
-        answer_eval.check_room(tokenizer, answers, context_of(model))
-        if answers and (note := budget_note(context_of(model), cfg.eval_max_new_tokens, "--eval-max-new-tokens")):
-            report.note(note)
         base_answers = _base_answers_key(cfg, model, tokenizer, answers, source, precision, init_sha256, world) \
             if state.step == 0 else None
         # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)

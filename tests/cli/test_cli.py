@@ -106,7 +106,7 @@ def test_every_command_that_reads_a_preset_refuses_a_loss_setting_its_loss_does_
 
 def test_the_preset_file_blamed_is_the_one_whose_own_setting_is_wrong(tmp_path):
     """A preset that extends a wrong one: the parent's key is the mistake, not the file the user named."""
-    from infopo_cli.train.preflight import load_preset as checked
+    from infopo_cli.losses.registry import load_preset as checked
 
     (tmp_path / "parent.toml").write_text('extends = "smollm2-135m"\nloss = "dpo"\ngamma = 0.5\n')
     (tmp_path / "child.toml").write_text('extends = "parent.toml"\nlr = 1e-4\n')

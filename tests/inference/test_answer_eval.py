@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def test_answers_are_scored_at_the_start_every_n_steps_and_at_the_end(tiny_model
 
 
 @pytest.mark.run
-def test_a_held_out_prompt_that_fills_the_context_is_refused_before_the_first_evaluation(tiny_model, tmp_path):
+def test_a_held_out_prompt_that_fills_the_context_is_refused_before_the_first_evaluation(tiny_model, tmp_path,
+                                                                                         monkeypatch):
     """Found on one process in the middle of its share, it stopped that process while the others of a data-parallel
     run waited for it: every process checks every row before the run starts, so all refuse together."""
     from infopo_cli.inference.generation import ContextFull
@@ -59,10 +61,14 @@ def test_a_held_out_prompt_that_fills_the_context_is_refused_before_the_first_ev
     held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tiny_cfg(tiny_model, write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "out", eval_data=str(held_out),
                    max_steps=2, eval_generate_every=1, eval_max_new_tokens=6)
-    with pytest.raises(ContextFull, match=rf"^{held_out}:3: the prompt has \d+ tokens: it fills the model's context of "
-                                          "1024 tokens, no room for a reply to score"):
+    evaluated, references = [], []
+    monkeypatch.setattr(recipe.Run, "evaluate", lambda self, step: evaluated.append(step))
+    monkeypatch.setattr(recipe, "_reference", lambda *a, **k: references.append(1))
+    with pytest.raises(ContextFull, match="^" + re.escape(f"{held_out}:3: the prompt has ") + r"\d+" + re.escape(
+            " tokens: it fills the model's context of 1024 tokens, no room for a reply to score")):
         recipe.train(cfg)
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the step-0 evaluation
+    assert evaluated == [] and references == []  # refused before the reference pass and the step-0 evaluation
+    monkeypatch.undo()
     recipe.train(tiny_cfg(tiny_model, write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "out2",
                           eval_data=str(held_out), max_steps=1))  # without answers to score, the row is only a pair
 

@@ -560,10 +560,11 @@ def test_the_cuda_allocator_grows_expandable_segments_unless_the_user_configured
 
 
 @pytest.mark.parametrize("command, imports_torch", [(["train", "--dry-run"], True),
-                                                     (["plan", "--preset", "llama3-8b-qlora"], False)])
+                                                     (["plan", "--preset", "llama3-8b-qlora"], False),
+                                                     (["presets", "show", "llama3-8b-qlora"], False)])
 def test_a_command_imports_torch_with_the_allocator_setting_already_made(tmp_path, command, imports_torch):
     """In the `infopo` process itself: the variable is there when torch is first imported; `infopo plan`, arithmetic
-    only, imports no torch at all."""
+    only, and `presets show` import no torch at all (their preset's loss settings are checked without it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     probe = ("import os, sys, builtins; real = builtins.__import__\n"
              "def spy(name, *a, **k):\n"
