@@ -378,7 +378,7 @@ def test_small_guides_a_careless_user_gets(tmp_path):
     out = infopo("train", "--data", str(pairs), "--batch-size", "8", "--grad-accum", "1", "--dry-run",
                  "--output", str(tmp_path / "o"))
     assert out.returncode == 0, out.stderr
-    assert "1 optimizer step of 8 pairs" in out.stdout
+    assert "2 optimizer steps of 8 pairs" in out.stdout  # the default preset's two epochs
     assert "warning: a step's global batch of 8 pairs is more than the 4 training pairs" in out.stdout
 
 

@@ -141,7 +141,7 @@ def test_a_folder_trained_with_other_settings_is_not_taken_for_the_planned_run(b
     planned = {"loss": "dpo", "seed": 1, "max_steps": 225}
     assert bench.differences(saved, override(base, planned, "benchmark")) == []  # the loss's default is not compared
     assert bench.differences(saved, override(base, {**planned, "lr": 1e-5}, "benchmark")) == [
-        "lr 0.0002 there, 1e-05 now"]
+        "lr 0.0005 there, 1e-05 now"]
     # how often it saved leaves its numbers as they are: a folder saved at other steps is still this run
     assert bench.differences(saved, override(base, {**planned, "save_every": 19}, "benchmark")) == []
 
