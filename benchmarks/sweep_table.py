@@ -17,7 +17,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -98,22 +98,30 @@ def best_per_loss(table: Table, tasks: Sequence[str]) -> dict[str, tuple[str, in
     return best
 
 
-def reference_of(table: Table, against: str) -> str:
-    """The setting `--against` names: itself, or the only one that starts with it."""
-    if against in table:
-        return against
-    matches = [setting for setting in table if setting.startswith(against)]
+def reference_of(names: Iterable[str], wanted: str, flag: str = "--against") -> str:
+    """The name `flag` gives: itself, or the only one of `names` that starts with it."""
+    names = list(names)
+    if wanted in names:
+        return wanted
+    matches = [name for name in names if name.startswith(wanted)]
     if len(matches) != 1:
-        raise SystemExit(f"error: --against {against}: " + (f"{len(matches)} runs start so ({', '.join(matches)}): name "
-                         "one whole" if matches else f"no such run (there are: {', '.join(table)})"))
+        raise SystemExit(f"error: {flag} {wanted}: " + (f"{len(matches)} runs start so ({', '.join(matches)}): name "
+                         "one whole" if matches else f"no such run (there are: {', '.join(names)})"))
     return matches[0]
 
 
-def paired(answers: Answers, reference: Answers) -> str:
+def aligned(answers: Answers, reference: Answers) -> tuple[list[bool], list[bool]] | None:
+    """Both runs' results problem by problem in one order; None if they were scored on different problems."""
     if set(answers) != set(reference):
-        return "other problems"
+        return None
     keys = sorted(answers)
-    result = mcnemar([answers[k] for k in keys], [reference[k] for k in keys])
+    return [answers[k] for k in keys], [reference[k] for k in keys]
+
+
+def paired(answers: Answers, reference: Answers) -> str:
+    if (both := aligned(answers, reference)) is None:
+        return "other problems"
+    result = mcnemar(*both)
     return f"+{result.only_first} / −{result.only_second}, p = {result.p_value:.3f}"
 
 

@@ -1,15 +1,17 @@
 """The test split's report: every run `benchmarks/answers.py --split test` wrote into one OUT, each setting over its seeds.
 
-    python benchmarks/test_table.py OUT [--first infopo] [--plot FILE.png]
+    python benchmarks/test_table.py OUT [--first SETTING] [--plot FILE.png]
 
 The test split reports; it chooses nothing (settings are picked on validation, `benchmarks/sweep_table.py`), so each
-run counts at the end of its training. Runs that differ only by seed are one setting (the loss and the settings
-beyond the preset). Per setting and task, and pooled over the tasks: each seed's right answers with its 95% Wilson
-interval, and over two or more seeds the mean with the 95% interval of the mean (Student's t). Then the `--first`
-setting (a loss name or a setting's start; default: the first InfoPO setting) against each other one, problem by
-problem, per task and pooled: per seed McNemar's exact test, and over the seeds both have a sign test that counts each
-problem once. A difference is real where p < 0.05; each p-value stands alone (no correction for the several
-comparisons). `--plot` draws each setting's accuracy per task and pooled with those intervals.
+run counts at the end of its training, and only finished runs count (the others are named). Runs that differ only by
+seed are one setting (the loss and the settings beyond the preset). Per setting and task, and pooled over its tasks:
+each seed's right answers with its 95% Wilson interval; over the seeds the mean with two 95% intervals, that of the
+seeds (Student's t: how much another seed would move it) and that of the problems (Wilson's at the mean over one
+seed's problems: how much another draw of problems would; the seeds share their problems, so they do not narrow it).
+Then the `--first` setting (default: the InfoPO one) against each other one problem by problem, per task and pooled:
+McNemar's exact test per seed, and over the seeds both have a sign test that counts each problem once. A difference
+is real where p < 0.05; each p-value stands alone (no correction for the several comparisons). `--plot` draws each
+mean with the wider of its two intervals.
 """
 
 from __future__ import annotations
@@ -25,96 +27,114 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.append(str(Path(__file__).resolve().parent))  # sweep_table, beside this file
 
 from infopo_cli.reporting.intervals import Paired, mcnemar, mean_interval, sign_test, verdict, wilson  # noqa: E402
+from infopo_cli.train.compare import state_of  # noqa: E402
 
-from sweep_table import Answers, collect  # noqa: E402
+from sweep_table import Answers, aligned, interval, pooled, read_answers, reference_of, setting_of  # noqa: E402
 
 SEED = re.compile(r"-seed(\d+) \(test\)$")
 POOLED = "pooled"
 
+BySeed = dict[int, Answers]  # seed -> each problem's result at the end of that seed's run
+
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting's runs at the end of training: task (and `pooled`, over every task) -> seed -> each problem's result."""
+    """One setting's finished runs: task -> seed -> each problem's result at the end of training."""
 
     name: str
-    answers: dict[str, dict[int, Answers]]
+    by_task: dict[str, BySeed]
 
     @property
     def loss(self) -> str:
         return self.name.split("-", 1)[0]
 
-    def seeds(self, task: str) -> list[int]:
-        return sorted(self.answers.get(task, {}))
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.by_task)
 
-    def pooled(self) -> dict[int, Answers]:
-        """seed -> the answers over every task, for the seeds every task has."""
-        tasks = [t for t in self.answers if t != POOLED]
-        common = sorted(set.intersection(*(set(self.answers[t]) for t in tasks))) if tasks else []
-        return {seed: {f"{t}|{where}": right for t in tasks for where, right in self.answers[t][seed].items()}
-                for seed in common}
+    def pooled(self) -> BySeed:
+        """seed -> the answers over every task of this setting, for the seeds every task has."""
+        return pooled(self.by_task, self.tasks)
+
+    def pooled_label(self, all_tasks: Sequence[str]) -> str:
+        return POOLED if self.tasks == list(all_tasks) else f"{POOLED} over {', '.join(self.tasks)}"
+
+    def rows(self, all_tasks: Sequence[str]) -> list[tuple[str, BySeed]]:
+        """(label, results) per task, then pooled over its tasks (named where they are not all of `all_tasks`)."""
+        rows = [(task, self.by_task[task]) for task in self.tasks]
+        if len(self.by_task) > 1 and (over := self.pooled()):
+            rows.append((self.pooled_label(all_tasks), over))
+        return rows
 
 
 def settings_of(out: Path) -> tuple[list[Setting], list[str]]:
-    """The test runs under OUT/TASK/runs grouped by setting, each at its last evaluated step; the runs that have not
-    answered past the base model (step 0) yet are left out and named."""
-    grouped: dict[str, dict[str, dict[int, Answers]]] = {}
-    unfinished = []
-    for name, by_task in collect(out).items():
-        if not (match := SEED.search(name)):
-            continue
-        setting, seed = name[:match.start()], int(match[1])
-        for task, steps in by_task.items():
-            last = max(steps)
-            if last == 0:
-                unfinished.append(f"{setting} seed {seed} on {task}")
+    """The finished test runs under OUT/TASK/runs grouped by setting, each at its last step; the runs left out, named
+    with why."""
+    grouped: dict[str, dict[str, BySeed]] = {}
+    left_out = []
+    for runs in sorted(out.glob("*/runs")):
+        task = runs.parent.name
+        for run in sorted(p for p in runs.iterdir() if p.is_dir()):
+            name = setting_of(run.name, task)
+            if not (match := SEED.search(name)):
+                left_out.append(f"{task}/{run.name} (not a test-split run)")
                 continue
-            grouped.setdefault(setting, {}).setdefault(task, {})[seed] = steps[last]
-    settings = [Setting(name, by_task) for name, by_task in grouped.items()]
-    for setting in settings:
-        if len(setting.answers) > 1 and (pooled := setting.pooled()):
-            setting.answers[POOLED] = pooled
-    return settings, unfinished
+            answers = read_answers(run)
+            if state_of(run) != "done":
+                left_out.append(f"{task}/{run.name} (not finished)")
+            elif not answers or max(answers) == 0:
+                left_out.append(f"{task}/{run.name} (no answers after training)")
+            else:
+                grouped.setdefault(name[:match.start()], {}).setdefault(task, {})[int(match[1])] = answers[max(answers)]
+    return [Setting(name, by_task) for name, by_task in grouped.items()], left_out
 
 
 def share(answers: Answers) -> float:
     return sum(answers.values()) / len(answers) if answers else 0.0
 
 
-def summary(by_seed: dict[int, Answers]) -> tuple[float, float, float]:
-    """(accuracy, low, high): the mean over seeds with Student's interval of the mean, within 0-1; one seed: Wilson's."""
-    if len(by_seed) == 1:
-        (answers,) = by_seed.values()
-        return (share(answers), *wilson(sum(answers.values()), len(answers)))
-    mean, low, high = mean_interval([share(a) for a in by_seed.values()])
-    return mean, max(0.0, low), min(1.0, high)
+@dataclass(frozen=True)
+class Summary:
+    """A setting's accuracy on one task (or pooled) over its seeds."""
+
+    mean: float
+    seeds: tuple[float, float] | None  # Student's t over the seeds' accuracies (two seeds or more), within 0-1
+    problems: tuple[float, float]      # Wilson's at the mean over one seed's problems
+
+    @property
+    def widest(self) -> tuple[float, float]:
+        low, high = self.problems
+        return (min(low, self.seeds[0]), max(high, self.seeds[1])) if self.seeds else (low, high)
+
+
+def summary(by_seed: BySeed) -> Summary:
+    shares = [share(a) for a in by_seed.values()]
+    mean = sum(shares) / len(shares)
+    problems = len(next(iter(by_seed.values())))
+    seeds = None
+    if len(shares) > 1:
+        _, low, high = mean_interval(shares)
+        seeds = (max(0.0, low), min(1.0, high))
+    return Summary(mean, seeds, wilson(mean * problems, problems))
 
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def accuracy_table(settings: Sequence[Setting], tasks: Sequence[str]) -> list[str]:
-    lines = ["| setting (beyond the preset) | task | right per seed (95% Wilson interval) | mean over seeds, % (95% CI) |",
-             "|---|---|---|---|"]
+def span(bounds: tuple[float, float] | None) -> str:
+    return f"{pct(bounds[0])}–{pct(bounds[1])}" if bounds else "–"
+
+
+def accuracy_table(settings: Sequence[Setting], all_tasks: Sequence[str]) -> list[str]:
+    lines = ["| setting (beyond the preset) | task | right per seed (95% Wilson interval) | mean, % | 95% CI over seeds "
+             "(t) | 95% CI over problems (Wilson at the mean) |", "|---|---|---|---:|---|---|"]
     for setting in settings:
-        for task in tasks:
-            by_seed = setting.answers.get(task)
-            if not by_seed:
-                continue
-            seeds = "; ".join(f"seed {seed}: {sum(a.values())} / {len(a)} ({'–'.join(map(pct, wilson(sum(a.values()), len(a))))})"
-                              for seed, a in sorted(by_seed.items()))
-            mean, low, high = summary(by_seed)
-            over = f"{pct(mean)} ({pct(low)}–{pct(high)})" + (" (one seed: Wilson)" if len(by_seed) == 1 else "")
-            lines.append(f"| {setting.name} | {task} | {seeds} | {over} |")
+        for task, by_seed in setting.rows(all_tasks):
+            seeds = "; ".join(f"seed {seed}: {sum(a.values())} / {len(a)} ({interval(a)})" for seed, a in sorted(by_seed.items()))
+            s = summary(by_seed)
+            lines.append(f"| {setting.name} | {task} | {seeds} | {pct(s.mean)} | {span(s.seeds)} | {span(s.problems)} |")
     return lines
-
-
-def aligned(first: Answers, other: Answers) -> tuple[list[bool], list[bool]]:
-    """Both runs' results on the same problems in one order; an error if they were scored on different ones."""
-    if set(first) != set(other):
-        raise SystemExit("error: two runs were scored on different problems; compare runs of one held-out set")
-    keys = sorted(first)
-    return [first[k] for k in keys], [other[k] for k in keys]
 
 
 def paired_row(other: str, task: str, seeds: str, pair: Paired) -> str:
@@ -122,52 +142,71 @@ def paired_row(other: str, task: str, seeds: str, pair: Paired) -> str:
             f"{verdict(pair.real)} |")
 
 
-def paired_table(first: Setting, others: Sequence[Setting], tasks: Sequence[str]) -> list[str]:
+def compared(first: BySeed, other: BySeed, what: str) -> dict[int, tuple[list[bool], list[bool]]]:
+    """seed -> both runs' results problem by problem, for the seeds both have; an error if they differ in problems."""
+    both = {}
+    for seed in sorted(set(first) & set(other)):
+        if (pair := aligned(first[seed], other[seed])) is None:
+            raise SystemExit(f"error: {what} (seed {seed}): the two runs were scored on different problems; compare runs "
+                             "of one held-out set")
+        both[seed] = pair
+    return both
+
+
+def paired_table(first: Setting, others: Sequence[Setting], all_tasks: Sequence[str]) -> list[str]:
     lines = [f"| {first.name} against | task | seeds | only it right | only the other right | p | verdict |",
              "|---|---|---|---:|---:|---:|---|"]
+    skipped = []
     for other in others:
-        for task in tasks:
-            mine, theirs = first.answers.get(task, {}), other.answers.get(task, {})
-            common = sorted(seed for seed in set(mine) & set(theirs)
-                            if task != POOLED or set(mine[seed]) == set(theirs[seed]))  # pooled over the same tasks
-            for seed in common:
-                lines.append(paired_row(other.name, task, str(seed), mcnemar(*aligned(mine[seed], theirs[seed]))))
-            if len(common) > 1:
-                pairs = [aligned(mine[seed], theirs[seed]) for seed in common]
-                lines.append(paired_row(other.name, task, f"{', '.join(map(str, common))} (sign test)",
-                                        sign_test([a for a, _ in pairs], [b for _, b in pairs])))
+        rows = [(task, first.by_task[task], other.by_task[task]) for task in all_tasks
+                if task in first.by_task and task in other.by_task]
+        if first.tasks == other.tasks and len(first.tasks) > 1:
+            rows.append((first.pooled_label(all_tasks), first.pooled(), other.pooled()))
+        elif len(set(first.tasks) | set(other.tasks)) > 1:
+            skipped.append(other.name)
+        for task, mine, theirs in rows:
+            both = compared(mine, theirs, f"{first.name} and {other.name} on {task}")
+            for seed, pair in both.items():
+                lines.append(paired_row(other.name, task, str(seed), mcnemar(*pair)))
+            if len(both) > 1:
+                lines.append(paired_row(other.name, task, f"{', '.join(map(str, both))} (sign test)",
+                                        sign_test([a for a, _ in both.values()], [b for _, b in both.values()])))
+    if skipped:
+        lines += ["", f"Not compared pooled (they ran on other tasks than {first.name}): {', '.join(skipped)}."]
     return lines
 
 
 def first_of(settings: Sequence[Setting], first: str | None) -> Setting:
-    """The setting `--first` names (a whole name, a loss, or the start of exactly one name); default the first InfoPO."""
+    """The setting `--first` names (whole, or the start of exactly one name); by default the only InfoPO setting."""
     if first is None:
-        return next((s for s in settings if s.loss == "infopo"), settings[0])
-    matches = [s for s in settings if s.name == first] or [s for s in settings if s.name.startswith(first)]
-    if len(matches) != 1 and first in {s.loss for s in settings}:
-        matches = [s for s in settings if s.loss == first][:1]
-    if len(matches) != 1:
-        raise SystemExit(f"error: --first {first}: " + (f"{len(matches)} settings start so: name one whole" if matches
-                         else f"no such setting (there are: {', '.join(s.name for s in settings)})"))
-    return matches[0]
+        infopo = [s.name for s in settings if s.loss == "infopo"]
+        if len(infopo) > 1:
+            raise SystemExit(f"error: {len(infopo)} InfoPO settings ({', '.join(infopo)}): name the one to compare "
+                             "with --first")
+        first = infopo[0] if infopo else settings[0].name
+    name = reference_of([s.name for s in settings], first, "--first")
+    return next(s for s in settings if s.name == name)
 
 
-def markdown(settings: Sequence[Setting], first: Setting, unfinished: Sequence[str]) -> str:
-    tasks = sorted({t for s in settings for t in s.answers if t != POOLED}) + [POOLED] * any(POOLED in s.answers
-                                                                                             for s in settings)
+def all_tasks_of(settings: Sequence[Setting]) -> list[str]:
+    return sorted({task for s in settings for task in s.by_task})
+
+
+def markdown(settings: Sequence[Setting], first: Setting, left_out: Sequence[str]) -> str:
+    tasks = all_tasks_of(settings)
     lines = accuracy_table(settings, tasks)
-    others = [s for s in settings if s is not first]
-    if others:
+    if others := [s for s in settings if s is not first]:
         lines += ["", "Problem by problem (McNemar per seed; a sign test over the seeds both have, each problem once). "
                   "The test split chose nothing, so p < 0.05 is a real difference; each p-value stands alone.", ""]
         lines += paired_table(first, others, tasks)
-    if unfinished:
-        lines += ["", f"Not finished yet (left out): {'; '.join(unfinished)}."]
+    if left_out:
+        lines += ["", f"Left out: {'; '.join(left_out)}."]
     return "\n".join(lines) + "\n"
 
 
 def plot(settings: Sequence[Setting], path: Path) -> bool:
-    """Per task and pooled, each setting's accuracy (the mean over seeds) with its interval; False without matplotlib."""
+    """Per task and pooled, each setting's mean over seeds with the wider of its two intervals; False without
+    matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -177,26 +216,27 @@ def plot(settings: Sequence[Setting], path: Path) -> bool:
         return False
     from infopo_cli.reporting.plot import save_figure
 
-    tasks = sorted({t for s in settings for t in s.answers if t != POOLED})
-    tasks += [POOLED] * any(POOLED in s.answers for s in settings)
-    width = 0.8 / max(1, len(settings))
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(tasks) * max(1, len(settings)) / 2), 5))
+    tasks = all_tasks_of(settings)
+    labels = [*tasks, POOLED] if any(len(s.by_task) > 1 for s in settings) else tasks
+    width = 0.8 / len(settings)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.8 * len(labels) * len(settings)), 5))
     for i, setting in enumerate(settings):
-        xs, means, errors = [], [], [[], []]
-        for j, task in enumerate(tasks):
-            if by_seed := setting.answers.get(task):
-                mean, low, high = summary(by_seed)
-                xs.append(j + (i - (len(settings) - 1) / 2) * width)
-                means.append(mean)
-                errors[0].append(mean - low)
-                errors[1].append(high - mean)
-        seeds = max((len(setting.answers[t]) for t in setting.answers), default=0)
-        ax.bar(xs, means, width, yerr=errors, capsize=3,
-               label=f"{setting.name} ({seeds} seed{'s' * (seeds != 1)})")
-    ax.set_xticks(range(len(tasks)), tasks)
+        xs, means, errors = [], [], ([], [])
+        for j, (_, by_seed) in enumerate(setting.rows(tasks)):
+            x = labels.index(POOLED) if j >= len(setting.by_task) else labels.index(setting.tasks[j])
+            s = summary(by_seed)
+            low, high = s.widest
+            xs.append(x + (i - (len(settings) - 1) / 2) * width)
+            means.append(s.mean)
+            errors[0].append(s.mean - low)
+            errors[1].append(high - s.mean)
+        seeds = max(len(by_seed) for by_seed in setting.by_task.values())
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=f"{setting.name} ({seeds} seed{'s' * (seeds != 1)})")
+    ax.set_xticks(range(len(labels)), labels)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylabel("test answer accuracy (greedy, exact match)")
-    ax.set_title("test split, end of training: mean over seeds with 95% interval (one seed: Wilson)", fontsize=10)
+    ax.set_title("test split, end of training: mean over seeds, bars the wider of the 95% intervals over seeds and "
+                 "over problems", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, path)
@@ -209,11 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--first", default=None, help="the setting to compare every other one with (default: InfoPO's)")
     parser.add_argument("--plot", type=Path, default=None, help="also draw the accuracies with their intervals (PNG)")
     args = parser.parse_args(argv)
-    settings, unfinished = settings_of(args.out)
+    settings, left_out = settings_of(args.out)
     if not settings:
         raise SystemExit(f"error: no finished test-split run under {args.out}/*/runs/"
-                         + (f" (not finished: {'; '.join(unfinished)})" if unfinished else ""))
-    sys.stdout.write(markdown(settings, first_of(settings, args.first), unfinished))
+                         + (f" (left out: {'; '.join(left_out)})" if left_out else ""))
+    sys.stdout.write(markdown(settings, first_of(settings, args.first), left_out))
     if args.plot and not plot(settings, args.plot):
         print("matplotlib is not installed: no figure (pip install matplotlib)", file=sys.stderr)
     return 0

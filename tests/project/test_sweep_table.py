@@ -16,12 +16,14 @@ def sweep():
         yield module
 
 
-def write_run(out, task: str, name: str, answers: dict[int, list[bool]], split: str = "validation") -> None:
+def write_run(out, task: str, name: str, answers: dict[int, list[bool]], split: str = "validation"):
+    """A run folder OUT/TASK/runs/NAME with its answers/step-N.jsonl ('|' in `name` is where the task and split go)."""
     folder = out / task / "runs" / f"{name.split('|')[0]}-{task}-{split}{name.split('|')[1]}" / "answers"
     folder.mkdir(parents=True)
     for step, right in answers.items():
         (folder / f"step-{step}.jsonl").write_text(
             "".join(json.dumps({"where": f"f:{i}", "right": r}) + "\n" for i, r in enumerate(right)))
+    return folder.parent
 
 
 def test_a_sweep_is_one_row_per_setting_over_every_task(sweep, tmp_path):
