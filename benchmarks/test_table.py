@@ -8,6 +8,7 @@ seed are one setting (the loss and the settings beyond the preset). Per setting 
 each seed's right answers with its 95% Wilson interval; over the seeds the mean with two 95% intervals, that of the
 seeds (Student's t: how much another seed would move it) and that of the problems (Wilson's at the mean over one
 seed's problems: how much another draw of problems would; the seeds share their problems, so they do not narrow it).
+The base model is one more row: the runs' answers at step 0, before training.
 Then the `--first` setting (default: the InfoPO one) against each other one problem by problem, per task and pooled:
 McNemar's exact test per seed, and over the seeds both have a sign test that counts each problem once. A difference
 is real where p < 0.05; each p-value stands alone (no correction for the several comparisons). `--plot` draws each
@@ -33,6 +34,7 @@ from sweep_table import Answers, aligned, interval, pooled, read_answers, refere
 
 SEED = re.compile(r"-seed(\d+) \(test\)$")
 POOLED = "pooled"
+BASE = "base model (step 0)"  # every run of a task starts from the same base: its answers before the first step
 
 BySeed = dict[int, Answers]  # seed -> each problem's result at the end of that seed's run
 
@@ -68,9 +70,10 @@ class Setting:
 
 
 def settings_of(out: Path) -> tuple[list[Setting], list[str]]:
-    """The finished test runs under OUT/TASK/runs grouped by setting, each at its last step; the runs left out, named
-    with why."""
+    """The finished test runs under OUT/TASK/runs grouped by setting, each at its last step, then the base model (the
+    runs' step 0, per task and seed) as one more; the runs left out, named with why."""
     grouped: dict[str, dict[str, BySeed]] = {}
+    base: dict[str, BySeed] = {}
     left_out = []
     for runs in sorted(out.glob("*/runs")):
         task = runs.parent.name
@@ -85,8 +88,12 @@ def settings_of(out: Path) -> tuple[list[Setting], list[str]]:
             elif not answers or max(answers) == 0:
                 left_out.append(f"{task}/{run.name} (no answers after training)")
             else:
-                grouped.setdefault(name[:match.start()], {}).setdefault(task, {})[int(match[1])] = answers[max(answers)]
-    return [Setting(name, by_task) for name, by_task in grouped.items()], left_out
+                seed = int(match[1])
+                grouped.setdefault(name[:match.start()], {}).setdefault(task, {})[seed] = answers[max(answers)]
+                if 0 in answers:
+                    base.setdefault(task, {}).setdefault(seed, answers[0])
+    settings = [Setting(name, by_task) for name, by_task in grouped.items()]
+    return settings + [Setting(BASE, base)] * bool(settings and base), left_out
 
 
 def share(answers: Answers) -> float:

@@ -48,6 +48,10 @@ def test_each_setting_over_its_seeds_per_task_and_pooled(table, tmp_path, capsys
     assert ("Left out: units/ipo-1ep-units-validation-100heldout-seed42 (not a test-split run); "
             "units/kto-2ep-units-test-0evals-seed42 (no answers after training); "
             "units/simpo-2ep-units-test-4evals-seed42 (not finished).") in out
+    # the base model is the runs' step 0: the same for every seed, so no spread over seeds
+    assert ("| base model (step 0) | units | seed 1: 0 / 5 (0.0–43.4); seed 42: 0 / 5 (0.0–43.4) | 0.0 | 0.0–0.0 | "
+            "0.0–43.4 |") in out
+    assert "| base model (step 0) | pooled | 1, 42 (sign test) | 9 | 0 | 0.00391 | a real difference |" in out  # 2 x 0.5^9
     # against DPO: per task and seed McNemar; units seed 42: 4 only InfoPO right, p = 2 x 0.5^4 = 0.125
     assert "| dpo-1ep-0evals | units | 42 | 4 | 0 | 0.125 | within chance |" in out
     # pooled seed 42: 4 + 4 only InfoPO (word: DPO gets problem 0 as InfoPO does), p = 2 x 0.5^8 = 0.00781
