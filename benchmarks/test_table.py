@@ -235,8 +235,8 @@ def plot(settings: Sequence[Setting], path: Path) -> bool:
             low, high = s.widest
             xs.append(x + (i - (len(settings) - 1) / 2) * width)
             means.append(s.mean)
-            errors[0].append(s.mean - low)
-            errors[1].append(high - s.mean)
+            errors[0].append(max(0.0, s.mean - low))  # Wilson's bound at 0 right can come out a hair above 0
+            errors[1].append(max(0.0, high - s.mean))
         seeds = max(len(by_seed) for by_seed in setting.by_task.values())
         ax.bar(xs, means, width, yerr=errors, capsize=3, label=f"{setting.name} ({seeds} seed{'s' * (seeds != 1)})")
     ax.set_xticks(range(len(labels)), labels)
