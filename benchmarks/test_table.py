@@ -238,12 +238,13 @@ def plot(settings: Sequence[Setting], path: Path) -> bool:
             errors[0].append(max(0.0, s.mean - low))  # Wilson's bound at 0 right can come out a hair above 0
             errors[1].append(max(0.0, high - s.mean))
         seeds = max(len(by_seed) for by_seed in setting.by_task.values())
-        ax.bar(xs, means, width, yerr=errors, capsize=3, label=f"{setting.name} ({seeds} seed{'s' * (seeds != 1)})")
+        label = setting.name if setting.name == BASE else f"{setting.name} ({seeds} seed{'s' * (seeds != 1)})"
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=label)
     ax.set_xticks(range(len(labels)), labels)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylabel("test answer accuracy (greedy, exact match)")
-    ax.set_title("test split, end of training: mean over seeds, bars the wider of the 95% intervals over seeds and "
-                 "over problems", fontsize=9)
+    ax.set_title("test split, end of training: the mean over seeds;\n"
+                 "error bars: the wider of its 95% intervals over seeds and over problems", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, path)
