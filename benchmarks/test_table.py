@@ -199,6 +199,13 @@ def all_tasks_of(settings: Sequence[Setting]) -> list[str]:
     return sorted({task for s in settings for task in s.by_task})
 
 
+def in_order(settings: Sequence[Setting], first: Setting) -> list[Setting]:
+    """The base model, then the setting the others are compared with, then the others by name: the order of the table
+    and the figure."""
+    base = [s for s in settings if s.name == BASE]
+    return [*base, first, *(s for s in settings if s is not first and s.name != BASE)]
+
+
 def markdown(settings: Sequence[Setting], first: Setting, left_out: Sequence[str]) -> str:
     tasks = all_tasks_of(settings)
     lines = accuracy_table(settings, tasks)
@@ -261,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings:
         raise SystemExit(f"error: no finished test-split run under {args.out}/*/runs/"
                          + (f" (left out: {'; '.join(left_out)})" if left_out else ""))
-    sys.stdout.write(markdown(settings, first_of(settings, args.first), left_out))
+    first = first_of(settings, args.first)
+    settings = in_order(settings, first)
+    sys.stdout.write(markdown(settings, first, left_out))
     if args.plot and not plot(settings, args.plot):
         print("matplotlib is not installed: no figure (pip install matplotlib)", file=sys.stderr)
     return 0

@@ -78,7 +78,12 @@ def test_first_names_the_setting_others_are_compared_with(table, tmp_path, capsy
     for name, right in (("infopo-2ep|-0evals-seed42", [True, False]), ("dpo-1ep|-0evals-seed42", [False, True])):
         finished(tmp_path, "units", name, {0: [False, False], 150: right})
     assert table.main([str(tmp_path), "--first", "dpo"]) == 0
-    assert "| dpo-1ep-0evals against |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| dpo-1ep-0evals against |" in out
+    # the table lists the base model, then the setting the others are compared with, then the rest
+    rows = [line.split(" | ")[0] for line in out.split("\n\n")[0].splitlines() if line.startswith("| ")]
+    assert [name for i, name in enumerate(rows) if name not in rows[:i]][1:] == [
+        "| base model (step 0)", "| dpo-1ep-0evals", "| infopo-2ep-0evals"]
     with pytest.raises(SystemExit, match="--first simpo: no such run"):
         table.main([str(tmp_path), "--first", "simpo"])
     finished(tmp_path, "units", "infopo-lr0.0005-2ep|-0evals-seed42", {150: [True, True]})
