@@ -22,7 +22,7 @@ import resource
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -201,7 +201,7 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
             record_start(run_dir)
         model, init_sha256, share_prompt = _load_model(cfg, source, precision, spec, loss_params, recompute, report, world)
         if world.any(stops.requested):  # stopped while loading: nothing trained yet, nothing to save
-            return unstarted(run_dir, precision, stops.signum)
+            return unstarted(run_dir, precision, stops.signum, saved_state["step"] if saved_state else 0)
         if recompute and recompute.dequantised:  # the plan found room (model/recompute.py)
             held.enter_context(stack.dequantised(model))
             report.note(f"4-bit base held de-quantised for the run as well ({recompute.dequantised / 2**30:.2f} GiB of "
@@ -232,7 +232,10 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
         log, guard = _open_log(cfg, run_dir, resolved, state.step if resume else None, report, world, held)
         evaluator = _evaluator(eval_tok, cfg, spec, loss_params, tokenizer.pad_token_id, share_prompt, precision, world)
         reference = _reference(model, train_tok, cfg, spec, loss_params, source, precision, tokenizer.pad_token_id,
-                               share_prompt, init_sha256, report, world, global_batch, total_steps, state.step)
+                               share_prompt, init_sha256, report, world, global_batch, total_steps, state.step,
+                               lambda: stops.requested)
+        if world.any(stops.requested):  # in the reference pass (an hour on a large set): what it finished is cached
+            return unstarted(run_dir, precision, stops.signum, state.step)
         base_answers = _base_answers_key(cfg, model, tokenizer, answers, source, precision, init_sha256, world) \
             if state.step == 0 else None
         # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
@@ -387,9 +390,10 @@ def _open_log(cfg: TrainConfig, run_dir: Path, resolved: dict, resume_step: int 
 def _reference(model: torch.nn.Module, train_tok: list[TokenizedPair], cfg: TrainConfig, spec: LossSpec,
                loss_params: dict[str, float], source: str, precision: Precision, pad_id: int, share_prompt: bool,
                init_sha256: str | None, report: Reporter, world: distributed.World, global_batch: int, total_steps: int,
-               start: int) -> ReferenceTable | None:
+               start: int, should_stop: Callable[[], bool]) -> ReferenceTable | None:
     """--reference precompute: the reference's log-probs of the pairs the run's global batches `start`..`total_steps`
-    read (a resume needs none of the steps done), from one pass now (or the cache) instead of one in every step."""
+    read (a resume needs none of the steps done), from one pass now (or the cache) instead of one in every step;
+    `should_stop()` cuts the pass short (what it finished is cached)."""
     if not spec.needs(loss_params).reference:
         report.note(f"{cfg.loss} is reference-free: no reference forward pass")
     if not reference_cache.applies(cfg.reference, spec.needs(loss_params)):
@@ -398,7 +402,7 @@ def _reference(model: torch.nn.Module, train_tok: list[TokenizedPair], cfg: Trai
         return None
     reads = pairs_read(train_tok, global_batch, cfg.seed, total_steps, start)
     return precomputed_reference(model, train_tok, cfg, source, precision, pad_id, share_prompt, init_sha256, report, world,
-                                 reads, total_steps - start)
+                                 reads, total_steps - start, should_stop)
 
 
 def _answers(cfg: TrainConfig, eval_pairs: list[PreferencePair], evaluating: bool, report: Reporter) -> list[PromptRow]:
@@ -674,10 +678,10 @@ def logged_eval(log: MetricsLog, step: int) -> bool:
     return any(r["step"] == step for r in log.of_kind("eval"))
 
 
-def unstarted(run_dir: Path, precision: Precision, signum: int | None) -> RunSummary:
-    """The summary of a run stopped while its model loaded: nothing trained, nothing saved."""
-    stop = not_started(signum, run_dir)
-    return RunSummary(str(run_dir), stop.status, 0, 0.0, 0.0, peak_memory_gib(precision.device), precision.device,
+def unstarted(run_dir: Path, precision: Precision, signum: int | None, step: int = 0) -> RunSummary:
+    """The summary of a run (at `step`: a resume's) stopped in its set-up: nothing trained, nothing saved."""
+    stop = not_started(signum, run_dir, step)
+    return RunSummary(str(run_dir), stop.status, step, 0.0, 0.0, peak_memory_gib(precision.device), precision.device,
                       precision.dtype_name, stop.exit_code, stop.message)
 
 
@@ -707,11 +711,12 @@ def _numerics(cfg: TrainConfig, model: torch.nn.Module, precision: Precision, in
 def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cfg: TrainConfig, source: str,
                           precision, pad_id: int, share_prompt: bool, init_sha256: str | None,
                           report: Reporter, world: distributed.World = distributed.World(), reads: set[int] | None = None,
-                          steps: int = 0) -> ReferenceTable:
+                          steps: int = 0, should_stop: Callable[[], bool] = lambda: False) -> ReferenceTable:
     """The reference's log-probs of the training pairs a run reads (`reads`, indices into `pairs`, in its `steps`
     steps; None: every pair), from the cache or one no-grad pass (train/reference_cache.py). Only the batches that
     hold a pair read and not cached are computed (a short run of a large set pays for its own pairs); several
-    processes each compute their share of those batches, and every process gets the whole table."""
+    processes each compute their share of those batches, and every process gets the whole table. A pass that
+    `should_stop()` cuts short (a stop request) caches the batches it finished: the run's next start computes the rest."""
     settings = {**_numerics(cfg, model, precision, init_sha256), "share_prompt": share_prompt, "max_length": cfg.max_length,
                 "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.eval_batch_size}  # padding: the last bits
     identity = reference_cache.model_identity(source)
@@ -727,19 +732,27 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
         cached = sum(1 for i in reads if filled[i]) if world.is_main else 0
         mine = world.shard(todo)
         extra = todo[:1] * world.lacking(len(mine), world.longest_share(len(todo)))  # sharded: uncounted, in step
+        finished: list[int] = []  # one entry per batch of `mine` written, in order
         with report.task("reference log-probs", sum(map(len, mine))) as advance:
-            part = world.sum_tensor(reference_cache.compute_batches(model, pairs, mine + extra, pad_id, share_prompt,
-                                                                    precision.device, advance, counted=len(mine)))
+            part = world.sum_tensor(reference_cache.compute_batches(
+                model, pairs, mine + extra, pad_id, share_prompt, precision.device,
+                lambda n: (finished.append(n), advance(n)), counted=len(mine), should_stop=world.agreed(should_stop)))
+        written = torch.zeros(len(pairs))
+        written[[i for batch in mine[:len(finished)] for i in batch]] = 1.0
+        written = world.sum_tensor(written) > 0  # every process's finished batches
         if world.is_main:
-            done = torch.tensor([i for batch in todo for i in batch])
-            table[done], filled[done] = part[done], True
+            table[written], filled[written] = part[written], True
             reference_cache.store(key, table, filled)
-        computed = sum(map(len, todo))
+        computed, wanted = int(written.sum()), sum(map(len, todo))
         counted = "".join([f"; {cached} of them from the cache" if cached else "",
                            f"; {computed} computed with their batch-mates" if computed != len(reads) - cached else ""])
-        report.note(f"reference log-probs of {which} computed once ({time.perf_counter() - started:.0f}s{counted})"
-                    + (", cached for later runs on this base and data" if key else
-                       "; not cached: the base's files were not found to key them"))
+        if computed < wanted:  # stopped: the caller ends the run before its first step
+            report.note(f"reference log-probs: stopped after {computed} of the {wanted} {unit(pairs)} to compute"
+                        + (", those cached: the next start computes the rest" if key else ""))
+        else:
+            report.note(f"reference log-probs of {which} computed once ({time.perf_counter() - started:.0f}s{counted})"
+                        + (", cached for later runs on this base and data" if key else
+                           "; not cached: the base's files were not found to key them"))
     else:
         report.note(f"reference log-probs of {which} read from the cache")
     table = world.broadcast_tensor(table, (len(pairs), 2), torch.float32)

@@ -128,10 +128,11 @@ def reference_batches(pairs: Sequence[TokenizedPair], batch_size: int) -> list[l
 @torch.no_grad()
 def compute_batches(model: torch.nn.Module, pairs: Sequence[TokenizedPair], batches: Sequence[Sequence[int]], pad_id: int,
                     share_prompt: bool, device: str, advance: Callable[[int], None] = lambda n: None,
-                    counted: int | None = None) -> torch.Tensor:
+                    counted: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
     """(N, 2) float32: the reference's summed log-probs of the chosen and rejected response of each pair in `batches`
     (one forward each, the model in eval mode with its adapter disabled), zeros in every other row. `counted`: only
-    the first so many batches are written (the others keep a rank of a sharded run in step)."""
+    the first so many batches are written (the others keep a rank of a sharded run in step). Asked before each batch,
+    `should_stop()` ends the pass early: `advance` has then been called once for each batch written, in order."""
     counted = len(batches) if counted is None else counted
     table = torch.zeros((len(pairs), 2), dtype=torch.float32)
     was_training, rng = model.training, capture_rng()
@@ -139,6 +140,8 @@ def compute_batches(model: torch.nn.Module, pairs: Sequence[TokenizedPair], batc
     try:
         with stack.reference_mode(model):
             for n, batch in enumerate(batches):
+                if should_stop():
+                    break
                 group = [pairs[i] for i in batch]
                 sums = batch_logps(model, collate(group, pad_id, share_prompt).to(device)).sums.float().cpu()
                 if n >= counted:

@@ -86,10 +86,14 @@ class Stop:
     message: str
 
 
-def not_started(signum: int | None, run_dir: Path) -> Stop:
-    """A stop request that came while the model loaded: nothing trained, nothing saved."""
-    return Stop("stopped", 128 + (signum or 2), f"stopped by {NAMES.get(signum, 'a signal')} before the first step; "
-                                                 f"start it again with: {resume_hint(run_dir)}")
+def not_started(signum: int | None, run_dir: Path, step: int = 0) -> Stop:
+    """A stop request that came in the set-up (the model's load, the reference pass) of a run at `step` (a resume's):
+    nothing trained in this start, nothing saved."""
+    by = f"stopped by {NAMES.get(signum, 'a signal')}"
+    if step:
+        return Stop("stopped", 128 + (signum or 2), f"{by} before training on from step {step}; its checkpoint is "
+                                                     f"intact; continue with: {resume_hint(run_dir)}")
+    return Stop("stopped", 128 + (signum or 2), f"{by} before the first step; start it again with: {resume_hint(run_dir)}")
 
 
 def stopped(signum: int | None, step: int, total: int, run_dir: Path) -> Stop:

@@ -221,6 +221,21 @@ def test_in_one_process_a_resume_is_the_uninterrupted_run_bit_for_bit(in_process
     assert metrics(run_dir) == metrics(straight), first_difference(metrics(straight), metrics(run_dir))
 
 
+def test_a_resume_stopped_while_it_loads_keeps_its_checkpoint_and_says_where_it_is(in_process, tmp_path, monkeypatch):
+    _, straight, stopped = in_process
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    real = recipe._load_model
+    monkeypatch.setattr(recipe, "_load_model", lambda *a, **k: (ctrl_c(), real(*a, **k))[1])
+    summary = recipe.train(load_preset(str(run_dir / "config.toml")), resume=run_dir)
+    assert (summary.status, summary.steps, summary.exit_code) == ("stopped", 3, 130)
+    assert summary.message == (f"stopped by SIGINT (Ctrl-C) before training on from step 3; its checkpoint is intact; "
+                               f"continue with: infopo train --resume {run_dir}")
+    monkeypatch.setattr(recipe, "_load_model", real)
+    assert recipe.train(load_preset(str(run_dir / "config.toml")), resume=run_dir).status == "completed"
+    assert not weight_differences(adapter(straight), adapter(run_dir))
+
+
 @pytest.mark.parametrize("lost", LOST)
 def test_the_bounds_a_new_process_is_held_to_still_catch_a_resume_that_loses(in_process, tmp_path, monkeypatch, lost):
     """The looser bounds of a resume in a new process (conftest) are no blind spot: each way to lose a resume lands
@@ -230,6 +245,44 @@ def test_the_bounds_a_new_process_is_held_to_still_catch_a_resume_that_loses(in_
     run_dir = resumed_copy(stopped, tmp_path)
     assert weight_differences(adapter(straight), adapter(run_dir), atol=10 * WEIGHTS_ACROSS_PROCESSES)
     assert first_difference(metrics(straight), metrics(run_dir), 10 * METRICS_ACROSS_PROCESSES)
+
+
+def test_a_stop_in_the_reference_pass_keeps_what_it_computed_and_the_run_starts_again_exactly(tiny_model, pairs_file,
+                                                                                                tmp_path, monkeypatch):
+    """Ctrl-C in the one reference pass before the first step (an hour on a large set) ends the run there, not after
+    the pass and a step; the batches it finished are cached, and the next start computes only the rest and trains as
+    an uninterrupted run does."""
+    from infopo_cli.train import reference_cache
+
+    def run(name: str, **kw):
+        monkeypatch.setenv("INFOPO_HOME", str(tmp_path / f"home-{name}"))  # each its own reference cache
+        return recipe.train(cfg_for(tiny_model, pairs_file, tmp_path / name, reference="precompute", eval_batch_size=2),
+                            **kw)
+
+    assert run("straight").status == "completed"
+    real, calls = reference_cache.batch_logps, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # the signal lands in the third batch: two are written, the third still is
+            ctrl_c()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference_cache, "batch_logps", interrupted)
+    stopped = run("run")
+    assert (stopped.status, stopped.steps, stopped.exit_code) == ("stopped", 0, 130)
+    assert "before the first step; start it again with: infopo train --resume" in stopped.message
+    assert calls[0] == 3 and not checkpoint.latest_checkpoint(tmp_path / "run")
+    (entry,) = (tmp_path / "home-run" / "cache" / "reference").glob("*.pt")
+    assert int(torch.load(entry, weights_only=True)["filled"].sum()) == 3 * 2  # the three batches of 2 pairs
+    calls[0] = -10**6  # counts on, far from 3: no second signal
+    assert run("run", resume=tmp_path / "run").status == "completed"
+    calls[0] += 10**6
+    pairs = sum(1 for line in pairs_file.read_text().splitlines() if line.strip())
+    assert calls[0] == -(-(pairs - 6) // 2)  # only the batches not cached
+    assert not weight_differences(adapter(tmp_path / "straight"), adapter(tmp_path / "run"))
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "straight"), first_difference(
+        metrics(tmp_path / "straight"), metrics(tmp_path / "run"))
 
 
 def test_a_resume_that_extends_the_run_keeps_the_learning_rate_continuous(tiny_model, pairs_file, tmp_path, monkeypatch):
