@@ -200,10 +200,10 @@ def all_tasks_of(settings: Sequence[Setting]) -> list[str]:
 
 
 def in_order(settings: Sequence[Setting], first: Setting) -> list[Setting]:
-    """The base model, then the setting the others are compared with, then the others by name: the order of the table
-    and the figure."""
+    """The base model, then the setting the others are compared with, then the others in their folders' order: the
+    order of the table and the figure."""
     base = [s for s in settings if s.name == BASE]
-    return [*base, first, *(s for s in settings if s is not first and s.name != BASE)]
+    return [*base, *[first] * (first.name != BASE), *(s for s in settings if s is not first and s.name != BASE)]
 
 
 def markdown(settings: Sequence[Setting], first: Setting, left_out: Sequence[str]) -> str:

@@ -161,8 +161,9 @@ class Reporter:
         and buffered I/O entered again from a handler raises ("reentrant call")."""
         if self.console.quiet:
             return
-        text = (f"{NAMES.get(signum, signum)}: stopping after the current step with a checkpoint "
-                "(send it again to stop at once; the last complete checkpoint stays)\n")
+        text = (f"{NAMES.get(signum, signum)}: stopping after the current step with a checkpoint, or before the first "
+                "step if the run is still setting up (send it again to stop at once; the last complete checkpoint "
+                "stays)\n")
         try:
             os.write(2, text.encode())
         except OSError:

@@ -235,7 +235,8 @@ def _train(cfg: TrainConfig, report: Reporter, resume: Path | None, world: distr
                                share_prompt, init_sha256, report, world, global_batch, total_steps, state.step,
                                lambda: stops.requested)
         if world.any(stops.requested):  # in the reference pass (an hour on a large set): what it finished is cached
-            return unstarted(run_dir, precision, stops.signum, state.step)
+            return summarise(log, run_dir, precision, not_started(stops.signum, run_dir, state.step),
+                             state.skipped_steps, state.step)
         base_answers = _base_answers_key(cfg, model, tokenizer, answers, source, precision, init_sha256, world) \
             if state.step == 0 else None
         # an auto run that runs out of memory in a step runs it again recomputing more (train/memory_fallback.py)
@@ -679,7 +680,7 @@ def logged_eval(log: MetricsLog, step: int) -> bool:
 
 
 def unstarted(run_dir: Path, precision: Precision, signum: int | None, step: int = 0) -> RunSummary:
-    """The summary of a run (at `step`: a resume's) stopped in its set-up: nothing trained, nothing saved."""
+    """The summary of a run (at `step`: a resume's) stopped while its model loaded: nothing trained in this start."""
     stop = not_started(signum, run_dir, step)
     return RunSummary(str(run_dir), stop.status, step, 0.0, 0.0, peak_memory_gib(precision.device), precision.device,
                       precision.dtype_name, stop.exit_code, stop.message)

@@ -84,6 +84,9 @@ def test_first_names_the_setting_others_are_compared_with(table, tmp_path, capsy
     rows = [line.split(" | ")[0] for line in out.split("\n\n")[0].splitlines() if line.startswith("| ")]
     assert [name for i, name in enumerate(rows) if name not in rows[:i]][1:] == [
         "| base model (step 0)", "| dpo-1ep-0evals", "| infopo-2ep-0evals"]
+    assert table.main([str(tmp_path), "--first", "base"]) == 0  # the base model named: listed once, still first
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.split("\n\n")[0].splitlines()[2:]]
+    assert rows.count("| base model (step 0)") == 1 and rows[0] == "| base model (step 0)"
     with pytest.raises(SystemExit, match="--first simpo: no such run"):
         table.main([str(tmp_path), "--first", "simpo"])
     finished(tmp_path, "units", "infopo-lr0.0005-2ep|-0evals-seed42", {150: [True, True]})

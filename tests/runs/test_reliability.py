@@ -248,7 +248,8 @@ def test_the_bounds_a_new_process_is_held_to_still_catch_a_resume_that_loses(in_
 
 
 def test_a_stop_in_the_reference_pass_keeps_what_it_computed_and_the_run_starts_again_exactly(tiny_model, pairs_file,
-                                                                                                tmp_path, monkeypatch):
+                                                                                                tmp_path, monkeypatch,
+                                                                                                capsys):
     """Ctrl-C in the one reference pass before the first step (an hour on a large set) ends the run there, not after
     the pass and a step; the batches it finished are cached, and the next start computes only the rest and trains as
     an uninterrupted run does."""
@@ -269,20 +270,41 @@ def test_a_stop_in_the_reference_pass_keeps_what_it_computed_and_the_run_starts_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(reference_cache, "batch_logps", interrupted)
+    capsys.readouterr()
     stopped = run("run")
     assert (stopped.status, stopped.steps, stopped.exit_code) == ("stopped", 0, 130)
     assert "before the first step; start it again with: infopo train --resume" in stopped.message
+    pairs = sum(1 for line in pairs_file.read_text().splitlines() if line.strip())
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"reference log-probs: stopped after 6 of the {pairs} pairs to compute, those cached" in said
     assert calls[0] == 3 and not checkpoint.latest_checkpoint(tmp_path / "run")
     (entry,) = (tmp_path / "home-run" / "cache" / "reference").glob("*.pt")
     assert int(torch.load(entry, weights_only=True)["filled"].sum()) == 3 * 2  # the three batches of 2 pairs
     calls[0] = -10**6  # counts on, far from 3: no second signal
     assert run("run", resume=tmp_path / "run").status == "completed"
     calls[0] += 10**6
-    pairs = sum(1 for line in pairs_file.read_text().splitlines() if line.strip())
     assert calls[0] == -(-(pairs - 6) // 2)  # only the batches not cached
     assert not weight_differences(adapter(tmp_path / "straight"), adapter(tmp_path / "run"))
     assert metrics(tmp_path / "run") == metrics(tmp_path / "straight"), first_difference(
         metrics(tmp_path / "straight"), metrics(tmp_path / "run"))
+
+    # a resume (at step 3, its reference cache gone) stopped in its reference pass keeps its checkpoint
+    monkeypatch.setattr(reference_cache, "batch_logps", real)
+    with monkeypatch.context() as mp:
+        at_forward(mp, 6, ctrl_c)
+        assert run("resumed").steps == 3
+    shutil.rmtree(tmp_path / "home-resumed" / "cache" / "reference")
+    calls[0] = 0
+    monkeypatch.setattr(reference_cache, "batch_logps", interrupted)
+    again = run("resumed", resume=tmp_path / "resumed")
+    assert (again.status, again.steps, again.exit_code) == ("stopped", 3, 130)
+    assert again.message == (f"stopped by SIGINT (Ctrl-C) before training on from step 3; its checkpoint is intact; "
+                             f"continue with: infopo train --resume {tmp_path / 'resumed'}")
+    assert again.seconds > 0  # the steps it has, counted from its log: not "3 steps in 0 s"
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path / "resumed")) == 3
+    calls[0] = -10**6
+    assert run("resumed", resume=tmp_path / "resumed").status == "completed"
+    assert not weight_differences(adapter(tmp_path / "straight"), adapter(tmp_path / "resumed"))
 
 
 def test_a_resume_that_extends_the_run_keeps_the_learning_rate_continuous(tiny_model, pairs_file, tmp_path, monkeypatch):
