@@ -733,7 +733,9 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
         cached = sum(1 for i in reads if filled[i]) if world.is_main else 0
         mine = world.shard(todo)
         extra = todo[:1] * world.lacking(len(mine), world.longest_share(len(todo)))  # sharded: uncounted, in step
-        finished: list[int] = []  # one entry per batch of `mine` written, in order
+        # one entry per batch of `mine` written, in order; sharded ranks stop at the same batch, unsharded ones each at
+        # its own flag (`infopo train --nproc` forwards every signal to every process)
+        finished: list[int] = []
         with report.task("reference log-probs", sum(map(len, mine))) as advance:
             part = world.sum_tensor(reference_cache.compute_batches(
                 model, pairs, mine + extra, pad_id, share_prompt, precision.device,
