@@ -749,7 +749,7 @@ def precomputed_reference(model: torch.nn.Module, pairs: list[TokenizedPair], cf
         computed, wanted = int(written.sum()), sum(map(len, todo))
         counted = "".join([f"; {cached} of them from the cache" if cached else "",
                            f"; {computed} computed with their batch-mates" if computed != len(reads) - cached else ""])
-        if computed < wanted:  # stopped: the caller ends the run before its first step
+        if computed < wanted:  # stopped: the caller ends this start before it trains
             report.note(f"reference log-probs: stopped after {computed} of the {wanted} {unit(pairs)} to compute"
                         + (", those cached: the next start computes the rest" if key else ""))
         else:
